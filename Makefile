@@ -1,0 +1,46 @@
+# anim_lab: every target creates/updates .venv itself, so a fresh clone needs nothing else.
+#   make test   unit tests + chapter pairing + strict nbval over chapters/*.ipynb
+#   make lab    JupyterLab on chapters/ (installs the [lab] extra)
+#   make demo   the offline demo on the embedded tiny models
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# mediapipe 0.10.21 is the last release with the face-mesh models and mp.solutions. Its own pins would force
+# numpy<2 and pull jax/jaxlib, which face mesh never imports, so it goes in with --no-deps; the [faces] extra
+# carries what face mesh really imports.
+MEDIAPIPE := mediapipe==0.10.21
+STAMP  := $(VENV)/.installed
+
+.PHONY: test unit chapters notebook lab demo clean-venv
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow and not gpu" tests chapters --nbval --nbval-current-env --nbval-sanitize-with chapters/sanitize.cfg -p no:cacheprovider
+
+unit: $(STAMP)
+	$(PY) -m pytest -m "not slow and not gpu" tests -p no:cacheprovider
+
+chapters: $(STAMP)
+	$(PY) -m pytest chapters --nbval --nbval-current-env --nbval-sanitize-with chapters/sanitize.cfg -p no:cacheprovider
+
+# Re-execute one chapter and write its .ipynb from the .py (CPU only):  make notebook CH=ch00_map
+# (no --update: with it, jupytext keeps the OLD outputs when it writes the executed notebook)
+notebook: $(STAMP)
+	cd chapters && ../$(VENV)/bin/jupytext --to ipynb --set-kernel python3 --execute $(CH).py
+
+lab: $(STAMP)
+	$(PIP) install -q -c constraints.txt -e ".[lab]"
+	$(VENV)/bin/jupyter lab --notebook-dir=chapters
+
+demo: $(STAMP)
+	$(PY) -m anim_lab.cli demo
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt torch
+	$(PIP) install -q -c constraints.txt -e ".[faces,test]"
+	$(PIP) install -q --no-deps $(MEDIAPIPE)
+	$(PY) -c "import mediapipe as mp; mp.solutions.face_mesh"
+	touch $(STAMP)
+
+clean-venv:
+	rm -rf $(VENV)

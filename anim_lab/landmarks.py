@@ -1,0 +1,408 @@
+"""Face landmarks: the mediapipe face-mesh topology, AniPortrait-style pose images, detection and Video2Pose.
+
+Three things live here, top to bottom:
+
+1. **Topology** — the 478-point face mesh (468 surface points + 10 iris points with ``refine_landmarks=True``) and
+   the groups of points that matter for portraits: face oval, eyes, eyebrows, lips, irises. Written out as ordered
+   paths (readable, no mediapipe import needed); ``tests/test_landmarks.py`` checks them against mediapipe's own
+   ``FACEMESH_*`` connection sets.
+2. **Pose images** — the landmarks drawn as AniPortrait draws them (``FaceMeshVisualizer(forehead_edge=False)``):
+   separately coloured line sets on black, lines only, no points, no irises. Works for any landmarks in pixels —
+   from mediapipe on a real face or from the toy renderer.
+3. **Detection** — mediapipe 0.10.21 ``FaceMesh`` (imported lazily: the rest of the package does not need it), for
+   single images (``static_image_mode=True``) and videos (tracking mode), and **Video2Pose**: a video → a pose-image
+   video with the same fps (and the audio carried over).
+
+Conventions: images are ``(H, W, 3)`` uint8 RGB arrays; landmarks are ``(478, 2)`` float32 pixel ``(x, y)`` with
+integer values at pixel centres (``x = 0`` is the centre of the first column).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import cv2
+import numpy as np
+
+NUM_LANDMARKS = 478  # 468 face-mesh points + 2 × 5 iris points (refine_landmarks=True)
+NUM_MESH_POINTS = 468
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Topology. "Left"/"right" are the subject's, as in mediapipe: the subject's right eye is on the image's left.
+# ----------------------------------------------------------------------------------------------------------------
+
+# The full face oval, a closed loop starting at the forehead centre (10) and going clockwise in the image.
+FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
+             152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109, 10)
+# AniPortrait's custom oval: the same loop without the 10 forehead edges (21 … 10 … 251): an open 26-edge path.
+FACE_OVAL_NO_FOREHEAD = (251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
+                         152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21)
+
+# Eyes: the lid contours from the outer corner to the inner corner.
+RIGHT_EYE_UPPER = (33, 246, 161, 160, 159, 158, 157, 173, 133)
+RIGHT_EYE_LOWER = (33, 7, 163, 144, 145, 153, 154, 155, 133)
+LEFT_EYE_UPPER = (263, 466, 388, 387, 386, 385, 384, 398, 362)
+LEFT_EYE_LOWER = (263, 249, 390, 373, 374, 380, 381, 382, 362)
+
+# Eyebrows: upper and lower edge, from the outer end to the inner end.
+RIGHT_EYEBROW_UPPER = (70, 63, 105, 66, 107)
+RIGHT_EYEBROW_LOWER = (46, 53, 52, 65, 55)
+LEFT_EYEBROW_UPPER = (300, 293, 334, 296, 336)
+LEFT_EYEBROW_LOWER = (276, 283, 282, 295, 285)
+
+# Lips: four contours from the right mouth corner (image left) to the left one.
+LIPS_OUTER_UPPER = (61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291)
+LIPS_OUTER_LOWER = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291)
+LIPS_INNER_UPPER = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308)
+LIPS_INNER_LOWER = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308)
+
+# Irises (refine_landmarks=True): a centre and four points on the rim (right, top, left, bottom in the image).
+RIGHT_IRIS_CENTER, RIGHT_IRIS = 468, (469, 470, 471, 472, 469)
+LEFT_IRIS_CENTER, LEFT_IRIS = 473, (474, 475, 476, 477, 474)
+
+# A few named points used for measurements and tests.
+NOSE_TIP = 4
+FOREHEAD = 10
+CHIN = 152
+
+
+def path_edges(path: Sequence[int]) -> set[tuple[int, int]]:
+    """The edges of a path as unordered pairs: ``(a, b, c) -> {(a, b), (b, c)}`` (each pair sorted)."""
+    return {tuple(sorted(pair)) for pair in zip(path[:-1], path[1:])}
+
+
+# Point groups (sets of indices) for colouring the 478 points and measuring errors per region.
+GROUPS: dict[str, tuple[int, ...]] = {
+    "face_oval": FACE_OVAL[:-1],
+    "right_eye": tuple(dict.fromkeys(RIGHT_EYE_UPPER + RIGHT_EYE_LOWER)),
+    "left_eye": tuple(dict.fromkeys(LEFT_EYE_UPPER + LEFT_EYE_LOWER)),
+    "right_eyebrow": RIGHT_EYEBROW_UPPER + RIGHT_EYEBROW_LOWER,
+    "left_eyebrow": LEFT_EYEBROW_UPPER + LEFT_EYEBROW_LOWER,
+    "lips": tuple(dict.fromkeys(LIPS_OUTER_UPPER + LIPS_OUTER_LOWER + LIPS_INNER_UPPER + LIPS_INNER_LOWER)),
+    "right_iris": (RIGHT_IRIS_CENTER,) + RIGHT_IRIS[:-1],
+    "left_iris": (LEFT_IRIS_CENTER,) + LEFT_IRIS[:-1],
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Pose images, as AniPortrait draws them (src/utils/draw_util.py, FaceMeshVisualizer(forehead_edge=False)).
+# ----------------------------------------------------------------------------------------------------------------
+
+# (name, path, colour). Colours are written into the array's channels in this order (channel 0 first), which is
+# what AniPortrait's PoseGuider sees in training and inference (its drawer works in "BGR" and the model consumes
+# that array unchanged; only the *_kps.mp4 files it saves for people are flipped to RGB). The lips are 8 arcs.
+POSE_PARTS: tuple[tuple[str, tuple[int, ...], tuple[int, int, int]], ...] = (
+    ("face_oval", FACE_OVAL_NO_FOREHEAD, (10, 200, 10)),
+    ("left_eye_upper", LEFT_EYE_UPPER, (180, 200, 10)),
+    ("left_eye_lower", LEFT_EYE_LOWER, (180, 200, 10)),
+    ("left_eyebrow_upper", LEFT_EYEBROW_UPPER, (180, 220, 10)),
+    ("left_eyebrow_lower", LEFT_EYEBROW_LOWER, (180, 220, 10)),
+    ("right_eye_upper", RIGHT_EYE_UPPER, (10, 200, 180)),
+    ("right_eye_lower", RIGHT_EYE_LOWER, (10, 200, 180)),
+    ("right_eyebrow_upper", RIGHT_EYEBROW_UPPER, (10, 220, 180)),
+    ("right_eyebrow_lower", RIGHT_EYEBROW_LOWER, (10, 220, 180)),
+    ("lips_outer_lower_right", LIPS_OUTER_LOWER[:6], (10, 180, 20)),  # 61-146-91-181-84-17
+    ("lips_outer_lower_left", LIPS_OUTER_LOWER[5:], (20, 10, 180)),  # 17-314-405-321-375-291
+    ("lips_inner_lower_right", LIPS_INNER_LOWER[:6], (100, 100, 30)),  # 78-95-88-178-87-14
+    ("lips_inner_lower_left", LIPS_INNER_LOWER[5:], (100, 150, 50)),  # 14-317-402-318-324-308
+    ("lips_outer_upper_right", LIPS_OUTER_UPPER[:6], (20, 80, 100)),  # 61-185-40-39-37-0
+    ("lips_outer_upper_left", LIPS_OUTER_UPPER[5:], (80, 100, 20)),  # 0-267-269-270-409-291
+    ("lips_inner_upper_right", LIPS_INNER_UPPER[:6], (120, 100, 200)),  # 78-191-80-81-82-13
+    ("lips_inner_upper_left", LIPS_INNER_UPPER[5:], (150, 120, 100)),  # 13-312-311-310-415-308
+)
+# AniPortrait draws on a 512-px canvas with thickness 2; we draw at the target size with the thickness scaled.
+POSE_REFERENCE_SIZE = 512
+POSE_REFERENCE_THICKNESS = 2
+_SHIFT = 4  # cv2 fixed-point bits: landmarks are drawn with 1/16-pixel precision
+
+
+def pose_thickness(height: int, width: int) -> int:
+    """Line thickness for a pose image: AniPortrait's 2 px at 512 px, scaled with the image size (at least 1)."""
+    return max(1, int(round(POSE_REFERENCE_THICKNESS * min(height, width) / POSE_REFERENCE_SIZE)))
+
+
+def _check_landmarks(landmarks, what: str = "landmarks") -> np.ndarray:
+    arr = np.asarray(landmarks, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] not in (2, 3) or arr.shape[0] < NUM_MESH_POINTS:
+        raise ValueError(
+            f"{what} must have shape (478, 2) or (468, 2) (x, y per face-mesh point; a third z column is "
+            f"ignored), got {arr.shape}"
+        )
+    if not np.isfinite(arr[:, :2]).all():
+        raise ValueError(f"{what} contain NaN or inf; drop the frame or fill it (e.g. hold the last good landmarks)")
+    return arr[:, :2]
+
+
+def draw_pose_image(
+    landmarks,
+    height: int,
+    width: int | None = None,
+    *,
+    normalized: bool = False,
+    thickness: int | None = None,
+    antialias: bool = False,
+) -> np.ndarray:
+    """Draw face landmarks as an AniPortrait pose image.
+
+    Args:
+        landmarks: ``(478, 2)`` (or ``(468, 2)``; a z column is ignored) in pixels of the output image, or in
+            [0, 1] with ``normalized=True``.
+        height, width: output size (``width`` defaults to ``height``).
+        thickness: line thickness in pixels; default :func:`pose_thickness` (2 px at 512, 1 px at 128).
+        antialias: draw with ``cv2.LINE_AA`` (soft edges, colours blend into black); default exact colours.
+
+    Returns:
+        ``(H, W, 3)`` uint8, black with coloured lines (colours per part: :data:`POSE_PARTS`).
+    """
+    width = height if width is None else width
+    if int(height) <= 0 or int(width) <= 0:
+        raise ValueError(f"height and width must be positive, got {height} x {width}")
+    xy = _check_landmarks(landmarks)
+    if normalized:
+        xy = xy * np.array([width, height])  # [0, 1] edges -> pixel edges
+        xy = xy - 0.5  # pixel edges -> pixel centres
+    thickness = pose_thickness(height, width) if thickness is None else int(thickness)
+    fixed = np.round(xy * (1 << _SHIFT)).astype(np.int32)  # (N, 2) sub-pixel fixed point
+    canvas = np.zeros((int(height), int(width), 3), np.uint8)
+    line = cv2.LINE_AA if antialias else cv2.LINE_8
+    for _, path, colour in POSE_PARTS:
+        cv2.polylines(canvas, [fixed[list(path)]], False, colour, thickness, line, _SHIFT)
+    return canvas
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Detection with mediapipe face mesh.
+# ----------------------------------------------------------------------------------------------------------------
+
+MEDIAPIPE_HINT = (
+    "anim_lab needs mediapipe 0.10.21, the last release with the face-mesh models and `mp.solutions`: "
+    "`pip install --no-deps mediapipe==0.10.21` (plus protobuf<5, absl-py, attrs, flatbuffers; "
+    "`make test` does this)"
+)
+
+
+class NoFaceError(ValueError):
+    """mediapipe found no face in an image or video frame."""
+
+
+def _import_face_mesh():
+    try:
+        import mediapipe as mp
+    except ImportError as err:  # not installed at all
+        raise ImportError(f"mediapipe is not installed. {MEDIAPIPE_HINT}") from err
+    solutions = getattr(mp, "solutions", None)
+    face_mesh = getattr(solutions, "face_mesh", None) if solutions is not None else None
+    if face_mesh is None:
+        version = getattr(mp, "__version__", "unknown")
+        raise ImportError(f"the installed mediapipe {version} has no mp.solutions.face_mesh. {MEDIAPIPE_HINT}")
+    return face_mesh
+
+
+@dataclass
+class FaceLandmarks:
+    """The 478 landmarks of one face in one image.
+
+    Attributes:
+        normalized: ``(478, 3)`` float32 as mediapipe returns them: x, y in [0, 1] of the width/height (pixel
+            edges), z relative depth (smaller = closer to the camera) in the same units as x.
+        height, width: size of the image they were found in.
+    """
+
+    normalized: np.ndarray
+    height: int
+    width: int
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """``(478, 2)`` float32 pixel (x, y), integer values at pixel centres."""
+        xy = self.normalized[:, :2] * np.array([self.width, self.height], np.float32)  # (478, 2) pixel edges
+        return (xy - 0.5).astype(np.float32)  # -> pixel centres
+
+    @property
+    def xyz(self) -> np.ndarray:
+        """``(478, 3)`` float32: pixel x, y and z in pixels of the width (smaller z = closer to the camera)."""
+        z = self.normalized[:, 2:3] * self.width  # (478, 1)
+        return np.concatenate([self.pixels, z], axis=1).astype(np.float32)
+
+
+def as_rgb_uint8(image, name: str = "image") -> np.ndarray:
+    """Check an image and return it as a contiguous ``(H, W, 3)`` uint8 RGB array.
+
+    Grayscale ``(H, W)`` / ``(H, W, 1)`` is repeated to 3 channels and RGBA loses its alpha; anything that is not
+    uint8 is rejected (convert floats with ``(img_01 * 255).round().astype(np.uint8)``).
+    """
+    if hasattr(image, "detach"):  # a torch tensor
+        raise TypeError(f"{name} is a torch tensor; pass a (H, W, 3) uint8 numpy array (e.g. from anim_lab.video)")
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise TypeError(
+            f"{name} must be uint8 (0-255), got {arr.dtype}; convert a [0, 1] float image with "
+            f"(img * 255).round().astype(np.uint8)"
+        )
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)  # (H, W) -> (H, W, 3)
+    elif arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[:, :, :3]  # RGBA -> RGB (alpha dropped)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"{name} must be (H, W), (H, W, 3) RGB or (H, W, 4) RGBA, got shape {arr.shape}")
+    if min(arr.shape[:2]) < 32:
+        raise ValueError(f"{name} is {arr.shape[1]}x{arr.shape[0]} px; face mesh needs at least 32 px per side")
+    return np.ascontiguousarray(arr)
+
+
+class FaceLandmarker:
+    """mediapipe face mesh (478 points) on images or on the frames of one video.
+
+    ``video=False`` runs detection on every image independently (mediapipe's ``static_image_mode``); ``video=True``
+    tracks the face from frame to frame (faster and steadier; frames must be given in order). Use as a context
+    manager, or call :meth:`close`.
+
+    >>> with FaceLandmarker() as lm:
+    ...     face = lm.detect(img)          # FaceLandmarks; face.pixels is (478, 2)
+    """
+
+    def __init__(self, video: bool = False, min_detection_confidence: float = 0.5,
+                 min_tracking_confidence: float = 0.5):
+        face_mesh = _import_face_mesh()
+        self.video = video
+        self._mesh = face_mesh.FaceMesh(
+            static_image_mode=not video,
+            max_num_faces=1,
+            refine_landmarks=True,  # 478 points: adds the 10 iris points
+            min_detection_confidence=min_detection_confidence,
+            min_tracking_confidence=min_tracking_confidence,
+        )
+
+    def detect(self, image, name: str = "image") -> FaceLandmarks:
+        """Landmarks of the (largest-confidence) face in ``image``; :class:`NoFaceError` naming ``name`` if none."""
+        rgb = as_rgb_uint8(image, name)
+        result = self._mesh.process(rgb)
+        if not result.multi_face_landmarks:
+            raise NoFaceError(
+                f"no face found in {name} ({rgb.shape[1]}x{rgb.shape[0]} px); the face should be upright-ish, "
+                f"unoccluded and at least ~60 px tall"
+            )
+        points = result.multi_face_landmarks[0].landmark
+        normalized = np.array([(p.x, p.y, p.z) for p in points], np.float32)  # (478, 3)
+        return FaceLandmarks(normalized=normalized, height=rgb.shape[0], width=rgb.shape[1])
+
+    def close(self) -> None:
+        self._mesh.close()
+
+    def __enter__(self) -> "FaceLandmarker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def detect_landmarks(image, name: str = "image") -> FaceLandmarks:
+    """One-shot detection on a single image (creates and closes a :class:`FaceLandmarker`)."""
+    with FaceLandmarker(video=False) as lm:
+        return lm.detect(image, name)
+
+
+def track_landmarks(
+    frames: Iterable, *, on_missing: str = "hold", progress: bool = True, total: int | None = None
+) -> np.ndarray:
+    """Landmarks for every frame of a video, in tracking mode.
+
+    Args:
+        frames: an iterable of ``(H, W, 3)`` uint8 frames (all the same size), in order.
+        on_missing: what to do with a frame where no face is found:
+            ``"hold"`` (default) reuses the last good landmarks (as AniPortrait's vid2pose reuses the last pose
+            frame); frames before the first detection get the first good landmarks; if no frame has a face the
+            result is a :class:`NoFaceError`. ``"error"`` raises :class:`NoFaceError` naming the frame.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        ``(F, 478, 2)`` float32 pixel landmarks.
+    """
+    if on_missing not in ("hold", "error"):
+        raise ValueError(f'on_missing must be "hold" or "error", got {on_missing!r}')
+    from tqdm.auto import tqdm
+
+    out: list[np.ndarray | None] = []
+    with FaceLandmarker(video=True) as lm:
+        for i, frame in enumerate(tqdm(frames, total=total, disable=not progress, desc="landmarks", unit="frame")):
+            try:
+                out.append(lm.detect(frame, name=f"frame {i}").pixels)
+            except NoFaceError:
+                if on_missing == "error":
+                    raise
+                out.append(None)
+    good = [i for i, x in enumerate(out) if x is not None]
+    if not out:
+        raise ValueError("the video has no frames")
+    if not good:
+        raise NoFaceError(f"no face found in any of the {len(out)} frames")
+    last = out[good[0]]
+    for i, x in enumerate(out):  # hold the last good landmarks (the first good ones before the first detection)
+        if x is None:
+            out[i] = last
+        else:
+            last = x
+    return np.stack(out).astype(np.float32)  # (F, 478, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Video2Pose.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def video_to_pose(
+    source,
+    output: str | os.PathLike,
+    *,
+    fps: float | None = None,
+    size: tuple[int, int] | None = None,
+    on_missing: str = "hold",
+    progress: bool = True,
+    audio: bool = True,
+) -> np.ndarray:
+    """Video2Pose: a video (file, or a list/array of frames) -> a pose-image video with the same fps.
+
+    Args:
+        source: a video file path, or a sequence / ``(F, H, W, 3)`` array of uint8 RGB frames.
+        output: ``.mp4`` or ``.gif`` path. Written to a temporary file first and renamed at the end, so a failure
+            leaves nothing behind.
+        fps: frame rate; read from the file by default; required for frames.
+        size: ``(height, width)`` of the pose images; default the source frame size.
+        on_missing: frames with no face: ``"hold"`` the last good landmarks (default) or ``"error"``.
+        progress: tqdm progress bars.
+        audio: carry the source file's audio track over to an mp4 output (if it has one).
+
+    Returns:
+        ``(F, H, W, 3)`` uint8 pose images (what was written).
+    """
+    from anim_lab import video as vio
+
+    output = Path(output)
+    if output.suffix.lower() not in (".mp4", ".gif"):
+        raise ValueError(f"output must end in .mp4 or .gif, got {output.name!r}")
+    audio_source = None
+    if isinstance(source, (str, os.PathLike)):
+        frames, src_fps = vio.read_video(source)
+        fps = src_fps if fps is None else fps
+        if audio and vio.has_audio(source):
+            audio_source = Path(source)
+    else:
+        frames = np.stack([as_rgb_uint8(f, f"frame {i}") for i, f in enumerate(source)]) if len(source) else None
+        if frames is None:
+            raise ValueError("source has no frames")
+        if fps is None:
+            raise ValueError("fps is required when source is a list of frames")
+    height, width = frames.shape[1:3]
+    landmarks = track_landmarks(frames, on_missing=on_missing, progress=progress, total=len(frames))  # (F, 478, 2)
+    out_h, out_w = (height, width) if size is None else size
+    scale = np.array([out_w / width, out_h / height])
+    poses = np.stack([  # (F, H, W, 3): landmarks rescaled from source pixel centres to output pixel centres
+        draw_pose_image((lmk + 0.5) * scale - 0.5, out_h, out_w) for lmk in landmarks
+    ])
+    vio.write_video(output, poses, fps=fps, audio_from=audio_source)
+    return poses

@@ -1,0 +1,30 @@
+"""The toy portrait world: faces rendered from the mediapipe face-mesh topology, with ground truth for everything.
+
+    from anim_lab import toy
+    ident = toy.sample_identity(np.random.default_rng(0))
+    img, lmk = toy.render(ident, toy.HeadPose(yaw=20), toy.Expression(mouth_open=1), size=128)
+    clip = toy.make_clip(ident, num_frames=17, size=128, seed=0, fps=25)
+    ds = toy.ToyPortraitDataset(split="train", size=128, num_frames=16, length=1000)
+
+Modules: ``template`` (the 3D face and expression bases), ``renderer`` (identity/pose/expression -> image and
+landmarks), ``clips`` (talking-head motion), ``dataset`` (torch datasets, identity splits).
+"""
+
+from anim_lab.toy.clips import Clip, make_clip, sample_motion
+from anim_lab.toy.dataset import ToyPortraitDataset, identity_split, images_to_tensor, poses_to_tensor
+from anim_lab.toy.renderer import (
+    ATTRIBUTES,
+    Expression,
+    HeadPose,
+    Identity,
+    identity_from_seed,
+    render,
+    rotation_matrix,
+    sample_identity,
+)
+
+__all__ = [
+    "ATTRIBUTES", "Clip", "Expression", "HeadPose", "Identity", "ToyPortraitDataset", "identity_from_seed",
+    "identity_split", "images_to_tensor", "make_clip", "poses_to_tensor", "render", "rotation_matrix",
+    "sample_identity", "sample_motion",
+]

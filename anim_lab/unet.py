@@ -1,0 +1,320 @@
+"""The UNets of AnimateAnyone: Stable Diffusion 1.5's 2D UNet applied per frame, plus motion modules.
+
+Built from diffusers' own pieces: a ``UNet2DConditionModel`` is constructed from the kwargs in ``anim_lab.configs``
+and its children (``conv_in``, ``time_embedding``, ``down_blocks`` of ``ResnetBlock2D`` + ``Transformer2DModel``,
+``mid_block``, ``up_blocks``, ``conv_norm_out``/``conv_out``) become ours under the same attribute names. So every
+2D key equals diffusers' name (SD1.5 ``unet/diffusion_pytorch_model.safetensors`` loads without renaming), and the
+``motion_modules`` lists sit inside the blocks where the official checkpoints put them
+(``down_blocks.0.motion_modules.0.temporal_transformer...``).
+
+What diffusers' block ``forward``s cannot do is run a motion module after each resnet/attention pair, so the walk
+through the blocks is written out here (``_UNetBody._walk``), in the order of Moore-AnimateAnyone's UNet3D:
+
+    sample (B, 4, F, H, W) -> (B*F, 4, H, W)                    every 2D layer sees frames as a batch
+    h = conv_in(sample) [+ pose features]                       (B*F, C0, H, W)
+    temb = time_embedding(sinusoid(t)), repeated per frame      (B*F, 4*C0): added inside every resnet
+    down block i:  [resnet -> cross-attn transformer -> motion module] x layers, each output kept as a skip;
+                   downsample (stride-2 conv), also kept
+    mid block:     resnet -> transformer -> motion module -> resnet
+    up block i:    [concat the last skip -> resnet -> transformer -> motion module] x (layers + 1); upsample
+    head:          GroupNorm (per frame) -> SiLU -> conv_out     (B*F, 4, H, W) -> (B, 4, F, H, W)
+
+``VideoUNet`` is the denoising UNet (with or without motion modules; the pose guider's features are added after
+``conv_in``). ``ReferenceUNet`` is the 2D UNet without ``conv_norm_out``/``conv_out``, as in the reference code: it
+only runs so that its transformer blocks' self-attention inputs can be read (reference attention, a later module).
+Both build on the ``meta`` device at SD15 size (``with torch.device("meta"): VideoUNet(SD15.unet, MOTION_SD15)``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from einops import rearrange, repeat
+from torch import nn
+
+from .motion import MotionModule, motion_module_kwargs
+
+__all__ = ["build_unet2d", "VideoUNet", "ReferenceUNet", "MOTION_KEY"]
+
+MOTION_KEY = "motion_modules"  # every motion-module key contains this (how motion_module.pth was saved)
+
+
+def build_unet2d(unet_kwargs: dict) -> UNet2DConditionModel:
+    """diffusers' 2D UNet from plain kwargs (``configs.SD15.unet``); keys starting with ``_`` (config.json) dropped."""
+    kwargs = {k: v for k, v in unet_kwargs.items() if not k.startswith("_")}
+    return UNet2DConditionModel.from_config(kwargs)
+
+
+class _UNetBody(nn.Module):
+    """conv_in, time embedding, down/mid/up blocks of a diffusers UNet2DConditionModel, walked block by block."""
+
+    def __init__(self, unet: UNet2DConditionModel, unet_kwargs: dict, motion_kwargs: dict | None = None):
+        super().__init__()
+        unsupported = [n for n in ("class_embedding", "add_embedding", "encoder_hid_proj") if getattr(unet, n, None) is not None]
+        if unsupported or unet.mid_block is None or unet.config.time_cond_proj_dim is not None:
+            raise ValueError(
+                f"anim_lab's UNets cover the SD1.5 family (no class/added/hidden-projection embeddings, a mid block); "
+                f"this config has {unsupported or 'no mid block or a time_cond_proj'}"
+            )
+        self.unet_kwargs = dict(unet_kwargs)
+        self.motion_kwargs = dict(motion_kwargs) if motion_kwargs else None
+        # The 2D UNet's children, adopted under the same names so the state-dict keys are diffusers' keys.
+        self.conv_in = unet.conv_in
+        self.time_proj = unet.time_proj  # sinusoidal timestep features, no parameters
+        self.time_embedding = unet.time_embedding  # linear_1 -> SiLU -> linear_2
+        self.down_blocks = unet.down_blocks
+        self.mid_block = unet.mid_block
+        self.up_blocks = unet.up_blocks
+        if motion_kwargs:
+            self._add_motion_modules(motion_kwargs)
+
+    # --- motion modules ------------------------------------------------------------------------------------------
+    def _add_motion_modules(self, motion: dict) -> None:
+        """A ``motion_modules`` list in each selected block: one per resnet (down/up), one per attention (mid)."""
+        kwargs = motion_module_kwargs(motion)
+        resolutions = set(motion.get("motion_module_resolutions", (1, 2, 4, 8)))
+        n = len(self.down_blocks)
+        for i, block in enumerate(self.down_blocks):
+            if 2**i in resolutions:  # block i works at 1/2**i of the latent size
+                block.motion_modules = nn.ModuleList([MotionModule(r.out_channels, **kwargs) for r in block.resnets])
+        if motion.get("motion_module_mid_block", True):
+            channels = self.mid_block.resnets[0].out_channels
+            self.mid_block.motion_modules = nn.ModuleList(
+                [MotionModule(channels, **kwargs) for _ in self.mid_block.attentions]
+            )
+        for i, block in enumerate(self.up_blocks):
+            if 2 ** (n - 1 - i) in resolutions:
+                block.motion_modules = nn.ModuleList([MotionModule(r.out_channels, **kwargs) for r in block.resnets])
+
+    @property
+    def has_motion_modules(self) -> bool:
+        return self.motion_kwargs is not None
+
+    def motion_modules(self) -> list[tuple[str, MotionModule]]:
+        """(name, module) of every motion module, in state-dict order."""
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, MotionModule)]
+
+    # --- inputs ------------------------------------------------------------------------------------------------
+    def _time_embedding(self, timestep, batch_size: int, sample: torch.Tensor, num_frames: int = 1) -> torch.Tensor:
+        """timestep: a number, a 0-d tensor or one per sample (B,) -> temb (B*F, 4*C0), the same for all F frames.
+
+        The timesteps are repeated per frame *before* the embedding, so every row is computed exactly as a 2D UNet
+        computes it for a batch of B*F images (bit-identical, not only close)."""
+        t = torch.as_tensor(timestep, device=sample.device)
+        if t.ndim == 0:
+            t = t.expand(batch_size)  # () -> (B,)
+        if t.shape != (batch_size,):
+            raise ValueError(f"timestep must be a number or have shape ({batch_size},), got {tuple(t.shape)}")
+        t = repeat(t, "b -> (b f)", f=num_frames)  # (B,) -> (B*F,)
+        t_emb = self.time_proj(t).to(sample.dtype)  # (B*F,) -> (B*F, C0) sinusoidal features
+        return self.time_embedding(t_emb)  # (B*F, C0) -> (B*F, 4*C0)
+
+    # --- the walk ----------------------------------------------------------------------------------------------
+    def _walk(self, h, temb, encoder_hidden_states, num_frames, cross_attention_kwargs=None):
+        """Down, mid and up blocks on per-frame features h (B*F, C0, H, W) -> (B*F, C0, H, W)."""
+
+        def transformer(attn, x):
+            return attn(
+                x, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs,
+                return_dict=False,
+            )[0]
+
+        skips = [h]  # every down-path output, consumed last-in-first-out by the up path
+        for block in self.down_blocks:
+            attentions = getattr(block, "attentions", None)
+            motion = getattr(block, "motion_modules", None)
+            for i, resnet in enumerate(block.resnets):
+                h = resnet(h, temb)  # (B*F, C_in, h, w) -> (B*F, C, h, w)
+                if attentions is not None:
+                    h = transformer(attentions[i], h)  # spatial self-attn, cross-attn to CLIP tokens, FF
+                if motion is not None:
+                    h = motion[i](h, num_frames)  # attention across frames
+                skips.append(h)
+            if block.downsamplers is not None:
+                for down in block.downsamplers:
+                    h = down(h)  # (B*F, C, h, w) -> (B*F, C, h/2, w/2)
+                skips.append(h)
+
+        mid = self.mid_block
+        motion = getattr(mid, "motion_modules", None)
+        h = mid.resnets[0](h, temb)
+        for i, (attn, resnet) in enumerate(zip(mid.attentions, mid.resnets[1:])):
+            h = transformer(attn, h)
+            if motion is not None:
+                h = motion[i](h, num_frames)
+            h = resnet(h, temb)
+
+        for block in self.up_blocks:
+            attentions = getattr(block, "attentions", None)
+            motion = getattr(block, "motion_modules", None)
+            for i, resnet in enumerate(block.resnets):
+                h = torch.cat([h, skips.pop()], dim=1)  # (B*F, C + C_skip, h, w): skips are concatenated
+                h = resnet(h, temb)  # -> (B*F, C, h, w)
+                if attentions is not None:
+                    h = transformer(attentions[i], h)
+                if motion is not None:
+                    h = motion[i](h, num_frames)
+            if block.upsamplers is not None:
+                for up in block.upsamplers:
+                    h = up(h, skips[-1].shape[-2:])  # (B*F, C, h, w) -> the size of the next skip (2h, 2w)
+        return h
+
+
+class VideoUNet(_UNetBody):
+    """The denoising UNet: SD1.5's 2D UNet per frame, with motion modules when ``motion_kwargs`` is given.
+
+    ``VideoUNet(configs.SD15.unet, MOTION_SD15)``; ``motion_kwargs=None`` gives the stage-1 (image) denoiser.
+    forward(sample (B, 4, F, H, W), timestep, encoder_hidden_states (B, N, D) or (B*F, N, D),
+            pose_cond_fea (B, C0, F, H, W) or None) -> (B, 4, F, H, W).
+    """
+
+    def __init__(self, unet_kwargs: dict, motion_kwargs: dict | None = None):
+        unet = build_unet2d(unet_kwargs)
+        super().__init__(unet, unet_kwargs, motion_kwargs)
+        self.conv_norm_out = unet.conv_norm_out  # GroupNorm, per frame here (use_inflated_groupnorm)
+        self.conv_act = unet.conv_act
+        self.conv_out = unet.conv_out
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep,
+        encoder_hidden_states: torch.Tensor,
+        pose_cond_fea: torch.Tensor | None = None,
+        cross_attention_kwargs: dict | None = None,
+    ) -> torch.Tensor:
+        if sample.ndim != 5:
+            raise ValueError(
+                f"VideoUNet takes a video latent (B, C, F, H, W), got shape {tuple(sample.shape)}; "
+                "for a single image use F=1 (sample[:, :, None])"
+            )
+        batch, _, num_frames, height, width = sample.shape
+        h = rearrange(sample, "b c f h w -> (b f) c h w")  # (B, C, F, H, W) -> (B*F, C, H, W)
+
+        # Timestep embedding: one timestep per video, repeated for its frames, (B,) -> (B*F,) -> temb (B*F, 4*C0)
+        temb = self._time_embedding(timestep, batch, sample, num_frames)
+
+        # CLIP tokens: one set per video, repeated for its frames, unless already given per frame.
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] not in (batch, batch * num_frames):
+            raise ValueError(
+                f"encoder_hidden_states must be (B, N, D) or (B*F, N, D) with B={batch}, F={num_frames}; "
+                f"got {tuple(encoder_hidden_states.shape)}"
+            )
+        if encoder_hidden_states.shape[0] != batch * num_frames:
+            encoder_hidden_states = repeat(encoder_hidden_states, "b n d -> (b f) n d", f=num_frames)
+
+        h = self.conv_in(h)  # (B*F, 4, H, W) -> (B*F, C0, H, W)
+        if pose_cond_fea is not None:
+            expected = (batch, h.shape[1], num_frames, height, width)
+            if tuple(pose_cond_fea.shape) != expected:
+                raise ValueError(
+                    f"pose_cond_fea must have shape (B, C0, F, H, W) = {expected} (the pose guider's output on the "
+                    f"latent grid), got {tuple(pose_cond_fea.shape)}"
+                )
+            h = h + rearrange(pose_cond_fea, "b c f h w -> (b f) c h w")  # added once, after conv_in
+
+        h = self._walk(h, temb, encoder_hidden_states, num_frames, cross_attention_kwargs)  # (B*F, C0, H, W)
+
+        h = self.conv_out(self.conv_act(self.conv_norm_out(h)))  # (B*F, C0, H, W) -> (B*F, 4, H, W)
+        return rearrange(h, "(b f) c h w -> b c f h w", f=num_frames)  # -> (B, 4, F, H, W)
+
+    # --- weights ---------------------------------------------------------------------------------------------------
+    def load_2d_weights(self, state_dict: dict[str, torch.Tensor], assign: bool = False) -> None:
+        """SD1.5 UNet weights or a stage-1 ``denoising_unet.pth``: every 2D key must be there; motion modules keep theirs."""
+        from .weights import load_into
+
+        load_into(self, state_dict, ignore_missing=(MOTION_KEY,), assign=assign)
+
+    def load_motion_modules(self, state_dict: dict[str, torch.Tensor], assign: bool = False) -> None:
+        """``motion_module.pth`` / ``mm_sd_v15_v2.ckpt``: all motion keys (position encodings may be absent)."""
+        from .weights import fill_position_encodings, load_into
+
+        if not self.has_motion_modules:
+            raise ValueError("this VideoUNet was built without motion modules (motion_kwargs=None)")
+        own = {k for k in self.state_dict() if MOTION_KEY in k}
+        state_dict = fill_position_encodings(state_dict, self.motion_kwargs["temporal_position_encoding_max_len"], own)
+        load_into(self, state_dict, subset=MOTION_KEY, assign=assign)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        unet: str | Path,
+        motion_module: str | Path | None = None,
+        *,
+        unet_kwargs: dict | None = None,
+        motion_kwargs: dict | None = None,
+        device: str | torch.device = "cpu",
+    ) -> "VideoUNet":
+        """Load a denoising UNet from files.
+
+        ``unet``: a diffusers UNet folder (config.json + diffusion_pytorch_model.*), a model folder with a ``unet/``
+        subfolder, or a state-dict file (``denoising_unet.pth``; then ``unet_kwargs`` default to SD15).
+        ``motion_module``: ``motion_module.pth`` / an AnimateDiff ``.ckpt``; with it, ``motion_kwargs`` default to
+        MOTION_SD15. Without it, ``motion_kwargs=None`` gives the image denoiser; a dict gives zero-init modules.
+        """
+        from .configs import SD15
+        from .motion import MOTION_SD15
+        from .weights import load_checkpoint, read_unet_config
+
+        path = Path(unet)
+        if unet_kwargs is None:
+            unet_kwargs = read_unet_config(path) if path.is_dir() else SD15.get("unet")
+        if motion_module is not None and motion_kwargs is None:
+            motion_kwargs = MOTION_SD15
+        # Build without memory when the files will provide every tensor; otherwise initialise normally.
+        all_from_files = motion_kwargs is None or motion_module is not None
+        with torch.device("meta" if all_from_files else device):
+            model = cls(unet_kwargs, motion_kwargs)
+        model.load_2d_weights(load_checkpoint(path, device=device), assign=all_from_files)
+        if motion_module is not None:
+            model.load_motion_modules(load_checkpoint(motion_module, device=device), assign=True)
+        return model.eval()
+
+
+class ReferenceUNet(_UNetBody):
+    """The reference UNet (ReferenceNet): the 2D UNet without conv_norm_out/conv_out, as in the reference code.
+
+    forward(sample (B, 4, H, W), timestep, encoder_hidden_states (B, N, D)) -> the last up block's features
+    (B, C0, H, W). What matters is not that output but what its transformer blocks see (reference attention reads
+    them by module name, ``down_blocks.i.attentions.j.transformer_blocks.0``).
+    """
+
+    def __init__(self, unet_kwargs: dict):
+        # conv_norm_out / conv_out are left out: they are not in reference_unet.pth
+        super().__init__(build_unet2d(unet_kwargs), unet_kwargs, motion_kwargs=None)
+
+    def forward(
+        self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, cross_attention_kwargs=None
+    ) -> torch.Tensor:
+        if sample.ndim != 4:
+            raise ValueError(f"ReferenceUNet takes an image latent (B, C, H, W), got shape {tuple(sample.shape)}")
+        batch = sample.shape[0]
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch:
+            raise ValueError(f"encoder_hidden_states must be (B={batch}, N, D), got {tuple(encoder_hidden_states.shape)}")
+        temb = self._time_embedding(timestep, batch, sample)  # (B, 4*C0)
+        h = self.conv_in(sample)  # (B, 4, H, W) -> (B, C0, H, W)
+        return self._walk(h, temb, encoder_hidden_states, 1, cross_attention_kwargs)  # (B, C0, H, W)
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], assign: bool = False) -> None:
+        """``reference_unet.pth`` (682 keys) or SD1.5 UNet weights (their conv_norm_out/conv_out are not used)."""
+        from .weights import load_into
+
+        load_into(self, state_dict, ignore_unexpected=("conv_norm_out.", "conv_out."), assign=assign)
+
+    @classmethod
+    def from_pretrained(
+        cls, unet: str | Path, *, unet_kwargs: dict | None = None, device: str | torch.device = "cpu"
+    ) -> "ReferenceUNet":
+        """From a diffusers UNet folder (SD1.5 / sd-image-variations) or ``reference_unet.pth``."""
+        from .configs import SD15
+        from .weights import load_checkpoint, read_unet_config
+
+        path = Path(unet)
+        if unet_kwargs is None:
+            unet_kwargs = read_unet_config(path) if path.is_dir() else SD15.get("unet")
+        with torch.device("meta"):
+            model = cls(unet_kwargs)
+        model.load_weights(load_checkpoint(path, device=device), assign=True)
+        return model.eval()

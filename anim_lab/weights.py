@@ -1,0 +1,275 @@
+"""Loading weights: files, diffusers folders, official ``.pth``/``.ckpt`` checkpoints, key checks and key mapping.
+
+Published weights come in a few containers: a diffusers folder (``config.json`` + ``diffusion_pytorch_model.
+safetensors`` or ``.bin``, maybe sharded), a plain ``torch.save``d state dict (``denoising_unet.pth``,
+``reference_unet.pth``, ``motion_module.pth``, ``pose_guider.pth``), or a training checkpoint wrapping one
+(``{"state_dict": ...}``). ``load_checkpoint`` turns each into ``{key: tensor}``.
+
+Loading is by key name. ``load_into`` compares the model's keys and shapes with the checkpoint's *before* touching the
+model and raises ``KeyMismatchError`` naming the missing, unexpected and wrongly shaped keys, so a wrong file never
+half-loads. Expected differences are declared, not silenced: ``ignore_missing`` (e.g. motion modules when loading
+SD1.5), ``ignore_unexpected`` (e.g. ``conv_out`` when SD1.5 goes into the reference UNet), ``subset`` (a checkpoint
+that holds only part of a model, like ``motion_module.pth``). A pattern matches a key that contains it.
+
+Nothing here is UNet-specific; the pose guider and VAE loaders use the same functions.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "KeyMismatchError",
+    "KeyReport",
+    "load_checkpoint",
+    "read_config",
+    "read_unet_config",
+    "check_keys",
+    "load_into",
+    "expected_shapes",
+    "fill_position_encodings",
+    "motion_keys_to_diffusers",
+    "motion_keys_from_diffusers",
+]
+
+# Weight file names of a diffusers / transformers model folder, in order of preference.
+WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.bin",
+    "model.safetensors",
+    "pytorch_model.bin",
+)
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+class KeyMismatchError(ValueError):
+    """A checkpoint's keys do not fit the model. ``.report`` holds the lists."""
+
+    def __init__(self, report: "KeyReport", what: str = "checkpoint"):
+        self.report = report
+        super().__init__(report.describe(what))
+
+
+@dataclass
+class KeyReport:
+    missing: list[str] = field(default_factory=list)  # in the model, not in the checkpoint
+    unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, model shape, checkpoint shape)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def describe(self, what: str = "checkpoint", show: int = 8) -> str:
+        def listing(keys: list) -> str:
+            more = f", ... ({len(keys) - show} more)" if len(keys) > show else ""
+            return ", ".join(str(k) for k in keys[:show]) + more
+
+        lines = [f"the {what} does not fit the model:"]
+        if self.missing:
+            lines.append(f"  {len(self.missing)} missing keys (model has, {what} lacks): {listing(self.missing)}")
+        if self.unexpected:
+            lines.append(f"  {len(self.unexpected)} unexpected keys ({what} has, model lacks): {listing(self.unexpected)}")
+        if self.mismatched:
+            items = [f"{k} model {tuple(a)} vs {what} {tuple(b)}" for k, a, b in self.mismatched]
+            lines.append(f"  {len(self.mismatched)} keys with other shapes: {listing(items)}")
+        lines.append(
+            "  check that the file is the right component (and model size) for this model; a common prefix "
+            "(e.g. 'module.' or 'unet.') can be removed with strip_prefix="
+        )
+        return "\n".join(lines)
+
+
+# --- reading files -------------------------------------------------------------------------------------------------
+def _weights_in_folder(folder: Path) -> list[Path]:
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return [folder / name]
+        index = folder / f"{name}.index.json"  # sharded: {"weight_map": {key: shard file}}
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [folder / s for s in shards]
+    return []
+
+
+def _read_file(path: Path, device) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path, device=str(device))
+    if path.suffix in TORCH_SUFFIXES:
+        return torch.load(path, map_location=device, weights_only=True)
+    raise ValueError(
+        f"{path.name}: unknown weight file type {path.suffix!r}; expected .safetensors or one of {TORCH_SUFFIXES}"
+    )
+
+
+def load_checkpoint(
+    path: str | Path, *, subfolder: str | None = None, device: str | torch.device = "cpu", strip_prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """``{key: tensor}`` from a weight file, a diffusers model folder, or a folder with ``subfolder`` (default: a
+    ``unet/`` folder if the path itself holds no weights). Training wrappers ``{"state_dict": ...}`` are unwrapped;
+    ``strip_prefix`` removes a prefix every key carries (e.g. ``"module."``)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no weights at {path}: give a .safetensors/.pth/.ckpt file or a diffusers model folder")
+    if path.is_dir():
+        folder = path / subfolder if subfolder else path
+        files = _weights_in_folder(folder)
+        if not files and subfolder is None and (path / "unet").is_dir():
+            files = _weights_in_folder(path / "unet")
+        if not files:
+            raise FileNotFoundError(
+                f"no weights in folder {folder}: expected one of {', '.join(WEIGHT_NAMES)} (or a sharded "
+                "*.index.json), or pass subfolder= for a pipeline folder (e.g. 'unet', 'vae')"
+            )
+    else:
+        files = [path]
+
+    state_dict: dict = {}
+    for f in files:
+        state_dict.update(_read_file(f, device))
+    for wrapper in ("state_dict", "module"):  # Lightning / DeepSpeed style checkpoints
+        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
+            state_dict = state_dict[wrapper]
+    bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{path}: not a state dict; entries that are not tensors: {bad[:5]}")
+    if strip_prefix:
+        without = [k for k in state_dict if not k.startswith(strip_prefix)]
+        if without:
+            raise ValueError(f"{path}: strip_prefix={strip_prefix!r}, but keys like {without[0]!r} lack it")
+        state_dict = {k[len(strip_prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def read_config(path: str | Path, subfolder: str | None = None) -> dict:
+    """A diffusers ``config.json`` as constructor kwargs (the ``_class_name``/``_diffusers_version`` entries dropped)."""
+    folder = Path(path) / subfolder if subfolder else Path(path)
+    file = folder / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"no config.json in {folder}; give a diffusers model folder (or its parent + subfolder)")
+    return {k: v for k, v in json.loads(file.read_text()).items() if not k.startswith("_")}
+
+
+def read_unet_config(path: str | Path) -> dict:
+    """``config.json`` of a UNet folder, or of the ``unet/`` subfolder of a pipeline folder."""
+    path = Path(path)
+    return read_config(path, None if (path / "config.json").is_file() else "unet")
+
+
+# --- comparing and loading -----------------------------------------------------------------------------------------
+def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of everything ``model.state_dict()`` holds (persistent buffers included); works on meta."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _matches(key: str, patterns: Iterable[str]) -> bool:
+    return any(p in key for p in patterns)
+
+
+def check_keys(
+    model: nn.Module | dict[str, tuple],
+    state_dict: dict[str, torch.Tensor] | dict[str, tuple],
+    *,
+    ignore_missing: Iterable[str] = (),
+    ignore_unexpected: Iterable[str] = (),
+    subset: str | None = None,
+) -> KeyReport:
+    """Compare names and shapes. ``model`` may be a module or a ``{key: shape}`` dict (e.g. a reference key list);
+    ``subset``: only the model keys containing it are expected (a partial checkpoint)."""
+    want = expected_shapes(model) if isinstance(model, nn.Module) else dict(model)
+    if subset is not None:
+        want = {k: s for k, s in want.items() if subset in k}
+    have = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in state_dict.items()}
+    report = KeyReport()
+    report.missing = [k for k in want if k not in have and not _matches(k, ignore_missing)]
+    report.unexpected = [k for k in have if k not in want and not _matches(k, ignore_unexpected)]
+    report.mismatched = [(k, want[k], have[k]) for k in want if k in have and want[k] != have[k]]
+    return report
+
+
+def load_into(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    ignore_missing: Iterable[str] = (),
+    ignore_unexpected: Iterable[str] = (),
+    subset: str | None = None,
+    assign: bool = False,
+    what: str = "checkpoint",
+) -> nn.Module:
+    """Check every key, then load. On any mismatch raise ``KeyMismatchError`` and leave the model untouched.
+
+    ``assign=True`` puts the checkpoint's tensors into the model as they are (their dtype and device); it is how a
+    model built on the meta device gets real weights without first allocating its own.
+    """
+    report = check_keys(
+        model, state_dict, ignore_missing=ignore_missing, ignore_unexpected=ignore_unexpected, subset=subset
+    )
+    if not report.ok:
+        raise KeyMismatchError(report, what)
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False, assign=assign)
+    return model
+
+
+# --- the motion module's position encodings and the diffusers layout -------------------------------------------------
+def fill_position_encodings(
+    state_dict: dict[str, torch.Tensor], max_len: int, expected_keys: Iterable[str]
+) -> dict[str, torch.Tensor]:
+    """Add ``...pos_encoder.pe`` entries a checkpoint lacks (diffusers' conversion drops them), computed from the
+    formula; the width is read from the sibling ``to_q.weight``. Entries present are kept as they are."""
+    from .motion import sinusoidal_position_encoding
+
+    out = dict(state_dict)
+    for key in expected_keys:
+        if key.endswith("pos_encoder.pe") and key not in out:
+            sibling = key.replace("pos_encoder.pe", "to_q.weight")
+            if sibling in out:
+                out[key] = sinusoidal_position_encoding(max_len, out[sibling].shape[1]).to(out[sibling].dtype)
+    return out
+
+
+# Original AnimateDiff / AnimateAnyone motion-module names -> diffusers' MotionAdapter / AnimateDiffTransformer3D names.
+_TO_DIFFUSERS = [
+    (".attention_blocks.0.", ".attn1."),
+    (".attention_blocks.1.", ".attn2."),
+    (".norms.0.", ".norm1."),
+    (".norms.1.", ".norm2."),
+    (".ff_norm.", ".norm3."),
+]
+
+
+def motion_keys_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename to diffusers' layout: drop ``temporal_transformer.`` and the ``pos_encoder.pe`` buffers, rename the
+    attention blocks and norms. Works on full UNet paths and on the keys of one module."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith("pos_encoder.pe"):
+            continue  # diffusers recomputes the sinusoidal encoding
+        new = "." + key.replace("temporal_transformer.", "")
+        for a, b in _TO_DIFFUSERS:
+            new = new.replace(a, b)
+        out[new[1:]] = value
+    return out
+
+
+def motion_keys_from_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``motion_keys_to_diffusers`` (without the ``pe`` buffers: see ``fill_position_encodings``)."""
+    out = {}
+    for key, value in state_dict.items():
+        m = re.match(r"^(.*motion_modules\.\d+\.)?(.*)$", key)
+        prefix, rest = m.group(1) or "", m.group(2)
+        new = "." + rest
+        for a, b in _TO_DIFFUSERS:
+            new = new.replace(b, a)
+        out[f"{prefix}temporal_transformer.{new[1:]}"] = value
+    return out

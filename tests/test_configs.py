@@ -1,0 +1,32 @@
+import pytest
+
+from anim_lab.configs import PRESETS, SD15, TINY, TOY, get_preset
+
+
+def test_presets_by_name():
+    assert get_preset("sd15") is SD15 and get_preset(TINY) is TINY and set(PRESETS) == {"SD15", "TINY", "TOY"}
+
+
+def test_unknown_preset_and_component_say_what_exists():
+    with pytest.raises(KeyError, match="SD15"):
+        get_preset("sdxl")
+    with pytest.raises(KeyError, match="pose_guider"):
+        SD15.get("text_encoder")
+
+
+def test_get_returns_a_copy():
+    cfg = SD15.get("unet")
+    cfg["block_out_channels"] = (1,)
+    assert SD15.unet["block_out_channels"] == (320, 640, 1280, 1280)
+
+
+@pytest.mark.parametrize("preset", [SD15, TINY, TOY], ids=lambda p: p.name)
+def test_sizes_are_consistent(preset):
+    # The VAE's latent grid must be what the UNet and the pose guider work on.
+    assert preset.vae_scale_factor == 8
+    assert preset.unet["in_channels"] == preset.vae["latent_channels"]
+    assert 2 ** (len(preset.pose_guider["block_out_channels"]) - 1) == preset.vae_scale_factor
+    assert preset.pose_guider["conditioning_embedding_channels"] == preset.unet["block_out_channels"][0]
+    # The single CLIP token enters cross-attention: its width must be the UNet's cross_attention_dim.
+    assert preset.image_encoder["projection_dim"] == preset.unet["cross_attention_dim"]
+    assert preset.height % (8 * 2 ** (len(preset.unet["block_out_channels"]) - 1)) == 0

@@ -1,0 +1,123 @@
+"""anim_lab.tiling against diffusers' tiled encode/decode of AutoencoderKLHunyuanVideo on the same weights and tile
+settings, the blend formula written out, and the working memory it promises."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKLHunyuanVideo
+
+from anim_lab.causal_vae import CAUSAL_VAE_TINY, CausalVAE
+from anim_lab.tiling import PeakMemory, TileSettings, blend, tiled_decode
+
+# tiles of 32 px (4 latents) every 24 px, windows of 8 frames (2 latents) every 4: small enough for a tiny video to
+# need several tiles in both space and time
+TILES = TileSettings(32, 32, 24, 24, 8, 4)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    ref = AutoencoderKLHunyuanVideo(**CAUSAL_VAE_TINY).eval()
+    ours = CausalVAE(**CAUSAL_VAE_TINY).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+def _diffusers(ref, spatial: bool, temporal: bool):
+    ref.use_tiling = spatial
+    ref.use_framewise_encoding = ref.use_framewise_decoding = temporal
+    ref.tile_sample_min_height = ref.tile_sample_min_width = 32
+    ref.tile_sample_stride_height = ref.tile_sample_stride_width = 24
+    ref.tile_sample_min_num_frames, ref.tile_sample_stride_num_frames = 8, 4
+    return ref
+
+
+@pytest.mark.parametrize(
+    "spatial, temporal, shape",
+    [(True, False, (5, 56, 40)), (False, True, (17, 16, 16)), (True, True, (13, 48, 64))],
+    ids=["space", "time", "space+time"],
+)
+def test_tiled_encode_decode_match_diffusers(pair, spatial, temporal, shape):
+    ref, ours = pair
+    ref = _diffusers(ref, spatial, temporal)
+    tiles = TileSettings(32, 32, 24, 24, 8, 4, spatial=spatial, temporal=temporal)
+    x = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(sum(shape)))
+    with torch.no_grad():
+        mean_ref = ref.encode(x).latent_dist.mean
+        mean = ours.encode(x, tiling=tiles).mean
+        torch.testing.assert_close(mean, mean_ref, atol=1e-5, rtol=0)
+        video = ours.decode(mean_ref, tiling=tiles)
+        torch.testing.assert_close(video, ref.decode(mean_ref).sample, atol=1e-5, rtol=0)
+        untiled = ours.decode(mean_ref)
+    assert video.shape == untiled.shape == x.shape
+    assert (video - untiled).abs().max() > 1e-3  # the tiles really were decoded apart
+
+
+def test_one_tile_is_the_untiled_pass(pair):
+    _, ours = pair
+    z = torch.randn(1, 4, 2, 3, 3, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ours.decode(z, tiling=TILES), ours.decode(z))  # 24 px < one 32 px tile, 5 frames < 8
+
+
+def test_blend_is_a_linear_ramp():
+    a = torch.arange(6.0).view(1, 6) + 100  # previous tile; its last 4 columns overlap the new tile
+    b = torch.zeros(1, 5)
+    out = blend(a, b.clone(), 4, dim=-1)
+    expected = torch.tensor([[102 * 1.0, 103 * 0.75, 104 * 0.5, 105 * 0.25, 0.0]])
+    torch.testing.assert_close(out, expected)
+
+
+def test_no_blend_cuts_hard_at_the_stride(pair):
+    """blend=False: every kept pixel is the raw decode of the tile it belongs to."""
+    _, ours = pair
+    z = torch.randn(1, 4, 1, 4, 7, generator=torch.Generator().manual_seed(2))  # two tiles across: columns 0..3, 3..6
+    hard = TileSettings(32, 32, 24, 24, spatial=True, temporal=False, blend=False)
+    with torch.no_grad():
+        video = ours.decode(z, tiling=hard)
+        left, right = ours.decode(z[..., :4]), ours.decode(z[..., 3:])
+    assert torch.equal(video[..., :24], left[..., :24])
+    assert torch.equal(video[..., 24:], right[..., :32])
+
+
+def test_temporal_tiling_keeps_working_memory_flat(pair):
+    """Peak memory minus the output: about the same for 17 and 33 frames when decoding in windows."""
+    _, ours = pair
+    tiles = TileSettings(32, 32, 24, 24, 8, 4)
+    working = {}
+    for t_lat in (5, 9):
+        z = torch.randn(1, 4, t_lat, 3, 3)
+        with torch.no_grad(), PeakMemory() as mem:
+            video = tiled_decode(ours, z, tiles)
+        working[t_lat] = mem.peak - video.numel() * video.element_size()
+        with torch.no_grad(), PeakMemory() as mem_full:
+            full = ours.decode(z)
+        working[("untiled", t_lat)] = mem_full.peak - full.numel() * full.element_size()
+    assert working[9] <= 1.1 * working[5]
+    assert working[("untiled", 9)] > 1.5 * working[("untiled", 5)]
+
+
+def test_peak_memory_counts_live_tensors():
+    with PeakMemory() as mem:
+        a = torch.ones(1000)  # 4000 bytes
+        b = a * 2  # +4000
+        del b
+        c = a + 1  # +4000 again; peak stays 8000
+    assert (mem.peak, mem.current) == (8000, 8000)
+    del c
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(tile_sample_min_height=16, tile_sample_stride_height=24), "smaller than its stride"),
+        (dict(tile_sample_stride_width=0), "must be > 0"),
+        (dict(tile_sample_min_height=36, tile_sample_stride_height=28), "multiples"),
+        (dict(tile_sample_min_num_frames=6, tile_sample_stride_num_frames=4), "multiples"),
+    ],
+)
+def test_bad_tile_settings_raise(pair, kwargs, match):
+    _, ours = pair
+    tiles = TileSettings(**{**dict(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=24,
+                                   tile_sample_stride_width=24), **kwargs})
+    with pytest.raises(ValueError, match=match):
+        ours.decode(torch.zeros(1, 4, 2, 2, 2), tiling=tiles)
