@@ -5,7 +5,7 @@ from torch.nn import functional as F
 from anim_lab.configs import SD15, TINY
 from anim_lab.inspect import build, count_parameters
 from anim_lab.pose_guider import PoseGuider
-from conftest import CHECKPOINT_KEYS, read_key_list
+from keylists import CHECKPOINT_KEYS, read_key_list
 
 
 def test_keys_and_shapes_equal_the_official_checkpoint():
