@@ -1,7 +1,6 @@
 # anim_lab: every target creates/updates .venv itself, so a fresh clone needs nothing else.
 #   make test   unit tests + chapter pairing + strict nbval over chapters/*.ipynb
 #   make lab    JupyterLab on chapters/ (installs the [lab] extra)
-#   make demo   the offline demo on the embedded tiny models
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -12,7 +11,7 @@ PIP    := $(PY) -m pip
 MEDIAPIPE := mediapipe==0.10.21
 STAMP  := $(VENV)/.installed
 
-.PHONY: test unit chapters notebook lab demo clean-venv
+.PHONY: test unit chapters notebook lab clean-venv
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow and not gpu" tests chapters --nbval --nbval-current-env --nbval-sanitize-with chapters/sanitize.cfg -p no:cacheprovider
 
@@ -30,9 +29,6 @@ notebook: $(STAMP)
 lab: $(STAMP)
 	$(PIP) install -q -c constraints.txt -e ".[lab]"
 	$(VENV)/bin/jupyter lab --notebook-dir=chapters
-
-demo: $(STAMP)
-	$(PY) -m anim_lab.cli demo
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

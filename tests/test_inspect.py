@@ -87,3 +87,27 @@ def test_unet_flops_split_by_block_add_up():
 def test_unknown_component_lists_the_known_ones():
     with pytest.raises(KeyError, match="image_encoder"):
         build(SD15, "text_encoder")
+
+
+@pytest.mark.slow
+def test_real_tensors_give_the_same_shapes_and_flops_as_meta():
+    # Full-size VAE with random weights on the CPU (about 30 s): the meta trace must not differ from reality.
+    meta_vae, real_vae = build(SD15, "vae"), build(SD15, "vae", device="cpu")
+    x_meta, x = torch.empty(1, 3, 256, 256, device="meta"), torch.randn(1, 3, 256, 256)
+    assert real_vae.encode(x).latent_dist.mean.shape == meta_vae.encode(x_meta).latent_dist.mean.shape
+    # On the CPU, torch runs attention as one fused kernel that FlopCounterMode has no formula for, so the CPU count
+    # misses exactly the mid-block attention: Q K^T and A V over 32x32 = 1024 tokens of width 512, one head.
+    tokens, width = (256 // 8) ** 2, 512
+    attention = 2 * (2 * tokens * tokens * width)
+    assert count_flops(meta_vae.encode, x_meta) - count_flops(real_vae.encode, x) == attention
+
+
+@pytest.mark.gpu
+def test_tiny_unet_in_fp16_on_cuda_matches_fp32_on_cpu():
+    unet = build(TINY, "unet", device="cpu")
+    for p in unet.parameters():
+        torch.nn.init.normal_(p, std=0.02)  # conv_out starts at zero in some configs; make every layer count
+    x, t, e = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 1, 32)
+    ref = unet(x, t, encoder_hidden_states=e).sample
+    out = unet.half().cuda()(x.half().cuda(), t.cuda(), encoder_hidden_states=e.half().cuda()).sample
+    torch.testing.assert_close(out.float().cpu(), ref, rtol=2e-2, atol=2e-2)
