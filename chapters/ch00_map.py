@@ -151,6 +151,20 @@ for r in bank:
     print(f"  {r.name.replace('.transformer_blocks.0.norm1', ''):28s} {r.outputs[0]}")
 
 # %% [markdown]
+# Two questions readers of the reference code ask here:
+# - *Why does the ReferenceNet lack `conv_out`?* Its output is never used — only the bank is — so the head that
+#   would turn features into a noise prediction is dead weight and is left out of `reference_unet.pth`.
+# - *Why do the writer's and the reader's attention blocks pair up one to one?* Because the denoiser is the same
+#   SD1.5 layout: it has exactly one spatial transformer block under each name where the ReferenceNet wrote one.
+
+# %%
+reader_blocks = [n for n, m in denoiser.named_modules()
+                 if n.endswith("transformer_blocks.0") and "motion_modules" not in n]
+writer_blocks = [r.name.removesuffix(".norm1") for r in bank]
+print("ReferenceNet has conv_out:", hasattr(reference_unet, "conv_out"), "| denoiser has conv_out:", hasattr(denoiser, "conv_out"))
+print(f"{len(writer_blocks)} writers, {len(reader_blocks)} readers, same names:", sorted(writer_blocks) == sorted(reader_blocks))
+
+# %% [markdown]
 # ### 2.2 The denoising UNet, every step
 # The latents of all 24 frames, doubled for CFG, go through SD1.5's blocks as a batch of 48 images; each motion module
 # then regroups the features so that attention runs across the 24 frames at each of the h×w positions.
