@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -307,47 +307,73 @@ def detect_landmarks(image, name: str = "image") -> FaceLandmarks:
         return lm.detect(image, name)
 
 
-def track_landmarks(
-    frames: Iterable, *, on_missing: str = "hold", progress: bool = True, total: int | None = None
-) -> np.ndarray:
-    """Landmarks for every frame of a video, in tracking mode.
+def _frames_in(source, fps):
+    """(frames iterator, fps, number of frames or None, audio path or None) of a video path or frame sequence."""
+    from anim_lab import video as vio
 
-    Args:
-        frames: an iterable of ``(H, W, 3)`` uint8 frames (all the same size), in order.
-        on_missing: what to do with a frame where no face is found:
-            ``"hold"`` (default) reuses the last good landmarks (as AniPortrait's vid2pose reuses the last pose
-            frame); frames before the first detection get the first good landmarks; if no frame has a face the
-            result is a :class:`NoFaceError`. ``"error"`` raises :class:`NoFaceError` naming the frame.
-        progress: show a tqdm progress bar.
+    if isinstance(source, (str, os.PathLike)):
+        reader = vio.VideoReader(source)
+        return iter(reader), (reader.fps if fps is None else fps), reader.num_frames, reader.path
+    if len(source) == 0:
+        raise ValueError("source has no frames")
+    return iter(source), fps, len(source), None  # checked frame by frame in landmark_stream
 
-    Returns:
-        ``(F, 478, 2)`` float32 pixel landmarks.
+
+def landmark_stream(frames: Iterable, *, on_missing: str = "hold", progress: bool = True,
+                    total: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(frame, landmarks (478, 2))`` for every frame of a video, in order, in tracking mode.
+
+    Frames with no face follow ``on_missing``: ``"hold"`` gives them the last good landmarks (AniPortrait's vid2pose
+    policy) — frames before the first detection get the first good ones, so they are yielded once it arrives (they
+    are buffered until then); ``"error"`` raises :class:`NoFaceError` naming the frame. If no frame has a face:
+    :class:`NoFaceError`. All frames must have the same size.
     """
     if on_missing not in ("hold", "error"):
         raise ValueError(f'on_missing must be "hold" or "error", got {on_missing!r}')
-    from tqdm.auto import tqdm
+    if progress:
+        from tqdm.auto import tqdm
 
-    out: list[np.ndarray | None] = []
+        frames = tqdm(frames, total=total, desc="landmarks", unit="frame")
+    pending: list[np.ndarray] = []  # frames before the first face
+    last, size, count = None, None, 0
     with FaceLandmarker(video=True) as lm:
-        for i, frame in enumerate(tqdm(frames, total=total, disable=not progress, desc="landmarks", unit="frame")):
+        for i, frame in enumerate(frames):
+            count += 1
+            frame = as_rgb_uint8(frame, f"frame {i}")
+            if size is None:
+                size = frame.shape[:2]
+            elif frame.shape[:2] != size:
+                raise ValueError(f"frame {i} is {frame.shape[1]}x{frame.shape[0]} but frame 0 is "
+                                 f"{size[1]}x{size[0]}; all frames must have the same size")
             try:
-                out.append(lm.detect(frame, name=f"frame {i}").pixels)
+                points = lm.detect(frame, name=f"frame {i}").pixels
             except NoFaceError:
                 if on_missing == "error":
                     raise
-                out.append(None)
-    good = [i for i, x in enumerate(out) if x is not None]
-    if not out:
+                if last is None:
+                    pending.append(frame)
+                    continue
+                points = last
+            for held in pending:  # the frames before the first face get its landmarks
+                yield held, points
+            pending = []
+            last = points
+            yield frame, points
+    if count == 0:
         raise ValueError("the video has no frames")
-    if not good:
-        raise NoFaceError(f"no face found in any of the {len(out)} frames")
-    last = out[good[0]]
-    for i, x in enumerate(out):  # hold the last good landmarks (the first good ones before the first detection)
-        if x is None:
-            out[i] = last
-        else:
-            last = x
-    return np.stack(out).astype(np.float32)  # (F, 478, 2)
+    if last is None:
+        raise NoFaceError(f"no face found in any of the {count} frames")
+
+
+def track_landmarks(frames: Iterable, *, on_missing: str = "hold", progress: bool = True,
+                    total: int | None = None) -> np.ndarray:
+    """Landmarks for every frame of a video (tracking mode): ``(F, 478, 2)`` float32 pixels.
+
+    ``frames``: ``(H, W, 3)`` uint8 frames in order, all the same size. Frames without a face: see
+    :func:`landmark_stream` (``on_missing="hold"`` or ``"error"``). ``progress``: a tqdm bar.
+    """
+    points = [p for _, p in landmark_stream(frames, on_missing=on_missing, progress=progress, total=total)]
+    return np.stack(points).astype(np.float32)  # (F, 478, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -367,42 +393,36 @@ def video_to_pose(
 ) -> np.ndarray:
     """Video2Pose: a video (file, or a list/array of frames) -> a pose-image video with the same fps.
 
+    Frames stream through (read, detect, draw, write one at a time), so long videos need little memory.
+
     Args:
-        source: a video file path, or a sequence / ``(F, H, W, 3)`` array of uint8 RGB frames.
-        output: ``.mp4`` or ``.gif`` path. Written to a temporary file first and renamed at the end, so a failure
-            leaves nothing behind.
+        source: a video file path (mp4, gif, anything ffmpeg reads), or a sequence / ``(F, H, W, 3)`` array of
+            uint8 RGB frames.
+        output: ``.mp4`` or ``.gif`` path. Nothing appears there unless the whole video succeeds.
         fps: frame rate; read from the file by default; required for frames.
         size: ``(height, width)`` of the pose images; default the source frame size.
         on_missing: frames with no face: ``"hold"`` the last good landmarks (default) or ``"error"``.
-        progress: tqdm progress bars.
-        audio: carry the source file's audio track over to an mp4 output (if it has one).
+        progress: a tqdm progress bar.
+        audio: carry the source file's audio track over to an mp4 output (when it has one).
 
     Returns:
-        ``(F, H, W, 3)`` uint8 pose images (what was written).
+        ``(F, 478, 2)`` float32 landmarks in pixels of the source frames (one row per written frame).
     """
     from anim_lab import video as vio
 
     output = Path(output)
-    if output.suffix.lower() not in (".mp4", ".gif"):
+    if output.suffix.lower() not in vio.VIDEO_SUFFIXES:
         raise ValueError(f"output must end in .mp4 or .gif, got {output.name!r}")
-    audio_source = None
-    if isinstance(source, (str, os.PathLike)):
-        frames, src_fps = vio.read_video(source)
-        fps = src_fps if fps is None else fps
-        if audio and vio.has_audio(source):
-            audio_source = Path(source)
-    else:
-        frames = np.stack([as_rgb_uint8(f, f"frame {i}") for i, f in enumerate(source)]) if len(source) else None
-        if frames is None:
-            raise ValueError("source has no frames")
-        if fps is None:
-            raise ValueError("fps is required when source is a list of frames")
-    height, width = frames.shape[1:3]
-    landmarks = track_landmarks(frames, on_missing=on_missing, progress=progress, total=len(frames))  # (F, 478, 2)
-    out_h, out_w = (height, width) if size is None else size
-    scale = np.array([out_w / width, out_h / height])
-    poses = np.stack([  # (F, H, W, 3): landmarks rescaled from source pixel centres to output pixel centres
-        draw_pose_image((lmk + 0.5) * scale - 0.5, out_h, out_w) for lmk in landmarks
-    ])
-    vio.write_video(output, poses, fps=fps, audio_from=audio_source)
-    return poses
+    frames, fps, total, src_path = _frames_in(source, fps)
+    if fps is None:
+        raise ValueError("fps is required when source is a list of frames")
+    audio_from = src_path if (audio and src_path is not None and output.suffix.lower() == ".mp4") else None
+    out = []
+    with vio.VideoWriter(output, fps, audio_from=audio_from) as writer:
+        for frame, points in landmark_stream(frames, on_missing=on_missing, progress=progress, total=total):
+            height, width = frame.shape[:2]
+            out_h, out_w = (height, width) if size is None else size
+            scale = np.array([out_w / width, out_h / height])
+            writer.write(draw_pose_image((points + 0.5) * scale - 0.5, out_h, out_w))  # source -> output pixels
+            out.append(points)
+    return np.stack(out).astype(np.float32)  # (F, 478, 2)

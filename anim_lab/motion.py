@@ -1,31 +1,31 @@
 """The motion module: temporal self-attention across the frames of a video, at every spatial position.
 
-AnimateDiff's "Vanilla" temporal module, as AnimateAnyone / AniPortrait / Hallo use it (21 of them in SD1.5's UNet,
-one after each resnet/attention pair). For a feature map of C channels and F frames:
+AnimateDiff's "Vanilla" temporal module, as AnimateAnyone / AniPortrait / Hallo use it (21 of them in SD1.5's
+UNet, one after each resnet/attention pair). For a feature map of C channels and F frames:
 
-    x                                  (B*F, C, H, W)    the per-frame layout the 2D UNet works in
-    h = GroupNorm(x)                   per frame: statistics over (C/G, H, W) of one frame, never across frames
-    h = proj_in(h)                     (B*F, H*W, C)
-    for i in 0, 1:                     two temporal self-attentions
-        n = LayerNorm_i(h) + PE        (B*H*W, F, C): each spatial position is a sequence of F frames;
-                                       the sinusoidal position encoding is added *after* the LayerNorm, so Q, K and V
-                                       carry it but the residual stream does not
+    x                               (B*F, C, H, W)    the per-frame layout the 2D UNet works in
+    h = GroupNorm(x)                per frame: statistics over (C/G, H, W) of one frame, never across frames
+    h = proj_in(h)                  (B*F, H*W, C)
+    for i in 0, 1:                  two temporal self-attentions
+        n = LayerNorm_i(h) + PE     (B*H*W, F, C): each spatial position is a sequence of F frames; the
+                                    sinusoidal position encoding is added *after* the LayerNorm, so Q, K
+                                    and V carry it but the residual stream does not
         h = h + Attention_i(n)
-    h = h + FF(LayerNorm(h))           GEGLU feed-forward, inner width 4C
-    out = x + proj_out(h)              proj_out starts at zero: a fresh module is the identity
+    h = h + FF(LayerNorm(h))        GEGLU feed-forward, inner width 4C
+    out = x + proj_out(h)           proj_out starts at zero: a fresh module is the identity
 
 Key names equal the official checkpoints' (``motion_module.pth``, AnimateDiff ``mm_sd_v15_v2.ckpt``):
-``temporal_transformer.{norm, proj_in, proj_out, transformer_blocks.0.{attention_blocks.{0,1}.{to_q, to_k, to_v,
-to_out.0, pos_encoder.pe}, norms.{0,1}, ff.net.0.proj, ff.net.2, ff_norm}}``: 28 keys per module.
+``temporal_transformer.{norm, proj_in, proj_out, transformer_blocks.0.{attention_blocks.{0,1}.{to_q, to_k,
+to_v, to_out.0, pos_encoder.pe}, norms.{0,1}, ff.net.0.proj, ff.net.2, ff_norm}}``: 28 keys per module.
 
-Position-encoding buffers: kept, as persistent buffers ``pos_encoder.pe`` of shape (1, max_len, C), because the
-official checkpoints contain them and a strict load should then pass. They are a fixed formula, not learned; a
-checkpoint converted to diffusers' layout drops them, and ``anim_lab.weights.fill_position_encodings`` recomputes
-them (the values are identical).
+Position-encoding buffers: kept, as persistent buffers ``pos_encoder.pe`` of shape (1, max_len, C), because
+the official checkpoints contain them and a strict load should then pass. They are a fixed formula, not
+learned; a checkpoint converted to diffusers' layout drops them, and
+``anim_lab.weights.fill_position_encodings`` recomputes them (the values are identical).
 
-Differs from diffusers' ``AnimateDiffTransformer3D`` in one place: diffusers reshapes to (B, C, F, H, W) before its
-GroupNorm, so its statistics span all frames. That changes the output on the same weights (and makes it depend on the
-window length); the per-frame norm here is what the checkpoints were trained with.
+Differs from diffusers' ``AnimateDiffTransformer3D`` in one place: diffusers reshapes to (B, C, F, H, W)
+before its GroupNorm, so its statistics span all frames. That changes the output on the same weights (and
+makes it depend on the window length); the per-frame norm here is what the checkpoints were trained with.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
 from einops import rearrange
 from torch import nn
+
+from .configs import SD15, TINY
 
 __all__ = [
     "MOTION_SD15",
@@ -50,23 +52,12 @@ __all__ = [
     "motion_module_kwargs",
 ]
 
-# Placement + module kwargs. ``motion_module_resolutions``: a block at downsampling factor r (1, 2, 4, 8 for the four
-# levels of SD1.5) gets motion modules if r is listed; ``motion_module_mid_block``: one more in the mid block.
-# SD1.5 layout: 4 down blocks x 2 + 1 mid + 4 up blocks x 3 = 21 modules (inference_v2.yaml of Moore-AA/AniPortrait).
-MOTION_SD15 = dict(
-    num_attention_heads=8,
-    num_transformer_block=1,
-    attention_block_types=("Temporal_Self", "Temporal_Self"),
-    temporal_position_encoding=True,
-    temporal_position_encoding_max_len=32,
-    norm_num_groups=32,  # the GroupNorm before proj_in (eps 1e-6)
-    zero_initialize=True,  # proj_out = 0: a new motion module leaves the UNet unchanged
-    motion_module_resolutions=(1, 2, 4, 8),
-    motion_module_mid_block=True,
-)
-
-# The same structure for the TINY UNet (channels 32/64/64/64, GroupNorm groups 8): milliseconds on a CPU.
-MOTION_TINY = dict(MOTION_SD15, num_attention_heads=4, norm_num_groups=8)
+# Placement + module kwargs live in the presets (anim_lab.configs, ``extra["motion"]``): ``motion_module_resolutions``
+# -- a block at downsampling factor r (1, 2, 4, 8 for the four levels of SD1.5) gets motion modules if r is listed;
+# ``motion_module_mid_block`` -- one more in the mid block. SD1.5 layout: 4 down blocks x 2 + 1 mid + 4 up blocks x 3
+# = 21 modules (inference_v2.yaml of Moore-AA/AniPortrait). TINY: the same structure for channels 32/64/64/64.
+MOTION_SD15 = SD15.get("motion")
+MOTION_TINY = TINY.get("motion")
 
 # Keys of a motion dict that place modules in the UNet rather than configure one module.
 _PLACEMENT_KEYS = ("motion_module_resolutions", "motion_module_mid_block")
@@ -78,11 +69,13 @@ def motion_module_kwargs(motion: dict) -> dict:
 
 
 def sinusoidal_position_encoding(max_len: int, dim: int) -> torch.Tensor:
-    """pe[pos, 2i] = sin(pos / 10000^(2i/dim)), pe[pos, 2i+1] = cos(pos / 10000^(2i/dim)); shape (1, max_len, dim)."""
+    """pe[pos, 2i] = sin(pos / 10000^(2i/dim)), pe[pos, 2i+1] = cos(same); shape (1, max_len, dim)."""
     if dim % 2:
         raise ValueError(f"the sinusoidal position encoding needs an even channel count, got {dim}")
     position = torch.arange(max_len, dtype=torch.float32)[:, None]  # (max_len, 1)
-    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))  # (dim/2,)
+    inv_freq = torch.exp(
+        torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim)
+    )  # (dim/2,)
     pe = torch.zeros(1, max_len, dim)
     pe[0, :, 0::2] = torch.sin(position * inv_freq)
     pe[0, :, 1::2] = torch.cos(position * inv_freq)
@@ -90,7 +83,7 @@ def sinusoidal_position_encoding(max_len: int, dim: int) -> torch.Tensor:
 
 
 class PositionalEncoding(nn.Module):
-    """Adds pe[:F] to a sequence of F frames. ``pe`` is a persistent buffer (it is in the official checkpoints)."""
+    """Adds pe[:F] to a sequence of F frames; ``pe`` is a persistent buffer (it is in the checkpoints)."""
 
     def __init__(self, dim: int, max_len: int = 32):
         super().__init__()
@@ -108,13 +101,15 @@ class PositionalEncoding(nn.Module):
 
 
 class TemporalAttention(Attention):
-    """diffusers' ``Attention`` (to_q/to_k/to_v without bias, to_out.0, SDPA processor) run along the frame axis.
+    """diffusers' ``Attention`` (to_q/to_k/to_v without bias, to_out.0, SDPA processor) along the frame axis.
 
     A subclass rather than a wrapper so the keys stay ``attention_blocks.i.to_q`` as in the checkpoints.
     """
 
     def __init__(self, dim: int, num_attention_heads: int, max_len: int | None):
-        super().__init__(query_dim=dim, heads=num_attention_heads, dim_head=dim // num_attention_heads, bias=False)
+        super().__init__(
+            query_dim=dim, heads=num_attention_heads, dim_head=dim // num_attention_heads, bias=False
+        )
         self.pos_encoder = PositionalEncoding(dim, max_len) if max_len else None
 
     def forward(self, hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -129,13 +124,17 @@ class TemporalAttention(Attention):
 
 
 class TemporalTransformerBlock(nn.Module):
-    """[h = h + TemporalAttention_i(LayerNorm_i(h))] for each attention block, then h = h + FF(LayerNorm(h))."""
+    """h = h + TemporalAttention_i(LayerNorm_i(h)) for each attention block, then h = h + FF(LayerNorm(h))."""
 
-    def __init__(self, dim: int, num_attention_heads: int, attention_block_types: tuple[str, ...], max_len: int | None):
+    def __init__(
+        self, dim: int, num_attention_heads: int, attention_block_types: tuple[str, ...], max_len: int | None
+    ):
         super().__init__()
         for t in attention_block_types:
             if t != "Temporal_Self":
-                raise ValueError(f"only 'Temporal_Self' attention blocks are supported (as in all AA configs), got {t!r}")
+                raise ValueError(
+                    f"only 'Temporal_Self' attention blocks are supported (as in all AA configs), got {t!r}"
+                )
         self.attention_blocks = nn.ModuleList(
             [TemporalAttention(dim, num_attention_heads, max_len) for _ in attention_block_types]
         )
@@ -190,7 +189,7 @@ class TemporalTransformer(nn.Module):
 
 
 class MotionModule(nn.Module):
-    """One motion module (``VanillaTemporalModule``): holds ``temporal_transformer`` so keys match the checkpoints.
+    """One motion module (``VanillaTemporalModule``), holding ``temporal_transformer`` as the checkpoints do.
 
     forward(hidden_states (B*F, C, H, W), num_frames=F) -> (B*F, C, H, W).
     """
@@ -222,7 +221,7 @@ class MotionModule(nn.Module):
     def forward(self, hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
         if hidden_states.ndim != 4 or hidden_states.shape[0] % num_frames:
             raise ValueError(
-                f"the motion module takes per-frame features (B*F, C, H, W) with B*F a multiple of num_frames="
-                f"{num_frames}; got shape {tuple(hidden_states.shape)}"
+                f"the motion module takes per-frame features (B*F, C, H, W) with B*F a multiple of "
+                f"num_frames={num_frames}; got shape {tuple(hidden_states.shape)}"
             )
         return self.temporal_transformer(hidden_states, num_frames)

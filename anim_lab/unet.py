@@ -1,14 +1,16 @@
 """The UNets of AnimateAnyone: Stable Diffusion 1.5's 2D UNet applied per frame, plus motion modules.
 
-Built from diffusers' own pieces: a ``UNet2DConditionModel`` is constructed from the kwargs in ``anim_lab.configs``
-and its children (``conv_in``, ``time_embedding``, ``down_blocks`` of ``ResnetBlock2D`` + ``Transformer2DModel``,
-``mid_block``, ``up_blocks``, ``conv_norm_out``/``conv_out``) become ours under the same attribute names. So every
-2D key equals diffusers' name (SD1.5 ``unet/diffusion_pytorch_model.safetensors`` loads without renaming), and the
-``motion_modules`` lists sit inside the blocks where the official checkpoints put them
+Built from diffusers' own pieces: a ``UNet2DConditionModel`` is constructed from the kwargs in
+``anim_lab.configs`` and its children (``conv_in``, ``time_embedding``, ``down_blocks`` of ``ResnetBlock2D`` +
+``Transformer2DModel``, ``mid_block``, ``up_blocks``, ``conv_norm_out``/``conv_out``) become ours under the
+same attribute names. So every 2D key equals diffusers' name (SD1.5
+``unet/diffusion_pytorch_model.safetensors`` loads without renaming), and the ``motion_modules`` lists sit
+inside the blocks where the official checkpoints put them
 (``down_blocks.0.motion_modules.0.temporal_transformer...``).
 
-What diffusers' block ``forward``s cannot do is run a motion module after each resnet/attention pair, so the walk
-through the blocks is written out here (``_UNetBody._walk``), in the order of Moore-AnimateAnyone's UNet3D:
+What diffusers' block ``forward``s cannot do is run a motion module after each resnet/attention pair, so the
+walk through the blocks is written out here (``_UNetBody._walk``), in the order of Moore-AnimateAnyone's
+UNet3D:
 
     sample (B, 4, F, H, W) -> (B*F, 4, H, W)                    every 2D layer sees frames as a batch
     h = conv_in(sample) [+ pose features]                       (B*F, C0, H, W)
@@ -19,10 +21,11 @@ through the blocks is written out here (``_UNetBody._walk``), in the order of Mo
     up block i:    [concat the last skip -> resnet -> transformer -> motion module] x (layers + 1); upsample
     head:          GroupNorm (per frame) -> SiLU -> conv_out     (B*F, 4, H, W) -> (B, 4, F, H, W)
 
-``VideoUNet`` is the denoising UNet (with or without motion modules; the pose guider's features are added after
-``conv_in``). ``ReferenceUNet`` is the 2D UNet without ``conv_norm_out``/``conv_out``, as in the reference code: it
-only runs so that its transformer blocks' self-attention inputs can be read (reference attention, a later module).
-Both build on the ``meta`` device at SD15 size (``with torch.device("meta"): VideoUNet(SD15.unet, MOTION_SD15)``).
+``VideoUNet`` is the denoising UNet (with or without motion modules; the pose guider's features are added
+after ``conv_in``). ``ReferenceUNet`` is the 2D UNet without ``conv_norm_out``/``conv_out``, as in the
+reference code: it only runs so that its transformer blocks' self-attention inputs can be read (reference
+attention, a later module). Both build on the ``meta`` device at SD15 size (``with torch.device("meta"):
+VideoUNet(SD15.unet, MOTION_SD15)``).
 """
 
 from __future__ import annotations
@@ -42,21 +45,25 @@ MOTION_KEY = "motion_modules"  # every motion-module key contains this (how moti
 
 
 def build_unet2d(unet_kwargs: dict) -> UNet2DConditionModel:
-    """diffusers' 2D UNet from plain kwargs (``configs.SD15.unet``); keys starting with ``_`` (config.json) dropped."""
+    """diffusers' 2D UNet from plain kwargs (``configs.SD15.unet``); config.json's ``_`` entries dropped."""
     kwargs = {k: v for k, v in unet_kwargs.items() if not k.startswith("_")}
     return UNet2DConditionModel.from_config(kwargs)
 
 
 class _UNetBody(nn.Module):
-    """conv_in, time embedding, down/mid/up blocks of a diffusers UNet2DConditionModel, walked block by block."""
+    """conv_in, time embedding, down/mid/up blocks of a diffusers UNet2DConditionModel, walked in order."""
 
     def __init__(self, unet: UNet2DConditionModel, unet_kwargs: dict, motion_kwargs: dict | None = None):
         super().__init__()
-        unsupported = [n for n in ("class_embedding", "add_embedding", "encoder_hid_proj") if getattr(unet, n, None) is not None]
+        unsupported = [
+            n
+            for n in ("class_embedding", "add_embedding", "encoder_hid_proj")
+            if getattr(unet, n, None) is not None
+        ]
         if unsupported or unet.mid_block is None or unet.config.time_cond_proj_dim is not None:
             raise ValueError(
-                f"anim_lab's UNets cover the SD1.5 family (no class/added/hidden-projection embeddings, a mid block); "
-                f"this config has {unsupported or 'no mid block or a time_cond_proj'}"
+                "anim_lab's UNets cover the SD1.5 family (no class/added/hidden-projection embeddings, "
+                f"a mid block); this config has {unsupported or 'no mid block or a time_cond_proj'}"
             )
         self.unet_kwargs = dict(unet_kwargs)
         self.motion_kwargs = dict(motion_kwargs) if motion_kwargs else None
@@ -70,15 +77,17 @@ class _UNetBody(nn.Module):
         if motion_kwargs:
             self._add_motion_modules(motion_kwargs)
 
-    # --- motion modules ------------------------------------------------------------------------------------------
+    # --- motion modules ----------------------------------------------------------------------------
     def _add_motion_modules(self, motion: dict) -> None:
-        """A ``motion_modules`` list in each selected block: one per resnet (down/up), one per attention (mid)."""
+        """A ``motion_modules`` list in each selected block: one per resnet (down/up), per attention (mid)."""
         kwargs = motion_module_kwargs(motion)
         resolutions = set(motion.get("motion_module_resolutions", (1, 2, 4, 8)))
         n = len(self.down_blocks)
         for i, block in enumerate(self.down_blocks):
             if 2**i in resolutions:  # block i works at 1/2**i of the latent size
-                block.motion_modules = nn.ModuleList([MotionModule(r.out_channels, **kwargs) for r in block.resnets])
+                block.motion_modules = nn.ModuleList(
+                    [MotionModule(r.out_channels, **kwargs) for r in block.resnets]
+                )
         if motion.get("motion_module_mid_block", True):
             channels = self.mid_block.resnets[0].out_channels
             self.mid_block.motion_modules = nn.ModuleList(
@@ -86,7 +95,9 @@ class _UNetBody(nn.Module):
             )
         for i, block in enumerate(self.up_blocks):
             if 2 ** (n - 1 - i) in resolutions:
-                block.motion_modules = nn.ModuleList([MotionModule(r.out_channels, **kwargs) for r in block.resnets])
+                block.motion_modules = nn.ModuleList(
+                    [MotionModule(r.out_channels, **kwargs) for r in block.resnets]
+                )
 
     @property
     def has_motion_modules(self) -> bool:
@@ -96,12 +107,14 @@ class _UNetBody(nn.Module):
         """(name, module) of every motion module, in state-dict order."""
         return [(n, m) for n, m in self.named_modules() if isinstance(m, MotionModule)]
 
-    # --- inputs ------------------------------------------------------------------------------------------------
-    def _time_embedding(self, timestep, batch_size: int, sample: torch.Tensor, num_frames: int = 1) -> torch.Tensor:
-        """timestep: a number, a 0-d tensor or one per sample (B,) -> temb (B*F, 4*C0), the same for all F frames.
+    # --- inputs ------------------------------------------------------------------------------------
+    def _time_embedding(
+        self, timestep, batch_size: int, sample: torch.Tensor, num_frames: int = 1
+    ) -> torch.Tensor:
+        """timestep: a number, a 0-d tensor or one per sample (B,) -> temb (B*F, 4*C0), equal over frames.
 
-        The timesteps are repeated per frame *before* the embedding, so every row is computed exactly as a 2D UNet
-        computes it for a batch of B*F images (bit-identical, not only close)."""
+        The timesteps are repeated per frame *before* the embedding, so every row is computed exactly as a 2D
+        UNet computes it for a batch of B*F images (bit-identical, not only close)."""
         t = torch.as_tensor(timestep, device=sample.device)
         if t.ndim == 0:
             t = t.expand(batch_size)  # () -> (B,)
@@ -111,13 +124,15 @@ class _UNetBody(nn.Module):
         t_emb = self.time_proj(t).to(sample.dtype)  # (B*F,) -> (B*F, C0) sinusoidal features
         return self.time_embedding(t_emb)  # (B*F, C0) -> (B*F, 4*C0)
 
-    # --- the walk ----------------------------------------------------------------------------------------------
+    # --- the walk ----------------------------------------------------------------------------------
     def _walk(self, h, temb, encoder_hidden_states, num_frames, cross_attention_kwargs=None):
         """Down, mid and up blocks on per-frame features h (B*F, C0, H, W) -> (B*F, C0, H, W)."""
 
         def transformer(attn, x):
             return attn(
-                x, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs,
+                x,
+                encoder_hidden_states=encoder_hidden_states,
+                cross_attention_kwargs=cross_attention_kwargs,
                 return_dict=False,
             )[0]
 
@@ -193,16 +208,17 @@ class VideoUNet(_UNetBody):
         batch, _, num_frames, height, width = sample.shape
         h = rearrange(sample, "b c f h w -> (b f) c h w")  # (B, C, F, H, W) -> (B*F, C, H, W)
 
-        # Timestep embedding: one timestep per video, repeated for its frames, (B,) -> (B*F,) -> temb (B*F, 4*C0)
+        # One timestep per video, repeated for its frames: (B,) -> (B*F,) -> temb (B*F, 4*C0)
         temb = self._time_embedding(timestep, batch, sample, num_frames)
 
         # CLIP tokens: one set per video, repeated for its frames, unless already given per frame.
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] not in (batch, batch * num_frames):
+        n_rows = encoder_hidden_states.shape[0]
+        if encoder_hidden_states.ndim != 3 or n_rows not in (batch, batch * num_frames):
             raise ValueError(
                 f"encoder_hidden_states must be (B, N, D) or (B*F, N, D) with B={batch}, F={num_frames}; "
                 f"got {tuple(encoder_hidden_states.shape)}"
             )
-        if encoder_hidden_states.shape[0] != batch * num_frames:
+        if n_rows != batch * num_frames:
             encoder_hidden_states = repeat(encoder_hidden_states, "b n d -> (b f) n d", f=num_frames)
 
         h = self.conv_in(h)  # (B*F, 4, H, W) -> (B*F, C0, H, W)
@@ -210,8 +226,8 @@ class VideoUNet(_UNetBody):
             expected = (batch, h.shape[1], num_frames, height, width)
             if tuple(pose_cond_fea.shape) != expected:
                 raise ValueError(
-                    f"pose_cond_fea must have shape (B, C0, F, H, W) = {expected} (the pose guider's output on the "
-                    f"latent grid), got {tuple(pose_cond_fea.shape)}"
+                    f"pose_cond_fea must have shape (B, C0, F, H, W) = {expected} (the pose guider's output "
+                    f"on the latent grid), got {tuple(pose_cond_fea.shape)}"
                 )
             h = h + rearrange(pose_cond_fea, "b c f h w -> (b f) c h w")  # added once, after conv_in
 
@@ -220,21 +236,24 @@ class VideoUNet(_UNetBody):
         h = self.conv_out(self.conv_act(self.conv_norm_out(h)))  # (B*F, C0, H, W) -> (B*F, 4, H, W)
         return rearrange(h, "(b f) c h w -> b c f h w", f=num_frames)  # -> (B, 4, F, H, W)
 
-    # --- weights ---------------------------------------------------------------------------------------------------
+    # --- weights -----------------------------------------------------------------------------------
     def load_2d_weights(self, state_dict: dict[str, torch.Tensor], assign: bool = False) -> None:
-        """SD1.5 UNet weights or a stage-1 ``denoising_unet.pth``: every 2D key must be there; motion modules keep theirs."""
+        """SD1.5 UNet weights or a stage-1 ``denoising_unet.pth``: every 2D key must be there; the motion
+        modules keep what they have (their keys may be in the file too)."""
         from .weights import load_into
 
         load_into(self, state_dict, ignore_missing=(MOTION_KEY,), assign=assign)
 
     def load_motion_modules(self, state_dict: dict[str, torch.Tensor], assign: bool = False) -> None:
-        """``motion_module.pth`` / ``mm_sd_v15_v2.ckpt``: all motion keys (position encodings may be absent)."""
+        """``motion_module.pth`` / ``mm_sd_v15_v2.ckpt``: every motion key (``pe`` buffers may be absent)."""
         from .weights import fill_position_encodings, load_into
 
         if not self.has_motion_modules:
             raise ValueError("this VideoUNet was built without motion modules (motion_kwargs=None)")
         own = {k for k in self.state_dict() if MOTION_KEY in k}
-        state_dict = fill_position_encodings(state_dict, self.motion_kwargs["temporal_position_encoding_max_len"], own)
+        state_dict = fill_position_encodings(
+            state_dict, self.motion_kwargs["temporal_position_encoding_max_len"], own
+        )
         load_into(self, state_dict, subset=MOTION_KEY, assign=assign)
 
     @classmethod
@@ -249,10 +268,11 @@ class VideoUNet(_UNetBody):
     ) -> "VideoUNet":
         """Load a denoising UNet from files.
 
-        ``unet``: a diffusers UNet folder (config.json + diffusion_pytorch_model.*), a model folder with a ``unet/``
-        subfolder, or a state-dict file (``denoising_unet.pth``; then ``unet_kwargs`` default to SD15).
-        ``motion_module``: ``motion_module.pth`` / an AnimateDiff ``.ckpt``; with it, ``motion_kwargs`` default to
-        MOTION_SD15. Without it, ``motion_kwargs=None`` gives the image denoiser; a dict gives zero-init modules.
+        ``unet``: a diffusers UNet folder (config.json + diffusion_pytorch_model.*), a model folder with a
+        ``unet/`` subfolder, or a state-dict file (``denoising_unet.pth``; then ``unet_kwargs`` default to
+        SD15). ``motion_module``: ``motion_module.pth`` / an AnimateDiff ``.ckpt``; with it, ``motion_kwargs``
+        default to MOTION_SD15. Without it, ``motion_kwargs=None`` gives the image denoiser; a dict gives
+        zero-init modules.
         """
         from .configs import SD15
         from .motion import MOTION_SD15
@@ -274,11 +294,11 @@ class VideoUNet(_UNetBody):
 
 
 class ReferenceUNet(_UNetBody):
-    """The reference UNet (ReferenceNet): the 2D UNet without conv_norm_out/conv_out, as in the reference code.
+    """The reference UNet (ReferenceNet): the 2D UNet without conv_norm_out/conv_out, as the reference has it.
 
     forward(sample (B, 4, H, W), timestep, encoder_hidden_states (B, N, D)) -> the last up block's features
-    (B, C0, H, W). What matters is not that output but what its transformer blocks see (reference attention reads
-    them by module name, ``down_blocks.i.attentions.j.transformer_blocks.0``).
+    (B, C0, H, W). What matters is not that output but what its transformer blocks see (reference attention
+    reads them by module name, ``down_blocks.i.attentions.j.transformer_blocks.0``).
     """
 
     def __init__(self, unet_kwargs: dict):
@@ -289,16 +309,20 @@ class ReferenceUNet(_UNetBody):
         self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, cross_attention_kwargs=None
     ) -> torch.Tensor:
         if sample.ndim != 4:
-            raise ValueError(f"ReferenceUNet takes an image latent (B, C, H, W), got shape {tuple(sample.shape)}")
+            raise ValueError(
+                f"ReferenceUNet takes an image latent (B, C, H, W), got shape {tuple(sample.shape)}"
+            )
         batch = sample.shape[0]
         if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch:
-            raise ValueError(f"encoder_hidden_states must be (B={batch}, N, D), got {tuple(encoder_hidden_states.shape)}")
+            raise ValueError(
+                f"encoder_hidden_states must be (B={batch}, N, D), got {tuple(encoder_hidden_states.shape)}"
+            )
         temb = self._time_embedding(timestep, batch, sample)  # (B, 4*C0)
         h = self.conv_in(sample)  # (B, 4, H, W) -> (B, C0, H, W)
         return self._walk(h, temb, encoder_hidden_states, 1, cross_attention_kwargs)  # (B, C0, H, W)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], assign: bool = False) -> None:
-        """``reference_unet.pth`` (682 keys) or SD1.5 UNet weights (their conv_norm_out/conv_out are not used)."""
+        """``reference_unet.pth`` (682 keys) or SD1.5 UNet weights (their conv_norm_out/conv_out unused)."""
         from .weights import load_into
 
         load_into(self, state_dict, ignore_unexpected=("conv_norm_out.", "conv_out."), assign=assign)

@@ -1,15 +1,16 @@
-"""Loading weights: files, diffusers folders, official ``.pth``/``.ckpt`` checkpoints, key checks and key mapping.
+"""Loading weights: files, diffusers folders, official ``.pth``/``.ckpt`` checkpoints, key checks, key maps.
 
 Published weights come in a few containers: a diffusers folder (``config.json`` + ``diffusion_pytorch_model.
 safetensors`` or ``.bin``, maybe sharded), a plain ``torch.save``d state dict (``denoising_unet.pth``,
 ``reference_unet.pth``, ``motion_module.pth``, ``pose_guider.pth``), or a training checkpoint wrapping one
 (``{"state_dict": ...}``). ``load_checkpoint`` turns each into ``{key: tensor}``.
 
-Loading is by key name. ``load_into`` compares the model's keys and shapes with the checkpoint's *before* touching the
-model and raises ``KeyMismatchError`` naming the missing, unexpected and wrongly shaped keys, so a wrong file never
-half-loads. Expected differences are declared, not silenced: ``ignore_missing`` (e.g. motion modules when loading
-SD1.5), ``ignore_unexpected`` (e.g. ``conv_out`` when SD1.5 goes into the reference UNet), ``subset`` (a checkpoint
-that holds only part of a model, like ``motion_module.pth``). A pattern matches a key that contains it.
+Loading is by key name. ``load_into`` compares the model's keys and shapes with the checkpoint's *before*
+touching the model and raises ``KeyMismatchError`` naming the missing, unexpected and wrongly shaped keys, so
+a wrong file never half-loads. Expected differences are declared, not silenced: ``ignore_missing`` (e.g.
+motion modules when loading SD1.5), ``ignore_unexpected`` (e.g. ``conv_out`` when SD1.5 goes into the
+reference UNet), ``subset`` (a checkpoint that holds only part of a model, like ``motion_module.pth``). A
+pattern matches a key that contains it.
 
 Nothing here is UNet-specific; the pose guider and VAE loaders use the same functions.
 """
@@ -61,7 +62,9 @@ class KeyMismatchError(ValueError):
 class KeyReport:
     missing: list[str] = field(default_factory=list)  # in the model, not in the checkpoint
     unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
-    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, model shape, checkpoint shape)
+    mismatched: list[tuple[str, tuple, tuple]] = field(
+        default_factory=list
+    )  # (key, model shape, checkpoint shape)
 
     @property
     def ok(self) -> bool:
@@ -74,9 +77,14 @@ class KeyReport:
 
         lines = [f"the {what} does not fit the model:"]
         if self.missing:
-            lines.append(f"  {len(self.missing)} missing keys (model has, {what} lacks): {listing(self.missing)}")
+            lines.append(
+                f"  {len(self.missing)} missing keys (model has, {what} lacks): {listing(self.missing)}"
+            )
         if self.unexpected:
-            lines.append(f"  {len(self.unexpected)} unexpected keys ({what} has, model lacks): {listing(self.unexpected)}")
+            lines.append(
+                f"  {len(self.unexpected)} unexpected keys ({what} has, model lacks): "
+                f"{listing(self.unexpected)}"
+            )
         if self.mismatched:
             items = [f"{k} model {tuple(a)} vs {what} {tuple(b)}" for k, a, b in self.mismatched]
             lines.append(f"  {len(self.mismatched)} keys with other shapes: {listing(items)}")
@@ -87,7 +95,7 @@ class KeyReport:
         return "\n".join(lines)
 
 
-# --- reading files -------------------------------------------------------------------------------------------------
+# --- reading files --------------------------------------------------------------------------------
 def _weights_in_folder(folder: Path) -> list[Path]:
     for name in WEIGHT_NAMES:
         if (folder / name).is_file():
@@ -107,19 +115,26 @@ def _read_file(path: Path, device) -> dict:
     if path.suffix in TORCH_SUFFIXES:
         return torch.load(path, map_location=device, weights_only=True)
     raise ValueError(
-        f"{path.name}: unknown weight file type {path.suffix!r}; expected .safetensors or one of {TORCH_SUFFIXES}"
+        f"{path.name}: unknown weight file type {path.suffix!r}; "
+        f"expected .safetensors or one of {TORCH_SUFFIXES}"
     )
 
 
 def load_checkpoint(
-    path: str | Path, *, subfolder: str | None = None, device: str | torch.device = "cpu", strip_prefix: str = ""
+    path: str | Path,
+    *,
+    subfolder: str | None = None,
+    device: str | torch.device = "cpu",
+    strip_prefix: str = "",
 ) -> dict[str, torch.Tensor]:
-    """``{key: tensor}`` from a weight file, a diffusers model folder, or a folder with ``subfolder`` (default: a
-    ``unet/`` folder if the path itself holds no weights). Training wrappers ``{"state_dict": ...}`` are unwrapped;
-    ``strip_prefix`` removes a prefix every key carries (e.g. ``"module."``)."""
+    """``{key: tensor}`` from a weight file, a diffusers model folder, or a folder with ``subfolder``
+    (default: a ``unet/`` folder if the path itself holds no weights). Training wrappers ``{"state_dict":
+    ...}`` are unwrapped; ``strip_prefix`` removes a prefix every key carries (e.g. ``"module."``)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no weights at {path}: give a .safetensors/.pth/.ckpt file or a diffusers model folder")
+        raise FileNotFoundError(
+            f"no weights at {path}: give a .safetensors/.pth/.ckpt file or a diffusers model folder"
+        )
     if path.is_dir():
         folder = path / subfolder if subfolder else path
         files = _weights_in_folder(folder)
@@ -146,16 +161,18 @@ def load_checkpoint(
         without = [k for k in state_dict if not k.startswith(strip_prefix)]
         if without:
             raise ValueError(f"{path}: strip_prefix={strip_prefix!r}, but keys like {without[0]!r} lack it")
-        state_dict = {k[len(strip_prefix):]: v for k, v in state_dict.items()}
+        state_dict = {k[len(strip_prefix) :]: v for k, v in state_dict.items()}
     return state_dict
 
 
 def read_config(path: str | Path, subfolder: str | None = None) -> dict:
-    """A diffusers ``config.json`` as constructor kwargs (the ``_class_name``/``_diffusers_version`` entries dropped)."""
+    """A diffusers ``config.json`` as constructor kwargs (its ``_class_name``-style entries dropped)."""
     folder = Path(path) / subfolder if subfolder else Path(path)
     file = folder / "config.json"
     if not file.is_file():
-        raise FileNotFoundError(f"no config.json in {folder}; give a diffusers model folder (or its parent + subfolder)")
+        raise FileNotFoundError(
+            f"no config.json in {folder}; give a diffusers model folder (or its parent + subfolder)"
+        )
     return {k: v for k, v in json.loads(file.read_text()).items() if not k.startswith("_")}
 
 
@@ -165,9 +182,9 @@ def read_unet_config(path: str | Path) -> dict:
     return read_config(path, None if (path / "config.json").is_file() else "unet")
 
 
-# --- comparing and loading -----------------------------------------------------------------------------------------
+# --- comparing and loading ------------------------------------------------------------------------
 def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of everything ``model.state_dict()`` holds (persistent buffers included); works on meta."""
+    """Key -> shape of all ``model.state_dict()`` holds (persistent buffers included); works on meta."""
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -183,8 +200,8 @@ def check_keys(
     ignore_unexpected: Iterable[str] = (),
     subset: str | None = None,
 ) -> KeyReport:
-    """Compare names and shapes. ``model`` may be a module or a ``{key: shape}`` dict (e.g. a reference key list);
-    ``subset``: only the model keys containing it are expected (a partial checkpoint)."""
+    """Compare names and shapes. ``model`` may be a module or a ``{key: shape}`` dict (e.g. a reference key
+    list); ``subset``: only the model keys containing it are expected (a partial checkpoint)."""
     want = expected_shapes(model) if isinstance(model, nn.Module) else dict(model)
     if subset is not None:
         want = {k: s for k, s in want.items() if subset in k}
@@ -208,8 +225,8 @@ def load_into(
 ) -> nn.Module:
     """Check every key, then load. On any mismatch raise ``KeyMismatchError`` and leave the model untouched.
 
-    ``assign=True`` puts the checkpoint's tensors into the model as they are (their dtype and device); it is how a
-    model built on the meta device gets real weights without first allocating its own.
+    ``assign=True`` puts the checkpoint's tensors into the model as they are (their dtype and device); it is
+    how a model built on the meta device gets real weights without first allocating its own.
     """
     report = check_keys(
         model, state_dict, ignore_missing=ignore_missing, ignore_unexpected=ignore_unexpected, subset=subset
@@ -221,12 +238,12 @@ def load_into(
     return model
 
 
-# --- the motion module's position encodings and the diffusers layout -------------------------------------------------
+# --- the motion module's position encodings and the diffusers layout ------------------------------
 def fill_position_encodings(
     state_dict: dict[str, torch.Tensor], max_len: int, expected_keys: Iterable[str]
 ) -> dict[str, torch.Tensor]:
-    """Add ``...pos_encoder.pe`` entries a checkpoint lacks (diffusers' conversion drops them), computed from the
-    formula; the width is read from the sibling ``to_q.weight``. Entries present are kept as they are."""
+    """Add ``...pos_encoder.pe`` entries a checkpoint lacks (diffusers' conversion drops them), computed from
+    the formula; the width is read from the sibling ``to_q.weight``. Entries present are kept as they are."""
     from .motion import sinusoidal_position_encoding
 
     out = dict(state_dict)
@@ -234,11 +251,13 @@ def fill_position_encodings(
         if key.endswith("pos_encoder.pe") and key not in out:
             sibling = key.replace("pos_encoder.pe", "to_q.weight")
             if sibling in out:
-                out[key] = sinusoidal_position_encoding(max_len, out[sibling].shape[1]).to(out[sibling].dtype)
+                ref = out[sibling]
+                out[key] = sinusoidal_position_encoding(max_len, ref.shape[1]).to(ref.device, ref.dtype)
     return out
 
 
-# Original AnimateDiff / AnimateAnyone motion-module names -> diffusers' MotionAdapter / AnimateDiffTransformer3D names.
+# Original AnimateDiff / AnimateAnyone motion-module names -> diffusers' MotionAdapter /
+# AnimateDiffTransformer3D names.
 _TO_DIFFUSERS = [
     (".attention_blocks.0.", ".attn1."),
     (".attention_blocks.1.", ".attn2."),
@@ -249,13 +268,16 @@ _TO_DIFFUSERS = [
 
 
 def motion_keys_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename to diffusers' layout: drop ``temporal_transformer.`` and the ``pos_encoder.pe`` buffers, rename the
-    attention blocks and norms. Works on full UNet paths and on the keys of one module."""
+    """Rename to diffusers' ``MotionAdapter`` layout: drop ``temporal_transformer.``, rename the attention
+    blocks and norms, and keep one position encoding per block (``pos_embed.pe``; the two attention blocks'
+    copies are the same formula). Works on full UNet paths and on the keys of one module."""
     out = {}
     for key, value in state_dict.items():
-        if key.endswith("pos_encoder.pe"):
-            continue  # diffusers recomputes the sinusoidal encoding
-        new = "." + key.replace("temporal_transformer.", "")
+        if key.endswith("attention_blocks.1.pos_encoder.pe"):
+            continue  # diffusers holds one encoding per transformer block, used before both attentions
+        new = "." + key.replace("temporal_transformer.", "").replace(
+            ".attention_blocks.0.pos_encoder.", ".pos_embed."
+        )
         for a, b in _TO_DIFFUSERS:
             new = new.replace(a, b)
         out[new[1:]] = value
@@ -263,11 +285,17 @@ def motion_keys_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, t
 
 
 def motion_keys_from_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of ``motion_keys_to_diffusers`` (without the ``pe`` buffers: see ``fill_position_encodings``)."""
+    """The inverse of ``motion_keys_to_diffusers``: ``pos_embed.pe`` goes to both attention blocks (a
+    checkpoint without it is completed by ``fill_position_encodings``)."""
     out = {}
     for key, value in state_dict.items():
         m = re.match(r"^(.*motion_modules\.\d+\.)?(.*)$", key)
         prefix, rest = m.group(1) or "", m.group(2)
+        if rest.endswith(".pos_embed.pe"):
+            block = rest[: -len("pos_embed.pe")]
+            for i in (0, 1):
+                out[f"{prefix}temporal_transformer.{block}attention_blocks.{i}.pos_encoder.pe"] = value
+            continue
         new = "." + rest
         for a, b in _TO_DIFFUSERS:
             new = new.replace(b, a)

@@ -8,7 +8,7 @@ Steps:
 1. detect the 478 landmarks (pixels; mediapipe's z is in the units of x, smaller = closer);
 2. switch to y up, z toward the camera, and rotate so that the eye corners 33 -> 263 lie along +x and the chin ->
    forehead line (152 -> 10) along +y (removes roll, yaw and pitch);
-3. scale so that forehead to chin is 2 units; put x = 0 on the midline;
+3. scale so that forehead to chin is 2 units (again after step 5); put x = 0 on the midline;
 4. symmetrise: match each point to the mirror image of its partner (optimal assignment on mirrored positions) and
    average the two;
 5. close the mouth (the astronaut smiles with her mouth open): lift the jaw by the lip gap with the renderer's own
@@ -20,7 +20,6 @@ Steps:
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -46,7 +45,7 @@ def upright(v: np.ndarray) -> np.ndarray:
     ez = np.cross(ex, ey)
     basis = np.stack([ex, ey, ez], axis=1)  # (3, 3) columns = new axes
     v = (v - v.mean(0)) @ basis  # (478, 3) in the face's own frame
-    v /= np.linalg.norm(v[L.FOREHEAD] - v[L.CHIN]) / 2.0  # forehead-chin = 2 units
+    v /= np.linalg.norm(v[L.FOREHEAD] - v[L.CHIN]) / 2.0  # forehead-chin = 2 units (again after step 5)
     midline = [10, 151, 9, 8, 168, 6, 197, 195, 5, 4, 1, 19, 94, 2, 164, 0, 11, 12, 13, 14, 15, 16, 17, 18, 200,
                199, 175, 152]
     v[:, 0] -= v[midline, 0].mean()
@@ -79,7 +78,7 @@ def close_mouth(v: np.ndarray) -> np.ndarray:
     gap = v[upper, 1].mean() - v[lower, 1].mean()  # > 0: the mouth is open
     w = jaw_weights(v).astype(np.float64)
     v[:, 1] += gap * w  # lift everything that follows the jaw
-    v[lower, 1:] = v[upper, 1:]  # snap the inner lower lip exactly onto the upper one (y and z)
+    v[lower] = v[upper]  # snap the inner lower lip exactly onto the upper one
     return v
 
 
@@ -111,6 +110,8 @@ def triangles_from_tessellation(v: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     v = close_mouth(symmetrise(upright(detect_astronaut())))
+    v = v / (np.linalg.norm(v[L.FOREHEAD] - v[L.CHIN]) / 2.0)  # closing the mouth lifted the chin: rescale to 2
+    v[:, 1] -= 0.5 * (v[[33, 263], 1].mean() + v[L.CHIN, 1])  # and re-centre the origin's height
     tris = triangles_from_tessellation(v)
     TEMPLATE_PATH.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(TEMPLATE_PATH, vertices=v.astype(np.float32), triangles=tris,

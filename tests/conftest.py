@@ -15,6 +15,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+def pytest_configure(config):
+    import torch
+
+    # The unit tests run tiny tensors, where a second thread costs more in hand-over than it saves (and on a busy
+    # machine much more): one thread keeps the suite fast and its timings steady.
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -42,14 +42,14 @@ def identity_split(split: str) -> range:
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     """``(F, H, W, 3)`` uint8 -> ``(3, F, H, W)`` float32 in [-1, 1]."""
-    x = rearrange(torch.from_numpy(np.ascontiguousarray(images)), "f h w c -> c f h w")
-    return x.float() / 127.5 - 1.0
+    x = np.asarray(images, np.float32) / np.float32(127.5) - np.float32(1.0)  # (F, H, W, 3) in [-1, 1]
+    return torch.from_numpy(np.ascontiguousarray(rearrange(x, "f h w c -> c f h w")))  # -> (3, F, H, W)
 
 
 def poses_to_tensor(pose_images: np.ndarray) -> torch.Tensor:
     """``(F, H, W, 3)`` uint8 pose images -> ``(3, F, H, W)`` float32 in [0, 1]."""
-    x = rearrange(torch.from_numpy(np.ascontiguousarray(pose_images)), "f h w c -> c f h w")
-    return x.float() / 255.0
+    x = np.asarray(pose_images, np.float32) / np.float32(255.0)  # (F, H, W, 3) in [0, 1]
+    return torch.from_numpy(np.ascontiguousarray(rearrange(x, "f h w c -> c f h w")))  # -> (3, F, H, W)
 
 
 class ToyPortraitDataset(Dataset):

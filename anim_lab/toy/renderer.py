@@ -62,16 +62,21 @@ class Identity:
     background: str = "blue"
     shirt: str = "navy"
     hairstyle: str = "short"
-    skin_rgb: tuple[int, int, int] = SKIN_TONES["light"]
+    skin_rgb: tuple[int, int, int] | None = None  # the exact skin colour; default: the palette colour of `skin`
     face_width: float = 1.0  # multiplies template x
     face_height: float = 1.0  # multiplies template y
-    hairline: float = 1.05  # template y above which the face is hair (forehead top is at ~1.31)
+    hairline: float = 1.05  # template y above which the face is hair (forehead top is at ~1.32)
     seed: int | None = None  # the identity seed it was sampled from, if any
 
     def __post_init__(self):
         for name, values in ATTRIBUTES.items():
             if getattr(self, name) not in values:
                 raise ValueError(f"Identity.{name} must be one of {values}, got {getattr(self, name)!r}")
+        if self.skin_rgb is None:
+            object.__setattr__(self, "skin_rgb", SKIN_TONES[self.skin])  # frozen dataclass: set once, here
+        if not (0.5 <= self.face_width <= 1.5 and 0.5 <= self.face_height <= 1.5):
+            raise ValueError(f"face_width and face_height must be in [0.5, 1.5], got {self.face_width}, "
+                             f"{self.face_height}")
 
     def attribute_index(self, name: str) -> int:
         """Index of this identity's value of a categorical attribute in :data:`ATTRIBUTES` (e.g. a class label)."""
@@ -88,6 +93,10 @@ class HeadPose:
     tx: float = 0.0
     ty: float = 0.0
     scale: float = 1.0
+
+    def __post_init__(self):
+        if not self.scale > 0:
+            raise ValueError(f"HeadPose.scale must be positive, got {self.scale}")
 
     def as_array(self) -> np.ndarray:
         return np.array([self.yaw, self.pitch, self.roll, self.tx, self.ty, self.scale], np.float32)
