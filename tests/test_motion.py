@@ -21,14 +21,6 @@ C, HEADS, GROUPS, MAX_LEN = 16, 4, 4, 32
 B, F, H, W = 2, 5, 3, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than several fighting over a shared CPU (measured 2-5x here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
     """Every parameter random (proj_out included, so the module does something); buffers (pe) kept."""

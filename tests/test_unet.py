@@ -14,14 +14,6 @@ B, F, S = 2, 3, 16  # 2 videos of 3 frames, 16x16 latents (TINY: 16 -> 8 -> 4 ->
 D = TINY.unet["cross_attention_dim"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than several fighting over a shared CPU (measured 2-5x here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def shapes(model) -> dict:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -25,14 +25,6 @@ from anim_lab.weights import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than several fighting over a shared CPU (measured 2-5x here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def meta_state_dict(key_list: dict) -> dict:
     """A checkpoint with the official names and shapes and no data (meta tensors)."""
