@@ -33,51 +33,33 @@ from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
 
+from .configs import SD15, TINY, TOY
+
 __all__ = [
     "CAUSAL_VAE_HUNYUAN",
     "CAUSAL_VAE_TINY",
     "CAUSAL_VAE_TOY",
+    "TOY_ASSET_DIR",
     "CausalConv3d",
-    "DownsampleCausal3D",
-    "UpsampleCausal3D",
-    "ResnetBlockCausal3D",
     "CausalSelfAttention",
-    "MidBlockCausal3D",
-    "EncoderCausal3D",
-    "DecoderCausal3D",
-    "LatentDistribution",
     "CausalVAE",
-    "frame_causal_mask",
+    "DecoderCausal3D",
+    "DownsampleCausal3D",
+    "EncoderCausal3D",
+    "LatentDistribution",
+    "MidBlockCausal3D",
+    "ResnetBlockCausal3D",
+    "UpsampleCausal3D",
     "check_num_frames",
+    "frame_causal_mask",
     "latent_num_frames",
     "sample_num_frames",
-    "TOY_ASSET_DIR",
 ]
 
-# --- configs: kwargs for CausalVAE(**cfg) and for diffusers' AutoencoderKLHunyuanVideo(**cfg) -----------------------
-# HunyuanVideo "884-16c-hy" (hunyuan-video-t2v-720p/vae): 246.5M parameters, 16 latent channels.
-CAUSAL_VAE_HUNYUAN = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=16,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    norm_num_groups=32,
-    act_fn="silu",
-    scaling_factor=0.476986,
-    spatial_compression_ratio=8,
-    temporal_compression_ratio=4,
-    mid_block_add_attention=True,
-)
-
-# Unit tests: the same structure, milliseconds per forward on a CPU.
-CAUSAL_VAE_TINY = dict(CAUSAL_VAE_HUNYUAN, latent_channels=4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
-                       norm_num_groups=4, scaling_factor=1.0)
-
-# The toy model trained on toy-world clips by scripts/train_causal_vae.py (weights in assets/toy_causal_vae/; its
-# config.json there holds the measured scaling factor).
-CAUSAL_VAE_TOY = dict(CAUSAL_VAE_HUNYUAN, latent_channels=8, block_out_channels=(16, 32, 64, 64), layers_per_block=1,
-                      norm_num_groups=8, scaling_factor=1.0)
+# --- configs (in anim_lab.configs): kwargs for CausalVAE(**cfg) and for diffusers' AutoencoderKLHunyuanVideo(**cfg) --
+CAUSAL_VAE_HUNYUAN = SD15.get("causal_vae")  # full size: 246.5M parameters
+CAUSAL_VAE_TINY = TINY.get("causal_vae")  # unit tests: milliseconds per forward on a CPU
+CAUSAL_VAE_TOY = TOY.get("causal_vae")  # the toy model trained on toy-world clips (weights in assets/toy_causal_vae/)
 
 TOY_ASSET_DIR = Path(__file__).resolve().parent / "assets" / "toy_causal_vae"
 
@@ -161,8 +143,10 @@ class UpsampleCausal3D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         num_frames = x.shape[2]
         first, rest = x[:, :, :1], x[:, :, 1:]
-        # first frame: (B, C, 1, H, W) -> (B, C, H, W) -> (B, C, s_h H, s_w W) -> (B, C, 1, s_h H, s_w W)
-        first = F.interpolate(first.squeeze(2), scale_factor=self.upsample_factor[1:], mode="nearest").unsqueeze(2)
+        # first frame, in space only: (B, C, 1, H, W) -> (B, C, H, W) -> (B, C, s_h H, s_w W) -> (B, C, 1, s_h H, s_w W)
+        first = F.interpolate(rearrange(first, "b c 1 h w -> b c h w"), scale_factor=self.upsample_factor[1:],
+                              mode="nearest")
+        first = rearrange(first, "b c h w -> b c 1 h w")
         if num_frames > 1:
             # other frames: (B, C, T-1, H, W) -> (B, C, s_t (T-1), s_h H, s_w W)
             rest = F.interpolate(rest.contiguous(), scale_factor=self.upsample_factor, mode="nearest")
@@ -218,7 +202,7 @@ class CausalSelfAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(0.0)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, t, h, w = x.shape
+        b, _, t, h, w = x.shape
         tokens = rearrange(self.group_norm(x), "b c t h w -> b (t h w) c")  # (B, C, T, H, W) -> (B, N, C)
         q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)  # (B, N, C) each, one head of dim C
         # additive mask: 0 where allowed, -inf on future frames; (N, N) -> (B, 1, N, N) so SDPA takes the same path as
@@ -481,12 +465,13 @@ class CausalVAE(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         tmp_w, tmp_c = folder / (WEIGHTS_NAME + ".tmp"), folder / (CONFIG_NAME + ".tmp")
         save_file(state, str(tmp_w))
+        tmp_w.chmod(0o644)  # safetensors creates the file readable by its owner only
         tmp_c.write_text(json.dumps(cfg, indent=2) + "\n")
         tmp_w.replace(folder / WEIGHTS_NAME)
         tmp_c.replace(folder / CONFIG_NAME)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path = TOY_ASSET_DIR) -> "CausalVAE":
+    def from_pretrained(cls, folder: str | Path = TOY_ASSET_DIR) -> CausalVAE:
         """Load a diffusers-layout folder (ours, or a converted HunyuanVideo ``vae/`` folder) strictly."""
         from safetensors.torch import load_file
 

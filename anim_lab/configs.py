@@ -120,6 +120,22 @@ _SD15_MOTION = dict(
     motion_module_mid_block=True,
 )
 
+# HunyuanVideo's causal 3D VAE ("884-16c-hy": 8x space, 4x time, 16 latent channels); the same kwargs build
+# anim_lab.causal_vae.CausalVAE and diffusers' AutoencoderKLHunyuanVideo. Not part of SD1.5, but the real size.
+_HUNYUAN_CAUSAL_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    norm_num_groups=32,
+    act_fn="silu",
+    scaling_factor=0.476986,
+    spatial_compression_ratio=8,
+    temporal_compression_ratio=4,
+    mid_block_add_attention=True,
+)
+
 SD15 = Preset(
     name="SD15",
     unet=_SD15_UNET,
@@ -130,7 +146,7 @@ SD15 = Preset(
     width=512,
     num_frames=24,
     vae_scaling_factor=0.18215,
-    extra=dict(motion=_SD15_MOTION),
+    extra=dict(motion=_SD15_MOTION, causal_vae=_HUNYUAN_CAUSAL_VAE),
 )
 
 # --- TINY: the same structures, milliseconds on a CPU ------------------------------------------------------------
@@ -161,7 +177,11 @@ TINY = Preset(
     width=64,
     num_frames=4,
     vae_scaling_factor=0.18215,
-    extra=dict(motion=dict(_SD15_MOTION, num_attention_heads=4, norm_num_groups=8)),
+    extra=dict(
+        motion=dict(_SD15_MOTION, num_attention_heads=4, norm_num_groups=8),
+        causal_vae=dict(_HUNYUAN_CAUSAL_VAE, latent_channels=4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+                        norm_num_groups=4, scaling_factor=1.0),
+    ),
 )
 
 # --- TOY: the tiny models trained on the toy portrait world (sizes set by the training issues) -------------------
@@ -192,7 +212,12 @@ TOY = Preset(
     width=128,
     num_frames=16,
     vae_scaling_factor=1.0,  # replaced by the measured 1/std once the toy VAE is trained
-    extra=dict(motion=dict(_SD15_MOTION, num_attention_heads=4, norm_num_groups=16)),
+    extra=dict(
+        motion=dict(_SD15_MOTION, num_attention_heads=4, norm_num_groups=16),
+        # trained by scripts/train_causal_vae.py; assets/toy_causal_vae/config.json holds the measured scaling factor
+        causal_vae=dict(_HUNYUAN_CAUSAL_VAE, block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8,
+                        scaling_factor=1.0),
+    ),
 )
 
 PRESETS = {p.name: p for p in (SD15, TINY, TOY)}

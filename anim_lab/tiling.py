@@ -17,9 +17,11 @@ diffusers keeps every decoded tile and concatenates them at the end (working mem
 each tile's kept part goes straight into a preallocated output and only the strips still needed for blending are
 kept, so working memory stays at about one tile whatever the video's length or size.
 
-A quirk kept for equality: windows start at every multiple of the stride up to the clip's end, so a short last window
-may be decoded although the previous one already reached the end (at 17 frames with the defaults, latents 3..4 are
-decoded a second time and blended into the last 4 frames).
+A quirk kept for equality: tiles and windows start at every multiple of the stride up to the edge, so the last ones
+can be thin, or even redundant (at 17 frames with the defaults, latents 3..4 are decoded a second time and blended
+into the last 4 frames; at 128 px with 64/48 px tiles the last row and column are 32 px wide). Each tile is decoded
+with its own GroupNorm statistics, and a thin tile of plain background comes out with shifted colours (chapter 08);
+choose sizes that leave no slivers.
 """
 
 from __future__ import annotations
@@ -31,8 +33,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["TileSettings", "PeakMemory", "blend", "tiled_encode", "tiled_decode", "spatial_tiled_encode", "spatial_tiled_decode",
-           "temporal_tiled_encode", "temporal_tiled_decode"]
+__all__ = [
+    "PeakMemory",
+    "TileSettings",
+    "blend",
+    "spatial_tiled_decode",
+    "spatial_tiled_encode",
+    "temporal_tiled_decode",
+    "temporal_tiled_encode",
+    "tiled_decode",
+    "tiled_encode",
+]
 
 
 @dataclass(frozen=True)

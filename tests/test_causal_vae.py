@@ -21,6 +21,9 @@ from anim_lab.causal_vae import (
     sample_num_frames,
 )
 
+MIN_TOY_PSNR = 21.0  # dB on one 9-frame clip (measured 23.0); train_log.json: held-out mean 25.95 dB over 64 clips
+
+
 
 @pytest.fixture(scope="module")
 def pair():
@@ -151,7 +154,7 @@ def test_bad_inputs_raise_clear_errors(pair):
 
 
 def test_save_load_roundtrip_loads_in_diffusers(pair, tmp_path):
-    ref, ours = pair
+    _, ours = pair
     ours.save_pretrained(tmp_path / "vae")
     assert sorted(p.name for p in (tmp_path / "vae").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
     back = CausalVAE.from_pretrained(tmp_path / "vae")
@@ -175,11 +178,15 @@ def test_from_pretrained_errors(tmp_path):
     assert not list(folder.glob("*.tmp"))
 
 
-@pytest.mark.skipif(not (TOY_ASSET_DIR / "config.json").exists(), reason="toy weights not trained yet")
-def test_committed_toy_weights_load_and_reconstruct():
-    vae = CausalVAE.from_pretrained()
+def test_committed_toy_weights_reconstruct_unseen_identities():
+    """The committed toy VAE (anim_lab/assets/toy_causal_vae) reconstructs a clip of an unseen identity."""
+    from anim_lab import toy
+
+    vae = CausalVAE.from_pretrained(TOY_ASSET_DIR)
     assert vae.scaling_factor != 1.0  # measured by the training script
-    x = torch.linspace(-1, 1, 64).view(1, 1, 1, 1, 64).expand(1, 3, 5, 64, 64)  # a smooth ramp, constant in time
+    ident = toy.identity_from_seed(toy.identity_split("test")[-1])
+    clip = toy.images_to_tensor(toy.make_clip(ident, num_frames=9, size=64, seed=123).frames)[None]  # (1, 3, 9, 64, 64)
     with torch.no_grad():
-        rec = vae(x)
-    assert rec.shape == x.shape and torch.isfinite(rec).all()
+        rec = vae(clip)
+    mse = ((rec.clamp(-1, 1) - clip) / 2).pow(2).mean()
+    assert 10 * torch.log10(1 / mse) > MIN_TOY_PSNR
