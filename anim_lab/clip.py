@@ -74,14 +74,22 @@ class ClipPreprocess:
         crop = processor.crop_size
         if crop["height"] != crop["width"]:
             raise ValueError(f"only square crops are supported, got {crop}")
-        return cls(processor.size["shortest_edge"], crop["height"], tuple(processor.image_mean), tuple(processor.image_std))
+        return cls(
+            processor.size["shortest_edge"],
+            crop["height"],
+            tuple(processor.image_mean),
+            tuple(processor.image_std),
+        )
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "ClipPreprocess":
         """Read ``preprocessor_config.json`` from a model folder (as saved next to the toy encoders)."""
-        from transformers import CLIPImageProcessorPil
+        try:  # transformers >= 5 names the PIL implementation apart
+            from transformers import CLIPImageProcessorPil as Processor
+        except ImportError:
+            from transformers import CLIPImageProcessor as Processor
 
-        return cls.from_processor(CLIPImageProcessorPil.from_pretrained(folder))
+        return cls.from_processor(Processor.from_pretrained(folder))
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> pixel_values (B, 3, crop_size, crop_size), normalised."""
@@ -92,7 +100,9 @@ class ClipPreprocess:
             raise TypeError(f"images must be float in [-1, 1], got {images.dtype}; use x.float() / 127.5 - 1")
         lo, hi = images.min().item(), images.max().item()
         if lo < -1.001 or hi > 1.001:
-            raise ValueError(f"images must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; use x / 127.5 - 1")
+            raise ValueError(
+                f"images must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; use x / 127.5 - 1"
+            )
         h, w = images.shape[-2:]
         if min(h, w) < 2:
             raise ValueError(f"images are too small to preprocess: {h}x{w}")
@@ -187,7 +197,9 @@ def vision_tower_of(clip: CLIPModel) -> CLIPVisionModelWithProjection:
     vcfg = clip.config.vision_config.to_dict()
     vcfg["projection_dim"] = clip.config.projection_dim
     encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**vcfg))
-    keys = {k: v for k, v in clip.state_dict().items() if k.startswith(("vision_model.", "visual_projection."))}
+    keys = {
+        k: v for k, v in clip.state_dict().items() if k.startswith(("vision_model.", "visual_projection."))
+    }
     encoder.load_state_dict(keys, strict=True)
     return encoder.eval()
 
@@ -201,7 +213,9 @@ def image_embeds_to_tokens(image_embeds: torch.Tensor) -> torch.Tensor:
 
 
 def encode_image(
-    image_encoder: CLIPVisionModelWithProjection, images: torch.Tensor, preprocess: ClipPreprocess | None = None
+    image_encoder: CLIPVisionModelWithProjection,
+    images: torch.Tensor,
+    preprocess: ClipPreprocess | None = None,
 ) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> cross-attention tokens (B, 1, projection_dim).
 
@@ -252,7 +266,9 @@ def build_word_tokenizer(words: list[str], model_max_length: int = 16):
     vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
     tok.post_processor = processors.TemplateProcessing(
         single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])]
     )
@@ -282,7 +298,55 @@ def zero_shot_classify(
     pixel_values (B, 3, S, S) (already preprocessed) and K prompts -> (predicted index (B,), similarities (B, K)).
     """
     image_embeds = clip.get_image_features(pixel_values=pixel_values)
-    image_embeds = image_embeds.pooler_output if hasattr(image_embeds, "pooler_output") else image_embeds  # (B, D)
+    image_embeds = (
+        image_embeds.pooler_output if hasattr(image_embeds, "pooler_output") else image_embeds
+    )  # (B, D)
     text_embeds = encode_text(clip, tokenizer, prompts)  # (K, D)
     sims = cosine_similarity_matrix(image_embeds, text_embeds)  # (B, K)
     return sims.argmax(dim=1), sims
+
+
+# --- the toy world's captions -----------------------------------------------------------------------------------
+# Captions are sets of attribute phrases ("red hair, open mouth"). Zero-shot classification of an attribute compares
+# an image with the phrases of all its values ("black hair", "brown hair", ...) and picks the most similar.
+TOY_PHRASES = {
+    "hair": "{} hair",
+    "hairstyle": "{} hair",
+    "skin": "{} skin",
+    "background": "{} background",
+    "shirt": "{} shirt",
+    "eyes": "{} eyes",
+    "lips": "{} lips",
+    "mouth": "mouth {}",
+    "eyelids": "eyes {}",
+}
+
+
+def toy_caption_attributes() -> dict[str, tuple[str, ...]]:
+    """The attributes the toy CLIP's captions name and their values: the toy identities' categorical attributes
+    plus the expression states ``mouth`` (open/closed) and ``eyelids`` (open/closed)."""
+    from anim_lab.toy import ATTRIBUTES
+
+    return {
+        **{k: tuple(ATTRIBUTES[k]) for k in TOY_PHRASES if k in ATTRIBUTES},
+        "mouth": ("open", "closed"),
+        "eyelids": ("open", "closed"),
+    }
+
+
+def toy_phrase(attribute: str, value: str) -> str:
+    """``("hair", "red")`` -> ``"red hair"``; ``("mouth", "open")`` -> ``"mouth open"``."""
+    if attribute not in TOY_PHRASES:
+        raise ValueError(f"unknown toy attribute {attribute!r}; known: {sorted(TOY_PHRASES)}")
+    return TOY_PHRASES[attribute].format(value)
+
+
+def toy_vocabulary() -> list[str]:
+    """Every word of every toy phrase, plus the comma that separates phrases (sorted, for a stable tokenizer)."""
+    words = {
+        w
+        for attr, values in toy_caption_attributes().items()
+        for v in values
+        for w in toy_phrase(attr, v).split()
+    }
+    return sorted(words) + [","]

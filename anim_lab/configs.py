@@ -196,22 +196,25 @@ TOY = Preset(
         cross_attention_dim=64,
         norm_num_groups=16,
     ),
-    vae=dict(_SD15_VAE, block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=128),
+    # trained by scripts/train_toy_vae.py; 0.93411 = 1 / std of its latents (assets/toy_vae/config.json)
+    vae=dict(_SD15_VAE, block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=128,
+             scaling_factor=0.93411),
+    # trained by scripts/train_toy_clip.py on 96-px face crops (resize 128, centre crop 96), 8x8 patches of 12 px
     image_encoder=dict(
         _SD15_IMAGE_ENCODER,
         hidden_size=128,
         intermediate_size=512,
         num_hidden_layers=4,
         num_attention_heads=4,
-        image_size=128,
-        patch_size=16,
+        image_size=96,
+        patch_size=12,
         projection_dim=64,
     ),
     pose_guider=dict(conditioning_channels=3, block_out_channels=(16, 32, 64, 128), conditioning_embedding_channels=32),
     height=128,
     width=128,
     num_frames=16,
-    vae_scaling_factor=1.0,  # replaced by the measured 1/std once the toy VAE is trained
+    vae_scaling_factor=0.93411,
     extra=dict(
         motion=dict(_SD15_MOTION, num_attention_heads=4, norm_num_groups=16),
         # trained by scripts/train_causal_vae.py; assets/toy_causal_vae/config.json holds the measured scaling factor

@@ -208,7 +208,10 @@ def encode_video(
     b = video.shape[0]
     frames = rearrange(video, "b c f h w -> (b f) c h w")  # (B, 3, F, H, W) -> (B*F, 3, H, W)
     latents = torch.cat(
-        [encode(vae, frames[i : i + chunk_size], sample, generator) for i in range(0, len(frames), chunk_size)]
+        [
+            encode(vae, frames[i : i + chunk_size], sample, generator)
+            for i in range(0, len(frames), chunk_size)
+        ]
     )  # (B*F, 4, h, w)
     return rearrange(latents, "(b f) c h w -> b c f h w", b=b)  # -> (B, 4, F, h, w)
 
@@ -267,7 +270,9 @@ class LatentPreview:
                 f"{tuple(latents.shape)} and {tuple(images.shape)}"
             )
         h, w = latents.shape[-2:]
-        small = torch.nn.functional.adaptive_avg_pool2d(images.float(), (h, w))  # (B, 3, H, W) -> (B, 3, h, w)
+        small = torch.nn.functional.adaptive_avg_pool2d(
+            images.float(), (h, w)
+        )  # (B, 3, H, W) -> (B, 3, h, w)
         x = rearrange(latents.float(), "b c h w -> (b h w) c")  # (N, C), one row per latent pixel
         x = torch.cat([x, torch.ones(len(x), 1)], dim=1)  # (N, C+1): a column of ones for the bias
         y = rearrange(small, "b c h w -> (b h w) c")  # (N, 3)

@@ -46,8 +46,12 @@ def identity_seeds(split: str, n: int, seed: int = 0) -> list[int]:
 
 def random_pose(rng: np.random.Generator) -> R.HeadPose:
     return R.HeadPose(
-        yaw=rng.uniform(-25, 25), pitch=rng.uniform(-12, 12), roll=rng.uniform(-10, 10),
-        tx=rng.uniform(-0.06, 0.06), ty=rng.uniform(-0.05, 0.05), scale=rng.uniform(0.9, 1.1),
+        yaw=rng.uniform(-25, 25),
+        pitch=rng.uniform(-12, 12),
+        roll=rng.uniform(-10, 10),
+        tx=rng.uniform(-0.06, 0.06),
+        ty=rng.uniform(-0.05, 0.05),
+        scale=rng.uniform(0.9, 1.1),
     )
 
 
@@ -95,8 +99,12 @@ def evaluate_vae(vae=None, n: int = 64, seed: int = 123) -> dict:
     """Mean and min PSNR (dB) of reconstructions (mean latents) of ``n`` full 128-px held-out frames."""
     vae = V.load_toy_vae() if vae is None else vae
     images = to_pm1(render_stills("test", n, seed=seed)["images"])
-    values = torch.cat([V.psnr(V.decode(vae, V.encode(vae, images[i : i + 32])), images[i : i + 32])
-                        for i in range(0, n, 32)])
+    values = torch.cat(
+        [
+            V.psnr(V.decode(vae, V.encode(vae, images[i : i + 32])), images[i : i + 32])
+            for i in range(0, n, 32)
+        ]
+    )
     return dict(psnr_mean=round(float(values.mean()), 2), psnr_min=round(float(values.min()), 2), n=n)
 
 
@@ -109,16 +117,21 @@ def retrieval_top1(embeds: torch.Tensor, identity: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate_clip(model=None, tokenizer=None, n_identities: int = 100, views: int = 4, seed: int = 321) -> dict:
+def evaluate_clip(
+    model=None, tokenizer=None, n_identities: int = 100, views: int = 4, seed: int = 321
+) -> dict:
     """Zero-shot accuracy per attribute, identity retrieval top-1 (CLIP vs pixels) on held-out identities."""
     if model is None:
         model, tokenizer = C.load_toy_clip()
     data = render_stills("test", n_identities, views=views, seed=seed)
     images = to_pm1(data["images"])
-    preprocess = C.ClipPreprocess.from_folder(C.TOY_CLIP_DIR) if model is None else toy_clip_preprocess(model)
-    pixel_values = preprocess(images)
-    image_embeds = torch.cat([model.get_image_features(pixel_values=pixel_values[i : i + 100]).pooler_output
-                              for i in range(0, len(images), 100)])  # (N, D)
+    pixel_values = toy_clip_preprocess(model)(images)  # (N, 3, S, S)
+    image_embeds = torch.cat(
+        [
+            model.get_image_features(pixel_values=pixel_values[i : i + 100]).pooler_output
+            for i in range(0, len(images), 100)
+        ]
+    )  # (N, D)
     result = {"zero_shot": {}, "n_images": len(images)}
     for attr, values in caption_attributes().items():
         prompts = [C.toy_phrase(attr, v) for v in values]
@@ -135,7 +148,7 @@ def evaluate_clip(model=None, tokenizer=None, n_identities: int = 100, views: in
 
 def caption_attributes() -> dict[str, tuple[str, ...]]:
     """The attributes the toy CLIP's captions name, and their values."""
-    return C.TOY_CAPTION_ATTRIBUTES
+    return C.toy_caption_attributes()
 
 
 def toy_clip_preprocess(model) -> C.ClipPreprocess:

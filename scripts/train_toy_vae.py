@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from torch.nn import functional as F
@@ -53,7 +52,9 @@ def random_crops(images_u8: torch.Tensor, batch_size: int, crop: int, g: torch.G
     ys = torch.randint(0, h - crop + 1, (batch_size,), generator=g)
     xs = torch.randint(0, w - crop + 1, (batch_size,), generator=g)
     flips = torch.rand(batch_size, generator=g) < 0.5
-    out = torch.stack([images_u8[i, y : y + crop, x : x + crop] for i, y, x in zip(idx, ys, xs)])  # (B, c, c, 3)
+    out = torch.stack(
+        [images_u8[i, y : y + crop, x : x + crop] for i, y, x in zip(idx, ys, xs)]
+    )  # (B, c, c, 3)
     out = to_pm1(out)
     out[flips] = out[flips].flip(-1)
     return out
@@ -73,8 +74,10 @@ def vae_loss(vae: AutoencoderKL, x: torch.Tensor, g: torch.Generator, kl_weight:
 def eval_psnr(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 32) -> float:
     """Mean PSNR (dB) of mean-latent reconstructions of full frames (N, 3, H, W) in [-1, 1]."""
     vae.eval()
-    values = [V.psnr(V.decode(vae, V.encode(vae, images[i : i + batch_size])), images[i : i + batch_size])
-              for i in range(0, len(images), batch_size)]
+    values = [
+        V.psnr(V.decode(vae, V.encode(vae, images[i : i + batch_size])), images[i : i + batch_size])
+        for i in range(0, len(images), batch_size)
+    ]
     vae.train()
     return float(torch.cat(values).mean())
 
@@ -111,11 +114,13 @@ def train(
     batch_size: int = 16,
     crop: int = 64,
     lr: float = 1e-3,
+    warmup_steps: int = 20,
     bf16: bool = True,
     eval_every_s: float = 60.0,
-    threads: int = 2,
+    threads: int = 1,
     progress: bool = True,
     data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    init: Path | None = None,
 ) -> dict:
     """Train and save; returns the log (curve of held-out PSNR against minutes, losses, scaling factor).
 
@@ -132,22 +137,36 @@ def train(
         train_u8, eval_u8 = data
     train_u8, eval_images = torch.as_tensor(train_u8), to_pm1(torch.as_tensor(eval_u8))
 
-    vae = AutoencoderKL(**vae_config()).train()
+    # a fresh model, or continue from a saved folder (``--init``: e.g. a longer run in two parts)
+    vae = AutoencoderKL(**vae_config()) if init is None else AutoencoderKL.from_pretrained(init)
+    vae.train()
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
     n_params = sum(p.numel() for p in vae.parameters())
-    log = dict(seed=seed, n_params=n_params, n_train=len(train_u8), batch_size=batch_size, crop=crop, lr=lr,
-               bf16=bf16, minutes=minutes, max_steps=max_steps, curve=[], losses=[])
+    log = dict(
+        seed=seed,
+        n_params=n_params,
+        n_train=len(train_u8),
+        batch_size=batch_size,
+        crop=crop,
+        lr=lr,
+        bf16=bf16,
+        minutes=minutes,
+        max_steps=max_steps,
+        init=None if init is None else str(init),
+        curve=[],
+        losses=[],
+    )
     budget_s = minutes * 60
     t0 = time.time()
     last_eval = t0
     step = 0
-    bar = tqdm(total=max_steps, disable=not progress, desc="toy VAE", unit="step")
+    bar = tqdm(total=max_steps, disable=not progress, desc="toy VAE", unit="step", mininterval=10)
     while True:
         elapsed = time.time() - t0
         frac = max(elapsed / budget_s, step / max_steps if max_steps else 0.0)
         if frac >= 1.0:
             break
-        warm = min(1.0, (step + 1) / 20)
+        warm = min(1.0, (step + 1) / warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr * warm * (0.3 if frac > 0.8 else 1.0)
         x = random_crops(train_u8, batch_size, crop, g)  # (B, 3, crop, crop)
@@ -193,10 +212,28 @@ def main(argv=None):
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--no-bf16", action="store_true")
-    p.add_argument("--eval-every", type=float, default=60.0, help="seconds between held-out evaluations/checkpoints")
+    p.add_argument("--init", type=Path, default=None, help="continue training from this saved VAE folder")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)"
+    )
+    p.add_argument(
+        "--eval-every", type=float, default=60.0, help="seconds between held-out evaluations/checkpoints"
+    )
     args = p.parse_args(argv)
-    train(args.out, args.minutes, args.max_steps, args.seed, args.n_train, batch_size=args.batch_size,
-          crop=args.crop, lr=args.lr, bf16=not args.no_bf16, eval_every_s=args.eval_every)
+    train(
+        args.out,
+        args.minutes,
+        args.max_steps,
+        args.seed,
+        args.n_train,
+        batch_size=args.batch_size,
+        crop=args.crop,
+        lr=args.lr,
+        bf16=not args.no_bf16,
+        eval_every_s=args.eval_every,
+        threads=args.threads,
+        init=args.init,
+    )
 
 
 if __name__ == "__main__":

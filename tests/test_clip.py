@@ -30,8 +30,15 @@ def tiny_clip(tokenizer):
     torch.manual_seed(0)
     cfg = CLIPConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=8, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=8,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
         ),
         vision_config=dict(configs.TINY.image_encoder),
         projection_dim=32,
@@ -45,7 +52,9 @@ def _uint8_images(b, h, w, seed=0):
     return (torch.nn.functional.interpolate(small, (h, w), mode="bilinear") * 255).round().to(torch.uint8)
 
 
-@pytest.mark.parametrize("h,w,size,crop", [(128, 128, 224, 224), (90, 140, 224, 224), (160, 120, 64, 48), (128, 128, 128, 96)])
+@pytest.mark.parametrize(
+    "h,w,size,crop", [(128, 128, 224, 224), (90, 140, 224, 224), (160, 120, 64, 48), (128, 128, 128, 96)]
+)
 def test_preprocess_matches_transformers(h, w, size, crop):
     u8 = _uint8_images(2, h, w)
     proc = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": crop, "width": crop})
@@ -155,7 +164,9 @@ def test_save_and_load(tiny_encoder, tiny_clip, tokenizer, tmp_path):
     tiny_encoder.save_pretrained(tmp_path / "image_encoder")
     loaded = C.load_image_encoder(tmp_path, subfolder="image_encoder")
     pv = torch.randn(1, 3, 32, 32)
-    torch.testing.assert_close(loaded(pixel_values=pv).image_embeds, tiny_encoder(pixel_values=pv).image_embeds)
+    torch.testing.assert_close(
+        loaded(pixel_values=pv).image_embeds, tiny_encoder(pixel_values=pv).image_embeds
+    )
     tiny_clip.save_pretrained(tmp_path / "clip")
     tokenizer.save_pretrained(tmp_path / "clip")
     model, tok = C.load_clip(tmp_path / "clip")
@@ -175,7 +186,9 @@ def test_missing_or_incomplete_folder(tmp_path):
 
 def test_vit_l14_image_encoder_on_meta():
     enc = C.build_image_encoder(configs.SD15.image_encoder, device="meta")
-    assert sum(p.numel() for p in enc.parameters()) == 303_966_208  # ViT-L/14 vision tower + 1024x768 projection
+    assert (
+        sum(p.numel() for p in enc.parameters()) == 303_966_208
+    )  # ViT-L/14 vision tower + 1024x768 projection
     out = enc(pixel_values=torch.empty(2, 3, 224, 224, device="meta"), output_hidden_states=False)
     assert out.last_hidden_state.shape == (2, 257, 1024)  # 16x16 patches of 14 px + the class token
     assert C.image_embeds_to_tokens(out.image_embeds).shape == (2, 1, 768)

@@ -30,3 +30,22 @@ def test_sizes_are_consistent(preset):
     # The single CLIP token enters cross-attention: its width must be the UNet's cross_attention_dim.
     assert preset.image_encoder["projection_dim"] == preset.unet["cross_attention_dim"]
     assert preset.height % (8 * 2 ** (len(preset.unet["block_out_channels"]) - 1)) == 0
+
+
+def test_toy_preset_describes_the_committed_toy_models():
+    # The TOY preset must build exactly the models whose weights are committed (config.json is written by training).
+    import json
+    from pathlib import Path
+
+    import anim_lab
+
+    assets = Path(anim_lab.__file__).parent / "assets"
+    as_json = lambda d: json.loads(json.dumps(d))  # noqa: E731  (tuples -> lists)
+    vae = json.loads((assets / "toy_vae" / "config.json").read_text())
+    assert {k: vae[k] for k in TOY.vae} == as_json(TOY.vae)
+    assert TOY.vae_scaling_factor == vae["scaling_factor"]
+    encoder = json.loads((assets / "toy_image_encoder" / "config.json").read_text())
+    assert {k: encoder[k] for k in TOY.image_encoder} == as_json(TOY.image_encoder)
+    causal = json.loads((assets / "toy_causal_vae" / "config.json").read_text())
+    assert {k: causal[k] for k in TOY.get("causal_vae") if k != "scaling_factor"} == as_json(
+        {k: v for k, v in TOY.get("causal_vae").items() if k != "scaling_factor"})

@@ -38,7 +38,9 @@ def test_encode_mean_and_sample(tiny_vae):
 @torch.no_grad()
 def test_decode_undoes_the_scaling(tiny_vae):
     x = _images()
-    expected = tiny_vae(x, sample_posterior=False).sample.clamp(-1, 1)  # diffusers' own forward: mean -> decode
+    expected = tiny_vae(x, sample_posterior=False).sample.clamp(
+        -1, 1
+    )  # diffusers' own forward: mean -> decode
     for s in (0.18215, 1.0, 3.0):
         out = V.decode(tiny_vae, V.encode(tiny_vae, x, scaling_factor=s), scaling_factor=s)
         torch.testing.assert_close(out, expected)
@@ -54,7 +56,9 @@ def test_video_helpers_match_one_call(tiny_vae):
         assert lat.shape == (2, 4, 5, 4, 4)
         torch.testing.assert_close(lat, one_call, atol=1e-5, rtol=1e-4)
     decoded = V.decode_video(tiny_vae, one_call, chunk_size=2)
-    expected = rearrange(V.decode(tiny_vae, rearrange(one_call, "b c f h w -> (b f) c h w")), "(b f) c h w -> b c f h w", b=2)
+    expected = rearrange(
+        V.decode(tiny_vae, rearrange(one_call, "b c f h w -> (b f) c h w")), "(b f) c h w -> b c f h w", b=2
+    )
     assert decoded.shape == video.shape
     torch.testing.assert_close(decoded, expected, atol=1e-5, rtol=1e-4)
 
@@ -82,7 +86,9 @@ def test_latent_preview_recovers_a_linear_map():
     latents = torch.randn(3, 4, 6, 6, generator=g)
     w, bias = torch.randn(4, 3, generator=g) * 0.2, torch.tensor([0.1, -0.2, 0.05])
     small = torch.einsum("bchw,cd->bdhw", latents, w) + bias[None, :, None, None]  # (B, 3, 6, 6)
-    images = torch.repeat_interleave(torch.repeat_interleave(small, 8, dim=2), 8, dim=3)  # constant 8x8 blocks
+    images = torch.repeat_interleave(
+        torch.repeat_interleave(small, 8, dim=2), 8, dim=3
+    )  # constant 8x8 blocks
     prev = V.LatentPreview.fit(latents, images)
     torch.testing.assert_close(prev.weight, w, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(prev.bias, bias, atol=1e-4, rtol=1e-4)

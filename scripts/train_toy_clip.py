@@ -1,0 +1,349 @@
+"""Train the toy world's tiny CLIP (transformers CLIPModel, both towers) on toy portraits with attribute captions.
+
+    .venv/bin/python scripts/train_toy_clip.py --minutes 1 --out /tmp/clip --encoder-out /tmp/enc   # a quick try
+
+The committed weights (seed 0, one CPU core) came from two stages:
+
+    .venv/bin/python scripts/train_toy_clip.py --minutes 16
+    cp -r anim_lab/assets/toy_clip /tmp/clip_stage1
+    .venv/bin/python scripts/train_toy_clip.py --init /tmp/clip_stage1 --minutes 12 --lr 5e-4 --aux-weight 4
+
+Writes ``--out`` (default ``anim_lab/assets/toy_clip``: CLIPModel + tokenizer + preprocessor_config.json) and the
+image tower alone as a ``CLIPVisionModelWithProjection`` to ``--encoder-out`` (``anim_lab/assets/toy_image_encoder``).
+
+Recipe:
+- Images: 128-px renders, resized to 128 and centre-cropped to 96 px (``CLIPImageProcessor(size=128, crop=96)``):
+  the crop zooms in on the face and still shows hair, background and the top of the shirt. Patch 12: 8x8 tokens.
+- Captions: a random non-empty subset of the image's attribute phrases ("red hair , mouth open"), the
+  expression phrases (mouth, eyelids) and eye colour more often than the others. The tokenizer is word-level, built
+  here from the toy vocabulary (:func:`anim_lab.clip.build_word_tokenizer`).
+- Loss: (1) CLIP's symmetric cross-entropy, with *every* caption that is true of an image counted as a positive
+  (a batch holds many captions such as "blue background" that fit several images); (2) an image-image term that
+  pulls together two renders of the same identity in different poses (retrieval; weight 0.25, and the two renders
+  share the mouth state, or the term would teach the encoder to ignore the mouth); (3) small linear attribute heads
+  on the image embedding, dropped after training (they speed up learning of the image side on a CPU budget).
+- AdamW, warm-up then cosine decay over the time budget; held-out zero-shot accuracy and retrieval every
+  ``--eval-every`` seconds, with a checkpoint each time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import eval_toy_models as E  # noqa: E402
+
+from anim_lab import clip as C  # noqa: E402
+
+DEFAULT_OUT = ROOT / "anim_lab" / "assets" / "toy_clip"
+DEFAULT_ENCODER_OUT = ROOT / "anim_lab" / "assets" / "toy_image_encoder"
+RESIZE, CROP, PATCH = 128, 96, 12
+PHRASE_P = {"mouth": 0.7, "eyelids": 0.6, "eyes": 0.6}  # the others: 0.4
+MAX_TOKENS = 24
+
+
+def clip_config(vocab_size: int, image_size: int = CROP, patch_size: int = PATCH) -> CLIPConfig:
+    return CLIPConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+        ),
+        vision_config=dict(
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=patch_size,
+        ),
+        projection_dim=64,
+    )
+
+
+def label_matrix(labels: list[dict], attributes: dict[str, tuple[str, ...]]) -> torch.Tensor:
+    """Per-image attribute value indices: list of N dicts -> (N, A) long."""
+    return torch.tensor([[values.index(lab[a]) for a, values in attributes.items()] for lab in labels])
+
+
+def sample_captions(
+    values: torch.Tensor, attributes: dict, g: torch.Generator
+) -> tuple[list[str], torch.Tensor]:
+    """For each image, a random non-empty subset of its phrases, shuffled: (N, A) values -> (N captions, (N, A) mask)."""
+    names = list(attributes)
+    p = torch.tensor([PHRASE_P.get(a, 0.4) for a in names])
+    mask = torch.rand(values.shape, generator=g) < p  # (N, A): which phrases each caption names
+    empty = ~mask.any(1)
+    mask[empty, torch.randint(0, len(names), (int(empty.sum()),), generator=g)] = True
+    captions = []
+    for row, m in zip(values.tolist(), mask.tolist()):
+        phrases = [C.toy_phrase(a, attributes[a][v]) for a, v, keep in zip(names, row, m) if keep]
+        order = torch.randperm(len(phrases), generator=g).tolist()
+        captions.append(" , ".join(phrases[i] for i in order))
+    return captions, mask
+
+
+def consistent(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N, N) bool: caption j is true of image i (every phrase it names matches image i's value)."""
+    agree = values[:, None, :] == values[None, :, :]  # (N_img, N_cap, A)
+    return (agree | ~mask[None, :, :]).all(-1)
+
+
+def soft_ce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against a uniform distribution over each row's positives."""
+    target = positives.float() / positives.float().sum(1, keepdim=True)
+    return -(target * logits.log_softmax(1)).sum(1).mean()
+
+
+def losses(model, heads, pixel_values, input_ids, attention_mask, values, mask, tau_img: float = 0.1) -> dict:
+    """pixel_values (2B, 3, S, S) with views of identity k at rows 2k, 2k+1; captions (2B, L); labels (2B, A)."""
+    img = F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)  # (2B, D)
+    txt = F.normalize(
+        model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output, dim=-1
+    )
+    scale = model.logit_scale.exp().clamp(max=100)
+    logits = scale * img @ txt.T  # (2B images, 2B captions)
+    pos = consistent(values, mask)  # (2B, 2B)
+    clip_loss = (soft_ce(logits, pos) + soft_ce(logits.T, pos.T)) / 2
+    # image-image: each render's positive is the other view of its identity
+    sims = img @ img.T / tau_img  # (2B, 2B)
+    sims = sims - torch.eye(len(img)) * 1e4  # never yourself
+    partner = torch.arange(len(img)) ^ 1  # 0<->1, 2<->3, ...
+    ident_loss = F.cross_entropy(sims, partner)
+    aux = (
+        sum(F.cross_entropy(h(img), values[:, a]) for a, h in enumerate(heads)) / len(heads) if heads else 0.0
+    )
+    return dict(clip=clip_loss, identity=ident_loss, aux=aux)
+
+
+def pick_pair(mouth: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Two different views of one identity, with the same mouth state when there are such views.
+
+    The image-image term makes the two views' embeddings alike; pairing an open mouth with a closed one would teach
+    the encoder to ignore the mouth, which the captions ask it to see.
+    """
+    first = int(torch.randint(0, len(mouth), (1,), generator=g))
+    same = [v for v in range(len(mouth)) if v != first and mouth[v] == mouth[first]]
+    pool = same or [v for v in range(len(mouth)) if v != first]
+    return torch.tensor([first, pool[int(torch.randint(0, len(pool), (1,), generator=g))]])
+
+
+def to_pixel_values(crops_u8: torch.Tensor, preprocess: C.ClipPreprocess) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> normalised (N, 3, S, S) with the CLIP preprocessing."""
+    return preprocess(crops_u8.permute(0, 3, 1, 2).float() / 127.5 - 1)  # (N, H, W, 3) -> (N, 3, H, W)
+
+
+def save_atomic(model: CLIPModel, tokenizer, out: Path, encoder_out: Path | None, log: dict) -> None:
+    """Write the CLIP folder (and the image-encoder folder) beside their targets, then swap them in."""
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": RESIZE}, crop_size={"height": CROP, "width": CROP}
+    )
+    for folder, write in ((out, "clip"), (encoder_out, "encoder")):
+        if folder is None:
+            continue
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if write == "clip":
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        else:
+            C.vision_tower_of(model).save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "train_log.json").write_text(json.dumps(log, indent=1))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+
+
+def train(
+    out: Path | None = DEFAULT_OUT,
+    encoder_out: Path | None = DEFAULT_ENCODER_OUT,
+    minutes: float = 16.0,
+    max_steps: int | None = None,
+    seed: int = 0,
+    n_identities: int = 3000,
+    views: int = 4,
+    batch_identities: int = 48,
+    lr: float = 1e-3,
+    warmup_steps: int = 50,
+    aux_weight: float = 0.5,
+    identity_weight: float = 0.25,
+    eval_every_s: float = 120.0,
+    eval_identities: int = 100,
+    threads: int = 1,
+    progress: bool = True,
+    data: dict | None = None,
+    init: Path | None = None,
+) -> dict:
+    """Train and save; returns the log (held-out zero-shot/retrieval curve against minutes, losses).
+
+    ``data``: a :func:`eval_toy_models.render_stills` dict (identities with ``views`` adjacent renders each) to skip
+    rendering (tests); evaluation is skipped when ``eval_every_s`` is None.
+    """
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(seed)
+    data = E.render_stills("train", n_identities, views=views, seed=seed) if data is None else data
+    attributes = C.toy_caption_attributes()
+    values_all = label_matrix(data["labels"], attributes)  # (N, A)
+    n_ids = int(data["identity"].max()) + 1
+    views = len(data["identity"]) // n_ids
+    mouth_all = values_all[:, list(attributes).index("mouth")].reshape(n_ids, views)  # (n_ids, views)
+    preprocess = C.ClipPreprocess(size=RESIZE, crop_size=CROP)
+    images_u8 = torch.as_tensor(data["images"])  # (N, 128, 128, 3) uint8; preprocessed per batch
+    if init is None:
+        tokenizer = C.build_word_tokenizer(C.toy_vocabulary(), model_max_length=MAX_TOKENS)
+        model = CLIPModel(clip_config(len(tokenizer))).train()
+    else:  # continue from a saved folder (a second stage; the attribute heads start afresh)
+        model, tokenizer = C.load_clip(init)
+        model.requires_grad_(True).train()
+    heads = nn.ModuleList([nn.Linear(model.config.projection_dim, len(v)) for v in attributes.values()])
+    params = list(model.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    log = dict(
+        seed=seed,
+        n_params=sum(p.numel() for p in model.parameters()),
+        n_images=len(images_u8),
+        n_identities=n_ids,
+        views=views,
+        batch_images=2 * batch_identities,
+        lr=lr,
+        aux_weight=aux_weight,
+        identity_weight=identity_weight,
+        minutes=minutes,
+        max_steps=max_steps,
+        init=None if init is None else str(init),
+        resize=RESIZE,
+        crop=CROP,
+        patch=PATCH,
+        curve=[],
+        losses=[],
+    )
+    if init is not None and (Path(init) / "train_log.json").is_file():  # keep the earlier stage's record
+        earlier = json.loads((Path(init) / "train_log.json").read_text())
+        log["earlier_stages"] = earlier.pop("earlier_stages", []) + [{k: v for k, v in earlier.items() if k != "losses"}]
+    budget_s = minutes * 60
+    t0 = last_eval = time.time()
+    step = 0
+    bar = tqdm(total=max_steps, disable=not progress, desc="toy CLIP", unit="step", mininterval=10)
+    while True:
+        frac = max((time.time() - t0) / budget_s, step / max_steps if max_steps else 0.0)
+        if frac >= 1.0:
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * frac))
+        # a batch: B identities, two different views of each, adjacent rows
+        ids = torch.randperm(n_ids, generator=g)[:batch_identities]
+        two = torch.stack([pick_pair(mouth_all[i], g) for i in ids.tolist()])  # (B, 2)
+        rows = (ids[:, None] * views + two).flatten()  # (2B,)
+        values = values_all[rows]
+        captions, mask = sample_captions(values, attributes, g)
+        tok = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt")
+        pixel_values = to_pixel_values(images_u8[rows], preprocess)  # (2B, 3, 96, 96)
+        parts = losses(
+            model,
+            heads if aux_weight else None,
+            pixel_values,
+            tok["input_ids"],
+            tok["attention_mask"],
+            values,
+            mask,
+        )
+        loss = parts["clip"] + identity_weight * parts["identity"] + aux_weight * parts["aux"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        log["losses"].append(
+            {k: round(float(v.detach() if torch.is_tensor(v) else v), 4) for k, v in parts.items()}
+        )
+        bar.update(1)
+        bar.set_postfix(clip=f"{parts['clip'].item():.3f}", ident=f"{parts['identity'].item():.3f}")
+        if eval_every_s is not None and time.time() - last_eval >= eval_every_s:
+            log["curve"].append(evaluate(model, tokenizer, step, t0, eval_identities))
+            last_eval = time.time()
+            bar.write(json.dumps(log["curve"][-1]))
+            if out is not None:
+                save_atomic(model, tokenizer, out, encoder_out, log | dict(steps=step))
+            model.train()
+    bar.close()
+    log["steps"] = step
+    if eval_every_s is not None:
+        log["curve"].append(evaluate(model, tokenizer, step, t0, eval_identities))
+        print(json.dumps(log["curve"][-1]))
+    model.eval()
+    if out is not None:
+        save_atomic(model, tokenizer, out, encoder_out, log)
+    log["model"], log["tokenizer"] = model, tokenizer
+    return log
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, step, t0, n_identities) -> dict:
+    model.eval()
+    res = E.evaluate_clip(model, tokenizer, n_identities=n_identities)
+    return dict(
+        step=step,
+        minutes=round((time.time() - t0) / 60, 2),
+        **res["zero_shot"],
+        retrieval=res["retrieval_top1_clip"],
+        retrieval_pixels=res["retrieval_top1_pixels"],
+    )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--encoder-out", type=Path, default=DEFAULT_ENCODER_OUT)
+    p.add_argument("--minutes", type=float, default=16.0)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-identities", type=int, default=3000)
+    p.add_argument("--batch-identities", type=int, default=48)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--aux-weight", type=float, default=0.5)
+    p.add_argument("--identity-weight", type=float, default=0.25)
+    p.add_argument("--init", type=Path, default=None, help="continue training from this saved CLIP folder")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)"
+    )
+    p.add_argument("--eval-every", type=float, default=120.0, help="seconds between held-out evaluations")
+    args = p.parse_args(argv)
+    train(
+        args.out,
+        args.encoder_out,
+        args.minutes,
+        args.max_steps,
+        args.seed,
+        args.n_identities,
+        batch_identities=args.batch_identities,
+        lr=args.lr,
+        aux_weight=args.aux_weight,
+        identity_weight=args.identity_weight,
+        eval_every_s=args.eval_every,
+        threads=args.threads,
+        init=args.init,
+    )
+
+
+if __name__ == "__main__":
+    main()
