@@ -27,6 +27,8 @@ from einops import rearrange
 from torch.nn import functional as F
 from transformers import CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from .weights import TRANSFORMERS_WEIGHTS, resolve_pretrained
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
@@ -54,7 +56,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _ASSETS = Path(__file__).resolve().parent / "assets"
 TOY_CLIP_DIR = _ASSETS / "toy_clip"
 TOY_IMAGE_ENCODER_DIR = _ASSETS / "toy_image_encoder"
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 # --- preprocessing ----------------------------------------------------------------------------------------------
@@ -131,33 +132,11 @@ def build_image_encoder(config: dict, device: str | torch.device = "cpu") -> CLI
         return CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
 
 
-def _check_transformers_folder(folder: Path, what: str) -> None:
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"{what} folder {folder} does not exist; pass a transformers folder (config.json + model.safetensors), "
-            f"e.g. lambdalabs/sd-image-variations-diffusers/image_encoder, or a hub id"
-        )
-    missing = []
-    if not (folder / "config.json").is_file():
-        missing.append("config.json")
-    if not any((folder / name).is_file() for name in _WEIGHT_FILES):
-        missing.append(" or ".join(_WEIGHT_FILES))
-    if missing:
-        raise FileNotFoundError(
-            f"{what} folder {folder} is incomplete: missing {', '.join(missing)}; save it with save_pretrained "
-            f"(for a pipeline folder pass subfolder='image_encoder')"
-        )
-
 
 def _resolve(path_or_id: str | Path, subfolder: str | None, what: str) -> tuple[str | Path, dict]:
     """Local folder (checked) or hub id: returns what ``from_pretrained`` takes and its extra kwargs."""
-    path = Path(path_or_id).expanduser()
-    local = path.exists() or isinstance(path_or_id, Path) or str(path_or_id).startswith((".", "/", "~"))
-    if local:
-        folder = path / subfolder if subfolder else path
-        _check_transformers_folder(folder, what)
-        return folder, {}
-    return str(path_or_id), ({"subfolder": subfolder} if subfolder else {})
+    example = "lambdalabs/sd-image-variations-diffusers/image_encoder"
+    return resolve_pretrained(path_or_id, subfolder, what, TRANSFORMERS_WEIGHTS, example)
 
 
 def load_image_encoder(

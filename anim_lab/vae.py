@@ -25,6 +25,8 @@ import torch
 from diffusers import AutoencoderKL
 from einops import rearrange
 
+from .weights import DIFFUSERS_WEIGHTS, resolve_pretrained
+
 __all__ = [
     "TOY_VAE_DIR",
     "build_vae",
@@ -43,7 +45,6 @@ __all__ = [
 ]
 
 TOY_VAE_DIR = Path(__file__).resolve().parent / "assets" / "toy_vae"
-_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
 # --- building and loading ---------------------------------------------------------------------------------------
@@ -52,23 +53,6 @@ def build_vae(config: dict, device: str | torch.device = "cpu") -> AutoencoderKL
     with torch.device(device):
         return AutoencoderKL(**config)
 
-
-def _check_diffusers_folder(folder: Path) -> None:
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"VAE folder {folder} does not exist; pass a diffusers AutoencoderKL folder (config.json + "
-            f"diffusion_pytorch_model.safetensors), e.g. <stable-diffusion-v1-5>/vae, or a hub id"
-        )
-    missing = []
-    if not (folder / "config.json").is_file():
-        missing.append("config.json")
-    if not any((folder / name).is_file() for name in _WEIGHT_FILES):
-        missing.append(" or ".join(_WEIGHT_FILES))
-    if missing:
-        raise FileNotFoundError(
-            f"VAE folder {folder} is incomplete: missing {', '.join(missing)}; it must hold a diffusers AutoencoderKL "
-            f"saved with save_pretrained (if it is a whole pipeline folder, pass subfolder='vae')"
-        )
 
 
 def load_vae(
@@ -79,14 +63,8 @@ def load_vae(
     A local path that is missing or incomplete gets a FileNotFoundError naming what is missing. A string that is not
     a local path is passed to diffusers as a hub id (which downloads only if the user's machine allows it).
     """
-    path = Path(path_or_id)
-    local = path.exists() or isinstance(path_or_id, Path) or str(path_or_id).startswith((".", "/", "~"))
-    if local:
-        folder = path.expanduser() / subfolder if subfolder else path.expanduser()
-        _check_diffusers_folder(folder)
-        vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch_dtype)
-    else:
-        vae = AutoencoderKL.from_pretrained(str(path_or_id), subfolder=subfolder, torch_dtype=torch_dtype)
+    source, kwargs = resolve_pretrained(path_or_id, subfolder, "VAE", DIFFUSERS_WEIGHTS, "<stable-diffusion-v1-5>/vae")
+    vae = AutoencoderKL.from_pretrained(source, torch_dtype=torch_dtype, **kwargs)
     return vae.eval().requires_grad_(False)
 
 

@@ -27,6 +27,9 @@ import torch
 from torch import nn
 
 __all__ = [
+    "DIFFUSERS_WEIGHTS",
+    "TRANSFORMERS_WEIGHTS",
+    "resolve_pretrained",
     "KeyMismatchError",
     "KeyReport",
     "load_checkpoint",
@@ -301,3 +304,38 @@ def motion_keys_from_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str,
             new = new.replace(b, a)
         out[f"{prefix}temporal_transformer.{new[1:]}"] = value
     return out
+
+
+# --- pretrained folders (diffusers / transformers save_pretrained layout) -----------------------------------------
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def resolve_pretrained(
+    path_or_id: str | Path, subfolder: str | None, what: str, weight_files: tuple[str, ...], example: str
+) -> tuple[str | Path, dict]:
+    """What ``from_pretrained`` should get: a checked local folder, or a hub id with its ``subfolder`` kwarg.
+
+    A local path (it exists, is a Path, or starts with ``.``, ``/`` or ``~``) must be a folder holding config.json
+    and one of ``weight_files``; otherwise a FileNotFoundError names what is missing. Anything else is passed on as a
+    hub id (which downloads only where the user's machine allows it).
+    """
+    path = Path(path_or_id).expanduser()
+    if not (path.exists() or isinstance(path_or_id, Path) or str(path_or_id).startswith((".", "/", "~"))):
+        return str(path_or_id), ({"subfolder": subfolder} if subfolder else {})
+    folder = path / subfolder if subfolder else path
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{what} folder {folder} does not exist; pass a folder saved with save_pretrained (config.json + "
+            f"{weight_files[0]}), e.g. {example}, or a hub id"
+        )
+    missing = [] if (folder / "config.json").is_file() else ["config.json"]
+    if not any((folder / name).is_file() for name in weight_files):
+        missing.append(" or ".join(weight_files))
+    if missing:
+        raise FileNotFoundError(
+            f"{what} folder {folder} is incomplete: missing {', '.join(missing)}; save it with save_pretrained "
+            f"(if it is a whole pipeline folder, pass its subfolder, e.g. subfolder='{example.rsplit('/', 1)[-1]}')"
+        )
+    return folder, {}
+
