@@ -24,7 +24,7 @@
 # | **Questions answered** | What does CLIP's image processor do, exactly? How does an image enter the UNet through cross-attention, in shapes? Why are zeros the unconditional input? What do the embeddings carry (colours, identity, expression) and what do they lose (small details such as eye colour) — the argument for a ReferenceNet? |
 # | **CPU runtime** | about 15 s |
 #
-# The toy CLIP was trained by `scripts/train_toy_clip.py` (seed 0, two stages, 28 minutes on one CPU core): a
+# The toy CLIP was trained by `scripts/train_toy_clip.py` (seed 0, four stages, 51 minutes on one CPU core): a
 # transformers `CLIPModel` (image and text towers) with a word-level tokenizer built from the toy attribute
 # vocabulary. Its image tower is saved apart as a `CLIPVisionModelWithProjection` — the image encoder of the toy
 # animation models.
@@ -57,8 +57,9 @@ print(f"anim_lab {anim_lab.__version__}, torch {torch.__version__}, transformers
 #
 # `CLIPImageProcessor` does three things: resize the **shortest edge** (bicubic), **centre crop** a square, and
 # normalise with OpenAI's per-channel mean and std. SD-image-variations / AnimateAnyone use 224 / 224 (after resizing
-# the reference to 224 × 224). The toy CLIP uses 128 / 96: the crop zooms in on the face and still shows hair,
-# background and collar. `ClipPreprocess` is the same in torch, on `(B, 3, H, W)` images in [-1, 1]:
+# the reference to 224 × 224). The toy CLIP uses 160 / 96: the central 77 px of a 128-px frame, enlarged 1.25×, so
+# the face fills the crop (the mouth needs those pixels, section 6) while hair, background and collar stay in view.
+# `ClipPreprocess` is the same in torch, on `(B, 3, H, W)` images in [-1, 1]:
 
 # %%
 rng = np.random.default_rng(0)
@@ -245,14 +246,17 @@ plt.show()
 # %% [markdown]
 # ## 6. What is lost: small details
 #
-# Large-area attributes (background, shirt, skin, hair colour, hairstyle) are read almost perfectly; eye colour is
-# at chance, and the mouth — open with white teeth, or closed — only a little above it, although both are plainly
-# visible in the renders. At 96 px an iris is 2–3 pixels inside one 12-px patch and the mouth is about one patch
-# that moves with the head; one pooled token, trained for half an hour on a CPU, keeps the large, easy attributes
-# and drops these. (A bigger CLIP trained longer would do better on the mouth; eye colour at this resolution is
-# hard for any single vector.) This is AnimateAnyone's argument for a **ReferenceNet**: a copy of the UNet that
-# hands the denoiser the reference's full spatial feature maps (chapter 05), so fine details need not survive a
-# single CLIP vector.
+# Large-area attributes (background, shirt, skin, hair colour, hairstyle) are read almost perfectly, and so is the
+# mouth — open with white teeth, or closed. Eye colour is at chance, although the irises are plainly visible in the
+# renders. The mouth was not free: with 128 → 96 crops (one 12-px patch = 12 px of the render) the same CLIP stayed
+# at chance on it for 28 minutes (about 56%; linear probes on its patch tokens reached only about 68%). Zooming in
+# to resize 160 (a patch = 9.6 px of the render, the mouth spread over more patches) and weighting up the mouth's
+# attribute head fixed it within five minutes — stage 3 of the training curve below (stage 4 then restored identity
+# retrieval, pairing views of one person whatever their mouth state). An iris, 2–3 pixels inside one
+# patch, is still lost: one pooled token, trained for under an hour on a CPU, keeps what covers enough pixels and
+# drops the rest, and a tighter crop costs the rest of the head (at resize 192 hair colour stalled at 76%). This is
+# AnimateAnyone's argument for a **ReferenceNet**: a copy of the UNet that hands the denoiser the reference's full
+# spatial feature maps (chapter 05), so fine details need not survive a single CLIP vector.
 
 # %%
 eye_crops = [rows[i][40:70, 34:94] for i in range(4)]
@@ -273,8 +277,9 @@ stages = log.get("earlier_stages", []) + [log]  # a run can continue an earlier 
 print(f"{log['n_params'] / 1e6:.2f}M parameters, {log['n_images']} training renders of {log['n_identities']} "
       f"identities, batches of {log['batch_images']} images")
 for i, st in enumerate(stages):
-    print(f"stage {i + 1}: {st['minutes']:.0f} min, {st['steps']} steps, lr {st['lr']}, "
-          f"attribute-head weight {st['aux_weight']}, identity weight {st['identity_weight']}")
+    print(f"stage {i + 1}: {st['minutes']:.0f} min, {st['steps']} steps, resize {st['resize']}, lr {st['lr']}, "
+          f"attribute-head weight {st['aux_weight']} (mouth +{st.get('mouth_weight', 0.0)}), "
+          f"identity weight {st['identity_weight']}")
 fig, ax = plt.subplots(figsize=(7, 3.4))
 points, offset = [], 0.0
 for st in stages:
@@ -300,9 +305,10 @@ plt.show()
 #   toy). With a single key, cross-attention gives every position the same vector: a global signal.
 # - The unconditional input is **zeros**: with bias-free `to_k`/`to_v`, cross-attention then returns a constant that
 #   carries no image at all.
-# - The toy CLIP's token knows colours, hairstyle and identity well (retrieval across poses far above the pixel
-#   baseline), and eye colour and mouth state hardly at all: fine detail does not survive one pooled vector trained
-#   on a CPU budget. That gap is what the ReferenceNet fills.
+# - The toy CLIP's token knows colours, hairstyle, mouth state and identity well (retrieval across poses far above
+#   the pixel baseline), and eye colour not at all. The mouth needed a closer crop (resize 160 instead of 128):
+#   detail survives one pooled vector trained on a CPU budget only when it covers enough pixels. That gap is what
+#   the ReferenceNet fills.
 #
 # ## Exercises
 #

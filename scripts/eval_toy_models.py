@@ -118,14 +118,17 @@ def retrieval_top1(embeds: torch.Tensor, identity: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate_clip(
-    model=None, tokenizer=None, n_identities: int = 100, views: int = 4, seed: int = 321
+    model=None, tokenizer=None, n_identities: int = 100, views: int = 4, seed: int = 321, preprocess=None
 ) -> dict:
-    """Zero-shot accuracy per attribute, identity retrieval top-1 (CLIP vs pixels) on held-out identities."""
+    """Zero-shot accuracy per attribute, identity retrieval top-1 (CLIP vs pixels) on held-out identities.
+
+    ``preprocess``: a :class:`~anim_lab.clip.ClipPreprocess`; default the committed toy CLIP's."""
     if model is None:
         model, tokenizer = C.load_toy_clip()
     data = render_stills("test", n_identities, views=views, seed=seed)
     images = to_pm1(data["images"])
-    pixel_values = toy_clip_preprocess(model)(images)  # (N, 3, S, S)
+    preprocess = toy_clip_preprocess() if preprocess is None else preprocess
+    pixel_values = preprocess(images)  # (N, 3, S, S)
     image_embeds = torch.cat(
         [
             model.get_image_features(pixel_values=pixel_values[i : i + 100]).pooler_output
@@ -151,9 +154,9 @@ def caption_attributes() -> dict[str, tuple[str, ...]]:
     return C.toy_caption_attributes()
 
 
-def toy_clip_preprocess(model) -> C.ClipPreprocess:
-    """The preprocessing the toy CLIP was trained with: resize 128, centre crop to its image_size."""
-    return C.ClipPreprocess(size=128, crop_size=model.config.vision_config.image_size)
+def toy_clip_preprocess() -> C.ClipPreprocess:
+    """The preprocessing the committed toy CLIP was trained with (its ``preprocessor_config.json``)."""
+    return C.ClipPreprocess.from_folder(C.TOY_CLIP_DIR)
 
 
 def main(argv=None):
