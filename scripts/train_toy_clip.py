@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eval_toy_models as E  # noqa: E402
 
 from anim_lab import clip as C  # noqa: E402
+from anim_lab.configs import TOY  # noqa: E402
 
 DEFAULT_OUT = ROOT / "anim_lab" / "assets" / "toy_clip"
 DEFAULT_ENCODER_OUT = ROOT / "anim_lab" / "assets" / "toy_image_encoder"
@@ -70,6 +71,7 @@ MAX_TOKENS = 24
 
 
 def clip_config(vocab_size: int, image_size: int = CROP, patch_size: int = PATCH) -> CLIPConfig:
+    vision = TOY.get("image_encoder")
     return CLIPConfig(
         text_config=dict(
             vocab_size=vocab_size,
@@ -82,15 +84,11 @@ def clip_config(vocab_size: int, image_size: int = CROP, patch_size: int = PATCH
             bos_token_id=2,
             eos_token_id=3,
         ),
-        vision_config=dict(
-            hidden_size=128,
-            intermediate_size=512,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            image_size=image_size,
-            patch_size=patch_size,
+        # the image tower is configs.TOY.image_encoder (the toy animation models' image encoder)
+        vision_config={k: v for k, v in vision.items() if k != "projection_dim"} | dict(
+            image_size=image_size, patch_size=patch_size
         ),
-        projection_dim=64,
+        projection_dim=vision["projection_dim"],
     )
 
 
