@@ -9,7 +9,6 @@ numbers are comparable side by side; the best of 3 repeats is reported.
 import argparse
 import time
 
-import numpy as np
 
 from anim_lab import toy
 from anim_lab.landmarks import draw_pose_image
