@@ -32,3 +32,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """diffusers' AutoencoderKLHunyuanVideo at TINY size (random, framewise tiling off) and anim_lab's CausalVAE
+    holding the same state dict, loaded strictly. One pair per test module."""
+    import torch
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    from anim_lab.causal_vae import CAUSAL_VAE_TINY, CausalVAE
+
+    torch.manual_seed(0)
+    ref = AutoencoderKLHunyuanVideo(**CAUSAL_VAE_TINY).eval()
+    ref.use_framewise_encoding = ref.use_framewise_decoding = False
+    ours = CausalVAE(**CAUSAL_VAE_TINY).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+

@@ -24,18 +24,6 @@ from anim_lab.causal_vae import (
 MIN_TOY_PSNR = 21.0  # dB on one 9-frame clip (measured about 23); train_log.json: held-out mean 26.07 dB over 64 clips
 
 
-
-@pytest.fixture(scope="module")
-def pair():
-    """A random tiny diffusers VAE (framewise tiling off) and ours with the same state dict, loaded strictly."""
-    torch.manual_seed(0)
-    ref = AutoencoderKLHunyuanVideo(**CAUSAL_VAE_TINY).eval()
-    ref.use_framewise_encoding = ref.use_framewise_decoding = False
-    ours = CausalVAE(**CAUSAL_VAE_TINY).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ref, ours
-
-
 def test_state_dict_keys_and_shapes_equal_diffusers(pair):
     ref, ours = pair
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}

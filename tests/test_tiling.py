@@ -3,24 +3,12 @@ settings, the blend formula written out, and the working memory it promises."""
 
 import pytest
 import torch
-from diffusers import AutoencoderKLHunyuanVideo
 
-from anim_lab.causal_vae import CAUSAL_VAE_TINY, CausalVAE
 from anim_lab.tiling import PeakMemory, TileSettings, blend, tiled_decode
 
 # tiles of 32 px (4 latents) every 24 px, windows of 8 frames (2 latents) every 4: small enough for a tiny video to
 # need several tiles in both space and time
 TILES = TileSettings(32, 32, 24, 24, 8, 4)
-
-
-
-@pytest.fixture(scope="module")
-def pair():
-    torch.manual_seed(0)
-    ref = AutoencoderKLHunyuanVideo(**CAUSAL_VAE_TINY).eval()
-    ours = CausalVAE(**CAUSAL_VAE_TINY).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ref, ours
 
 
 def _diffusers(ref, spatial: bool, temporal: bool):
