@@ -47,6 +47,7 @@ import anim_lab
 from anim_lab import causal_vae as CV
 from anim_lab import toy, viz
 from anim_lab.tiling import PeakMemory, TileSettings, tiled_decode
+from anim_lab.vae import psnr as image_psnr
 
 torch.manual_seed(0)
 torch.set_num_threads(1)
@@ -122,8 +123,8 @@ print("video", tuple(video.shape), "-> latents", tuple(z.shape), "-> video", tup
 # How good is it? PSNR on 8 clips of unseen identities (17 frames, 64 px), and a strip of one of them.
 
 # %%
-def psnr(a, b):  # videos in [-1, 1] -> dB per clip
-    return 10 * torch.log10(4.0 / (a.clamp(-1, 1) - b.clamp(-1, 1)).pow(2).flatten(1).mean(1))
+def psnr(a, b):  # videos, clamped to [-1, 1] as a display would -> dB per clip (anim_lab.vae.psnr)
+    return image_psnr(a.clamp(-1, 1), b.clamp(-1, 1))
 
 
 clips = torch.cat([toy.images_to_tensor(toy.make_clip(toy.identity_from_seed(s), 17, 64, seed=s).frames)[None]

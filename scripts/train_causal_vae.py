@@ -42,6 +42,7 @@ from torch.nn import functional as F
 
 from anim_lab import toy
 from anim_lab.causal_vae import CAUSAL_VAE_TOY, TOY_ASSET_DIR, CausalVAE
+from anim_lab.vae import psnr  # per-image (here per-clip) PSNR of [-1, 1] data
 
 SIZE, CLIP_FRAMES, WINDOW = 64, 17, 9
 
@@ -60,19 +61,13 @@ def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
     return x_uint8.float() / 127.5 - 1.0  # [0, 255] -> [-1, 1]
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-clip PSNR (dB) of videos in [-1, 1] (B, 3, F, H, W), after clamping: 10 log10(1 / mse) on [0, 1]."""
-    mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse)
-
-
 @torch.no_grad()
 def evaluate(vae: CausalVAE, clips_uint8: torch.Tensor, batch: int = 8) -> float:
     vae.eval()
     scores = []
     for i in range(0, len(clips_uint8), batch):
         x = to_float(clips_uint8[i : i + batch])
-        scores.append(psnr(vae(x), x))
+        scores.append(psnr(vae(x).clamp(-1, 1), x))  # per clip
     vae.train()
     return float(torch.cat(scores).mean())
 
