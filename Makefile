@@ -11,9 +11,14 @@ PIP    := $(PY) -m pip
 MEDIAPIPE := mediapipe==0.10.21
 STAMP  := $(VENV)/.installed
 
-.PHONY: test unit chapters notebook lab clean-venv
-test: $(STAMP)
+.PHONY: test lint unit chapters notebook lab clean-venv
+test: $(STAMP) lint
 	$(PY) -m pytest -m "not slow and not gpu" tests chapters --nbval --nbval-current-env --nbval-sanitize-with chapters/sanitize.cfg -p no:cacheprovider
+
+# style fails fast: ruff's lint rules and its formatter (config in pyproject.toml)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 unit: $(STAMP)
 	$(PY) -m pytest -m "not slow and not gpu" tests -p no:cacheprovider

@@ -1,24 +1,27 @@
 """HunyuanVideo's causal 3D VAE: a video autoencoder that compresses time (x4) as well as space (x8).
 
-Built from one idea, the *causal* 3D convolution: pad k-1 frames in *front* of the clip (copies of the first frame)
-and none behind, so output frame t only sees input frames <= t. Stacked with two stride-2 time downsamplings it maps
+Built from one idea, the *causal* 3D convolution: pad k-1 frames in *front* of the clip
+(copies of the first frame) and none behind, so output frame t only sees input frames <= t. Stacked with two
+stride-2 time downsamplings it maps
 
     T = 4k + 1 frames  ->  k + 1 latent frames  ->  4k + 1 frames       T_lat = (T - 1) // 4 + 1
 
-The first frame has nothing in front of it: it is encoded *alone* (its own latent, an image latent), and every later
-latent summarises 4 new frames. That is why clip lengths are 4k + 1 and why a single image (T = 1) is a valid video.
+The first frame has nothing in front of it: it is encoded *alone* (its own latent, an image latent), and every
+later latent summarises 4 new frames. That is why clip lengths are 4k + 1 and why a single image (T = 1) is a
+valid video.
 
     encoder:  conv_in . [resnets . downsample(s_t, 2, 2)] x N . mid(resnet . causal attention . resnet)
               . GroupNorm . SiLU . conv_out -> (mean, logvar) . quant_conv (1x1x1)
-    decoder:  post_quant_conv . conv_in . mid . [resnets . upsample(first frame: space only)] x N . GroupNorm . SiLU
-              . conv_out
+    decoder:  post_quant_conv . conv_in . mid . [resnets . upsample(first frame: space only)] x N
+              . GroupNorm . SiLU . conv_out
 
-What "causal" does *not* guarantee: every GroupNorm (resnets, ``conv_norm_out``, the attention's ``group_norm``)
-normalises over all T*H*W positions of a group, so frame statistics leak backwards in time (chapter 08 measures it).
+What "causal" does *not* guarantee: every GroupNorm (resnets, ``conv_norm_out``, the attention's
+``group_norm``) normalises over all T*H*W positions of a group, so frame statistics leak backwards in time
+(chapter 08 measures it).
 
-State-dict keys are those of diffusers' ``AutoencoderKLHunyuanVideo`` (and of the original ``AutoencoderKLCausal3D``),
-so a checkpoint loads into :class:`CausalVAE` with ``strict=True`` and no renaming. The config dicts below are plain
-constructor kwargs accepted by both classes.
+State-dict keys are those of diffusers' ``AutoencoderKLHunyuanVideo`` (and of the original
+``AutoencoderKLCausal3D``), so a checkpoint loads into :class:`CausalVAE` with ``strict=True`` and no
+renaming. The config dicts below are plain constructor kwargs accepted by both classes.
 """
 
 from __future__ import annotations
@@ -56,10 +59,11 @@ __all__ = [
     "sample_num_frames",
 ]
 
-# --- configs (in anim_lab.configs): kwargs for CausalVAE(**cfg) and for diffusers' AutoencoderKLHunyuanVideo(**cfg) --
+# --- configs (in anim_lab.configs): kwargs for CausalVAE(**cfg) and diffusers' AutoencoderKLHunyuanVideo
 CAUSAL_VAE_HUNYUAN = SD15.get("causal_vae")  # full size: 246.5M parameters
 CAUSAL_VAE_TINY = TINY.get("causal_vae")  # unit tests: milliseconds per forward on a CPU
-CAUSAL_VAE_TOY = TOY.get("causal_vae")  # the toy model trained on toy-world clips (weights in assets/toy_causal_vae/)
+# the toy model trained on toy-world clips (weights in assets/toy_causal_vae/)
+CAUSAL_VAE_TOY = TOY.get("causal_vae")
 
 TOY_ASSET_DIR = Path(__file__).resolve().parent / "assets" / "toy_causal_vae"
 
@@ -67,7 +71,7 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
 
 
-# --- frame counts ---------------------------------------------------------------------------------------------------
+# --- frame counts -------------------------------------------------------------------------------------------
 def latent_num_frames(num_frames: int, temporal_compression_ratio: int = 4) -> int:
     """T -> T_lat = (T - 1) // r + 1 (the first frame alone, then one latent per r frames)."""
     return (num_frames - 1) // temporal_compression_ratio + 1
@@ -84,22 +88,28 @@ def check_num_frames(num_frames: int, temporal_compression_ratio: int = 4) -> No
     if num_frames < 1 or (num_frames - 1) % r != 0:
         lower = max(1, (num_frames - 1) // r * r + 1)
         raise ValueError(
-            f"the causal VAE needs {r}k+1 frames (1, {r + 1}, {2 * r + 1}, {4 * r + 1}, ...), got {num_frames}: "
-            f"the first frame is encoded alone and each later latent covers {r} frames. Trim the clip to {lower} "
-            f"frames or pad it to {lower + r} (e.g. repeat the last frame)."
+            f"the causal VAE needs {r}k+1 frames (1, {r + 1}, {2 * r + 1}, {4 * r + 1}, ...), "
+            f"got {num_frames}: the first frame is encoded alone and each later latent covers {r} frames. "
+            f"Trim the clip to {lower} frames or pad it to {lower + r} (e.g. repeat the last frame)."
         )
 
 
-# --- building blocks ------------------------------------------------------------------------------------------------
+# --- building blocks ----------------------------------------------------------------------------------------
 class CausalConv3d(nn.Module):
     """A 3D convolution that never looks at future frames.
 
-    Pads (k_t - 1) copies of the first frame in front of the clip and none behind; space is padded symmetrically, also
-    by replication (not zeros). ``stride`` in time then gives T_out = (T - 1) // s_t + 1.
+    Pads (k_t - 1) copies of the first frame in front of the clip and none behind; space is padded
+    symmetrically, also by replication (not zeros). ``stride`` in time then gives T_out = (T - 1) // s_t + 1.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int] = 3,
-                 stride: int | tuple[int, int, int] = 1, bias: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int, int] = 3,
+        stride: int | tuple[int, int, int] = 1,
+        bias: bool = True,
+    ):
         super().__init__()
         kt, kh, kw = (kernel_size,) * 3 if isinstance(kernel_size, int) else kernel_size
         # F.pad order: (W left, W right, H top, H bottom, T front, T back)
@@ -114,9 +124,9 @@ class CausalConv3d(nn.Module):
 class DownsampleCausal3D(nn.Module):
     """A strided causal convolution: stride (s_t, 2, 2); T -> (T - 1) // s_t + 1, H -> H / 2.
 
-    No special first-frame path is needed: the front padding repeats frame 0, so output frame 0 sees frame 0 only.
-    (The original HunyuanVideo class also had an optional ``norm`` applied through a 4-D ``permute``; it is off in
-    every released config and would fail on a 5-D video tensor. Chapter 08 runs it.)
+    No special first-frame path is needed: the front padding repeats frame 0, so output frame 0 sees frame 0
+    only. (The original HunyuanVideo class also had an optional ``norm`` applied through a 4-D ``permute``; it
+    is off in every released config and would fail on a 5-D video tensor. Chapter 08 runs it.)
     """
 
     def __init__(self, channels: int, stride: tuple[int, int, int] = (2, 2, 2), kernel_size: int = 3):
@@ -135,7 +145,9 @@ class UpsampleCausal3D(nn.Module):
     the inverse of the downsampler's frame count.
     """
 
-    def __init__(self, channels: int, upsample_factor: tuple[int, int, int] = (2, 2, 2), kernel_size: int = 3):
+    def __init__(
+        self, channels: int, upsample_factor: tuple[int, int, int] = (2, 2, 2), kernel_size: int = 3
+    ):
         super().__init__()
         self.upsample_factor = tuple(upsample_factor)
         self.conv = CausalConv3d(channels, channels, kernel_size)
@@ -143,9 +155,11 @@ class UpsampleCausal3D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         num_frames = x.shape[2]
         first, rest = x[:, :, :1], x[:, :, 1:]
-        # first frame, in space only: (B, C, 1, H, W) -> (B, C, H, W) -> (B, C, s_h H, s_w W) -> (B, C, 1, s_h H, s_w W)
-        first = F.interpolate(rearrange(first, "b c 1 h w -> b c h w"), scale_factor=self.upsample_factor[1:],
-                              mode="nearest")
+        # first frame, in space only:
+        # (B, C, 1, H, W) -> (B, C, H, W) -> (B, C, s_h H, s_w W) -> (B, C, 1, s_h H, s_w W)
+        first = F.interpolate(
+            rearrange(first, "b c 1 h w -> b c h w"), scale_factor=self.upsample_factor[1:], mode="nearest"
+        )
         first = rearrange(first, "b c h w -> b c 1 h w")
         if num_frames > 1:
             # other frames: (B, C, T-1, H, W) -> (B, C, s_t (T-1), s_h H, s_w W)
@@ -162,8 +176,14 @@ class ResnetBlockCausal3D(nn.Module):
     The GroupNorms average over (channels of a group) x T x H x W: all frames together.
     """
 
-    def __init__(self, in_channels: int, out_channels: int | None = None, groups: int = 32, eps: float = 1e-6,
-                 dropout: float = 0.0):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        groups: int = 32,
+        eps: float = 1e-6,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         out_channels = out_channels or in_channels
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
@@ -171,7 +191,9 @@ class ResnetBlockCausal3D(nn.Module):
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = CausalConv3d(out_channels, out_channels, 3)
-        self.conv_shortcut = CausalConv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv_shortcut = (
+            CausalConv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B, C_in, T, H, W) -> (B, C_out, T, H, W)
@@ -182,13 +204,15 @@ class ResnetBlockCausal3D(nn.Module):
 
 
 def frame_causal_mask(num_frames: int, tokens_per_frame: int, device=None) -> torch.Tensor:
-    """(N, N) boolean mask, N = T * tokens_per_frame: a token of frame i may attend to every token of frames <= i."""
+    """(N, N) boolean mask, N = T * tokens_per_frame: a token of frame i may attend to every token of frames
+    <= i."""
     frame = torch.arange(num_frames, device=device).repeat_interleave(tokens_per_frame)  # (N,)
     return frame[:, None] >= frame[None, :]  # (N query, N key)
 
 
 class CausalSelfAttention(nn.Module):
-    """Single-head self-attention over all T*H*W positions with a frame-causal mask (the VAE's mid-block attention).
+    """Single-head self-attention over all T*H*W positions with a frame-causal mask (the VAE's mid-block
+    attention).
 
     Keys as diffusers' ``Attention``: group_norm, to_q, to_k, to_v, to_out.0. Residual connection included.
     """
@@ -205,8 +229,8 @@ class CausalSelfAttention(nn.Module):
         b, _, t, h, w = x.shape
         tokens = rearrange(self.group_norm(x), "b c t h w -> b (t h w) c")  # (B, C, T, H, W) -> (B, N, C)
         q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)  # (B, N, C) each, one head of dim C
-        # additive mask: 0 where allowed, -inf on future frames; (N, N) -> (B, 1, N, N) so SDPA takes the same path as
-        # diffusers' Attention (a boolean mask gives the same result up to rounding)
+        # additive mask: 0 where allowed, -inf on future frames; (N, N) -> (B, 1, N, N) so SDPA takes the same
+        # path as diffusers' Attention (a boolean mask gives the same result up to rounding)
         allowed = frame_causal_mask(t, h * w, device=x.device)  # (N, N)
         mask = torch.zeros(allowed.shape, dtype=q.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
         q, k, v = (rearrange(a, "b n c -> b 1 n c") for a in (q, k, v))  # one head: (B, N, C) -> (B, 1, N, C)
@@ -222,8 +246,9 @@ class MidBlockCausal3D(nn.Module):
 
     def __init__(self, channels: int, groups: int = 32, add_attention: bool = True):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlockCausal3D(channels, channels, groups),
-                                      ResnetBlockCausal3D(channels, channels, groups)])
+        self.resnets = nn.ModuleList(
+            [ResnetBlockCausal3D(channels, channels, groups), ResnetBlockCausal3D(channels, channels, groups)]
+        )
         self.attentions = nn.ModuleList([CausalSelfAttention(channels, groups)]) if add_attention else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,7 +262,10 @@ class _DownBlock(nn.Module):
     def __init__(self, in_channels, out_channels, num_layers, groups, stride):
         super().__init__()
         self.resnets = nn.ModuleList(
-            [ResnetBlockCausal3D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)]
+            [
+                ResnetBlockCausal3D(in_channels if i == 0 else out_channels, out_channels, groups)
+                for i in range(num_layers)
+            ]
         )
         self.downsamplers = nn.ModuleList([DownsampleCausal3D(out_channels, stride)]) if stride else None
 
@@ -253,7 +281,10 @@ class _UpBlock(nn.Module):
     def __init__(self, in_channels, out_channels, num_layers, groups, factor):
         super().__init__()
         self.resnets = nn.ModuleList(
-            [ResnetBlockCausal3D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)]
+            [
+                ResnetBlockCausal3D(in_channels if i == 0 else out_channels, out_channels, groups)
+                for i in range(num_layers)
+            ]
         )
         self.upsamplers = nn.ModuleList([UpsampleCausal3D(out_channels, factor)]) if factor else None
 
@@ -265,12 +296,16 @@ class _UpBlock(nn.Module):
         return x
 
 
-def _block_factors(num_blocks: int, spatial_ratio: int, temporal_ratio: int) -> list[tuple[int, int, int] | None]:
-    """Per block: the (t, h, w) down/upsampling factor, or None. Space is halved in the first log2(s) blocks; time in
-    the log2(r) blocks just before the last one (so time is compressed late, at low resolution)."""
+def _block_factors(
+    num_blocks: int, spatial_ratio: int, temporal_ratio: int
+) -> list[tuple[int, int, int] | None]:
+    """Per block: the (t, h, w) down/upsampling factor, or None. Space is halved in the first log2(s) blocks;
+    time in the log2(r) blocks just before the last one (so time is compressed late, at low resolution)."""
     n_space, n_time = int(math.log2(spatial_ratio)), int(math.log2(temporal_ratio))
     if 2**n_space != spatial_ratio or 2**n_time != temporal_ratio:
-        raise ValueError(f"compression ratios must be powers of 2, got spatial {spatial_ratio}, temporal {temporal_ratio}")
+        raise ValueError(
+            f"compression ratios must be powers of 2, got spatial {spatial_ratio}, temporal {temporal_ratio}"
+        )
     if n_space > num_blocks or n_time > num_blocks - 1:
         raise ValueError(
             f"{num_blocks} blocks cannot give spatial x{spatial_ratio} and temporal x{temporal_ratio}: "
@@ -285,21 +320,36 @@ def _block_factors(num_blocks: int, spatial_ratio: int, temporal_ratio: int) -> 
 
 
 class EncoderCausal3D(nn.Module):
-    def __init__(self, in_channels=3, out_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                 norm_num_groups=32, spatial_compression_ratio=8, temporal_compression_ratio=4,
-                 mid_block_add_attention=True, double_z=True):
+    def __init__(
+        self,
+        in_channels=3,
+        out_channels=16,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        norm_num_groups=32,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+        double_z=True,
+    ):
         super().__init__()
         self.conv_in = CausalConv3d(in_channels, block_out_channels[0], 3)
-        factors = _block_factors(len(block_out_channels), spatial_compression_ratio, temporal_compression_ratio)
+        factors = _block_factors(
+            len(block_out_channels), spatial_compression_ratio, temporal_compression_ratio
+        )
         chans = [block_out_channels[0], *block_out_channels]
         self.down_blocks = nn.ModuleList(
-            [_DownBlock(chans[i], chans[i + 1], layers_per_block, norm_num_groups, factors[i])
-             for i in range(len(block_out_channels))]
+            [
+                _DownBlock(chans[i], chans[i + 1], layers_per_block, norm_num_groups, factors[i])
+                for i in range(len(block_out_channels))
+            ]
         )
         self.mid_block = MidBlockCausal3D(block_out_channels[-1], norm_num_groups, mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[-1], eps=1e-6)
         self.conv_act = nn.SiLU()
-        self.conv_out = CausalConv3d(block_out_channels[-1], 2 * out_channels if double_z else out_channels, 3)
+        self.conv_out = CausalConv3d(
+            block_out_channels[-1], 2 * out_channels if double_z else out_channels, 3
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B, 3, T, H, W) -> (B, C0, T, H, W)
@@ -312,18 +362,30 @@ class EncoderCausal3D(nn.Module):
 
 
 class DecoderCausal3D(nn.Module):
-    def __init__(self, in_channels=16, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                 norm_num_groups=32, spatial_compression_ratio=8, temporal_compression_ratio=4,
-                 mid_block_add_attention=True):
+    def __init__(
+        self,
+        in_channels=16,
+        out_channels=3,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        norm_num_groups=32,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    ):
         super().__init__()
         rev = list(reversed(block_out_channels))
         self.conv_in = CausalConv3d(in_channels, rev[0], 3)
         self.mid_block = MidBlockCausal3D(rev[0], norm_num_groups, mid_block_add_attention)
-        factors = _block_factors(len(block_out_channels), spatial_compression_ratio, temporal_compression_ratio)
+        factors = _block_factors(
+            len(block_out_channels), spatial_compression_ratio, temporal_compression_ratio
+        )
         chans = [rev[0], *rev]
         self.up_blocks = nn.ModuleList(
-            [_UpBlock(chans[i], chans[i + 1], layers_per_block + 1, norm_num_groups, factors[i])
-             for i in range(len(block_out_channels))]
+            [
+                _UpBlock(chans[i], chans[i + 1], layers_per_block + 1, norm_num_groups, factors[i])
+                for i in range(len(block_out_channels))
+            ]
         )
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=1e-6)
         self.conv_act = nn.SiLU()
@@ -340,7 +402,8 @@ class DecoderCausal3D(nn.Module):
 
 @dataclass
 class LatentDistribution:
-    """A diagonal Gaussian over latents, from the encoder's (mean, logvar) channels. logvar is clamped to [-30, 20]."""
+    """A diagonal Gaussian over latents, from the encoder's (mean, logvar) channels. logvar is clamped to
+    [-30, 20]."""
 
     moments: torch.Tensor  # (B, 2 * C, T_lat, h, w)
 
@@ -353,8 +416,12 @@ class LatentDistribution:
         return self.mean
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype,
-                            device=generator.device if generator is not None else self.mean.device)
+        noise = torch.randn(
+            self.mean.shape,
+            generator=generator,
+            dtype=self.mean.dtype,
+            device=generator.device if generator is not None else self.mean.device,
+        )
         return self.mean + self.std * noise.to(self.mean.device)
 
     def kl(self) -> torch.Tensor:
@@ -362,64 +429,95 @@ class LatentDistribution:
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3, 4))
 
 
-# --- the autoencoder ------------------------------------------------------------------------------------------------
+# --- the autoencoder ----------------------------------------------------------------------------------------
 class CausalVAE(nn.Module):
-    """The HunyuanVideo causal 3D VAE. Videos (B, 3, T, H, W) in [-1, 1] with T = 4k + 1 and H, W multiples of 8.
+    """The HunyuanVideo causal 3D VAE. Videos (B, 3, T, H, W) in [-1, 1] with T = 4k + 1 and H, W multiples of
+    8.
 
-    ``encode(x) -> LatentDistribution`` and ``decode(z) -> video``; ``scaling_factor`` multiplies latents before a
-    diffusion model (and divides them before decoding). Pass ``tiling=TileSettings(...)`` (``anim_lab.tiling``) to
-    either to process overlapping tiles in space and time and blend them.
+    ``encode(x) -> LatentDistribution`` and ``decode(z) -> video``; ``scaling_factor`` multiplies latents
+    before a diffusion model (and divides them before decoding). Pass ``tiling=TileSettings(...)``
+    (``anim_lab.tiling``) to either to process overlapping tiles in space and time and blend them.
     """
 
-    def __init__(self, in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-                 layers_per_block=2, norm_num_groups=32, act_fn="silu", scaling_factor=0.476986,
-                 spatial_compression_ratio=8, temporal_compression_ratio=4, mid_block_add_attention=True, **unused):
+    def __init__(
+        self,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        norm_num_groups=32,
+        act_fn="silu",
+        scaling_factor=0.476986,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+        **unused,
+    ):
         super().__init__()
         if act_fn not in ("silu", "swish"):
             raise ValueError(f"only act_fn='silu' is implemented, got {act_fn!r}")
         if any(c % norm_num_groups for c in block_out_channels):
-            raise ValueError(f"every block_out_channels entry {tuple(block_out_channels)} must be divisible by "
-                             f"norm_num_groups={norm_num_groups}")
+            raise ValueError(
+                f"every block_out_channels entry {tuple(block_out_channels)} must be divisible by "
+                f"norm_num_groups={norm_num_groups}"
+            )
         extra = set(unused) - {"down_block_types", "up_block_types", "_class_name", "_diffusers_version"}
         if extra:
             raise TypeError(f"CausalVAE got unexpected config keys {sorted(extra)}")
         self.config = dict(
-            in_channels=in_channels, out_channels=out_channels, latent_channels=latent_channels,
-            block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-            norm_num_groups=norm_num_groups, act_fn=act_fn, scaling_factor=scaling_factor,
-            spatial_compression_ratio=spatial_compression_ratio, temporal_compression_ratio=temporal_compression_ratio,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            latent_channels=latent_channels,
+            block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block,
+            norm_num_groups=norm_num_groups,
+            act_fn=act_fn,
+            scaling_factor=scaling_factor,
+            spatial_compression_ratio=spatial_compression_ratio,
+            temporal_compression_ratio=temporal_compression_ratio,
             mid_block_add_attention=mid_block_add_attention,
         )
         self.scaling_factor = scaling_factor
         self.spatial_compression_ratio = spatial_compression_ratio
         self.temporal_compression_ratio = temporal_compression_ratio
-        common = dict(block_out_channels=block_out_channels, layers_per_block=layers_per_block,
-                      norm_num_groups=norm_num_groups, spatial_compression_ratio=spatial_compression_ratio,
-                      temporal_compression_ratio=temporal_compression_ratio,
-                      mid_block_add_attention=mid_block_add_attention)
+        common = dict(
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            norm_num_groups=norm_num_groups,
+            spatial_compression_ratio=spatial_compression_ratio,
+            temporal_compression_ratio=temporal_compression_ratio,
+            mid_block_add_attention=mid_block_add_attention,
+        )
         self.encoder = EncoderCausal3D(in_channels, latent_channels, **common)
         self.decoder = DecoderCausal3D(latent_channels, out_channels, **common)
         self.quant_conv = nn.Conv3d(2 * latent_channels, 2 * latent_channels, 1)
         self.post_quant_conv = nn.Conv3d(latent_channels, latent_channels, 1)
 
-    # -- checks -------------------------------------------------------------------------------------------------------
+    # -- checks ----------------------------------------------------------------------------------------------
     def _check(self, x, channels: int, what: str, spatial_multiple: int, check_frames: bool) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{what} must be a torch.Tensor of shape (B, C, F, H, W), got {type(x).__name__}")
         if x.ndim != 5:
             hint = " (a batch of images? add a frame axis: x.unsqueeze(2))" if x.ndim == 4 else ""
-            raise ValueError(f"{what} must have 5 dimensions (B, C, F, H, W), got shape {tuple(x.shape)}{hint}")
+            raise ValueError(
+                f"{what} must have 5 dimensions (B, C, F, H, W), got shape {tuple(x.shape)}{hint}"
+            )
         if x.shape[1] != channels:
-            raise ValueError(f"{what} must have {channels} channels in dim 1 (B, C, F, H, W), got shape "
-                             f"{tuple(x.shape)}; is the channel axis in the right place?")
+            raise ValueError(
+                f"{what} must have {channels} channels in dim 1 (B, C, F, H, W), got shape "
+                f"{tuple(x.shape)}; is the channel axis in the right place?"
+            )
         if check_frames:
             check_num_frames(x.shape[2], self.temporal_compression_ratio)
         h, w = x.shape[-2:]
         if h % spatial_multiple or w % spatial_multiple:
-            raise ValueError(f"{what} height and width must be multiples of {spatial_multiple}, got {h}x{w}; "
-                             f"resize or crop the frames")
+            raise ValueError(
+                f"{what} height and width must be multiples of {spatial_multiple}, got {h}x{w}; "
+                f"resize or crop the frames"
+            )
 
-    # -- raw passes (no checks), used by anim_lab.tiling on tiles ------------------------------------------------------
+    # -- raw passes (no checks), used by anim_lab.tiling on tiles --------------------------------------------
     def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, T, H, W) -> (B, 2 * latent_channels, T_lat, H/8, W/8), no checks, no tiling."""
         return self.quant_conv(self.encoder(x))
@@ -428,7 +526,7 @@ class CausalVAE(nn.Module):
         """(B, latent_channels, T_lat, h, w) -> (B, 3, 4 (T_lat - 1) + 1, 8h, 8w), no checks, no tiling."""
         return self.decoder(self.post_quant_conv(z))
 
-    # -- public API ---------------------------------------------------------------------------------------------------
+    # -- public API ------------------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, tiling=None) -> LatentDistribution:
         """Video (B, 3, T, H, W) in [-1, 1] -> posterior over latents (B, C, (T - 1)//4 + 1, H/8, W/8)."""
         self._check(x, self.config["in_channels"], "video", self.spatial_compression_ratio, True)
@@ -439,8 +537,8 @@ class CausalVAE(nn.Module):
         return LatentDistribution(tiled_encode(self, x, tiling))
 
     def decode(self, z: torch.Tensor, tiling=None) -> torch.Tensor:
-        """Latents (B, C, T_lat, h, w) (unscaled: divide by ``scaling_factor`` first) -> video (B, 3, 4(T_lat-1)+1,
-        8h, 8w)."""
+        """Latents (B, C, T_lat, h, w) (unscaled: divide by ``scaling_factor`` first) -> video (B, 3,
+        4(T_lat-1)+1, 8h, 8w)."""
         self._check(z, self.config["latent_channels"], "latents", 1, False)
         if tiling is None:
             return self.decode_latents(z)
@@ -448,20 +546,28 @@ class CausalVAE(nn.Module):
 
         return tiled_decode(self, z, tiling)
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None,
-                tiling=None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        sample_posterior: bool = False,
+        generator: torch.Generator | None = None,
+        tiling=None,
+    ) -> torch.Tensor:
         posterior = self.encode(x, tiling=tiling)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z, tiling=tiling)
 
-    # -- files (diffusers folder layout: config.json + diffusion_pytorch_model.safetensors) ---------------------------
+    # -- files (diffusers folder layout: config.json + diffusion_pytorch_model.safetensors) ------------------
     def save_pretrained(self, folder: str | Path) -> None:
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        cfg = {"_class_name": "AutoencoderKLHunyuanVideo", **self.config,
-               "block_out_channels": list(self.config["block_out_channels"])}
+        cfg = {
+            "_class_name": "AutoencoderKLHunyuanVideo",
+            **self.config,
+            "block_out_channels": list(self.config["block_out_channels"]),
+        }
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         tmp_w, tmp_c = folder / (WEIGHTS_NAME + ".tmp"), folder / (CONFIG_NAME + ".tmp")
         save_file(state, str(tmp_w))
@@ -480,7 +586,8 @@ class CausalVAE(nn.Module):
         if not cfg_path.is_file() or not w_path.is_file():
             raise FileNotFoundError(
                 f"{folder} must hold {CONFIG_NAME} and {WEIGHTS_NAME} (diffusers layout); "
-                f"for the toy model run scripts/train_causal_vae.py or use the committed anim_lab/assets/toy_causal_vae"
+                f"for the toy model run scripts/train_causal_vae.py or use the committed "
+                f"anim_lab/assets/toy_causal_vae"
             )
         cfg = json.loads(cfg_path.read_text())
         model = cls(**cfg)
@@ -488,7 +595,9 @@ class CausalVAE(nn.Module):
         state = {k.removeprefix("vae."): v for k, v in state.items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{w_path} does not fit this config: missing keys {missing[:8]}"
-                             f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-                             f"{' ...' if len(unexpected) > 8 else ''}")
+            raise ValueError(
+                f"{w_path} does not fit this config: missing keys {missing[:8]}"
+                f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                f"{' ...' if len(unexpected) > 8 else ''}"
+            )
         return model.eval()

@@ -6,10 +6,11 @@ AnimateAnyone-style pipelines replace SD's text prompt with the reference image,
         --CLIPVisionModelWithProjection--> image_embeds (B, 768) --unsqueeze--> tokens (B, 1, 768)
 
 - One token per image: the projected, pooled (CLS) embedding. The UNet's cross-attention layers attend to it
-  (``encoder_hidden_states``), so it carries only what survives global pooling: colours, layout, coarse identity.
-- Classifier-free guidance uses **zeros** as the unconditional tokens (``torch.zeros_like``), not the embedding of a
-  blank image: cross-attention over a single all-zero token gives keys and values equal to the projection biases
-  (none in SD's attention), a context that carries no information about any image.
+  (``encoder_hidden_states``), so it carries only what survives global pooling: colours, layout, coarse
+  identity.
+- Classifier-free guidance uses **zeros** as the unconditional tokens (``torch.zeros_like``), not the
+  embedding of a blank image: cross-attention over a single all-zero token gives keys and values equal to the
+  projection biases (none in SD's attention), a context that carries no information about any image.
 - Preprocessing (:class:`ClipPreprocess`) is transformers' ``CLIPImageProcessor`` written with torch: bicubic
   resize of the shortest edge, centre crop, OpenAI mean/std. Tested against the transformers processor.
 - The toy world's CLIP (``scripts/train_toy_clip.py``) is a ``CLIPModel`` with both towers and a word-level
@@ -58,7 +59,7 @@ TOY_CLIP_DIR = _ASSETS / "toy_clip"
 TOY_IMAGE_ENCODER_DIR = _ASSETS / "toy_image_encoder"
 
 
-# --- preprocessing ----------------------------------------------------------------------------------------------
+# --- preprocessing ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ClipPreprocess:
     """``CLIPImageProcessor`` in torch: resize shortest edge to ``size`` (bicubic), centre crop ``crop_size``,
@@ -70,7 +71,7 @@ class ClipPreprocess:
     std: tuple[float, float, float] = CLIP_STD
 
     @classmethod
-    def from_processor(cls, processor) -> "ClipPreprocess":
+    def from_processor(cls, processor) -> ClipPreprocess:
         """Read the sizes and statistics of a transformers ``CLIPImageProcessor``."""
         crop = processor.crop_size
         if crop["height"] != crop["width"]:
@@ -83,7 +84,7 @@ class ClipPreprocess:
         )
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "ClipPreprocess":
+    def from_folder(cls, folder: str | Path) -> ClipPreprocess:
         """Read ``preprocessor_config.json`` from a model folder (as saved next to the toy encoders)."""
         try:  # transformers >= 5 names the PIL implementation apart
             from transformers import CLIPImageProcessorPil as Processor
@@ -124,13 +125,12 @@ class ClipPreprocess:
         return (x - mean) / std
 
 
-# --- building and loading ---------------------------------------------------------------------------------------
+# --- building and loading -----------------------------------------------------------------------------------
 def build_image_encoder(config: dict, device: str | torch.device = "cpu") -> CLIPVisionModelWithProjection:
-    """A ``CLIPVisionModelWithProjection`` from ``CLIPVisionConfig`` kwargs (``configs.SD15.image_encoder`` ...).
-    ``device="meta"`` builds shapes only (ViT-L/14: 24 layers, width 1024, projection 768)."""
+    """A ``CLIPVisionModelWithProjection`` from ``CLIPVisionConfig`` kwargs (``configs.SD15.image_encoder``
+    ...). ``device="meta"`` builds shapes only (ViT-L/14: 24 layers, width 1024, projection 768)."""
     with torch.device(device):
         return CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
-
 
 
 def _resolve(path_or_id: str | Path, subfolder: str | None, what: str) -> tuple[str | Path, dict]:
@@ -142,8 +142,9 @@ def _resolve(path_or_id: str | Path, subfolder: str | None, what: str) -> tuple[
 def load_image_encoder(
     path_or_id: str | Path, subfolder: str | None = None, torch_dtype: torch.dtype = torch.float32
 ) -> CLIPVisionModelWithProjection:
-    """Load the image encoder from a local folder or a hub id (e.g. ``lambdalabs/sd-image-variations-diffusers``
-    with ``subfolder="image_encoder"``). Missing or incomplete local folders get a FileNotFoundError."""
+    """Load the image encoder from a local folder or a hub id (e.g.
+    ``lambdalabs/sd-image-variations-diffusers`` with ``subfolder="image_encoder"``). Missing or incomplete
+    local folders get a FileNotFoundError."""
     where, kw = _resolve(path_or_id, subfolder, "image encoder")
     model = CLIPVisionModelWithProjection.from_pretrained(where, dtype=torch_dtype, **kw)
     return model.eval().requires_grad_(False)
@@ -171,7 +172,8 @@ def load_toy_clip():
 def vision_tower_of(clip: CLIPModel) -> CLIPVisionModelWithProjection:
     """The image tower of a ``CLIPModel`` as a standalone ``CLIPVisionModelWithProjection`` (same weights).
 
-    Both classes name their parts ``vision_model.*`` and ``visual_projection.*``, so the state dict carries over.
+    Both classes name their parts ``vision_model.*`` and ``visual_projection.*``, so the state dict carries
+    over.
     """
     vcfg = clip.config.vision_config.to_dict()
     vcfg["projection_dim"] = clip.config.projection_dim
@@ -183,7 +185,7 @@ def vision_tower_of(clip: CLIPModel) -> CLIPVisionModelWithProjection:
     return encoder.eval()
 
 
-# --- image embeddings -> cross-attention tokens -----------------------------------------------------------------
+# --- image embeddings -> cross-attention tokens -------------------------------------------------------------
 def image_embeds_to_tokens(image_embeds: torch.Tensor) -> torch.Tensor:
     """(B, D) projected embeddings -> (B, 1, D): one token for the UNet's cross-attention."""
     if image_embeds.ndim != 2:
@@ -213,7 +215,7 @@ def uncond_tokens_like(tokens: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(tokens)
 
 
-# --- similarity -------------------------------------------------------------------------------------------------
+# --- similarity ---------------------------------------------------------------------------------------------
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise cosine similarity of (..., D) tensors -> (...)."""
     return (F.normalize(a.float(), dim=-1) * F.normalize(b.float(), dim=-1)).sum(-1)
@@ -226,15 +228,15 @@ def cosine_similarity_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
 
 
-# --- text side (the toy CLIP's word-level tokenizer) ------------------------------------------------------------
+# --- text side (the toy CLIP's word-level tokenizer) --------------------------------------------------------
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")  # ids 0..3; eos id 3 (not 2: see CLIPTextTransformer)
 
 
 def build_word_tokenizer(words: list[str], model_max_length: int = 16):
     """A word-level tokenizer: lower-case, split on spaces and punctuation, ``<bos> words <eos>``.
 
-    Returned as a transformers fast tokenizer, so ``save_pretrained`` / ``AutoTokenizer.from_pretrained`` work.
-    Ids: ``<pad>`` 0, ``<unk>`` 1, ``<bos>`` 2, ``<eos>`` 3, then ``words`` in order.
+    Returned as a transformers fast tokenizer, so ``save_pretrained`` / ``AutoTokenizer.from_pretrained``
+    work. Ids: ``<pad>`` 0, ``<unk>`` 1, ``<bos>`` 2, ``<eos>`` 3, then ``words`` in order.
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -274,7 +276,8 @@ def zero_shot_classify(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick, for each image, the prompt whose text embedding is most similar.
 
-    pixel_values (B, 3, S, S) (already preprocessed) and K prompts -> (predicted index (B,), similarities (B, K)).
+    pixel_values (B, 3, S, S) (already preprocessed) and K prompts -> (predicted index (B,), similarities (B,
+    K)).
     """
     image_embeds = clip.get_image_features(pixel_values=pixel_values)
     image_embeds = (
@@ -285,9 +288,10 @@ def zero_shot_classify(
     return sims.argmax(dim=1), sims
 
 
-# --- the toy world's captions -----------------------------------------------------------------------------------
-# Captions are sets of attribute phrases ("red hair, open mouth"). Zero-shot classification of an attribute compares
-# an image with the phrases of all its values ("black hair", "brown hair", ...) and picks the most similar.
+# --- the toy world's captions -------------------------------------------------------------------------------
+# Captions are sets of attribute phrases ("red hair, open mouth"). Zero-shot classification of an attribute
+# compares an image with the phrases of all its values ("black hair", "brown hair", ...) and picks the most
+# similar.
 TOY_PHRASES = {
     "hair": "{} hair",
     "hairstyle": "{} hair",
@@ -302,8 +306,8 @@ TOY_PHRASES = {
 
 
 def toy_caption_attributes() -> dict[str, tuple[str, ...]]:
-    """The attributes the toy CLIP's captions name and their values: the toy identities' categorical attributes
-    plus the expression states ``mouth`` (open/closed) and ``eyelids`` (open/closed)."""
+    """The attributes the toy CLIP's captions name and their values: the toy identities' categorical
+    attributes plus the expression states ``mouth`` (open/closed) and ``eyelids`` (open/closed)."""
     from anim_lab.toy import ATTRIBUTES
 
     return {
@@ -321,7 +325,8 @@ def toy_phrase(attribute: str, value: str) -> str:
 
 
 def toy_vocabulary() -> list[str]:
-    """Every word of every toy phrase, plus the comma that separates phrases (sorted, for a stable tokenizer)."""
+    """Every word of every toy phrase, plus the comma that separates phrases (sorted, for a stable
+    tokenizer)."""
     words = {
         w
         for attr, values in toy_caption_attributes().items()

@@ -1,7 +1,8 @@
 """Named presets: the same structures at three sizes.
 
-- ``SD15``: the real Stable Diffusion 1.5 / AnimateAnyone sizes. Build them on the ``meta`` device to see shapes,
-  parameter counts and FLOPs with no weights, or load published weights into them (``anim_lab.weights``).
+- ``SD15``: the real Stable Diffusion 1.5 / AnimateAnyone sizes. Build them on the ``meta`` device to see
+  shapes, parameter counts and FLOPs with no weights, or load published weights into them
+  (``anim_lab.weights``).
 - ``TINY``: the same structures, small enough that a forward pass takes milliseconds on a CPU (unit tests).
 - ``TOY``: the sizes of the tiny models this project trains on the toy portrait world (filled in by the issues
   that train them).
@@ -22,7 +23,8 @@ __all__ = ["Preset", "SD15", "TINY", "TOY", "PRESETS", "get_preset"]
 class Preset:
     """One size of the whole AnimateAnyone-style system.
 
-    ``unet``: diffusers ``UNet2DConditionModel`` kwargs (the 2D backbone of both the reference and denoising UNet).
+    ``unet``: diffusers ``UNet2DConditionModel`` kwargs (the 2D backbone of both the reference and
+    denoising UNet).
     ``vae``: diffusers ``AutoencoderKL`` kwargs; ``vae_scaling_factor`` multiplies latents before the UNet.
     ``image_encoder``: transformers ``CLIPVisionConfig`` kwargs (with ``projection_dim``) for
     ``CLIPVisionModelWithProjection``: its projected embedding is the single cross-attention token.
@@ -56,7 +58,7 @@ class Preset:
         raise KeyError(f"preset {self.name!r} has no component {component!r}; known: {known}")
 
 
-# --- Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5 unet/config.json, vae/config.json) ----------------------
+# --- Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5 unet/config.json, vae/config.json) ----------------
 _SD15_UNET = dict(
     sample_size=64,
     in_channels=4,
@@ -103,11 +105,15 @@ _SD15_IMAGE_ENCODER = dict(
     layer_norm_eps=1e-5,
 )
 
-# AnimateAnyone PoseGuider as used at inference: 3 stride-2 convs (8x down), output 320 channels = UNet conv_in width.
-_SD15_POSE_GUIDER = dict(conditioning_channels=3, block_out_channels=(16, 32, 96, 256), conditioning_embedding_channels=320)
+# AnimateAnyone PoseGuider as used at inference: 3 stride-2 convs (8x down), output 320 channels = UNet
+# conv_in width.
+_SD15_POSE_GUIDER = dict(
+    conditioning_channels=3, block_out_channels=(16, 32, 96, 256), conditioning_embedding_channels=320
+)
 
-# Motion modules (AnimateDiff "Vanilla", inference_v2.yaml of Moore-AnimateAnyone / AniPortrait): kwargs of one
-# anim_lab.motion.MotionModule plus where they go. resolutions (1, 2, 4, 8) + mid block = 21 modules in SD1.5's UNet.
+# Motion modules (AnimateDiff "Vanilla", inference_v2.yaml of Moore-AnimateAnyone / AniPortrait): kwargs of
+# one anim_lab.motion.MotionModule plus where they go. resolutions (1, 2, 4, 8) + mid block = 21 modules in
+# SD1.5's UNet.
 _SD15_MOTION = dict(
     num_attention_heads=8,
     num_transformer_block=1,
@@ -121,7 +127,8 @@ _SD15_MOTION = dict(
 )
 
 # HunyuanVideo's causal 3D VAE ("884-16c-hy": 8x space, 4x time, 16 latent channels); the same kwargs build
-# anim_lab.causal_vae.CausalVAE and diffusers' AutoencoderKLHunyuanVideo. Not part of SD1.5, but the real size.
+# anim_lab.causal_vae.CausalVAE and diffusers' AutoencoderKLHunyuanVideo. Not part of SD1.5, but the real
+# size.
 _HUNYUAN_CAUSAL_VAE = dict(
     in_channels=3,
     out_channels=3,
@@ -149,7 +156,7 @@ SD15 = Preset(
     extra=dict(motion=_SD15_MOTION, causal_vae=_HUNYUAN_CAUSAL_VAE),
 )
 
-# --- TINY: the same structures, milliseconds on a CPU ------------------------------------------------------------
+# --- TINY: the same structures, milliseconds on a CPU -------------------------------------------------------
 TINY = Preset(
     name="TINY",
     unet=dict(
@@ -161,7 +168,9 @@ TINY = Preset(
         cross_attention_dim=32,
         norm_num_groups=8,
     ),
-    vae=dict(_SD15_VAE, block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64),
+    vae=dict(
+        _SD15_VAE, block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64
+    ),
     image_encoder=dict(
         _SD15_IMAGE_ENCODER,
         hidden_size=32,
@@ -172,19 +181,27 @@ TINY = Preset(
         patch_size=8,
         projection_dim=32,
     ),
-    pose_guider=dict(conditioning_channels=3, block_out_channels=(4, 8, 8, 16), conditioning_embedding_channels=32),
+    pose_guider=dict(
+        conditioning_channels=3, block_out_channels=(4, 8, 8, 16), conditioning_embedding_channels=32
+    ),
     height=64,
     width=64,
     num_frames=4,
     vae_scaling_factor=0.18215,
     extra=dict(
         motion=dict(_SD15_MOTION, num_attention_heads=4, norm_num_groups=8),
-        causal_vae=dict(_HUNYUAN_CAUSAL_VAE, latent_channels=4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
-                        norm_num_groups=4, scaling_factor=1.0),
+        causal_vae=dict(
+            _HUNYUAN_CAUSAL_VAE,
+            latent_channels=4,
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            scaling_factor=1.0,
+        ),
     ),
 )
 
-# --- TOY: the tiny models trained on the toy portrait world (sizes set by the training issues) -------------------
+# --- TOY: the tiny models trained on the toy portrait world (sizes set by the training issues) --------------
 TOY = Preset(
     name="TOY",
     unet=dict(
@@ -197,9 +214,16 @@ TOY = Preset(
         norm_num_groups=16,
     ),
     # trained by scripts/train_toy_vae.py; 0.93411 = 1 / std of its latents (assets/toy_vae/config.json)
-    vae=dict(_SD15_VAE, block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=128,
-             scaling_factor=0.93411),
-    # trained by scripts/train_toy_clip.py on 96-px face crops (resize 160, centre crop 96), 8x8 patches of 12 px
+    vae=dict(
+        _SD15_VAE,
+        block_out_channels=(16, 32, 64, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=128,
+        scaling_factor=0.93411,
+    ),
+    # trained by scripts/train_toy_clip.py on 96-px face crops (resize 160, centre crop 96), 8x8 patches of 12
+    # px
     image_encoder=dict(
         _SD15_IMAGE_ENCODER,
         hidden_size=128,
@@ -210,16 +234,24 @@ TOY = Preset(
         patch_size=12,
         projection_dim=64,
     ),
-    pose_guider=dict(conditioning_channels=3, block_out_channels=(16, 32, 64, 128), conditioning_embedding_channels=32),
+    pose_guider=dict(
+        conditioning_channels=3, block_out_channels=(16, 32, 64, 128), conditioning_embedding_channels=32
+    ),
     height=128,
     width=128,
     num_frames=16,
     vae_scaling_factor=0.93411,
     extra=dict(
         motion=dict(_SD15_MOTION, num_attention_heads=4, norm_num_groups=16),
-        # trained by scripts/train_causal_vae.py; assets/toy_causal_vae/config.json holds the measured scaling factor
-        causal_vae=dict(_HUNYUAN_CAUSAL_VAE, block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8,
-                        scaling_factor=1.0),
+        # trained by scripts/train_causal_vae.py; assets/toy_causal_vae/config.json holds the measured scaling
+        # factor
+        causal_vae=dict(
+            _HUNYUAN_CAUSAL_VAE,
+            block_out_channels=(16, 32, 64, 64),
+            layers_per_block=1,
+            norm_num_groups=8,
+            scaling_factor=1.0,
+        ),
     ),
 )
 

@@ -1,9 +1,9 @@
 """Look inside models without weights: build on the ``meta`` device, trace shapes, count parameters and FLOPs.
 
-A tensor on the ``meta`` device has a shape and a dtype but no storage, so a full-size model (SD1.5's 860M-parameter
-UNet) builds in a fraction of a second and runs a "forward" that computes every shape and no number. That is enough
-for shape tables, parameter counts and FLOP counts (torch's ``FlopCounterMode`` counts the matrix multiplications and
-convolutions that would run).
+A tensor on the ``meta`` device has a shape and a dtype but no storage, so a full-size model (SD1.5's
+860M-parameter UNet) builds in a fraction of a second and runs a "forward" that computes every shape and no
+number. That is enough for shape tables, parameter counts and FLOP counts (torch's ``FlopCounterMode`` counts
+the matrix multiplications and convolutions that would run).
 
     unet = build("SD15", "unet")                       # on meta
     rows = trace_shapes(unet, x, t, encoder_hidden_states=e, depth=1)
@@ -12,8 +12,9 @@ convolutions that would run).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,7 +94,8 @@ def build(preset: str | Preset, component: str, device: str | torch.device = "me
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (buffers are not parameters: the motion module's position encoding is a buffer)."""
+    """Number of parameters (buffers are not parameters: the motion module's position encoding is a
+    buffer)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
@@ -103,7 +105,8 @@ def weight_bytes(module: nn.Module, dtype: torch.dtype = torch.float16) -> int:
 
 
 def _detached(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    # FlopCounterMode's module tracker hooks autograd; inputs that carry a graph from earlier calls confuse it.
+    # FlopCounterMode's module tracker hooks autograd; inputs that carry a graph from earlier calls confuse
+    # it.
     d = lambda a: a.detach() if isinstance(a, torch.Tensor) else a  # noqa: E731
     return tuple(d(a) for a in args), {k: d(v) for k, v in kwargs.items()}
 
@@ -111,9 +114,9 @@ def _detached(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 def count_flops(module: nn.Module | Callable, *args: Any, **kwargs: Any) -> int:
     """FLOPs of one call ``module(*args, **kwargs)``. A multiply-add counts as 2 FLOPs.
 
-    Count on the meta device: there attention decomposes into matrix products that are counted, whereas on the CPU
-    torch runs ``scaled_dot_product_attention`` as a fused kernel that ``FlopCounterMode`` has no formula for, and
-    the attention FLOPs go missing (tests/test_inspect.py measures the gap).
+    Count on the meta device: there attention decomposes into matrix products that are counted, whereas on the
+    CPU torch runs ``scaled_dot_product_attention`` as a fused kernel that ``FlopCounterMode`` has no formula
+    for, and the attention FLOPs go missing (tests/test_inspect.py measures the gap).
     """
     args, kwargs = _detached(args, kwargs)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -122,13 +125,14 @@ def count_flops(module: nn.Module | Callable, *args: Any, **kwargs: Any) -> int:
 
 
 def flops_by_module(module: nn.Module, *args: Any, depth: int = 1, **kwargs: Any) -> dict[str, int]:
-    """FLOPs of one call, split by submodule at the given depth below ``module`` (names as in ``named_modules``)."""
+    """FLOPs of one call, split by submodule at the given depth below ``module`` (names as in
+    ``named_modules``)."""
     args, kwargs = _detached(args, kwargs)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(*args, **kwargs)
     root = type(module).__name__
     counted = {
-        name[len(root) + 1:]: sum(per_op.values())
+        name[len(root) + 1 :]: sum(per_op.values())
         for name, per_op in counter.get_flop_counts().items()
         if name.startswith(root + ".")
     }
@@ -171,10 +175,11 @@ def trace_shapes(
     include: Callable[[str, nn.Module], bool] | None = None,
     **kwargs: Any,
 ) -> list[ShapeRecord]:
-    """Run ``module(*args, **kwargs)`` once with forward hooks and record each submodule's input/output shapes.
+    """Run ``module(*args, **kwargs)`` once with forward hooks and record each submodule's input/output
+    shapes.
 
-    By default records the direct children (``depth=1``); ``include(name, module)`` selects other modules instead.
-    Records are in call order, so a submodule called twice appears twice.
+    By default records the direct children (``depth=1``); ``include(name, module)`` selects other modules
+    instead. Records are in call order, so a submodule called twice appears twice.
     """
     records: list[ShapeRecord] = []
     handles = []
@@ -189,7 +194,13 @@ def trace_shapes(
 
             def hook(mod, inp, out, name=name):
                 records.append(
-                    ShapeRecord(name, type(mod).__name__, _tensor_shapes(inp), _tensor_shapes(out), count_parameters(mod))
+                    ShapeRecord(
+                        name,
+                        type(mod).__name__,
+                        _tensor_shapes(inp),
+                        _tensor_shapes(out),
+                        count_parameters(mod),
+                    )
                 )
 
             handles.append(m.register_forward_hook(hook))
@@ -214,6 +225,6 @@ def format_table(rows: list[list[Any]], header: list[str]) -> str:
     """A plain-text table with aligned columns (stable output for notebooks)."""
     cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

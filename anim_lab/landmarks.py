@@ -2,27 +2,28 @@
 
 Three things live here, top to bottom:
 
-1. **Topology** — the 478-point face mesh (468 surface points + 10 iris points with ``refine_landmarks=True``) and
-   the groups of points that matter for portraits: face oval, eyes, eyebrows, lips, irises. Written out as ordered
-   paths (readable, no mediapipe import needed); ``tests/test_landmarks.py`` checks them against mediapipe's own
-   ``FACEMESH_*`` connection sets.
-2. **Pose images** — the landmarks drawn as AniPortrait draws them (``FaceMeshVisualizer(forehead_edge=False)``):
-   separately coloured line sets on black, lines only, no points, no irises. Works for any landmarks in pixels —
-   from mediapipe on a real face or from the toy renderer.
-3. **Detection** — mediapipe 0.10.21 ``FaceMesh`` (imported lazily: the rest of the package does not need it), for
-   single images (``static_image_mode=True``) and videos (tracking mode), and **Video2Pose**: a video → a pose-image
-   video with the same fps (and the audio carried over).
+1. **Topology** — the 478-point face mesh (468 surface points + 10 iris points with ``refine_landmarks=True``)
+   and the groups of points that matter for portraits: face oval, eyes, eyebrows, lips, irises. Written out as
+   ordered paths (readable, no mediapipe import needed); ``tests/test_landmarks.py`` checks them against
+   mediapipe's own ``FACEMESH_*`` connection sets.
+2. **Pose images** — the landmarks drawn as AniPortrait draws them
+   (``FaceMeshVisualizer(forehead_edge=False)``): separately coloured line sets on black, lines only, no
+   points, no irises. Works for any landmarks in pixels — from mediapipe on a real face or from the toy
+   renderer.
+3. **Detection** — mediapipe 0.10.21 ``FaceMesh`` (imported lazily: the rest of the package does not need it),
+   for single images (``static_image_mode=True``) and videos (tracking mode), and **Video2Pose**: a video → a
+   pose-image video with the same fps (and the audio carried over).
 
-Conventions: images are ``(H, W, 3)`` uint8 RGB arrays; landmarks are ``(478, 2)`` float32 pixel ``(x, y)`` with
-integer values at pixel centres (``x = 0`` is the centre of the first column).
+Conventions: images are ``(H, W, 3)`` uint8 RGB arrays; landmarks are ``(478, 2)`` float32 pixel ``(x, y)``
+with integer values at pixel centres (``x = 0`` is the centre of the first column).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -30,16 +31,82 @@ import numpy as np
 NUM_LANDMARKS = 478  # 468 face-mesh points + 2 × 5 iris points (refine_landmarks=True)
 NUM_MESH_POINTS = 468
 
-# ----------------------------------------------------------------------------------------------------------------
-# 1. Topology. "Left"/"right" are the subject's, as in mediapipe: the subject's right eye is on the image's left.
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+# 1. Topology. "Left"/"right" are the subject's, as in mediapipe: the subject's right eye is on the image's
+#    left.
+# ------------------------------------------------------------------------------------------------------------
 
 # The full face oval, a closed loop starting at the forehead centre (10) and going clockwise in the image.
-FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
-             152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109, 10)
-# AniPortrait's custom oval: the same loop without the 10 forehead edges (21 … 10 … 251): an open 26-edge path.
-FACE_OVAL_NO_FOREHEAD = (251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
-                         152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21)
+FACE_OVAL = (
+    10,
+    338,
+    297,
+    332,
+    284,
+    251,
+    389,
+    356,
+    454,
+    323,
+    361,
+    288,
+    397,
+    365,
+    379,
+    378,
+    400,
+    377,
+    152,
+    148,
+    176,
+    149,
+    150,
+    136,
+    172,
+    58,
+    132,
+    93,
+    234,
+    127,
+    162,
+    21,
+    54,
+    103,
+    67,
+    109,
+    10,
+)
+# AniPortrait's custom oval: the same loop without the 10 forehead edges (21 … 10 … 251): an open 26-edge
+# path.
+FACE_OVAL_NO_FOREHEAD = (
+    251,
+    389,
+    356,
+    454,
+    323,
+    361,
+    288,
+    397,
+    365,
+    379,
+    378,
+    400,
+    377,
+    152,
+    148,
+    176,
+    149,
+    150,
+    136,
+    172,
+    58,
+    132,
+    93,
+    234,
+    127,
+    162,
+    21,
+)
 
 # Eyes: the lid contours from the outer corner to the inner corner.
 RIGHT_EYE_UPPER = (33, 246, 161, 160, 159, 158, 157, 173, 133)
@@ -71,7 +138,7 @@ CHIN = 152
 
 def path_edges(path: Sequence[int]) -> set[tuple[int, int]]:
     """The edges of a path as unordered pairs: ``(a, b, c) -> {(a, b), (b, c)}`` (each pair sorted)."""
-    return {tuple(sorted(pair)) for pair in zip(path[:-1], path[1:])}
+    return {tuple(sorted(pair)) for pair in zip(path[:-1], path[1:], strict=True)}
 
 
 # Point groups (sets of indices) for colouring the 478 points and measuring errors per region.
@@ -87,13 +154,14 @@ GROUPS: dict[str, tuple[int, ...]] = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 2. Pose images, as AniPortrait draws them (src/utils/draw_util.py, FaceMeshVisualizer(forehead_edge=False)).
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
-# (name, path, colour). Colours are written into the array's channels in this order (channel 0 first), which is
-# what AniPortrait's PoseGuider sees in training and inference (its drawer works in "BGR" and the model consumes
-# that array unchanged; only the *_kps.mp4 files it saves for people are flipped to RGB). The lips are 8 arcs.
+# (name, path, colour). Colours are written into the array's channels in this order (channel 0 first), which
+# is what AniPortrait's PoseGuider sees in training and inference (its drawer works in "BGR" and the model
+# consumes that array unchanged; only the *_kps.mp4 files it saves for people are flipped to RGB). The lips
+# are 8 arcs.
 POSE_PARTS: tuple[tuple[str, tuple[int, ...], tuple[int, int, int]], ...] = (
     ("face_oval", FACE_OVAL_NO_FOREHEAD, (10, 200, 10)),
     ("left_eye_upper", LEFT_EYE_UPPER, (180, 200, 10)),
@@ -120,7 +188,8 @@ _SHIFT = 4  # cv2 fixed-point bits: landmarks are drawn with 1/16-pixel precisio
 
 
 def pose_thickness(height: int, width: int) -> int:
-    """Line thickness for a pose image: AniPortrait's 2 px at 512 px, scaled with the image size (at least 1)."""
+    """Line thickness for a pose image: AniPortrait's 2 px at 512 px, scaled with the image size
+    (at least 1)."""
     return max(1, int(round(POSE_REFERENCE_THICKNESS * min(height, width) / POSE_REFERENCE_SIZE)))
 
 
@@ -132,7 +201,9 @@ def _check_landmarks(landmarks, what: str = "landmarks") -> np.ndarray:
             f"ignored), got {arr.shape}"
         )
     if not np.isfinite(arr[:, :2]).all():
-        raise ValueError(f"{what} contain NaN or inf; drop the frame or fill it (e.g. hold the last good landmarks)")
+        raise ValueError(
+            f"{what} contain NaN or inf; drop the frame or fill it (e.g. hold the last good landmarks)"
+        )
     return arr[:, :2]
 
 
@@ -173,9 +244,9 @@ def draw_pose_image(
     return canvas
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 3. Detection with mediapipe face mesh.
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 MEDIAPIPE_HINT = (
     "anim_lab needs mediapipe 0.10.21, the last release with the face-mesh models and `mp.solutions`: "
@@ -197,7 +268,9 @@ def _import_face_mesh():
     face_mesh = getattr(solutions, "face_mesh", None) if solutions is not None else None
     if face_mesh is None:
         version = getattr(mp, "__version__", "unknown")
-        raise ImportError(f"the installed mediapipe {version} has no mp.solutions.face_mesh. {MEDIAPIPE_HINT}")
+        raise ImportError(
+            f"the installed mediapipe {version} has no mp.solutions.face_mesh. {MEDIAPIPE_HINT}"
+        )
     return face_mesh
 
 
@@ -223,7 +296,8 @@ class FaceLandmarks:
 
     @property
     def xyz(self) -> np.ndarray:
-        """``(478, 3)`` float32: pixel x, y and z in pixels of the width (smaller z = closer to the camera)."""
+        """``(478, 3)`` float32: pixel x, y and z in pixels of the width (smaller z = closer to the
+        camera)."""
         z = self.normalized[:, 2:3] * self.width  # (478, 1)
         return np.concatenate([self.pixels, z], axis=1).astype(np.float32)
 
@@ -231,11 +305,13 @@ class FaceLandmarks:
 def as_rgb_uint8(image, name: str = "image") -> np.ndarray:
     """Check an image and return it as a contiguous ``(H, W, 3)`` uint8 RGB array.
 
-    Grayscale ``(H, W)`` / ``(H, W, 1)`` is repeated to 3 channels and RGBA loses its alpha; anything that is not
-    uint8 is rejected (convert floats with ``(img_01 * 255).round().astype(np.uint8)``).
+    Grayscale ``(H, W)`` / ``(H, W, 1)`` is repeated to 3 channels and RGBA loses its alpha; anything that is
+    not uint8 is rejected (convert floats with ``(img_01 * 255).round().astype(np.uint8)``).
     """
     if hasattr(image, "detach"):  # a torch tensor
-        raise TypeError(f"{name} is a torch tensor; pass a (H, W, 3) uint8 numpy array (e.g. from anim_lab.video)")
+        raise TypeError(
+            f"{name} is a torch tensor; pass a (H, W, 3) uint8 numpy array (e.g. from anim_lab.video)"
+        )
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
         raise TypeError(
@@ -251,23 +327,26 @@ def as_rgb_uint8(image, name: str = "image") -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"{name} must be (H, W), (H, W, 3) RGB or (H, W, 4) RGBA, got shape {arr.shape}")
     if min(arr.shape[:2]) < 32:
-        raise ValueError(f"{name} is {arr.shape[1]}x{arr.shape[0]} px; face mesh needs at least 32 px per side")
+        raise ValueError(
+            f"{name} is {arr.shape[1]}x{arr.shape[0]} px; face mesh needs at least 32 px per side"
+        )
     return np.ascontiguousarray(arr)
 
 
 class FaceLandmarker:
     """mediapipe face mesh (478 points) on images or on the frames of one video.
 
-    ``video=False`` runs detection on every image independently (mediapipe's ``static_image_mode``); ``video=True``
-    tracks the face from frame to frame (faster and steadier; frames must be given in order). Use as a context
-    manager, or call :meth:`close`.
+    ``video=False`` runs detection on every image independently (mediapipe's ``static_image_mode``);
+    ``video=True`` tracks the face from frame to frame (faster and steadier; frames must be given in order).
+    Use as a context manager, or call :meth:`close`.
 
     >>> with FaceLandmarker() as lm:
     ...     face = lm.detect(img)          # FaceLandmarks; face.pixels is (478, 2)
     """
 
-    def __init__(self, video: bool = False, min_detection_confidence: float = 0.5,
-                 min_tracking_confidence: float = 0.5):
+    def __init__(
+        self, video: bool = False, min_detection_confidence: float = 0.5, min_tracking_confidence: float = 0.5
+    ):
         face_mesh = _import_face_mesh()
         self.video = video
         self._mesh = face_mesh.FaceMesh(
@@ -279,13 +358,14 @@ class FaceLandmarker:
         )
 
     def detect(self, image, name: str = "image") -> FaceLandmarks:
-        """Landmarks of the (largest-confidence) face in ``image``; :class:`NoFaceError` naming ``name`` if none."""
+        """Landmarks of the (largest-confidence) face in ``image``; :class:`NoFaceError` naming ``name`` if
+        none."""
         rgb = as_rgb_uint8(image, name)
         result = self._mesh.process(rgb)
         if not result.multi_face_landmarks:
             raise NoFaceError(
-                f"no face found in {name} ({rgb.shape[1]}x{rgb.shape[0]} px); the face should be upright-ish, "
-                f"unoccluded and at least ~60 px tall"
+                f"no face found in {name} ({rgb.shape[1]}x{rgb.shape[0]} px); "
+                f"the face should be upright-ish, unoccluded and at least ~60 px tall"
             )
         points = result.multi_face_landmarks[0].landmark
         normalized = np.array([(p.x, p.y, p.z) for p in points], np.float32)  # (478, 3)
@@ -294,7 +374,7 @@ class FaceLandmarker:
     def close(self) -> None:
         self._mesh.close()
 
-    def __enter__(self) -> "FaceLandmarker":
+    def __enter__(self) -> FaceLandmarker:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -308,7 +388,8 @@ def detect_landmarks(image, name: str = "image") -> FaceLandmarks:
 
 
 def _frames_in(source, fps):
-    """(frames iterator, fps, number of frames or None, audio path or None) of a video path or frame sequence."""
+    """(frames iterator, fps, number of frames or None, audio path or None) of a video path or frame
+    sequence."""
     from anim_lab import video as vio
 
     if isinstance(source, (str, os.PathLike)):
@@ -319,14 +400,15 @@ def _frames_in(source, fps):
     return iter(source), fps, len(source), None  # checked frame by frame in landmark_stream
 
 
-def landmark_stream(frames: Iterable, *, on_missing: str = "hold", progress: bool = True,
-                    total: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def landmark_stream(
+    frames: Iterable, *, on_missing: str = "hold", progress: bool = True, total: int | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(frame, landmarks (478, 2))`` for every frame of a video, in order, in tracking mode.
 
-    Frames with no face follow ``on_missing``: ``"hold"`` gives them the last good landmarks (AniPortrait's vid2pose
-    policy) — frames before the first detection get the first good ones, so they are yielded once it arrives (they
-    are buffered until then); ``"error"`` raises :class:`NoFaceError` naming the frame. If no frame has a face:
-    :class:`NoFaceError`. All frames must have the same size.
+    Frames with no face follow ``on_missing``: ``"hold"`` gives them the last good landmarks (AniPortrait's
+    vid2pose policy) — frames before the first detection get the first good ones, so they are yielded once it
+    arrives (they are buffered until then); ``"error"`` raises :class:`NoFaceError` naming the frame. If no
+    frame has a face: :class:`NoFaceError`. All frames must have the same size.
     """
     if on_missing not in ("hold", "error"):
         raise ValueError(f'on_missing must be "hold" or "error", got {on_missing!r}')
@@ -343,8 +425,10 @@ def landmark_stream(frames: Iterable, *, on_missing: str = "hold", progress: boo
             if size is None:
                 size = frame.shape[:2]
             elif frame.shape[:2] != size:
-                raise ValueError(f"frame {i} is {frame.shape[1]}x{frame.shape[0]} but frame 0 is "
-                                 f"{size[1]}x{size[0]}; all frames must have the same size")
+                raise ValueError(
+                    f"frame {i} is {frame.shape[1]}x{frame.shape[0]} but frame 0 is "
+                    f"{size[1]}x{size[0]}; all frames must have the same size"
+                )
             try:
                 points = lm.detect(frame, name=f"frame {i}").pixels
             except NoFaceError:
@@ -365,8 +449,9 @@ def landmark_stream(frames: Iterable, *, on_missing: str = "hold", progress: boo
         raise NoFaceError(f"no face found in any of the {count} frames")
 
 
-def track_landmarks(frames: Iterable, *, on_missing: str = "hold", progress: bool = True,
-                    total: int | None = None) -> np.ndarray:
+def track_landmarks(
+    frames: Iterable, *, on_missing: str = "hold", progress: bool = True, total: int | None = None
+) -> np.ndarray:
     """Landmarks for every frame of a video (tracking mode): ``(F, 478, 2)`` float32 pixels.
 
     ``frames``: ``(H, W, 3)`` uint8 frames in order, all the same size. Frames without a face: see
@@ -376,9 +461,9 @@ def track_landmarks(frames: Iterable, *, on_missing: str = "hold", progress: boo
     return np.stack(points).astype(np.float32)  # (F, 478, 2)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 4. Video2Pose.
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def video_to_pose(
@@ -423,6 +508,8 @@ def video_to_pose(
             height, width = frame.shape[:2]
             out_h, out_w = (height, width) if size is None else size
             scale = np.array([out_w / width, out_h / height])
-            writer.write(draw_pose_image((points + 0.5) * scale - 0.5, out_h, out_w))  # source -> output pixels
+            writer.write(
+                draw_pose_image((points + 0.5) * scale - 0.5, out_h, out_w)
+            )  # source -> output pixels
             out.append(points)
     return np.stack(out).astype(np.float32)  # (F, 478, 2)

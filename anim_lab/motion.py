@@ -52,10 +52,11 @@ __all__ = [
     "motion_module_kwargs",
 ]
 
-# Placement + module kwargs live in the presets (anim_lab.configs, ``extra["motion"]``): ``motion_module_resolutions``
-# -- a block at downsampling factor r (1, 2, 4, 8 for the four levels of SD1.5) gets motion modules if r is listed;
-# ``motion_module_mid_block`` -- one more in the mid block. SD1.5 layout: 4 down blocks x 2 + 1 mid + 4 up blocks x 3
-# = 21 modules (inference_v2.yaml of Moore-AA/AniPortrait). TINY: the same structure for channels 32/64/64/64.
+# Placement + module kwargs live in the presets (anim_lab.configs, ``extra["motion"]``):
+# ``motion_module_resolutions`` -- a block at downsampling factor r (1, 2, 4, 8 for the four levels of SD1.5)
+# gets motion modules if r is listed; ``motion_module_mid_block`` -- one more in the mid block. SD1.5 layout:
+# 4 down blocks x 2 + 1 mid + 4 up blocks x 3 = 21 modules (inference_v2.yaml of Moore-AA/AniPortrait). TINY:
+# the same structure for channels 32/64/64/64.
 MOTION_SD15 = SD15.get("motion")
 MOTION_TINY = TINY.get("motion")
 
@@ -143,7 +144,7 @@ class TemporalTransformerBlock(nn.Module):
         self.ff_norm = nn.LayerNorm(dim)
 
     def forward(self, hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
-        for attention, norm in zip(self.attention_blocks, self.norms):
+        for attention, norm in zip(self.attention_blocks, self.norms, strict=True):
             hidden_states = attention(norm(hidden_states), num_frames) + hidden_states  # (B*F, HW, C)
         return self.ff(self.ff_norm(hidden_states)) + hidden_states  # (B*F, HW, C)
 

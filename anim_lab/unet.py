@@ -155,7 +155,7 @@ class _UNetBody(nn.Module):
         mid = self.mid_block
         motion = getattr(mid, "motion_modules", None)
         h = mid.resnets[0](h, temb)
-        for i, (attn, resnet) in enumerate(zip(mid.attentions, mid.resnets[1:])):
+        for i, (attn, resnet) in enumerate(zip(mid.attentions, mid.resnets[1:], strict=True)):
             h = transformer(attn, h)
             if motion is not None:
                 h = motion[i](h, num_frames)
@@ -265,7 +265,7 @@ class VideoUNet(_UNetBody):
         unet_kwargs: dict | None = None,
         motion_kwargs: dict | None = None,
         device: str | torch.device = "cpu",
-    ) -> "VideoUNet":
+    ) -> VideoUNet:
         """Load a denoising UNet from files.
 
         ``unet``: a diffusers UNet folder (config.json + diffusion_pytorch_model.*), a model folder with a
@@ -330,7 +330,7 @@ class ReferenceUNet(_UNetBody):
     @classmethod
     def from_pretrained(
         cls, unet: str | Path, *, unet_kwargs: dict | None = None, device: str | torch.device = "cpu"
-    ) -> "ReferenceUNet":
+    ) -> ReferenceUNet:
         """From a diffusers UNet folder (SD1.5 / sd-image-variations) or ``reference_unet.pth``."""
         from .configs import SD15
         from .weights import load_checkpoint, read_unet_config

@@ -2,17 +2,19 @@
 
 Every latent diffusion model in this project denoises in the latent space of an ``AutoencoderKL`` (diffusers):
 
-    image (B, 3, H, W) in [-1, 1] --encoder--> N(mean, std^2) over (B, 4, H/8, W/8) --x scaling_factor--> latents
+    image (B, 3, H, W) in [-1, 1] --encoder--> N(mean, std^2) over (B, 4, H/8, W/8)
+        --x scaling_factor--> latents
     latents / scaling_factor --decoder--> image (B, 3, H, W) in [-1, 1]
 
 - The encoder outputs a *distribution* (a diagonal Gaussian). Training the UNet samples from it; the reference
   image of AnimateAnyone-style pipelines is encoded with the **mean** (no randomness in the condition).
-- ``scaling_factor`` makes latents roughly unit variance, like the Gaussian noise the scheduler mixes them with. It
-  is measured, not designed: ``1 / std(latents)`` over a dataset. The latent-diffusion authors measured it on a batch
-  of images for SD's VAE and got 0.18215 (std ~ 5.49); our toy VAE gets its own factor by the same recipe
-  (:func:`scaling_factor_from_latents`), stored as ``scaling_factor`` in its ``config.json``.
-- Videos ``(B, C, F, H, W)`` go through the 2D VAE one chunk of frames at a time, so memory stays bounded for long
-  clips (:func:`encode_video`, :func:`decode_video`).
+- ``scaling_factor`` makes latents roughly unit variance, like the Gaussian noise the scheduler mixes them
+  with. It is measured, not designed: ``1 / std(latents)`` over a dataset. The latent-diffusion authors
+  measured it on a batch of images for SD's VAE and got 0.18215 (std ~ 5.49); our toy VAE gets its own factor
+  by the same recipe (:func:`scaling_factor_from_latents`), stored as ``scaling_factor`` in its
+  ``config.json``.
+- Videos ``(B, C, F, H, W)`` go through the 2D VAE one chunk of frames at a time, so memory stays bounded for
+  long clips (:func:`encode_video`, :func:`decode_video`).
 - :class:`LatentPreview` is a 4 -> 3 linear map fitted by least squares, a cheap way to *look* at latents.
 """
 
@@ -47,33 +49,38 @@ __all__ = [
 TOY_VAE_DIR = Path(__file__).resolve().parent / "assets" / "toy_vae"
 
 
-# --- building and loading ---------------------------------------------------------------------------------------
+# --- building and loading -----------------------------------------------------------------------------------
 def build_vae(config: dict, device: str | torch.device = "cpu") -> AutoencoderKL:
-    """An ``AutoencoderKL`` from a kwargs dict (``configs.SD15.vae`` ...). ``device="meta"`` builds shapes only."""
+    """An ``AutoencoderKL`` from a kwargs dict (``configs.SD15.vae`` ...). ``device="meta"`` builds shapes
+    only."""
     with torch.device(device):
         return AutoencoderKL(**config)
-
 
 
 def load_vae(
     path_or_id: str | Path, subfolder: str | None = None, torch_dtype: torch.dtype = torch.float32
 ) -> AutoencoderKL:
-    """Load an ``AutoencoderKL`` from a local diffusers folder or a hub id (e.g. ``"stabilityai/sd-vae-ft-mse"``).
+    """Load an ``AutoencoderKL`` from a local diffusers folder or a hub id (e.g.
+    ``"stabilityai/sd-vae-ft-mse"``).
 
-    A local path that is missing or incomplete gets a FileNotFoundError naming what is missing. A string that is not
-    a local path is passed to diffusers as a hub id (which downloads only if the user's machine allows it).
+    A local path that is missing or incomplete gets a FileNotFoundError naming what is missing. A string that
+    is not a local path is passed to diffusers as a hub id (which downloads only if the user's machine allows
+    it).
     """
-    source, kwargs = resolve_pretrained(path_or_id, subfolder, "VAE", DIFFUSERS_WEIGHTS, "<stable-diffusion-v1-5>/vae")
+    source, kwargs = resolve_pretrained(
+        path_or_id, subfolder, "VAE", DIFFUSERS_WEIGHTS, "<stable-diffusion-v1-5>/vae"
+    )
     vae = AutoencoderKL.from_pretrained(source, torch_dtype=torch_dtype, **kwargs)
     return vae.eval().requires_grad_(False)
 
 
 def load_toy_vae() -> AutoencoderKL:
-    """The tiny VAE trained on the toy portrait world (``scripts/train_toy_vae.py``), shipped with the package."""
+    """The tiny VAE trained on the toy portrait world (``scripts/train_toy_vae.py``), shipped with the
+    package."""
     return load_vae(TOY_VAE_DIR)
 
 
-# --- input checks -----------------------------------------------------------------------------------------------
+# --- input checks -------------------------------------------------------------------------------------------
 def _downsample_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
@@ -89,14 +96,15 @@ def check_images(images: torch.Tensor, vae: AutoencoderKL | None = None, name: s
         raise ValueError(f"{name} must have 3 (RGB) channels in dim 1, got shape {tuple(images.shape)}")
     if not images.is_floating_point():
         raise TypeError(
-            f"{name} must be floating point in [-1, 1], got {images.dtype}; convert uint8 with x.float() / 127.5 - 1"
+            f"{name} must be floating point in [-1, 1], got {images.dtype}; "
+            f"convert uint8 with x.float() / 127.5 - 1"
         )
     if images.device.type != "meta" and images.numel():
         lo, hi = images.min().item(), images.max().item()
         if lo < -1.001 or hi > 1.001:
             raise ValueError(
-                f"{name} must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; map [0, 255] with x / 127.5 - 1 "
-                f"and [0, 1] with 2 * x - 1"
+                f"{name} must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; "
+                f"map [0, 255] with x / 127.5 - 1 and [0, 1] with 2 * x - 1"
             )
         if lo >= 0.0 and hi > 0.0 and images.shape[-1] * images.shape[-2] > 64:
             # all non-negative: almost surely [0, 1] images that were not mapped to [-1, 1]
@@ -126,7 +134,7 @@ def check_video(video: torch.Tensor, channels: int | None = None, name: str = "v
         )
 
 
-# --- images -----------------------------------------------------------------------------------------------------
+# --- images -------------------------------------------------------------------------------------------------
 def encode_latent_dist(vae: AutoencoderKL, images: torch.Tensor):
     """(B, 3, H, W) in [-1, 1] -> diffusers' DiagonalGaussianDistribution over (B, 4, H/8, W/8), *unscaled*.
 
@@ -145,8 +153,8 @@ def encode(
 ) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8), *scaled* (x ``vae.config.scaling_factor``).
 
-    ``sample=False`` (default) returns the mean: the reference-image convention of AnimateAnyone-style pipelines.
-    ``sample=True`` draws mean + std * eps with ``generator``: what UNet training uses.
+    ``sample=False`` (default) returns the mean: the reference-image convention of AnimateAnyone-style
+    pipelines. ``sample=True`` draws mean + std * eps with ``generator``: what UNet training uses.
     """
     dist = encode_latent_dist(vae, images)
     z = dist.sample(generator=generator) if sample else dist.mean  # (B, 4, h, w)
@@ -161,14 +169,15 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, scaling_factor: float | No
         raise ValueError(f"latents must be (B, C, h, w), got {shape}; for video latents use decode_video")
     if latents.shape[1] != vae.config.latent_channels:
         raise ValueError(
-            f"latents have {latents.shape[1]} channels, this VAE has {vae.config.latent_channels} latent channels"
+            f"latents have {latents.shape[1]} channels, "
+            f"this VAE has {vae.config.latent_channels} latent channels"
         )
     s = vae.config.scaling_factor if scaling_factor is None else scaling_factor
     images = vae.decode(latents.to(vae.dtype) / s).sample  # (B, 3, H, W)
     return images.clamp(-1, 1)
 
 
-# --- videos, frame by frame -------------------------------------------------------------------------------------
+# --- videos, frame by frame ---------------------------------------------------------------------------------
 def encode_video(
     vae: AutoencoderKL,
     video: torch.Tensor,
@@ -178,7 +187,8 @@ def encode_video(
 ) -> torch.Tensor:
     """(B, 3, F, H, W) in [-1, 1] -> scaled latents (B, 4, F, H/8, W/8), ``chunk_size`` frames per VAE call.
 
-    Frames are independent for a 2D VAE, so chunking changes memory, not the result (tested against one big call).
+    Frames are independent for a 2D VAE, so chunking changes memory, not the result (tested against one big
+    call).
     """
     check_video(video, channels=3)
     if chunk_size < 1:
@@ -208,7 +218,7 @@ def decode_video(vae: AutoencoderKL, latents: torch.Tensor, chunk_size: int = 8)
     return rearrange(images, "(b f) c h w -> b c f h w", b=b)  # (B*F, 3, H, W) -> (B, 3, F, H, W)
 
 
-# --- the scaling factor -----------------------------------------------------------------------------------------
+# --- the scaling factor -------------------------------------------------------------------------------------
 def scaling_factor_from_latents(latents: torch.Tensor) -> float:
     """``1 / std`` of unscaled latents over a dataset (all elements pooled), the latent-diffusion recipe.
 
@@ -227,7 +237,7 @@ def psnr(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
 
 
-# --- looking at latents -----------------------------------------------------------------------------------------
+# --- looking at latents -------------------------------------------------------------------------------------
 @dataclass
 class LatentPreview:
     """A linear map latents (C) -> RGB (3) fitted by least squares: ``rgb = weight.T @ z + bias`` per pixel.
@@ -240,7 +250,7 @@ class LatentPreview:
     bias: torch.Tensor  # (3,)
 
     @classmethod
-    def fit(cls, latents: torch.Tensor, images: torch.Tensor) -> "LatentPreview":
+    def fit(cls, latents: torch.Tensor, images: torch.Tensor) -> LatentPreview:
         """latents (B, C, h, w) and images (B, 3, H, W) in [-1, 1] (H = k*h) -> the least-squares map."""
         if latents.ndim != 4 or images.ndim != 4 or latents.shape[0] != images.shape[0]:
             raise ValueError(

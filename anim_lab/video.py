@@ -1,21 +1,22 @@
-"""Read and write videos as ``(H, W, 3)`` uint8 RGB frames: mp4 (H.264 through imageio-ffmpeg's own ffmpeg binary,
-optionally with the audio of another file muxed in) and gif.
+"""Read and write videos as ``(H, W, 3)`` uint8 RGB frames: mp4 (H.264 through imageio-ffmpeg's own ffmpeg
+binary, optionally with the audio of another file muxed in) and gif.
 
 - :func:`read_video` / :func:`write_video`: whole clips as ``(F, H, W, 3)`` arrays.
 - :class:`VideoReader` / :class:`VideoWriter`: one frame at a time, for long videos (memory stays flat).
 
-A writer works on a temporary file next to the target and renames it only when everything (frames, audio) has been
-written, so an error never leaves a half-written video behind.
+A writer works on a temporary file next to the target and renames it only when everything (frames, audio) has
+been written, so an error never leaves a half-written video behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -50,16 +51,18 @@ def has_audio(path) -> bool:
     return re.search(r"Stream #\S+.*: Audio:", probe(path)) is not None
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Reading
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 class VideoReader:
-    """The frames of a video file, one at a time: ``for frame in VideoReader(path)`` (``(H, W, 3)`` uint8 RGB).
+    """The frames of a video file, one at a time: ``for frame in VideoReader(path)`` (``(H, W, 3)`` uint8
+    RGB).
 
-    Attributes: ``fps``, ``height``, ``width``, ``num_frames`` (ffmpeg's estimate from the duration; exact for gif).
-    Opening checks the file, so a missing file or a non-video fails here (FileNotFoundError / ValueError).
+    Attributes: ``fps``, ``height``, ``width``, ``num_frames`` (ffmpeg's estimate from the duration; exact for
+    gif). Opening checks the file, so a missing file or a non-video fails here (FileNotFoundError /
+    ValueError).
     """
 
     def __init__(self, path):
@@ -126,16 +129,17 @@ def _read_gif(path: Path) -> tuple[np.ndarray, float]:
     return np.stack(frames), 1000.0 / float(duration_ms)  # (F, H, W, 3), fps
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Writing
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _check_frame(frame, index: int) -> np.ndarray:
     arr = np.asarray(frame)
     if arr.dtype != np.uint8:
         raise TypeError(
-            f"frame {index} must be uint8 (0-255), got {arr.dtype}; convert with (x * 255).round().astype(np.uint8)"
+            f"frame {index} must be uint8 (0-255), got {arr.dtype}; "
+            f"convert with (x * 255).round().astype(np.uint8)"
         )
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise ValueError(f"frame {index} must have shape (H, W, 3), got {arr.shape}")
@@ -154,12 +158,12 @@ class VideoWriter:
     Args:
         path: output file; the suffix picks the format.
         fps: frame rate.
-        audio_from: a media file whose first audio stream is muxed in (AAC), up to the video's length; mp4 only;
-            ignored when that file has no audio.
+        audio_from: a media file whose first audio stream is muxed in (AAC), up to the video's length;
+            mp4 only; ignored when that file has no audio.
         quality: imageio-ffmpeg's quality, 0-10 (10 = best).
 
-    For mp4, odd heights/widths are padded by one replicated row/column (yuv420p needs even sizes). Gif timing has
-    10 ms steps, so the fps of a gif is rounded to that.
+    For mp4, odd heights/widths are padded by one replicated row/column (yuv420p needs even sizes). Gif timing
+    has 10 ms steps, so the fps of a gif is rounded to that.
     """
 
     def __init__(self, path, fps: float, *, audio_from=None, quality: float = 8.0):
@@ -211,14 +215,20 @@ class VideoWriter:
 
             height, width = self._size[0] + self._size[0] % 2, self._size[1] + self._size[1] % 2
             self._ffmpeg = imageio_ffmpeg.write_frames(
-                str(self._silent), (width, height), fps=self.fps, quality=self.quality, macro_block_size=1,
-                ffmpeg_log_level="error", output_params=["-movflags", "+faststart"],
+                str(self._silent),
+                (width, height),
+                fps=self.fps,
+                quality=self.quality,
+                macro_block_size=1,
+                ffmpeg_log_level="error",
+                output_params=["-movflags", "+faststart"],
             )
             self._ffmpeg.send(None)  # start ffmpeg
 
     @property
     def _silent(self) -> Path:
-        """Where ffmpeg writes the video stream: the temp file itself, or a second one when audio is muxed after."""
+        """Where ffmpeg writes the video stream: the temp file itself, or a second one when audio is muxed
+        after."""
         return self._tmp if self.audio_from is None else self._tmp.with_suffix(".silent.mp4")
 
     def close(self) -> Path:
@@ -230,8 +240,15 @@ class VideoWriter:
                 from PIL import Image
 
                 images = [Image.fromarray(f) for f in self._gif]
-                images[0].save(self._tmp, format="GIF", save_all=True, append_images=images[1:],
-                               duration=1000.0 / self.fps, loop=0, optimize=False)
+                images[0].save(
+                    self._tmp,
+                    format="GIF",
+                    save_all=True,
+                    append_images=images[1:],
+                    duration=1000.0 / self.fps,
+                    loop=0,
+                    optimize=False,
+                )
             else:
                 self._ffmpeg.close()
                 self._ffmpeg = None
@@ -244,10 +261,29 @@ class VideoWriter:
 
     def _mux_audio(self) -> None:
         # copy the video stream; read at most the video's duration of audio (no -shortest: it can drop frames)
-        cmd = [ffmpeg_exe(), "-y", "-loglevel", "error", "-i", str(self._silent),
-               "-t", f"{self.num_frames / self.fps:.6f}", "-i", str(self.audio_from),
-               "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac", "-movflags", "+faststart",
-               str(self._tmp)]
+        cmd = [
+            ffmpeg_exe(),
+            "-y",
+            "-loglevel",
+            "error",
+            "-i",
+            str(self._silent),
+            "-t",
+            f"{self.num_frames / self.fps:.6f}",
+            "-i",
+            str(self.audio_from),
+            "-map",
+            "0:v:0",
+            "-map",
+            "1:a:0",
+            "-c:v",
+            "copy",
+            "-c:a",
+            "aac",
+            "-movflags",
+            "+faststart",
+            str(self._tmp),
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"ffmpeg could not mux the audio of {self.audio_from}: {result.stderr[-500:]}")
@@ -258,10 +294,9 @@ class VideoWriter:
 
     def _cleanup(self) -> None:
         if self._ffmpeg is not None:
-            try:
+            # ffmpeg may already be gone; the files are removed below anyway
+            with contextlib.suppress(Exception):
                 self._ffmpeg.close()
-            except Exception:  # noqa: BLE001 - ffmpeg may already be gone; the files are removed below anyway
-                pass
             self._ffmpeg = None
         if self._tmp is not None:
             for p in {self._tmp, self._silent}:
@@ -269,7 +304,7 @@ class VideoWriter:
                     p.unlink()
         self._gif = []
 
-    def __enter__(self) -> "VideoWriter":
+    def __enter__(self) -> VideoWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -280,10 +315,13 @@ class VideoWriter:
 
 
 def write_video(path, frames, fps: float, *, audio_from=None, quality: float = 8.0) -> Path:
-    """Write ``(F, H, W, 3)`` uint8 RGB frames to ``.mp4`` or ``.gif`` (see :class:`VideoWriter` for the options)."""
+    """Write ``(F, H, W, 3)`` uint8 RGB frames to ``.mp4`` or ``.gif`` (see :class:`VideoWriter` for the
+    options)."""
     arr = np.asarray(frames)
     if arr.dtype != np.uint8:
-        raise TypeError(f"frames must be uint8 (0-255), got {arr.dtype}; convert with (x * 255).round().astype(np.uint8)")
+        raise TypeError(
+            f"frames must be uint8 (0-255), got {arr.dtype}; convert with (x * 255).round().astype(np.uint8)"
+        )
     if arr.ndim != 4 or arr.shape[-1] != 3 or len(arr) == 0:
         raise ValueError(f"frames must have shape (F, H, W, 3) with F ≥ 1, got {arr.shape}")
     with VideoWriter(path, fps, audio_from=audio_from, quality=quality) as writer:

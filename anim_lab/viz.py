@@ -1,4 +1,5 @@
-"""Figure helpers for the chapters. Each draws into a new figure with an explicit size and returns it (or None)."""
+"""Figure helpers for the chapters. Each draws into a new figure with an explicit size and returns it
+(or None)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ FIGURES = Path(__file__).resolve().parents[1] / "figures"
 
 
 def save(fig, name: str) -> Path | None:
-    """Save ``fig`` as figures/<name>.png when the repo's figures/ folder exists (a source checkout); else skip."""
+    """Save ``fig`` as figures/<name>.png when the repo's figures/ folder exists (a source checkout); else
+    skip."""
     if not FIGURES.is_dir():
         return None
     path = FIGURES / f"{name}.png"
@@ -56,9 +58,12 @@ _BOXES = {
 _W, _H = {"ref": 2.4, "pose": 2.4, "noise": 2.4, "out": 1.1, "vae_dec": 2.6}, 1.1
 
 
-def pipeline_diagram(shapes: dict[str, str] | None = None, chapters: dict[str, str] | None = None, figsize=(14, 7.5)):
-    """Draw the AnimateAnyone pipeline: boxes for each component, arrows labelled with the data shapes, and the
-    chapter that builds each part. ``shapes`` maps an arrow name to a label, ``chapters`` a box key to a chapter."""
+def pipeline_diagram(
+    shapes: dict[str, str] | None = None, chapters: dict[str, str] | None = None, figsize=(14, 7.5)
+):
+    """Draw the AnimateAnyone pipeline: boxes for each component, arrows labelled with the data shapes, and
+    the chapter that builds each part. ``shapes`` maps an arrow name to a label, ``chapters`` a box key to a
+    chapter."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
@@ -75,8 +80,16 @@ def pipeline_diagram(shapes: dict[str, str] | None = None, chapters: dict[str, s
         ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.05", fc=colour, ec="black", lw=1))
         ax.text(x + w / 2, y + h / 2, label, ha="center", va="center", fontsize=9)
         if key in chapters:
-            ax.text(x + w / 2, y - 0.22, chapters[key], ha="center", va="top", fontsize=7.5, color="#444444",
-                    style="italic")
+            ax.text(
+                x + w / 2,
+                y - 0.22,
+                chapters[key],
+                ha="center",
+                va="top",
+                fontsize=7.5,
+                color="#444444",
+                style="italic",
+            )
         geom[key] = (x, y, w, h)
 
     def arrow(a, b, name, side_a="r", side_b="l", dy_label=0.15, style="-|>"):
@@ -86,8 +99,16 @@ def pipeline_diagram(shapes: dict[str, str] | None = None, chapters: dict[str, s
         pb = {"l": (xb, yb + hb / 2), "t": (xb + wb / 2, yb + hb), "b": (xb + wb / 2, yb)}[side_b]
         ax.add_patch(FancyArrowPatch(pa, pb, arrowstyle=style, mutation_scale=12, lw=1.2, color="#333333"))
         if name in shapes:
-            ax.text((pa[0] + pb[0]) / 2, (pa[1] + pb[1]) / 2 + dy_label, shapes[name], ha="center", va="bottom",
-                    fontsize=7.5, color="#08306b", bbox=dict(fc="white", ec="none", alpha=0.8, pad=1))
+            ax.text(
+                (pa[0] + pb[0]) / 2,
+                (pa[1] + pb[1]) / 2 + dy_label,
+                shapes[name],
+                ha="center",
+                va="bottom",
+                fontsize=7.5,
+                color="#08306b",
+                bbox=dict(fc="white", ec="none", alpha=0.8, pad=1),
+            )
 
     arrow("ref", "vae_enc", "ref_image")
     arrow("ref", "clip", "clip_pixels")

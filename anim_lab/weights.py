@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -56,7 +56,7 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 class KeyMismatchError(ValueError):
     """A checkpoint's keys do not fit the model. ``.report`` holds the lists."""
 
-    def __init__(self, report: "KeyReport", what: str = "checkpoint"):
+    def __init__(self, report: KeyReport, what: str = "checkpoint"):
         self.report = report
         super().__init__(report.describe(what))
 
@@ -306,7 +306,7 @@ def motion_keys_from_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str,
     return out
 
 
-# --- pretrained folders (diffusers / transformers save_pretrained layout) -----------------------------------------
+# --- pretrained folders (diffusers / transformers save_pretrained layout) -----------------------------------
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
@@ -316,9 +316,9 @@ def resolve_pretrained(
 ) -> tuple[str | Path, dict]:
     """What ``from_pretrained`` should get: a checked local folder, or a hub id with its ``subfolder`` kwarg.
 
-    A local path (it exists, is a Path, or starts with ``.``, ``/`` or ``~``) must be a folder holding config.json
-    and one of ``weight_files``; otherwise a FileNotFoundError names what is missing. Anything else is passed on as a
-    hub id (which downloads only where the user's machine allows it).
+    A local path (it exists, is a Path, or starts with ``.``, ``/`` or ``~``) must be a folder holding
+    config.json and one of ``weight_files``; otherwise a FileNotFoundError names what is missing. Anything
+    else is passed on as a hub id (which downloads only where the user's machine allows it).
     """
     path = Path(path_or_id).expanduser()
     if not (path.exists() or isinstance(path_or_id, Path) or str(path_or_id).startswith((".", "/", "~"))):
@@ -334,8 +334,8 @@ def resolve_pretrained(
         missing.append(" or ".join(weight_files))
     if missing:
         raise FileNotFoundError(
-            f"{what} folder {folder} is incomplete: missing {', '.join(missing)}; save it with save_pretrained "
-            f"(if it is a whole pipeline folder, pass its subfolder, e.g. subfolder='{example.rsplit('/', 1)[-1]}')"
+            f"{what} folder {folder} is incomplete: missing {', '.join(missing)}; "
+            f"save it with save_pretrained (if it is a whole pipeline folder, pass its subfolder, "
+            f"e.g. subfolder='{example.rsplit('/', 1)[-1]}')"
         )
     return folder, {}
-

@@ -13,19 +13,22 @@
 # %% [markdown]
 # # Chapter 00 — The map: AnimateAnyone at real size, with no weights
 #
-# *Every component of a portrait-animation pipeline, built at full size on PyTorch's `meta` device: what each one
-# is, how big it is, what shape the data has at every stage, and what one run costs.*
+# *Every component of a portrait-animation pipeline, built at full size on PyTorch's `meta` device: what each
+# one is, how big it is, what shape the data has at every stage, and what one run costs.*
 #
-# | | |
-# |---|---|
-# | **You will build** | the five models of AnimateAnyone at SD1.5 size (no weights, no memory), a shape trace of a 512×512, 24-frame request, a FLOP budget of a 25-step run with classifier-free guidance, and a diagram of the whole pipeline |
-# | **Library modules** | `anim_lab.configs`, `anim_lab.inspect`, `anim_lab.unet`, `anim_lab.motion`, `anim_lab.pose_guider`, `anim_lab.viz` |
-# | **Questions answered** | Which networks does AnimateAnyone run, and how big is each? What shape is the data between them? Where does the compute go — and how much does CFG cost? How much memory do the weights need in fp16? Why is memory-efficient attention not optional at 512 px? |
-# | **CPU runtime** | about 15 s |
+# - **You will build**: the five models of AnimateAnyone at SD1.5 size (no weights, no memory), a shape trace
+#   of a 512×512, 24-frame request, a FLOP budget of a 25-step run with classifier-free guidance, and a
+#   diagram of the whole pipeline
+# - **Library modules**: `anim_lab.configs`, `anim_lab.inspect`, `anim_lab.unet`, `anim_lab.motion`,
+#   `anim_lab.pose_guider`, `anim_lab.viz`
+# - **Questions answered**: Which networks does AnimateAnyone run, and how big is each? What shape is the data
+#   between them? Where does the compute go — and how much does CFG cost? How much memory do the weights need
+#   in fp16? Why is memory-efficient attention not optional at 512 px?
+# - **CPU runtime**: about 15 s
 #
-# The `meta` device gives every tensor a shape and a dtype but no storage. A model built there allocates nothing, and
-# a forward pass on meta tensors computes every shape and no number — exactly what a map needs. Later chapters build
-# each part for real (the chapter names are in the last column of every table).
+# The `meta` device gives every tensor a shape and a dtype but no storage. A model built there allocates
+# nothing, and a forward pass on meta tensors computes every shape and no number — exactly what a map needs.
+# Later chapters build each part for real (the chapter names are in the last column of every table).
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -35,13 +38,23 @@ import transformers
 
 import anim_lab
 from anim_lab.configs import SD15
-from anim_lab.inspect import build, count_flops, count_parameters, flops_by_module, format_table, human, trace_shapes
+from anim_lab.inspect import (
+    build,
+    count_flops,
+    count_parameters,
+    flops_by_module,
+    format_table,
+    human,
+    trace_shapes,
+)
 
 torch.manual_seed(0)
 torch.set_grad_enabled(False)  # shapes and counts only: no autograd graph
 torch.set_printoptions(precision=4, sci_mode=False)
-print(f"anim_lab {anim_lab.__version__}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
-      f"transformers {transformers.__version__}")
+print(
+    f"anim_lab {anim_lab.__version__}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+    f"transformers {transformers.__version__}"
+)
 
 # %% [markdown]
 # ## 1. The five networks
@@ -64,17 +77,28 @@ CHAPTER = {
     "denoising_unet": "ch04_unet_blocks",
 }
 models = {name: build(SD15, name) for name in CHAPTER}  # all on the meta device
-rows = [[name, type(m).__name__, f"{count_parameters(m):,}", f"{count_parameters(m) * 2 / 2**20:,.0f}", CHAPTER[name]]
-        for name, m in models.items()]
+rows = [
+    [
+        name,
+        type(m).__name__,
+        f"{count_parameters(m):,}",
+        f"{count_parameters(m) * 2 / 2**20:,.0f}",
+        CHAPTER[name],
+    ]
+    for name, m in models.items()
+]
 print(format_table(rows, ["component", "class", "parameters", "fp16 MiB", "built in"]))
 total_params = sum(count_parameters(m) for m in models.values())
 print(f"\ntotal: {total_params:,} parameters = {total_params * 2 / 2**30:.2f} GiB of fp16 weights")
-print("any real memory allocated?", any(p.device.type != "meta" for m in models.values() for p in m.parameters()))
+print(
+    "any real memory allocated?",
+    any(p.device.type != "meta" for m in models.values() for p in m.parameters()),
+)
 
 # %% [markdown]
 # - The two UNets dominate: together 2.2 of the 2.6 billion parameters.
-# - The ReferenceNet is SD1.5's UNet minus `conv_norm_out`/`conv_out` (it never has to predict noise, only to produce
-#   features), so it has a few thousand parameters fewer than SD1.5's 859,520,964.
+# - The ReferenceNet is SD1.5's UNet minus `conv_norm_out`/`conv_out` (it never has to predict noise, only to
+#   produce features), so it has a few thousand parameters fewer than SD1.5's 859,520,964.
 # - The denoiser is SD1.5's UNet plus the motion modules. How much do the 21 motion modules add?
 
 # %%
@@ -82,14 +106,17 @@ denoiser = models["denoising_unet"]
 motion = {n: m for n, m in denoiser.named_modules() if n.endswith("motion_modules")}
 motion_params = sum(count_parameters(m) for m in motion.values())
 n_modules = sum(len(m) for m in motion.values())
-print(f"{n_modules} motion modules, {motion_params:,} parameters "
-      f"({motion_params / count_parameters(denoiser):.0%} of the denoising UNet)")
+print(
+    f"{n_modules} motion modules, {motion_params:,} parameters "
+    f"({motion_params / count_parameters(denoiser):.0%} of the denoising UNet)"
+)
 print("2D part of the denoiser = SD1.5 UNet:", count_parameters(denoiser) - motion_params == 859_520_964)
 
 # %% [markdown]
 # Re-derive the motion-module count by hand. A module of width C has: GroupNorm (2C), `proj_in` and `proj_out`
-# (C² + C each), two temporal attentions (Q, K, V without bias: 3C²; output projection C² + C; a LayerNorm 2C each),
-# and a GEGLU feed-forward (C → 8C with bias, 4C → C with bias, LayerNorm 2C). That is 22C² + 21C.
+# (C² + C each), two temporal attentions (Q, K, V without bias: 3C²; output projection C² + C; a LayerNorm 2C
+# each), and a GEGLU feed-forward (C → 8C with bias, 4C → C with bias, LayerNorm 2C). That is 22C² + 21C.
+
 
 # %%
 def motion_module_params(c: int) -> int:
@@ -107,9 +134,9 @@ print("22C^2 + 21C at C=320:", motion_module_params(320) == 22 * 320**2 + 21 * 3
 # %% [markdown]
 # ## 2. A 512×512, 24-frame request, stage by stage
 #
-# The default AnimateAnyone request: one reference image, 24 pose frames, 512×512, 25 DDIM steps, guidance scale 3.5.
-# We push meta tensors through each network and print the shapes. Images are `(B, C, H, W)` in [-1, 1]; videos and
-# latents `(B, C, F, H, W)`.
+# The default AnimateAnyone request: one reference image, 24 pose frames, 512×512, 25 DDIM steps, guidance
+# scale 3.5. We push meta tensors through each network and print the shapes. Images are `(B, C, H, W)` in
+# [-1, 1]; videos and latents `(B, C, F, H, W)`.
 
 # %%
 B, F, H, W = 1, 24, SD15.height, SD15.width
@@ -124,68 +151,116 @@ clip_tokens_cfg = torch.cat([torch.zeros_like(clip_tokens), clip_tokens])  # unc
 pose_video = torch.empty(B, 3, F, H, W, **meta)  # pose images in [0, 1]
 pose_fea = models["pose_guider"](pose_video)
 latents = torch.empty(B, SD15.unet["in_channels"], F, H // f, W // f, **meta)  # the starting noise
-for name, t in [("reference image", ref_image), ("reference latents (VAE mean x 0.18215)", ref_latents),
-                ("CLIP pixels", clip_pixels), ("CLIP image embedding", image_embeds),
-                ("CLIP tokens, with the zero uncond row", clip_tokens_cfg), ("pose video", pose_video),
-                ("pose features", pose_fea), ("noise latents", latents)]:
+for name, t in [
+    ("reference image", ref_image),
+    ("reference latents (VAE mean x 0.18215)", ref_latents),
+    ("CLIP pixels", clip_pixels),
+    ("CLIP image embedding", image_embeds),
+    ("CLIP tokens, with the zero uncond row", clip_tokens_cfg),
+    ("pose video", pose_video),
+    ("pose features", pose_fea),
+    ("noise latents", latents),
+]:
     print(f"{name:42s} {tuple(t.shape)}")
 
 # %% [markdown]
 # - The VAE shrinks 512×512×3 to 64×64×4: 48× fewer numbers, and the whole diffusion runs on that grid.
 # - The reference image reaches the denoiser twice: as one CLIP token (global appearance) and through the
 #   ReferenceNet (spatial detail).
-# - The pose features already have the UNet's first width (320) and the latent grid, so they can simply be added to
-#   the output of the denoiser's `conv_in`.
+# - The pose features already have the UNet's first width (320) and the latent grid, so they can simply be
+#   added to the output of the denoiser's `conv_in`.
 #
 # ### 2.1 The ReferenceNet runs once, at t = 0
-# Its job is to fill a *bank*: the input of every self-attention (the output of `norm1` of each transformer block).
-# With CFG it runs on two rows (the unconditional row is later ignored by the denoiser).
+# Its job is to fill a *bank*: the input of every self-attention (the output of `norm1` of each transformer
+# block). With CFG it runs on two rows (the unconditional row is later ignored by the denoiser).
 
 # %%
 reference_unet = models["reference_unet"]
-bank = trace_shapes(reference_unet, ref_latents.repeat(2, 1, 1, 1), torch.zeros(2, **meta),
-                    encoder_hidden_states=clip_tokens_cfg,
-                    include=lambda name, m: name.endswith("transformer_blocks.0.norm1"))
+bank = trace_shapes(
+    reference_unet,
+    ref_latents.repeat(2, 1, 1, 1),
+    torch.zeros(2, **meta),
+    encoder_hidden_states=clip_tokens_cfg,
+    include=lambda name, m: name.endswith("transformer_blocks.0.norm1"),
+)
 print(f"{len(bank)} bank entries (B*2 rows, tokens = h*w, channels):")
 for r in bank:
     print(f"  {r.name.replace('.transformer_blocks.0.norm1', ''):28s} {r.outputs[0]}")
 
 # %% [markdown]
 # Two questions readers of the reference code ask here:
-# - *Why does the ReferenceNet lack `conv_out`?* Its output is never used — only the bank is — so the head that
-#   would turn features into a noise prediction is dead weight and is left out of `reference_unet.pth`.
-# - *Why do the writer's and the reader's attention blocks pair up one to one?* Because the denoiser is the same
-#   SD1.5 layout: it has exactly one spatial transformer block under each name where the ReferenceNet wrote one.
+# - *Why does the ReferenceNet lack `conv_out`?* Its output is never used — only the bank is — so the head
+#   that would turn features into a noise prediction is dead weight and is left out of `reference_unet.pth`.
+# - *Why do the writer's and the reader's attention blocks pair up one to one?* Because the denoiser is the
+#   same SD1.5 layout: it has exactly one spatial transformer block under each name where the ReferenceNet
+#   wrote one.
 
 # %%
-reader_blocks = [n for n, m in denoiser.named_modules()
-                 if n.endswith("transformer_blocks.0") and "motion_modules" not in n]
+reader_blocks = [
+    n for n, m in denoiser.named_modules() if n.endswith("transformer_blocks.0") and "motion_modules" not in n
+]
 writer_blocks = [r.name.removesuffix(".norm1") for r in bank]
-print("ReferenceNet has conv_out:", hasattr(reference_unet, "conv_out"), "| denoiser has conv_out:", hasattr(denoiser, "conv_out"))
-print(f"{len(writer_blocks)} writers, {len(reader_blocks)} readers, same names:", sorted(writer_blocks) == sorted(reader_blocks))
+print(
+    "ReferenceNet has conv_out:",
+    hasattr(reference_unet, "conv_out"),
+    "| denoiser has conv_out:",
+    hasattr(denoiser, "conv_out"),
+)
+print(
+    f"{len(writer_blocks)} writers, {len(reader_blocks)} readers, same names:",
+    sorted(writer_blocks) == sorted(reader_blocks),
+)
 
 # %% [markdown]
 # ### 2.2 The denoising UNet, every step
-# The latents of all 24 frames, doubled for CFG, go through SD1.5's blocks as a batch of 48 images; each motion module
-# then regroups the features so that attention runs across the 24 frames at each of the h×w positions.
+# The latents of all 24 frames, doubled for CFG, go through SD1.5's blocks as a batch of 48 images; each
+# motion module then regroups the features so that attention runs across the 24 frames at each of the h×w
+# positions.
 
 # %%
 t = torch.full((2 * B,), 999, **meta)
 x = latents.repeat(2, 1, 1, 1, 1)  # (2B, 4, F, 64, 64): uncond + cond
-level = lambda name: name in ("conv_in", "conv_out") or name.endswith(("resnets.0", "downsamplers.0", "upsamplers.0"))  # noqa: E731
-blocks = trace_shapes(denoiser, x, t, encoder_hidden_states=clip_tokens_cfg, pose_cond_fea=pose_fea.repeat(2, 1, 1, 1, 1),
-                      include=lambda name, m: level(name))
+
+
+def level(name):
+    return name in ("conv_in", "conv_out") or name.endswith(("resnets.0", "downsamplers.0", "upsamplers.0"))
+
+
+blocks = trace_shapes(
+    denoiser,
+    x,
+    t,
+    encoder_hidden_states=clip_tokens_cfg,
+    pose_cond_fea=pose_fea.repeat(2, 1, 1, 1, 1),
+    include=lambda name, m: level(name),
+)
 for r in blocks:
     print(f"{r.name:28s} in {str(r.inputs[0]):22s} out {r.outputs[0]}")
-noise_pred = denoiser(x, t, encoder_hidden_states=clip_tokens_cfg, pose_cond_fea=pose_fea.repeat(2, 1, 1, 1, 1))
-print("noise prediction:", tuple(noise_pred.shape), "-> CFG combines the two rows ->", tuple(noise_pred[:1].shape))
+noise_pred = denoiser(
+    x, t, encoder_hidden_states=clip_tokens_cfg, pose_cond_fea=pose_fea.repeat(2, 1, 1, 1, 1)
+)
+print(
+    "noise prediction:",
+    tuple(noise_pred.shape),
+    "-> CFG combines the two rows ->",
+    tuple(noise_pred[:1].shape),
+)
 
 # %% [markdown]
-# Inside a motion module the per-frame layout `(B·F, C, h, w)` becomes a set of short sequences `(B·h·w, F, C)`:
+# Inside a motion module the per-frame layout `(B·F, C, h, w)` becomes a set of short sequences `(B·h·w, F,
+# C)`:
 
 # %%
-mm = [r for r in trace_shapes(denoiser, x, t, encoder_hidden_states=clip_tokens_cfg,
-                              include=lambda name, m: "motion_modules" in name and name.endswith("attention_blocks.0.to_q"))]
+mm = [
+    r
+    for r in trace_shapes(
+        denoiser,
+        x,
+        t,
+        encoder_hidden_states=clip_tokens_cfg,
+        include=lambda name, m: "motion_modules" in name and name.endswith("attention_blocks.0.to_q"),
+    )
+]
 for r in mm[:1] + mm[-1:]:
     print(f"{r.name.split('.temporal')[0]:32s} queries {r.inputs[0]} = (2 rows x h x w, frames, channels)")
 
@@ -200,42 +275,68 @@ print("decoded frames:", tuple(frames.shape), "-> video", (B, 3, F, H, W))
 # %% [markdown]
 # ## 3. Where the compute goes
 #
-# `FlopCounterMode` counts the FLOPs (2 per multiply-add) of every matrix multiplication and convolution that a
-# forward would run; on meta tensors it costs no arithmetic at all.
+# `FlopCounterMode` counts the FLOPs (2 per multiply-add) of every matrix multiplication and convolution that
+# a forward would run; on meta tensors it costs no arithmetic at all.
 
 # %%
-step = count_flops(denoiser, x, t, encoder_hidden_states=clip_tokens_cfg, pose_cond_fea=pose_fea.repeat(2, 1, 1, 1, 1))
+step = count_flops(
+    denoiser, x, t, encoder_hidden_states=clip_tokens_cfg, pose_cond_fea=pose_fea.repeat(2, 1, 1, 1, 1)
+)
 once = {
     "VAE encode (reference)": count_flops(models["vae"].encode, ref_image),
     "CLIP image encoder": count_flops(models["image_encoder"], pixel_values=clip_pixels),
     "PoseGuider (24 frames)": count_flops(models["pose_guider"], pose_video),
-    "ReferenceNet (once, 2 rows)": count_flops(reference_unet, ref_latents.repeat(2, 1, 1, 1), torch.zeros(2, **meta),
-                                               encoder_hidden_states=clip_tokens_cfg),
+    "ReferenceNet (once, 2 rows)": count_flops(
+        reference_unet,
+        ref_latents.repeat(2, 1, 1, 1),
+        torch.zeros(2, **meta),
+        encoder_hidden_states=clip_tokens_cfg,
+    ),
     "VAE decode (24 frames)": count_flops(models["vae"].decode, frames.new_empty(F, 4, H // f, W // f)),
 }
 steps = 25
 rows = [[k, human(v, "FLOP"), f"{v / (steps * step + sum(once.values())):.2%}"] for k, v in once.items()]
-rows.append([f"denoising UNet x {steps} steps (CFG: 2 x 24 frames)", human(steps * step, "FLOP"),
-             f"{steps * step / (steps * step + sum(once.values())):.2%}"])
+rows.append(
+    [
+        f"denoising UNet x {steps} steps (CFG: 2 x 24 frames)",
+        human(steps * step, "FLOP"),
+        f"{steps * step / (steps * step + sum(once.values())):.2%}",
+    ]
+)
 print(format_table(rows, ["stage", "FLOPs", "share"]))
-print(f"\none denoising step with CFG: {human(step, 'FLOP')}; whole run: {human(steps * step + sum(once.values()), 'FLOP')}")
+print(
+    f"\none denoising step with CFG: {human(step, 'FLOP')}; "
+    f"whole run: {human(steps * step + sum(once.values()), 'FLOP')}"
+)
 
 # %% [markdown]
-# - The denoising loop is the bill; of what runs once only the VAE decoder (24 frames at full resolution) shows up.
+# - The denoising loop is the bill; of what runs once only the VAE decoder (24 frames at full resolution)
+#   shows up.
 # - CFG doubles it: the unconditional rows cost exactly as much as the conditional ones.
 
 # %%
 half = count_flops(denoiser, latents, t[:1], encoder_hidden_states=clip_tokens, pose_cond_fea=pose_fea)
 print("one step without CFG:", human(half, "FLOP"), "| with CFG / without:", round(step / half, 3))
-by_part = flops_by_module(denoiser, x, t, encoder_hidden_states=clip_tokens_cfg, pose_cond_fea=pose_fea.repeat(2, 1, 1, 1, 1))
-print(format_table([[k, human(v, "FLOP"), f"{v / step:.1%}"] for k, v in by_part.items()], ["part", "FLOPs", "share"]))
+by_part = flops_by_module(
+    denoiser, x, t, encoder_hidden_states=clip_tokens_cfg, pose_cond_fea=pose_fea.repeat(2, 1, 1, 1, 1)
+)
+print(
+    format_table(
+        [[k, human(v, "FLOP"), f"{v / step:.1%}"] for k, v in by_part.items()], ["part", "FLOPs", "share"]
+    )
+)
 
 # %% [markdown]
 # Check one entry by hand: `conv_in` is a 3×3 convolution from 4 to 320 channels on 48 latent images of 64×64.
 
 # %%
 conv_in_by_hand = 2 * (2 * F * 64 * 64) * 320 * (4 * 3 * 3)
-print("conv_in by hand:", human(conv_in_by_hand, "FLOP"), "| matches the counter:", conv_in_by_hand == by_part["conv_in"])
+print(
+    "conv_in by hand:",
+    human(conv_in_by_hand, "FLOP"),
+    "| matches the counter:",
+    conv_in_by_hand == by_part["conv_in"],
+)
 
 # %% [markdown]
 # ## 4. Memory: weights and the attention matrix
@@ -254,9 +355,9 @@ for keys, what in [(tokens, "plain self-attention"), (2 * tokens, "with referenc
 print(f"all fp16 weights       : {total_params * 2 / 2**30:.1f} GiB")
 
 # %% [markdown]
-# A materialised score matrix for one layer would be several times the weights; the reported ≈15 GB for 512×768
-# inference is only possible because `scaled_dot_product_attention` computes attention in blocks without storing
-# the scores. This is why every attention in `anim_lab` goes through it.
+# A materialised score matrix for one layer would be several times the weights; the reported ≈15 GB for
+# 512×768 inference is only possible because `scaled_dot_product_attention` computes attention in blocks
+# without storing the scores. This is why every attention in `anim_lab` goes through it.
 #
 # ## 5. The whole pipeline in one picture
 
@@ -266,13 +367,26 @@ from anim_lab.viz import pipeline_diagram, save  # noqa: E402
 shape = lambda t: "x".join(map(str, t.shape))  # noqa: E731
 fig = pipeline_diagram(
     shapes={
-        "ref_image": shape(ref_image), "clip_pixels": shape(clip_pixels), "ref_latents": shape(ref_latents),
-        "clip_tokens": "tokens " + shape(clip_tokens), "clip_tokens_unet": "tokens " + shape(clip_tokens_cfg),
-        "bank": f"bank: {len(bank)} x (2, h*w, C)", "latents": shape(latents), "pose_video": shape(pose_video),
-        "pose_fea": shape(pose_fea), "denoised": shape(latents), "frames": f"{F}x3x{H}x{W}",
+        "ref_image": shape(ref_image),
+        "clip_pixels": shape(clip_pixels),
+        "ref_latents": shape(ref_latents),
+        "clip_tokens": "tokens " + shape(clip_tokens),
+        "clip_tokens_unet": "tokens " + shape(clip_tokens_cfg),
+        "bank": f"bank: {len(bank)} x (2, h*w, C)",
+        "latents": shape(latents),
+        "pose_video": shape(pose_video),
+        "pose_fea": shape(pose_fea),
+        "denoised": shape(latents),
+        "frames": f"{F}x3x{H}x{W}",
     },
-    chapters={"vae_enc": CHAPTER["vae"], "clip": CHAPTER["image_encoder"], "refnet": CHAPTER["reference_unet"],
-              "guider": CHAPTER["pose_guider"], "unet": CHAPTER["denoising_unet"], "vae_dec": CHAPTER["vae"]},
+    chapters={
+        "vae_enc": CHAPTER["vae"],
+        "clip": CHAPTER["image_encoder"],
+        "refnet": CHAPTER["reference_unet"],
+        "guider": CHAPTER["pose_guider"],
+        "unet": CHAPTER["denoising_unet"],
+        "vae_dec": CHAPTER["vae"],
+    },
 )
 _ = save(fig, "ch00_pipeline")
 
@@ -280,15 +394,17 @@ _ = save(fig, "ch00_pipeline")
 # ## Summary
 # - AnimateAnyone runs five networks; the two SD1.5-sized UNets hold 2.2 of the 2.6 B parameters, and the
 #   21 motion modules add about half a UNet on top of SD1.5.
-# - The reference image enters twice: one CLIP token for global appearance, and the ReferenceNet's bank for detail.
-#   The pose enters once, added after `conv_in`.
-# - The cost is the denoising loop: steps × (2 for CFG) × frames UNet evaluations; everything else is under 5 %.
-# - Attention at 64×64 latents is why memory-efficient attention is mandatory, and why reference attention (twice
-#   the keys) is not free.
+# - The reference image enters twice: one CLIP token for global appearance, and the ReferenceNet's bank for
+#   detail. The pose enters once, added after `conv_in`.
+# - The cost is the denoising loop: steps × (2 for CFG) × frames UNet evaluations; everything else is under 5
+#   %.
+# - Attention at 64×64 latents is why memory-efficient attention is mandatory, and why reference attention
+#   (twice the keys) is not free.
 #
 # ## Exercises
-# 1. Rebuild the table for 512×768 (`H=768`) and 64 frames. Which numbers scale with the area, which with frames?
+# 1. Rebuild the table for 512×768 (`H=768`) and 64 frames. Which numbers scale with the area, which with
+#    frames?
 # 2. Count the FLOPs of the motion modules alone. Why are they so cheap compared with the spatial attention?
-# 3. The 25-step run with CFG costs twice the run without. Estimate the cost of guidance applied on every second
-#    step only.
+# 3. The 25-step run with CFG costs twice the run without. Estimate the cost of guidance applied on every
+#    second step only.
 # 4. Replace `SD15` by `TINY` and run the whole chapter on real (random) weights on the CPU.

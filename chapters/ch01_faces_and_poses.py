@@ -13,19 +13,25 @@
 # %% [markdown]
 # # Chapter 01 — Faces and poses
 #
-# *Face landmarks on a real photo, the pose images that AniPortrait feeds its PoseGuider, a pose video from a video
-# (Video2Pose), and a toy portrait world with ground truth for every pixel, where the later chapters train models.*
+# *Face landmarks on a real photo, the pose images that AniPortrait feeds its PoseGuider, a pose video from a
+# video (Video2Pose), and a toy portrait world with ground truth for every pixel, where the later chapters
+# train models.*
 #
-# | | |
-# |---|---|
-# | **You will build** | 478 mediapipe landmarks on the astronaut and their groups; an AniPortrait pose image; Video2Pose on a clip made from the astronaut photo (with audio carried over); the toy portrait world: a 3D face template, identities × poses × expressions, talking-head clips, a training dataset; mediapipe measured against the toy world's ground truth |
-# | **Library modules** | `anim_lab.landmarks`, `anim_lab.video`, `anim_lab.toy` (`template`, `renderer`, `clips`, `dataset`), `anim_lab.viz` |
-# | **Questions answered** | What does a face mesh give, point by point? What exactly is a pose image (which lines, which colours, how thick)? How does a video become a pose video, and what happens to frames without a face? How can a tiny model learn portrait animation on a CPU — what data, with what ground truth? Does a landmark detector trained on real faces see the toy faces, and how accurately? |
-# | **CPU runtime** | about 10 s |
+# - **You will build**: 478 mediapipe landmarks on the astronaut and their groups; an AniPortrait pose image;
+#   Video2Pose on a clip made from the astronaut photo (with audio carried over); the toy portrait world: a 3D
+#   face template, identities × poses × expressions, talking-head clips, a training dataset; mediapipe
+#   measured against the toy world's ground truth
+# - **Library modules**: `anim_lab.landmarks`, `anim_lab.video`, `anim_lab.toy` (`template`, `renderer`,
+#   `clips`, `dataset`), `anim_lab.viz`
+# - **Questions answered**: What does a face mesh give, point by point? What exactly is a pose image (which
+#   lines, which colours, how thick)? How does a video become a pose video, and what happens to frames without
+#   a face? How can a tiny model learn portrait animation on a CPU — what data, with what ground truth? Does a
+#   landmark detector trained on real faces see the toy faces, and how accurately?
+# - **CPU runtime**: about 10 s
 #
-# Portrait animation is conditioned on *pose*: AnimateAnyone draws body skeletons, AniPortrait draws face landmarks
-# as coloured lines. This chapter builds that input end to end, and a synthetic world in which we know the true pose
-# of every frame.
+# Portrait animation is conditioned on *pose*: AnimateAnyone draws body skeletons, AniPortrait draws face
+# landmarks as coloured lines. This chapter builds that input end to end, and a synthetic world in which we
+# know the true pose of every frame.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -50,14 +56,16 @@ np.random.seed(0)
 torch.manual_seed(0)
 np.set_printoptions(precision=3, suppress=True)
 torch.set_printoptions(precision=3, sci_mode=False)
-print(f"anim_lab {anim_lab.__version__}, mediapipe {mediapipe.__version__}, opencv {cv2.__version__}, "
-      f"numpy {np.__version__}, torch {torch.__version__}")
+print(
+    f"anim_lab {anim_lab.__version__}, mediapipe {mediapipe.__version__}, opencv {cv2.__version__}, "
+    f"numpy {np.__version__}, torch {torch.__version__}"
+)
 
 # %% [markdown]
 # ## 1. 478 points on a real face
 #
-# - mediapipe's face mesh (0.10.21, the last release with `mp.solutions`) finds **468 surface points** plus, with
-#   `refine_landmarks=True`, **10 iris points** (a centre and 4 rim points per eye).
+# - mediapipe's face mesh (0.10.21, the last release with `mp.solutions`) finds **468 surface points** plus,
+#   with `refine_landmarks=True`, **10 iris points** (a centre and 4 rim points per eye).
 # - It returns x, y in [0, 1] of the image width/height and a relative depth z. `anim_lab.landmarks` keeps all
 #   three: `.normalized` (478, 3), `.pixels` (478, 2) and `.xyz` (478, 3).
 # - One static image: `FaceLandmarker(video=False)`; the frames of a video: `video=True` (tracking).
@@ -71,8 +79,8 @@ print("normalized:", face.normalized.shape, "pixels:", face.pixels.shape, "xyz:"
 print("nose tip is the point nearest the camera:", bool(face.xyz[:468, 2].argmin() in (1, 4, 5, 19)))
 
 # %% [markdown]
-# The points come in named groups: the face oval, eyes, eyebrows, lips and irises (the subject's left and right:
-# the subject's right eye is on the image's left). These groups are what a pose image draws.
+# The points come in named groups: the face oval, eyes, eyebrows, lips and irises (the subject's left and
+# right: the subject's right eye is on the image's left). These groups are what a pose image draws.
 
 # %%
 for name, idx in L.GROUPS.items():
@@ -85,7 +93,7 @@ axes[0].imshow(astronaut[40:220, 130:320])
 axes[0].scatter(*(face.pixels - (130, 40)).T, s=2, c="cyan")
 axes[0].set_title("478 landmarks (face crop)")
 axes[1].imshow(astronaut[60:200, 150:300])
-for (name, idx), colour in zip(L.GROUPS.items(), colours):
+for (name, idx), colour in zip(L.GROUPS.items(), colours, strict=False):
     pts = face.pixels[list(idx)] - (150, 60)
     axes[1].scatter(*pts.T, s=10, color=colour, label=name)
 axes[1].legend(fontsize=7, loc="lower left")
@@ -96,8 +104,8 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# **Re-derive:** `.pixels` is `.normalized` scaled to pixels with integer values at pixel *centres* (mediapipe's
-# 0 and 1 are the image's outer edges, so subtract half a pixel).
+# **Re-derive:** `.pixels` is `.normalized` scaled to pixels with integer values at pixel *centres*
+# (mediapipe's 0 and 1 are the image's outer edges, so subtract half a pixel).
 
 # %%
 mine = face.normalized[:, :2] * np.float32(512) - np.float32(0.5)  # [0, 1] edges -> pixel centres
@@ -105,8 +113,8 @@ torch.testing.assert_close(torch.from_numpy(mine), torch.from_numpy(face.pixels)
 print("pixels = normalized * size - 0.5: matches")
 
 # %% [markdown]
-# Rotate the photo by 20° about the nose tip: the detected landmarks should move exactly as the image did. This is
-# how the tests check detection without hand-labelled data.
+# Rotate the photo by 20° about the nose tip: the detected landmarks should move exactly as the image did.
+# This is how the tests check detection without hand-labelled data.
 
 # %%
 M = cv2.getRotationMatrix2D(tuple(float(c) for c in face.pixels[4]), 20, 1.0)  # (2, 3) affine
@@ -131,8 +139,8 @@ except L.NoFaceError as e:
 # ## 2. The pose image
 #
 # AniPortrait (`src/utils/draw_util.py`) draws landmarks as **lines only** on black: a face oval without the
-# forehead (26 edges), eyes, eyebrows, and the lips as **8 arcs** of 5 edges, each part with its own colour; no
-# irises, no points. The PoseGuider learns from these colours which line is which.
+# forehead (26 edges), eyes, eyebrows, and the lips as **8 arcs** of 5 edges, each part with its own colour;
+# no irises, no points. The PoseGuider learns from these colours which line is which.
 #
 # - Colours are written into the array's channels in the order listed (what the model sees).
 # - Thickness: 2 px at 512 px, scaled with the size (`pose_thickness`), at least 1.
@@ -146,13 +154,17 @@ print("thickness at 128 / 512 / 1024 px:", [L.pose_thickness(s, s) for s in (128
 pose_img = L.draw_pose_image(face.pixels, 512, 512)  # (512, 512, 3) uint8
 print("pose image:", pose_img.shape, pose_img.dtype)
 print("distinct colours (incl. black):", len({tuple(c) for c in pose_img.reshape(-1, 3)}))
-fig = viz.image_grid([astronaut[40:220, 130:320], pose_img[40:220, 130:320], pose_img[90:160, 180:270]],
-                     ["face", "pose image", "eyes and brows (zoom)"], figsize=(11, 4))
+fig = viz.image_grid(
+    [astronaut[40:220, 130:320], pose_img[40:220, 130:320], pose_img[90:160, 180:270]],
+    ["face", "pose image", "eyes and brows (zoom)"],
+    figsize=(11, 4),
+)
 plt.show()
 
 # %% [markdown]
-# **Re-derive:** every coloured pixel must lie on a segment between two landmarks of its part, within half the line
-# width. We check it for the 8 lip arcs with a point-to-segment distance written here.
+# **Re-derive:** every coloured pixel must lie on a segment between two landmarks of its part, within half the
+# line width. We check it for the 8 lip arcs with a point-to-segment distance written here.
+
 
 # %%
 def distance_to_segments(points, segments):
@@ -168,20 +180,21 @@ worst = []
 for name, path, colour in L.POSE_PARTS:
     if name.startswith("lips"):
         ys, xs = np.nonzero((pose_img == colour).all(-1))
-        segs = [(face.pixels[a], face.pixels[b]) for a, b in zip(path[:-1], path[1:])]
+        segs = [(face.pixels[a], face.pixels[b]) for a, b in zip(path[:-1], path[1:], strict=True)]
         worst.append(distance_to_segments(np.stack([xs, ys], 1).astype(float), segs).max())
 print("every lip pixel within 2 px of its arc:", bool(max(worst) <= 2.0))
 
 # %% [markdown]
 # ## 3. Video2Pose
 #
-# A video → landmarks per frame (tracking mode) → a pose image per frame → a video with the **same fps**, with the
-# source's **audio** muxed back in (as AniPortrait's `vid2pose.py` does). A frame with no face gets the last good
-# landmarks (`on_missing="hold"`, AniPortrait's policy) or an error naming the frame (`on_missing="error"`).
-# Frames stream through one at a time (`video.VideoReader` → detect → draw → `video.VideoWriter`), and the output
-# file appears only when the whole video has succeeded.
+# A video → landmarks per frame (tracking mode) → a pose image per frame → a video with the **same fps**, with
+# the source's **audio** muxed back in (as AniPortrait's `vid2pose.py` does). A frame with no face gets the
+# last good landmarks (`on_missing="hold"`, AniPortrait's policy) or an error naming the frame
+# (`on_missing="error"`). Frames stream through one at a time (`video.VideoReader` → detect → draw →
+# `video.VideoWriter`), and the output file appears only when the whole video has succeeded.
 #
 # Our source: 20 frames cut from the astronaut photo, rotating ±12° and drifting sideways, with a 440 Hz tone.
+
 
 # %%
 def astronaut_clip(num_frames=20, size=256, centre=(225.0, 125.0)):
@@ -190,7 +203,9 @@ def astronaut_clip(num_frames=20, size=256, centre=(225.0, 125.0)):
     for i in range(num_frames):
         phase = 2 * np.pi * i / num_frames
         M = cv2.getRotationMatrix2D(centre, 12 * np.sin(phase), 1.0)  # (2, 3): rotate about the face
-        M[:, 2] += np.array([size / 2 + 12 * np.sin(phase), size / 2]) - centre  # face centre -> window centre
+        M[:, 2] += (
+            np.array([size / 2 + 12 * np.sin(phase), size / 2]) - centre
+        )  # face centre -> window centre
         frames.append(cv2.warpAffine(astronaut, M, (size, size), borderMode=cv2.BORDER_REFLECT))
     return np.stack(frames)  # (F, size, size, 3)
 
@@ -215,31 +230,39 @@ print("audio carried over:", V.has_audio(workdir / "astronaut_pose.mp4"))
 
 # %%
 show = [0, 5, 10, 15]
-fig = viz.image_grid([src_frames[i] for i in show] + [poses[i] for i in show],
-                     [f"frame {i}" for i in show] + [f"pose {i}" for i in show], ncols=4, figsize=(10, 5.2))
+fig = viz.image_grid(
+    [src_frames[i] for i in show] + [poses[i] for i in show],
+    [f"frame {i}" for i in show] + [f"pose {i}" for i in show],
+    ncols=4,
+    figsize=(10, 5.2),
+)
 plt.show()
 tmp.cleanup()
 
 # %% [markdown]
 # ## 4. The toy portrait world
 #
-# Without pretrained weights, a CPU-trained model needs a world small enough to learn and rich enough to be a face.
-# The toy world is made from the same face mesh:
+# Without pretrained weights, a CPU-trained model needs a world small enough to learn and rich enough to be a
+# face. The toy world is made from the same face mesh:
 #
 # - **template**: the astronaut's 478 landmarks in 3D, made upright and symmetric, mouth closed
 #   (`scripts/make_face_template.py`), plus the mesh's 854 triangles;
 # - **identity**: skin, hair, eye, lip, background and shirt colours, hairstyle, face width/height, hairline;
 # - **head pose**: yaw, pitch, roll, translation, scale; **expression**: mouth open, blink, smile;
-# - **renderer** (numpy + cv2, ~3 ms per 128-px frame): painter's algorithm with flat shading, and it returns the
-#   **exact landmarks of what it drew** — ground truth for every frame.
+# - **renderer** (numpy + cv2, ~3 ms per 128-px frame): painter's algorithm with flat shading, and it returns
+#   the **exact landmarks of what it drew** — ground truth for every frame.
 
 # %%
 vertices, triangles = load_template()
 print("template:", vertices.shape, "triangles:", triangles.shape)
-print("forehead-chin:", round(float(np.linalg.norm(vertices[10] - vertices[152])), 3), "units; symmetric:",
-      bool(np.abs(np.sort(vertices[:, 0]) + np.sort(vertices[:, 0])[::-1]).max() < 1e-5))
+print(
+    "forehead-chin:",
+    round(float(np.linalg.norm(vertices[10] - vertices[152])), 3),
+    "units; symmetric:",
+    bool(np.abs(np.sort(vertices[:, 0]) + np.sort(vertices[:, 0])[::-1]).max() < 1e-5),
+)
 fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
-for ax, (i, j, title) in zip(axes, [(0, 1, "front (x, y)"), (2, 1, "side (z, y)")]):
+for ax, (i, j, title) in zip(axes, [(0, 1, "front (x, y)"), (2, 1, "side (z, y)")], strict=True):
     ax.triplot(vertices[:, i], vertices[:, j], triangles, lw=0.3, color="k")
     ax.set_aspect("equal")
     ax.set_title(title)
@@ -247,16 +270,27 @@ for ax, (i, j, title) in zip(axes, [(0, 1, "front (x, y)"), (2, 1, "side (z, y)"
 plt.show()
 
 # %% [markdown]
-# **Re-derive:** with no rotation and a neutral face, the landmarks are the template's (x, −y), stretched by the
-# identity's proportions, times the pixels per unit (0.2 × size at scale 1) plus the head's position in the frame.
+# **Re-derive:** with no rotation and a neutral face, the landmarks are the template's (x, −y), stretched by
+# the identity's proportions, times the pixels per unit (0.2 × size at scale 1) plus the head's position in
+# the frame.
 
 # %%
-ident = toy.Identity(skin="medium", hair="black", eyes="green", lips="red", background="yellow",
-                     hairstyle="long", face_width=1.05, face_height=0.97)
+ident = toy.Identity(
+    skin="medium",
+    hair="black",
+    eyes="green",
+    lips="red",
+    background="yellow",
+    hairstyle="long",
+    face_width=1.05,
+    face_height=0.97,
+)
 img, lmk = toy.render(ident, toy.HeadPose(), toy.Expression(), size=128)
 unit = 0.2 * 128
 mine = np.array([64, 0.44 * 128]) - 0.5 + vertices[:, :2] * np.array([1.05, -0.97]) * unit
-torch.testing.assert_close(torch.from_numpy(mine.astype(np.float32)), torch.from_numpy(lmk), atol=1e-4, rtol=0)
+torch.testing.assert_close(
+    torch.from_numpy(mine.astype(np.float32)), torch.from_numpy(lmk), atol=1e-4, rtol=0
+)
 print("render:", img.shape, img.dtype, "landmarks:", lmk.shape, "-> matches the projected template")
 
 # %% [markdown]
@@ -265,9 +299,12 @@ print("render:", img.shape, img.dtype, "landmarks:", lmk.shape, "-> matches the 
 
 # %%
 people = [toy.identity_from_seed(s) for s in (21, 1, 29, 12)]  # four training identities
-settings = [(toy.HeadPose(), toy.Expression()), (toy.HeadPose(yaw=25), toy.Expression(mouth_open=1.0)),
-            (toy.HeadPose(pitch=12, roll=-12), toy.Expression(blink=1.0, smile=0.8)),
-            (toy.HeadPose(yaw=-30, pitch=-8, scale=1.1), toy.Expression(mouth_open=0.5, smile=1.0))]
+settings = [
+    (toy.HeadPose(), toy.Expression()),
+    (toy.HeadPose(yaw=25), toy.Expression(mouth_open=1.0)),
+    (toy.HeadPose(pitch=12, roll=-12), toy.Expression(blink=1.0, smile=0.8)),
+    (toy.HeadPose(yaw=-30, pitch=-8, scale=1.1), toy.Expression(mouth_open=0.5, smile=1.0)),
+]
 tiles, titles = [], []
 for person in people:
     for pose, expr in settings:
@@ -280,8 +317,9 @@ plt.show()
 print([(p.skin, p.hair, p.eyes, p.background, p.hairstyle) for p in people])
 
 # %% [markdown]
-# Expressions move the right points: mouth open parts the inner lips (13 upper, 14 lower), blink brings the upper
-# lid (159) onto the lower lid (145), smile lifts the mouth corners (61, 291).
+# Expressions move the right points: mouth open parts the inner lips (13 upper, 14 lower), blink brings the
+# upper lid (159) onto the lower lid (145), smile lifts the mouth corners (61, 291).
+
 
 # %%
 def gap(lm, a, b):
@@ -289,17 +327,24 @@ def gap(lm, a, b):
 
 
 _, neutral = toy.render(ident, size=256)
-for expr in [toy.Expression(), toy.Expression(mouth_open=1.0), toy.Expression(blink=1.0), toy.Expression(smile=1.0)]:
+for expr in [
+    toy.Expression(),
+    toy.Expression(mouth_open=1.0),
+    toy.Expression(blink=1.0),
+    toy.Expression(smile=1.0),
+]:
     _, lm = toy.render(ident, expression=expr, size=256)
-    print(f"{str(expr):55s} lips 13-14: {gap(lm, 13, 14):5.1f} px  lids 159-145: {gap(lm, 159, 145):4.1f} px  "
-          f"corners up: {round(float((neutral[[61, 291], 1] - lm[[61, 291], 1]).mean()), 1):4.1f} px")
+    print(
+        f"{str(expr):55s} lips 13-14: {gap(lm, 13, 14):5.1f} px  lids 159-145: {gap(lm, 159, 145):4.1f} px  "
+        f"corners up: {round(float((neutral[[61, 291], 1] - lm[[61, 291], 1]).mean()), 1):4.1f} px"
+    )
 
 # %% [markdown]
 # ### Clips
 #
-# `make_clip` samples a talking head as a function of time: head sway (two slow sinusoids per axis), syllables at
-# 3–5 Hz switched by a slow "speaking" envelope, blinks every 2–5 s, a drifting smile. Any length, any fps; a longer
-# clip starts with the shorter one.
+# `make_clip` samples a talking head as a function of time: head sway (two slow sinusoids per axis), syllables
+# at 3–5 Hz switched by a slow "speaking" envelope, blinks every 2–5 s, a drifting smile. Any length, any fps;
+# a longer clip starts with the shorter one.
 
 # %%
 clip = toy.make_clip(people[1], num_frames=50, size=128, seed=3, fps=25)
@@ -326,18 +371,25 @@ plt.show()
 # %% [markdown]
 # ### The dataset
 #
-# `ToyPortraitDataset` yields what AnimateAnyone-style training needs: a **reference** image (same person, another
-# moment), target **frames**, their **pose images**, landmarks and all parameters. Identities come from two fixed,
-# disjoint seed ranges, so the test split holds people no model has seen.
+# `ToyPortraitDataset` yields what AnimateAnyone-style training needs: a **reference** image (same person,
+# another moment), target **frames**, their **pose images**, landmarks and all parameters. Identities come
+# from two fixed, disjoint seed ranges, so the test split holds people no model has seen.
 
 # %%
-print("train identities:", len(toy.identity_split("train")), " test identities:", len(toy.identity_split("test")))
+print(
+    "train identities:",
+    len(toy.identity_split("train")),
+    " test identities:",
+    len(toy.identity_split("test")),
+)
 ds = toy.ToyPortraitDataset(split="train", size=128, num_frames=16, length=1000, seed=0)
 item = ds[0]
 for key, value in item.items():
     if torch.is_tensor(value):
-        print(f"{key:20s} {tuple(value.shape)!s:20s} {str(value.dtype):14s} "
-              f"range [{value.min().item():.1f}, {value.max().item():.1f}]")
+        print(
+            f"{key:20s} {tuple(value.shape)!s:20s} {str(value.dtype):14s} "
+            f"range [{value.min().item():.1f}, {value.max().item():.1f}]"
+        )
     else:
         print(f"{key:20s} {value}")
 
@@ -345,7 +397,8 @@ for key, value in item.items():
 # ## 5. Both worlds meet: mediapipe on toy faces
 #
 # Is the toy world face-like enough for a detector trained on real faces? Render 24 random people at 256 px
-# (yaw ±30°, pitch and roll ±15°, random mouth and smile), run mediapipe, and compare with the renderer's truth.
+# (yaw ±30°, pitch and roll ±15°, random mouth and smile), run mediapipe, and compare with the renderer's
+# truth.
 
 # %%
 rng = np.random.default_rng(0)
@@ -354,8 +407,9 @@ with L.FaceLandmarker() as landmarker:
     for i in range(24):
         person = toy.sample_identity(rng)
         pose = toy.HeadPose(yaw=rng.uniform(-30, 30), pitch=rng.uniform(-15, 15), roll=rng.uniform(-15, 15))
-        img, truth = toy.render(person, pose, toy.Expression(mouth_open=rng.uniform(0, 1), smile=rng.uniform(0, 1)),
-                                size=256)
+        img, truth = toy.render(
+            person, pose, toy.Expression(mouth_open=rng.uniform(0, 1), smile=rng.uniform(0, 1)), size=256
+        )
         try:
             detected = landmarker.detect(img, f"toy render {i}").pixels
         except L.NoFaceError:
@@ -366,7 +420,12 @@ with L.FaceLandmarker() as landmarker:
 errors = np.stack(errors)
 iod = np.linalg.norm(truth[33] - truth[263])
 print(f"detected: {found}/24")
-print("mean error below 3 px:", bool(errors.mean() < 3), "| below 6% of the eye distance:", bool(errors.mean() / iod < 0.06))
+print(
+    "mean error below 3 px:",
+    bool(errors.mean() < 3),
+    "| below 6% of the eye distance:",
+    bool(errors.mean() / iod < 0.06),
+)
 
 # %%
 img, truth, detected = shown
@@ -389,31 +448,35 @@ plt.show()
 print("largest error is on the face oval:", max(region, key=region.get) == "face_oval")
 
 # %% [markdown]
-# Eyes, brows and irises agree to about a pixel; the lips to about two; the **face oval** is the worst (~5 px): the
-# toy face has no real jaw edge (the neck and hair meet it with colour changes, not geometry), so the detector's
-# idea of where a jaw should be wins. On larger measurements (200 renders per setting, in the report of this
-# chapter's issue) detection stays at 100% up to yaw ±45°, with eyes closed and with the mouth wide open.
+# Eyes, brows and irises agree to about a pixel; the lips to about two; the **face oval** is the worst
+# (~5 px): the toy face has no real jaw edge (the neck and hair meet it with colour changes, not geometry), so
+# the detector's idea of where a jaw should be wins. On larger measurements (200 renders per setting, in the
+# report of this chapter's issue) detection stays at 100% up to yaw ±45°, with eyes closed and with the mouth
+# wide open.
 
 # %% [markdown]
 # ## Summary
 #
-# - mediapipe's face mesh gives 478 points (468 + 10 iris) as normalized x, y and relative z; `anim_lab.landmarks`
-#   converts them to pixels (pixel centres), handles grayscale/RGBA, and raises a named error when there is no face.
-# - AniPortrait's pose image is lines only, 17 coloured paths (oval without forehead, eyes, brows, 8 lip arcs), 2 px
-#   at 512 px; `draw_pose_image` draws it at any size from landmarks of either world.
-# - Video2Pose = tracking landmarks + pose images + a video with the same fps and the source's audio; frames with no
-#   face hold the last good landmarks (or raise, by choice).
-# - The toy world renders faces from the same mesh with exact landmarks, smooth talking-head clips and a dataset with
-#   fixed identity splits — and mediapipe sees its faces (100% here) with eye/brow errors around a pixel.
+# - mediapipe's face mesh gives 478 points (468 + 10 iris) as normalized x, y and relative z;
+#   `anim_lab.landmarks` converts them to pixels (pixel centres), handles grayscale/RGBA, and raises a named
+#   error when there is no face.
+# - AniPortrait's pose image is lines only, 17 coloured paths (oval without forehead, eyes, brows, 8 lip
+#   arcs), 2 px at 512 px; `draw_pose_image` draws it at any size from landmarks of either world.
+# - Video2Pose = tracking landmarks + pose images + a video with the same fps and the source's audio; frames
+#   with no face hold the last good landmarks (or raise, by choice).
+# - The toy world renders faces from the same mesh with exact landmarks, smooth talking-head clips and a
+#   dataset with fixed identity splits — and mediapipe sees its faces (100% here) with eye/brow errors around
+#   a pixel.
 #
 # ## Exercises
 #
-# 1. Draw the pose image with `antialias=True` and at 128 px: which colours appear now, and why might that matter to
-#    a PoseGuider trained on exact colours?
-# 2. Run Video2Pose with `on_missing="error"` on a clip where some frames are replaced by `skimage.data.coffee()`.
-#    Then with `"hold"`. Which policy would you want for training data, and which for inference?
-# 3. Re-derive a yawed face: rotate the template about `toy.renderer.PIVOT` by `toy.rotation_matrix(yaw, 0, 0)` and
-#    project it yourself; compare with `toy.render(...)[1]`.
-# 4. Switch off parts of the toy renderer (e.g. render with `supersample=1`, or paint the brows in skin colour by
-#    editing a copy of the renderer) and measure how mediapipe's detection rate and error change.
+# 1. Draw the pose image with `antialias=True` and at 128 px: which colours appear now, and why might that
+#    matter to a PoseGuider trained on exact colours?
+# 2. Run Video2Pose with `on_missing="error"` on a clip where some frames are replaced by
+#    `skimage.data.coffee()`. Then with `"hold"`. Which policy would you want for training data, and which for
+#    inference?
+# 3. Re-derive a yawed face: rotate the template about `toy.renderer.PIVOT` by
+#    `toy.rotation_matrix(yaw, 0, 0)` and project it yourself; compare with `toy.render(...)[1]`.
+# 4. Switch off parts of the toy renderer (e.g. render with `supersample=1`, or paint the brows in skin colour
+#    by editing a copy of the renderer) and measure how mediapipe's detection rate and error change.
 # 5. Measure how the landmark error of mediapipe grows with |yaw| from 0° to 60° in steps of 10°.

@@ -13,18 +13,23 @@
 # %% [markdown]
 # # Chapter 02 — VAE latents
 #
-# *Where the denoising happens: an 8× smaller, 4-channel picture of each frame, made by a variational autoencoder.
-# We load a tiny `AutoencoderKL` trained on the toy world, look inside its latents, and measure the famous 0.18215.*
+# *Where the denoising happens: an 8× smaller, 4-channel picture of each frame, made by a variational
+# autoencoder. We load a tiny `AutoencoderKL` trained on the toy world, look inside its latents, and measure
+# the famous 0.18215.*
 #
-# | | |
-# |---|---|
-# | **You will build** | encode/decode of toy portraits with a trained tiny VAE; the latent distribution (mean, std, a sample); the scaling factor measured as 1/std; reference latents next to the random starting latents of a video; frame-by-frame video encode/decode in chunks; a least-squares latent → RGB preview |
-# | **Library modules** | `anim_lab.vae`, `anim_lab.configs`, `anim_lab.toy`, `anim_lab.viz` |
-# | **Questions answered** | What is a latent, in shapes and in pictures? Mean or sample — which does the reference image use, and how different are they? Why 0.18215, and how is the factor derived for any VAE? How do the reference latents differ from the starting latents of a video? How is a long video encoded without running out of memory? How good is the toy VAE, and what did its training cost? |
-# | **CPU runtime** | about 15 s |
+# - **You will build**: encode/decode of toy portraits with a trained tiny VAE; the latent distribution
+#   (mean, std, a sample); the scaling factor measured as 1/std; reference latents next to the random starting
+#   latents of a video; frame-by-frame video encode/decode in chunks; a least-squares latent → RGB preview
+# - **Library modules**: `anim_lab.vae`, `anim_lab.configs`, `anim_lab.toy`, `anim_lab.viz`
+# - **Questions answered**: What is a latent, in shapes and in pictures? Mean or sample — which does the
+#   reference image use, and how different are they? Why 0.18215, and how is the factor derived for any VAE?
+#   How do the reference latents differ from the starting latents of a video? How is a long video encoded
+#   without running out of memory? How good is the toy VAE, and what did its training cost?
+# - **CPU runtime**: about 15 s
 #
 # The toy VAE was trained by `scripts/train_toy_vae.py` (seed 0, 25 minutes on one CPU core, 5,275 steps); its
-# weights ship with the package in `anim_lab/assets/toy_vae/` (diffusers layout) and load with `from_pretrained`.
+# weights ship with the package in `anim_lab/assets/toy_vae/` (diffusers layout) and load with
+# `from_pretrained`.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -52,26 +57,46 @@ print(f"anim_lab {anim_lab.__version__}, torch {torch.__version__}, diffusers {d
 # %% [markdown]
 # ## 1. Pixels in, latents out
 #
-# - `AutoencoderKL` (diffusers) is the VAE of Stable Diffusion: an encoder with 3 stride-2 downsamplings (8×) to a
-#   4-channel latent, and a decoder back. The toy VAE has the same blocks, narrower: channels (16, 32, 64, 64).
-# - Images are `(B, 3, H, W)` in [-1, 1]; latents are `(B, 4, H/8, W/8)`. A 128-px portrait becomes 4 × 16 × 16 =
-#   1024 numbers, 48× fewer than its 49,152 pixel values.
+# - `AutoencoderKL` (diffusers) is the VAE of Stable Diffusion: an encoder with 3 stride-2 downsamplings (8×)
+#   to a 4-channel latent, and a decoder back. The toy VAE has the same blocks, narrower: channels
+#   (16, 32, 64, 64).
+# - Images are `(B, 3, H, W)` in [-1, 1]; latents are `(B, 4, H/8, W/8)`. A 128-px portrait becomes 4 × 16 ×
+#   16 = 1024 numbers, 48× fewer than its 49,152 pixel values.
 
 # %%
 vae = V.load_toy_vae()
 print("block_out_channels:", vae.config.block_out_channels, " latent_channels:", vae.config.latent_channels)
-print("parameters:", f"{sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M",
-      f"(SD1.5's VAE: {sum(p.numel() for p in V.build_vae(configs.SD15.vae, 'meta').parameters()) / 1e6:.1f}M)")
+print(
+    "parameters:",
+    f"{sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M",
+    f"(SD1.5's VAE: {sum(p.numel() for p in V.build_vae(configs.SD15.vae, 'meta').parameters()) / 1e6:.1f}M)",
+)
 
 rng = np.random.default_rng(0)
 test_ids = list(toy.identity_split("test"))[:6]  # identities never seen in training
-frames = [toy.render(toy.identity_from_seed(s), toy.HeadPose(yaw=rng.uniform(-20, 20), roll=rng.uniform(-8, 8)),
-                     toy.Expression(mouth_open=float(i % 2)), size=128)[0] for i, s in enumerate(test_ids)]
-images = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (6, H, W, 3) -> (6, 3, H, W)
+frames = [
+    toy.render(
+        toy.identity_from_seed(s),
+        toy.HeadPose(yaw=rng.uniform(-20, 20), roll=rng.uniform(-8, 8)),
+        toy.Expression(mouth_open=float(i % 2)),
+        size=128,
+    )[0]
+    for i, s in enumerate(test_ids)
+]
+images = (
+    torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1
+)  # (6, H, W, 3) -> (6, 3, H, W)
 with torch.no_grad():
     latents = V.encode(vae, images)  # (6, 3, 128, 128) -> (6, 4, 16, 16), mean, scaled
     recon = V.decode(vae, latents)  # (6, 4, 16, 16) -> (6, 3, 128, 128)
-print("images", tuple(images.shape), "-> latents", tuple(latents.shape), "-> reconstructions", tuple(recon.shape))
+print(
+    "images",
+    tuple(images.shape),
+    "-> latents",
+    tuple(latents.shape),
+    "-> reconstructions",
+    tuple(recon.shape),
+)
 print("PSNR per image (dB):", V.psnr(recon, images).numpy().round(0))
 
 
@@ -81,22 +106,26 @@ def to_01(x):  # (B, 3, H, W) in [-1, 1] -> list of (H, W, 3) in [0, 1]
 
 
 err = [np.repeat(e[..., None], 3, -1) for e in (recon - images).abs().mean(1).clamp(0, 0.25).numpy() * 4]
-fig = viz.image_grid(to_01(images) + to_01(recon) + err, ncols=6, figsize=(12, 6.3),
-                     titles=["original"] * 6 + ["reconstruction"] * 6 + ["|error| (x4)"] * 6,
-                     suptitle="Held-out toy portraits through the toy VAE (128 px -> 4 x 16 x 16 -> 128 px)")
+fig = viz.image_grid(
+    to_01(images) + to_01(recon) + err,
+    ncols=6,
+    figsize=(12, 6.3),
+    titles=["original"] * 6 + ["reconstruction"] * 6 + ["|error| (x4)"] * 6,
+    suptitle="Held-out toy portraits through the toy VAE (128 px -> 4 x 16 x 16 -> 128 px)",
+)
 viz.save(fig, "ch02_reconstructions")
 plt.show()
 
 # %% [markdown]
-# Colours, pose, hair and mouth come back; the error concentrates on edges and small details (eyes, teeth), the
-# usual signature of a small autoencoder trained with a pixel loss.
+# Colours, pose, hair and mouth come back; the error concentrates on edges and small details (eyes, teeth),
+# the usual signature of a small autoencoder trained with a pixel loss.
 #
 # ## 2. A distribution, not a point: mean versus sample
 #
 # - The encoder outputs a diagonal Gaussian per latent value: `latent_dist.mean` and `latent_dist.std`.
 # - Training the diffusion UNet samples `z = mean + std · ε`. The **reference image** of AnimateAnyone-style
-#   pipelines is encoded with the **mean** (`latent_dist.mean * 0.18215` in Moore-AnimateAnyone): a condition should
-#   not be random.
+#   pipelines is encoded with the **mean** (`latent_dist.mean * 0.18215` in Moore-AnimateAnyone): a condition
+#   should not be random.
 # - Re-derive a sample by hand and check it against the library:
 
 # %%
@@ -116,40 +145,50 @@ print(f"PSNR decoding the mean: {psnr_mean:.0f} dB, decoding a sample: {psnr_sam
 
 # %% [markdown]
 # The posterior is narrow: the KL weight in training is tiny (1e-6, as in SD's VAE), so the encoder is nearly
-# deterministic and a sample is the mean plus a little noise. Using the mean for the reference costs nothing and
-# removes that noise from the condition.
+# deterministic and a sample is the mean plus a little noise. Using the mean for the reference costs nothing
+# and removes that noise from the condition.
 #
 # ## 3. The scaling factor: why 0.18215
 #
-# - Diffusion mixes latents with unit Gaussian noise: `x_t = √ᾱ_t · z + √(1 − ᾱ_t) · ε`. That mixing assumes `z` has
-#   unit variance; otherwise the noise schedule means something else.
-# - The VAE's latents have whatever scale training gave them. The latent-diffusion authors measured the standard
-#   deviation of SD's VAE latents on a batch of images, ≈ 5.49, and multiply by **1 / 5.49 = 0.18215** (their
-#   `scale_by_std` option; the value is written in SD's `vae/config.json` as `scaling_factor`).
+# - Diffusion mixes latents with unit Gaussian noise: `x_t = √ᾱ_t · z + √(1 − ᾱ_t) · ε`. That mixing assumes
+#   `z` has unit variance; otherwise the noise schedule means something else.
+# - The VAE's latents have whatever scale training gave them. The latent-diffusion authors measured the
+#   standard deviation of SD's VAE latents on a batch of images, ≈ 5.49, and multiply by
+#   **1 / 5.49 = 0.18215** (their `scale_by_std` option; the value is written in SD's `vae/config.json` as
+#   `scaling_factor`).
 # - The recipe works for any VAE: encode a dataset, take `1 / std`. Here on 128 training frames:
 
 # %%
 train_ids = list(toy.identity_split("train"))[:128]
 poses = [toy.HeadPose(yaw=rng.uniform(-25, 25), pitch=rng.uniform(-10, 10)) for _ in train_ids]
-batch = np.stack([toy.render(toy.identity_from_seed(i), p, toy.Expression(mouth_open=rng.uniform()), size=128)[0]
-                  for i, p in zip(train_ids, poses)])
+batch = np.stack(
+    [
+        toy.render(toy.identity_from_seed(i), p, toy.Expression(mouth_open=rng.uniform()), size=128)[0]
+        for i, p in zip(train_ids, poses, strict=True)
+    ]
+)
 train_images = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1  # (128, 3, 128, 128)
 with torch.no_grad():
     z = V.encode_latent_dist(vae, train_images).sample(generator=torch.Generator().manual_seed(0))  # unscaled
 factor = 1 / z.flatten().std()  # the whole recipe
 torch.testing.assert_close(float(factor), V.scaling_factor_from_latents(z))
 print(f"std of unscaled latents: {z.std():.2f} -> factor 1/std = {factor:.3f}")
-print(f"factor stored in the toy VAE's config.json (measured on other frames): {vae.config.scaling_factor:.3f}")
+print(
+    f"factor stored in the toy VAE's config.json (measured on other frames): {vae.config.scaling_factor:.3f}"
+)
 print(f"std after scaling: {(z * vae.config.scaling_factor).std():.2f}")
 print(f"SD: 1 / 0.18215 = {1 / 0.18215:.2f} is the std that was measured for SD's VAE")
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
 grid = np.linspace(-4, 4, 200)
-for ax, data, title in ((axes[0], z, "unscaled latents"), (axes[1], z * vae.config.scaling_factor, "scaled latents")):
+for ax, data, title in (
+    (axes[0], z, "unscaled latents"),
+    (axes[1], z * vae.config.scaling_factor, "scaled latents"),
+):
     for c in range(4):
         ax.hist(data[:, c].flatten().numpy(), bins=80, density=True, histtype="step", label=f"channel {c}")
-    ax.plot(grid, np.exp(-grid**2 / 2) / np.sqrt(2 * np.pi), "k--", label="N(0, 1)")
+    ax.plot(grid, np.exp(-(grid**2) / 2) / np.sqrt(2 * np.pi), "k--", label="N(0, 1)")
     ax.set_title(title)
 axes[1].set_xlim(-4, 4)
 axes[1].legend(fontsize=7)
@@ -157,15 +196,17 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# The channels differ in centre and shape, but after scaling their overall spread matches the noise. (The toy VAE's
-# latents happen to have a std near 1 already, so its factor is close to 1; SD's did not.) What goes
-# wrong without it: the signal-to-noise ratio at step t is `ᾱ_t · var(z) / (1 − ᾱ_t)`. With SD's schedule at the last
-# training step (t = 999), unit-variance latents are almost pure noise, as the sampler's starting point assumes;
-# unscaled SD latents (std 5.49) would still be 30× stronger there, so "pure noise" at inference would never match
-# what the UNet saw in training:
+# The channels differ in centre and shape, but after scaling their overall spread matches the noise. (The toy
+# VAE's latents happen to have a std near 1 already, so its factor is close to 1; SD's did not.) What goes
+# wrong without it: the signal-to-noise ratio at step t is `ᾱ_t · var(z) / (1 − ᾱ_t)`. With SD's schedule at
+# the last training step (t = 999), unit-variance latents are almost pure noise, as the sampler's starting
+# point assumes; unscaled SD latents (std 5.49) would still be 30× stronger there, so "pure noise" at
+# inference would never match what the UNet saw in training:
 
 # %%
-sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+sched = DDPMScheduler(
+    beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000
+)
 ab = sched.alphas_cumprod
 for t in (999, 800, 500):
     snr = ab[t] / (1 - ab[t])
@@ -174,8 +215,8 @@ for t in (999, 800, 500):
 # %% [markdown]
 # ## 4. Reference latents versus the starting latents of a video
 #
-# - The **reference latents**: the reference image's *mean* latent × scaling factor, `(1, 4, h, w)`. They go to the
-#   ReferenceNet (run once, at t = 0), never into the denoised video itself.
+# - The **reference latents**: the reference image's *mean* latent × scaling factor, `(1, 4, h, w)`. They go
+#   to the ReferenceNet (run once, at t = 0), never into the denoised video itself.
 # - The **starting latents** of the video: pure Gaussian noise `(1, 4, F, h, w)` drawn with a `generator` (×
 #   `init_noise_sigma` = 1 for DDIM). Nothing of the reference is in them.
 # - After scaling both have unit spread; what differs is structure. Neighbouring latent pixels of an image are
@@ -192,10 +233,18 @@ def neighbour_corr(x):  # correlation of horizontally adjacent values, over all 
     return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
 
 
-print("reference latents", tuple(reference.shape), f"std {reference.std():.2f}",
-      f"neighbour correlation {neighbour_corr(reference):.2f}")
-print("starting latents ", tuple(start.shape), f"std {start.std():.2f}",
-      f"neighbour correlation is small: {abs(neighbour_corr(start)) < 0.1}")
+print(
+    "reference latents",
+    tuple(reference.shape),
+    f"std {reference.std():.2f}",
+    f"neighbour correlation {neighbour_corr(reference):.2f}",
+)
+print(
+    "starting latents ",
+    tuple(start.shape),
+    f"std {start.std():.2f}",
+    f"neighbour correlation is small: {abs(neighbour_corr(start)) < 0.1}",
+)
 
 # %%
 with torch.no_grad():
@@ -204,30 +253,41 @@ with torch.no_grad():
     noise_decoded = V.decode(vae, start[:, :, 0])  # what the decoder makes of pure noise
 panels = [to_01(images[:1])[0]] + [(reference[0, c] / 6 + 0.5).clamp(0, 1).numpy() for c in range(4)]
 panels += [to_01(prev(reference))[0], (start[0, 0, 0] / 6 + 0.5).clamp(0, 1).numpy(), to_01(noise_decoded)[0]]
-titles = ["image"] + [f"latent channel {c}" for c in range(4)] + ["linear preview", "start noise (ch 0)",
-                                                                 "decode(noise)"]
-fig = viz.image_grid(panels, titles=titles, ncols=8, figsize=(16, 2.6),
-                     suptitle="A reference latent (16 x 16 x 4), its linear RGB preview, and a video's starting noise")
+titles = (
+    ["image"]
+    + [f"latent channel {c}" for c in range(4)]
+    + ["linear preview", "start noise (ch 0)", "decode(noise)"]
+)
+fig = viz.image_grid(
+    panels,
+    titles=titles,
+    ncols=8,
+    figsize=(16, 2.6),
+    suptitle="A reference latent (16 x 16 x 4), its linear RGB preview, and a video's starting noise",
+)
 viz.save(fig, "ch02_latents")
 plt.show()
 
 # %% [markdown]
-# The latent channels are a blurred, recoloured image: SD's latents look the same way, which is why a fixed 4 × 3
-# matrix gives rough but recognisable previews. `LatentPreview.fit` finds that matrix by least squares on
+# The latent channels are a blurred, recoloured image: SD's latents look the same way, which is why a fixed 4
+# × 3 matrix gives rough but recognisable previews. `LatentPreview.fit` finds that matrix by least squares on
 # (latent, 8×-downsampled image) pairs:
 
 # %%
 print("preview weights (latent channel -> R, G, B):\n", prev.weight.numpy().round(2))
 with torch.no_grad():
     small = torch.nn.functional.adaptive_avg_pool2d(images, (16, 16))  # (6, 3, 16, 16), the target of the fit
-    print(f"preview PSNR against the 16x16 image on held-out frames: {V.psnr(prev(latents), small).mean():.0f} dB")
+    print(
+        f"preview PSNR against the 16x16 image on held-out frames: "
+        f"{V.psnr(prev(latents), small).mean():.0f} dB"
+    )
 
 # %% [markdown]
 # ## 5. Videos, frame by frame and in chunks
 #
 # - A 2D VAE treats frames independently: `(B, 3, F, H, W)` → `(B·F, 3, H, W)` → encode → `(B, 4, F, h, w)`.
-# - Long videos are split into chunks of frames so that memory stays bounded. Moore-AnimateAnyone decodes one frame
-#   per call; diffusers' AnimateDiff 16 per call. The result must not depend on the chunk size:
+# - Long videos are split into chunks of frames so that memory stays bounded. Moore-AnimateAnyone decodes one
+#   frame per call; diffusers' AnimateDiff 16 per call. The result must not depend on the chunk size:
 
 # %%
 clip = toy.make_clip(toy.identity_from_seed(test_ids[0]), num_frames=num_frames, size=128, seed=3)
@@ -236,29 +296,42 @@ with torch.no_grad():
     video_latents = V.encode_video(vae, video, chunk_size=3)  # (1, 3, 8, 128, 128) -> (1, 4, 8, 16, 16)
     one_by_one = V.encode_video(vae, video, chunk_size=1)
     decoded = V.decode_video(vae, video_latents, chunk_size=4)  # -> (1, 3, 8, 128, 128)
-print("video", tuple(video.shape), "-> latents", tuple(video_latents.shape), "-> decoded", tuple(decoded.shape))
+print(
+    "video", tuple(video.shape), "-> latents", tuple(video_latents.shape), "-> decoded", tuple(decoded.shape)
+)
 print("chunk size 3 equals chunk size 1:", torch.allclose(video_latents, one_by_one, atol=1e-5))
-per_frame = V.psnr(rearrange(decoded, "b c f h w -> (b f) c h w"), rearrange(video, "b c f h w -> (b f) c h w"))
+per_frame = V.psnr(
+    rearrange(decoded, "b c f h w -> (b f) c h w"), rearrange(video, "b c f h w -> (b f) c h w")
+)
 print(f"PSNR over the clip: min {per_frame.min():.0f} dB, mean {per_frame.mean():.0f} dB")
 
 # %%
 strip = to_01(rearrange(video[:, :, ::2], "b c f h w -> (b f) c h w")) + to_01(
-    rearrange(decoded[:, :, ::2], "b c f h w -> (b f) c h w"))
-fig = viz.image_grid(strip, titles=[f"frame {i}" for i in range(0, num_frames, 2)] * 2, ncols=4, figsize=(8, 4.4),
-                     suptitle="A toy clip (top) and its frame-by-frame reconstruction (bottom)")
+    rearrange(decoded[:, :, ::2], "b c f h w -> (b f) c h w")
+)
+fig = viz.image_grid(
+    strip,
+    titles=[f"frame {i}" for i in range(0, num_frames, 2)] * 2,
+    ncols=4,
+    figsize=(8, 4.4),
+    suptitle="A toy clip (top) and its frame-by-frame reconstruction (bottom)",
+)
 plt.show()
 
 # %% [markdown]
 # ## 6. What the toy VAE cost
 #
-# The training log ships next to the weights. Recipe (from the toy-world study): train on random 64-px crops (the
-# convolutions are size-agnostic, and 128-px layers dominate the cost), bf16 autocast on the CPU, loss
-# MSE + 0.1·L1 + 1e-6·KL, Adam at 1e-3 and ×0.3 for the last fifth of the run. Held-out PSNR on full 128-px frames:
+# The training log ships next to the weights. Recipe (from the toy-world study): train on random 64-px crops
+# (the convolutions are size-agnostic, and 128-px layers dominate the cost), bf16 autocast on the CPU, loss
+# MSE + 0.1·L1 + 1e-6·KL, Adam at 1e-3 and ×0.3 for the last fifth of the run. Held-out PSNR on full 128-px
+# frames:
 
 # %%
 log = json.loads((V.TOY_VAE_DIR / "train_log.json").read_text())
-print(f"{log['n_params'] / 1e6:.2f}M parameters, batch {log['batch_size']} crops of {log['crop']} px, "
-      f"{log['minutes']:.0f} minutes, final held-out PSNR >= 28 dB: {log['final_psnr'] >= 28}")
+print(
+    f"{log['n_params'] / 1e6:.2f}M parameters, batch {log['batch_size']} crops of {log['crop']} px, "
+    f"{log['minutes']:.0f} minutes, final held-out PSNR >= 28 dB: {log['final_psnr'] >= 28}"
+)
 curve = log["curve"]
 fig, ax = plt.subplots(figsize=(6, 3.2))
 ax.plot([c["minutes"] for c in curve], [c["psnr"] for c in curve], "o-")
@@ -274,14 +347,16 @@ plt.show()
 # %% [markdown]
 # ## Summary
 #
-# - A VAE turns `(B, 3, H, W)` images in [-1, 1] into `(B, 4, H/8, W/8)` latents; videos go through it frame by
-#   frame, `(B, C, F, H, W)` ↔ `(B·F, C, H, W)`, in chunks that bound memory without changing the result.
-# - The encoder gives a Gaussian; with a tiny KL weight it is narrow, and pipelines encode the reference with its
-#   **mean**. Training the UNet uses samples.
-# - The **scaling factor is 1 / std** of the latents over a dataset: 0.18215 for SD's VAE (std 5.49), our own value for
-#   the toy VAE, stored in `config.json`. It makes latents match the unit noise of the diffusion schedule.
-# - Reference latents and starting latents have the same spread but nothing else in common: the first are a small
-#   blurred picture, the second are independent noise; the reference reaches the video only through the UNets.
+# - A VAE turns `(B, 3, H, W)` images in [-1, 1] into `(B, 4, H/8, W/8)` latents; videos go through it frame
+#   by frame, `(B, C, F, H, W)` ↔ `(B·F, C, H, W)`, in chunks that bound memory without changing the result.
+# - The encoder gives a Gaussian; with a tiny KL weight it is narrow, and pipelines encode the reference with
+#   its **mean**. Training the UNet uses samples.
+# - The **scaling factor is 1 / std** of the latents over a dataset: 0.18215 for SD's VAE (std 5.49), our own
+#   value for the toy VAE, stored in `config.json`. It makes latents match the unit noise of the diffusion
+#   schedule.
+# - Reference latents and starting latents have the same spread but nothing else in common: the first are a
+#   small blurred picture, the second are independent noise; the reference reaches the video only through the
+#   UNets.
 # - A 4 × 3 least-squares map previews latents as RGB without a decoder.
 #
 # ## Exercises
@@ -289,7 +364,7 @@ plt.show()
 # 1. Measure the factor with posterior *means* instead of samples. How much does it change, and why so little?
 # 2. Encode a frame, shift its latent by one latent pixel, decode. What moves, and by how many image pixels?
 # 3. Decode a linear interpolation between the latents of two identities. Is the midpoint a plausible face?
-# 4. Train the VAE for 2 minutes with `scripts/train_toy_vae.py --minutes 2 --out /tmp/vae` with and without the
-#    learning-rate drop (edit `frac > 0.8`) and compare the held-out PSNR.
+# 4. Train the VAE for 2 minutes with `scripts/train_toy_vae.py --minutes 2 --out /tmp/vae` with and without
+#    the learning-rate drop (edit `frac > 0.8`) and compare the held-out PSNR.
 # 5. SD's VAE at 512 × 512 gives `(1, 4, 64, 64)` latents: build it on the meta device with
 #    `V.build_vae(configs.SD15.vae, "meta")` and trace the shapes of `encode_video` on a 24-frame video.

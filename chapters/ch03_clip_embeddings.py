@@ -13,21 +13,27 @@
 # %% [markdown]
 # # Chapter 03 — CLIP image embeddings
 #
-# *AnimateAnyone has no text prompt: the UNet's cross-attention reads one CLIP embedding of the reference image. We
-# preprocess images like CLIP, turn embeddings into that single token, see why zeros are the "no condition" input,
-# and ask a tiny CLIP trained on the toy world what its embeddings know — and what they lose.*
+# *AnimateAnyone has no text prompt: the UNet's cross-attention reads one CLIP embedding of the reference
+# image. We preprocess images like CLIP, turn embeddings into that single token, see why zeros are the "no
+# condition" input, and ask a tiny CLIP trained on the toy world what its embeddings know — and what they
+# lose.*
 #
-# | | |
-# |---|---|
-# | **You will build** | CLIP preprocessing in torch, checked against transformers; image embeddings → `(B, 1, D)` cross-attention tokens at toy and real (ViT-L/14) size; the zero unconditional token and what cross-attention does with it; zero-shot attribute classification and identity retrieval with the toy CLIP; an embedding map |
-# | **Library modules** | `anim_lab.clip`, `anim_lab.configs`, `anim_lab.toy`, `anim_lab.viz`; diffusers' `Attention` |
-# | **Questions answered** | What does CLIP's image processor do, exactly? How does an image enter the UNet through cross-attention, in shapes? Why are zeros the unconditional input? What do the embeddings carry (colours, identity, expression) and what do they lose (small details such as eye colour) — the argument for a ReferenceNet? |
-# | **CPU runtime** | about 15 s |
+# - **You will build**: CLIP preprocessing in torch, checked against transformers; image embeddings →
+#   `(B, 1, D)` cross-attention tokens at toy and real (ViT-L/14) size; the zero unconditional token and what
+#   cross-attention does with it; zero-shot attribute classification and identity retrieval with the toy CLIP;
+#   an embedding map
+# - **Library modules**: `anim_lab.clip`, `anim_lab.configs`, `anim_lab.toy`, `anim_lab.viz`; diffusers'
+#   `Attention`
+# - **Questions answered**: What does CLIP's image processor do, exactly? How does an image enter the UNet
+#   through cross-attention, in shapes? Why are zeros the unconditional input? What do the embeddings carry
+#   (colours, identity, expression) and what do they lose (small details such as eye colour) — the argument
+#   for a ReferenceNet?
+# - **CPU runtime**: about 15 s
 #
 # The toy CLIP was trained by `scripts/train_toy_clip.py` (seed 0, four stages, 51 minutes on one CPU core): a
 # transformers `CLIPModel` (image and text towers) with a word-level tokenizer built from the toy attribute
-# vocabulary. Its image tower is saved apart as a `CLIPVisionModelWithProjection` — the image encoder of the toy
-# animation models.
+# vocabulary. Its image tower is saved apart as a `CLIPVisionModelWithProjection` — the image encoder of the
+# toy animation models.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -55,34 +61,44 @@ print(f"anim_lab {anim_lab.__version__}, torch {torch.__version__}, transformers
 # %% [markdown]
 # ## 1. CLIP's preprocessing, in torch
 #
-# `CLIPImageProcessor` does three things: resize the **shortest edge** (bicubic), **centre crop** a square, and
-# normalise with OpenAI's per-channel mean and std. SD-image-variations / AnimateAnyone use 224 / 224 (after resizing
-# the reference to 224 × 224). The toy CLIP uses 160 / 96: the central 77 px of a 128-px frame, enlarged 1.25×, so
-# the face fills the crop (the mouth needs those pixels, section 6) while hair, background and collar stay in view.
-# `ClipPreprocess` is the same in torch, on `(B, 3, H, W)` images in [-1, 1]:
+# `CLIPImageProcessor` does three things: resize the **shortest edge** (bicubic), **centre crop** a square,
+# and normalise with OpenAI's per-channel mean and std. SD-image-variations / AnimateAnyone use 224 / 224
+# (after resizing the reference to 224 × 224). The toy CLIP uses 160 / 96: the central 77 px of a 128-px
+# frame, enlarged 1.25×, so the face fills the crop (the mouth needs those pixels, section 6) while hair,
+# background and collar stay in view. `ClipPreprocess` is the same in torch, on `(B, 3, H, W)` images in
+# [-1, 1]:
 
 # %%
 rng = np.random.default_rng(0)
 test_ids = list(toy.identity_split("test"))
-u8 = np.stack([toy.render(toy.identity_from_seed(s), toy.HeadPose(yaw=rng.uniform(-20, 20)), size=128)[0]
-               for s in test_ids[:4]])  # (4, 128, 128, 3) uint8
+u8 = np.stack(
+    [
+        toy.render(toy.identity_from_seed(s), toy.HeadPose(yaw=rng.uniform(-20, 20)), size=128)[0]
+        for s in test_ids[:4]
+    ]
+)  # (4, 128, 128, 3) uint8
 processor = CLIPImageProcessorPil.from_pretrained(C.TOY_IMAGE_ENCODER_DIR)
 print("toy processor: shortest edge", processor.size["shortest_edge"], "crop", processor.crop_size["height"])
 expected = processor(list(u8), return_tensors="pt").pixel_values  # (4, 3, 96, 96), PIL path
 preprocess = C.ClipPreprocess.from_processor(processor)
-images = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 127.5 - 1  # (4, H, W, 3) -> (4, 3, H, W) in [-1, 1]
+images = (
+    torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 127.5 - 1
+)  # (4, H, W, 3) -> (4, 3, H, W) in [-1, 1]
 pixel_values = preprocess(images)  # (4, 3, 96, 96)
 torch.testing.assert_close(pixel_values, expected, atol=0.03, rtol=0)  # PIL rounds to uint8 in between
-print("pixel_values", tuple(pixel_values.shape), "match transformers' CLIPImageProcessor (within a grey level)")
+print(
+    "pixel_values", tuple(pixel_values.shape), "match transformers' CLIPImageProcessor (within a grey level)"
+)
 sd = C.ClipPreprocess()  # SD's image encoder: 224 / 224
 print("SD-size pixel_values:", tuple(sd(images).shape))
 
 # %% [markdown]
 # ## 2. From image to one cross-attention token
 #
-# - The vision transformer cuts the image into patches (toy: 96 px / 12 = 8 × 8 = 64 patches; ViT-L/14: 224 / 14 =
-#   16 × 16 = 256), adds a class token, and runs its layers. The class token's output, projected, is `image_embeds`
-#   `(B, D)`. `encode_image` adds a length-1 token axis: `(B, 1, D)`, the UNet's `encoder_hidden_states`.
+# - The vision transformer cuts the image into patches (toy: 96 px / 12 = 8 × 8 = 64 patches; ViT-L/14: 224 /
+#   14 = 16 × 16 = 256), adds a class token, and runs its layers. The class token's output, projected, is
+#   `image_embeds` `(B, D)`. `encode_image` adds a length-1 token axis: `(B, 1, D)`, the UNet's
+#   `encoder_hidden_states`.
 # - At real size nothing changes but the numbers — here on the meta device (no weights, no memory):
 
 # %%
@@ -94,22 +110,33 @@ print("toy: patch tokens", tuple(hidden.shape), "-> image_embeds -> tokens", tup
 
 vit_l = C.build_image_encoder(configs.SD15.image_encoder, device="meta")
 out = vit_l(pixel_values=torch.empty(1, 3, 224, 224, device="meta"))
-print("ViT-L/14: patch tokens", tuple(out.last_hidden_state.shape), "-> image_embeds", tuple(out.image_embeds.shape),
-      "-> tokens", tuple(C.image_embeds_to_tokens(out.image_embeds).shape))
+print(
+    "ViT-L/14: patch tokens",
+    tuple(out.last_hidden_state.shape),
+    "-> image_embeds",
+    tuple(out.image_embeds.shape),
+    "-> tokens",
+    tuple(C.image_embeds_to_tokens(out.image_embeds).shape),
+)
 print(f"ViT-L/14 image encoder: {sum(p.numel() for p in vit_l.parameters()) / 1e6:.1f}M parameters")
 
 # %% [markdown]
-# Inside the UNet, each cross-attention layer (`attn2` in diffusers) projects the feature map to queries and the
-# tokens to keys and values. SD1.5's first block: 320 channels, 64 × 64 positions at 512 px, 8 heads, context 768.
-# With **one** token, the softmax over keys has a single entry, equal to 1 — every position receives the same
-# vector `to_out(to_v(token))`. The image embedding acts as a global, position-independent signal:
+# Inside the UNet, each cross-attention layer (`attn2` in diffusers) projects the feature map to queries and
+# the tokens to keys and values. SD1.5's first block: 320 channels, 64 × 64 positions at 512 px, 8 heads,
+# context 768. With **one** token, the softmax over keys has a single entry, equal to 1 — every position
+# receives the same vector `to_out(to_v(token))`. The image embedding acts as a global, position-independent
+# signal:
 
 # %%
 with torch.device("meta"):
     attn = Attention(query_dim=320, cross_attention_dim=768, heads=8, dim_head=40)
 feature_map = torch.empty(2, 64 * 64, 320, device="meta")  # (B, h*w, C): the flattened 64 x 64 feature map
-print("cross-attention (meta):", tuple(feature_map.shape), "+ context (2, 1, 768) ->",
-      tuple(attn(feature_map, encoder_hidden_states=torch.empty(2, 1, 768, device="meta")).shape))
+print(
+    "cross-attention (meta):",
+    tuple(feature_map.shape),
+    "+ context (2, 1, 768) ->",
+    tuple(attn(feature_map, encoder_hidden_states=torch.empty(2, 1, 768, device="meta")).shape),
+)
 
 torch.manual_seed(0)
 toy_attn = Attention(query_dim=32, cross_attention_dim=64, heads=4, dim_head=8).eval()  # a toy-sized attn2
@@ -124,9 +151,10 @@ print("one token: every query position gets to_out(to_v(token)) — matches the 
 # ## 3. Zeros as the unconditional input
 #
 # Classifier-free guidance runs the UNet twice, with and without the condition. Moore-AnimateAnyone makes the
-# unconditional tokens with `torch.zeros_like`: SD's `to_k`/`to_v` have no bias, so a zero token gives zero values,
-# and cross-attention returns just `to_out`'s bias — the same for every image, carrying no information. The
-# embedding of a *blank* image would not: it is a real point in embedding space, with content of its own.
+# unconditional tokens with `torch.zeros_like`: SD's `to_k`/`to_v` have no bias, so a zero token gives zero
+# values, and cross-attention returns just `to_out`'s bias — the same for every image, carrying no
+# information. The embedding of a *blank* image would not: it is a real point in embedding space, with content
+# of its own.
 
 # %%
 uncond = C.uncond_tokens_like(tokens)  # (4, 1, 64) zeros
@@ -136,33 +164,48 @@ with torch.no_grad():
     blank_token = C.encode_image(image_encoder, blank, preprocess)
 torch.testing.assert_close(out_zero, toy_attn.to_out[0].bias.expand_as(out_zero))
 print("zero tokens -> cross-attention output = to_out bias everywhere: True")
-print("norm of a grey image's token relative to a portrait's:",
-      round(float(blank_token.norm() / tokens.norm(dim=-1).mean()), 2))
-cfg_context = torch.cat([uncond, tokens])  # (2B, 1, D): unconditional rows first, as in the reference pipeline
+print(
+    "norm of a grey image's token relative to a portrait's:",
+    round(float(blank_token.norm() / tokens.norm(dim=-1).mean()), 2),
+)
+cfg_context = torch.cat(
+    [uncond, tokens]
+)  # (2B, 1, D): unconditional rows first, as in the reference pipeline
 print("encoder_hidden_states under CFG:", tuple(cfg_context.shape))
 
 # %% [markdown]
 # ## 4. What the toy CLIP's embeddings carry
 #
-# Held-out identities, 4 random poses and expressions each. Captions in training were sets of attribute phrases
-# ("red hair , mouth open , blue background"). **Zero-shot classification** compares an image with the phrases of all
-# values of one attribute and picks the most similar. First re-derive it from cosine similarities:
+# Held-out identities, 4 random poses and expressions each. Captions in training were sets of attribute
+# phrases ("red hair , mouth open , blue background"). **Zero-shot classification** compares an image with the
+# phrases of all values of one attribute and picks the most similar. First re-derive it from cosine
+# similarities:
 
 # %%
 clip_model, tokenizer = C.load_toy_clip()
 attributes = C.toy_caption_attributes()
 n_ids, views = 100, 4
 rows, labels, who = [], [], []
-for k, s in enumerate(test_ids[100:100 + n_ids]):
+for k, s in enumerate(test_ids[100 : 100 + n_ids]):
     ident = toy.identity_from_seed(s)
     for v in range(views):
         mouth, eyes = rng.random() < 0.5, rng.random() < 0.3
-        expr = toy.Expression(mouth_open=0.8 if mouth else 0.0, blink=0.95 if eyes else 0.0, smile=rng.uniform())
-        pose = toy.HeadPose(yaw=rng.uniform(-25, 25), pitch=rng.uniform(-12, 12), roll=rng.uniform(-10, 10),
-                            tx=rng.uniform(-0.06, 0.06), ty=rng.uniform(-0.05, 0.05), scale=rng.uniform(0.9, 1.1))
+        expr = toy.Expression(
+            mouth_open=0.8 if mouth else 0.0, blink=0.95 if eyes else 0.0, smile=rng.uniform()
+        )
+        pose = toy.HeadPose(
+            yaw=rng.uniform(-25, 25),
+            pitch=rng.uniform(-12, 12),
+            roll=rng.uniform(-10, 10),
+            tx=rng.uniform(-0.06, 0.06),
+            ty=rng.uniform(-0.05, 0.05),
+            scale=rng.uniform(0.9, 1.1),
+        )
         rows.append(toy.render(ident, pose, expr, size=128, seed=v)[0])
-        labels.append({a: getattr(ident, a) for a in toy.ATTRIBUTES} | {"mouth": "open" if mouth else "closed",
-                                                                         "eyelids": "closed" if eyes else "open"})
+        labels.append(
+            {a: getattr(ident, a) for a in toy.ATTRIBUTES}
+            | {"mouth": "open" if mouth else "closed", "eyelids": "closed" if eyes else "open"}
+        )
         who.append(k)
 gallery = torch.from_numpy(np.stack(rows)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (400, 3, 128, 128)
 who = torch.tensor(who)
@@ -175,7 +218,9 @@ prompts = [C.toy_phrase("hair", v) for v in attributes["hair"]]
 with torch.no_grad():
     pred, sims = C.zero_shot_classify(clip_model, tokenizer, pv, prompts)
     text = C.encode_text(clip_model, tokenizer, prompts)  # (5, 64)
-by_hand = (image_embeds / image_embeds.norm(dim=-1, keepdim=True)) @ (text / text.norm(dim=-1, keepdim=True)).T
+by_hand = (image_embeds / image_embeds.norm(dim=-1, keepdim=True)) @ (
+    text / text.norm(dim=-1, keepdim=True)
+).T
 torch.testing.assert_close(sims, by_hand, atol=1e-5, rtol=1e-5)
 print("prompts:", prompts)
 print("zero-shot = argmax of cosine similarities: matches the library")
@@ -189,13 +234,18 @@ with torch.no_grad():
         truth = torch.tensor([values.index(lab[attr]) for lab in labels])
         accuracy[attr] = float((pred == truth).float().mean())
 for attr, acc in accuracy.items():
-    print(f"{attr:10s} {len(attributes[attr])} values  chance {1 / len(attributes[attr]):.0%}  zero-shot {acc:.0%}")
+    print(
+        f"{attr:10s} {len(attributes[attr])} values  "
+        f"chance {1 / len(attributes[attr]):.0%}  zero-shot {acc:.0%}"
+    )
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 3))
 names = list(accuracy)
 ax.bar(names, [accuracy[a] for a in names], color="#6baed6", label="zero-shot accuracy")
-ax.scatter(names, [1 / len(attributes[a]) for a in names], color="k", marker="_", s=400, label="chance", zorder=3)
+ax.scatter(
+    names, [1 / len(attributes[a]) for a in names], color="k", marker="_", s=400, label="chance", zorder=3
+)
 ax.set_ylim(0, 1.3)
 ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
 ax.set_ylabel("held-out accuracy")
@@ -208,8 +258,9 @@ plt.show()
 # %% [markdown]
 # ## 5. Identity: retrieval across poses, and an embedding map
 #
-# For each image, find the most similar *other* image; a hit if it shows the same identity. The baseline compares raw
-# 32 × 32 pixels, which already matches background and shirt colour.
+# For each image, find the most similar *other* image; a hit if it shows the same identity. The baseline
+# compares raw 32 × 32 pixels, which already matches background and shirt colour.
+
 
 # %%
 def retrieval_top1(x, identity):
@@ -226,9 +277,18 @@ centred = image_embeds - image_embeds.mean(0)
 _, _, vh = torch.linalg.svd(centred, full_matrices=False)
 xy = (centred @ vh[:2].T).numpy()  # (400, 2): the first two principal components
 fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-for ax, attr, colours in ((axes[0], "background", toy.renderer.BACKGROUNDS), (axes[1], "hair", toy.renderer.HAIR_COLORS)):
-    ax.scatter(xy[:, 0], xy[:, 1], c=[np.array(colours[lab[attr]]) / 255 for lab in labels], s=12, edgecolors="k",
-               linewidths=0.2)
+for ax, attr, colours in (
+    (axes[0], "background", toy.renderer.BACKGROUNDS),
+    (axes[1], "hair", toy.renderer.HAIR_COLORS),
+):
+    ax.scatter(
+        xy[:, 0],
+        xy[:, 1],
+        c=[np.array(colours[lab[attr]]) / 255 for lab in labels],
+        s=12,
+        edgecolors="k",
+        linewidths=0.2,
+    )
     ax.set_title(f"coloured by {attr}", fontsize=9)
 for k in range(8):  # 8 identities, their 4 views joined
     pts = xy[who.numpy() == k]
@@ -246,40 +306,53 @@ plt.show()
 # %% [markdown]
 # ## 6. What is lost: small details
 #
-# Large-area attributes (background, shirt, skin, hair colour, hairstyle) are read almost perfectly, and so is the
-# mouth — open with white teeth, or closed. Eye colour is at chance, although the irises are plainly visible in the
-# renders. The mouth was not free: with 128 → 96 crops (one 12-px patch = 12 px of the render) the same CLIP stayed
-# at chance on it for 28 minutes (about 56%; linear probes on its patch tokens reached only about 68%). Zooming in
-# to resize 160 (a patch = 9.6 px of the render, the mouth spread over more patches) and weighting up the mouth's
-# attribute head fixed it within five minutes — stage 3 of the training curve below (stage 4 then restored identity
-# retrieval, pairing views of one person whatever their mouth state). An iris, 2–3 pixels inside one
-# patch, is still lost: one pooled token, trained for under an hour on a CPU, keeps what covers enough pixels and
-# drops the rest, and a tighter crop costs the rest of the head (at resize 192 hair colour stalled at 76%). This is
-# AnimateAnyone's argument for a **ReferenceNet**: a copy of the UNet that hands the denoiser the reference's full
-# spatial feature maps (chapter 05), so fine details need not survive a single CLIP vector.
+# Large-area attributes (background, shirt, skin, hair colour, hairstyle) are read almost perfectly, and so is
+# the mouth — open with white teeth, or closed. Eye colour is at chance, although the irises are plainly
+# visible in the renders. The mouth was not free: with 128 → 96 crops (one 12-px patch = 12 px of the render)
+# the same CLIP stayed at chance on it for 28 minutes (about 56%; linear probes on its patch tokens reached
+# only about 68%). Zooming in to resize 160 (a patch = 9.6 px of the render, the mouth spread over more
+# patches) and weighting up the mouth's attribute head fixed it within five minutes — stage 3 of the training
+# curve below (stage 4 then restored identity retrieval, pairing views of one person whatever their mouth
+# state). An iris, 2–3 pixels inside one patch, is still lost: one pooled token, trained for under an hour on
+# a CPU, keeps what covers enough pixels and drops the rest, and a tighter crop costs the rest of the head (at
+# resize 192 hair colour stalled at 76%). This is AnimateAnyone's argument for a **ReferenceNet**: a copy of
+# the UNet that hands the denoiser the reference's full spatial feature maps (chapter 05), so fine details
+# need not survive a single CLIP vector.
 
 # %%
 eye_crops = [rows[i][40:70, 34:94] for i in range(4)]
-fig = viz.image_grid(eye_crops, titles=[f"eyes: {labels[i]['eyes']}" for i in range(4)], ncols=4, figsize=(10, 1.8),
-                     suptitle="The eye region of four held-out renders (128 px frames, enlarged)")
+fig = viz.image_grid(
+    eye_crops,
+    titles=[f"eyes: {labels[i]['eyes']}" for i in range(4)],
+    ncols=4,
+    figsize=(10, 1.8),
+    suptitle="The eye region of four held-out renders (128 px frames, enlarged)",
+)
 plt.show()
-print(f"eye colour zero-shot accuracy {accuracy['eyes']:.0%} (chance {1 / len(attributes['eyes']):.0%}), "
-      f"mouth {accuracy['mouth']:.0%} (chance 50%)")
+print(
+    f"eye colour zero-shot accuracy {accuracy['eyes']:.0%} (chance {1 / len(attributes['eyes']):.0%}), "
+    f"mouth {accuracy['mouth']:.0%} (chance 50%)"
+)
 
 # %% [markdown]
 # ## 7. What the toy CLIP cost
 #
-# The training log ships with the weights: held-out zero-shot accuracy and retrieval, measured during training.
+# The training log ships with the weights: held-out zero-shot accuracy and retrieval, measured during
+# training.
 
 # %%
 log = json.loads((C.TOY_CLIP_DIR / "train_log.json").read_text())
 stages = log.get("earlier_stages", []) + [log]  # a run can continue an earlier one (--init)
-print(f"{log['n_params'] / 1e6:.2f}M parameters, {log['n_images']} training renders of {log['n_identities']} "
-      f"identities, batches of {log['batch_images']} images")
+print(
+    f"{log['n_params'] / 1e6:.2f}M parameters, {log['n_images']} training renders of {log['n_identities']} "
+    f"identities, batches of {log['batch_images']} images"
+)
 for i, st in enumerate(stages):
-    print(f"stage {i + 1}: {st['minutes']:.0f} min, {st['steps']} steps, resize {st['resize']}, lr {st['lr']}, "
-          f"attribute-head weight {st['aux_weight']} (mouth +{st.get('mouth_weight', 0.0)}), "
-          f"identity weight {st['identity_weight']}")
+    print(
+        f"stage {i + 1}: {st['minutes']:.0f} min, {st['steps']} steps, resize {st['resize']}, lr {st['lr']}, "
+        f"attribute-head weight {st['aux_weight']} (mouth +{st.get('mouth_weight', 0.0)}), "
+        f"identity weight {st['identity_weight']}"
+    )
 fig, ax = plt.subplots(figsize=(7, 3.4))
 points, offset = [], 0.0
 for st in stages:
@@ -301,23 +374,23 @@ plt.show()
 #
 # - CLIP preprocessing = resize the shortest edge (bicubic), centre crop, normalise with OpenAI's mean/std;
 #   `ClipPreprocess` does it in torch and matches `CLIPImageProcessor` within one grey level.
-# - An image becomes **one token** `(B, 1, D)`: the projected class-token output (D = 768 for ViT-L/14, 64 for the
-#   toy). With a single key, cross-attention gives every position the same vector: a global signal.
-# - The unconditional input is **zeros**: with bias-free `to_k`/`to_v`, cross-attention then returns a constant that
-#   carries no image at all.
-# - The toy CLIP's token knows colours, hairstyle, mouth state and identity well (retrieval across poses far above
-#   the pixel baseline), and eye colour not at all. The mouth needed a closer crop (resize 160 instead of 128):
-#   detail survives one pooled vector trained on a CPU budget only when it covers enough pixels. That gap is what
-#   the ReferenceNet fills.
+# - An image becomes **one token** `(B, 1, D)`: the projected class-token output (D = 768 for ViT-L/14, 64 for
+#   the toy). With a single key, cross-attention gives every position the same vector: a global signal.
+# - The unconditional input is **zeros**: with bias-free `to_k`/`to_v`, cross-attention then returns a
+#   constant that carries no image at all.
+# - The toy CLIP's token knows colours, hairstyle, mouth state and identity well (retrieval across poses far
+#   above the pixel baseline), and eye colour not at all. The mouth needed a closer crop
+#   (resize 160 instead of 128): detail survives one pooled vector trained on a CPU budget only when it covers
+#   enough pixels. That gap is what the ReferenceNet fills.
 #
 # ## Exercises
 #
 # 1. Feed the toy CLIP the full 128-px frame (no crop; `ClipPreprocess(128, 128)` would need a 128-px model) —
 #    or just crop 64 px around the eyes and upsample to 96: does eye-colour accuracy rise?
-# 2. Replace the zero unconditional token by the grey image's token and compare the cross-attention outputs for two
-#    different queries. Which choice is independent of the UNet features?
-# 3. Build a prompt ensemble ("red hair", "red hair , short hair", ...) and measure whether zero-shot hair accuracy
-#    changes.
+# 2. Replace the zero unconditional token by the grey image's token and compare the cross-attention outputs
+#    for two different queries. Which choice is independent of the UNet features?
+# 3. Build a prompt ensemble ("red hair", "red hair , short hair", ...) and measure whether zero-shot hair
+#    accuracy changes.
 # 4. Retrieval with the pixel baseline fails for which pairs? Show the worst five and explain.
-# 5. At real size, how many multiply-adds does one cross-attention layer of SD1.5's first block spend on a single
-#    context token, compared with 77 text tokens?
+# 5. At real size, how many multiply-adds does one cross-attention layer of SD1.5's first block spend on a
+#    single context token, compared with 77 text tokens?

@@ -13,18 +13,23 @@
 # %% [markdown]
 # # Chapter 04 — UNet blocks, the video UNet and its motion module
 #
-# *Stable Diffusion 1.5's UNet, taken apart block by block, applied to every frame of a video, and joined across
-# frames by AnimateDiff's motion modules — with the keys of the official AnimateAnyone checkpoints.*
+# *Stable Diffusion 1.5's UNet, taken apart block by block, applied to every frame of a video, and joined
+# across frames by AnimateDiff's motion modules — with the keys of the official AnimateAnyone checkpoints.*
 #
-# | | |
-# |---|---|
-# | **You will build** | the four normalisations by hand, a shape table of SD1.5's UNet, a resnet block and a temporal attention re-derived and checked against the library, per-frame 2D vs 3D convolutions compared, and the video UNet with 21 motion modules |
-# | **Library modules** | `anim_lab.unet` (`VideoUNet`, `ReferenceUNet`), `anim_lab.motion` (`MotionModule`), `anim_lab.weights`, `anim_lab.inspect`, `anim_lab.configs` |
-# | **Questions answered** | Which axes do BatchNorm, LayerNorm, InstanceNorm and GroupNorm average over, and which one is used where? How do channels and resolution change through the UNet, and why are skips concatenated? How does the timestep reach every resnet? Where is cross-attention, and what are the shapes of Q, K, V for one CLIP image token? Why per-frame 2D convolutions rather than Conv3d? What does the temporal reshape do, and what happens to frame order without the position encoding? |
-# | **CPU runtime** | about 15 s |
+# - **You will build**: the four normalisations by hand, a shape table of SD1.5's UNet, a resnet block and a
+#   temporal attention re-derived and checked against the library, per-frame 2D vs 3D convolutions compared,
+#   and the video UNet with 21 motion modules
+# - **Library modules**: `anim_lab.unet` (`VideoUNet`, `ReferenceUNet`), `anim_lab.motion` (`MotionModule`),
+#   `anim_lab.weights`, `anim_lab.inspect`, `anim_lab.configs`
+# - **Questions answered**: Which axes do BatchNorm, LayerNorm, InstanceNorm and GroupNorm average over, and
+#   which one is used where? How do channels and resolution change through the UNet, and why are skips
+#   concatenated? How does the timestep reach every resnet? Where is cross-attention, and what are the shapes
+#   of Q, K, V for one CLIP image token? Why per-frame 2D convolutions rather than Conv3d? What does the
+#   temporal reshape do, and what happens to frame order without the position encoding?
+# - **CPU runtime**: about 15 s
 #
-# Full-size shapes come from the `meta` device (shapes, no numbers); every numerical experiment runs on the TINY
-# preset — the same structure with small widths — on the CPU.
+# Full-size shapes come from the `meta` device (shapes, no numbers); every numerical experiment runs on the
+# TINY preset — the same structure with small widths — on the CPU.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -45,17 +50,19 @@ from anim_lab.viz import save
 torch.manual_seed(0)
 torch.set_grad_enabled(False)  # inference only: no autograd graph
 torch.set_printoptions(precision=3, sci_mode=False)
-print(f"anim_lab {anim_lab.__version__}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
-      f"matplotlib {matplotlib.__version__}")
+print(
+    f"anim_lab {anim_lab.__version__}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+    f"matplotlib {matplotlib.__version__}"
+)
 
 # %% [markdown]
 # ## 1. Four normalisations, one feature tensor
 #
-# - A normalisation subtracts a mean and divides by a standard deviation; the four kinds differ only in **which
-#   values share one mean**.
+# - A normalisation subtracts a mean and divides by a standard deviation; the four kinds differ only in
+#   **which values share one mean**.
 # - For a per-frame feature map `(N, C, H, W)` with `N = B·F`: BatchNorm pools `(N, H, W)` per channel,
-#   InstanceNorm `(H, W)` per sample and channel, GroupNorm `(C/G, H, W)` per sample and group of channels, and the
-#   transformers' LayerNorm pools `C` per token (each position of each sample on its own).
+#   InstanceNorm `(H, W)` per sample and channel, GroupNorm `(C/G, H, W)` per sample and group of channels,
+#   and the transformers' LayerNorm pools `C` per token (each position of each sample on its own).
 # - A real feature tensor: the output of the first resnet of a TINY video UNet, 2 videos × 4 frames.
 
 # %%
@@ -74,6 +81,7 @@ print("feature tensor:", tuple(x.shape))
 # %% [markdown]
 # Each normalisation by hand — a mean and a variance over the pooled axes — checked against `torch.nn`:
 
+
 # %%
 def normalise(v, dims, eps):
     return (v - v.mean(dims, keepdim=True)) / torch.sqrt(v.var(dims, keepdim=True, unbiased=False) + eps)
@@ -84,17 +92,33 @@ tokens_x = rearrange(x, "n c h w -> n (h w) c")  # LayerNorm sees tokens (N, HW,
 by_hand = {
     "BatchNorm": (normalise(x, (0, 2, 3), 1e-5), nn.BatchNorm2d(C, affine=False).train()(x), C),
     "InstanceNorm": (normalise(x, (2, 3), 1e-5), nn.InstanceNorm2d(C)(x), N * C),
-    "GroupNorm": (rearrange(normalise(rearrange(x, "n (g c) h w -> n g c h w", g=G), (2, 3, 4), 1e-5),
-                            "n g c h w -> n (g c) h w"), nn.GroupNorm(G, C, affine=False)(x), N * G),
-    "LayerNorm": (normalise(tokens_x, (2,), 1e-5), nn.LayerNorm(C, elementwise_affine=False)(tokens_x), N * H * W),
+    "GroupNorm": (
+        rearrange(
+            normalise(rearrange(x, "n (g c) h w -> n g c h w", g=G), (2, 3, 4), 1e-5),
+            "n g c h w -> n (g c) h w",
+        ),
+        nn.GroupNorm(G, C, affine=False)(x),
+        N * G,
+    ),
+    "LayerNorm": (
+        normalise(tokens_x, (2,), 1e-5),
+        nn.LayerNorm(C, elementwise_affine=False)(tokens_x),
+        N * H * W,
+    ),
 }
-pooled = {"BatchNorm": "(N, H, W)", "InstanceNorm": "(H, W)", "GroupNorm": "(C/G, H, W)", "LayerNorm": "(C,) per token"}
+pooled = {
+    "BatchNorm": "(N, H, W)",
+    "InstanceNorm": "(H, W)",
+    "GroupNorm": "(C/G, H, W)",
+    "LayerNorm": "(C,) per token",
+}
 rows = []
 for name, (mine, torch_out, n_means) in by_hand.items():
     torch.testing.assert_close(mine, torch_out, atol=1e-4, rtol=1e-4)
     rows.append([name, pooled[name], n_means, x.numel() // n_means])
 print(format_table(rows, ["norm", "averages over", "means", "values per mean"]))
 print("all four re-derivations match torch.nn: True")
+
 
 # %%
 def show_pooling(ax, title, colour_of):
@@ -109,16 +133,24 @@ def show_pooling(ax, title, colour_of):
 fig, axes = plt.subplots(1, 4, figsize=(13, 3.2))
 show_pooling(axes[0], "BatchNorm: one mean per channel\n(over all samples, H, W)", lambda n, c: c % 20)
 show_pooling(axes[1], "InstanceNorm: one per sample & channel\n(over H, W)", lambda n, c: (n * C + c) % 20)
-show_pooling(axes[2], f"GroupNorm (G={G}): one per sample & group\n(over C/G channels, H, W)",
-             lambda n, c: (n * G + c // (C // G)) % 20)
-show_pooling(axes[3], "LayerNorm: one per sample & position\n(over all C; each of H·W tokens apart)", lambda n, c: n % 20)
+show_pooling(
+    axes[2],
+    f"GroupNorm (G={G}): one per sample & group\n(over C/G channels, H, W)",
+    lambda n, c: (n * G + c // (C // G)) % 20,
+)
+show_pooling(
+    axes[3],
+    "LayerNorm: one per sample & position\n(over all C; each of H·W tokens apart)",
+    lambda n, c: n % 20,
+)
 fig.tight_layout()
 plt.show()
 
 # %% [markdown]
 # Where each one is used in the denoising UNet (SD15 size, counted on the meta device):
-# - **GroupNorm**: in every resnet (`norm1`, `norm2`), before every spatial transformer and every motion module,
-#   and in the output head. It does not depend on the batch, so a frame's result does not depend on the other frames.
+# - **GroupNorm**: in every resnet (`norm1`, `norm2`), before every spatial transformer and every motion
+#   module, and in the output head. It does not depend on the batch, so a frame's result does not depend on
+#   the other frames.
 # - **LayerNorm**: inside every transformer block (spatial: `norm1..3`; temporal: `norms.0/1`, `ff_norm`).
 # - **BatchNorm**: nowhere in the UNet (only in AniPortrait's pose guider); **InstanceNorm**: nowhere.
 
@@ -129,9 +161,10 @@ kinds = [type(m).__name__ for m in denoiser.modules()]
 print({k: kinds.count(k) for k in ("GroupNorm", "LayerNorm", "BatchNorm2d", "InstanceNorm2d")})
 
 # %% [markdown]
-# **The per-frame trap.** A motion module sees a whole video. If its GroupNorm runs on `(B, C, F, H, W)` it pools
-# statistics over all frames (diffusers' `AnimateDiffTransformer3D` does this); the AnimateDiff checkpoints were
-# trained with a GroupNorm on `(B·F, C, H, W)`, one frame at a time. Give the frames a brightness ramp and compare:
+# **The per-frame trap.** A motion module sees a whole video. If its GroupNorm runs on `(B, C, F, H, W)` it
+# pools statistics over all frames (diffusers' `AnimateDiffTransformer3D` does this); the AnimateDiff
+# checkpoints were trained with a GroupNorm on `(B·F, C, H, W)`, one frame at a time. Give the frames a
+# brightness ramp and compare:
 
 # %%
 ramp = torch.tensor([-1.5, -0.5, 0.5, 1.5])  # one offset per frame, e.g. a fade-in
@@ -147,10 +180,12 @@ print("largest difference between the two:", round((per_frame - across).abs().ma
 # %% [markdown]
 # ## 2. Channels and resolution through SD1.5's UNet
 #
-# - A shape trace on the meta device (one 512×512 frame → 64×64 latents): every resnet, downsampler and upsampler.
+# - A shape trace on the meta device (one 512×512 frame → 64×64 latents): every resnet, downsampler and
+#   upsampler.
 # - Down path: 320 → 640 → 1280 → 1280 channels while 64 → 32 → 16 → 8; the up path mirrors it.
-# - Every down-path output is kept as a **skip**; each up resnet takes its input **concatenated** with one skip,
-#   so its input width is `C + C_skip` (e.g. 2560 = 1280 + 1280), and a 1×1 `conv_shortcut` brings the residual back.
+# - Every down-path output is kept as a **skip**; each up resnet takes its input **concatenated** with one
+#   skip, so its input width is `C + C_skip` (e.g. 2560 = 1280 + 1280), and a 1×1 `conv_shortcut` brings the
+#   residual back.
 
 # %%
 with torch.device("meta"):
@@ -171,12 +206,17 @@ def fmt(shape):
 
 
 trace = trace_shapes(unet2d_sd, frame, 999, clip_token, include=wanted)
-print(format_table([[r.name, r.kind, fmt(r.inputs[0]), fmt(r.outputs[0]), human(r.params)] for r in trace],
-                   ["module", "kind", "in (C×H×W)", "out (C×H×W)", "params"]))
+print(
+    format_table(
+        [[r.name, r.kind, fmt(r.inputs[0]), fmt(r.outputs[0]), human(r.params)] for r in trace],
+        ["module", "kind", "in (C×H×W)", "out (C×H×W)", "params"],
+    )
+)
 
 # %% [markdown]
-# Why concatenate rather than add? A convolution of the concatenation `[h, s]` has separate weights for `h` and for
-# the skip `s`; adding is the special case where both halves share the weights. Checked on random tensors:
+# Why concatenate rather than add? A convolution of the concatenation `[h, s]` has separate weights for `h`
+# and for the skip `s`; adding is the special case where both halves share the weights. Checked on random
+# tensors:
 
 # %%
 h, s = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)
@@ -191,6 +231,7 @@ print("concatenation can learn all addition can, and weigh encoder detail apart 
 # %% [markdown]
 # The whole UNet as one picture: height = resolution level, width ∝ channels, arrows = skips.
 
+
 # %%
 def draw_unet(trace, figsize=(13, 5.2)):
     stages = [r for r in trace if r.kind in ("ResnetBlock2D", "Downsample2D", "Upsample2D", "Conv2d")]
@@ -202,27 +243,43 @@ def draw_unet(trace, figsize=(13, 5.2)):
         level = {64: 0, 32: 1, 16: 2, 8: 3}[hh]
         part = r.name.split(".")[0].split("_")[0]
         width = 0.25 + 0.55 * c / 1280
-        ax.add_patch(plt.Rectangle((i - width / 2, -level - 0.35), width, 0.7,
-                                   color=colours.get(part, colours["conv"]), ec="k", lw=0.6))
+        ax.add_patch(
+            plt.Rectangle(
+                (i - width / 2, -level - 0.35),
+                width,
+                0.7,
+                color=colours.get(part, colours["conv"]),
+                ec="k",
+                lw=0.6,
+            )
+        )
         ax.text(i, -level - 0.55, f"{c}\n{hh}²", ha="center", va="top", fontsize=6.5)
         if r.kind == "ResnetBlock2D" and part in ("down", "up"):  # a motion module follows this layer
             ax.plot(i, -level + 0.2, "o", color="#d62728", ms=4)
         if r.name == "mid_block.resnets.0":  # the mid block's motion module sits between its two resnets
             ax.plot(i + 0.5, -level + 0.2, "o", color="#d62728", ms=4)
         centres.append((i, -level, r))
-    # skips: every down-path output (conv_in, down resnets, downsamplers) feeds one up resnet, last in first out
+    # skips: every down-path output (conv_in, down resnets, downsamplers) feeds one up resnet, last in first
+    # out
     sources = [p for p in centres if p[2].name == "conv_in" or p[2].name.startswith("down_blocks")]
     targets = [p for p in centres if p[2].name.startswith("up_blocks") and p[2].kind == "ResnetBlock2D"]
-    for (x0, y0, _), (x1, y1, _) in zip(reversed(sources), targets):
-        ax.annotate("", xy=(x1, y1 + 0.38), xytext=(x0, y0 + 0.38),
-                    arrowprops=dict(arrowstyle="->", color="#888888", lw=0.6, connectionstyle="arc3,rad=-0.15"))
+    for (x0, y0, _), (x1, y1, _) in zip(reversed(sources), targets, strict=True):
+        ax.annotate(
+            "",
+            xy=(x1, y1 + 0.38),
+            xytext=(x0, y0 + 0.38),
+            arrowprops=dict(arrowstyle="->", color="#888888", lw=0.6, connectionstyle="arc3,rad=-0.15"),
+        )
     ax.set_xlim(-1, len(stages))
     ax.set_ylim(-4.0, 1.3)
     ax.set_yticks([0, -1, -2, -3], ["64×64", "32×32", "16×16", "8×8"])
     ax.set_xticks([])
-    ax.set_title("SD1.5 UNet (per frame): resnets, down/upsamplers; label = channels, size². Blue down, orange mid, "
-                 "green up, arrows = concatenated skips.\nRed dots: the video UNet's motion modules, one after every "
-                 "down/up resnet (+ its attention) and one in the mid block: 21 in all.", fontsize=8)
+    ax.set_title(
+        "SD1.5 UNet (per frame): resnets, down/upsamplers; label = channels, size². Blue down, orange mid, "
+        "green up, arrows = concatenated skips.\nRed dots: the video UNet's motion modules, one after every "
+        "down/up resnet (+ its attention) and one in the mid block: 21 in all.",
+        fontsize=8,
+    )
     fig.tight_layout()
     return fig
 
@@ -234,10 +291,10 @@ plt.show()
 # %% [markdown]
 # ## 3. How the timestep reaches every resnet
 #
-# - `t` → sinusoidal features (`time_proj`, 320) → a 2-layer MLP (`time_embedding`, 1280): one vector `temb` per
-#   sample — the same for all frames of a video.
-# - Every resnet projects `SiLU(temb)` to its own width (`time_emb_proj`) and adds it after its first convolution,
-#   **as a per-channel shift, the same at every pixel**.
+# - `t` → sinusoidal features (`time_proj`, 320) → a 2-layer MLP (`time_embedding`, 1280): one vector `temb`
+#   per sample — the same for all frames of a video.
+# - Every resnet projects `SiLU(temb)` to its own width (`time_emb_proj`) and adds it after its first
+#   convolution, **as a per-channel shift, the same at every pixel**.
 # - Re-derived by hand for one TINY resnet and checked against diffusers' `ResnetBlock2D`:
 
 # %%
@@ -246,7 +303,9 @@ h_in = torch.randn(3, 32, 8, 8)
 temb = tiny.time_embedding(tiny.time_proj(torch.tensor([10, 500, 990])))  # (3,) -> (3, 128)
 act = nn.functional.silu
 z = resnet.conv1(act(resnet.norm1(h_in)))  # (3, 32, 8, 8) -> (3, 64, 8, 8)
-z = z + resnet.time_emb_proj(act(temb))[:, :, None, None]  # + (3, 64, 1, 1): the timestep, broadcast over H, W
+z = (
+    z + resnet.time_emb_proj(act(temb))[:, :, None, None]
+)  # + (3, 64, 1, 1): the timestep, broadcast over H, W
 z = resnet.conv2(act(resnet.norm2(z)))
 by_hand = resnet.conv_shortcut(h_in) + z  # residual path
 torch.testing.assert_close(by_hand, resnet(h_in, temb), atol=1e-5, rtol=1e-5)
@@ -266,13 +325,17 @@ print(f"SD15 resnets: {len(resnets)}, with a time_emb_proj: {n_with_time}")
 names = ("attn1.to_q", "attn1.to_k", "attn2.to_q", "attn2.to_k", "attn2.to_v")
 prefix = "down_blocks.0.attentions.0.transformer_blocks.0."
 qkv = trace_shapes(unet2d_sd, frame, 999, clip_token, include=lambda n, m: n in [prefix + k for k in names])
-print(format_table([[r.name[len(prefix):], str(r.inputs[0]), str(r.outputs[0])] for r in qkv],
-                   ["projection", "input", "output (B, tokens, C)"]))
+print(
+    format_table(
+        [[r.name[len(prefix) :], str(r.inputs[0]), str(r.outputs[0])] for r in qkv],
+        ["projection", "input", "output (B, tokens, C)"],
+    )
+)
 
 # %% [markdown]
-# - Queries: 4096 tokens (64×64 positions); keys and values of `attn2`: **1 token**. A softmax over one key is 1,
-#   so every position receives the same value vector: the CLIP token acts as a per-channel offset, identical
-#   everywhere. Checked on TINY:
+# - Queries: 4096 tokens (64×64 positions); keys and values of `attn2`: **1 token**. A softmax over one key is
+#   1, so every position receives the same value vector: the CLIP token acts as a per-channel offset,
+#   identical everywhere. Checked on TINY:
 
 # %%
 block = tiny.down_blocks[0].attentions[0].transformer_blocks[0]
@@ -284,13 +347,13 @@ value_only = block.attn2.to_out[0](block.attn2.to_v(tokens[:, 0]))  # (B, C): no
 print("it equals to_out(to_v(token)):", torch.allclose(out[:, 0], value_only, atol=1e-6))
 
 # %% [markdown]
-# Spatial detail of the reference image therefore cannot come through cross-attention; it comes through reference
-# attention (chapter 05), which concatenates the ReferenceNet's tokens to `attn1`'s keys and values.
+# Spatial detail of the reference image therefore cannot come through cross-attention; it comes through
+# reference attention (chapter 05), which concatenates the ReferenceNet's tokens to `attn1`'s keys and values.
 #
 # ## 5. Per-frame 2D convolutions, not Conv3d
 #
-# - The video UNet runs every 2D layer on `(B·F, C, H, W)`: frames are just a bigger batch. A Conv3d with a 3×3×3
-#   kernel would also mix neighbouring frames.
+# - The video UNet runs every 2D layer on `(B·F, C, H, W)`: frames are just a bigger batch. A Conv3d with a
+#   3×3×3 kernel would also mix neighbouring frames.
 # - Cost at SD1.5's first level (320 channels, 16 frames of 64×64):
 
 # %%
@@ -299,9 +362,15 @@ with torch.device("meta"):
     clip16 = torch.empty(1, 320, 16, 64, 64)  # (B, C, F, H, W)
 flops2d = count_flops(lambda v: conv2d(rearrange(v, "b c f h w -> (b f) c h w")), clip16)
 flops3d = count_flops(conv3d, clip16)
-print(format_table([["Conv2d per frame", f"{count_parameters(conv2d):,}", human(flops2d, "FLOP")],
-                    ["Conv3d 3×3×3", f"{count_parameters(conv3d):,}", human(flops3d, "FLOP")]],
-                   ["layer", "params", "FLOPs"]))
+print(
+    format_table(
+        [
+            ["Conv2d per frame", f"{count_parameters(conv2d):,}", human(flops2d, "FLOP")],
+            ["Conv3d 3×3×3", f"{count_parameters(conv3d):,}", human(flops3d, "FLOP")],
+        ],
+        ["layer", "params", "FLOPs"],
+    )
+)
 print("ratio 3D / 2D:", round(flops3d / flops2d, 2))
 
 # %% [markdown]
@@ -323,9 +392,9 @@ for name, layer in (("Conv2d per frame", conv2d_per_frame), ("Conv3d", small3d))
     print(f"{name:17s} output frames that changed: {moved.nonzero().flatten().tolist()}")
 
 # %% [markdown]
-# Loading SD1.5 weights: a Conv2d kernel `(320, 320, 3, 3)` fits the per-frame layer as it is. A Conv3d needs a
-# `(320, 320, 3, 3, 3)` kernel; "inflating" puts the 2D kernel at the middle time tap (zeros elsewhere), which is
-# exactly the per-frame convolution until training changes it:
+# Loading SD1.5 weights: a Conv2d kernel `(320, 320, 3, 3)` fits the per-frame layer as it is. A Conv3d needs
+# a `(320, 320, 3, 3, 3)` kernel; "inflating" puts the 2D kernel at the middle time tap (zeros elsewhere),
+# which is exactly the per-frame convolution until training changes it:
 
 # %%
 try:
@@ -342,14 +411,15 @@ torch.testing.assert_close(inflated(clip), conv2d_per_frame(clip), atol=1e-5, rt
 print("inflated Conv3d == per-frame Conv2d: True")
 
 # %% [markdown]
-# AnimateDiff's choice keeps every SD1.5 layer exactly as trained (so SD1.5 / AnimateAnyone 2D weights load by name)
-# and adds time in separate motion modules whose output projection starts at zero. Fewer parameters and FLOPs than
-# Conv3d everywhere, and the 2D network is untouched at the start of video training.
+# AnimateDiff's choice keeps every SD1.5 layer exactly as trained (so SD1.5 / AnimateAnyone 2D weights load by
+# name) and adds time in separate motion modules whose output projection starts at zero. Fewer parameters and
+# FLOPs than Conv3d everywhere, and the 2D network is untouched at the start of video training.
 #
 # ## 6. The motion module: attention across frames
 #
 # - Inside a motion module the per-frame layout becomes a set of short sequences:
-#   `(B·F, H·W, C) -> (B·H·W, F, C)` — each pixel position is a sequence of F frames, and attention runs along it.
+#   `(B·F, H·W, C) -> (B·H·W, F, C)` — each pixel position is a sequence of F frames, and attention runs along
+#   it.
 # - At SD1.5's first level with 16 frames: 4096 sequences of 16 tokens; the attention matrix per head is 16×16
 #   (the spatial self-attention's is 4096×4096).
 
@@ -357,14 +427,19 @@ print("inflated Conv3d == per-frame Conv2d: True")
 with torch.device("meta"):
     clip_sd = torch.empty(1, 4, 16, 64, 64)  # (B, C, F, H, W): 16 frames
 mm = "down_blocks.0.motion_modules.0.temporal_transformer."
-inside = trace_shapes(denoiser, clip_sd, 999, clip_token,
-                      include=lambda n, m: n in (mm + "proj_in", mm + "transformer_blocks.0.attention_blocks.0.to_q"))
+inside = trace_shapes(
+    denoiser,
+    clip_sd,
+    999,
+    clip_token,
+    include=lambda n, m: n in (mm + "proj_in", mm + "transformer_blocks.0.attention_blocks.0.to_q"),
+)
 for r in inside:
-    print(f"{r.name[len(mm):]:42s} input {r.inputs[0]}")
+    print(f"{r.name[len(mm) :]:42s} input {r.inputs[0]}")
 
 # %% [markdown]
-# The position encoding: sinusoids of 32 positions (max window length), added **after** the LayerNorm, so queries,
-# keys and values carry it and the residual stream does not.
+# The position encoding: sinusoids of 32 positions (max window length), added **after** the LayerNorm, so
+# queries, keys and values carry it and the residual stream does not.
 
 # %%
 pe = sinusoidal_position_encoding(32, 320)[0]  # (32, 320)
@@ -374,13 +449,16 @@ for ax, start, name in ((axes[0], 0, "sin (even channels)"), (axes[1], 1, "cos (
     ax.set_xlabel("frame index")
     ax.set_ylabel("frequency index i (of 160)")
     ax.set_title(f"pe[frame, 2i{'+1' if start else ''}]: {name}", fontsize=9)
-fig.suptitle("sinusoidal position encoding, first 48 frequencies: fast in the first channels, slower further on", fontsize=9)
+fig.suptitle(
+    "sinusoidal position encoding, first 48 frequencies: fast in the first channels, slower further on",
+    fontsize=9,
+)
 fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# One temporal attention re-derived by hand at a single pixel, against `TemporalAttention` (diffusers' `Attention`
-# run along frames):
+# One temporal attention re-derived by hand at a single pixel, against `TemporalAttention` (diffusers'
+# `Attention` run along frames):
 
 # %%
 motion = MotionModule(32, num_attention_heads=4, norm_num_groups=8)
@@ -390,15 +468,20 @@ library = attn(seq, num_frames=F)  # (B*F, HW, C)
 frames = rearrange(seq, "(b f) d c -> b d f c", f=F)[0, 3]  # video 0, position 3: (F, C)
 frames = frames + sinusoidal_position_encoding(32, 32)[0, :F]  # + PE for C = 32 channels
 q, k, v = (rearrange(proj(frames), "f (n d) -> n f d", n=4) for proj in (attn.to_q, attn.to_k, attn.to_v))
-weights = torch.softmax(q @ k.transpose(1, 2) / 8**0.5, dim=-1)  # (heads, F, F): each frame attends to all frames
+weights = torch.softmax(
+    q @ k.transpose(1, 2) / 8**0.5, dim=-1
+)  # (heads, F, F): each frame attends to all frames
 by_hand = attn.to_out[0](rearrange(weights @ v, "n f d -> f (n d)"))  # (F, C)
-torch.testing.assert_close(by_hand, rearrange(library, "(b f) d c -> b d f c", f=F)[0, 3], atol=1e-5, rtol=1e-5)
+torch.testing.assert_close(
+    by_hand, rearrange(library, "(b f) d c -> b d f c", f=F)[0, 3], atol=1e-5, rtol=1e-5
+)
 print("temporal attention at one pixel re-derived: matches the library")
 
 # %% [markdown]
-# **Frame order.** Attention alone is permutation-equivariant: shuffle the frames and the output is shuffled the same
-# way — the module could not tell forward from backward. The position encoding breaks that symmetry. With trained-like
-# (random, non-zero) weights:
+# **Frame order.** Attention alone is permutation-equivariant: shuffle the frames and the output is shuffled
+# the same way — the module could not tell forward from backward. The position encoding breaks that symmetry.
+# With trained-like (random, non-zero) weights:
+
 
 # %%
 def shuffles_along(with_pe: bool) -> bool:
@@ -419,51 +502,66 @@ print("with PE:    shuffling the input frames just shuffles the output:", shuffl
 #
 # - `VideoUNet(unet_kwargs, motion_kwargs)` adopts diffusers' 2D blocks under their own names and inserts a
 #   `motion_modules` list in each block; its forward walks the blocks (resnet → transformer → motion module).
-# - Fresh motion modules have `proj_out = 0`, so the video UNet **is** the 2D UNet applied to every frame — bit for bit:
+# - Fresh motion modules have `proj_out = 0`, so the video UNet **is** the 2D UNet applied to every frame —
+#   bit for bit:
 
 # %%
 unet2d = build_unet2d(TINY.unet).eval()
 unet2d.load_state_dict({k: v for k, v in tiny.state_dict().items() if "motion_modules" not in k})
 ours = tiny(latents, 500, tokens)  # (B, 4, F, H, W)
-theirs = unet2d(rearrange(latents, "b c f h w -> (b f) c h w"), 500,
-                encoder_hidden_states=repeat(tokens, "b n d -> (b f) n d", f=F)).sample
+theirs = unet2d(
+    rearrange(latents, "b c f h w -> (b f) c h w"),
+    500,
+    encoder_hidden_states=repeat(tokens, "b n d -> (b f) n d", f=F),
+).sample
 print("output:", tuple(ours.shape))
-print("video UNet == diffusers' 2D UNet on every frame, exactly:",
-      torch.equal(ours, rearrange(theirs, "(b f) c h w -> b c f h w", f=F)))
+print(
+    "video UNet == diffusers' 2D UNet on every frame, exactly:",
+    torch.equal(ours, rearrange(theirs, "(b f) c h w -> b c f h w", f=F)),
+)
 
 # %% [markdown]
-# At SD15 size the state-dict keys are those of the official checkpoints (`tests/test_unet.py` compares them with the
-# key lists of `denoising_unet.pth`, `reference_unet.pth` and `motion_module.pth`):
+# At SD15 size the state-dict keys are those of the official checkpoints (`tests/test_unet.py` compares them
+# with the key lists of `denoising_unet.pth`, `reference_unet.pth` and `motion_module.pth`):
 
 # %%
 keys = denoiser.state_dict()
 motion_keys = [k for k in keys if "motion_modules" in k]
 with torch.device("meta"):
     reference = ReferenceUNet(SD15.unet)
-print(f"denoiser keys: {len(keys)} | motion keys: {len(motion_keys)} | modules: {len(denoiser.motion_modules())}")
+print(
+    f"denoiser keys: {len(keys)} | motion keys: {len(motion_keys)} | "
+    f"modules: {len(denoiser.motion_modules())}"
+)
 print("reference UNet keys:", len(reference.state_dict()), "| has conv_out:", hasattr(reference, "conv_out"))
 print(motion_keys[0])
-print(f"motion modules: {human(sum(count_parameters(m) for _, m in denoiser.motion_modules()))} parameters "
-      f"on top of the 2D UNet's {human(count_parameters(unet2d_sd))}")
+print(
+    f"motion modules: {human(sum(count_parameters(m) for _, m in denoiser.motion_modules()))} parameters "
+    f"on top of the 2D UNet's {human(count_parameters(unet2d_sd))}"
+)
 
 # %% [markdown]
 # ## Summary
-# - The four normalisations differ only in which values share a mean; the UNet uses GroupNorm (batch-independent)
-#   around convolutions and LayerNorm inside transformer blocks. A motion module's GroupNorm must be **per frame**,
-#   as in the checkpoints; pooling over frames (diffusers' AnimateDiff block) is another function on the same weights.
-# - SD1.5's UNet goes 320→1280 channels while 64→8 pixels and back; skips are concatenated, which contains addition
-#   as a special case.
-# - One time embedding per sample becomes a per-channel shift in all 22 resnets. One CLIP image token gives the same
-#   cross-attention output at every position.
-# - Per-frame 2D convolutions keep SD1.5's weights exactly and cost a third of Conv3d; time is handled by 21 zero-
-#   initialised motion modules, attention over `(B·H·W, F, C)` sequences with a sinusoidal position encoding —
-#   without it, frame order would be invisible.
+# - The four normalisations differ only in which values share a mean; the UNet uses GroupNorm
+#   (batch-independent) around convolutions and LayerNorm inside transformer blocks. A motion module's
+#   GroupNorm must be **per frame**, as in the checkpoints; pooling over frames (diffusers' AnimateDiff block)
+#   is another function on the same weights.
+# - SD1.5's UNet goes 320→1280 channels while 64→8 pixels and back; skips are concatenated, which contains
+#   addition as a special case.
+# - One time embedding per sample becomes a per-channel shift in all 22 resnets. One CLIP image token gives
+#   the same cross-attention output at every position.
+# - Per-frame 2D convolutions keep SD1.5's weights exactly and cost a third of Conv3d; time is handled by 21
+#   zero-initialised motion modules, attention over `(B·H·W, F, C)` sequences with a sinusoidal position
+#   encoding — without it, frame order would be invisible.
 #
 # ## Exercises
-# 1. Replace the per-frame GroupNorm of a motion module by the across-frames one and measure how the output of a
-#    16-frame window differs from the same frames run as two 8-frame windows. Which version is window-independent?
-# 2. Set `motion_module_resolutions=(1,)` (motion modules at full resolution only). How many modules remain, and what
-#    share of the motion-module FLOPs do they carry?
-# 3. Feed 77 random tokens instead of one CLIP token to `attn2`. Is the output still the same at every position?
-# 4. Move the position encoding before the LayerNorm (add it to the residual stream) and repeat the frame-order
-#    experiment. Does the module still see the order? What would change for a pretrained checkpoint?
+# 1. Replace the per-frame GroupNorm of a motion module by the across-frames one and measure how the output of
+#    a 16-frame window differs from the same frames run as two 8-frame windows. Which version is
+#    window-independent?
+# 2. Set `motion_module_resolutions=(1,)` (motion modules at full resolution only). How many modules remain,
+#    and what share of the motion-module FLOPs do they carry?
+# 3. Feed 77 random tokens instead of one CLIP token to `attn2`. Is the output still the same at every
+#    position?
+# 4. Move the position encoding before the LayerNorm (add it to the residual stream) and repeat the
+#    frame-order experiment. Does the module still see the order? What would change for a pretrained
+#    checkpoint?

@@ -13,20 +13,24 @@
 # %% [markdown]
 # # Chapter 08 — The causal 3D VAE and its tiling
 #
-# *HunyuanVideo's VAE compresses time as well as space: 17 frames become 5 latent frames. We build it from causal
-# convolutions, check it against diffusers, look at what "causal" really means, and cut videos into overlapping
-# tiles so that long, large clips fit in memory.*
+# *HunyuanVideo's VAE compresses time as well as space: 17 frames become 5 latent frames. We build it from
+# causal convolutions, check it against diffusers, look at what "causal" really means, and cut videos into
+# overlapping tiles so that long, large clips fit in memory.*
 #
-# | | |
-# |---|---|
-# | **You will build** | a causal 3D convolution by hand; the frame arithmetic T → (T−1)//4+1 → 4(T_lat−1)+1; a latent-by-frame sensitivity map of a trained causal VAE; the GroupNorm leak measured; a transposed-convolution upsampler next to the causal one on an impulse; spatial and temporal tiling with and without blending, their seams and their memory |
-# | **Library modules** | `anim_lab.causal_vae`, `anim_lab.tiling`, `anim_lab.toy`, `anim_lab.viz` |
-# | **Questions answered** | Why 4n+1 frames, and why is the first frame handled apart (and could any other frame be)? Why causal padding, and what does "causal" not guarantee here? Why no transposed convolution in the upsampler? Why do tiles overlap and blend, what do seams cost, and what memory does tiling save? Is the `permute` in the original `DownsampleCausal3D` norm a bug? |
-# | **CPU runtime** | about 30 s |
+# - **You will build**: a causal 3D convolution by hand; the frame arithmetic T → (T−1)//4+1 → 4(T_lat−1)+1; a
+#   latent-by-frame sensitivity map of a trained causal VAE; the GroupNorm leak measured; a
+#   transposed-convolution upsampler next to the causal one on an impulse; spatial and temporal tiling with
+#   and without blending, their seams and their memory
+# - **Library modules**: `anim_lab.causal_vae`, `anim_lab.tiling`, `anim_lab.toy`, `anim_lab.viz`
+# - **Questions answered**: Why 4n+1 frames, and why is the first frame handled apart (and could any other
+#   frame be)? Why causal padding, and what does "causal" not guarantee here? Why no transposed convolution in
+#   the upsampler? Why do tiles overlap and blend, what do seams cost, and what memory does tiling save? Is
+#   the `permute` in the original `DownsampleCausal3D` norm a bug?
+# - **CPU runtime**: about 30 s
 #
-# The toy causal VAE (channels 16-32-64-64, 16 latent channels, 2.9M parameters; HunyuanVideo's has 246.5M) was
-# trained on 17-frame, 64 px toy clips by `scripts/train_causal_vae.py` (seed 0, about 45 minutes on one CPU
-# thread). Its weights ship in `anim_lab/assets/toy_causal_vae/` in the diffusers layout, so diffusers'
+# The toy causal VAE (channels 16-32-64-64, 16 latent channels, 2.9M parameters; HunyuanVideo's has 246.5M)
+# was trained on 17-frame, 64 px toy clips by `scripts/train_causal_vae.py` (seed 0, about 45 minutes on one
+# CPU thread). Its weights ship in `anim_lab/assets/toy_causal_vae/` in the diffusers layout, so diffusers'
 # `AutoencoderKLHunyuanVideo.from_pretrained` loads them too.
 
 # %%
@@ -59,9 +63,10 @@ print(f"anim_lab {anim_lab.__version__}, torch {torch.__version__}, diffusers {d
 # %% [markdown]
 # ## 1. A causal 3D convolution
 #
-# - A 3×3×3 convolution with ordinary padding mixes frames t−1, t, t+1: each output frame peeks one frame ahead.
-# - A **causal** convolution pads k−1 = 2 frames *in front* (copies of frame 0, "replicate") and none behind, so
-#   output frame t sees input frames t−2, t−1, t only. Space is padded symmetrically, also by replication.
+# - A 3×3×3 convolution with ordinary padding mixes frames t−1, t, t+1: each output frame peeks one frame
+#   ahead.
+# - A **causal** convolution pads k−1 = 2 frames *in front* (copies of frame 0, "replicate") and none behind,
+#   so output frame t sees input frames t−2, t−1, t only. Space is padded symmetrically, also by replication.
 # - Re-derive it with `F.pad` + `F.conv3d` and compare with `CV.CausalConv3d`.
 
 # %%
@@ -87,15 +92,19 @@ with torch.no_grad():
     causal_resp = (conv(impulse) - conv(zero)).abs().amax(dim=(0, 1, 3, 4)) > 0  # (T,)
     same_resp = (symmetric(impulse) - symmetric(zero)).abs().amax(dim=(0, 1, 3, 4)) > 0
 print("causal conv, frames that respond:", causal_resp.nonzero().flatten().tolist())
-print("'same' conv,  frames that respond:", same_resp.nonzero().flatten().tolist(), "<- frame 2 sees the future")
+print(
+    "'same' conv,  frames that respond:", same_resp.nonzero().flatten().tolist(), "<- frame 2 sees the future"
+)
 
 # %% [markdown]
 # ## 2. The causal VAE: 4n+1 frames and a first frame apart
 #
-# - The encoder halves time twice with *strided causal* convolutions: T → (T−1)//2+1 → (T−1)//4+1. The decoder's
-#   upsamplers do the inverse, 1 + 2(T−1) each. So 4k+1 frames round-trip exactly; other lengths are refused.
-# - The library equals diffusers' `AutoencoderKLHunyuanVideo` (same keys, loaded strictly; `tests/test_causal_vae.py`
-#   checks T = 1, 5, 9, 17 to 1e-5). Check it once more here on the trained weights, at 17 frames.
+# - The encoder halves time twice with *strided causal* convolutions: T → (T−1)//2+1 → (T−1)//4+1. The
+#   decoder's upsamplers do the inverse, 1 + 2(T−1) each. So 4k+1 frames round-trip exactly; other lengths are
+#   refused.
+# - The library equals diffusers' `AutoencoderKLHunyuanVideo` (same keys, loaded strictly;
+#   `tests/test_causal_vae.py` checks T = 1, 5, 9, 17 to 1e-5). Check it once more here on the trained
+#   weights, at 17 frames.
 
 # %%
 vae = CV.CausalVAE.from_pretrained()  # anim_lab/assets/toy_causal_vae
@@ -108,32 +117,53 @@ except ValueError as err:
     print("16 frames ->", str(err).split(":")[0])
 
 ref = AutoencoderKLHunyuanVideo.from_pretrained(CV.TOY_ASSET_DIR).eval()
-ref.use_framewise_encoding = ref.use_framewise_decoding = False  # diffusers would otherwise tile in time by itself
+ref.use_framewise_encoding = ref.use_framewise_decoding = (
+    False  # diffusers would otherwise tile in time by itself
+)
 test_ids = list(toy.identity_split("test"))  # identities never seen in training
 clip = toy.make_clip(toy.identity_from_seed(test_ids[0]), num_frames=17, size=64, seed=7)
-video = toy.images_to_tensor(clip.frames).unsqueeze(0)  # (17, 64, 64, 3) uint8 -> (1, 3, 17, 64, 64) in [-1, 1]
+video = toy.images_to_tensor(clip.frames).unsqueeze(
+    0
+)  # (17, 64, 64, 3) uint8 -> (1, 3, 17, 64, 64) in [-1, 1]
 with torch.no_grad():
     z = vae.encode(video).mean  # (1, 3, 17, 64, 64) -> (1, 16, 5, 8, 8)
     recon = vae.decode(z)  # -> (1, 3, 17, 64, 64)
     torch.testing.assert_close(recon, ref.decode(z).sample, atol=1e-5, rtol=0)
-print("video", tuple(video.shape), "-> latents", tuple(z.shape), "-> video", tuple(recon.shape), "| equals diffusers")
+print(
+    "video",
+    tuple(video.shape),
+    "-> latents",
+    tuple(z.shape),
+    "-> video",
+    tuple(recon.shape),
+    "| equals diffusers",
+)
 
 
 # %% [markdown]
 # How good is it? PSNR on 8 clips of unseen identities (17 frames, 64 px), and a strip of one of them.
+
 
 # %%
 def psnr(a, b):  # videos, clamped to [-1, 1] as a display would -> dB per clip (anim_lab.vae.psnr)
     return image_psnr(a.clamp(-1, 1), b.clamp(-1, 1))
 
 
-clips = torch.cat([toy.images_to_tensor(toy.make_clip(toy.identity_from_seed(s), 17, 64, seed=s).frames)[None]
-                   for s in test_ids[:8]])  # (8, 3, 17, 64, 64)
+clips = torch.cat(
+    [
+        toy.images_to_tensor(toy.make_clip(toy.identity_from_seed(s), 17, 64, seed=s).frames)[None]
+        for s in test_ids[:8]
+    ]
+)  # (8, 3, 17, 64, 64)
 with torch.no_grad():
     scores = psnr(vae(clips), clips)
 log = json.loads((CV.TOY_ASSET_DIR / "train_log.json").read_text())
-print(f"held-out PSNR, 8 clips: {scores.mean():.1f} dB (training log, 64 clips: {log['held_out_psnr_db']:.1f} dB)")
+print(
+    f"held-out PSNR, 8 clips: {scores.mean():.1f} dB "
+    f"(training log, 64 clips: {log['held_out_psnr_db']:.1f} dB)"
+)
 print("scaling factor (1 / std of latents):", round(vae.scaling_factor, 2))
+
 
 # %%
 def frames_01(v):  # (1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) in [0, 1]
@@ -153,27 +183,38 @@ viz.save(fig, "ch08_reconstruction")
 plt.show()
 
 # %% [markdown]
-# The reconstructions are blurry: 2.9M parameters, 48× compression (4 frames × 8 × 8 pixels × 3 colours into 16
-# numbers), 45 CPU minutes of training. Colours, pose and head shape survive; eyes and mouth mostly do not.
+# The reconstructions are blurry: 2.9M parameters, 48× compression (4 frames × 8 × 8 pixels × 3 colours into
+# 16 numbers), 45 CPU minutes of training. Colours, pose and head shape survive; eyes and mouth mostly do not.
 #
-# **Which frames does each latent frame encode?** Differentiate each latent frame with respect to each input frame
-# and take the mean |gradient|: a latent × frame sensitivity map. Do it twice: for the VAE as it is, and with every
-# GroupNorm of the encoder computing its statistics **per frame** (a forward hook; the mid attention switched off),
-# which isolates what the convolutions alone do.
+# **Which frames does each latent frame encode?** Differentiate each latent frame with respect to each input
+# frame and take the mean |gradient|: a latent × frame sensitivity map. Do it twice: for the VAE as it is, and
+# with every GroupNorm of the encoder computing its statistics **per frame** (a forward hook; the mid
+# attention switched off), which isolates what the convolutions alone do.
+
 
 # %%
-def per_frame_norm(module, inputs, output):  # GroupNorm over (C/G, H, W) of each frame instead of (C/G, T, H, W)
+def per_frame_norm(
+    module, inputs, output
+):  # GroupNorm over (C/G, H, W) of each frame instead of (C/G, T, H, W)
     (h,) = inputs
-    return torch.stack([F.group_norm(h[:, :, t], module.num_groups, module.weight, module.bias, module.eps)
-                        for t in range(h.shape[2])], dim=2)
+    return torch.stack(
+        [
+            F.group_norm(h[:, :, t], module.num_groups, module.weight, module.bias, module.eps)
+            for t in range(h.shape[2])
+        ],
+        dim=2,
+    )
 
 
 class PerFrameNorms:
     """Context manager: the encoder's GroupNorms per frame, its mid attention off."""
 
     def __enter__(self):
-        self.hooks = [m.register_forward_hook(per_frame_norm) for m in vae.encoder.modules()
-                      if isinstance(m, nn.GroupNorm)]
+        self.hooks = [
+            m.register_forward_hook(per_frame_norm)
+            for m in vae.encoder.modules()
+            if isinstance(m, nn.GroupNorm)
+        ]
         self.attentions, vae.encoder.mid_block.attentions = vae.encoder.mid_block.attentions, None
 
     def __exit__(self, *exc):
@@ -185,8 +226,10 @@ class PerFrameNorms:
 def sensitivity_map(clip):  # (1, 3, 17, H, W) -> (5 latent frames, 17 input frames)
     x = clip.clone().requires_grad_(True)
     mean = vae.encode(x).mean  # (1, 16, 5, 8, 8)
-    rows = [torch.autograd.grad(mean[:, :, k].abs().sum(), x, retain_graph=True)[0].abs().mean(dim=(0, 1, 3, 4))
-            for k in range(mean.shape[2])]
+    rows = [
+        torch.autograd.grad(mean[:, :, k].abs().sum(), x, retain_graph=True)[0].abs().mean(dim=(0, 1, 3, 4))
+        for k in range(mean.shape[2])
+    ]
     return torch.stack(rows)
 
 
@@ -200,24 +243,26 @@ for name, sens in maps.items():
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(10, 2.6))
-for ax, (name, sens) in zip(axes, maps.items()):
-    im = ax.imshow(torch.log10(sens / sens.max()).clamp(min=-4).numpy(), cmap="magma", vmin=-4, vmax=0, aspect="auto")
+for ax, (name, sens) in zip(axes, maps.items(), strict=True):
+    im = ax.imshow(
+        torch.log10(sens / sens.max()).clamp(min=-4).numpy(), cmap="magma", vmin=-4, vmax=0, aspect="auto"
+    )
     ax.set_xlabel("input frame"), ax.set_ylabel("latent frame"), ax.set_yticks(range(5))
     ax.set_title(f"log10 sensitivity: {name}", fontsize=8)
 fig.colorbar(im, ax=axes, shrink=0.9)
 plt.show()
 
 # %% [markdown]
-# - With per-frame statistics the map is lower-triangular: latent 0 sees frame 0 only, latent k frames ≤ 4k. That
-#   is the causal wiring. As trained, gradients also flow from *future* frames, through the GroupNorm statistics
-#   (section 3 measures what that does to the latents).
-# - **Why the first frame apart, and why 4n+1?** Frame 0 has no past: the front padding repeats it, so latent 0 is
-#   an *image* latent. Every later latent summarises 4 new frames. Hence T = 1 + 4k, and a single image (T = 1) is a
-#   valid one-frame video: one VAE for images and videos.
-# - **Could another frame be split off** (the seed notes ask)? No: only frame 0 is preceded by padding. The decoder
-#   mirrors the encoder: its upsampler keeps the first latent frame as *one* frame (space only) and doubles the rest
-#   in time, 1 + 2(T−1). Doubling every frame would give 2T, one frame too many for 4k+1, and would put an invented
-#   frame *before* frame 0's successor.
+# - With per-frame statistics the map is lower-triangular: latent 0 sees frame 0 only, latent k frames ≤ 4k.
+#   That is the causal wiring. As trained, gradients also flow from *future* frames, through the GroupNorm
+#   statistics (section 3 measures what that does to the latents).
+# - **Why the first frame apart, and why 4n+1?** Frame 0 has no past: the front padding repeats it, so latent
+#   0 is an *image* latent. Every later latent summarises 4 new frames. Hence T = 1 + 4k, and a single image
+#   (T = 1) is a valid one-frame video: one VAE for images and videos.
+# - **Could another frame be split off** (the seed notes ask)? No: only frame 0 is preceded by padding. The
+#   decoder mirrors the encoder: its upsampler keeps the first latent frame as *one* frame (space only) and
+#   doubles the rest in time, 1 + 2(T−1). Doubling every frame would give 2T, one frame too many for 4k+1, and
+#   would put an invented frame *before* frame 0's successor.
 
 # %%
 up = CV.UpsampleCausal3D(4, (2, 2, 2))
@@ -230,8 +275,8 @@ print("library upsampler:", tuple(up(h).shape[2:]), " naive x2 in time:", tuple(
 #
 # - Every convolution is causal, but every **GroupNorm** (resnets, `conv_norm_out`, the mid attention's
 #   `group_norm`) averages over T × H × W: statistics of later frames flow back into earlier ones.
-# - Experiment: replace frames 9..16 of the clip with another person and re-encode. Frame 0 did not change; does
-#   latent 0?
+# - Experiment: replace frames 9..16 of the clip with another person and re-encode. Frame 0 did not change;
+#   does latent 0?
 
 # %%
 other = toy.images_to_tensor(toy.make_clip(toy.identity_from_seed(test_ids[1]), 17, 64, seed=8).frames)[None]
@@ -239,36 +284,50 @@ changed = torch.cat([video[:, :, :9], other[:, :, 9:]], dim=2)  # same frames 0.
 with torch.no_grad():
     z_changed = vae.encode(changed).mean
     z_alone = vae.encode(video[:, :, :1]).mean  # frame 0 encoded on its own, as an image
-    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
-    print(f"latent 0 changed by {100 * rel(z_changed[:, :, 0], z[:, :, 0]):.0f}% (relative L2) when frames 9..16 changed")
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    print(
+        f"latent 0 changed by {100 * rel(z_changed[:, :, 0], z[:, :, 0]):.0f}% (relative L2) "
+        f"when frames 9..16 changed"
+    )
     print(f"encode(frame 0 alone) vs latent 0 of the clip: {100 * rel(z_alone[:, :, 0], z[:, :, 0]):.0f}%")
-    frame0 = lambda latents: vae.decode(latents)[:, :, :1]
+
+    def frame0(latents):
+        return vae.decode(latents)[:, :, :1]
+
     print(f"decoded frame 0, clip vs changed clip: PSNR {psnr(frame0(z_changed), frame0(z)).item():.0f} dB")
 
 
 # %% [markdown]
-# The same layers with statistics taken per frame (section 2's hook) and the mid attention off: now latents 0..2
-# (frames 0..8) do not move at all.
+# The same layers with statistics taken per frame (section 2's hook) and the mid attention off: now latents
+# 0..2 (frames 0..8) do not move at all.
 
 # %%
 with torch.no_grad(), PerFrameNorms():
     a, b = vae.encode(video).mean, vae.encode(changed).mean
-print("per-frame norms, no attention: latents 0..2 unchanged:", torch.equal(a[:, :, :3], b[:, :, :3]),
-      "| latents 3..4 changed:", not torch.allclose(a[:, :, 3:], b[:, :, 3:]))
+print(
+    "per-frame norms, no attention: latents 0..2 unchanged:",
+    torch.equal(a[:, :, :3], b[:, :, :3]),
+    "| latents 3..4 changed:",
+    not torch.allclose(a[:, :, 3:], b[:, :, 3:]),
+)
 
 # %% [markdown]
-# - So the network is causal **in its wiring, not in its numbers**. Replacing the second half of the clip by another
-#   person moves latent 0 by a fifth of its norm and changes decoded frame 0 visibly (about 30 dB), although frame 0
-#   itself did not change. For one smooth clip the effect is small: frame 0 encoded alone is within about 1% of the
-#   clip's latent 0.
-# - Consequences: an image latent of frame 0 (image-to-video conditioning) is not exactly the first latent of the
-#   video, and temporal tiles cannot be encoded "exactly" on their own, which is one reason they are blended.
+# - So the network is causal **in its wiring, not in its numbers**. Replacing the second half of the clip by
+#   another person moves latent 0 by a fifth of its norm and changes decoded frame 0 visibly (about 30 dB),
+#   although frame 0 itself did not change. For one smooth clip the effect is small: frame 0 encoded alone is
+#   within about 1% of the clip's latent 0.
+# - Consequences: an image latent of frame 0 (image-to-video conditioning) is not exactly the first latent of
+#   the video, and temporal tiles cannot be encoded "exactly" on their own, which is one reason they are
+#   blended.
 
 # %% [markdown]
 # ## 4. Why no transposed convolution in the upsampler
 #
-# A stride-2 transposed convolution with a 3-wide kernel spreads each input over 3 outputs that overlap unevenly:
-# some outputs get 2 contributions, others 1. Feed it a **constant** and look at the output.
+# A stride-2 transposed convolution with a 3-wide kernel spreads each input over 3 outputs that overlap
+# unevenly: some outputs get 2 contributions, others 1. Feed it a **constant** and look at the output.
 
 # %%
 const = torch.ones(1, 1, 8, 8)
@@ -283,9 +342,9 @@ print("transposed conv on a constant, values:", checker[2:-2, 2:-2].unique().tol
 print("nearest + conv on a constant, values: ", smooth.unique().tolist())
 
 # %% [markdown]
-# In time the same unevenness is **flicker**, and the transposed kernel also reaches *backwards*: latent frame t
-# writes into output frame 2t−1, which belongs to the previous latent's frames (2t−2, 2t−1) in a 2T-frame layout.
-# The library's upsampler (nearest, first frame apart, then a causal conv) does neither.
+# In time the same unevenness is **flicker**, and the transposed kernel also reaches *backwards*: latent frame
+# t writes into output frame 2t−1, which belongs to the previous latent's frames (2t−2, 2t−1) in a 2T-frame
+# layout. The library's upsampler (nearest, first frame apart, then a causal conv) does neither.
 
 # %%
 t_up = nn.ConvTranspose3d(1, 1, 3, stride=2, padding=1, output_padding=1, bias=False)
@@ -300,10 +359,16 @@ with torch.no_grad():
     spike[:, :, 2] = 1.0  # an impulse at latent frame 2
     t_resp = t_up(spike).abs().amax(dim=(0, 1, 3, 4)) > 0
     c_resp = c_up(spike).abs().amax(dim=(0, 1, 3, 4)) > 0
-print("impulse at latent 2 -> transposed conv output frames:", t_resp.nonzero().flatten().tolist(),
-      "(latent 2 owns 4, 5 of 8)")
-print("impulse at latent 2 -> causal upsampler output frames:", c_resp.nonzero().flatten().tolist(),
-      "(latent 2 owns 3, 4 of 7)")
+print(
+    "impulse at latent 2 -> transposed conv output frames:",
+    t_resp.nonzero().flatten().tolist(),
+    "(latent 2 owns 4, 5 of 8)",
+)
+print(
+    "impulse at latent 2 -> causal upsampler output frames:",
+    c_resp.nonzero().flatten().tolist(),
+    "(latent 2 owns 3, 4 of 7)",
+)
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(9, 2.8))
@@ -311,9 +376,17 @@ axes[0].imshow(checker.numpy(), cmap="gray"), axes[0].set_title("transposed conv
 axes[1].imshow(smooth.numpy(), cmap="gray", vmin=0, vmax=10), axes[1].set_title("nearest + conv", fontsize=8)
 for ax in axes[:2]:
     ax.set_xticks([]), ax.set_yticks([])
-axes[2].stem(range(8), t_resp.float().numpy(), linefmt="C3-", markerfmt="C3o", basefmt=" ", label="transposed")
-axes[2].stem(np.arange(7) + 0.15, c_resp.float().numpy() * 0.8, linefmt="C0-", markerfmt="C0s", basefmt=" ",
-             label="causal upsampler")
+axes[2].stem(
+    range(8), t_resp.float().numpy(), linefmt="C3-", markerfmt="C3o", basefmt=" ", label="transposed"
+)
+axes[2].stem(
+    np.arange(7) + 0.15,
+    c_resp.float().numpy() * 0.8,
+    linefmt="C0-",
+    markerfmt="C0s",
+    basefmt=" ",
+    label="causal upsampler",
+)
 axes[2].set_title("output frames hit by latent frame 2", fontsize=8), axes[2].set_xlabel("output frame")
 axes[2].legend(fontsize=7), axes[2].set_yticks([])
 fig.tight_layout()
@@ -323,8 +396,8 @@ plt.show()
 # ## 5. Tiling: why tiles overlap and blend, and what it saves
 #
 # `anim_lab.tiling` decodes overlapping tiles and blends the overlaps with a linear ramp (the tile geometry of
-# diffusers, checked equal in `tests/test_tiling.py`). Decode a 128 px, 9-frame clip (latents 16 × 16) as 2 × 2
-# tiles in three ways and compare each with the untiled decode:
+# diffusers, checked equal in `tests/test_tiling.py`). Decode a 128 px, 9-frame clip (latents 16 × 16) as 2 ×
+# 2 tiles in three ways and compare each with the untiled decode:
 #
 # - tiles of 64 px **side by side** (stride 64): each tile sees no context beyond its border;
 # - tiles of 80 px **overlapping** by 16 px (stride 64), cut hard at the stride;
@@ -347,13 +420,16 @@ with torch.no_grad():
     tiled = {name: vae.decode(z128, tiling=s) for name, s in settings.items()}
 print(f"untiled vs original: {psnr(full, video128).item():.1f} dB")
 for name, out in tiled.items():
-    print(f"{name:27s} vs untiled: {psnr(out, full).item():5.1f} dB   vs original: {psnr(out, video128).item():.1f} dB")
+    print(
+        f"{name:27s} vs untiled: {psnr(out, full).item():5.1f} dB   "
+        f"vs original: {psnr(out, video128).item():.1f} dB"
+    )
 
 # %%
 fig, axes = plt.subplots(1, 6, figsize=(13, 2.6))
 axes[0].imshow(frames_01(video128)[4]), axes[0].set_title("original, frame 4", fontsize=8)
 axes[1].imshow(frames_01(full)[4]), axes[1].set_title("untiled decode", fontsize=8)
-for ax, (name, out) in zip(axes[2:], tiled.items()):
+for ax, (name, out) in zip(axes[2:], tiled.items(), strict=True):
     err = (out - full).abs().mean(dim=(0, 1, 2)).numpy()  # mean |tiled - untiled| over channels and frames
     ax.imshow(err, cmap="inferno", vmin=0, vmax=0.15), ax.set_title(f"|error|: {name}", fontsize=7)
 for ax in axes:
@@ -363,29 +439,34 @@ viz.save(fig, "ch08_seams")
 plt.show()
 
 # %% [markdown]
-# - Side by side, each tile's border pixels are decoded with replicated padding instead of their real neighbours:
-#   a cross of errors along the tile borders. Overlap gives the kept pixels real context; blending fades the two
-#   decodes into each other, so no hard line is left.
-# - The 64/48 geometry is worse here, and not because of its overlap: tiles start at every multiple of the stride
-#   up to the edge (diffusers' loop), so at 128 px the last row and column of tiles are only 32 px wide (4 latents).
-#   A tile is decoded with **its own GroupNorm statistics**; a thin strip of background and shirt normalises very
-#   differently from a whole portrait and comes out with shifted colours. Pick tile sizes so the last tiles are not
-#   slivers (exercise 3).
+# - Side by side, each tile's border pixels are decoded with replicated padding instead of their real
+#   neighbours: a cross of errors along the tile borders. Overlap gives the kept pixels real context; blending
+#   fades the two decodes into each other, so no hard line is left.
+# - The 64/48 geometry is worse here, and not because of its overlap: tiles start at every multiple of the
+#   stride up to the edge (diffusers' loop), so at 128 px the last row and column of tiles are only 32 px wide
+#   (4 latents). A tile is decoded with **its own GroupNorm statistics**; a thin strip of background and shirt
+#   normalises very differently from a whole portrait and comes out with shifted colours. Pick tile sizes so
+#   the last tiles are not slivers (exercise 3).
 #
-# **In time**: 33 frames (9 latents) decoded in windows of 16 frames every 12 (diffusers' defaults). A later window
-# decodes its first latent as if it were frame 0 (an image); that frame is dropped, and 4 frames are blended.
+# **In time**: 33 frames (9 latents) decoded in windows of 16 frames every 12 (diffusers' defaults). A later
+# window decodes its first latent as if it were frame 0 (an image); that frame is dropped, and 4 frames are
+# blended.
 
 # %%
 clip33 = toy.make_clip(toy.identity_from_seed(test_ids[3]), num_frames=33, size=64, seed=4)
 video33 = toy.images_to_tensor(clip33.frames)[None]  # (1, 3, 33, 64, 64)
-windows = {"windows 16/16 (no blend)": TileSettings(16, 16, 16, 16, 16, 16, spatial=False),
-           "windows 16/12, hard cut": TileSettings(spatial=False, blend=False),
-           "windows 16/12 + blend": TileSettings(spatial=False)}
+windows = {
+    "windows 16/16 (no blend)": TileSettings(16, 16, 16, 16, 16, 16, spatial=False),
+    "windows 16/12, hard cut": TileSettings(spatial=False, blend=False),
+    "windows 16/12 + blend": TileSettings(spatial=False),
+}
 with torch.no_grad():
     z33 = vae.encode(video33).mean  # (1, 16, 9, 8, 8)
     full33 = vae.decode(z33)
-    per_frame = {name: 10 * torch.log10(4.0 / (vae.decode(z33, tiling=s) - full33).pow(2).mean(dim=(0, 1, 3, 4)))
-                 for name, s in windows.items()}
+    per_frame = {
+        name: 10 * torch.log10(4.0 / (vae.decode(z33, tiling=s) - full33).pow(2).mean(dim=(0, 1, 3, 4)))
+        for name, s in windows.items()
+    }
 for name, curve in per_frame.items():
     print(f"{name:25s}: worst frame {curve.min().item():.1f} dB vs untiled")
 
@@ -399,15 +480,18 @@ plt.show()
 
 
 # %% [markdown]
-# - The error is largest right where a window takes over and shrinks along the window: the window's first latent is
-#   decoded as an image, with no past, and context builds up frame by frame (the causal convolutions at work).
-#   Blending hands over gradually, under the previous window's decode, and gains a few dB at the worst frame.
-# - All variants stay well above the spatial seams: consecutive frames of a smooth clip are nearly alike, and the
-#   GroupNorm of a 16-frame window sees much the same content as that of the whole clip.
+# - The error is largest right where a window takes over and shrinks along the window: the window's first
+#   latent is decoded as an image, with no past, and context builds up frame by frame (the causal convolutions
+#   at work). Blending hands over gradually, under the previous window's decode, and gains a few dB at the
+#   worst frame.
+# - All variants stay well above the spatial seams: consecutive frames of a smooth clip are nearly alike, and
+#   the GroupNorm of a 16-frame window sees much the same content as that of the whole clip.
 
 # %% [markdown]
-# **Memory.** `PeakMemory` counts every tensor the code allocates while it runs; "working memory" is the peak minus
-# the output itself. Spatial: the 9-frame clip at 128 px, by tile size. Temporal: 17 to 65 frames at 64 px.
+# **Memory.** `PeakMemory` counts every tensor the code allocates while it runs; "working memory" is the peak
+# minus the output itself. Spatial: the 9-frame clip at 128 px, by tile size. Temporal: 17 to 65 frames at 64
+# px.
+
 
 # %%
 def working_mib(fn):
@@ -418,16 +502,26 @@ def working_mib(fn):
 
 untiled_mib = working_mib(lambda: vae.decode(z128))
 tile_sizes = [32, 64, 96]
-tiled_mib = [working_mib(lambda s=s: tiled_decode(vae, z128, TileSettings(s, s, s * 3 // 4, s * 3 // 4)))
-             for s in tile_sizes]
-print("spatial, tiled / untiled working memory by tile size (px):",
-      {s: round(m / untiled_mib, 2) for s, m in zip(tile_sizes, tiled_mib)})
+tiled_mib = [
+    working_mib(lambda s=s: tiled_decode(vae, z128, TileSettings(s, s, s * 3 // 4, s * 3 // 4)))
+    for s in tile_sizes
+]
+print(
+    "spatial, tiled / untiled working memory by tile size (px):",
+    {s: round(m / untiled_mib, 2) for s, m in zip(tile_sizes, tiled_mib, strict=True)},
+)
 frames_list = [17, 33, 65]
 lat = {f: torch.randn(1, 16, (f - 1) // 4 + 1, 8, 8) for f in frames_list}
 time_untiled = [working_mib(lambda f=f: vae.decode(lat[f])) for f in frames_list]
-time_tiled = [working_mib(lambda f=f: tiled_decode(vae, lat[f], TileSettings(spatial=False))) for f in frames_list]
-print("temporal, untiled growth 17 -> 65 frames: x", round(time_untiled[-1] / time_untiled[0], 1),
-      "| windows: x", round(time_tiled[-1] / time_tiled[0], 2))
+time_tiled = [
+    working_mib(lambda f=f: tiled_decode(vae, lat[f], TileSettings(spatial=False))) for f in frames_list
+]
+print(
+    "temporal, untiled growth 17 -> 65 frames: x",
+    round(time_untiled[-1] / time_untiled[0], 1),
+    "| windows: x",
+    round(time_tiled[-1] / time_tiled[0], 2),
+)
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(9, 2.8))
@@ -444,11 +538,11 @@ viz.save(fig, "ch08_memory")
 plt.show()
 
 # %% [markdown]
-# - Working memory follows the tile, not the video: with windows it stays flat from 17 to 65 frames; with spatial
-#   tiles a 128 px decode needs a fraction of the untiled memory. The price is compute on the overlaps (about
-#   (64/48)² ≈ 1.8× in space) and the small seam errors measured above.
-# - `anim_lab.tiling` writes each tile's kept part straight into the output and keeps only the strips still needed
-#   for blending; diffusers keeps every decoded tile until the end. Same numbers, less memory
+# - Working memory follows the tile, not the video: with windows it stays flat from 17 to 65 frames; with
+#   spatial tiles a 128 px decode needs a fraction of the untiled memory. The price is compute on the overlaps
+#   (about (64/48)² ≈ 1.8× in space) and the small seam errors measured above.
+# - `anim_lab.tiling` writes each tile's kept part straight into the output and keeps only the strips still
+#   needed for blending; diffusers keeps every decoded tile until the end. Same numbers, less memory
 #   (`benchmarks/bench_causal_vae_tiling.py` compares both).
 
 # %% [markdown]
@@ -466,42 +560,51 @@ except RuntimeError as err:
     print("on a video:", type(err).__name__, "-", str(err).split(" i.e. ")[-1])
 h4 = torch.randn(1, 16, 8, 8)  # an image feature map (B, C, H, W)
 line = norm(h4.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-channel_ln = rearrange(F.layer_norm(rearrange(h4, "b c h w -> b h w c"), (16,), norm.weight, norm.bias), "b h w c -> b c h w")
+channel_ln = rearrange(
+    F.layer_norm(rearrange(h4, "b c h w -> b h w c"), (16,), norm.weight, norm.bias), "b h w c -> b c h w"
+)
 torch.testing.assert_close(line, channel_ln)
 print("on an image: a LayerNorm over channels at each pixel (matches F.layer_norm)")
 with torch.device("meta"):
     full_keys = list(CV.CausalVAE(**CV.CAUSAL_VAE_HUNYUAN).state_dict())
-print("released checkpoint layout has a downsampler norm:", any("downsamplers" in k and "norm" in k for k in full_keys))
+print(
+    "released checkpoint layout has a downsampler norm:",
+    any("downsamplers" in k and "norm" in k for k in full_keys),
+)
 
 # %% [markdown]
-# - The line was written for 4-D image tensors (B, C, H, W) → (B, H, W, C): the channels-last LayerNorm of the 2-D
-#   `Downsample2D` it was copied from. On a 5-D video it **raises**; T does not "disappear", the call fails.
-# - It is **dead code**: the norm is off (`norm_type=None`) in every HunyuanVideo config, the released weights have
-#   no downsampler norm keys (above) and diffusers dropped the branch. A bug that never runs; a 5-D version would be
-#   `rearrange(h, "b c t h w -> b t h w c")`, norm, and back.
+# - The line was written for 4-D image tensors (B, C, H, W) → (B, H, W, C): the channels-last LayerNorm of the
+#   2-D `Downsample2D` it was copied from. On a 5-D video it **raises**; T does not "disappear", the call
+#   fails.
+# - It is **dead code**: the norm is off (`norm_type=None`) in every HunyuanVideo config, the released weights
+#   have no downsampler norm keys (above) and diffusers dropped the branch. A bug that never runs; a 5-D
+#   version would be `rearrange(h, "b c t h w -> b t h w c")`, norm, and back.
 #
 # ## Summary
 #
-# - A causal 3D conv pads k−1 copies of frame 0 in front; strided twice it maps 4k+1 frames to k+1 latents, latent 0
-#   being an image latent of frame 0 alone. The decoder upsamples the first frame in space only: 4(T_lat−1)+1 frames.
-# - Causal wiring is not causal numbers: GroupNorm statistics span all frames, so latent 0 moves when later frames
-#   change (section 3); with per-frame norms it would not.
-# - Nearest upsampling + causal conv instead of a transposed conv: no checkerboard, no temporal flicker, and no
-#   latent frame writing into earlier frames.
-# - Tiles must overlap (context at the borders) and blend (no hard line). Working memory then follows the tile size
-#   and stays flat with video length; the cost is recomputing the overlaps.
-# - The `permute` in `DownsampleCausal3D`'s norm is a 2-D leftover that would fail on video, in a branch no config
-#   uses.
+# - A causal 3D conv pads k−1 copies of frame 0 in front; strided twice it maps 4k+1 frames to k+1 latents,
+#   latent 0 being an image latent of frame 0 alone. The decoder upsamples the first frame in space only:
+#   4(T_lat−1)+1 frames.
+# - Causal wiring is not causal numbers: GroupNorm statistics span all frames, so latent 0 moves when later
+#   frames change (section 3); with per-frame norms it would not.
+# - Nearest upsampling + causal conv instead of a transposed conv: no checkerboard, no temporal flicker, and
+#   no latent frame writing into earlier frames.
+# - Tiles must overlap (context at the borders) and blend (no hard line). Working memory then follows the tile
+#   size and stays flat with video length; the cost is recomputing the overlaps.
+# - The `permute` in `DownsampleCausal3D`'s norm is a 2-D leftover that would fail on video, in a branch no
+#   config uses.
 #
 # ## Exercises
 #
-# 1. Encode 18 frames: the library refuses. What does diffusers do with 18 (and with 6 or 8) frames? Which frames are
-#    silently dropped?
-# 2. Replace every GroupNorm in a *fresh* `CausalVAE` by the per-frame version (a hook as in section 3) and check
-#    that `encode(frame 0 alone)` equals latent 0 of the clip exactly. What would training need to change?
-# 3. Write a tile layout whose last tile is shifted back to end exactly at the frame's edge (all tiles full size,
-#    the last overlap larger), and compare its seam PSNR with the 64/48 layout of section 5.
-# 4. In `anim_lab.tiling`, temporal *encoding* blends over `(16 − 12) / 4 = 1` latent frame. What does a 1-wide
-#    linear ramp actually do (look at its weights)? Propose a better encode overlap and measure its seam PSNR.
-# 5. Measure the compute overhead of spatial tiling (time, tiled / untiled) for overlaps of 0, 12.5%, 25% and 50%,
-#    and plot it next to the seam PSNR: where would you set the default?
+# 1. Encode 18 frames: the library refuses. What does diffusers do with 18 (and with 6 or 8) frames? Which
+#    frames are silently dropped?
+# 2. Replace every GroupNorm in a *fresh* `CausalVAE` by the per-frame version (a hook as in section 3) and
+#    check that `encode(frame 0 alone)` equals latent 0 of the clip exactly. What would training need to
+#    change?
+# 3. Write a tile layout whose last tile is shifted back to end exactly at the frame's edge (all tiles full
+#    size, the last overlap larger), and compare its seam PSNR with the 64/48 layout of section 5.
+# 4. In `anim_lab.tiling`, temporal *encoding* blends over `(16 − 12) / 4 = 1` latent frame. What does a
+#    1-wide linear ramp actually do (look at its weights)? Propose a better encode overlap and measure its
+#    seam PSNR.
+# 5. Measure the compute overhead of spatial tiling (time, tiled / untiled) for overlaps of 0, 12.5%, 25% and
+#    50%, and plot it next to the seam PSNR: where would you set the default?

@@ -1,13 +1,13 @@
-"""Measure the committed toy VAE and toy CLIP on held-out identities (and hold the toy-data helper the training
-scripts share).
+"""Measure the committed toy VAE and toy CLIP on held-out identities (and hold the toy-data helper the
+training scripts share).
 
     .venv/bin/python scripts/eval_toy_models.py            # both models, the numbers quoted in the chapters
     .venv/bin/python scripts/eval_toy_models.py --only clip
 
 VAE: PSNR of mean-latent reconstructions of full 128-px frames of held-out identities.
-CLIP: zero-shot accuracy per attribute (the prompt is the attribute's phrase, e.g. "red hair"; the predicted value is
-the most similar prompt) and same-identity retrieval across poses (top-1 over a gallery of other renders), next to
-the nearest-neighbour-on-pixels baseline (32x32 pixels, cosine).
+CLIP: zero-shot accuracy per attribute (the prompt is the attribute's phrase, e.g. "red hair"; the predicted
+value is the most similar prompt) and same-identity retrieval across poses (top-1 over a gallery of other
+renders), next to the nearest-neighbour-on-pixels baseline (32x32 pixels, cosine).
 """
 
 from __future__ import annotations
@@ -29,13 +29,15 @@ from anim_lab import clip as C  # noqa: E402
 from anim_lab import vae as V  # noqa: E402
 from anim_lab.toy import renderer as R  # noqa: E402
 
-# The expression states the captions name, and the ranges they are drawn from (clearly apart, so labels are clean).
+# The expression states the captions name, and the ranges they are drawn from (clearly apart, so labels are
+# clean).
 MOUTH_OPEN, MOUTH_CLOSED = (0.55, 1.0), (0.0, 0.05)
 EYES_CLOSED, EYES_OPEN = (0.9, 1.0), (0.0, 0.1)
 
 
 def identity_seeds(split: str, n: int, seed: int = 0) -> list[int]:
-    """``n`` identity seeds of a split of the toy world (``toy.identity_split``), drawn without replacement."""
+    """``n`` identity seeds of a split of the toy world (``toy.identity_split``), drawn without
+    replacement."""
     from anim_lab import toy
 
     seeds = np.asarray(list(toy.identity_split(split)))
@@ -93,7 +95,7 @@ def to_pm1(u8) -> torch.Tensor:
     return torch.as_tensor(u8).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, H, W, 3) -> (N, 3, H, W)
 
 
-# --- VAE ----------------------------------------------------------------------------------------------------------
+# --- VAE ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_vae(vae=None, n: int = 64, seed: int = 123) -> dict:
     """Mean and min PSNR (dB) of reconstructions (mean latents) of ``n`` full 128-px held-out frames."""
@@ -108,7 +110,7 @@ def evaluate_vae(vae=None, n: int = 64, seed: int = 123) -> dict:
     return dict(psnr_mean=round(float(values.mean()), 2), psnr_min=round(float(values.min()), 2), n=n)
 
 
-# --- CLIP ---------------------------------------------------------------------------------------------------------
+# --- CLIP ---------------------------------------------------------------------------------------------------
 def retrieval_top1(embeds: torch.Tensor, identity: torch.Tensor) -> float:
     """Each item queries all the others (cosine); a hit if the most similar one has the same identity."""
     sims = C.cosine_similarity_matrix(embeds, embeds)  # (N, N)

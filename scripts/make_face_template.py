@@ -2,19 +2,19 @@
 
     .venv/bin/python scripts/make_face_template.py   # writes anim_lab/assets/face_template/face_template.npz
 
-Deterministic (mediapipe face mesh in static mode on ``skimage.data.astronaut()``); no randomness, no download.
-Steps:
+Deterministic (mediapipe face mesh in static mode on ``skimage.data.astronaut()``); no randomness, no
+download. Steps:
 
 1. detect the 478 landmarks (pixels; mediapipe's z is in the units of x, smaller = closer);
-2. switch to y up, z toward the camera, and rotate so that the eye corners 33 -> 263 lie along +x and the chin ->
-   forehead line (152 -> 10) along +y (removes roll, yaw and pitch);
+2. switch to y up, z toward the camera, and rotate so that the eye corners 33 -> 263 lie along +x and the chin
+   -> forehead line (152 -> 10) along +y (removes roll, yaw and pitch);
 3. scale so that forehead to chin is 2 units (again after step 5); put x = 0 on the midline;
-4. symmetrise: match each point to the mirror image of its partner (optimal assignment on mirrored positions) and
-   average the two;
-5. close the mouth (the astronaut smiles with her mouth open): lift the jaw by the lip gap with the renderer's own
-   jaw weights, then snap the lower inner lip exactly onto the upper inner lip;
-6. triangles: 3-cliques of ``FACEMESH_TESSELATION`` edges, minus any that would cover the eye or mouth openings,
-   wound so that their normals point to +z.
+4. symmetrise: match each point to the mirror image of its partner (optimal assignment on mirrored positions)
+   and average the two;
+5. close the mouth (the astronaut smiles with her mouth open): lift the jaw by the lip gap with the renderer's
+   own jaw weights, then snap the lower inner lip exactly onto the upper inner lip;
+6. triangles: 3-cliques of ``FACEMESH_TESSELATION`` edges, minus any that would cover the eye or mouth
+   openings, wound so that their normals point to +z.
 """
 
 from __future__ import annotations
@@ -46,8 +46,36 @@ def upright(v: np.ndarray) -> np.ndarray:
     basis = np.stack([ex, ey, ez], axis=1)  # (3, 3) columns = new axes
     v = (v - v.mean(0)) @ basis  # (478, 3) in the face's own frame
     v /= np.linalg.norm(v[L.FOREHEAD] - v[L.CHIN]) / 2.0  # forehead-chin = 2 units (again after step 5)
-    midline = [10, 151, 9, 8, 168, 6, 197, 195, 5, 4, 1, 19, 94, 2, 164, 0, 11, 12, 13, 14, 15, 16, 17, 18, 200,
-               199, 175, 152]
+    midline = [
+        10,
+        151,
+        9,
+        8,
+        168,
+        6,
+        197,
+        195,
+        5,
+        4,
+        1,
+        19,
+        94,
+        2,
+        164,
+        0,
+        11,
+        12,
+        13,
+        14,
+        15,
+        16,
+        17,
+        18,
+        200,
+        199,
+        175,
+        152,
+    ]
     v[:, 0] -= v[midline, 0].mean()
     # origin: on the midline, halfway between the eyes' height and the chin; depth 0 at the face oval's mean
     v[:, 1] -= 0.5 * (v[[33, 263], 1].mean() + v[L.CHIN, 1])
@@ -110,14 +138,22 @@ def triangles_from_tessellation(v: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     v = close_mouth(symmetrise(upright(detect_astronaut())))
-    v = v / (np.linalg.norm(v[L.FOREHEAD] - v[L.CHIN]) / 2.0)  # closing the mouth lifted the chin: rescale to 2
+    v = v / (
+        np.linalg.norm(v[L.FOREHEAD] - v[L.CHIN]) / 2.0
+    )  # closing the mouth lifted the chin: rescale to 2
     v[:, 1] -= 0.5 * (v[[33, 263], 1].mean() + v[L.CHIN, 1])  # and re-centre the origin's height
     tris = triangles_from_tessellation(v)
     TEMPLATE_PATH.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(TEMPLATE_PATH, vertices=v.astype(np.float32), triangles=tris,
-                        source=np.array("mediapipe 0.10.21 face mesh on skimage.data.astronaut()"))
-    print(f"wrote {TEMPLATE_PATH}: {len(v)} vertices, {len(tris)} triangles, "
-          f"{TEMPLATE_PATH.stat().st_size / 1024:.1f} KiB")
+    np.savez_compressed(
+        TEMPLATE_PATH,
+        vertices=v.astype(np.float32),
+        triangles=tris,
+        source=np.array("mediapipe 0.10.21 face mesh on skimage.data.astronaut()"),
+    )
+    print(
+        f"wrote {TEMPLATE_PATH}: {len(v)} vertices, {len(tris)} triangles, "
+        f"{TEMPLATE_PATH.stat().st_size / 1024:.1f} KiB"
+    )
     print("face width/height:", np.ptp(v[:468, 0]).round(3), np.ptp(v[:468, 1]).round(3))
 
 

@@ -3,18 +3,20 @@
     .venv/bin/python scripts/train_causal_vae.py                  # ~25 min on one CPU thread
     .venv/bin/python scripts/train_causal_vae.py --steps 20 --full-steps 5 --out /tmp/vae_smoke   # smoke test
 
-Data: 17-frame, 64 px clips of training identities (``toy.identity_split("train")``), rendered once into memory
-(no texture, no grain, so PSNR is not capped by noise). Each step takes a random 9-frame (4k+1) window of a clip,
-flipped left-right half of the time.
+Data: 17-frame, 64 px clips of training identities (``toy.identity_split("train")``), rendered once into
+memory (no texture, no grain, so PSNR is not capped by noise). Each step takes a random 9-frame (4k+1) window
+of a clip, flipped left-right half of the time.
 
 Schedule (fixed step counts, so a seed gives one result):
 1. ``--steps`` steps on random 32x32 crops, batch 16 (4x cheaper than full frames; the VAE is convolutional);
-2. ``--full-steps`` steps on full 64x64 frames, batch 4, so GroupNorm statistics and the mid attention see whole frames.
+2. ``--full-steps`` steps on full 64x64 frames, batch 4, so GroupNorm statistics and the mid attention see
+   whole frames.
 Adam, lr 1e-3 after a 50-step warm-up, cosine decay to 3e-5 over both phases; bf16 autocast; gradient clip 1.
 Loss: MSE + 0.1 L1 + 1e-6 KL (summed per clip, as in SD's VAE training).
 
-The committed weights were made in four runs, each lengthening the previous schedule (about 53 minutes in all on
-one thread; held-out PSNR 25.7 dB after the second run, 25.95 dB after the third, 26.07 dB after the fourth):
+The committed weights were made in four runs, each lengthening the previous schedule (about 53 minutes in all
+on one thread; held-out PSNR 25.7 dB after the second run, 25.95 dB after the third, 26.07 dB after the
+fourth):
 
     .venv/bin/python scripts/train_causal_vae.py --stop-at 1200
     .venv/bin/python scripts/train_causal_vae.py --resume --steps 2300 --full-steps 500
@@ -51,9 +53,15 @@ def render_clips(identities, seed_offset: int) -> torch.Tensor:
     """(N, 3, 17, 64, 64) uint8 clips, one per identity seed (clip seed = identity seed + offset)."""
     clips = []
     for ident_seed in identities:
-        clip = toy.make_clip(toy.identity_from_seed(int(ident_seed)), num_frames=CLIP_FRAMES, size=SIZE,
-                             seed=int(ident_seed) + seed_offset)
-        clips.append(rearrange(torch.from_numpy(clip.frames), "f h w c -> c f h w"))  # (F, H, W, 3) -> (3, F, H, W)
+        clip = toy.make_clip(
+            toy.identity_from_seed(int(ident_seed)),
+            num_frames=CLIP_FRAMES,
+            size=SIZE,
+            seed=int(ident_seed) + seed_offset,
+        )
+        clips.append(
+            rearrange(torch.from_numpy(clip.frames), "f h w c -> c f h w")
+        )  # (F, H, W, 3) -> (3, F, H, W)
     return torch.stack(clips)
 
 
@@ -96,7 +104,9 @@ def lr_at(step: int, total: int, base: float = 1e-3, final: float = 3e-5, warmup
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=1300, help="steps on 32 px crops, batch 16")
     parser.add_argument("--full-steps", type=int, default=300, help="steps on full 64 px frames, batch 4")
     parser.add_argument("--train-clips", type=int, default=800)
@@ -119,8 +129,11 @@ def main():
     test_ids = list(toy.identity_split("test"))[: args.test_clips]
     train = render_clips(train_ids, seed_offset=0)
     test = render_clips(test_ids, seed_offset=0)
-    print(f"rendered {len(train)} train / {len(test)} test clips {tuple(train.shape[1:])} in "
-          f"{time.time() - t_start:.0f} s", flush=True)
+    print(
+        f"rendered {len(train)} train / {len(test)} test clips {tuple(train.shape[1:])} in "
+        f"{time.time() - t_start:.0f} s",
+        flush=True,
+    )
 
     vae = CausalVAE(**CAUSAL_VAE_TOY)
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
@@ -130,7 +143,11 @@ def main():
         state = torch.load(args.ckpt, weights_only=False)
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        step, log, history = state["step"], state["log"], state.get("history", [{"from_step": 0, "steps": 1300, "full_steps": 300}])
+        step, log, history = (
+            state["step"],
+            state["log"],
+            state.get("history", [{"from_step": 0, "steps": 1300, "full_steps": 300}]),
+        )
         rng = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         print(f"resumed at step {step}", flush=True)
@@ -155,32 +172,55 @@ def main():
         opt.step()
         step += 1
         if step % 25 == 0:
-            print(f"step {step}/{total} loss {loss.item():.4f} mse {mse.item():.4f} kl {kl.item():.0f} "
-                  f"lr {lr_at(step - 1, total):.2e} {(time.time() - t0) / 60:.1f} min", flush=True)
+            print(
+                f"step {step}/{total} loss {loss.item():.4f} mse {mse.item():.4f} kl {kl.item():.0f} "
+                f"lr {lr_at(step - 1, total):.2e} {(time.time() - t0) / 60:.1f} min",
+                flush=True,
+            )
         if step % 250 == 0 or step == total:
             score = evaluate(vae, test[:16])
-            log.append({"step": step, "minutes": round((time.time() - t0) / 60, 2), "test_psnr_16": round(score, 2)})
+            log.append(
+                {"step": step, "minutes": round((time.time() - t0) / 60, 2), "test_psnr_16": round(score, 2)}
+            )
             print(f"  held-out PSNR (16 clips): {score:.2f} dB", flush=True)
         if step % 100 == 0 or step == total:
-            torch.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "log": log, "rng": rng,
-                        "torch_rng": torch.get_rng_state(), "history": history}, args.ckpt)
+            torch.save(
+                {
+                    "model": vae.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "log": log,
+                    "rng": rng,
+                    "torch_rng": torch.get_rng_state(),
+                    "history": history,
+                },
+                args.ckpt,
+            )
 
     if step < total:
         print(f"stopped at step {step} (--stop-at); checkpoint in {args.ckpt}", flush=True)
         return
     vae.eval()
     with torch.no_grad():  # scaling factor: 1 / std of latent means over (a fixed subset of) training clips
-        means = torch.cat([vae.encode(to_float(train[i : i + 16])).mean for i in range(0, min(len(train), 256), 16)])
+        means = torch.cat(
+            [vae.encode(to_float(train[i : i + 16])).mean for i in range(0, min(len(train), 256), 16)]
+        )
     vae.scaling_factor = vae.config["scaling_factor"] = round(float(1.0 / means.std()), 6)
     test_psnr = evaluate(vae, test)
     train_psnr = evaluate(vae, train[:64])
     vae.save_pretrained(args.out)
     summary = {
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vae.config.items()},
-        "seed": args.seed, "steps_crop_32px_batch16": args.steps, "steps_full_64px_batch4": args.full_steps,
-        "train_clips": len(train), "test_clips": len(test), "clip": f"{CLIP_FRAMES} frames, {SIZE} px",
-        "held_out_psnr_db": round(test_psnr, 2), "train_psnr_db_64_clips": round(train_psnr, 2),
-        "minutes_last_run": round((time.time() - t0) / 60, 1), "threads": args.threads,
+        "seed": args.seed,
+        "steps_crop_32px_batch16": args.steps,
+        "steps_full_64px_batch4": args.full_steps,
+        "train_clips": len(train),
+        "test_clips": len(test),
+        "clip": f"{CLIP_FRAMES} frames, {SIZE} px",
+        "held_out_psnr_db": round(test_psnr, 2),
+        "train_psnr_db_64_clips": round(train_psnr, 2),
+        "minutes_last_run": round((time.time() - t0) / 60, 1),
+        "threads": args.threads,
         "runs": history,  # each run: the step it started from and its --steps/--full-steps (lr schedule)
         "log": log,
         "parameters": sum(p.numel() for p in vae.parameters()),

@@ -1,10 +1,12 @@
-"""Train the toy world's tiny CLIP (transformers CLIPModel, both towers) on toy portraits with attribute captions.
+"""Train the toy world's tiny CLIP (transformers CLIPModel, both towers) on toy portraits with attribute
+captions.
 
-    .venv/bin/python scripts/train_toy_clip.py --minutes 1 --out /tmp/clip --encoder-out /tmp/enc   # a quick try
+    .venv/bin/python scripts/train_toy_clip.py --minutes 1 --out /tmp/clip --encoder-out /tmp/enc  # quick try
 
 The committed weights (seed 0, one CPU core) came from four stages:
 
-    .venv/bin/python scripts/train_toy_clip.py --resize 128 --minutes 16 --out /tmp/clip_stage1 --encoder-out /tmp/enc1
+    .venv/bin/python scripts/train_toy_clip.py --resize 128 --minutes 16 --out /tmp/clip_stage1 \
+        --encoder-out /tmp/enc1
     .venv/bin/python scripts/train_toy_clip.py --resize 128 --init /tmp/clip_stage1 --minutes 12 --lr 5e-4 \
         --aux-weight 4 --out /tmp/clip_stage2 --encoder-out /tmp/enc2
     .venv/bin/python scripts/train_toy_clip.py --init /tmp/clip_stage2 --minutes 21 --lr 5e-4 --aux-weight 4 \
@@ -13,29 +15,32 @@ The committed weights (seed 0, one CPU core) came from four stages:
     .venv/bin/python scripts/train_toy_clip.py --init /tmp/clip_stage3 --minutes 12 --lr 3e-4 --aux-weight 4 \
         --mouth-weight 2 --identity-weight 0.5 --any-pairs
 
-Stages 1-2 (resize 128) learned colours, hairstyle and identity but left mouth open/closed at chance (56%); stage 3
-zooms in (resize 160) and weights the mouth head up, and the mouth goes to ~99% within five minutes, but identity
-retrieval fell below 90% (pairs of the same mouth state never teach it to look past the mouth); stage 4 pairs views
-regardless of mouth state, with the identity term doubled. Runs are time-budgeted, so the number of steps (kept in
-``train_log.json``) depends on the CPU.
+Stages 1-2 (resize 128) learned colours, hairstyle and identity but left mouth open/closed at chance (56%);
+stage 3 zooms in (resize 160) and weights the mouth head up, and the mouth goes to ~99% within five minutes,
+but identity retrieval fell below 90% (pairs of the same mouth state never teach it to look past the mouth);
+stage 4 pairs views regardless of mouth state, with the identity term doubled. Runs are time-budgeted, so the
+number of steps (kept in ``train_log.json``) depends on the CPU.
 
-Writes ``--out`` (default ``anim_lab/assets/toy_clip``: CLIPModel + tokenizer + preprocessor_config.json) and the
-image tower alone as a ``CLIPVisionModelWithProjection`` to ``--encoder-out`` (``anim_lab/assets/toy_image_encoder``).
+Writes ``--out`` (default ``anim_lab/assets/toy_clip``: CLIPModel + tokenizer + preprocessor_config.json) and
+the image tower alone as a ``CLIPVisionModelWithProjection`` to ``--encoder-out``
+(``anim_lab/assets/toy_image_encoder``).
 
 Recipe:
-- Images: 128-px renders, resized to 160 and centre-cropped to 96 px (``CLIPImageProcessor(size=160, crop=96)``):
-  the central 77 px of the frame, enlarged 1.25x, so the face fills the crop and one 12-px patch covers 9.6 px of the
-  render; hair, background and the collar are still in view. Patch 12: 8x8 tokens. (At resize 128 the mouth stayed
-  at chance; at resize 192 the mouth was learned but hair colour, mostly cropped away, stalled at ~76%.)
+- Images: 128-px renders, resized to 160 and centre-cropped to 96 px
+  (``CLIPImageProcessor(size=160, crop=96)``): the central 77 px of the frame, enlarged 1.25x, so the face
+  fills the crop and one 12-px patch covers 9.6 px of the render; hair, background and the collar are still in
+  view. Patch 12: 8x8 tokens. (At resize 128 the mouth stayed at chance; at resize 192 the mouth was learned
+  but hair colour, mostly cropped away, stalled at ~76%.)
 - Captions: a random non-empty subset of the image's attribute phrases ("red hair , mouth open"), the
-  expression phrases (mouth, eyelids) and eye colour more often than the others. The tokenizer is word-level, built
-  here from the toy vocabulary (:func:`anim_lab.clip.build_word_tokenizer`).
-- Loss: (1) CLIP's symmetric cross-entropy, with *every* caption that is true of an image counted as a positive
-  (a batch holds many captions such as "blue background" that fit several images); (2) an image-image term that
-  pulls together two renders of the same identity in different poses (retrieval; weight 0.25, and the two renders
-  share the mouth state, or the term would teach the encoder to ignore the mouth); (3) small linear attribute heads
-  on the image embedding, dropped after training (they speed up learning of the image side on a CPU budget); the
-  mouth head's loss can be weighted up (``--mouth-weight``: added to the heads' sum before averaging).
+  expression phrases (mouth, eyelids) and eye colour more often than the others. The tokenizer is word-level,
+  built here from the toy vocabulary (:func:`anim_lab.clip.build_word_tokenizer`).
+- Loss: (1) CLIP's symmetric cross-entropy, with *every* caption that is true of an image counted as a
+  positive (a batch holds many captions such as "blue background" that fit several images); (2) an image-image
+  term that pulls together two renders of the same identity in different poses (retrieval; weight 0.25, and
+  the two renders share the mouth state, or the term would teach the encoder to ignore the mouth); (3) small
+  linear attribute heads on the image embedding, dropped after training (they speed up learning of the image
+  side on a CPU budget); the mouth head's loss can be weighted up (``--mouth-weight``: added to the heads' sum
+  before averaging).
 - AdamW, warm-up then cosine decay over the time budget; held-out zero-shot accuracy and retrieval every
   ``--eval-every`` seconds, with a checkpoint each time.
 """
@@ -85,9 +90,8 @@ def clip_config(vocab_size: int, image_size: int = CROP, patch_size: int = PATCH
             eos_token_id=3,
         ),
         # the image tower is configs.TOY.image_encoder (the toy animation models' image encoder)
-        vision_config={k: v for k, v in vision.items() if k != "projection_dim"} | dict(
-            image_size=image_size, patch_size=patch_size
-        ),
+        vision_config={k: v for k, v in vision.items() if k != "projection_dim"}
+        | dict(image_size=image_size, patch_size=patch_size),
         projection_dim=vision["projection_dim"],
     )
 
@@ -100,15 +104,18 @@ def label_matrix(labels: list[dict], attributes: dict[str, tuple[str, ...]]) -> 
 def sample_captions(
     values: torch.Tensor, attributes: dict, g: torch.Generator
 ) -> tuple[list[str], torch.Tensor]:
-    """For each image, a random non-empty subset of its phrases, shuffled: (N, A) values -> (N captions, (N, A) mask)."""
+    """For each image, a random non-empty subset of its phrases, shuffled: (N, A) values -> (N captions,
+    (N, A) mask)."""
     names = list(attributes)
     p = torch.tensor([PHRASE_P.get(a, 0.4) for a in names])
     mask = torch.rand(values.shape, generator=g) < p  # (N, A): which phrases each caption names
     empty = ~mask.any(1)
     mask[empty, torch.randint(0, len(names), (int(empty.sum()),), generator=g)] = True
     captions = []
-    for row, m in zip(values.tolist(), mask.tolist()):
-        phrases = [C.toy_phrase(a, attributes[a][v]) for a, v, keep in zip(names, row, m) if keep]
+    for row, m in zip(values.tolist(), mask.tolist(), strict=True):
+        phrases = [
+            C.toy_phrase(a, attributes[a][v]) for a, v, keep in zip(names, row, m, strict=True) if keep
+        ]
         order = torch.randperm(len(phrases), generator=g).tolist()
         captions.append(" , ".join(phrases[i] for i in order))
     return captions, mask
@@ -127,7 +134,14 @@ def soft_ce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
 
 
 def losses(
-    model, heads, pixel_values, input_ids, attention_mask, values, mask, tau_img: float = 0.1,
+    model,
+    heads,
+    pixel_values,
+    input_ids,
+    attention_mask,
+    values,
+    mask,
+    tau_img: float = 0.1,
     head_weights: torch.Tensor | None = None,
 ) -> dict:
     """pixel_values (2B, 3, S, S) with views of identity k at rows 2k, 2k+1; captions (2B, L); labels (2B, A).
@@ -154,11 +168,12 @@ def losses(
 
 
 def pick_pair(mouth: torch.Tensor, g: torch.Generator, same_mouth: bool = True) -> torch.Tensor:
-    """Two different views of one identity, with the same mouth state when there are such views (``same_mouth``).
+    """Two different views of one identity, with the same mouth state when there are such views
+    (``same_mouth``).
 
-    The image-image term makes the two views' embeddings alike; pairing an open mouth with a closed one from the start
-    would teach the encoder to ignore the mouth, which the captions ask it to see. Once the mouth is learned, pairs
-    across mouth states (``same_mouth=False``) teach retrieval to look past it.
+    The image-image term makes the two views' embeddings alike; pairing an open mouth with a closed one from
+    the start would teach the encoder to ignore the mouth, which the captions ask it to see. Once the mouth is
+    learned, pairs across mouth states (``same_mouth=False``) teach retrieval to look past it.
     """
     first = int(torch.randint(0, len(mouth), (1,), generator=g))
     same = [v for v in range(len(mouth)) if v != first and (mouth[v] == mouth[first] or not same_mouth)]
@@ -176,7 +191,9 @@ def save_atomic(
 ) -> None:
     """Write the CLIP folder (and the image-encoder folder) beside their targets, then swap them in."""
     crop = model.config.vision_config.image_size
-    processor = CLIPImageProcessorPil(size={"shortest_edge": resize}, crop_size={"height": crop, "width": crop})
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": resize}, crop_size={"height": crop, "width": crop}
+    )
     for folder, write in ((out, "clip"), (encoder_out, "encoder")):
         if folder is None:
             continue
@@ -218,8 +235,8 @@ def train(
 ) -> dict:
     """Train and save; returns the log (held-out zero-shot/retrieval curve against minutes, losses).
 
-    ``data``: a :func:`eval_toy_models.render_stills` dict (identities with ``views`` adjacent renders each) to skip
-    rendering (tests); evaluation is skipped when ``eval_every_s`` is None.
+    ``data``: a :func:`eval_toy_models.render_stills` dict (identities with ``views`` adjacent renders each)
+    to skip rendering (tests); evaluation is skipped when ``eval_every_s`` is None.
     """
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -266,7 +283,9 @@ def train(
     )
     if init is not None and (Path(init) / "train_log.json").is_file():  # keep the earlier stage's record
         earlier = json.loads((Path(init) / "train_log.json").read_text())
-        log["earlier_stages"] = earlier.pop("earlier_stages", []) + [{k: v for k, v in earlier.items() if k != "losses"}]
+        log["earlier_stages"] = earlier.pop("earlier_stages", []) + [
+            {k: v for k, v in earlier.items() if k != "losses"}
+        ]
     budget_s = minutes * 60
     t0 = last_eval = time.time()
     step = 0

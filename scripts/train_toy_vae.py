@@ -1,14 +1,15 @@
 """Train the toy world's tiny AutoencoderKL (8x downsampling, 4 latent channels) on 128-px toy portraits.
 
-    .venv/bin/python scripts/train_toy_vae.py                   # the committed run: seed 0, 20 minutes on 2 CPU cores
+    .venv/bin/python scripts/train_toy_vae.py  # the committed run: seed 0, 20 minutes on 2 CPU cores
     .venv/bin/python scripts/train_toy_vae.py --minutes 2 --out /tmp/vae
 
-Recipe (measured in the toy-world study, see the chapter): a small (16, 32, 64, 64) model trained on random 64-px
-crops of 128-px renders (the conv layers at 128 px dominate the cost; the model is fully convolutional, so it is
-evaluated on full frames), bf16 autocast on CPU, loss MSE + 0.1 L1 + 1e-6 KL, Adam 1e-3 with a 20-step warm-up and
-the learning rate x0.3 for the last fifth of the budget. Every ``--eval-every`` seconds: PSNR on full 128-px frames of
-held-out identities, and a checkpoint (config.json + diffusion_pytorch_model.safetensors) written to ``--out``.
-At the end the scaling factor 1 / std(latents) is measured on training frames and stored in config.json.
+Recipe (measured in the toy-world study, see the chapter): a small (16, 32, 64, 64) model trained on random
+64-px crops of 128-px renders (the conv layers at 128 px dominate the cost; the model is fully convolutional,
+so it is evaluated on full frames), bf16 autocast on CPU, loss MSE + 0.1 L1 + 1e-6 KL, Adam 1e-3 with a
+20-step warm-up and the learning rate x0.3 for the last fifth of the budget. Every ``--eval-every`` seconds:
+PSNR on full 128-px frames of held-out identities, and a checkpoint (config.json +
+diffusion_pytorch_model.safetensors) written to ``--out``. At the end the scaling factor 1 / std(latents) is
+measured on training frames and stored in config.json.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_toy_models import render_stills  # noqa: E402  (the shared toy-data helper)
 
-from anim_lab import configs, vae as V  # noqa: E402
+from anim_lab import configs  # noqa: E402
+from anim_lab import vae as V  # noqa: E402
 
 DEFAULT_OUT = ROOT / "anim_lab" / "assets" / "toy_vae"
 
@@ -46,14 +48,15 @@ def to_pm1(u8: torch.Tensor) -> torch.Tensor:
 
 
 def random_crops(images_u8: torch.Tensor, batch_size: int, crop: int, g: torch.Generator) -> torch.Tensor:
-    """A batch of random crops (and random horizontal flips): (N, H, W, 3) uint8 -> (B, 3, crop, crop) in [-1, 1]."""
+    """A batch of random crops (and random horizontal flips): (N, H, W, 3) uint8 -> (B, 3, crop, crop) in
+    [-1, 1]."""
     n, h, w, _ = images_u8.shape
     idx = torch.randint(0, n, (batch_size,), generator=g)
     ys = torch.randint(0, h - crop + 1, (batch_size,), generator=g)
     xs = torch.randint(0, w - crop + 1, (batch_size,), generator=g)
     flips = torch.rand(batch_size, generator=g) < 0.5
     out = torch.stack(
-        [images_u8[i, y : y + crop, x : x + crop] for i, y, x in zip(idx, ys, xs)]
+        [images_u8[i, y : y + crop, x : x + crop] for i, y, x in zip(idx, ys, xs, strict=True)]
     )  # (B, c, c, 3)
     out = to_pm1(out)
     out[flips] = out[flips].flip(-1)
@@ -61,7 +64,8 @@ def random_crops(images_u8: torch.Tensor, batch_size: int, crop: int, g: torch.G
 
 
 def vae_loss(vae: AutoencoderKL, x: torch.Tensor, g: torch.Generator, kl_weight: float = 1e-6):
-    """MSE + 0.1 L1 on a posterior sample's reconstruction + kl_weight * KL to N(0, 1). Returns (loss, mse)."""
+    """MSE + 0.1 L1 on a posterior sample's reconstruction + kl_weight * KL to N(0, 1). Returns
+    (loss, mse)."""
     dist = vae.encode(x).latent_dist
     z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)  # (B, 4, h, w), a posterior sample
     rec = vae.decode(z).sample.float()  # (B, 3, H, W)
@@ -124,8 +128,9 @@ def train(
 ) -> dict:
     """Train and save; returns the log (curve of held-out PSNR against minutes, losses, scaling factor).
 
-    The budget is ``minutes`` of wall time or ``max_steps`` steps, whichever comes first; the learning-rate drop comes
-    at 80% of that budget. ``data`` = (train uint8 (N, H, W, 3), eval uint8) skips rendering (tests).
+    The budget is ``minutes`` of wall time or ``max_steps`` steps, whichever comes first; the learning-rate
+    drop comes at 80% of that budget. ``data`` = (train uint8 (N, H, W, 3), eval uint8) skips rendering
+    (tests).
     """
     torch.manual_seed(seed)
     torch.set_num_threads(threads)

@@ -18,8 +18,8 @@ def _seed():
 def pytest_configure(config):
     import torch
 
-    # The unit tests run tiny tensors, where a second thread costs more in hand-over than it saves (and on a busy
-    # machine much more): one thread keeps the suite fast and its timings steady.
+    # The unit tests run tiny tensors, where a second thread costs more in hand-over than it saves (and on a
+    # busy machine much more): one thread keeps the suite fast and its timings steady.
     torch.set_num_threads(1)
 
 
@@ -36,8 +36,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="module")
 def pair():
-    """diffusers' AutoencoderKLHunyuanVideo at TINY size (random, framewise tiling off) and anim_lab's CausalVAE
-    holding the same state dict, loaded strictly. One pair per test module."""
+    """diffusers' AutoencoderKLHunyuanVideo at TINY size (random, framewise tiling off) and anim_lab's
+    CausalVAE holding the same state dict, loaded strictly. One pair per test module."""
     import torch
     from diffusers import AutoencoderKLHunyuanVideo
 
@@ -49,4 +49,3 @@ def pair():
     ours = CausalVAE(**CAUSAL_VAE_TINY).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
-

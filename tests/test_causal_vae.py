@@ -1,5 +1,5 @@
-"""anim_lab.causal_vae against diffusers' AutoencoderKLHunyuanVideo (same weights, strict load) and against direct
-computations of the causal convolution, frame counts and the first-frame upsampling."""
+"""anim_lab.causal_vae against diffusers' AutoencoderKLHunyuanVideo (same weights, strict load) and against
+direct computations of the causal convolution, frame counts and the first-frame upsampling."""
 
 import json
 
@@ -21,12 +21,16 @@ from anim_lab.causal_vae import (
     sample_num_frames,
 )
 
-MIN_TOY_PSNR = 21.0  # dB on one 9-frame clip (measured about 23); train_log.json: held-out mean 26.07 dB over 64 clips
+MIN_TOY_PSNR = (
+    21.0  # dB on one 9-frame clip (measured about 23); train_log.json: held-out mean 26.07 dB over 64 clips
+)
 
 
 def test_state_dict_keys_and_shapes_equal_diffusers(pair):
     ref, ours = pair
-    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in ref.state_dict().items()
+    }
 
 
 @pytest.mark.parametrize("num_frames", [1, 5, 9, 17])
@@ -46,7 +50,9 @@ def test_encode_decode_match_diffusers(pair, num_frames):
 def test_full_size_on_meta_matches_diffusers():
     with torch.device("meta"):
         ours, ref = CausalVAE(**CAUSAL_VAE_HUNYUAN), AutoencoderKLHunyuanVideo(**CAUSAL_VAE_HUNYUAN)
-    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in ref.state_dict().items()
+    }
     assert len(ours.state_dict()) == 248
     assert round(sum(p.numel() for p in ours.parameters()) / 1e6, 1) == 246.5
     assert round(sum(p.numel() for p in ours.encoder.parameters()) / 1e6, 1) == 100.3
@@ -94,7 +100,8 @@ def test_frame_causal_mask():
 
 
 def test_first_latent_sees_future_frames_only_through_groupnorm(pair):
-    """Convolutions are causal, but GroupNorm statistics span all frames: latent 0 moves when frames 5..8 change."""
+    """Convolutions are causal, but GroupNorm statistics span all frames: latent 0 moves when frames 5..8
+    change."""
     _, ours = pair
     x = torch.randn(1, 3, 9, 16, 16, generator=torch.Generator().manual_seed(3))
     changed = x.clone()
@@ -105,12 +112,17 @@ def test_first_latent_sees_future_frames_only_through_groupnorm(pair):
 
         def per_frame_norm(module, inputs, output):  # the same GroupNorm, statistics taken frame by frame
             (h,) = inputs
-            frames = [F.group_norm(h[:, :, i], module.num_groups, module.weight, module.bias, module.eps)
-                      for i in range(h.shape[2])]
+            frames = [
+                F.group_norm(h[:, :, i], module.num_groups, module.weight, module.bias, module.eps)
+                for i in range(h.shape[2])
+            ]
             return torch.stack(frames, dim=2)
 
-        hooks = [m.register_forward_hook(per_frame_norm) for m in ours.encoder.modules()
-                 if isinstance(m, torch.nn.GroupNorm)]
+        hooks = [
+            m.register_forward_hook(per_frame_norm)
+            for m in ours.encoder.modules()
+            if isinstance(m, torch.nn.GroupNorm)
+        ]
         attentions = ours.encoder.mid_block.attentions
         ours.encoder.mid_block.attentions = None  # the attention's group_norm spans all tokens too
         try:
@@ -144,7 +156,10 @@ def test_bad_inputs_raise_clear_errors(pair):
 def test_save_load_roundtrip_loads_in_diffusers(pair, tmp_path):
     _, ours = pair
     ours.save_pretrained(tmp_path / "vae")
-    assert sorted(p.name for p in (tmp_path / "vae").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "vae").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
     back = CausalVAE.from_pretrained(tmp_path / "vae")
     theirs = AutoencoderKLHunyuanVideo.from_pretrained(tmp_path / "vae").eval()
     theirs.use_framewise_decoding = False
@@ -173,7 +188,9 @@ def test_committed_toy_weights_reconstruct_unseen_identities():
     vae = CausalVAE.from_pretrained(TOY_ASSET_DIR)
     assert vae.scaling_factor != 1.0  # measured by the training script
     ident = toy.identity_from_seed(toy.identity_split("test")[-1])
-    clip = toy.images_to_tensor(toy.make_clip(ident, num_frames=9, size=64, seed=123).frames)[None]  # (1, 3, 9, 64, 64)
+    clip = toy.images_to_tensor(toy.make_clip(ident, num_frames=9, size=64, seed=123).frames)[
+        None
+    ]  # (1, 3, 9, 64, 64)
     with torch.no_grad():
         rec = vae(clip)
     mse = ((rec.clamp(-1, 1) - clip) / 2).pow(2).mean()

@@ -1,7 +1,7 @@
 """Every chapters/chNN_*.py has an .ipynb with the same cells, executed in order in one kernel.
 
-Strict nbval compares a notebook's committed outputs with a fresh run; it compares nothing for a cell that was never
-executed, and it tests the .ipynb, not the .py a reader edits. These checks close both gaps.
+Strict nbval compares a notebook's committed outputs with a fresh run; it compares nothing for a cell that was
+never executed, and it tests the .ipynb, not the .py a reader edits. These checks close both gaps.
 """
 
 import json
@@ -28,13 +28,20 @@ def pair_problems(py: Path) -> list[str]:
     problems = []
     py_cells, nb_cells = _cells(py), _cells(nb_path)
     if py_cells != nb_cells:
-        n = next((i for i, (a, b) in enumerate(zip(py_cells, nb_cells)) if a != b), min(len(py_cells), len(nb_cells)))
+        n = next(
+            (i for i, (a, b) in enumerate(zip(py_cells, nb_cells, strict=False)) if a != b),
+            min(len(py_cells), len(nb_cells)),
+        )
         problems.append(
             f"{nb_path.name} is stale: its cells differ from {py.name} from cell {n} on "
             f"({len(py_cells)} vs {len(nb_cells)} cells); run `make notebook CH={py.stem}`"
         )
     raw = json.loads(nb_path.read_text())
-    counts = [c.get("execution_count") for c in raw["cells"] if c["cell_type"] == "code" and "".join(c["source"]).strip()]
+    counts = [
+        c.get("execution_count")
+        for c in raw["cells"]
+        if c["cell_type"] == "code" and "".join(c["source"]).strip()
+    ]
     if not counts:
         problems.append(f"{nb_path.name} has no code cells")
     elif counts != list(range(1, len(counts) + 1)):
@@ -96,7 +103,10 @@ def test_unexecuted_notebook_fails(good_copy):
 
 def test_out_of_order_notebook_fails(good_copy):
     def swap(cells):
-        cells[0]["execution_count"], cells[1]["execution_count"] = cells[1]["execution_count"], cells[0]["execution_count"]
+        cells[0]["execution_count"], cells[1]["execution_count"] = (
+            cells[1]["execution_count"],
+            cells[0]["execution_count"],
+        )
 
     _edit_nb(good_copy, swap)
     assert any("not executed" in p for p in pair_problems(good_copy))

@@ -1,12 +1,19 @@
-"""anim_lab.clip: preprocessing vs transformers, tokens, zero uncond, similarity, tokenizer, loading, real size."""
+"""anim_lab.clip: preprocessing vs transformers, tokens, zero uncond, similarity, tokenizer, loading, real
+size."""
 
 import json
 
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention
-from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPVisionConfig
-from transformers import CLIPVisionModelWithProjection
+from transformers import (
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
 from anim_lab import clip as C
 from anim_lab import configs
@@ -96,8 +103,8 @@ def test_encode_image_tokens(tiny_encoder):
 
 
 def test_zero_tokens_give_a_constant_cross_attention():
-    """Zero context -> keys = values = 0 (SD's to_k/to_v have no bias): cross-attention returns to_out's bias, the
-    same for every query, so the unconditional branch carries no image information at all."""
+    """Zero context -> keys = values = 0 (SD's to_k/to_v have no bias): cross-attention returns to_out's bias,
+    the same for every query, so the unconditional branch carries no image information at all."""
     torch.manual_seed(0)
     attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8).eval()
     hidden = torch.randn(3, 10, 16)  # (B, N, C) queries from the UNet feature map

@@ -33,7 +33,8 @@ def test_sizes_are_consistent(preset):
 
 
 def test_toy_preset_describes_the_committed_toy_models():
-    # The TOY preset must build exactly the models whose weights are committed (config.json is written by training).
+    # The TOY preset must build exactly the models whose weights are committed (config.json is written by
+    # training).
     import json
     from pathlib import Path
 
@@ -48,4 +49,5 @@ def test_toy_preset_describes_the_committed_toy_models():
     assert {k: encoder[k] for k in TOY.image_encoder} == as_json(TOY.image_encoder)
     causal = json.loads((assets / "toy_causal_vae" / "config.json").read_text())
     assert {k: causal[k] for k in TOY.get("causal_vae") if k != "scaling_factor"} == as_json(
-        {k: v for k, v in TOY.get("causal_vae").items() if k != "scaling_factor"})
+        {k: v for k, v in TOY.get("causal_vae").items() if k != "scaling_factor"}
+    )

@@ -1,5 +1,5 @@
-"""Full-size models on the meta device: parameter counts against the published figures, shapes of a 512x512 request,
-and FLOP counts against counts worked out by hand."""
+"""Full-size models on the meta device: parameter counts against the published figures, shapes of a 512x512
+request, and FLOP counts against counts worked out by hand."""
 
 import pytest
 import torch
@@ -37,15 +37,22 @@ def test_meta_forward_at_512_gives_the_documented_shapes(sd15):
     assert out.last_hidden_state.shape == (1, 257, 1024)  # 16x16 patches + CLS
     pose = torch.empty(1, 3, 24, 512, 512, device="meta")
     assert sd15["pose_guider"](pose).shape == (1, 320, 24, 64, 64)
-    noise_pred = sd15["unet"](latents, torch.tensor([999], device="meta"), encoder_hidden_states=out.image_embeds[:, None]).sample
+    noise_pred = sd15["unet"](
+        latents, torch.tensor([999], device="meta"), encoder_hidden_states=out.image_embeds[:, None]
+    ).sample
     assert noise_pred.shape == (1, 4, 64, 64)
 
 
 def test_trace_shapes_follows_the_unet(sd15):
     x = torch.empty(1, 4, 64, 64, device="meta")
     e = torch.empty(1, 1, 768, device="meta")
-    rows = trace_shapes(sd15["unet"], x, torch.tensor([1], device="meta"), encoder_hidden_states=e,
-                        include=lambda name, m: name.count(".") == 1 and name.split(".")[0] in ("down_blocks", "up_blocks"))
+    rows = trace_shapes(
+        sd15["unet"],
+        x,
+        torch.tensor([1], device="meta"),
+        encoder_hidden_states=e,
+        include=lambda name, m: name.count(".") == 1 and name.split(".")[0] in ("down_blocks", "up_blocks"),
+    )
     downs = {r.name: r.outputs[0] for r in rows if r.name.startswith("down")}
     assert downs == {
         "down_blocks.0": (1, 320, 32, 32),
@@ -54,8 +61,14 @@ def test_trace_shapes_follows_the_unet(sd15):
         "down_blocks.3": (1, 1280, 8, 8),
     }
     assert [r.outputs[0] for r in rows if r.name.startswith("up")] == [
-        (1, 1280, 16, 16), (1, 1280, 32, 32), (1, 640, 64, 64), (1, 320, 64, 64)]
-    assert sum(r.params for r in rows) == sum(count_parameters(getattr(sd15["unet"], n)) for n in ("down_blocks", "up_blocks"))
+        (1, 1280, 16, 16),
+        (1, 1280, 32, 32),
+        (1, 640, 64, 64),
+        (1, 320, 64, 64),
+    ]
+    assert sum(r.params for r in rows) == sum(
+        count_parameters(getattr(sd15["unet"], n)) for n in ("down_blocks", "up_blocks")
+    )
 
 
 def test_flops_of_a_conv_and_a_linear_match_the_formula():
@@ -68,8 +81,16 @@ def test_flops_of_a_conv_and_a_linear_match_the_formula():
 
 def test_flops_of_the_sd15_pose_guider_match_a_hand_count(sd15):
     # Each conv: 2 * H_out * W_out * C_out * C_in * 9 (per frame)
-    convs = [(3, 16, 512), (16, 16, 512), (16, 32, 256), (32, 32, 256), (32, 96, 128), (96, 96, 128), (96, 256, 64),
-             (256, 320, 64)]
+    convs = [
+        (3, 16, 512),
+        (16, 16, 512),
+        (16, 32, 256),
+        (32, 32, 256),
+        (32, 96, 128),
+        (96, 96, 128),
+        (96, 256, 64),
+        (256, 320, 64),
+    ]
     expected = sum(2 * s * s * co * ci * 9 for ci, co, s in convs)
     assert count_flops(sd15["pose_guider"], torch.empty(1, 3, 1, 512, 512, device="meta")) == expected
 
@@ -95,8 +116,9 @@ def test_real_tensors_give_the_same_shapes_and_flops_as_meta():
     meta_vae, real_vae = build(SD15, "vae"), build(SD15, "vae", device="cpu")
     x_meta, x = torch.empty(1, 3, 256, 256, device="meta"), torch.randn(1, 3, 256, 256)
     assert real_vae.encode(x).latent_dist.mean.shape == meta_vae.encode(x_meta).latent_dist.mean.shape
-    # On the CPU, torch runs attention as one fused kernel that FlopCounterMode has no formula for, so the CPU count
-    # misses exactly the mid-block attention: Q K^T and A V over 32x32 = 1024 tokens of width 512, one head.
+    # On the CPU, torch runs attention as one fused kernel that FlopCounterMode has no formula for, so the CPU
+    # count misses exactly the mid-block attention: Q K^T and A V over 32x32 = 1024 tokens of width 512, one
+    # head.
     tokens, width = (256 // 8) ** 2, 512
     attention = 2 * (2 * tokens * tokens * width)
     assert count_flops(meta_vae.encode, x_meta) - count_flops(real_vae.encode, x) == attention

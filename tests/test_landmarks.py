@@ -1,4 +1,5 @@
-"""mediapipe face mesh through anim_lab.landmarks: real faces, transformed faces, no faces, odd inputs, topology."""
+"""mediapipe face mesh through anim_lab.landmarks: real faces, transformed faces, no faces, odd inputs,
+topology."""
 
 import sys
 import types
@@ -144,7 +145,9 @@ def test_topology_matches_mediapipe():
     assert edges(L.LEFT_EYEBROW_UPPER) | edges(L.LEFT_EYEBROW_LOWER) == norm(C.FACEMESH_LEFT_EYEBROW)
     lips = [L.LIPS_OUTER_UPPER, L.LIPS_OUTER_LOWER, L.LIPS_INNER_UPPER, L.LIPS_INNER_LOWER]
     assert set().union(*map(edges, lips)) == norm(C.FACEMESH_LIPS)
-    assert edges(L.RIGHT_IRIS) == norm(C.FACEMESH_RIGHT_IRIS) and edges(L.LEFT_IRIS) == norm(C.FACEMESH_LEFT_IRIS)
+    assert edges(L.RIGHT_IRIS) == norm(C.FACEMESH_RIGHT_IRIS) and edges(L.LEFT_IRIS) == norm(
+        C.FACEMESH_LEFT_IRIS
+    )
     # AniPortrait's oval: the full oval minus the 10 forehead edges
     custom = edges(L.FACE_OVAL_NO_FOREHEAD)
     assert len(custom) == 26 and custom <= edges(L.FACE_OVAL)
@@ -158,7 +161,9 @@ def test_mediapipe_finds_toy_faces():
     with L.FaceLandmarker() as lm:
         for i in range(8):
             ident = toy.sample_identity(rng)
-            pose = toy.HeadPose(yaw=rng.uniform(-25, 25), pitch=rng.uniform(-12, 12), roll=rng.uniform(-12, 12))
+            pose = toy.HeadPose(
+                yaw=rng.uniform(-25, 25), pitch=rng.uniform(-12, 12), roll=rng.uniform(-12, 12)
+            )
             img, truth = toy.render(ident, pose, toy.Expression(mouth_open=rng.uniform(0, 1)), size=256)
             errors.append(np.linalg.norm(lm.detect(img, f"toy render {i}").pixels - truth, axis=1).mean())
     assert max(errors) < 4.0

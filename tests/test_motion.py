@@ -21,7 +21,6 @@ C, HEADS, GROUPS, MAX_LEN = 16, 4, 4, 32
 B, F, H, W = 2, 5, 3, 4
 
 
-
 def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
     """Every parameter random (proj_out included, so the module does something); buffers (pe) kept."""
     g = torch.Generator().manual_seed(seed)
@@ -83,7 +82,7 @@ def slow_motion_module(m: MotionModule, x: torch.Tensor, num_frames: int) -> tor
         ]
     )
     s = linear(seq, tt.proj_in)
-    for attn, ln in zip(block.attention_blocks, block.norms):
+    for attn, ln in zip(block.attention_blocks, block.norms, strict=True):
         n = layer_norm(s, ln) + pe  # PE after the LayerNorm; the residual stream s has none
         q, k, v = linear(n, attn.to_q), linear(n, attn.to_k), linear(n, attn.to_v)
         d = c // HEADS

@@ -1,18 +1,20 @@
-import torch
 import pytest
+import torch
+from keylists import CHECKPOINT_KEYS, read_key_list
 from torch.nn import functional as F
 
 from anim_lab.configs import SD15, TINY
 from anim_lab.inspect import build, count_parameters
 from anim_lab.pose_guider import PoseGuider
-from keylists import CHECKPOINT_KEYS, read_key_list
 
 
 def test_keys_and_shapes_equal_the_official_checkpoint():
     official = read_key_list(CHECKPOINT_KEYS / "aa" / "pose_guider.txt")
     ours = {k: tuple(v.shape) for k, v in build(SD15, "pose_guider").state_dict().items()}
     assert ours == official
-    assert count_parameters(build(SD15, "pose_guider")) == sum(torch.Size(s).numel() for s in official.values())
+    assert count_parameters(build(SD15, "pose_guider")) == sum(
+        torch.Size(s).numel() for s in official.values()
+    )
 
 
 def test_zero_init_and_shapes():

@@ -6,16 +6,26 @@ import pytest
 from anim_lab import landmarks as L
 from anim_lab import toy
 
-# The colour of each part as AniPortrait's draw_util.py writes it into the array (see reference §2.3), written out
-# here independently of anim_lab.landmarks.POSE_PARTS: {first two points of the path: colour}.
+# The colour of each part as AniPortrait's draw_util.py writes it into the array (see reference §2.3), written
+# out here independently of anim_lab.landmarks.POSE_PARTS: {first two points of the path: colour}.
 SPEC = {
     (251, 389): (10, 200, 10),  # face oval without the forehead
-    (263, 466): (180, 200, 10), (263, 249): (180, 200, 10),  # left eye
-    (300, 293): (180, 220, 10), (276, 283): (180, 220, 10),  # left eyebrow
-    (33, 246): (10, 200, 180), (33, 7): (10, 200, 180),  # right eye
-    (70, 63): (10, 220, 180), (46, 53): (10, 220, 180),  # right eyebrow
-    (61, 146): (10, 180, 20), (17, 314): (20, 10, 180), (78, 95): (100, 100, 30), (14, 317): (100, 150, 50),
-    (61, 185): (20, 80, 100), (0, 267): (80, 100, 20), (78, 191): (120, 100, 200), (13, 312): (150, 120, 100),
+    (263, 466): (180, 200, 10),
+    (263, 249): (180, 200, 10),  # left eye
+    (300, 293): (180, 220, 10),
+    (276, 283): (180, 220, 10),  # left eyebrow
+    (33, 246): (10, 200, 180),
+    (33, 7): (10, 200, 180),  # right eye
+    (70, 63): (10, 220, 180),
+    (46, 53): (10, 220, 180),  # right eyebrow
+    (61, 146): (10, 180, 20),
+    (17, 314): (20, 10, 180),
+    (78, 95): (100, 100, 30),
+    (14, 317): (100, 150, 50),
+    (61, 185): (20, 80, 100),
+    (0, 267): (80, 100, 20),
+    (78, 191): (120, 100, 200),
+    (13, 312): (150, 120, 100),
 }
 
 
@@ -52,7 +62,7 @@ def test_lines_land_on_the_landmarks_in_the_part_colour(toy_landmarks, size):
     for i, allowed in colours_at.items():
         x, y = np.round(lmk[i]).astype(int)
         # the pixel under a landmark (or one next to it, where a crossing part painted over) has a part colour
-        patch = {tuple(c) for c in img[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3)}
+        patch = {tuple(c) for c in img[y - 1 : y + 2, x - 1 : x + 2].reshape(-1, 3)}
         assert tuple(img[y, x]) in allowed or patch & allowed, i
     # only the specified colours and black appear (no anti-aliasing by default)
     used = {tuple(c) for c in img.reshape(-1, 3)}
@@ -70,7 +80,7 @@ def test_drawn_pixels_lie_on_the_segments(toy_landmarks):
         dist = np.full(len(pts), np.inf)
         for _, path, c in L.POSE_PARTS:
             if c == colour:
-                for a, b in zip(path[:-1], path[1:]):
+                for a, b in zip(path[:-1], path[1:], strict=True):
                     dist = np.minimum(dist, _segment_distance(pts, toy_landmarks[a], toy_landmarks[b]))
         assert len(pts) > 0 and dist.max() <= half, colour
 
@@ -79,7 +89,7 @@ def test_what_is_not_drawn(toy_landmarks):
     img = L.draw_pose_image(toy_landmarks, 512)
     for a, b in ((109, 10), (10, 338)):  # the forehead part of the oval
         x, y = np.round(0.5 * (toy_landmarks[a] + toy_landmarks[b])).astype(int)
-        assert img[y - 1:y + 2, x - 1:x + 2].max() == 0
+        assert img[y - 1 : y + 2, x - 1 : x + 2].max() == 0
     for centre in (L.RIGHT_IRIS_CENTER, L.LEFT_IRIS_CENTER):  # irises
         x, y = np.round(toy_landmarks[centre]).astype(int)
         assert img[y, x].max() == 0
@@ -92,7 +102,9 @@ def test_thickness_scales_with_size_and_inputs(toy_landmarks):
     assert 2.0 < thick / thin < 4.0  # cv2 draws thickness 2 about 3 px wide, thickness 1 one px wide
     # normalized input gives the same image; any output size (not square)
     norm = (toy_landmarks + 0.5) / 512
-    np.testing.assert_array_equal(L.draw_pose_image(norm, 512, normalized=True), L.draw_pose_image(toy_landmarks, 512))
+    np.testing.assert_array_equal(
+        L.draw_pose_image(norm, 512, normalized=True), L.draw_pose_image(toy_landmarks, 512)
+    )
     assert L.draw_pose_image(norm, 96, 160, normalized=True).shape == (96, 160, 3)
     # 468 points and a z column are accepted
     xyz = np.concatenate([toy_landmarks, np.ones((478, 1))], 1)

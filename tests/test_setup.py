@@ -1,9 +1,9 @@
 """The setup path: the Makefile, environment.yml, constraints.txt and pyproject.toml must agree."""
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -27,8 +27,21 @@ def _makefile_var(name: str) -> str:
 def test_constraints_pin_the_tested_versions():
     pins = _pins()
     assert pins["torch"] == "2.13.0" and pins["mediapipe"] == "0.10.21"
-    for name in ["diffusers", "transformers", "einops", "jupytext", "nbval", "nbclient", "ipykernel", "matplotlib",
-                 "opencv-python-headless", "scikit-image", "numpy", "protobuf", "jupyterlab"]:
+    for name in [
+        "diffusers",
+        "transformers",
+        "einops",
+        "jupytext",
+        "nbval",
+        "nbclient",
+        "ipykernel",
+        "matplotlib",
+        "opencv-python-headless",
+        "scikit-image",
+        "numpy",
+        "protobuf",
+        "jupyterlab",
+    ]:
         assert name in pins, f"constraints.txt does not pin {name}"
 
 
@@ -40,7 +53,9 @@ def test_pyproject_ranges_admit_the_pinned_versions():
     for req in reqs:
         name = req.name.lower().replace("_", "-")
         assert name in pins, f"{name} has a range in pyproject.toml but no tested pin in constraints.txt"
-        assert req.specifier.contains(Version(pins[name]), prereleases=True), f"{req} excludes the pinned {pins[name]}"
+        assert req.specifier.contains(Version(pins[name]), prereleases=True), (
+            f"{req} excludes the pinned {pins[name]}"
+        )
         assert "==" not in str(req.specifier), f"pyproject.toml keeps ranges, not pins: {req}"
 
 
@@ -51,7 +66,8 @@ def test_environment_yml_installs_the_same_set_as_the_makefile():
     assert pip_lines == ["-c constraints.txt", "-e .[faces,test]"]
     # The Makefile installs the same package+extras with the same constraints ...
     assert '$(PIP) install -q -c constraints.txt -e ".[faces,test]"' in make
-    # ... and mediapipe apart, with --no-deps, at the pinned version, which environment.yml tells conda users to run.
+    # ... and mediapipe apart, with --no-deps, at the pinned version, which environment.yml tells conda users
+    # to run.
     mediapipe = _makefile_var("MEDIAPIPE")
     assert mediapipe == f"mediapipe=={_pins()['mediapipe']}"
     assert f"pip install --no-deps {mediapipe}" in env
@@ -69,6 +85,8 @@ def test_ci_runs_the_readme_test_command():
 
 def test_jupyterlab_stays_out_of_the_test_path():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    everything_tested = meta["dependencies"] + meta["optional-dependencies"]["test"] + meta["optional-dependencies"]["faces"]
+    everything_tested = (
+        meta["dependencies"] + meta["optional-dependencies"]["test"] + meta["optional-dependencies"]["faces"]
+    )
     assert not any(r.startswith("jupyterlab") for r in everything_tested)
     assert any(r.startswith("jupyterlab") for r in meta["optional-dependencies"]["lab"])

@@ -1,13 +1,13 @@
-"""anim_lab.tiling against diffusers' tiled encode/decode of AutoencoderKLHunyuanVideo on the same weights and tile
-settings, the blend formula written out, and the working memory it promises."""
+"""anim_lab.tiling against diffusers' tiled encode/decode of AutoencoderKLHunyuanVideo on the same weights and
+tile settings, the blend formula written out, and the working memory it promises."""
 
 import pytest
 import torch
 
 from anim_lab.tiling import PeakMemory, TileSettings, blend, tiled_decode
 
-# tiles of 32 px (4 latents) every 24 px, windows of 8 frames (2 latents) every 4: small enough for a tiny video to
-# need several tiles in both space and time
+# tiles of 32 px (4 latents) every 24 px, windows of 8 frames (2 latents) every 4: small enough for a tiny
+# video to need several tiles in both space and time
 TILES = TileSettings(32, 32, 24, 24, 8, 4)
 
 
@@ -45,7 +45,9 @@ def test_one_tile_is_the_untiled_pass(pair):
     _, ours = pair
     z = torch.randn(1, 4, 2, 3, 3, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert torch.equal(ours.decode(z, tiling=TILES), ours.decode(z))  # 24 px < one 32 px tile, 5 frames < 8
+        assert torch.equal(
+            ours.decode(z, tiling=TILES), ours.decode(z)
+        )  # 24 px < one 32 px tile, 5 frames < 8
 
 
 def test_blend_is_a_linear_ramp():
@@ -67,7 +69,9 @@ def test_no_blend_cuts_hard_at_the_stride(pair):
         left, right = ours.decode(z[..., :4]), ours.decode(z[..., 3:])
     assert torch.equal(video[..., :24], left[..., :24])
     assert torch.equal(video[..., 24:48], right[..., :24])
-    assert (video[..., 24:32] - left[..., 24:32]).abs().max() > 1e-3  # the overlap columns of the left tile are dropped
+    assert (
+        video[..., 24:32] - left[..., 24:32]
+    ).abs().max() > 1e-3  # the overlap columns of the left tile are dropped
 
 
 def test_temporal_tiling_keeps_working_memory_flat(pair):
@@ -108,8 +112,12 @@ def test_peak_memory_counts_live_tensors():
 )
 def test_bad_tile_settings_raise(pair, kwargs, match):
     _, ours = pair
-    small = {"tile_sample_min_height": 32, "tile_sample_min_width": 32, "tile_sample_stride_height": 24,
-             "tile_sample_stride_width": 24}
+    small = {
+        "tile_sample_min_height": 32,
+        "tile_sample_min_width": 32,
+        "tile_sample_stride_height": 24,
+        "tile_sample_stride_width": 24,
+    }
     tiles = TileSettings(**{**small, **kwargs})
     with pytest.raises(ValueError, match=match):
         ours.decode(torch.zeros(1, 4, 2, 2, 2), tiling=tiles)

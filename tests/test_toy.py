@@ -9,8 +9,9 @@ from anim_lab import toy
 from anim_lab.toy import renderer as R
 from anim_lab.toy.template import load_template
 
-IDENT = toy.Identity(skin="light", hair="black", eyes="blue", lips="red", background="green", shirt="navy",
-                     hairstyle="long")
+IDENT = toy.Identity(
+    skin="light", hair="black", eyes="blue", lips="red", background="green", shirt="navy", hairstyle="long"
+)
 
 
 def _px(img, point):
@@ -22,7 +23,8 @@ def _close(rgb, ref, tol=60.0):
     return np.linalg.norm(np.asarray(rgb, float) - np.asarray(ref, float)) < tol
 
 
-# --- template --------------------------------------------------------------------------------------------------
+# --- template -----------------------------------------------------------------------------------------------
+
 
 def test_template_is_symmetric_upright_and_closed():
     v, tri = load_template()
@@ -41,7 +43,8 @@ def test_template_is_symmetric_upright_and_closed():
     assert (np.cross(e1, e2)[:, 2] > 0).all()
 
 
-# --- renderer ----------------------------------------------------------------------------------------------------
+# --- renderer -----------------------------------------------------------------------------------------------
+
 
 def test_render_is_deterministic_for_a_seed():
     ident = toy.sample_identity(np.random.default_rng(5))
@@ -55,11 +58,14 @@ def test_render_is_deterministic_for_a_seed():
     np.testing.assert_array_equal(la, lb)
     assert not np.array_equal(a, c)  # the seed drives texture and grain
     # grain and texture are off by default: then the seed changes nothing
-    np.testing.assert_array_equal(toy.render(ident, pose, expr, 64, seed=1)[0], toy.render(ident, pose, expr, 64, seed=2)[0])
+    np.testing.assert_array_equal(
+        toy.render(ident, pose, expr, 64, seed=1)[0], toy.render(ident, pose, expr, 64, seed=2)[0]
+    )
 
 
 def test_landmarks_are_the_projected_template():
-    """Frontal, neutral: landmarks = frame centre + template (x, -y) × pixels per unit (an independent formula)."""
+    """Frontal, neutral: landmarks = frame centre + template (x, -y) × pixels per unit
+    (an independent formula)."""
     size = 128
     ident = toy.Identity(face_width=1.1, face_height=0.95)
     _, lmk = toy.render(ident, size=size)
@@ -106,7 +112,8 @@ def test_landmarks_lie_on_the_drawn_features():
         assert _px(img, 0.5 * (lmk[upper] + lmk[lower])).max() < 90
     nose = _px(img, lmk[L.NOSE_TIP])
     assert _close(nose / nose.max(), skin / skin.max(), 0.15)  # the nose tip has the skin's hue
-    # the face oval lies on the boundary between face and background-ish: inside is skin-like, far outside is not
+    # the face oval lies on the boundary between face and background-ish: inside is skin-like, far outside is
+    # not
     chin_in = _px(img, lmk[L.CHIN] + np.array([0, -4]))
     assert _close(chin_in / chin_in.max(), skin / skin.max(), 0.2)
 
@@ -118,7 +125,8 @@ def test_expressions_move_the_right_points():
     _, smiling = toy.render(IDENT, expression=toy.Expression(smile=1.0), size=128)
     eyes = list(L.GROUPS["right_eye"] + L.GROUPS["left_eye"])
     lips = list(L.GROUPS["lips"])
-    # mouth open: the inner lips part (from touching), the lower lip and chin drop, the upper lip and eyes stay
+    # mouth open: the inner lips part (from touching), the lower lip and chin drop, the upper lip and eyes
+    # stay
     assert np.linalg.norm(neutral[13] - neutral[14]) < 0.01
     assert opened[14, 1] - opened[13, 1] > 5.0
     assert opened[L.CHIN, 1] - neutral[L.CHIN, 1] > 5.0
@@ -153,7 +161,8 @@ def test_render_rejects_bad_input():
         toy.render({"skin": "light"})
 
 
-# --- clips -------------------------------------------------------------------------------------------------------
+# --- clips --------------------------------------------------------------------------------------------------
+
 
 def test_clip_is_smooth_deterministic_and_any_length():
     clip = toy.make_clip(IDENT, num_frames=20, size=64, seed=11, fps=25)
@@ -186,7 +195,8 @@ def test_clip_motion_talks_blinks_and_sways():
     assert np.ptp(yaw) > 3.0 and np.abs(yaw).max() <= toy.clips.LIMITS["yaw"]
 
 
-# --- dataset -----------------------------------------------------------------------------------------------------
+# --- dataset ------------------------------------------------------------------------------------------------
+
 
 def test_identity_splits_are_fixed_and_disjoint():
     train, test = toy.identity_split("train"), toy.identity_split("test")

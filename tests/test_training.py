@@ -1,5 +1,5 @@
-"""The toy training scripts learn (a few steps each: the loss falls) and the committed toy models meet their quality
-targets on held-out identities."""
+"""The toy training scripts learn (a few steps each: the loss falls) and the committed toy models meet their
+quality targets on held-out identities."""
 
 import importlib.util
 import json
@@ -75,11 +75,22 @@ def test_vae_script_learns(stills, tmp_path):
 
 
 def test_clip_script_loss_falls(stills, tmp_path):
-    """Ten steps on a fixed set of 24 images (12 identities x 2 views; only the sampled captions change from step to
-    step): the training objective falls. The saved folders load, and the image encoder is the CLIP's image tower."""
+    """Ten steps on a fixed set of 24 images (12 identities x 2 views; only the sampled captions change from
+    step to step): the training objective falls. The saved folders load, and the image encoder is the CLIP's
+    image tower."""
     T = _load("train_toy_clip")
-    log = T.train(out=tmp_path / "clip", encoder_out=tmp_path / "enc", minutes=10, max_steps=10,
-                  batch_identities=12, warmup_steps=3, lr=1e-3, eval_every_s=None, progress=False, data=stills)
+    log = T.train(
+        out=tmp_path / "clip",
+        encoder_out=tmp_path / "enc",
+        minutes=10,
+        max_steps=10,
+        batch_identities=12,
+        warmup_steps=3,
+        lr=1e-3,
+        eval_every_s=None,
+        progress=False,
+        data=stills,
+    )
     total = [d["clip"] + 0.25 * d["identity"] + 0.5 * d["aux"] for d in log["losses"]]  # the script's weights
     assert len(total) == 10
     assert np.mean(total[-3:]) < np.mean(total[:3]) - 0.3, total
@@ -99,7 +110,7 @@ def test_caption_consistency_matrix():
     assert T.consistent(values, mask).tolist() == expected.tolist()
 
 
-# --- the committed models, on held-out identities (the full numbers: scripts/eval_toy_models.py) -----------------
+# --- the committed models, on held-out identities (the full numbers: scripts/eval_toy_models.py) ------------
 def test_committed_toy_vae_reaches_28_db(E):
     result = E.evaluate_vae(n=16, seed=5)
     assert result["psnr_mean"] >= 28.0, result
@@ -113,4 +124,5 @@ def test_committed_toy_clip_zero_shot_and_retrieval(E):
     assert zs["mouth"] >= 0.85, result  # small, but seen once the crop zooms in (resize 160, crop 96)
     assert result["retrieval_top1_clip"] >= 0.90, result
     assert result["retrieval_top1_clip"] > result["retrieval_top1_pixels"] + 0.2, result
-    # Not asserted: eye colour (at chance; an iris is 2-3 pixels) — see scripts/eval_toy_models.py and chapter 03.
+    # Not asserted: eye colour (at chance; an iris is 2-3 pixels) — see scripts/eval_toy_models.py and chapter
+    # 03.

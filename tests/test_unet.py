@@ -14,7 +14,6 @@ B, F, S = 2, 3, 16  # 2 videos of 3 frames, 16x16 latents (TINY: 16 -> 8 -> 4 ->
 D = TINY.unet["cross_attention_dim"]
 
 
-
 def shapes(model) -> dict:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 

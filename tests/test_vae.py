@@ -1,4 +1,5 @@
-"""anim_lab.vae: encode/decode conventions, chunked video helpers, the scaling factor, the latent preview, loading."""
+"""anim_lab.vae: encode/decode conventions, chunked video helpers, the scaling factor, the latent preview,
+loading."""
 
 import json
 
@@ -7,7 +8,8 @@ import torch
 from diffusers import AutoencoderKL
 from einops import rearrange
 
-from anim_lab import configs, vae as V
+from anim_lab import configs
+from anim_lab import vae as V
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,12 @@ from anim_lab import video as V
 def _frames(n=6, h=48, w=64):
     """Smooth moving gradients (H.264 keeps them within a few grey levels)."""
     y, x = np.mgrid[0:h, 0:w]
-    return np.stack([np.stack([(x * 3 + 10 * i) % 256, (y * 4) % 256, np.full_like(x, 40 * i % 256)], -1)
-                     for i in range(n)]).astype(np.uint8)
+    return np.stack(
+        [
+            np.stack([(x * 3 + 10 * i) % 256, (y * 4) % 256, np.full_like(x, 40 * i % 256)], -1)
+            for i in range(n)
+        ]
+    ).astype(np.uint8)
 
 
 def _tone(path, seconds=2.0, rate=16000):
@@ -43,7 +47,7 @@ def test_mp4_round_trip(tmp_path):
 def test_gif_round_trip(tmp_path):
     frames = np.zeros((4, 32, 40, 3), np.uint8)
     for i in range(4):
-        frames[i, :, 10 * i:10 * i + 10] = (255, 0, 0)
+        frames[i, :, 10 * i : 10 * i + 10] = (255, 0, 0)
     V.write_gif(tmp_path / "a.gif", frames, fps=25)
     back, fps = V.read_video(tmp_path / "a.gif")
     np.testing.assert_array_equal(back, frames)
@@ -80,14 +84,17 @@ def test_bad_files_and_frames_give_clear_errors_and_no_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.mp4"]
 
 
-# --- Video2Pose --------------------------------------------------------------------------------------------------
+# --- Video2Pose ---------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def face_video(tmp_path_factory):
     """A 12-frame 25-fps clip made from the astronaut (shifting crop), with a 440 Hz tone."""
     d = tmp_path_factory.mktemp("v2p")
     img = skimage.data.astronaut()
-    frames = np.stack([img[30 + i:286 + i, 100 + 2 * i:356 + 2 * i] for i in range(12)])  # (12, 256, 256, 3)
+    frames = np.stack(
+        [img[30 + i : 286 + i, 100 + 2 * i : 356 + 2 * i] for i in range(12)]
+    )  # (12, 256, 256, 3)
     V.write_video(d / "face.mp4", frames, fps=25, audio_from=_tone(d / "tone.wav"), quality=9)
     return d, frames
 
@@ -98,9 +105,12 @@ def test_video_to_pose_keeps_frames_fps_and_audio(face_video):
     assert lmk.shape == (12, 478, 2)
     poses, fps = V.read_video(d / "face_pose.mp4")
     assert poses.shape == (12, 256, 256, 3) and fps == 25 and V.has_audio(d / "face_pose.mp4")
-    # the face moves left as the crop window moves right (2 px per frame), in the landmarks and in the pose video
+    # the face moves left as the crop window moves right (2 px per frame), in the landmarks and in the pose
+    # video
     assert -2.5 < np.median(lmk[-1, :, 0] - lmk[0, :, 0]) / 11 < -1.5
-    oval = [(p[..., 1] > 90) & (p[..., 0] < 80) & (p[..., 2] < 80) for p in poses]  # green lines (mp4 is lossy)
+    oval = [
+        (p[..., 1] > 90) & (p[..., 0] < 80) & (p[..., 2] < 80) for p in poses
+    ]  # green lines (mp4 is lossy)
     assert min(m.sum() for m in oval) > 50
     cols = [np.nonzero(m)[1].mean() for m in oval]
     assert -3.0 < (cols[-1] - cols[0]) / 11 < -1.0
@@ -130,7 +140,9 @@ def test_video_to_pose_errors_leave_no_output(face_video, tmp_path):
     with pytest.raises(ValueError, match="frame 2 is 256x128 but frame 0 is 256x256"):
         L.video_to_pose(mixed, tmp_path / "out.mp4", fps=25, progress=False)
     with pytest.raises(L.NoFaceError, match="frame 1"):
-        L.video_to_pose([frames[0], empty[0]], tmp_path / "out.gif", fps=25, on_missing="error", progress=False)
+        L.video_to_pose(
+            [frames[0], empty[0]], tmp_path / "out.gif", fps=25, on_missing="error", progress=False
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.mp4"]
 
 
@@ -142,11 +154,9 @@ def test_video_writer_streams_and_aborts(tmp_path):
     reader = V.VideoReader(tmp_path / "s.mp4")
     assert (reader.fps, reader.height, reader.width, len(reader)) == (5, 48, 64, 5)
     assert np.stack(list(reader)).shape == (5, 48, 64, 3)
-    with pytest.raises(RuntimeError, match="boom"):
-        with V.VideoWriter(tmp_path / "t.mp4", fps=5) as w:
-            w.write(frames[0])
-            raise RuntimeError("boom")
-    with pytest.raises(ValueError, match="no frames"):
-        with V.VideoWriter(tmp_path / "u.gif", fps=5):
-            pass
+    with pytest.raises(RuntimeError, match="boom"), V.VideoWriter(tmp_path / "t.mp4", fps=5) as w:
+        w.write(frames[0])
+        raise RuntimeError("boom")
+    with pytest.raises(ValueError, match="no frames"), V.VideoWriter(tmp_path / "u.gif", fps=5):
+        pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.mp4"]

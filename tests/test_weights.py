@@ -25,7 +25,6 @@ from anim_lab.weights import (
 )
 
 
-
 def meta_state_dict(key_list: dict) -> dict:
     """A checkpoint with the official names and shapes and no data (meta tensors)."""
     return {k: torch.empty(s, device="meta") for k, s in key_list.items()}
@@ -170,9 +169,8 @@ def test_wrong_files_for_the_sd15_unet_are_named(sd15_models):
         denoiser.load_2d_weights(
             meta_state_dict(read_key_list(CHECKPOINT_KEYS / "aa" / "reference_unet.txt"))
         )
-    with pytest.raises(KeyMismatchError, match="other shapes"):
-        with torch.device("meta"):
-            VideoUNet(TINY.unet, MOTION_TINY).load_2d_weights(unet2d.state_dict())  # SD15 weights, TINY model
+    with pytest.raises(KeyMismatchError, match="other shapes"), torch.device("meta"):
+        VideoUNet(TINY.unet, MOTION_TINY).load_2d_weights(unet2d.state_dict())  # SD15 weights, TINY model
     with pytest.raises(KeyMismatchError, match="unexpected keys.*pose"):
         reference.load_weights(
             {**unet2d.state_dict(), "pose_guider.conv_in.weight": torch.empty(1, device="meta")}

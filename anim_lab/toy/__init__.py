@@ -1,4 +1,5 @@
-"""The toy portrait world: faces rendered from the mediapipe face-mesh topology, with ground truth for everything.
+"""The toy portrait world: faces rendered from the mediapipe face-mesh topology, with ground truth for
+everything.
 
     from anim_lab import toy
     ident = toy.sample_identity(np.random.default_rng(0))
@@ -24,7 +25,19 @@ from anim_lab.toy.renderer import (
 )
 
 __all__ = [
-    "ATTRIBUTES", "Clip", "Expression", "HeadPose", "Identity", "ToyPortraitDataset", "identity_from_seed",
-    "identity_split", "images_to_tensor", "make_clip", "poses_to_tensor", "render", "rotation_matrix",
-    "sample_identity", "sample_motion",
+    "ATTRIBUTES",
+    "Clip",
+    "Expression",
+    "HeadPose",
+    "Identity",
+    "ToyPortraitDataset",
+    "identity_from_seed",
+    "identity_split",
+    "images_to_tensor",
+    "make_clip",
+    "poses_to_tensor",
+    "render",
+    "rotation_matrix",
+    "sample_identity",
+    "sample_motion",
 ]

@@ -1,9 +1,9 @@
 """Torch datasets over the toy world: reference image + target clip + pose images + landmarks + parameters.
 
 Identities are integers (seeds of :func:`anim_lab.toy.identity_from_seed`) in two fixed, disjoint ranges:
-``identity_split("train")`` (10,000 identities) and ``identity_split("test")`` (500 unseen identities). Item ``i``
-of a dataset is a pure function of ``(split, seed, i)`` and the sizes, so every epoch, worker and machine sees the
-same data.
+``identity_split("train")`` (10,000 identities) and ``identity_split("test")`` (500 unseen identities). Item
+``i`` of a dataset is a pure function of ``(split, seed, i)`` and the sizes, so every epoch, worker and
+machine sees the same data.
 
 An item is a dict of tensors, in the project's layout (images in [-1, 1], pose images in [0, 1]):
 
@@ -34,7 +34,8 @@ _SPLITS = {"train": range(0, 10_000), "test": range(1_000_000, 1_000_500)}
 
 
 def identity_split(split: str) -> range:
-    """The fixed identity seeds of a split: ``"train"`` (10,000) or ``"test"`` (500); the two never overlap."""
+    """The fixed identity seeds of a split: ``"train"`` (10,000) or ``"test"`` (500); the two never
+    overlap."""
     if split not in _SPLITS:
         raise ValueError(f'split must be "train" or "test", got {split!r}')
     return _SPLITS[split]
@@ -65,8 +66,18 @@ class ToyPortraitDataset(Dataset):
         texture, grain: passed to :func:`anim_lab.toy.render` (both off by default).
     """
 
-    def __init__(self, split: str = "train", size: int = 128, num_frames: int = 16, length: int = 1000,
-                 seed: int = 0, *, fps: float = 25.0, texture: bool = False, grain: float = 0.0):
+    def __init__(
+        self,
+        split: str = "train",
+        size: int = 128,
+        num_frames: int = 16,
+        length: int = 1000,
+        seed: int = 0,
+        *,
+        fps: float = 25.0,
+        texture: bool = False,
+        grain: float = 0.0,
+    ):
         self.identities = identity_split(split)
         if int(length) != length or length < 1:
             raise ValueError(f"length must be a positive integer, got {length}")

@@ -1,18 +1,19 @@
 """The toy world's 3D face: a template from one real mediapipe detection, its triangles, and expression bases.
 
-The template (``anim_lab/assets/face_template/face_template.npz``, made by ``scripts/make_face_template.py`` from
-``skimage.data.astronaut()``) holds
+The template (``anim_lab/assets/face_template/face_template.npz``, made by ``scripts/make_face_template.py``
+from ``skimage.data.astronaut()``) holds
 
-- ``vertices``: ``(478, 3)`` float32, the 478 face-mesh points of a frontal, symmetric, closed-mouth face. Units:
-  forehead (point 10) to chin (point 152) = 2. Axes: x to the image's right, **y up**, **z toward the camera**;
-  origin between the eyes' mid-height and the chin, on the midline (x = 0).
-- ``triangles``: ``(T, 3)`` int32, the face-mesh triangles (3-cliques of mediapipe's tessellation edges) with the
-  eye and mouth openings left open, wound so that every normal points toward the camera (+z) in the template.
+- ``vertices``: ``(478, 3)`` float32, the 478 face-mesh points of a frontal, symmetric, closed-mouth face.
+  Units: forehead (point 10) to chin (point 152) = 2. Axes: x to the image's right, **y up**,
+  **z toward the camera**; origin between the eyes' mid-height and the chin, on the midline (x = 0).
+- ``triangles``: ``(T, 3)`` int32, the face-mesh triangles (3-cliques of mediapipe's tessellation edges) with
+  the eye and mouth openings left open, wound so that every normal points toward the camera (+z) in the
+  template.
 
 Expressions move the template with fixed per-vertex bases computed here:
 
-- mouth open: a jaw weight (1 on the lower lip and chin, fading to 0 above the mouth and toward the ears) times a
-  downward shift;
+- mouth open: a jaw weight (1 on the lower lip and chin, fading to 0 above the mouth and toward the ears)
+  times a downward shift;
 - smile: two Gaussian bumps at the mouth corners, up and outward;
 - blink: the upper lid contours slide onto the lower lids (the lid ring above follows half way).
 """
@@ -34,7 +35,8 @@ def load_template() -> tuple[np.ndarray, np.ndarray]:
     """``(vertices (478, 3) float32, triangles (T, 3) int32)``; read-only arrays."""
     if not TEMPLATE_PATH.exists():
         raise FileNotFoundError(
-            f"face template {TEMPLATE_PATH} is missing; recreate it with `python scripts/make_face_template.py`"
+            f"face template {TEMPLATE_PATH} is missing; "
+            f"recreate it with `python scripts/make_face_template.py`"
         )
     with np.load(TEMPLATE_PATH) as data:
         vertices = data["vertices"].astype(np.float32)
@@ -52,15 +54,17 @@ def _smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
 def jaw_weights(vertices: np.ndarray) -> np.ndarray:
     """``(N,)`` in [0, 1]: how much each point follows the jaw when the mouth opens.
 
-    1 on the lower lip and below the mouth, fading out over 0.15 units above the mouth line and toward the sides of
-    the face (the jaw hinges near the ears); 0 on the upper lip. The inner lips of a closed mouth coincide, so the
-    lip contours are assigned explicitly rather than by height.
+    1 on the lower lip and below the mouth, fading out over 0.15 units above the mouth line and toward the
+    sides of the face (the jaw hinges near the ears); 0 on the upper lip. The inner lips of a closed mouth
+    coincide, so the lip contours are assigned explicitly rather than by height.
     """
     v = np.asarray(vertices, np.float64)
     mouth_y = v[list(L.LIPS_INNER_UPPER), 1].mean()
     half_width = np.abs(v[list(L.FACE_OVAL[:-1]), 0]).max()
     below = _smoothstep(mouth_y + 0.05, mouth_y - 0.10, v[:, 1])  # 0 above the mouth -> 1 below it
-    sideways = 1.0 - _smoothstep(0.55 * half_width, 1.0 * half_width, np.abs(v[:, 0]))  # 1 in the middle -> 0 at ears
+    sideways = 1.0 - _smoothstep(
+        0.55 * half_width, 1.0 * half_width, np.abs(v[:, 0])
+    )  # 1 in the middle -> 0 at ears
     w = below * (0.25 + 0.75 * sideways)
     upper = list(L.LIPS_OUTER_UPPER[1:-1] + L.LIPS_INNER_UPPER[1:-1])
     lower = list(L.LIPS_OUTER_LOWER[1:-1] + L.LIPS_INNER_LOWER[1:-1])
@@ -73,13 +77,16 @@ def jaw_weights(vertices: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=1)
 def expression_bases() -> dict[str, np.ndarray]:
-    """Per-vertex displacements ``(478, 3)`` float32 for mouth_open = 1 and smile = 1 (blink is a lid snap)."""
+    """Per-vertex displacements ``(478, 3)`` float32 for mouth_open = 1 and smile = 1
+    (blink is a lid snap)."""
     v, _ = load_template()
     jaw = np.zeros_like(v)
-    jaw[:, 1] = -0.28 * jaw_weights(v)  # (478,) -> downward shift, 0.28 units (14% of the face height) at full open
+    jaw[:, 1] = -0.28 * jaw_weights(
+        v
+    )  # (478,) -> downward shift, 0.28 units (14% of the face height) at full open
     jaw[:, 2] = -0.06 * jaw_weights(v)  # the chin also swings back a little
     # the iris points hang off the eyes: never moved by the jaw
-    jaw[L.NUM_MESH_POINTS:] = 0.0
+    jaw[L.NUM_MESH_POINTS :] = 0.0
 
     smile = np.zeros_like(v)
     for corner in (L.LIPS_OUTER_UPPER[0], L.LIPS_OUTER_UPPER[-1]):
@@ -88,7 +95,7 @@ def expression_bases() -> dict[str, np.ndarray]:
         bump = np.exp(-d2 / (2 * 0.16**2))  # (478,) Gaussian around the corner
         smile[:, 0] += np.sign(c[0]) * 0.07 * bump  # outward
         smile[:, 1] += 0.09 * bump  # up
-    smile[L.NUM_MESH_POINTS:] = 0.0
+    smile[L.NUM_MESH_POINTS :] = 0.0
     return {"mouth_open": jaw.astype(np.float32), "smile": smile.astype(np.float32)}
 
 
@@ -100,10 +107,12 @@ _LID_RINGS = {
 
 
 def apply_blink(vertices: np.ndarray, blink: float) -> np.ndarray:
-    """Close the eyes by ``blink`` in [0, 1]: each upper-lid point moves toward the lower lid (1 = fully closed).
+    """Close the eyes by ``blink`` in [0, 1]: each upper-lid point moves toward the lower lid
+    (1 = fully closed).
 
-    The upper lid point k goes to the lower-lid contour at the same fraction of the eye's length; the ring above
-    the lid follows by half the same displacement so the skin stretches instead of tearing. Returns a new array.
+    The upper lid point k goes to the lower-lid contour at the same fraction of the eye's length; the ring
+    above the lid follows by half the same displacement so the skin stretches instead of tearing. Returns a
+    new array.
     """
     out = np.array(vertices, np.float32, copy=True)
     if blink <= 0:
