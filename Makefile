@@ -29,7 +29,7 @@ chapters: $(STAMP)
 # Re-execute one chapter and write its .ipynb from the .py (CPU only):  make notebook CH=ch00_map
 # (no --update: with it, jupytext keeps the OLD outputs when it writes the executed notebook)
 notebook: $(STAMP)
-	cd chapters && ../$(VENV)/bin/jupytext --to ipynb --set-kernel python3 --execute $(CH).py
+	cd chapters && ANIM_LAB_SAVE_FIGURES=1 ../$(VENV)/bin/jupytext --to ipynb --set-kernel python3 --execute $(CH).py
 
 lab: $(STAMP)
 	$(PIP) install -q -c constraints.txt -e ".[lab]"

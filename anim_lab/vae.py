@@ -34,6 +34,8 @@ __all__ = [
     "build_vae",
     "load_vae",
     "load_toy_vae",
+    "images_from_uint8",
+    "images_to_uint8",
     "check_images",
     "check_video",
     "encode_latent_dist",
@@ -78,6 +80,27 @@ def load_toy_vae() -> AutoencoderKL:
     """The tiny VAE trained on the toy portrait world (``scripts/train_toy_vae.py``), shipped with the
     package."""
     return load_vae(TOY_VAE_DIR)
+
+
+# --- pixel ranges -------------------------------------------------------------------------------------------
+def images_from_uint8(images) -> torch.Tensor:
+    """uint8 pictures (..., H, W, 3) (numpy or torch) -> float32 model input (..., 3, H, W) in [-1, 1].
+
+    The one place the [0, 255] -> [-1, 1] map is written: x / 127.5 - 1."""
+    x = torch.as_tensor(images)
+    if x.dtype != torch.uint8 or x.ndim < 3 or x.shape[-1] != 3:
+        raise ValueError(
+            f"images_from_uint8 takes uint8 pictures (..., H, W, 3), got {x.dtype} {tuple(x.shape)}; "
+            "float images are already model input (check their range with check_images)"
+        )
+    x = rearrange(x, "... h w c -> ... c h w")  # (..., H, W, 3) -> (..., 3, H, W)
+    return x.float() / 127.5 - 1.0
+
+
+def images_to_uint8(images: torch.Tensor):
+    """Model output (..., 3, H, W) in [-1, 1] -> uint8 numpy pictures (..., H, W, 3), clamped and rounded."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return rearrange(x, "... c h w -> ... h w c").cpu().numpy()  # (..., 3, H, W) -> (..., H, W, 3)
 
 
 # --- input checks -------------------------------------------------------------------------------------------

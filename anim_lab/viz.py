@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,10 @@ FIGURES = Path(__file__).resolve().parents[1] / "figures"
 
 
 def save(fig, name: str) -> Path | None:
-    """Save ``fig`` as figures/<name>.png when the repo's figures/ folder exists (a source checkout); else
-    skip."""
-    if not FIGURES.is_dir():
+    """Write ``figures/<name>.png`` only when asked (``ANIM_LAB_SAVE_FIGURES=1``, set by ``make notebook``
+    and ``make figures``) in a source checkout; otherwise do nothing, so that nbval runs and Lab sessions only
+    display and leave the repository clean (the PNGs differ by a grey level or two from run to run)."""
+    if os.environ.get("ANIM_LAB_SAVE_FIGURES") != "1" or not FIGURES.is_dir():
         return None
     path = FIGURES / f"{name}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})

@@ -3,6 +3,7 @@ loading."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -153,3 +154,15 @@ def test_sd15_vae_on_meta():
     video = V.decode_video(vae, torch.empty(1, 4, 3, 64, 64, device="meta"), chunk_size=2)
     assert video.shape == (1, 3, 3, 512, 512)
     assert vae.config.scaling_factor == 0.18215
+
+
+def test_uint8_helpers_round_trip_and_match_the_formula():
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 256, size=(2, 5, 4, 3), dtype=np.uint8)  # (N, H, W, 3)
+    x = V.images_from_uint8(u8)  # (N, 3, H, W)
+    expected = torch.from_numpy(u8.astype(np.float32)).movedim(-1, 1) / 127.5 - 1  # written out independently
+    assert x.shape == (2, 3, 5, 4) and x.dtype == torch.float32
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
+    np.testing.assert_array_equal(V.images_to_uint8(x), u8)
+    with pytest.raises(ValueError, match="uint8 pictures"):
+        V.images_from_uint8(u8.astype(np.float32))
