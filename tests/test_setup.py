@@ -45,6 +45,15 @@ def test_constraints_pin_the_tested_versions():
         "numpy",
         "protobuf",
         "jupyterlab",
+        # the Lab tree, not just JupyterLab itself
+        "jupyter-server",
+        "jupyterlab-server",
+        "jupyter-lsp",
+        "notebook-shim",
+        "tornado",
+        "ipywidgets",
+        "widgetsnbextension",
+        "jupyterlab-widgets",
     ]:
         assert name in pins, f"constraints.txt does not pin {name}"
 
@@ -190,3 +199,10 @@ def test_ci_fails_on_a_dirty_tree_and_names_the_change(tmp_path):
     _fake_bin(tmp_path, "make", "echo 2 > figures/a.png")  # a test run that rewrites a tracked figure
     dirty = subprocess.run(["bash", ".ci/run"], cwd=repo, capture_output=True, text=True, env=env)
     assert dirty.returncode == 1 and "figures/a.png" in dirty.stderr, dirty.stderr
+
+
+def test_ipywidgets_where_chapters_run():
+    """tqdm.auto warns on stderr in a kernel without ipywidgets: nbval (the [test] env) and Lab both have it."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra in ("test", "lab"):
+        assert any(Requirement(r).name == "ipywidgets" for r in extras[extra]), extra
