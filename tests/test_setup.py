@@ -202,7 +202,7 @@ def test_ci_fails_on_a_dirty_tree_and_names_the_change(tmp_path):
 
 
 def test_ipywidgets_where_chapters_run():
-    """tqdm.auto warns on stderr in a kernel without ipywidgets: nbval (the [test] env) and Lab both have it."""
+    """tqdm.auto warns on stderr in a kernel without ipywidgets: nbval ([test]) and Lab both have it."""
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for extra in ("test", "lab"):
         assert any(Requirement(r).name == "ipywidgets" for r in extras[extra]), extra
