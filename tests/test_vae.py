@@ -11,6 +11,7 @@ from einops import rearrange
 
 from anim_lab import configs
 from anim_lab import vae as V
+from anim_lab.causal_vae import CausalVAE
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +212,11 @@ def test_nan_and_inf_are_caught_at_every_entry_point(tiny_vae):
 def test_float64_images_are_cast(tiny_vae):
     x = _images()
     torch.testing.assert_close(V.encode(tiny_vae, x.double()), V.encode(tiny_vae, x), rtol=0, atol=0)
+
+
+def test_loading_prints_nothing(capfd):
+    """No progress bar or log line from loading (a notebook would keep it as a red stderr box)."""
+    V.load_toy_vae()
+    CausalVAE.from_pretrained()
+    captured = capfd.readouterr()
+    assert (captured.out, captured.err) == ("", "")
