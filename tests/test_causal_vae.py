@@ -8,6 +8,7 @@ import torch
 from diffusers import AutoencoderKLHunyuanVideo
 from torch.nn import functional as F
 
+from anim_lab import toy
 from anim_lab.causal_vae import (
     CAUSAL_VAE_HUNYUAN,
     CAUSAL_VAE_TINY,
@@ -183,8 +184,6 @@ def test_from_pretrained_errors(tmp_path):
 
 def test_committed_toy_weights_reconstruct_unseen_identities():
     """The committed toy VAE (anim_lab/assets/toy_causal_vae) reconstructs a clip of an unseen identity."""
-    from anim_lab import toy
-
     vae = CausalVAE.from_pretrained(TOY_ASSET_DIR)
     assert vae.scaling_factor != 1.0  # measured by the training script
     ident = toy.identity_from_seed(toy.identity_split("test")[-1])

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import skimage.color
 import skimage.data
+from mediapipe.python.solutions import face_mesh_connections as FMC
 
 from anim_lab import landmarks as L
 from anim_lab import toy
@@ -139,19 +140,17 @@ def test_mediapipe_without_face_mesh_gives_an_install_hint(monkeypatch):
 
 
 def test_topology_matches_mediapipe():
-    from mediapipe.python.solutions import face_mesh_connections as C
-
     edges = L.path_edges
     norm = lambda s: {tuple(sorted(e)) for e in s}  # noqa: E731
-    assert edges(L.FACE_OVAL) == norm(C.FACEMESH_FACE_OVAL)
-    assert edges(L.RIGHT_EYE_UPPER) | edges(L.RIGHT_EYE_LOWER) == norm(C.FACEMESH_RIGHT_EYE)
-    assert edges(L.LEFT_EYE_UPPER) | edges(L.LEFT_EYE_LOWER) == norm(C.FACEMESH_LEFT_EYE)
-    assert edges(L.RIGHT_EYEBROW_UPPER) | edges(L.RIGHT_EYEBROW_LOWER) == norm(C.FACEMESH_RIGHT_EYEBROW)
-    assert edges(L.LEFT_EYEBROW_UPPER) | edges(L.LEFT_EYEBROW_LOWER) == norm(C.FACEMESH_LEFT_EYEBROW)
+    assert edges(L.FACE_OVAL) == norm(FMC.FACEMESH_FACE_OVAL)
+    assert edges(L.RIGHT_EYE_UPPER) | edges(L.RIGHT_EYE_LOWER) == norm(FMC.FACEMESH_RIGHT_EYE)
+    assert edges(L.LEFT_EYE_UPPER) | edges(L.LEFT_EYE_LOWER) == norm(FMC.FACEMESH_LEFT_EYE)
+    assert edges(L.RIGHT_EYEBROW_UPPER) | edges(L.RIGHT_EYEBROW_LOWER) == norm(FMC.FACEMESH_RIGHT_EYEBROW)
+    assert edges(L.LEFT_EYEBROW_UPPER) | edges(L.LEFT_EYEBROW_LOWER) == norm(FMC.FACEMESH_LEFT_EYEBROW)
     lips = [L.LIPS_OUTER_UPPER, L.LIPS_OUTER_LOWER, L.LIPS_INNER_UPPER, L.LIPS_INNER_LOWER]
-    assert set().union(*map(edges, lips)) == norm(C.FACEMESH_LIPS)
-    assert edges(L.RIGHT_IRIS) == norm(C.FACEMESH_RIGHT_IRIS) and edges(L.LEFT_IRIS) == norm(
-        C.FACEMESH_LEFT_IRIS
+    assert set().union(*map(edges, lips)) == norm(FMC.FACEMESH_LIPS)
+    assert edges(L.RIGHT_IRIS) == norm(FMC.FACEMESH_RIGHT_IRIS) and edges(L.LEFT_IRIS) == norm(
+        FMC.FACEMESH_LEFT_IRIS
     )
     # AniPortrait's oval: the full oval minus the 10 forehead edges
     custom = edges(L.FACE_OVAL_NO_FOREHEAD)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from anim_lab import clip as C
+from anim_lab import toy
 from anim_lab import vae as V
 from anim_lab.causal_vae import CAUSAL_VAE_TINY, CausalVAE
 
@@ -41,8 +42,6 @@ def test_render_stills_labels_and_splits(E, stills):
     assert stills["identity"].tolist() == [i // 2 for i in range(24)]  # views of one identity adjacent
     lab = stills["labels"][0]
     assert set(lab) == set(C.toy_caption_attributes())
-    from anim_lab import toy
-
     test_ids = set(toy.identity_split("test"))
     assert not test_ids & set(E.identity_seeds("train", 200, seed=0))
     assert set(E.identity_seeds("test", 20, seed=0)) <= test_ids
