@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 from einops import rearrange
 
-__all__ = ["context_windows", "window_counter", "batch_windows", "predict_in_windows"]
+__all__ = ["context_windows", "window_counter", "batch_windows", "gather_windows", "predict_in_windows"]
 
 
 def context_windows(
@@ -86,6 +86,19 @@ def batch_windows(windows: list[list[int]], context_batch_size: int = 1) -> list
     return [windows[i : i + context_batch_size] for i in range(0, len(windows), context_batch_size)]
 
 
+def gather_windows(video: torch.Tensor, batch: list[list[int]]) -> torch.Tensor:
+    """The frames of n windows as a batch of n short videos: (B, C, F, H, W) -> (n*B, C, f, H, W), in
+    window-major order ``(n b)``. What :func:`predict_in_windows` hands its callable; use it on anything else
+    per frame (pose features) to get the same layout."""
+    if video.ndim != 5:
+        raise ValueError(f"expected a video (B, C, F, H, W), got shape {tuple(video.shape)}")
+    if len({len(w) for w in batch}) != 1:
+        raise ValueError(f"windows batched together must have one length, got {[len(w) for w in batch]}")
+    index = torch.tensor(batch, device=video.device).flatten()  # (n*f,) the frame of each window position
+    # (B, C, n*f, H, W) -> (n*B, C, f, H, W): each window becomes B rows of an f-frame video
+    return rearrange(video[:, :, index], "b c (n f) h w -> (n b) c f h w", n=len(batch))
+
+
 def predict_in_windows(
     predict: Callable[[torch.Tensor, list[list[int]]], torch.Tensor],
     latents: torch.Tensor,
@@ -97,10 +110,11 @@ def predict_in_windows(
     """Run ``predict`` over the windows in batches and average each frame's predictions.
 
     ``latents`` (B, C, F, H, W). For each batch of n windows of f frames, ``predict(x, batch)`` gets
-    ``x`` = the latents of those windows, (n*B, C, f, H, W) in window-major order ``(n b)``, and the windows
-    themselves (to slice pose features the same way). It returns the prediction for those rows: (n*B, C, f,
-    H, W) without CFG; with CFG (G = 2) the CFG batch (2*n*B, C, f, H, W) laid out ``(g n b)`` -- every
-    window's unconditional rows first, then every window's conditional rows, as the reference's
+    ``x`` = the latents of those windows, (n*B, C, f, H, W) in window-major order ``(n b)``
+    (:func:`gather_windows`), and the windows themselves (``gather_windows(pose_features, batch)`` slices
+    per-frame conditions the same way). It returns the prediction for those rows: (n*B, C, f, H, W) without
+    CFG; with CFG (G = 2) the CFG batch (2*n*B, C, f, H, W) laid out ``(g n b)`` -- every window's
+    unconditional rows first, then every window's conditional rows, as the reference's
     ``torch.cat(windows).repeat(2)``.
 
     Returns the per-frame mean, (G*B, C, F, H, W) (uncond rows first under CFG; combine them with
@@ -113,12 +127,8 @@ def predict_in_windows(
     groups = 2 if do_classifier_free_guidance else 1
     noise_pred = latents.new_zeros(groups * B, C, F, H, W)
     for batch in batch_windows(windows, context_batch_size):
-        if len({len(w) for w in batch}) != 1:
-            raise ValueError(f"windows batched together must have one length, got {[len(w) for w in batch]}")
+        x = gather_windows(latents, batch)  # (B, C, F, H, W) -> (n*B, C, f, H, W)
         n, f = len(batch), len(batch[0])
-        index = torch.tensor(batch, device=latents.device).flatten()  # (n*f,) frame of each window position
-        # (B, C, n*f, H, W) -> (n*B, C, f, H, W): each window becomes B rows of an f-frame video
-        x = rearrange(latents[:, :, index], "b c (n f) h w -> (n b) c f h w", n=n)
         pred = predict(x, batch)
         expected = (groups * n * B, C, f, H, W)
         if tuple(pred.shape) != expected:
@@ -128,6 +138,7 @@ def predict_in_windows(
             )
         # (G*n*B, C, f, H, W) -> (G*B, C, n*f, H, W): window i's rows go back to window i's frames
         pred = rearrange(pred.to(noise_pred.dtype), "(g n b) c f h w -> (g b) c (n f) h w", g=groups, n=n)
+        index = torch.tensor(batch, device=latents.device).flatten()  # (n*f,) the frame of each position
         noise_pred.index_add_(2, index, pred)  # sums the frames several windows share
     if faithful and not do_classifier_free_guidance:
         return noise_pred  # the reference: summed, never divided, without CFG

@@ -8,7 +8,13 @@ import pytest
 import torch
 from einops import rearrange
 
-from anim_lab.context import batch_windows, context_windows, predict_in_windows, window_counter
+from anim_lab.context import (
+    batch_windows,
+    context_windows,
+    gather_windows,
+    predict_in_windows,
+    window_counter,
+)
 from anim_lab.guidance import cfg_batch
 from anim_lab.motion import MotionModule
 
@@ -205,11 +211,24 @@ def test_predict_sees_each_windows_latents_window_major():
         return x
 
     out = predict_in_windows(predict, latents, windows, context_batch_size=2)
+    torch.testing.assert_close(
+        seen[0], gather_windows(latents, windows[:2])
+    )  # the same layout for conditions
     torch.testing.assert_close(out, latents)  # identity per window averages back to the latents
     first = seen[0]  # windows 0 and 1: rows (window 0, b 0), (window 0, b 1), (window 1, b 0), ...
     torch.testing.assert_close(first[0], latents[0, :, windows[0]])
     torch.testing.assert_close(first[1], latents[1, :, windows[0]])
     torch.testing.assert_close(first[2], latents[0, :, windows[1]])
+
+
+def test_gather_windows_slices_each_window_per_video():
+    pose = torch.randn(2, 5, 40, 3, 3)  # per-frame conditions (B, C, F, H, W)
+    batch = context_windows(40, 16, 4)[1:3]  # windows 1 and 2 (the second wraps around)
+    gathered = gather_windows(pose, batch)
+    assert gathered.shape == (4, 5, 16, 3, 3)
+    for i, w in enumerate(batch):
+        for b in range(2):
+            torch.testing.assert_close(gathered[i * 2 + b], torch.stack([pose[b, :, f] for f in w], dim=1))
 
 
 def test_one_window_equals_the_whole_video(motion):
@@ -251,6 +270,8 @@ def test_bad_windows():
         window_counter([[0, 1, 2, 4]], 4)
     with pytest.raises(ValueError, match="non-empty"):
         window_counter([], 4)
+    with pytest.raises(ValueError, match=r"expected a video \(B, C, F, H, W\)"):
+        gather_windows(torch.randn(2, 5, 3, 3), [[0, 1]])
     with pytest.raises(ValueError, match="one length"):
         predict_in_windows(
             lambda x, b: x, torch.randn(1, 2, 4, 2, 2), [[0, 1, 2], [3, 0]], context_batch_size=2
