@@ -265,9 +265,9 @@ print("error vs truth, mean px — perspective 63°:", round(float(err(persp_out
 
 # %% [markdown]
 # On this world the perspective camera adds error: it bends a face that was measured without perspective
-# (nose magnified, ears shrunk). On a real video the truth is some perspective camera at an unknown distance;
-# a face filling a portrait is typically 50-100 cm away, so the bending is smaller than at 63° and the
-# orthographic camera is the consistent choice for a fit made in image space.
+# (the nose magnified, the ears shrunk). On a real video the true camera is unknown, but the face-mesh points
+# already contain whatever perspective the video has; the orthographic camera puts the retargeted points back
+# the way they were measured, while a 63° camera adds its own bending on top.
 #
 # ## 5. Retargeting on the toy world, against the truth
 
@@ -315,12 +315,13 @@ plt.show()
 # %% [markdown]
 # With the reference standing where B starts, retargeting roughly halves the error of drawing B's points
 # (`scripts/eval_retarget.py`, 12 pairs: 0.87 px against 1.65 px, a ratio of 0.53 — just short of the 0.5
-# target); with the reference elsewhere, the naive points are off by the whole offset and retargeting is 10×
-# better. What is left: B's neutral frame still smiles (the measure ignores the smile, so B's resting smile is
-# never transferred), and the pivot is a fixed point in canonical units while the true one scales with the
-# face's proportions. From mediapipe detections instead of exact points the errors are larger (4.4 px), and
-# in the same framing *worse* than naive (2.3 px): the fitted yaw is 0.78 × the true one, and that error
-# enters twice (once when the reference is canonicalised, once when the driving rotation is applied).
+# target); with the reference elsewhere, the naive points are off by the whole offset and retargeting is
+# more than 10× better. What is left: B's neutral frame still smiles (the measure ignores the smile, so B's
+# resting smile is never transferred), and the pivot is a fixed point in canonical units while the true one
+# scales with the face's proportions. From mediapipe detections instead of exact points the errors are
+# larger (4.4 px), and in the same framing *worse* than naive (2.3 px): the fitted yaw is 0.78 × the true
+# one, and that error enters twice (once when the reference is canonicalised, once when the driving rotation
+# is applied).
 #
 # ## 6. A real face driven by a toy clip
 #
