@@ -76,7 +76,7 @@ def template_landmarks() -> np.ndarray:
     return load_template()[0].astype(np.float64)
 
 
-def _check_points(points, what: str, min_columns: int = 3) -> np.ndarray:
+def _check_points(points, what: str) -> np.ndarray:
     arr = np.asarray(points, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[1] != 3 or arr.shape[0] < L.NUM_MESH_POINTS:
         raise ValueError(

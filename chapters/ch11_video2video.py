@@ -95,17 +95,26 @@ print("naive error on the face oval, mean px:", round(float(naive_error[:, L.GRO
 
 # %%
 frame = 12
-truth_img = case.target_frames()[frame]
+
+
+def draw_paths(ax, points, color, label):
+    """The pose image's 17 paths as lines (y down), one legend entry."""
+    for k, (_, path, _) in enumerate(L.POSE_PARTS):
+        ax.plot(*points[list(path)].T, color=color, lw=1.2, label=label if k == 0 else None)
+
+
 fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
 axes[0].imshow(case.reference_image())
 axes[0].set_title("reference A")
 axes[1].imshow(case.driving_frames()[frame])
 axes[1].set_title(f"driver B, frame {frame}")
-axes[2].imshow(truth_img)
-axes[2].plot(*target[frame].T, ",", color="lime")
-axes[2].plot(*naive[frame].T, ",", color="red")
-axes[2].set_title("truth: A in B's pose (green: true points, red: B's)")
-for ax in axes:
+draw_paths(axes[2], target[frame], "green", "truth: A in B's pose and expression")
+draw_paths(axes[2], naive[frame], "red", "naive: B's landmarks")
+axes[2].invert_yaxis()
+axes[2].set_aspect("equal")
+axes[2].legend(loc="lower center", fontsize=8)
+axes[2].set_title("pose-image lines")
+for ax in axes[:2]:
     ax.axis("off")
 viz.save(fig, "ch11_raw_landmarks")
 plt.show()
@@ -316,12 +325,14 @@ plt.show()
 # With the reference standing where B starts, retargeting roughly halves the error of drawing B's points
 # (`scripts/eval_retarget.py`, 12 pairs: 0.87 px against 1.65 px, a ratio of 0.53 — just short of the 0.5
 # target); with the reference elsewhere, the naive points are off by the whole offset and retargeting is
-# more than 10× better. What is left: B's neutral frame still smiles (the measure ignores the smile, so B's
-# resting smile is never transferred), and the pivot is a fixed point in canonical units while the true one
-# scales with the face's proportions. From mediapipe detections instead of exact points the errors are
-# larger (4.4 px), and in the same framing *worse* than naive (2.3 px): the fitted yaw is 0.78 × the true
-# one, and that error enters twice (once when the reference is canonicalised, once when the driving rotation
-# is applied).
+# more than 10× better. What is left, measured by removing one cause at a time (same script): the two faces'
+# different proportions (0.87 → 0.69 px with both at the template's), B's resting smile, which the neutral
+# measure ignores (→ 0.71 px with no smiles), and the pivot, a fixed point in canonical units while the true
+# one scales with the face (→ 0.78 px with the reference turned like B's first frame).
+#
+# From mediapipe detections instead of exact points the errors are larger (4.4 px), and in the same framing
+# *worse* than naive (2.3 px): the fitted yaw is 0.78 × the true one, and that error enters twice (once when
+# the reference is canonicalised, once when the driving rotation is applied).
 #
 # ## 6. A real face driven by a toy clip
 #

@@ -19,6 +19,7 @@ Deterministic (fixed seeds). Run:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -87,6 +88,24 @@ def mean_px(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(a, np.float64) - b, axis=-1).mean())
 
 
+def budget_variants(case: R.ToyCase) -> dict[str, R.ToyCase]:
+    """The case with one cause of retargeting error removed: both faces with the template's proportions;
+    no smile anywhere (the neutral measure ignores smiles, so the driver's resting smile is never removed);
+    the reference turned like the driver's first frame (so the pivot's offset cancels)."""
+    plain = lambda identity: dataclasses.replace(identity, face_width=1.0, face_height=1.0)  # noqa: E731
+    first = case.poses[0]
+    turned = dataclasses.replace(case.reference_pose, yaw=first.yaw, pitch=first.pitch, roll=first.roll)
+    return {
+        "template_proportions": dataclasses.replace(
+            case, reference=plain(case.reference), driver=plain(case.driver)
+        ),
+        "no_smile": dataclasses.replace(
+            case, expressions=[dataclasses.replace(e, smile=0.0) for e in case.expressions]
+        ),
+        "reference_turned_like_first_frame": dataclasses.replace(case, reference_pose=turned),
+    }
+
+
 def retarget_errors(pairs: int, frames: int, size: int, seed: int, framing: str, mediapipe: bool) -> dict:
     identities = toy.identity_split("test")
     rows: dict[str, list[float]] = {}
@@ -107,6 +126,12 @@ def retarget_errors(pairs: int, frames: int, size: int, seed: int, framing: str,
             result = R.retarget(ref_xyz, drv_xyz, size, **kwargs)
             rows.setdefault(name, []).append(mean_px(result.landmarks, target))
         rows.setdefault("naive", []).append(mean_px(case.naive_landmarks(), target))
+        # error budget: the same case with one source of error removed at a time
+        for name, variant in budget_variants(case).items():
+            result = R.retarget(variant.reference_xyz(), variant.driving_xyz(), size)
+            rows.setdefault(f"budget_{name}", []).append(
+                mean_px(result.landmarks, variant.target_landmarks())
+            )
         if mediapipe:
             ref_det = R.reference_landmarks(case.reference_image(seed=k))
             drv_det = R.track_landmarks_3d(case.driving_frames(seed=k))
