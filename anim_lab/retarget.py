@@ -25,6 +25,18 @@ similarity in that space: the camera it implies is scaled orthographic, under wh
 itself returns its own landmarks exactly. The toy renderer's camera is orthographic too, so on the toy world
 the orthographic camera is also the true one. ``scripts/eval_retarget.py`` measures both.
 
+Where this differs from AniPortrait's ``vid2vid.py`` (each on purpose; the switches give AniPortrait's
+choice where one exists):
+
+- pose from a similarity fit of the face mesh's image-space points, not mediapipe's face-geometry transform
+  (mediapipe 0.10.21's face mesh has neither it nor blendshapes); hence Euler angles in the toy renderer's
+  ``Rz·Rx·Ry`` order rather than scipy's ``"xyz"``, and an explicit scale (relative to the first frame, like
+  the translation) where AniPortrait's perspective camera gets size changes from the depth translation;
+- neutral frame by mouth opening + eye closure instead of the smallest blendshape sum;
+- orthographic camera by default (``camera="perspective", fov=63`` is AniPortrait's);
+- the translation is transferred at the head's pivot (:data:`HEAD_PIVOT`), not at the face model's origin
+  (``pivot=(0, 0, 0)``: at the template's origin); ``scripts/eval_retarget.py`` measures both.
+
 Coordinates. Detected landmarks come as mediapipe's image-space ``(478, 3)``: pixel x (right), y (down) and
 z (smaller = closer, pixels of the width) — :attr:`anim_lab.landmarks.FaceLandmarks.xyz`. The fit works in
 the *face frame* of the template: ``(x, −y, −z)``, i.e. x right, y up, z toward the camera, in pixels.
