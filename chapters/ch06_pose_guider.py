@@ -30,7 +30,7 @@
 #   leave the UNet unchanged at step 0 for both guiders? What does BatchNorm do differently in train and eval
 #   mode on a batch of pose frames? Does AniPortrait's guider really use the reference landmarks? What does
 #   the [-1, 509] range slip do to the features? What does Hallo's face locator see?
-# - **CPU runtime**: about 20 s
+# - **CPU runtime**: about 40 s
 #
 # No trained weights here: every network has random weights, so the experiments are about structure (shapes,
 # what reaches what, what is zero, what changes), not about good poses. What a *trained* guider learns comes
@@ -38,6 +38,11 @@
 
 # %%
 # NBVAL_IGNORE_OUTPUT
+import warnings
+
+# diffusers imports tqdm.auto, which warns on stderr when ipywidgets is absent; progress bars are unused here
+warnings.filterwarnings("ignore", message="IProgress not found")
+
 import contextlib
 import math
 import os
@@ -470,7 +475,7 @@ for ax, f, name in zip(
     axes[1:], (f_train, f_slip), ("[-1, 1] (training)", "[-1, 509] (inference)"), strict=True
 ):
     im = ax.imshow((f[0][0, :, 3] - f_black[0][0, :, 3]).abs().mean(0), cmap="viridis")
-    ax.set_title(f"|fea[0] - fea[0](black)|, input {name}", fontsize=9)
+    ax.set_title(f"what the lines add to fea[0]\ninput {name}", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
 for ax in axes:
     ax.axis("off")
