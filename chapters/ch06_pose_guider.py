@@ -168,6 +168,8 @@ print("state-dict keys (with BatchNorm buffers):", len(ap.state_dict()), "vs", l
 # - AniPortrait's UNet adds `fea[0]` after `conv_in` and `fea[k]` to the **main path** after down block `k`
 #   (the skips handed to the up path are left as they were). The features therefore have exactly the shapes
 #   of the UNet's feature maps at those points.
+# - The features are **added**, not concatenated: the UNet's channel counts and weights stay those of SD1.5,
+#   and each feature must have exactly the shape of the feature map it joins.
 # - `VideoUNet.forward(pose_cond_fea=...)` takes one tensor (AnimateAnyone, Hallo) or this list (AniPortrait).
 
 # %%
