@@ -22,7 +22,11 @@ face-region box mask of :func:`face_region_mask` instead of a pose image.
     fea[4]  conv_layers_4 (k3)        . cross_attn4                          (B*F, 1280, H/64, W/64)
 
 fea[0] is added after the UNet's ``conv_in`` and fea[k] to the main path after down block k. Only fea[0] is
-zero at initialisation: fea[1..4] come out of convolutions with He-initialised weights and transformers.
+zero at initialisation: fea[1..4] come out of convolutions with He-initialised weights and transformers. As
+their input is fea[0] = 0, at initialisation they are constants, the same for every pose: a fresh guider
+shifts the UNet without telling it anything yet. BatchNorm makes a frame's features depend on the other frames
+of its batch in training mode (and rewrites the running statistics): keep the guider in eval mode when
+fine-tuning around it.
 
 The released ``cross_attnK`` blocks are **not cross-attention**. Each is a ``Transformer2DModel`` (16 heads
 x 88) built without ``cross_attention_dim``: GroupNorm, 1x1 ``proj_in``, self-attention, feed-forward,
