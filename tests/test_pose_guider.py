@@ -598,6 +598,8 @@ def test_a_fresh_multiscale_guider_changes_the_unet_through_its_deeper_levels(un
         assert [tuple(f.shape) for f in fea] == unet.pose_feature_shapes(2, 3, 16, 16)
         assert torch.count_nonzero(fea[0]) == 0
         assert all(f.abs().mean() > 0.01 for f in fea[1:])
+        other = guider(torch.rand_like(pose))  # behind final_proj = 0 they are the same for every pose
+        assert all(torch.equal(a, b) for a, b in zip(fea, other, strict=True))
         plain = unet(sample, t, tokens)
         assert torch.equal(unet(sample, t, tokens, pose_cond_fea=fea[0]), plain)
         assert torch.equal(
