@@ -1,6 +1,9 @@
 # anim_lab: every target creates/updates .venv itself, so a fresh clone needs nothing else.
-#   make test   unit tests + chapter pairing + strict nbval over chapters/*.ipynb
-#   make lab    JupyterLab on chapters/ (installs the [lab] extra)
+#   make test      style (ruff), unit tests, chapter pairing and strict nbval over chapters/*.ipynb
+#   make lab       JupyterLab on chapters/ (adds the [lab] extra once), as root or not:
+#                  make lab LAB_OPTS="--port 8890 --no-browser"
+#   make notebook  re-execute one chapter into its .ipynb:  make notebook CH=ch00_map
+#   make figures   re-execute every chapter, writing figures/ (ANIM_LAB_SAVE_FIGURES=1)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -9,9 +12,15 @@ PIP    := $(PY) -m pip
 # numpy<2 and pull jax/jaxlib, which face mesh never imports, so it goes in with --no-deps; the [faces] extra
 # carries what face mesh really imports.
 MEDIAPIPE := mediapipe==0.10.21
-STAMP  := $(VENV)/.installed
+STAMP     := $(VENV)/.installed
+LAB_STAMP := $(VENV)/.installed-lab
+CHAPTERS  := $(sort $(wildcard chapters/ch[0-9][0-9]_*.py))
+# Options passed to `jupyter lab` (port, --no-browser, --ip=0.0.0.0 in a container, ...).
+LAB_OPTS ?=
+# Jupyter refuses to start as root (how it runs in Docker) unless told --allow-root; only then is it added.
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: test lint unit chapters notebook lab clean-venv
+.PHONY: test lint unit chapters notebook figures lab clean-venv
 test: $(STAMP) lint
 	$(PY) -m pytest -m "not slow and not gpu" tests chapters --nbval --nbval-current-env --nbval-sanitize-with chapters/sanitize.cfg -p no:cacheprovider
 
@@ -26,14 +35,27 @@ unit: $(STAMP)
 chapters: $(STAMP)
 	$(PY) -m pytest chapters --nbval --nbval-current-env --nbval-sanitize-with chapters/sanitize.cfg -p no:cacheprovider
 
-# Re-execute one chapter and write its .ipynb from the .py (CPU only):  make notebook CH=ch00_map
+# Re-execute one chapter and write its .ipynb (and its figures) from the .py (CPU only). This REPLACES the
+# .ipynb: an edit made in Lab and not yet in the .py is lost; bring it over first with
+# `.venv/bin/jupytext --sync chapters/$(CH).ipynb` (the newer file of the pair wins).
 # (no --update: with it, jupytext keeps the OLD outputs when it writes the executed notebook)
 notebook: $(STAMP)
+	@test -n "$(CH)" || { echo "usage: make notebook CH=ch00_map"; exit 2; }
 	cd chapters && ANIM_LAB_SAVE_FIGURES=1 ../$(VENV)/bin/jupytext --to ipynb --set-kernel python3 --execute $(CH).py
 
-lab: $(STAMP)
-	$(PIP) install -q -c constraints.txt -e ".[lab]"
-	$(VENV)/bin/jupyter lab --notebook-dir=chapters
+# Re-execute every chapter, in order, writing its .ipynb and its figures/chNN_*.png (the only target, with
+# `notebook`, that writes figures; tests and Lab only display them).
+figures: $(STAMP)
+	cd chapters && for py in $(notdir $(CHAPTERS)); do \
+		ANIM_LAB_SAVE_FIGURES=1 ../$(VENV)/bin/jupytext --to ipynb --set-kernel python3 --execute $$py || exit 1; \
+	done
+
+lab: $(LAB_STAMP)
+	$(VENV)/bin/jupyter lab --notebook-dir=chapters $(ALLOW_ROOT) $(LAB_OPTS)
+
+$(LAB_STAMP): $(STAMP)
+	$(PIP) install -q -c constraints.txt -e ".[faces,test,lab]"
+	touch $(LAB_STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from anim_lab import clip as C  # noqa: E402
+from anim_lab import toy  # noqa: E402
 from anim_lab import vae as V  # noqa: E402
 from anim_lab.toy import renderer as R  # noqa: E402
 
@@ -38,8 +39,6 @@ EYES_CLOSED, EYES_OPEN = (0.9, 1.0), (0.0, 0.1)
 def identity_seeds(split: str, n: int, seed: int = 0) -> list[int]:
     """``n`` identity seeds of a split of the toy world (``toy.identity_split``), drawn without
     replacement."""
-    from anim_lab import toy
-
     seeds = np.asarray(list(toy.identity_split(split)))
     if n > len(seeds):
         raise ValueError(f"the {split!r} split has {len(seeds)} identities, asked for {n}")
@@ -90,17 +89,12 @@ def render_stills(split: str, n_identities: int, views: int = 1, seed: int = 0, 
     return dict(images=np.stack(images), identity=np.array(ids), labels=labels, landmarks=np.stack(lms))
 
 
-def to_pm1(u8) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
-    return torch.as_tensor(u8).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, H, W, 3) -> (N, 3, H, W)
-
-
 # --- VAE ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_vae(vae=None, n: int = 64, seed: int = 123) -> dict:
     """Mean and min PSNR (dB) of reconstructions (mean latents) of ``n`` full 128-px held-out frames."""
     vae = V.load_toy_vae() if vae is None else vae
-    images = to_pm1(render_stills("test", n, seed=seed)["images"])
+    images = V.images_from_uint8(render_stills("test", n, seed=seed)["images"])
     values = torch.cat(
         [
             V.psnr(V.decode(vae, V.encode(vae, images[i : i + 32])), images[i : i + 32])
@@ -128,7 +122,7 @@ def evaluate_clip(
     if model is None:
         model, tokenizer = C.load_toy_clip()
     data = render_stills("test", n_identities, views=views, seed=seed)
-    images = to_pm1(data["images"])
+    images = V.images_from_uint8(data["images"])
     preprocess = toy_clip_preprocess() if preprocess is None else preprocess
     pixel_values = preprocess(images)  # (N, 3, S, S)
     image_embeds = torch.cat(
@@ -139,7 +133,7 @@ def evaluate_clip(
     )  # (N, D)
     result = {"zero_shot": {}, "n_images": len(images)}
     for attr, values in caption_attributes().items():
-        prompts = [C.toy_phrase(attr, v) for v in values]
+        prompts = [toy.toy_phrase(attr, v) for v in values]
         text = C.encode_text(model, tokenizer, prompts)  # (K, D)
         pred = C.cosine_similarity_matrix(image_embeds, text).argmax(1)  # (N,)
         truth = torch.tensor([values.index(lab[attr]) for lab in data["labels"]])
@@ -153,7 +147,7 @@ def evaluate_clip(
 
 def caption_attributes() -> dict[str, tuple[str, ...]]:
     """The attributes the toy CLIP's captions name, and their values."""
-    return C.toy_caption_attributes()
+    return toy.toy_caption_attributes()
 
 
 def toy_clip_preprocess() -> C.ClipPreprocess:

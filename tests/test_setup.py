@@ -1,8 +1,12 @@
 """The setup path: the Makefile, environment.yml, constraints.txt and pyproject.toml must agree."""
 
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
@@ -41,6 +45,15 @@ def test_constraints_pin_the_tested_versions():
         "numpy",
         "protobuf",
         "jupyterlab",
+        # the Lab tree, not just JupyterLab itself
+        "jupyter-server",
+        "jupyterlab-server",
+        "jupyter-lsp",
+        "notebook-shim",
+        "tornado",
+        "ipywidgets",
+        "widgetsnbextension",
+        "jupyterlab-widgets",
     ]:
         assert name in pins, f"constraints.txt does not pin {name}"
 
@@ -81,6 +94,7 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in commands, "README must show `make test`"
     ci = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^make test$", ci, re.M), ".ci/run must call the README's test command"
+    assert "git status --porcelain" in ci
 
 
 def test_jupyterlab_stays_out_of_the_test_path():
@@ -90,3 +104,105 @@ def test_jupyterlab_stays_out_of_the_test_path():
     )
     assert not any(r.startswith("jupyterlab") for r in everything_tested)
     assert any(r.startswith("jupyterlab") for r in meta["optional-dependencies"]["lab"])
+
+
+# --- make: dry runs in a scratch copy (nothing is installed or started) -------------------------------------
+def _fake_bin(tmp_path: Path, name: str, script: str) -> None:
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    path = tmp_path / "bin" / name
+    path.write_text("#!/bin/sh\n" + script + "\n")
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def scratch(tmp_path):
+    """The Makefile and what its stamps depend on, two chapter stubs, installed stamps newer than both."""
+    for name in ("Makefile", "pyproject.toml", "constraints.txt"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    (tmp_path / "chapters").mkdir()
+    for ch in ("ch00_map.py", "ch01_faces.py"):
+        (tmp_path / "chapters" / ch).write_text("# %%\n")
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    for stamp in (".installed", ".installed-lab"):
+        (tmp_path / ".venv" / stamp).touch()
+    later = os.stat(tmp_path / "Makefile").st_mtime + 10
+    for stamp in (".installed", ".installed-lab"):
+        os.utime(tmp_path / ".venv" / stamp, (later, later))
+    return tmp_path
+
+
+def _make_n(scratch: Path, *args: str, uid: int | None = None) -> list[str]:
+    env = dict(os.environ)
+    if uid is not None:  # `id -u` answers this uid
+        _fake_bin(scratch, "id", f'[ "$1" = "-u" ] && echo {uid} || /usr/bin/id "$@"')
+        env["PATH"] = f"{scratch / 'bin'}:{env['PATH']}"
+    result = subprocess.run(["make", "-n", *args], cwd=scratch, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()
+
+
+needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+
+
+@needs_make
+def test_lab_as_root_adds_allow_root_and_passes_options(scratch):
+    (line,) = _make_n(scratch, "lab", "LAB_OPTS=--port 8890 --no-browser", uid=0)
+    assert line == ".venv/bin/jupyter lab --notebook-dir=chapters --allow-root --port 8890 --no-browser"
+
+
+@needs_make
+def test_lab_as_a_user_has_no_allow_root(scratch):
+    (line,) = _make_n(scratch, "lab", uid=1000)
+    assert line.split() == [".venv/bin/jupyter", "lab", "--notebook-dir=chapters"]
+
+
+@needs_make
+def test_lab_installs_the_lab_extra_once(scratch):
+    """With both stamps fresh, `make lab` only starts Jupyter; without the lab stamp it installs [lab] first;
+    a changed pyproject.toml reinstalls both."""
+    assert len(_make_n(scratch, "lab", uid=1000)) == 1
+    (scratch / ".venv" / ".installed-lab").unlink()
+    lines = _make_n(scratch, "lab", uid=1000)
+    assert any('install -q -c constraints.txt -e ".[faces,test,lab]"' in x for x in lines)
+    assert not any('-e ".[faces,test]"' in x for x in lines)  # the base install is not redone
+    assert lines[-1].startswith(".venv/bin/jupyter lab")
+    newer = os.stat(scratch / ".venv" / ".installed").st_mtime + 10
+    os.utime(scratch / "pyproject.toml", (newer, newer))
+    lines = _make_n(scratch, "lab", uid=1000)
+    assert any('-e ".[faces,test]"' in x for x in lines) and any("[faces,test,lab]" in x for x in lines)
+
+
+@needs_make
+def test_figures_reexecutes_every_chapter_with_the_switch(scratch):
+    loop = " ".join(_make_n(scratch, "figures"))
+    assert "ANIM_LAB_SAVE_FIGURES=1" in loop and "--execute $py" in loop
+    assert "for py in ch00_map.py ch01_faces.py" in loop
+    (note,) = _make_n(scratch, "notebook", "CH=ch00_map")[-1:]
+    assert "ANIM_LAB_SAVE_FIGURES=1" in note and note.endswith("--execute ch00_map.py")
+
+
+def test_ci_fails_on_a_dirty_tree_and_names_the_change(tmp_path):
+    """.ci/run in a scratch git repository, with `make` replaced: clean after the tests -> 0; a file written
+    by the tests -> 1, and the file is named."""
+    repo = tmp_path / "repo"
+    (repo / ".ci").mkdir(parents=True)
+    shutil.copy(ROOT / ".ci" / "run", repo / ".ci" / "run")
+    (repo / "figures").mkdir()
+    (repo / "figures" / "a.png").write_bytes(b"1")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "x"]):
+        subprocess.run([*git, *cmd], cwd=repo, check=True, capture_output=True)
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    _fake_bin(tmp_path, "make", "exit 0")
+    ok = subprocess.run(["bash", ".ci/run"], cwd=repo, capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    _fake_bin(tmp_path, "make", "echo 2 > figures/a.png")  # a test run that rewrites a tracked figure
+    dirty = subprocess.run(["bash", ".ci/run"], cwd=repo, capture_output=True, text=True, env=env)
+    assert dirty.returncode == 1 and "figures/a.png" in dirty.stderr, dirty.stderr
+
+
+def test_ipywidgets_where_chapters_run():
+    """tqdm.auto warns on stderr in a kernel without ipywidgets: nbval ([test]) and Lab both have it."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra in ("test", "lab"):
+        assert any(Requirement(r).name == "ipywidgets" for r in extras[extra]), extra
