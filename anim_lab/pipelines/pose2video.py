@@ -349,6 +349,13 @@ class Pose2VideoPipeline(DiffusionPipeline):
     def dtype(self) -> torch.dtype:
         return _dtype_of(self.denoising_unet)
 
+    def to(self, *args, **kwargs) -> Pose2VideoPipeline:
+        """``pipe.to("cuda")``, ``pipe.to(torch.float16)``, ``pipe.to("cuda", torch.float16)``: all models."""
+        for module in self.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.to(*args, **kwargs)
+        return self
+
     # --- inputs -------------------------------------------------------------------------------------
     @staticmethod
     def _as_pil(image, what: str) -> PIL.Image.Image:
@@ -383,9 +390,9 @@ class Pose2VideoPipeline(DiffusionPipeline):
         """CLIP tokens (1, 1, D) of the reference squashed to the encoder's square size, and the reference
         latents (1, 4, h, w) = VAE mean x scaling factor."""
         size = self.image_encoder.config.image_size
-        clip_input = self.image_processor.preprocess(
-            ref_image, height=size, width=size
-        )  # (1, 3, S, S) [-1, 1]
+        # squashed to the encoder's square (PIL's default bicubic, as the reference), then CLIP-normalised
+        clip_input = self.image_processor.pil_to_numpy(ref_image.resize((size, size)))  # (1, S, S, 3) [0, 1]
+        clip_input = rearrange(torch.from_numpy(clip_input), "b h w c -> b c h w") * 2 - 1  # -> [-1, 1]
         pixel_values = ClipPreprocess(size=size, crop_size=size)(clip_input).to(device, dtype)
         clip_tokens = self.image_encoder(pixel_values=pixel_values).image_embeds[
             :, None
