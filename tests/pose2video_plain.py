@@ -25,6 +25,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange, repeat
 from transformers import CLIPImageProcessor
 
+from anim_lab.pose_guider import PoseGuiderMultiScale
+
 try:  # transformers >= 5 names the PIL implementation apart
     from transformers import CLIPImageProcessorPil
 except ImportError:  # pragma: no cover
@@ -132,6 +134,7 @@ def plain_pose2video(
     context_frames=24,
     context_overlap=4,
     faithful=False,
+    ref_pose_image=None,
 ):
     """The reference loop on ``pipe``'s components; returns the video (1, 3, F, H, W) in [0, 1]."""
     vae, image_encoder = pipe.vae, pipe.image_encoder
@@ -173,7 +176,12 @@ def plain_pose2video(
             cond_processor.preprocess(p, height=height, width=width).unsqueeze(2) for p in pose_images
         ]
         pose_cond_tensor = torch.cat(pose_list, dim=2).to(dtype)  # (1, 3, F, H, W)
-        pose_fea = pose_guider(pose_cond_tensor)
+        ref_pose_tensor = None
+        if ref_pose_image is not None:
+            ref_pose_tensor = cond_processor.preprocess(ref_pose_image, height=height, width=width).to(dtype)
+        multi_scale = isinstance(pose_fea_module := pose_guider, PoseGuiderMultiScale)
+        if not multi_scale:
+            pose_fea = pose_guider(pose_cond_tensor)  # AnimateAnyone: once, before the loop
 
         context_queue = list(
             uniform(0, num_inference_steps, video_length, context_frames, 1, context_overlap, True)
@@ -192,7 +200,11 @@ def plain_pose2video(
                 latent_model_input = latents[:, :, context].repeat(2 if do_cfg else 1, 1, 1, 1, 1)
                 latent_model_input = scheduler.scale_model_input(latent_model_input, t)
                 b = latent_model_input.shape[0]
-                latent_pose_input = pose_fea[:, :, context].repeat(2 if do_cfg else 1, 1, 1, 1, 1)
+                if multi_scale:  # AniPortrait: the guider runs per window, at every step
+                    pose_window = pose_cond_tensor[:, :, context].repeat(2 if do_cfg else 1, 1, 1, 1, 1)
+                    latent_pose_input = pose_fea_module(pose_window, ref_pose_tensor)
+                else:
+                    latent_pose_input = pose_fea[:, :, context].repeat(2 if do_cfg else 1, 1, 1, 1, 1)
                 pred = denoising_unet(
                     latent_model_input,
                     t,

@@ -6,14 +6,14 @@ import PIL.Image
 import pytest
 import torch
 from einops import rearrange
-from pose2video_plain import plain_pose2video, uniform
+from pose2video_plain import plain_pose2video
 
 from anim_lab.clip import build_image_encoder
-from anim_lab.configs import TINY
+from anim_lab.configs import POSE_GUIDER_MULTISCALE_TINY, TINY
+from anim_lab.guidance import build_scheduler
 from anim_lab.motion import MOTION_TINY
 from anim_lab.pipelines import Pose2VideoPipeline, Pose2VideoPipelineOutput, save_video
-from anim_lab.pipelines.pose2video import ReferenceAttention, context_windows, official_scheduler
-from anim_lab.pose_guider import PoseGuider
+from anim_lab.pose_guider import PoseGuider, PoseGuiderMultiScale
 from anim_lab.unet import ReferenceUNet, VideoUNet
 from anim_lab.vae import build_vae
 from anim_lab.video import read_video
@@ -31,15 +31,18 @@ def randomize_zeros(module: torch.nn.Module, std: float = 0.05) -> torch.nn.Modu
     return module
 
 
-def tiny_pipeline(seed: int = 0) -> Pose2VideoPipeline:
+def tiny_pipeline(seed: int = 0, multi_scale: bool = False) -> Pose2VideoPipeline:
     torch.manual_seed(seed)
+    guider = (
+        PoseGuiderMultiScale(**POSE_GUIDER_MULTISCALE_TINY) if multi_scale else PoseGuider(**TINY.pose_guider)
+    )
     pipe = Pose2VideoPipeline(
         vae=build_vae(TINY.vae),
         image_encoder=build_image_encoder(TINY.image_encoder),
         reference_unet=ReferenceUNet(TINY.unet),
         denoising_unet=VideoUNet(TINY.unet, MOTION_TINY),
-        pose_guider=PoseGuider(**TINY.pose_guider),
-        scheduler=official_scheduler(),
+        pose_guider=guider,
+        scheduler=build_scheduler(),
     )
     for name in ("vae", "image_encoder", "reference_unet", "denoising_unet", "pose_guider"):
         randomize_zeros(getattr(pipe, name)).eval()
@@ -61,33 +64,24 @@ def pipe():
     return tiny_pipeline()
 
 
+@pytest.fixture(scope="module")
+def pipe_multi_scale():
+    """AniPortrait's variant: the multi-scale guider (BatchNorm statistics made nonzero and not 0/1)."""
+    pipe = tiny_pipeline(multi_scale=True)
+    with torch.no_grad():
+        for name, buf in pipe.pose_guider.named_buffers():
+            if name.endswith("running_mean"):
+                buf.normal_(0, 0.1)
+            elif name.endswith("running_var"):
+                buf.uniform_(0.5, 1.5)
+    return pipe
+
+
 def test_all_weights_nonzero(pipe):
     for name, module in pipe.components.items():
         if isinstance(module, torch.nn.Module):
             for key, p in module.named_parameters():
                 assert p.count_nonzero() > 0, f"{name}.{key} is all zeros"
-
-
-# --- context windows ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "num_frames, size, overlap, expected",
-    [
-        (25, 24, 4, [(0, 23), (20, 18)]),
-        (48, 24, 4, [(0, 23), (20, 43), (40, 15)]),
-        (64, 24, 4, [(0, 23), (20, 43), (40, 63), (60, 19)]),
-        (64, 16, 4, [(0, 15), (12, 27), (24, 39), (36, 51), (48, 63), (60, 11)]),
-        (10, 24, 4, [(0, 9)]),
-    ],
-)
-def test_context_windows_match_the_reference_schedule(num_frames, size, overlap, expected):
-    ours = context_windows(num_frames, size, overlap)
-    assert ours == list(uniform(0, 25, num_frames, size, 1, overlap, True))
-    assert [(w[0], w[-1]) for w in ours] == expected
-
-
-def test_context_windows_bad_overlap():
-    with pytest.raises(ValueError, match="context_overlap < context_frames"):
-        context_windows(30, 8, 8)
 
 
 # --- the same computation as the reference ------------------------------------------------------------------
@@ -105,9 +99,23 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_pipeline_equals_the_plain_reference_loop(pipe, case):
+    _compare_with_plain(pipe, case)
+
+
+@pytest.mark.parametrize(
+    "case", ["one window, cfg", "three windows, cfg", "three windows, no cfg (averaged)"]
+)
+def test_aniportrait_variant_equals_the_plain_loop_with_the_guider_per_window(pipe_multi_scale, case):
+    # the plain loop runs AniPortrait's guider per window at every step; the pipeline once per sequence
+    _compare_with_plain(pipe_multi_scale, case, ref_pose=True)
+
+
+def _compare_with_plain(pipe, case, ref_pose=False):
     frames, cfg, context_frames, overlap, batch, faithful = CASES[case]
     ref, poses = inputs(frames)
     kwargs = dict(height=SIZE, width=SIZE, video_length=frames, num_inference_steps=2, guidance_scale=cfg)
+    if ref_pose:
+        kwargs["ref_pose_image"] = poses[-1]
     ours = pipe(
         ref,
         poses,
@@ -158,16 +166,6 @@ def test_reference_attention_changes_cond_rows_only(pipe):
     for name, module in pipe.denoising_unet.named_modules():
         if name.endswith("attn1") and "motion" not in name:
             assert type(module.processor).__name__.startswith("AttnProcessor"), name
-
-
-def test_reference_attention_pairs_names_and_needs_the_bank(pipe):
-    control = ReferenceAttention(pipe.reference_unet, pipe.denoising_unet, True)
-    assert control.names and all(n.endswith(".transformer_blocks.0.attn1") for n in control.names)
-    with pytest.raises(RuntimeError, match="run the reference UNet first"):
-        control.reference_keys_values(control.names[0], control.readers[control.names[0]])
-    other = VideoUNet(dict(TINY.unet, layers_per_block=2), MOTION_TINY)
-    with pytest.raises(ValueError, match="same spatial transformer blocks"):
-        ReferenceAttention(pipe.reference_unet, other, True)
 
 
 # --- determinism, outputs, callbacks ------------------------------------------------------------------------
@@ -223,7 +221,7 @@ def test_callback_on_step_end_sees_and_replaces_latents(pipe):
         return {"latents": torch.zeros_like(tensors["latents"])} if i == 1 else {}
 
     out = pipe(ref, poses, num_inference_steps=2, callback_on_step_end=callback, output_type="latent").frames
-    timesteps = official_scheduler()
+    timesteps = build_scheduler()
     timesteps.set_timesteps(2)
     assert [s[:2] for s in seen] == [(0, int(timesteps.timesteps[0])), (1, int(timesteps.timesteps[1]))]
     assert torch.equal(out, torch.zeros_like(out))  # the last step's replacement is what comes out
@@ -247,7 +245,7 @@ def test_progress_bar_counts_steps(pipe, capsys):
         (dict(height=60), "multiples of 8"),
         (dict(num_inference_steps=0), "num_inference_steps must be >= 1"),
         (dict(output_type="gif"), "output_type must be"),
-        (dict(context_overlap=24), "context_overlap < context_frames"),
+        (dict(context_overlap=24), r"context_overlap must be in \[0, context_frames\)"),
         (dict(pose_images=[np.zeros((64, 64), np.float32)] * 2), "pose image 0 must be a PIL image"),
     ],
 )

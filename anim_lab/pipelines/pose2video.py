@@ -16,26 +16,31 @@ The denoising loop follows Moore-AnimateAnyone's ``pipeline_pose2vid_long.py`` i
         scheduler.step
     VAE decode, a chunk of frames per call
 
+The pieces come from their own modules: reference attention from ``anim_lab.reference`` (the bank, read by
+the cond rows only), the windows and their averaging from ``anim_lab.context``, CFG and the official DDIM
+scheduler from ``anim_lab.guidance``. The pose guider is AnimateAnyone's ``PoseGuider`` (one feature map,
+added after ``conv_in``) or AniPortrait's ``PoseGuiderMultiScale`` (five, added after ``conv_in`` and after
+each down block; ``from_official(..., layout="aniportrait")``).
+
 What differs from the reference, and why (the output is the same to float rounding unless noted):
 
 - The ReferenceNet runs once on the *cond* row only. The reference runs it on ``[uncond, cond]``, but every
   uncond row of the denoiser attends to itself alone, so the uncond half of the bank is never read.
-- The bank's keys and values (``to_k``/``to_v`` of the reference tokens) are computed once per block for the
-  whole request, not per step, window and frame; the uncond rows never compute attention over the reference.
+- The bank's keys and values are projected once per block for the whole request, not per step, window and
+  frame; the uncond rows never compute attention over the reference.
+- The pose features are computed once for the whole sequence with either guider. AniPortrait runs its
+  guider per window at every step; its guider works frame by frame (BatchNorm in eval mode, spatial
+  attention, the reference pose unused), so slicing the whole sequence's features gives the same numbers.
 - Several windows go through the denoiser in one batch (``context_batch_size``), each with its own prediction
   (the reference adds the whole batch's prediction to every window of it: a bug, not reproduced).
 - Frames are decoded ``decode_chunk_size`` at a time (a 2D VAE decodes frames independently).
 - Without CFG the reference *sums* overlapping windows instead of averaging them, and it rounds the bank to
-  fp16 even in fp32 runs. Both are bugs; ``faithful=True`` reproduces them.
-
-Reference attention runs through diffusers attention processors installed for the duration of a call
-(``ReferenceAttention``, below). The paired blocks have the same module name in both UNets
-(``down_blocks.i.attentions.j.transformer_blocks.0.attn1``), the pairing the reference's width sort yields.
+  fp16 even in fp32 runs. Both are bugs; ``faithful=True`` reproduces them. (AniPortrait's [-1, 509] pose
+  range is not reproduced here: the pipeline gives both guiders [0, 1] poses, see ``anim_lab.pose_guider``.)
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
@@ -49,45 +54,37 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.models.attention_processor import Attention
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from einops import rearrange
 from safetensors.torch import save_file
-from torch.nn import functional as F
 from transformers import CLIPVisionModelWithProjection
 
 from ..clip import ClipPreprocess, load_image_encoder
+from ..configs import POSE_GUIDER_MULTISCALE_SD15
+from ..context import batch_windows, context_windows, predict_in_windows
+from ..guidance import (
+    DDIM_ETA,
+    build_scheduler,
+    cfg_batch,
+    cfg_combine,
+    do_classifier_free_guidance,
+    set_timesteps,
+)
 from ..motion import MOTION_SD15
-from ..pose_guider import PoseGuider
-from ..unet import MOTION_KEY, ReferenceUNet, VideoUNet
+from ..pose_guider import PoseGuider, PoseGuiderMultiScale
+from ..reference import reference_attention
+from ..unet import ReferenceUNet, VideoUNet
 from ..vae import load_vae
 from ..weights import KeyMismatchError, load_checkpoint, load_into, read_unet_config
 
 __all__ = [
     "Pose2VideoPipeline",
     "Pose2VideoPipelineOutput",
-    "ReferenceAttention",
-    "context_windows",
-    "official_scheduler",
     "save_video",
-    "OFFICIAL_SCHEDULER_KWARGS",
     "OFFICIAL_LAYOUTS",
 ]
-
-# inference_v2.yaml's noise_scheduler_kwargs (Moore-AnimateAnyone and AniPortrait): DDIM, linear betas,
-# v-prediction, zero terminal SNR, trailing timesteps. DDIMScheduler(**kwargs) keeps the other defaults.
-OFFICIAL_SCHEDULER_KWARGS = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="linear",
-    clip_sample=False,
-    steps_offset=1,
-    prediction_type="v_prediction",
-    rescale_betas_zero_snr=True,
-    timestep_spacing="trailing",
-)
 
 # The files of the official repositories' weight folders (README "pretrained_weights" / "pretrained_model").
 _BASE_UNET_DIRS = ("stable-diffusion-v1-5", "sd-image-variations-diffusers")
@@ -108,139 +105,6 @@ _LAYOUT_TREE = """{root}
 
 _MODEL_INDEX = "model_index.json"
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-def official_scheduler() -> DDIMScheduler:
-    """The scheduler the official inference config builds: ``DDIMScheduler(**noise_scheduler_kwargs)``."""
-    return DDIMScheduler(**OFFICIAL_SCHEDULER_KWARGS)
-
-
-# --- context windows ----------------------------------------------------------------------------------------
-def context_windows(num_frames: int, context_frames: int, context_overlap: int) -> list[list[int]]:
-    """The reference's ``uniform`` schedule at step 0 (closed loop, stride 1): windows of ``context_frames``
-    frames starting every ``context_frames - context_overlap`` frames, indices wrapped modulo ``num_frames``
-    (the last window mixes the end with the start). One window when the video fits in it."""
-    if context_frames < 1 or not 0 <= context_overlap < context_frames:
-        raise ValueError(
-            f"need context_frames >= 1 and 0 <= context_overlap < context_frames, "
-            f"got context_frames={context_frames}, context_overlap={context_overlap}"
-        )
-    if num_frames <= context_frames:
-        return [list(range(num_frames))]
-    step = context_frames - context_overlap
-    return [[f % num_frames for f in range(j, j + context_frames)] for j in range(0, num_frames, step)]
-
-
-# --- reference attention ------------------------------------------------------------------------------------
-def _self_attention_names(unet: torch.nn.Module) -> list[str]:
-    """Names of the spatial transformer blocks' self-attentions (``...transformer_blocks.0.attn1``); the
-    motion modules' temporal attentions are not among them."""
-    return [
-        n
-        for n, m in unet.named_modules()
-        if isinstance(m, Attention)
-        and n.endswith(".attn1")
-        and ".transformer_blocks." in n
-        and MOTION_KEY not in n
-    ]
-
-
-def _attention(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Multi-head scaled dot-product attention on projected tokens: (N, Lq, D), (N, Lk, D) -> (N, Lq, D)."""
-    q, k, v = (rearrange(x, "n l (h d) -> n h l d", h=attn.heads) for x in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # (N, heads, Lq, D/heads)
-    return rearrange(out, "n h l d -> n l (h d)")
-
-
-class _WriteProcessor:
-    """ReferenceNet side: keep the self-attention input (norm1 output, (B, HW, C)), then attend as usual."""
-
-    def __init__(self, control: ReferenceAttention, name: str, inner):
-        self.control, self.name, self.inner = control, name, inner
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        self.control.tokens[self.name] = hidden_states.detach()
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kw)
-
-
-class _ReadProcessor:
-    """Denoiser side: cond rows attend to their own tokens plus the reference tokens; uncond rows (the first
-    half of the batch under CFG) attend to their own tokens only."""
-
-    def __init__(self, control: ReferenceAttention, name: str):
-        self.control, self.name = control, name
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError("reference attention replaces a plain self-attention (no context, no mask)")
-        rows = hidden_states.shape[0]  # B*F rows: (uncond windows, cond windows) x frames
-        n_uncond = rows // 2 if self.control.do_classifier_free_guidance else 0
-        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)  # (rows, L, D)
-        ref_k, ref_v = self.control.reference_keys_values(self.name, attn)  # (1, L_ref, D), once per request
-        n_cond = rows - n_uncond
-        k_cond = torch.cat([k[n_uncond:], ref_k.expand(n_cond, -1, -1)], dim=1)  # (n_cond, L + L_ref, D)
-        v_cond = torch.cat([v[n_uncond:], ref_v.expand(n_cond, -1, -1)], dim=1)
-        out = _attention(attn, q[n_uncond:], k_cond, v_cond)  # (n_cond, L, D)
-        if n_uncond:
-            out_uncond = _attention(attn, q[:n_uncond], k[:n_uncond], v[:n_uncond])  # plain self-attention
-            out = torch.cat([out_uncond, out])  # (rows, L, D)
-        return attn.to_out[1](attn.to_out[0](out))  # output projection, dropout
-
-
-class ReferenceAttention:
-    """Reference attention between a ReferenceNet (writer) and a denoising UNet (reader), paired by name.
-
-    Used as a context manager: processors are installed on enter and the originals restored (and the bank
-    emptied) on exit. ``round_bank_fp16`` mirrors the reference's ``update(dtype=torch.float16)`` default.
-    (A local adapter: ``anim_lab.reference`` is the module that teaches reference attention.)
-    """
-
-    def __init__(
-        self,
-        reference_unet: torch.nn.Module,
-        denoising_unet: torch.nn.Module,
-        do_classifier_free_guidance: bool,
-        round_bank_fp16: bool = False,
-    ):
-        self.writers = dict(reference_unet.named_modules())
-        self.readers = dict(denoising_unet.named_modules())
-        self.names = _self_attention_names(reference_unet)
-        unpaired = [n for n in self.names if n not in self.readers]
-        if unpaired or len(self.names) != len(_self_attention_names(denoising_unet)):
-            raise ValueError(
-                "the reference UNet and the denoising UNet must have the same spatial transformer blocks "
-                f"(paired by name); unpaired: {unpaired[:4]}"
-            )
-        self.do_classifier_free_guidance = do_classifier_free_guidance
-        self.round_bank_fp16 = round_bank_fp16
-        self.tokens: dict[str, torch.Tensor] = {}
-        self._kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._saved: list[tuple[Attention, object]] = []
-
-    def reference_keys_values(self, name: str, attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
-        if name not in self._kv:
-            if name not in self.tokens:
-                raise RuntimeError(f"the bank has no entry for {name}: run the reference UNet first")
-            tokens = self.tokens[name]  # (1, L_ref, C)
-            if self.round_bank_fp16:
-                tokens = tokens.to(torch.float16).to(tokens.dtype)
-            self._kv[name] = (attn.to_k(tokens), attn.to_v(tokens))  # (1, L_ref, D) each
-        return self._kv[name]
-
-    def __enter__(self) -> ReferenceAttention:
-        for name in self.names:
-            writer, reader = self.writers[name], self.readers[name]
-            self._saved += [(writer, writer.processor), (reader, reader.processor)]
-            writer.set_processor(_WriteProcessor(self, name, writer.processor))
-            reader.set_processor(_ReadProcessor(self, name))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for module, processor in self._saved:
-            module.set_processor(processor)
-        self._saved.clear()
-        self.tokens.clear()
-        self._kv.clear()
 
 
 # --- output -------------------------------------------------------------------------------------------------
@@ -291,13 +155,42 @@ def _dtype_of(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-def _pose_guider_kwargs(guider: PoseGuider) -> dict:
-    """The constructor kwargs of an AnimateAnyone PoseGuider, read off its layers."""
-    return dict(
-        conditioning_channels=guider.conv_in.in_channels,
-        block_out_channels=[guider.conv_in.out_channels] + [c.out_channels for c in guider.blocks[1::2]],
-        conditioning_embedding_channels=guider.conv_out.out_channels,
-    )
+def _pose_guider_config(guider: torch.nn.Module) -> dict:
+    """``{"_class_name": ..., "kwargs": ...}``: how to rebuild a pose guider, read off its layers."""
+    if isinstance(guider, PoseGuiderMultiScale):
+        attn = guider.cross_attn1.config
+        kwargs = dict(
+            conditioning_channels=guider.conditioning_channels,
+            trunk_channels=[guider.conv_layers[i].out_channels for i in (3, 9, 15, 21)],
+            block_out_channels=list(guider.feature_channels[1:]),
+            num_attention_heads=attn.num_attention_heads,
+            attention_head_dim=attn.attention_head_dim,
+            norm_num_groups=attn.norm_num_groups,
+            reference_attention=guider.reference_attention,
+        )
+    elif isinstance(guider, PoseGuider):
+        kwargs = dict(
+            conditioning_channels=guider.conv_in.in_channels,
+            block_out_channels=[guider.conv_in.out_channels] + [c.out_channels for c in guider.blocks[1::2]],
+            conditioning_embedding_channels=guider.conv_out.out_channels,
+        )
+    else:
+        raise TypeError(
+            f"pose_guider must be a PoseGuider or PoseGuiderMultiScale, got {type(guider).__name__}"
+        )
+    return {"_class_name": type(guider).__name__, "kwargs": kwargs}
+
+
+def _slice_windows(features, batch: list[list[int]]):
+    """Pose features (1, C, F, h, w) (or a list of them) -> the frames of a batch of n windows, laid out as
+    ``predict_in_windows`` lays out the latents: (n, C, f, h, w)."""
+    index = torch.tensor(batch).flatten()  # (n*f,) the frames of each window, window after window
+
+    def one(x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, index.to(x.device)]  # (1, C, n*f, h, w)
+        return rearrange(x, "b c (n f) h w -> (n b) c f h w", n=len(batch))  # -> (n, C, f, h, w)
+
+    return one(features) if isinstance(features, torch.Tensor) else [one(x) for x in features]
 
 
 class Pose2VideoPipeline(DiffusionPipeline):
@@ -402,12 +295,24 @@ class Pose2VideoPipeline(DiffusionPipeline):
         ref_latents = self.vae.encode(ref).latent_dist.mean * self.vae.config.scaling_factor  # (1, 4, h, w)
         return clip_tokens, ref_latents.to(dtype)
 
-    def encode_poses(self, pose_images: Sequence, height: int, width: int, dtype, device) -> torch.Tensor:
-        """Pose images -> pose features for the whole sequence (1, C0, F, h, w) (the guider is per frame)."""
+    def encode_poses(
+        self, pose_images: Sequence, height: int, width: int, dtype, device, ref_pose_image=None
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Pose images -> pose features for the whole sequence: (1, C0, F, h, w), or AniPortrait's five
+        multi-scale maps (1, C_k, F, h_k, w_k). Both guiders work frame by frame, so these are exactly the
+        features of any window's frames."""
         frames = [self._as_pil(p, f"pose image {i}") for i, p in enumerate(pose_images)]
         pose = self.pose_image_processor.preprocess(frames, height=height, width=width)  # (F, 3, H, W) [0, 1]
-        pose = rearrange(pose, "f c h w -> 1 c f h w").to(device, _dtype_of(self.pose_guider))
-        return self.pose_guider(pose).to(dtype)  # (1, C0, F, h, w)
+        guider_dtype = _dtype_of(self.pose_guider)
+        pose = rearrange(pose, "f c h w -> 1 c f h w").to(device, guider_dtype)  # (1, 3, F, H, W)
+        if isinstance(self.pose_guider, PoseGuiderMultiScale):
+            ref_pose = None
+            if ref_pose_image is not None:  # (1, 3, H, W); read only by the guider's reference extension
+                ref_pil = self._as_pil(ref_pose_image, "ref_pose_image")
+                ref_pose = self.pose_image_processor.preprocess(ref_pil, height=height, width=width)
+                ref_pose = ref_pose.to(device, guider_dtype)
+            return [f.to(dtype) for f in self.pose_guider(pose, ref_pose)]
+        return self.pose_guider(pose).to(dtype)
 
     def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int) -> torch.Tensor:
         """(1, 4, F, h, w) -> video (1, 3, F, H, W) in [-1, 1], ``decode_chunk_size`` frames per VAE call."""
@@ -440,15 +345,17 @@ class Pose2VideoPipeline(DiffusionPipeline):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         decode_chunk_size: int = 8,
+        ref_pose_image=None,
         faithful: bool = False,
     ):
         """Animate ``ref_image`` with ``pose_images`` (PIL images or (H, W, 3) uint8 arrays).
 
         ``video_length`` defaults to all pose images; longer requests than ``context_frames`` run in
         overlapping windows (``context_overlap`` frames shared, ``context_batch_size`` windows per UNet call).
-        ``faithful=True`` reproduces two reference bugs: overlapping windows summed (not averaged) without
-        CFG, and the bank rounded to fp16. ``callback_on_step_end(pipe, i, t, {"latents": ...})`` may return
-        new latents. Output types: "pil", "np", "pt", "latent".
+        ``ref_pose_image``: the reference's own pose image, for AniPortrait's guider (the released guider
+        ignores it). ``faithful=True`` reproduces two reference bugs: overlapping windows summed (not
+        averaged) without CFG, and the bank rounded to fp16. ``callback_on_step_end(pipe, i, t, {"latents":
+        ...})`` may return new latents. Output types: "pil", "np", "pt", "latent".
         """
         ref_image = self._as_pil(ref_image, "ref_image")
         sample_size = self.denoising_unet.unet_kwargs.get("sample_size", 64)
@@ -458,70 +365,67 @@ class Pose2VideoPipeline(DiffusionPipeline):
         self._check_inputs(pose_images, video_length, height, width, num_inference_steps, guidance_scale)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        if context_batch_size < 1 or decode_chunk_size < 1:
-            raise ValueError("context_batch_size and decode_chunk_size must be >= 1")
+        if decode_chunk_size < 1:
+            raise ValueError(f"decode_chunk_size must be >= 1, got {decode_chunk_size}")
         device, dtype = self._execution_device, _dtype_of(self.denoising_unet)
-        do_cfg = guidance_scale > 1.0
+        do_cfg = do_classifier_free_guidance(guidance_scale)
+        max_len = (self.denoising_unet.motion_kwargs or {}).get("temporal_position_encoding_max_len")
+        windows = context_windows(video_length, context_frames, context_overlap, max_len=max_len)
+        batch_windows(windows, context_batch_size)  # checks context_batch_size before any network runs
 
         # 1. CLIP tokens (1, 1, D) and reference latents (1, 4, h, w)
         clip_tokens, ref_latents = self.encode_reference(ref_image, height, width, dtype, device)
         clip_tokens = clip_tokens.to(dtype)
-        uncond_tokens = torch.zeros_like(clip_tokens)  # CFG's uncond context: zeros
 
-        # 2. pose features for the whole sequence (1, C0, F, h, w)
-        pose_fea = self.encode_poses(pose_images[:video_length], height, width, dtype, device)
+        # 2. pose features for the whole sequence (1, C0, F, h, w) or a list of five
+        pose_fea = self.encode_poses(pose_images[:video_length], height, width, dtype, device, ref_pose_image)
 
-        # 3. initial noise
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
+        # 3. initial noise (1, 4, F, h, w)
+        timesteps = set_timesteps(self.scheduler, num_inference_steps, device=device)
         channels = self.denoising_unet.conv_in.in_channels
         shape = (1, channels, video_length, height // self.vae_scale_factor, width // self.vae_scale_factor)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        latents = latents * self.scheduler.init_noise_sigma  # (1, 4, F, h, w)
+        latents = latents * self.scheduler.init_noise_sigma
 
-        step_kwargs = {}
-        step_params = inspect.signature(self.scheduler.step).parameters
-        if "eta" in step_params:
-            step_kwargs["eta"] = 0.0
-        if "generator" in step_params:
-            step_kwargs["generator"] = generator
+        with reference_attention(
+            self.reference_unet, self.denoising_unet, do_classifier_free_guidance=do_cfg, faithful=faithful
+        ) as bank:
+            # 4. the ReferenceNet, once, at t = 0: fills the bank. On the cond row only (the uncond rows never
+            # read it); faithful=True runs it on the CFG-doubled batch [zero tokens; CLIP tokens] as the
+            # reference does, so the fp16-rounded bank matches it bit for bit.
+            if faithful and do_cfg:
+                context = torch.cat([torch.zeros_like(clip_tokens), clip_tokens])  # (2, 1, D)
+                bank.write(cfg_batch(ref_latents), t=0, encoder_hidden_states=context)
+            else:
+                bank.write(ref_latents, t=0, encoder_hidden_states=clip_tokens)
+            one_reference = {k: v[-1:] for k, v in bank.entries.items()}  # the cond row (1, HW, C)
+            bank_videos = [1]  # how many videos (windows) the bank's rows serve now
 
-        windows = context_windows(video_length, context_frames, context_overlap)
-        batches = [windows[i : i + context_batch_size] for i in range(0, len(windows), context_batch_size)]
-        counter = torch.zeros((1, 1, video_length, 1, 1), device=device, dtype=dtype)
-        for window in windows:
-            counter[:, :, window] += 1  # how many windows cover each frame
-
-        with ReferenceAttention(self.reference_unet, self.denoising_unet, do_cfg, round_bank_fp16=faithful):
-            # 4. the ReferenceNet, once, at t = 0, on the cond row: fills the bank
-            self.reference_unet(
-                ref_latents, torch.zeros_like(timesteps[0]), encoder_hidden_states=clip_tokens
-            )
+            def predict(x: torch.Tensor, batch: list[list[int]]) -> torch.Tensor:
+                """x (n, 4, f, h, w): latents of n windows -> their prediction, the CFG batch (2n, ...)."""
+                n = len(batch)
+                if bank_videos[0] != n:  # one bank row per window in the call: expanded views
+                    bank.load({k: v.expand(n, -1, -1) for k, v in one_reference.items()})
+                    bank_videos[0] = n
+                pose, context = _slice_windows(pose_fea, batch), clip_tokens.expand(n, -1, -1)  # (n, ...)
+                if do_cfg:  # (2n, ...): every window's uncond rows first, then the cond rows
+                    x = cfg_batch(x)
+                    pose = cfg_batch(pose) if isinstance(pose, torch.Tensor) else [cfg_batch(p) for p in pose]
+                    context = torch.cat([torch.zeros_like(context), context])  # zero CLIP tokens: uncond
+                x = self.scheduler.scale_model_input(x, t)
+                return self.denoising_unet(x, t, encoder_hidden_states=context, pose_cond_fea=pose)
 
             with self.progress_bar(total=len(timesteps)) as progress_bar:
                 for i, t in enumerate(timesteps):
-                    noise_pred = torch.zeros((2 if do_cfg else 1, *shape[1:]), device=device, dtype=dtype)
-                    for batch in batches:
-                        k = len(batch)
-                        # (1, 4, F, h, w) -> (k, 4, f, h, w): the windows of this batch, side by side
-                        x = torch.cat([latents[:, :, w] for w in batch])
-                        pose = torch.cat([pose_fea[:, :, w] for w in batch])  # (k, C0, f, h, w)
-                        context = clip_tokens.expand(k, -1, -1)  # (k, 1, D)
-                        if do_cfg:  # (2k, ...): uncond rows first, as the reference orders them
-                            x, pose = torch.cat([x, x]), torch.cat([pose, pose])
-                            context = torch.cat([uncond_tokens.expand(k, -1, -1), context])
-                        x = self.scheduler.scale_model_input(x, t)
-                        pred = self.denoising_unet(x, t, encoder_hidden_states=context, pose_cond_fea=pose)
-                        pred = rearrange(pred, "(g k) c f h w -> k g c f h w", k=k)  # g: uncond/cond
-                        for j, w in enumerate(batch):
-                            noise_pred[:, :, w] += pred[j]
-
+                    # windows -> averaged prediction (G, 4, F, h, w), G = 2 under CFG (uncond first)
+                    noise_pred = predict_in_windows(
+                        predict, latents, windows, context_batch_size, do_cfg, faithful=faithful
+                    )
                     if do_cfg:
-                        noise_uncond, noise_cond = (noise_pred / counter).chunk(2)
-                        noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-                    elif not faithful:
-                        noise_pred = noise_pred / counter  # the reference sums here (faithful=True)
-                    latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+                        noise_pred = cfg_combine(noise_pred, guidance_scale)  # -> (1, 4, F, h, w)
+                    latents = self.scheduler.step(
+                        noise_pred, t, latents, eta=DDIM_ETA, generator=generator
+                    ).prev_sample
 
                     if callback_on_step_end is not None:
                         names = dict(latents=latents)
@@ -565,7 +469,7 @@ class Pose2VideoPipeline(DiffusionPipeline):
                     "unet_kwargs": self.denoising_unet.unet_kwargs,
                     "motion_kwargs": self.denoising_unet.motion_kwargs,
                 },
-                "pose_guider": {"kwargs": _pose_guider_kwargs(self.pose_guider)},
+                "pose_guider": _pose_guider_config(self.pose_guider),
             }
             for name, config in own.items():
                 module = getattr(self, name)
@@ -609,6 +513,8 @@ class Pose2VideoPipeline(DiffusionPipeline):
                     module = ReferenceUNet(config["unet_kwargs"])
                 elif name == "denoising_unet":
                     module = VideoUNet(config["unet_kwargs"], config["motion_kwargs"])
+                elif config["_class_name"] == "PoseGuiderMultiScale":
+                    module = PoseGuiderMultiScale(**config["kwargs"])
                 else:
                     module = PoseGuider(**config["kwargs"])
             load_into(module, weights, assign=True, what=f"{name}/{_WEIGHTS}")
@@ -632,13 +538,17 @@ class Pose2VideoPipeline(DiffusionPipeline):
         *,
         torch_dtype: torch.dtype = torch.float32,
         motion_kwargs: dict | None = None,
+        pose_guider_kwargs: dict | None = None,
     ) -> Pose2VideoPipeline:
         """Load the weights as the official repositories ship them (see ``_LAYOUT_TREE``), strictly.
 
         The UNets' 2D configuration comes from the base model's ``unet/config.json`` (SD1.5 or
         sd-image-variations; its weights are not read: ``denoising_unet.pth`` and ``reference_unet.pth``
         hold every 2D key), the motion modules from ``motion_module.pth`` (``motion_kwargs``: default the
-        inference_v2.yaml values). The scheduler is the official one (:func:`official_scheduler`).
+        inference_v2.yaml values). The scheduler is the official one (``guidance.build_scheduler()``).
+        The AnimateAnyone guider's sizes are read off its weights; AniPortrait's multi-scale guider is built
+        with ``pose_guider_kwargs`` (default: the released ``configs.POSE_GUIDER_MULTISCALE_SD15`` with the
+        UNet's widths).
         """
         if layout not in OFFICIAL_LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(OFFICIAL_LAYOUTS)}")
@@ -702,7 +612,11 @@ class Pose2VideoPipeline(DiffusionPipeline):
         denoising_unet.load_2d_weights(load_checkpoint(files["denoising_unet"]), assign=True)
         denoising_unet.load_motion_modules(load_checkpoint(files["motion_module"]), assign=True)
         pose_guider = cls._official_pose_guider(
-            load_checkpoint(files["pose_guider"]), layout, files["pose_guider"]
+            load_checkpoint(files["pose_guider"]),
+            layout,
+            files["pose_guider"],
+            unet_kwargs,
+            pose_guider_kwargs,
         )
         return cls(
             vae=load_vae(files["vae"], torch_dtype=torch_dtype),
@@ -710,23 +624,31 @@ class Pose2VideoPipeline(DiffusionPipeline):
             reference_unet=reference_unet.to(torch_dtype).eval(),
             denoising_unet=denoising_unet.to(torch_dtype).eval(),
             pose_guider=pose_guider.to(torch_dtype).eval(),
-            scheduler=official_scheduler(),
+            scheduler=build_scheduler(),
         )
 
     @staticmethod
-    def _official_pose_guider(state_dict: dict, layout: str, path: Path) -> torch.nn.Module:
+    def _official_pose_guider(
+        state_dict: dict, layout: str, path: Path, unet_kwargs: dict, kwargs: dict | None
+    ) -> torch.nn.Module:
         if layout == "aniportrait":
-            # AniPortrait's multi-scale guider (184 keys, starting with `scale`) arrives with issue 11.
             if "scale" not in state_dict:
                 raise ValueError(
                     f"{path.name} is a single-scale AnimateAnyone pose guider ({len(state_dict)} keys, no "
                     "'scale'), not AniPortrait's multi-scale one: is this an animate_anyone folder? "
                     "Pass layout='animate_anyone'"
                 )
-            raise NotImplementedError(
-                "layout='aniportrait' needs anim_lab.pose_guider.PoseGuiderMultiScale and the UNet's "
-                "multi-scale pose features (issues 11 and 10), which are not merged yet"
-            )
+            if kwargs is None:
+                kwargs = dict(
+                    POSE_GUIDER_MULTISCALE_SD15, block_out_channels=unet_kwargs["block_out_channels"]
+                )
+            with torch.device("meta"):
+                guider = PoseGuiderMultiScale(**kwargs)
+            try:
+                guider.load_weights(state_dict, assign=True)
+            except KeyMismatchError as err:
+                raise KeyMismatchError(err.report, f"{path.name} (layout 'aniportrait')") from None
+            return guider
         if "conv_in.weight" not in state_dict or "scale" in state_dict:
             raise ValueError(
                 f"{path.name} is not an AnimateAnyone single-scale pose guider (keys like "
