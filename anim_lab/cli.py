@@ -40,10 +40,10 @@ def _notice(message: str) -> None:
 # --- shared checks ------------------------------------------------------------------------------------------
 def _check_output(path: str, suffixes: tuple[str, ...] = video.VIDEO_SUFFIXES) -> Path:
     out = Path(path)
-    if out.suffix.lower() not in suffixes:
-        raise CliError(f"the output must end in {' or '.join(suffixes)}, got {out.name!r}")
     if out.is_dir():
         raise CliError(f"the output {out} is a folder; give a file name such as {out / 'out.mp4'}")
+    if out.suffix.lower() not in suffixes:
+        raise CliError(f"the output must end in {' or '.join(suffixes)}, got {out.name!r}")
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent  # the first folder that exists will hold the new ones
@@ -176,8 +176,11 @@ def _load_pipeline(folder: Path, layout: str, dtype: torch.dtype) -> Pose2VideoP
         if layout == "anim_lab":
             return Pose2VideoPipeline.from_pretrained(folder, torch_dtype=dtype)
         return Pose2VideoPipeline.from_official(folder, layout=layout, torch_dtype=dtype)
-    except (FileNotFoundError, ValueError, NotImplementedError) as err:
-        raise CliError(f"--weights {folder} (layout {layout}): {err}") from None
+    except (FileNotFoundError, ValueError) as err:
+        hint = ""
+        if layout != "anim_lab" and (folder / "model_index.json").is_file():
+            hint = " (this folder was saved by anim_lab: use --layout anim_lab or auto)"
+        raise CliError(f"--weights {folder} (layout {layout}){hint}: {err}") from None
 
 
 def _read_reference(path: str, size: tuple[int, int]) -> np.ndarray:
