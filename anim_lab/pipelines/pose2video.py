@@ -198,7 +198,8 @@ class Pose2VideoPipeline(DiffusionPipeline):
     modules (see the module docstring for the order of the loop and what differs from the reference).
 
     Components: ``vae`` (AutoencoderKL), ``image_encoder`` (CLIPVisionModelWithProjection), ``reference_unet``
-    (ReferenceUNet), ``denoising_unet`` (VideoUNet), ``pose_guider`` (PoseGuider), ``scheduler``.
+    (ReferenceUNet), ``denoising_unet`` (VideoUNet), ``pose_guider`` (PoseGuider, or AniPortrait's
+    PoseGuiderMultiScale), ``scheduler`` (DDIM as the official inference config builds it).
     """
 
     model_cpu_offload_seq = "image_encoder->reference_unet->pose_guider->denoising_unet->vae"
@@ -209,7 +210,7 @@ class Pose2VideoPipeline(DiffusionPipeline):
         image_encoder: CLIPVisionModelWithProjection,
         reference_unet: ReferenceUNet,
         denoising_unet: VideoUNet,
-        pose_guider: PoseGuider,
+        pose_guider: PoseGuider | PoseGuiderMultiScale,
         scheduler: DDIMScheduler,
     ):
         super().__init__()
@@ -287,9 +288,8 @@ class Pose2VideoPipeline(DiffusionPipeline):
         clip_input = self.image_processor.pil_to_numpy(ref_image.resize((size, size)))  # (1, S, S, 3) [0, 1]
         clip_input = rearrange(torch.from_numpy(clip_input), "b h w c -> b c h w") * 2 - 1  # -> [-1, 1]
         pixel_values = ClipPreprocess(size=size, crop_size=size)(clip_input).to(device, dtype)
-        clip_tokens = self.image_encoder(pixel_values=pixel_values).image_embeds[
-            :, None
-        ]  # (1, D) -> (1, 1, D)
+        image_embeds = self.image_encoder(pixel_values=pixel_values).image_embeds  # (1, D)
+        clip_tokens = rearrange(image_embeds, "b d -> b 1 d")  # (1, D) -> (1, 1, D): one token
         ref = self.image_processor.preprocess(ref_image, height=height, width=width)  # (1, 3, H, W) [-1, 1]
         ref = ref.to(device, self.vae.dtype)
         ref_latents = self.vae.encode(ref).latent_dist.mean * self.vae.config.scaling_factor  # (1, 4, h, w)
