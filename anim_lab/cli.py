@@ -1,6 +1,7 @@
 """The ``anim-lab`` command.
 
     anim-lab video2pose IN.mp4 OUT.mp4            face landmarks of a video drawn as pose images (Video2Pose)
+    anim-lab video2video --ref face.png --driving talk.mp4 --out pose.mp4     the driving motion retargeted
     anim-lab animate --ref face.png --driving talk.mp4 --weights DIR --out out.mp4
 
 Each subcommand is one ``add_*`` function (its arguments) and one function that runs it. Errors the user can
@@ -21,8 +22,9 @@ import torch
 
 from . import landmarks, video
 from .pipelines import Pose2VideoPipeline, save_video
+from .retarget import video2video_command
 
-__all__ = ["CliError", "build_parser", "main", "animate", "video2pose"]
+__all__ = ["CliError", "build_parser", "main", "animate", "video2pose", "video2video"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -94,6 +96,55 @@ def video2pose(args: argparse.Namespace) -> Path:
         raise CliError(f"{source}: {err}") from None
     _notice(f"wrote {len(points)} pose frames to {out}")
     return out
+
+
+# --- video2video -------------------------------------------------------------------------------------------
+def add_video2video(subparsers) -> None:
+    v2v = subparsers.add_parser(
+        "video2video",
+        help="retarget a driving video's head pose and expression onto a reference face (pose video)",
+        description=(
+            "AniPortrait's Video2Video poses: the reference face's landmarks moved by the driving video's "
+            "head pose and expression, drawn as pose images at the reference's size, with the driving "
+            "video's fps and audio. (The pose video is what pose2video animates the reference with.)"
+        ),
+    )
+    v2v.add_argument("--ref", required=True, help="reference portrait (png/jpg)")
+    v2v.add_argument("--driving", required=True, help="driving video (mp4, gif, anything ffmpeg reads)")
+    v2v.add_argument("--out", required=True, help="output pose video (.mp4 or .gif)")
+    v2v.add_argument(
+        "--on-missing",
+        choices=("hold", "error"),
+        default="hold",
+        help="driving frames without a face: hold the last pose (default) or fail",
+    )
+    v2v.add_argument("--smooth", type=int, default=3, help="pose smoothing window in frames (1 = off)")
+    v2v.add_argument(
+        "--camera",
+        choices=("orthographic", "perspective"),
+        default="orthographic",
+        help="projection: the camera the fit implies (default) or AniPortrait's perspective camera",
+    )
+    v2v.add_argument("--fov", type=float, default=63.0, help="perspective camera's vertical field of view")
+    v2v.add_argument("--no-audio", action="store_true", help="do not carry the driving video's audio over")
+    v2v.add_argument("--no-progress", action="store_true", help="no progress bars")
+    v2v.set_defaults(func=video2video)
+
+
+def video2video(args: argparse.Namespace) -> int:
+    out = video2video_command(
+        args.ref,
+        args.driving,
+        args.out,
+        on_missing=args.on_missing,
+        smooth=args.smooth,
+        camera=args.camera,
+        fov=args.fov,
+        progress=not args.no_progress,
+        audio=not args.no_audio,
+    )
+    print(f"wrote {out}")
+    return 0
 
 
 # --- animate ------------------------------------------------------------------------------------------------
@@ -294,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_video2pose(subparsers)
+    add_video2video(subparsers)
     add_animate(subparsers)
     return parser
 
@@ -303,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except CliError as err:
+    except (CliError, ValueError, FileNotFoundError, ImportError) as err:  # NoFaceError is a ValueError
         parser.exit(2, f"anim-lab {args.command}: error: {err}\n")
     return 0
 
