@@ -21,6 +21,7 @@ import json
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -156,16 +157,41 @@ def speed(name: str, frames: int, steps: int, context: tuple[int, int], batch: i
     )
 
 
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+class PeakRSS:
+    """The highest resident memory seen while the block runs (sampled every millisecond by a thread)."""
+
+    def __enter__(self):
+        self.base = self.peak = rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
 def memory_child(frames: int) -> None:
-    """Run in a fresh process: print peak RSS before and after one request of ``frames`` frames."""
+    """Run in a fresh process: resident memory before and at the peak of one request of ``frames`` frames."""
     torch.set_num_threads(1)
     pipe = build("TINY")
     ref, poses = inputs(frames, 64)
     pipe(ref, inputs(24, 64)[1], num_inference_steps=1, output_type="np")  # warm-up at 24 frames
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = pipe(ref, poses, num_inference_steps=1, output_type="np").frames
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps(dict(frames=frames, base_kb=base, peak_kb=peak, out_bytes=int(out.nbytes))))
+    with PeakRSS() as rss:
+        out = pipe(ref, poses, num_inference_steps=1, output_type="np").frames
+    print(json.dumps(dict(frames=frames, base=rss.base, peak=rss.peak, out_bytes=int(out.nbytes))))
 
 
 def memory(lengths) -> None:
@@ -178,19 +204,14 @@ def memory(lengths) -> None:
             check=True,
         )
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-    first = rows[0]
     for r in rows:
-        # what a request of F frames must hold at least: the pose images (F, 3, 64, 64) float32 [0, 1], the
-        # decoded video (F, 3, 64, 64) float32 and the "np" output (F, 64, 64, 3) float32; the latents are
-        # 1/48 of one of those
-        data_mb = 3 * r["out_bytes"] / 2**20
-        growth_mb = (r["peak_kb"] - first["peak_kb"]) / 1024
-        data_growth_mb = data_mb - 3 * first["out_bytes"] / 2**20
-        ratio = growth_mb / data_growth_mb if data_growth_mb else float("nan")
+        # what a request of F frames must hold at least, each (F, 3, 64, 64) float32 = out_bytes: the pose
+        # images in [0, 1], the decoded video and the "np" output (the latents are 1/48 of one of those)
+        frame_data = 3 * r["out_bytes"] / 2**20
+        growth = (r["peak"] - r["base"]) / 2**20
         print(
-            f"TINY {r['frames']:4d} frames: peak RSS {r['peak_kb'] / 1024:7.1f} MB, growth over "
-            f"{first['frames']} frames {growth_mb:6.1f} MB, frame data growth {data_growth_mb:6.1f} MB "
-            f"(ratio {ratio:.2f}; 1 = only the frames and latents grow)"
+            f"TINY {r['frames']:4d} frames: call peak {growth:6.1f} MB above the idle pipeline; "
+            f"its frame data (poses, video, output) {frame_data:6.1f} MB; ratio {growth / frame_data:.2f}"
         )
 
 
