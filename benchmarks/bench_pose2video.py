@@ -43,11 +43,14 @@ from anim_lab.pose_guider import PoseGuider  # noqa: E402
 from anim_lab.unet import ReferenceUNet, VideoUNet  # noqa: E402
 from anim_lab.vae import build_vae  # noqa: E402
 
-# A mid size: TINY's structure with wider blocks and 128 px frames; seconds per denoising step on one core.
+# Two mid sizes, seconds per denoising step on one core: "MID" is TINY's structure with wider blocks and two
+# layers per block at 128 px (convolutions dominate); "MID256" is TINY's widths at 256 px, 1024 tokens per
+# frame at the first level, closer to SD15 at 512 px where attention takes a larger share.
 MID_UNET = dict(TINY.unet, block_out_channels=(64, 128, 128, 128), layers_per_block=2, norm_num_groups=16)
 SIZES = {
     "TINY": dict(unet=TINY.unet, motion=MOTION_TINY, size=64),
     "MID": dict(unet=MID_UNET, motion=dict(MOTION_TINY, norm_num_groups=16), size=128),
+    "MID256": dict(unet=TINY.unet, motion=MOTION_TINY, size=256),
 }
 
 
@@ -149,7 +152,7 @@ def speed(name: str, frames: int, steps: int, context: tuple[int, int], batch: i
     diff = (out - plain.permute(0, 2, 1, 3, 4)).abs().max().item()
     overhead = (t_pipe - timer.total) / t_pipe
     print(
-        f"{name:4s} {size}px {frames} frames, {steps} steps, windows {context[0]}/{context[1]}, CFG 3.5: "
+        f"{name:6s} {size}px {frames} frames, {steps} steps, windows {context[0]}/{context[1]}, CFG 3.5: "
         f"pipeline {t_pipe:.2f} s (networks {timer.total:.2f} s, overhead {100 * overhead:.1f}%, "
         "target <= 5%); "
         f"plain reference loop {t_plain:.2f} s -> speed-up {t_plain / t_pipe:.2f}x (target >= 1.5x), "
@@ -316,6 +319,7 @@ def main() -> None:
     speed("TINY", frames=24, steps=3, context=(8, 2), batch=4)
     if not args.quick:
         speed("MID", frames=16, steps=2, context=(8, 2), batch=2)
+        speed("MID256", frames=16, steps=2, context=(8, 2), batch=2)
     memory([24, 120] if args.quick else [24, 120, 600])
 
 
