@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
 from einops import rearrange, repeat
 from torch import nn
 
@@ -107,6 +108,39 @@ class _UNetBody(nn.Module):
     def motion_modules(self) -> list[tuple[str, MotionModule]]:
         """(name, module) of every motion module, in state-dict order."""
         return [(n, m) for n, m in self.named_modules() if isinstance(m, MotionModule)]
+
+    # --- attention processors ----------------------------------------------------------------------
+    @property
+    def attn_processors(self) -> dict[str, object]:
+        """Every attention's processor, keyed as diffusers keys them: ``"<module name>.processor"``.
+
+        Spatial attentions (``...transformer_blocks.0.attn1`` self-attention, ``attn2`` cross-attention to the
+        CLIP tokens) run ``AttnProcessor2_0``; the motion modules' temporal ones
+        (``...motion_modules.i...attention_blocks.j``) run ``TemporalAttnProcessor``."""
+        return {f"{n}.processor": m.processor for n, m in self.named_modules() if isinstance(m, Attention)}
+
+    def set_attn_processor(self, processor) -> None:
+        """Set processors by module name, as diffusers' ``set_attn_processor`` does, but for any subset.
+
+        ``processor``: a dict ``{name: processor}`` whose names are attention module names (with or without
+        diffusers' ``.processor`` suffix), e.g. ``{"mid_block.attentions.0.transformer_blocks.0.attn1": p}``;
+        or one processor, which goes to every *spatial* attention (attn1 and attn2) -- the motion modules'
+        temporal attentions keep theirs (a spatial processor would attend over pixels instead of frames), set
+        them by name. An unknown name raises and changes nothing."""
+        attentions = {n: m for n, m in self.named_modules() if isinstance(m, Attention)}
+        if isinstance(processor, dict):
+            chosen = {name.removesuffix(".processor"): p for name, p in processor.items()}
+            unknown = sorted(set(chosen) - set(attentions))
+            if unknown:
+                raise ValueError(
+                    f"no attention named {unknown[:3]}{' ...' if len(unknown) > 3 else ''} in this UNet; "
+                    "see .attn_processors for the names (e.g. "
+                    f"{next(iter(attentions), '')!r})"
+                )
+        else:
+            chosen = {n: processor for n in attentions if MOTION_KEY not in n}
+        for name, p in chosen.items():
+            attentions[name].set_processor(p)
 
     # --- inputs ------------------------------------------------------------------------------------
     def _time_embedding(

@@ -18,6 +18,7 @@ Nothing here is UNet-specific; the pose guider and VAE loaders use the same func
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import zipfile
 from collections.abc import Iterable
@@ -37,6 +38,7 @@ __all__ = [
     "TRANSFORMERS_WEIGHTS",
     "resolve_pretrained",
     "CorruptWeightsError",
+    "UnsafeWeightsError",
     "check_weight_file",
     "KeyMismatchError",
     "KeyReport",
@@ -73,6 +75,33 @@ class CorruptWeightsError(ValueError):
             f"{path}: the weight file is truncated or corrupt ({detail}); download or save it again "
             f"(its size is {path.stat().st_size if path.exists() else 0} bytes)"
         )
+
+
+class UnsafeWeightsError(ValueError):
+    """A pickle-based weight file (``.pth``/``.bin``/``.ckpt``) that holds more than tensors: unpickling it
+    could run code, so it is refused (every torch file is read with ``torch.load(weights_only=True)``)."""
+
+    def __init__(self, path: Path, detail: str):
+        super().__init__(
+            f"refused to load {path}: its pickle holds objects other than tensors and containers "
+            f"({detail}); unpickling them could run code. Use the .safetensors version of these weights, or "
+            "convert the file to safetensors on a machine where you trust it"
+        )
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[-1][:160] if str(err).strip() else type(err).__name__
+
+
+def _torch_load(path: Path, device, mmap: bool = False) -> dict:
+    """``torch.load(weights_only=True)``; a refused pickle raises UnsafeWeightsError, a broken file
+    CorruptWeightsError, both naming the file."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:  # weights_only refused a global (a class or function to call)
+        raise UnsafeWeightsError(path, _first_line(err)) from None
+    except (EOFError, RuntimeError, OSError, zipfile.BadZipFile) as err:
+        raise CorruptWeightsError(path, f"{type(err).__name__}: {str(err)[:120]}") from err
 
 
 class KeyMismatchError(ValueError):
@@ -133,11 +162,14 @@ def _weights_in_folder(folder: Path) -> list[Path]:
 
 
 def check_weight_file(path: str | Path) -> Path:
-    """Raise ``CorruptWeightsError`` (naming the file) unless ``path`` is a complete weight file; cheap.
+    """Raise ``CorruptWeightsError`` (naming the file) unless ``path`` is a complete weight file, and
+    ``UnsafeWeightsError`` if a torch file's pickle holds anything but tensors; cheap.
 
     ``.safetensors``: the header is read and the data it declares must fill the file exactly, which catches
     an empty or truncated file. ``torch.save`` files (``.bin``/``.pth``/``.pt``/``.ckpt``) are zip archives
-    whose directory sits at the end, so a truncated one is not a readable zip.
+    whose directory sits at the end, so a truncated one is not a readable zip; their pickle is then read with
+    ``weights_only=True`` and the tensors memory-mapped, not read, so a planted pickle is refused here, before
+    diffusers or transformers open the folder.
     """
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -146,8 +178,10 @@ def check_weight_file(path: str | Path) -> Path:
                 f.keys()
         except SafetensorError as err:
             raise CorruptWeightsError(path, str(err)) from err
-    elif path.suffix in TORCH_SUFFIXES and not zipfile.is_zipfile(path):
-        raise CorruptWeightsError(path, "not a complete torch.save zip archive")
+    elif path.suffix in TORCH_SUFFIXES:
+        if not zipfile.is_zipfile(path):
+            raise CorruptWeightsError(path, "not a complete torch.save zip archive")
+        _torch_load(path, "cpu", mmap=True)
     return path
 
 
@@ -158,11 +192,7 @@ def _read_file(path: Path, device) -> dict:
         except SafetensorError as err:
             raise CorruptWeightsError(path, str(err)) from err
     if path.suffix in TORCH_SUFFIXES:
-        try:
-            return torch.load(path, map_location=device, weights_only=True)
-        except (EOFError, RuntimeError, OSError, zipfile.BadZipFile) as err:
-            # (a file with pickled objects that are not tensors raises UnpicklingError, which says so itself)
-            raise CorruptWeightsError(path, f"{type(err).__name__}: {str(err)[:120]}") from err
+        return _torch_load(path, device)
     raise ValueError(
         f"{path.name}: unknown weight file type {path.suffix!r}; "
         f"expected .safetensors or one of {TORCH_SUFFIXES}"

@@ -1,0 +1,176 @@
+"""A planted malicious pickle is refused on every loading path, and never runs.
+
+The pickle below calls ``open(marker, "w")`` when it is unpickled: if any loader unpickled it without
+``weights_only=True``, the marker file would appear. Every test asserts that an error naming the file is
+raised *and* that the marker does not exist.
+"""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_pipeline import tiny_pipeline
+from test_pipeline_official import write_official
+
+from anim_lab.clip import load_image_encoder
+from anim_lab.configs import TINY
+from anim_lab.motion import MOTION_TINY
+from anim_lab.pipelines import Pose2VideoPipeline
+from anim_lab.pose_guider import PoseGuider
+from anim_lab.unet import ReferenceUNet, VideoUNet
+from anim_lab.vae import load_vae
+from anim_lab.weights import CorruptWeightsError, UnsafeWeightsError, check_weight_file, load_checkpoint
+
+
+class _Payload:
+    """Unpickling this creates ``marker`` (it stands for any code an attacker would run)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def plant(path: Path, marker: Path) -> Path:
+    """Overwrite ``path`` with a torch.save archive whose pickle runs the payload."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"conv_in.weight": torch.ones(1), "payload": _Payload(marker)}, path)
+    return path
+
+
+@pytest.fixture
+def marker(tmp_path):
+    path = tmp_path / "PWNED"
+    yield path
+    assert not path.exists(), "the malicious pickle ran"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+def test_the_payload_would_run_without_weights_only(tmp_path):
+    # the check that the tests below are not vacuous: the planted file does run code when fully unpickled
+    marker = tmp_path / "PWNED"
+    path = plant(tmp_path / "evil.pth", marker)
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("name", ["model.pth", "model.bin", "model.ckpt", "model.pt"])
+def test_load_checkpoint_refuses_a_malicious_file(tmp_path, marker, name):
+    path = plant(tmp_path / name, marker)
+    with pytest.raises(UnsafeWeightsError, match=f"refused to load {path}"):
+        load_checkpoint(path)
+    with pytest.raises(UnsafeWeightsError, match="safetensors"):
+        check_weight_file(path)
+
+
+@pytest.mark.parametrize("name", ["diffusion_pytorch_model.bin", "pytorch_model.bin"])
+def test_load_checkpoint_refuses_a_malicious_folder(tmp_path, marker, name):
+    plant(tmp_path / "unet" / name, marker)
+    with pytest.raises(UnsafeWeightsError, match=name):
+        load_checkpoint(tmp_path)
+
+
+def test_model_loaders_refuse_malicious_files(tmp_path, marker):
+    path = plant(tmp_path / "w.pth", marker)
+    with pytest.raises(UnsafeWeightsError, match="w.pth"):
+        VideoUNet.from_pretrained(path, unet_kwargs=TINY.unet)
+    with pytest.raises(UnsafeWeightsError, match="w.pth"):
+        VideoUNet.from_pretrained(tmp_path / "w.pth", unet_kwargs=TINY.unet, motion_module=path)
+    with pytest.raises(UnsafeWeightsError, match="w.pth"):
+        ReferenceUNet.from_pretrained(path, unet_kwargs=TINY.unet)
+    with pytest.raises(UnsafeWeightsError, match="w.pth"):
+        PoseGuider.from_pretrained(path, **TINY.pose_guider)
+
+
+def test_diffusers_vae_folder_loader_refuses(pipe, tmp_path, marker):
+    """load_vae hands the folder to diffusers' AutoencoderKL.from_pretrained; the .bin is checked first."""
+    pipe.vae.save_pretrained(tmp_path / "vae", safe_serialization=False)
+    plant(tmp_path / "vae" / "diffusion_pytorch_model.bin", marker)
+    with pytest.raises(UnsafeWeightsError, match="diffusion_pytorch_model.bin"):
+        load_vae(tmp_path / "vae")
+
+
+def test_transformers_image_encoder_folder_loader_refuses(pipe, tmp_path, marker):
+    """load_image_encoder hands the folder to transformers' from_pretrained; the .bin is checked first."""
+    pipe.image_encoder.save_pretrained(tmp_path / "enc")
+    (tmp_path / "enc" / "model.safetensors").unlink()
+    plant(tmp_path / "enc" / "pytorch_model.bin", marker)
+    with pytest.raises(UnsafeWeightsError, match="pytorch_model.bin"):
+        load_image_encoder(tmp_path / "enc")
+
+
+def test_diffusers_and_transformers_refuse_on_their_own(pipe, tmp_path, marker):
+    """Even without anim_lab's check, the installed diffusers/transformers do not run the pickle."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPVisionModelWithProjection
+
+    pipe.vae.save_pretrained(tmp_path / "vae", safe_serialization=False)
+    plant(tmp_path / "vae" / "diffusion_pytorch_model.bin", marker)
+    with pytest.raises(Exception, match="diffusion_pytorch_model.bin|Weights only load failed"):
+        AutoencoderKL.from_pretrained(tmp_path / "vae")
+    pipe.image_encoder.save_pretrained(tmp_path / "enc")
+    (tmp_path / "enc" / "model.safetensors").unlink()
+    plant(tmp_path / "enc" / "pytorch_model.bin", marker)
+    with pytest.raises(Exception, match="Weights only load failed|pytorch_model.bin"):
+        CLIPVisionModelWithProjection.from_pretrained(tmp_path / "enc")
+
+
+OFFICIAL_FILES = [
+    "denoising_unet.pth",
+    "reference_unet.pth",
+    "pose_guider.pth",
+    "motion_module.pth",
+    "sd-vae-ft-mse/diffusion_pytorch_model.bin",
+    "image_encoder/pytorch_model.bin",
+]
+
+
+@pytest.mark.parametrize("name", OFFICIAL_FILES)
+def test_from_official_refuses_every_planted_file(pipe, tmp_path, marker, name):
+    folder = write_official(tmp_path / "weights", pipe)
+    if name.startswith("image_encoder/"):
+        (folder / "image_encoder" / "model.safetensors").unlink()  # else the safetensors file is preferred
+    plant(folder / name, marker)
+    with pytest.raises(UnsafeWeightsError, match=Path(name).name):
+        Pose2VideoPipeline.from_official(folder, motion_kwargs=MOTION_TINY)
+
+
+def test_from_official_prefers_safetensors_and_never_opens_the_pickle(pipe, tmp_path, marker):
+    folder = write_official(tmp_path / "weights", pipe)
+    state = {k: v.contiguous() for k, v in pipe.reference_unet.state_dict().items()}
+    save_file(state, folder / "reference_unet.safetensors")
+    plant(folder / "reference_unet.pth", marker)  # both exist: the safetensors file wins
+    loaded = Pose2VideoPipeline.from_official(folder, motion_kwargs=MOTION_TINY)
+    assert all(torch.equal(v, loaded.reference_unet.state_dict()[k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize("component", ["vae", "image_encoder"])
+def test_from_pretrained_refuses_a_planted_pickle(pipe, tmp_path, marker, component):
+    pipe.save_pretrained(tmp_path / "p")
+    folder = tmp_path / "p" / component
+    name = "diffusion_pytorch_model" if component == "vae" else "model"
+    (folder / f"{name}.safetensors").unlink()
+    plant(folder / ("diffusion_pytorch_model.bin" if component == "vae" else "pytorch_model.bin"), marker)
+    with pytest.raises(UnsafeWeightsError, match=".bin"):
+        Pose2VideoPipeline.from_pretrained(tmp_path / "p")
+
+
+def test_truncated_files_are_named(pipe, tmp_path):
+    folder = write_official(tmp_path / "weights", pipe)
+    path = folder / "motion_module.pth"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CorruptWeightsError, match="motion_module.pth: the weight file is truncated"):
+        Pose2VideoPipeline.from_official(folder, motion_kwargs=MOTION_TINY)
+    pipe.save_pretrained(tmp_path / "p")
+    weights = tmp_path / "p" / "denoising_unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CorruptWeightsError, match="denoising_unet/diffusion_pytorch_model.safetensors"):
+        Pose2VideoPipeline.from_pretrained(tmp_path / "p")
+    shutil.rmtree(tmp_path / "p")
