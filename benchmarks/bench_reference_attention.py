@@ -9,7 +9,8 @@ of tests/test_reference.py), side by side in one run, at SD1.5 widths, 32x32 lat
    largest difference of the outputs.
 2. One whole denoising-UNet step (SD1.5 + motion modules, random weights), both ways, same output.
 
-The ratios are what to read; absolute times depend on the machine and its load.
+The ratios are what to read. On the CPU, times are the process's CPU time (run with --threads 1), so that
+other jobs on a shared machine do not distort the comparison; on CUDA, wall time.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_reference_attention.py [--frames 16] [--size 32]
         [--repeats 3] [--threads N] [--skip-unet | --skip-attention] [--device cpu|cuda]
@@ -48,17 +49,22 @@ SD15_BLOCKS = (
 )
 
 
+def clock(device: torch.device) -> float:
+    """CUDA: wall time after a sync. CPU: this process's CPU time, which on a machine shared with other jobs
+    measures the work done rather than the share of the cores this process happened to get."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
 def best_time(fn, repeats: int, device: torch.device) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = clock(device)
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(clock(device) - t0)
     return min(times)
 
 
@@ -130,7 +136,8 @@ def bench_attention(frames: int, size: int, repeats: int, device: torch.device) 
     flops_ours, flops_plain, flops_kv = count_attention_flops(frames, size)
     print(
         f"Reference attention (attn1 of the 16 SD1.5 blocks), {frames} frames, {size}x{size} latents, CFG "
-        f"(2 x {frames} rows), {device.type}, {torch.get_num_threads()} threads, best of {repeats}:"
+        f"(2 x {frames} rows), {device.type}, {torch.get_num_threads()} threads, best of {repeats} "
+        f"({'CPU' if device.type == 'cpu' else 'wall'} time):"
     )
     print(f"  {'':34s} {'time/step':>10s} {'peak memory':>12s} {'FLOPs/step':>11s}")
     print(
@@ -191,18 +198,20 @@ def bench_unet(frames: int, size: int, device: torch.device) -> None:
         control = PlainReferenceControl(reference, denoiser, frames, True)
         reference(torch.cat([ref_latents] * 2), 0, tokens)  # the reference code: ReferenceNet on 2 rows
         control.update()
-        t0 = time.perf_counter()
+        t0 = clock(device)
         plain = denoiser(x, 500, tokens)
-        t_plain = time.perf_counter() - t0
+        t_plain = clock(device) - t0
         control.clear()
         with reference_attention(reference, denoiser, do_classifier_free_guidance=True) as bank:
             bank.write(ref_latents, 0, clip)  # anim_lab: the ReferenceNet on the conditional row only
-            t0 = time.perf_counter()
+            t0 = clock(device)
             ours = denoiser(x, 500, tokens)  # the first step: includes the one-off reference K/V projections
-            t_ours = time.perf_counter() - t0
+            t_ours = clock(device) - t0
+    kind = "CPU" if device.type == "cpu" else "wall"
     print(
         f"Whole denoising-UNet step (SD1.5 + 21 motion modules), {frames} frames, {size}x{size}, CFG, "
-        f"{device.type}, one run each:"
+        f"{device.type}, {torch.get_num_threads()} threads, one run each ({kind} time; anim_lab's run is a "
+        "first step, with the one-off K/V projections):"
     )
     print(
         f"  reference code {t_plain:.2f} s, anim_lab {t_ours:.2f} s: x{t_plain / t_ours:.2f}; "
