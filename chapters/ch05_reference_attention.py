@@ -27,7 +27,7 @@
 #   with exactly one reader, and does the reference code's sort by width pair them by name? Why does the
 #   ReferenceNet need no `conv_out`? What do the unconditional rows see? How much attention work does the
 #   reference code waste, and what does anim_lab save?
-# - **CPU runtime**: about 30 s
+# - **CPU runtime**: about 45 s
 #
 # Full-size shapes and FLOPs come from the `meta` device; every numerical experiment runs on the TINY preset
 # with random weights (nothing here needs a trained animator).
