@@ -18,8 +18,8 @@ Key names equal the official checkpoints' (``motion_module.pth``, AnimateDiff ``
 ``temporal_transformer.{norm, proj_in, proj_out, transformer_blocks.0.{attention_blocks.{0,1}.{to_q, to_k,
 to_v, to_out.0, pos_encoder.pe}, norms.{0,1}, ff.net.0.proj, ff.net.2, ff_norm}}``: 28 keys per module.
 
-Each temporal attention is a plain diffusers ``Attention`` whose processor (``TemporalAttnProcessor``) does the
-frame-axis rearrangement and the position encoding; the UNets select processors by module name
+Each temporal attention is a plain diffusers ``Attention``; its processor, ``TemporalAttnProcessor``, does
+the frame-axis rearrangement and the position encoding; the UNets select processors by module name
 (``VideoUNet.set_attn_processor``), so the motion modules' attentions are never mistaken for spatial ones.
 
 Position-encoding buffers: kept, as persistent buffers ``pos_encoder.pe`` of shape (1, max_len, C), because

@@ -16,16 +16,17 @@ UNet3D:
     h = conv_in(sample) [+ pose features]                       (B*F, C0, H, W)
     temb = time_embedding(sinusoid(t)), repeated per frame      (B*F, 4*C0): added inside every resnet
     down block i:  [resnet -> cross-attn transformer -> motion module] x layers, each output kept as a skip;
-                   downsample (stride-2 conv), also kept
+                   downsample (stride-2 conv), also kept; [+ pose features i+1, main path only]
     mid block:     resnet -> transformer -> motion module -> resnet
     up block i:    [concat the last skip -> resnet -> transformer -> motion module] x (layers + 1); upsample
     head:          GroupNorm (per frame) -> SiLU -> conv_out     (B*F, 4, H, W) -> (B, 4, F, H, W)
 
 ``VideoUNet`` is the denoising UNet (with or without motion modules; the pose guider's features are added
-after ``conv_in``). ``ReferenceUNet`` is the 2D UNet without ``conv_norm_out``/``conv_out``, as in the
-reference code: it only runs so that its transformer blocks' self-attention inputs can be read (reference
-attention, a later module). Both build on the ``meta`` device at SD15 size (``with torch.device("meta"):
-VideoUNet(SD15.unet, MOTION_SD15)``).
+after ``conv_in``, or, for AniPortrait's multi-scale guider, also after every down block).
+``ReferenceUNet`` is the 2D UNet without ``conv_norm_out``/``conv_out``, as in the reference code: it only
+runs so that its transformer blocks' self-attention inputs can be read (``anim_lab.reference``). Both UNets
+expose their attention processors by module name (``attn_processors`` / ``set_attn_processor``). Both build
+on the ``meta`` device at SD15 size (``with torch.device("meta"): VideoUNet(SD15.unet, MOTION_SD15)``).
 """
 
 from __future__ import annotations
@@ -397,8 +398,8 @@ class ReferenceUNet(_UNetBody):
     """The reference UNet (ReferenceNet): the 2D UNet without conv_norm_out/conv_out, as the reference has it.
 
     forward(sample (B, 4, H, W), timestep, encoder_hidden_states (B, N, D)) -> the last up block's features
-    (B, C0, H, W). What matters is not that output but what its transformer blocks see (reference attention
-    reads them by module name, ``down_blocks.i.attentions.j.transformer_blocks.0``).
+    (B, C0, H, W). What matters is not that output but what its transformer blocks see (``anim_lab.reference``
+    reads their attn1 inputs by module name, ``down_blocks.i.attentions.j.transformer_blocks.0.attn1``).
     """
 
     def __init__(self, unet_kwargs: dict):

@@ -457,8 +457,8 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# One temporal attention re-derived by hand at a single pixel, against `TemporalAttention` (diffusers'
-# `Attention` run along frames):
+# One temporal attention re-derived by hand at a single pixel, against the motion module's attention (a
+# diffusers `Attention` whose `TemporalAttnProcessor` runs it along frames):
 
 # %%
 motion = MotionModule(32, num_attention_heads=4, norm_num_groups=8)

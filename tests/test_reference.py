@@ -36,7 +36,7 @@ def torch_dfs(model: torch.nn.Module) -> list[torch.nn.Module]:
     return result
 
 
-class _PlainWriter(AttnProcessor2_0):
+class PlainWriter(AttnProcessor2_0):
     def __init__(self, block):
         super().__init__()
         self.block = block
@@ -46,7 +46,7 @@ class _PlainWriter(AttnProcessor2_0):
         return super().__call__(attn, hidden_states, *args, **kwargs)
 
 
-class _PlainReader(AttnProcessor2_0):
+class PlainReader(AttnProcessor2_0):
     def __init__(self, block, control):
         super().__init__()
         self.block, self.control = block, control
@@ -84,10 +84,10 @@ class PlainReferenceControl:
         self.readers.sort(key=lambda m: -m.norm1.normalized_shape[0])
         for w in self.writers:
             w.bank = []
-            w.attn1.set_processor(_PlainWriter(w))
+            w.attn1.set_processor(PlainWriter(w))
         for r in self.readers:
             r.bank = []
-            r.attn1.set_processor(_PlainReader(r, self))
+            r.attn1.set_processor(PlainReader(r, self))
 
     def update(self):
         for r, w in zip(self.readers, self.writers, strict=True):
