@@ -62,6 +62,8 @@ __all__ = [
     "sample_i2v",
     "shift_sigmas",
     "token_replace_input",
+    "toy_caption",
+    "toy_text_tokens",
     "velocity_target",
 ]
 
@@ -328,6 +330,35 @@ def decode_latents(vae: CausalVAE, latents: torch.Tensor, tiling=None) -> torch.
     optionally tiled (``anim_lab.tiling.TileSettings``)."""
     _check_latents(latents)
     return vae.decode(latents / vae.scaling_factor, tiling=tiling).clamp(-1, 1)
+
+
+# --- the toy world's text condition ------------------------------------------------------------------------
+TOY_CAPTION_ATTRIBUTES = ("hair", "hairstyle", "skin", "background", "shirt")
+
+
+def toy_caption(identity) -> str:
+    """A toy identity's caption, its colour/style phrases joined by commas ("brown hair , short hair , light
+    skin , blue background , navy shirt"); fits the toy tokenizer's 16 tokens."""
+    from .clip import toy_phrase
+
+    return " , ".join(toy_phrase(a, getattr(identity, a)) for a in TOY_CAPTION_ATTRIBUTES)
+
+
+@torch.no_grad()
+def toy_text_tokens(captions: list[str]) -> dict:
+    """Captions -> the transformer's text inputs from the toy CLIP's text tower: ``encoder_hidden_states``
+    (N, 16, 128) (last hidden states), ``encoder_attention_mask`` (N, 16), ``pooled_projections`` (N, 64)
+    (the projected text embedding). The empty caption "" is the unconditional input for CFG."""
+    from .clip import load_toy_clip
+
+    model, tokenizer = load_toy_clip()
+    batch = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt")
+    out = model.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return dict(
+        encoder_hidden_states=out.last_hidden_state,  # (N, 16, 128)
+        encoder_attention_mask=batch["attention_mask"],  # (N, 16)
+        pooled_projections=model.text_projection(out.pooler_output),  # (N, 128) -> (N, 64)
+    )
 
 
 # --- the committed toy model --------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
     # 1. once: render + encode the clips with the toy causal VAE into runs/toy_i2v_cache/ (~10 min)
     .venv/bin/python scripts/train_toy_i2v.py --cache-only
-    # 2. one model per condition type (each ~30 min on one thread; run them side by side in the background)
+    # 2. one model per condition type (500 steps each, ~30 min on one shared thread; run them side by side in the background)
     nohup .venv/bin/python scripts/train_toy_i2v.py --kind latent_concat > runs/i2v_latent_concat.out 2>&1 &
     nohup .venv/bin/python scripts/train_toy_i2v.py --kind token_replace > runs/i2v_token_replace.out 2>&1 &
     # resume an interrupted run from its checkpoint (runs/toy_i2v_<kind>/ckpt.pt)
@@ -23,7 +23,7 @@ the empty caption instead, so classifier-free guidance is possible.
 
 Objective: rectified flow. t = shift(u), u ~ U(0, 1), shift 3 (the sampler's); x_t = (1 - t) x0 + t eps;
 MSE between the transformer's output (timestep 1000 t) and eps - x0 (token_replace: frames 1.. only, frame 0
-is the clean image latent). AdamW lr 5e-4 after 200 warm-up steps, cosine to 2e-5, weight decay 0.01, batch
+is the clean image latent). AdamW lr 5e-4 after min(200, steps / 5) warm-up steps, cosine to 2e-5, weight decay 0.01, batch
 16, grad clip 1, fp32, through ``accelerate`` (CPU here). Every 250 steps: the held-out velocity MSE at fixed
 (t, noise) on test clips. Checkpoint every 250 steps; the log goes to ``<ckpt-dir>/train.log`` too.
 
@@ -50,17 +50,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from anim_lab import clip as C  # noqa: E402
 from anim_lab import flow, toy  # noqa: E402
 from anim_lab.causal_vae import CausalVAE  # noqa: E402
 
 SIZE, NUM_FRAMES = 64, 17
-CAPTION_ATTRIBUTES = ("hair", "hairstyle", "skin", "background", "shirt")
-
-
-def caption_of(identity: toy.Identity) -> str:
-    """The identity's caption: its colour/style phrases joined by commas (fits the tokenizer's 16 tokens)."""
-    return " , ".join(C.toy_phrase(a, getattr(identity, a)) for a in CAPTION_ATTRIBUTES)
 
 
 def render_clip(ident_seed: int) -> np.ndarray:
@@ -68,21 +61,6 @@ def render_clip(ident_seed: int) -> np.ndarray:
     return toy.make_clip(
         toy.identity_from_seed(int(ident_seed)), num_frames=NUM_FRAMES, size=SIZE, seed=int(ident_seed)
     ).frames
-
-
-@torch.no_grad()
-def text_tokens(captions: list[str]) -> dict:
-    """Captions -> encoder_hidden_states (N, 16, 128), encoder_attention_mask (N, 16), pooled_projections
-    (N, 64) from the toy CLIP's text tower."""
-    model, tokenizer = C.load_toy_clip()
-    batch = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt")
-    out = model.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    pooled = model.text_projection(out.pooler_output)  # (N, 128) -> (N, 64)
-    return dict(
-        encoder_hidden_states=out.last_hidden_state,
-        encoder_attention_mask=batch["attention_mask"],
-        pooled_projections=pooled,
-    )
 
 
 @torch.no_grad()
@@ -96,14 +74,14 @@ def build_cache(seeds: list[int], path: Path, batch: int = 8) -> dict:
         dist = vae.encode(video)  # (B, 3, 17, 64, 64) -> posterior over (B, 16, 5, 8, 8)
         means.append(dist.mean)
         stds.append(dist.std)
-    captions = [caption_of(toy.identity_from_seed(s)) for s in seeds]
+    captions = [flow.toy_caption(toy.identity_from_seed(s)) for s in seeds]
     cache = dict(
         seeds=list(seeds),
         mean=torch.cat(means),
         std=torch.cat(stds),
         captions=captions,
-        text=text_tokens(captions),
-        uncond_text={k: v[:1] for k, v in text_tokens([""]).items()},
+        text=flow.toy_text_tokens(captions),
+        uncond_text={k: v[:1] for k, v in flow.toy_text_tokens([""]).items()},
         scaling_factor=vae.scaling_factor,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +120,8 @@ def load_or_build(path: Path, seeds: list[int]) -> dict:
     return cache if "image_mean" in cache else add_image_latents(cache, path)
 
 
-def lr_at(step: int, total: int, base: float = 5e-4, final: float = 2e-5, warmup: int = 200) -> float:
+def lr_at(step: int, total: int, base: float = 5e-4, final: float = 2e-5) -> float:
+    warmup = min(200, total // 5)
     if step < warmup:
         return base * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -165,11 +144,11 @@ def batch_of(cache: dict, idx: torch.Tensor, g: torch.Generator, p_uncond: float
 
 @torch.no_grad()
 def held_out_loss(model, cache: dict, shift: float) -> float:
-    """Velocity MSE on the cached test clips at fixed noise and 8 fixed t per clip (posterior means)."""
+    """Velocity MSE on the cached test clips at fixed noise and 4 fixed t per clip (posterior means)."""
     g = torch.Generator().manual_seed(1234)
     sf, losses = cache["scaling_factor"], []
     model.eval()
-    for u in torch.linspace(0.05, 0.95, 8):
+    for u in torch.linspace(0.1, 0.9, 4):
         n = len(cache["seeds"])
         x0, img = cache["mean"] * sf, cache["image_mean"] * sf
         noise = torch.randn(x0.shape, generator=g)
@@ -184,7 +163,7 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--kind", choices=flow.IMAGE_CONDITION_TYPES, default="latent_concat")
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--shift", type=float, default=3.0)
     parser.add_argument("--train-clips", type=int, default=1024)
@@ -304,7 +283,7 @@ def main(argv=None):
         train_clips=n,
         test_clips=len(test["seeds"]),
         clip=f"{NUM_FRAMES} frames, {SIZE} px -> latents {tuple(train['mean'].shape[1:])}",
-        caption_attributes=list(CAPTION_ATTRIBUTES),
+        caption_attributes=list(flow.TOY_CAPTION_ATTRIBUTES),
         p_uncond=0.1,
         seed=args.seed,
         threads=args.threads,
