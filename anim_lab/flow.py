@@ -338,7 +338,7 @@ TOY_CAPTION_ATTRIBUTES = ("hair", "hairstyle", "skin", "background", "shirt")
 
 def toy_caption(identity) -> str:
     """A toy identity's caption, its colour/style phrases joined by commas ("brown hair , short hair , light
-    skin , blue background , navy shirt"); fits the toy tokenizer's 16 tokens."""
+    skin , blue background , navy shirt"): 16 tokens with <bos>/<eos>, within the toy tokenizer's 24."""
     from .clip import toy_phrase
 
     return " , ".join(toy_phrase(a, getattr(identity, a)) for a in TOY_CAPTION_ATTRIBUTES)
@@ -347,7 +347,8 @@ def toy_caption(identity) -> str:
 @torch.no_grad()
 def toy_text_tokens(captions: list[str]) -> dict:
     """Captions -> the transformer's text inputs from the toy CLIP's text tower: ``encoder_hidden_states``
-    (N, 16, 128) (last hidden states), ``encoder_attention_mask`` (N, 16), ``pooled_projections`` (N, 64)
+    (N, 24, 128) (last hidden states, padded to the tokenizer's 24), ``encoder_attention_mask`` (N, 24),
+    ``pooled_projections`` (N, 64)
     (the projected text embedding). The empty caption "" is the unconditional input for CFG."""
     from .clip import load_toy_clip
 
@@ -355,8 +356,8 @@ def toy_text_tokens(captions: list[str]) -> dict:
     batch = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt")
     out = model.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return dict(
-        encoder_hidden_states=out.last_hidden_state,  # (N, 16, 128)
-        encoder_attention_mask=batch["attention_mask"],  # (N, 16)
+        encoder_hidden_states=out.last_hidden_state,  # (N, 24, 128)
+        encoder_attention_mask=batch["attention_mask"],  # (N, 24)
         pooled_projections=model.text_projection(out.pooler_output),  # (N, 128) -> (N, 64)
     )
 

@@ -280,3 +280,19 @@ def test_bad_shift(shift):
         flow.shift_sigmas(np.linspace(1, 0, 5), shift)
     with pytest.raises(ValueError, match="shift must be > 0"):
         flow.sample_i2v(tiny("token_replace"), torch.zeros(1, C, 1, 4, 4), text(1), 9, 1, shift=shift)
+
+
+@pytest.mark.parametrize("kind", flow.IMAGE_CONDITION_TYPES)
+def test_committed_toy_i2v_loads_and_keeps_frame0(kind):
+    """The trained toy models load with the TOY_I2V config; token_replace keeps the condition latent."""
+    model = flow.load_toy_i2v(kind)
+    reference = flow.build_transformer(kind)
+    public = lambda cfg: {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if k[0] != "_"}  # noqa: E731
+    assert public(model.config) == public(reference.config)
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    text = flow.toy_text_tokens(["brown hair , short hair"])
+    img = torch.randn(1, 16, 1, 8, 8)
+    out = flow.sample_i2v(model, img, text, 17, 2, 3.0, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 16, 5, 8, 8) and torch.isfinite(out).all()
+    if kind == "token_replace":
+        assert torch.equal(out[:, :, :1], img)
