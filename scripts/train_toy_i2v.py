@@ -2,9 +2,11 @@
 
     # 1. once: render + encode the clips with the toy causal VAE into runs/toy_i2v_cache/ (~10 min)
     .venv/bin/python scripts/train_toy_i2v.py --cache-only
-    # 2. one model per condition type (500 steps each, ~30 min on one shared thread; run them side by side in the background)
-    nohup .venv/bin/python scripts/train_toy_i2v.py --kind latent_concat > runs/i2v_latent_concat.out 2>&1 &
-    nohup .venv/bin/python scripts/train_toy_i2v.py --kind token_replace > runs/i2v_token_replace.out 2>&1 &
+    # 2. one model per condition type (500 steps each, ~20 min on one shared thread; side by side)
+    nohup .venv/bin/python scripts/train_toy_i2v.py --kind latent_concat --steps 500 \\
+        > runs/i2v_latent_concat.out 2>&1 &
+    nohup .venv/bin/python scripts/train_toy_i2v.py --kind token_replace --steps 500 \\
+        > runs/i2v_token_replace.out 2>&1 &
     # resume an interrupted run from its checkpoint (runs/toy_i2v_<kind>/ckpt.pt)
     .venv/bin/python scripts/train_toy_i2v.py --kind latent_concat --resume
     # smoke test
@@ -23,9 +25,10 @@ the empty caption instead, so classifier-free guidance is possible.
 
 Objective: rectified flow. t = shift(u), u ~ U(0, 1), shift 3 (the sampler's); x_t = (1 - t) x0 + t eps;
 MSE between the transformer's output (timestep 1000 t) and eps - x0 (token_replace: frames 1.. only, frame 0
-is the clean image latent). AdamW lr 5e-4 after min(200, steps / 5) warm-up steps, cosine to 2e-5, weight decay 0.01, batch
-16, grad clip 1, fp32, through ``accelerate`` (CPU here). Every 250 steps: the held-out velocity MSE at fixed
-(t, noise) on test clips. Checkpoint every 250 steps; the log goes to ``<ckpt-dir>/train.log`` too.
+is the clean image latent). AdamW lr 5e-4 after min(200, steps / 5) warm-up steps, cosine to 2e-5, weight
+decay 0.01, batch 16, grad clip 1, fp32, through ``accelerate`` (CPU here). Every 250 steps: the held-out
+velocity MSE at fixed (t, noise) on test clips. Checkpoint every 250 steps; the log goes to
+``<ckpt-dir>/train.log`` too.
 
 Output: ``anim_lab/assets/toy_i2v/<kind>/`` (diffusers ``save_pretrained`` layout) and ``train_log.json``
 beside it.
@@ -274,6 +277,8 @@ def main(argv=None):
 
     out = args.out / args.kind
     accelerator.unwrap_model(model).save_pretrained(out)
+    for f in out.glob("*.safetensors"):
+        f.chmod(0o644)  # safetensors writes files readable by their owner only
     summary = dict(
         image_condition_type=args.kind,
         parameters=n_params,
