@@ -204,6 +204,7 @@ def token_replace_input(latents: torch.Tensor, image_latents: torch.Tensor) -> t
 
 
 def i2v_model_input(image_condition_type: str, latents: torch.Tensor, image_latents: torch.Tensor):
+    """What the transformer reads for ``image_condition_type``: (B, 2C + 1, F, h, w) or (B, C, F, h, w)."""
     check_image_condition_type(image_condition_type)
     if image_condition_type == "latent_concat":
         return latent_concat_input(latents, image_latents)
