@@ -197,8 +197,11 @@ with torch.no_grad():
     out_portraits = toy_attn(queries[:1].expand(4, -1, -1), encoder_hidden_states=tokens)  # (4, 100, 32)
 
 
-def gap(a, b):  # relative L2 distance of two cross-attention outputs
-    return float((a - b).norm() / b.norm())
+scale = out_portraits.norm(dim=(1, 2)).mean()  # the typical size of a portrait's output
+
+
+def gap(a, b):  # L2 distance of two cross-attention outputs, relative to a portrait's output
+    return float((a - b).norm() / scale)
 
 
 print(
@@ -214,11 +217,12 @@ print(
 )
 
 # %% [markdown]
-# The zero-image token is a full-size embedding, and what cross-attention makes of it differs from the
-# zero token's output (the `to_out` bias) by as much as two portraits differ from each other. So the
-# unconditional branch at inference is an input the UNet never saw in training. It still works as "less
-# condition" because guidance only uses the *difference* between the two branches, but the two choices
-# are not the same, and a retrained model could use the zero-image token at inference to match its training.
+# The zero-image token is a full-size embedding, as long as a portrait's. Through a (random, toy-sized)
+# cross-attention layer, its output is almost as far from the zero token's output (the `to_out` bias) as two
+# different portraits' outputs are from each other. So at inference the unconditional branch gets an input the
+# UNet never saw as "no condition" in training. Guidance still works, since it only uses the *difference*
+# between the two branches, but the two choices are not the same function; a model trained this way could use
+# the zero-image token at inference to match its training.
 
 # %% [markdown]
 # ## 4. How the toy CLIP was trained
@@ -349,11 +353,12 @@ print(f"identity retrieval top-1, raw pixels:      {retrieval_top1(pixels - pixe
 centred = image_embeds - image_embeds.mean(0)
 _, _, vh = torch.linalg.svd(centred, full_matrices=False)
 xy = (centred @ vh[:2].T).numpy()  # (400, 2): the first two principal components
+palettes = {
+    "hairstyle": {"short": (31, 119, 180), "long": (255, 127, 14)},  # two categories, two colours
+    "skin": toy.renderer.SKIN_TONES,
+}
 fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-for ax, attr, colours in (
-    (axes[0], "background", toy.renderer.BACKGROUNDS),
-    (axes[1], "hair", toy.renderer.HAIR_COLORS),
-):
+for ax, (attr, colours) in zip(axes[:2], palettes.items(), strict=True):
     ax.scatter(
         xy[:, 0],
         xy[:, 1],
@@ -362,7 +367,7 @@ for ax, attr, colours in (
         edgecolors="k",
         linewidths=0.2,
     )
-    ax.set_title(f"coloured by {attr}", fontsize=9)
+    ax.set_title(f"coloured by {attr} ({', '.join(colours)})", fontsize=9)
 for k in range(8):  # 8 identities, their 4 views joined
     pts = xy[who.numpy() == k]
     axes[2].plot(*np.vstack([pts, pts[:1]]).T, "o-", ms=4, lw=0.8)
@@ -371,6 +376,8 @@ axes[2].set_title("8 identities, 4 poses each", fontsize=9)
 for ax in axes:
     ax.set_xticks([])
     ax.set_yticks([])
+    ax.set_xlabel("PC1")
+    ax.set_ylabel("PC2")
 fig.suptitle("Toy CLIP image embeddings of held-out portraits (first two principal components)", fontsize=10)
 fig.tight_layout()
 viz.save(fig, "ch03_embedding_map")
@@ -398,6 +405,14 @@ for pc in (0, 1):
     eta = {a: eta_squared(xy[:, pc], [lab[a] for lab in labels]) for a in (*toy.ATTRIBUTES, "mouth")}
     top = sorted(eta.items(), key=lambda kv: -kv[1])[:3]
     print(f"PC{pc + 1}: explained best by", ", ".join(f"{a} {v:.2f}" for a, v in top))
+
+# %% [markdown]
+# How to read the map: the two axes hold under a fifth of the embeddings' variance, and they are mostly
+# hairstyle (PC1) and skin tone (PC2), which is why the map is coloured by those two. Background and shirt,
+# read perfectly by zero-shot, live in other directions of the 64-D space, and each identity's 4 views sit
+# close together (right panel): the retrieval of the cell above is a statement about all 64 dimensions,
+# which no 2-D projection shows. Treat a PCA map of an embedding as a glimpse, and measure with probes,
+# zero-shot and retrieval.
 
 # %% [markdown]
 # ## 7. What is lost: small details
