@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .configs import SD15, TINY, TOY
+from .weights import DIFFUSERS_WEIGHTS, load_checkpoint, load_into
 
 __all__ = [
     "CAUSAL_VAE_HUNYUAN",
@@ -67,7 +68,9 @@ CAUSAL_VAE_TOY = TOY.get("causal_vae")
 
 TOY_ASSET_DIR = Path(__file__).resolve().parent / "assets" / "toy_causal_vae"
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_NAME = DIFFUSERS_WEIGHTS[
+    0
+]  # diffusion_pytorch_model.safetensors (the names live in anim_lab.weights)
 CONFIG_NAME = "config.json"
 
 
@@ -578,26 +581,21 @@ class CausalVAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path = TOY_ASSET_DIR) -> CausalVAE:
-        """Load a diffusers-layout folder (ours, or a converted HunyuanVideo ``vae/`` folder) strictly."""
-        from safetensors.torch import load_file
+        """Load a diffusers-layout folder (ours, or a converted HunyuanVideo ``vae/`` folder) strictly.
 
+        The weights are read by ``weights.load_checkpoint`` (any of its weight-file names, sharded or not; a
+        truncated file raises ``CorruptWeightsError`` naming it) and loaded by ``weights.load_into``, which
+        checks every key and shape before touching the model (``KeyMismatchError``). Keys may carry a
+        ``vae.`` prefix (a whole-pipeline file)."""
         folder = Path(folder)
-        cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        if not cfg_path.is_file() or not w_path.is_file():
+        cfg_path = folder / CONFIG_NAME
+        if not folder.is_dir() or not cfg_path.is_file():
             raise FileNotFoundError(
-                f"{folder} must hold {CONFIG_NAME} and {WEIGHTS_NAME} (diffusers layout); "
+                f"{folder} must be a folder holding {CONFIG_NAME} and {WEIGHTS_NAME} (diffusers layout); "
                 f"for the toy model run scripts/train_causal_vae.py or use the committed "
                 f"anim_lab/assets/toy_causal_vae"
             )
-        cfg = json.loads(cfg_path.read_text())
-        model = cls(**cfg)
-        state = load_file(str(w_path))
+        model = cls(**json.loads(cfg_path.read_text()))
+        state = load_checkpoint(folder)  # FileNotFoundError naming the expected files when there are none
         state = {k.removeprefix("vae."): v for k, v in state.items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{w_path} does not fit this config: missing keys {missing[:8]}"
-                f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-                f"{' ...' if len(unexpected) > 8 else ''}"
-            )
-        return model.eval()
+        return load_into(model, state, what=f"weight file in {folder}").eval()

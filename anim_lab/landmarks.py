@@ -10,9 +10,11 @@ Three things live here, top to bottom:
    (``FaceMeshVisualizer(forehead_edge=False)``): separately coloured line sets on black, lines only, no
    points, no irises. Works for any landmarks in pixels — from mediapipe on a real face or from the toy
    renderer.
-3. **Detection** — mediapipe 0.10.21 ``FaceMesh`` (imported lazily: the rest of the package does not need it),
-   for single images (``static_image_mode=True``) and videos (tracking mode), and **Video2Pose**: a video → a
-   pose-image video with the same fps (and the audio carried over).
+3. **Detection** — mediapipe 0.10.21 ``FaceMesh`` (imported lazily: an optional dependency, installed apart,
+   that the rest of the package does not need; its C++ side's TFLite/absl start-up chatter on stderr is held
+   back, anything else it writes there is passed on), for single images (``static_image_mode=True``) and
+   videos (tracking mode), and **Video2Pose**: a video → a pose-image video with the same fps (and the audio
+   carried over).
 
 Conventions: images are ``(H, W, 3)`` uint8 RGB arrays; landmarks are ``(478, 2)`` float32 pixel ``(x, y)``
 with integer values at pixel centres (``x = 0`` is the centre of the first column).
@@ -20,13 +22,20 @@ with integer values at pixel centres (``x = 0`` is the centre of the first colum
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import sys
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm.auto import tqdm
+
+from . import video as vio
 
 NUM_LANDMARKS = 478  # 468 face-mesh points + 2 × 5 iris points (refine_landmarks=True)
 NUM_MESH_POINTS = 468
@@ -207,6 +216,59 @@ def _check_landmarks(landmarks, what: str = "landmarks") -> np.ndarray:
     return arr[:, :2]
 
 
+def _image_size(value, name: str) -> int:
+    """A positive whole number of pixels (an int, or a float with no fractional part)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a whole number of pixels, got {type(value).__name__} {value!r}")
+    if not float(value).is_integer():
+        raise ValueError(
+            f"{name} must be a whole number of pixels, got {value}; round it yourself "
+            f"(e.g. round({value}) = {round(value)}) so that nothing is truncated silently"
+        )
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return int(value)
+
+
+# Landmarks may leave the frame a little (a face cut by the border; mediapipe extrapolates), but not by more
+# than this fraction of the image size.
+POSE_MAX_OUTSIDE = 0.5
+
+
+def _check_pose_coordinates(xy: np.ndarray, height: int, width: int, normalized: bool) -> np.ndarray:
+    """Landmarks (N, 2) as given -> pixel centres of the output image, after checking that they fit it.
+
+    Decided by the values, with the likely mix-up named: normalized coordinates lie in about [0, 1] (a face
+    that does not span two pixels is not a face), pixel coordinates lie in about [0, width] x [0, height]."""
+    lo, hi = xy.min(0), xy.max(0)  # (2,) x and y ranges as given
+    span = f"x {lo[0]:.4g}..{hi[0]:.4g}, y {lo[1]:.4g}..{hi[1]:.4g}"
+    looks_normalized = lo.min() >= -POSE_MAX_OUTSIDE and hi.max() <= 1 + POSE_MAX_OUTSIDE
+    if normalized and not looks_normalized:
+        raise ValueError(
+            f"normalized=True, but the landmarks span {span}, not [0, 1]: they look like pixel "
+            f"coordinates; pass them without normalized=True (in pixels of the {width}x{height} output), or "
+            f"divide them by the size of the image they came from"
+        )
+    if not normalized and looks_normalized and min(height, width) > 2 * (1 + POSE_MAX_OUTSIDE):
+        raise ValueError(
+            f"the landmarks span {span}: that is a face about one pixel wide on a {width}x{height} image; "
+            f"they look like normalized [0, 1] coordinates (mediapipe's landmark.x, .y): pass normalized=True"
+        )
+    size = np.array([width, height], np.float64)
+    pixels = xy * size - 0.5 if normalized else xy  # [0, 1] pixel edges -> pixel centres
+    margin = POSE_MAX_OUTSIDE * size
+    outside = (pixels < -0.5 - margin) | (pixels > size - 0.5 + margin)  # (N, 2)
+    if outside.any():
+        i, n = int(np.flatnonzero(outside.any(1))[0]), int(outside.any(1).sum())
+        raise ValueError(
+            f"landmark {i} is at ({pixels[i, 0]:.4g}, {pixels[i, 1]:.4g}) px, far outside the "
+            f"{width}x{height} image ({n} points more than {POSE_MAX_OUTSIDE:.0%} of the size out): "
+            f"are they pixels of an image of another size (scale them by output/input size, as video_to_pose "
+            f"does) or normalized coordinates of another frame?"
+        )
+    return pixels
+
+
 def draw_pose_image(
     landmarks,
     height: int,
@@ -221,23 +283,24 @@ def draw_pose_image(
     Args:
         landmarks: ``(478, 2)`` (or ``(468, 2)``; a z column is ignored) in pixels of the output image, or in
             [0, 1] with ``normalized=True``.
-        height, width: output size (``width`` defaults to ``height``).
+        height, width: output size in whole pixels (``width`` defaults to ``height``).
         thickness: line thickness in pixels; default :func:`pose_thickness` (2 px at 512, 1 px at 128).
         antialias: draw with ``cv2.LINE_AA`` (soft edges, colours blend into black); default exact colours.
 
     Returns:
         ``(H, W, 3)`` uint8, black with coloured lines (colours per part: :data:`POSE_PARTS`).
+
+    Raises:
+        ValueError: a size that is not a positive whole number; landmarks that do not fit the image, with the
+        likely mix-up named: pixel coordinates with ``normalized=True``, normalized ones without it, or
+        points more than half the image size outside it (pixels of another image size).
     """
-    width = height if width is None else width
-    if int(height) <= 0 or int(width) <= 0:
-        raise ValueError(f"height and width must be positive, got {height} x {width}")
-    xy = _check_landmarks(landmarks)
-    if normalized:
-        xy = xy * np.array([width, height])  # [0, 1] edges -> pixel edges
-        xy = xy - 0.5  # pixel edges -> pixel centres
+    height = _image_size(height, "height")
+    width = height if width is None else _image_size(width, "width")
+    xy = _check_pose_coordinates(_check_landmarks(landmarks), height, width, normalized)
     thickness = pose_thickness(height, width) if thickness is None else int(thickness)
     fixed = np.round(xy * (1 << _SHIFT)).astype(np.int32)  # (N, 2) sub-pixel fixed point
-    canvas = np.zeros((int(height), int(width), 3), np.uint8)
+    canvas = np.zeros((height, width, 3), np.uint8)
     line = cv2.LINE_AA if antialias else cv2.LINE_8
     for _, path, colour in POSE_PARTS:
         cv2.polylines(canvas, [fixed[list(path)]], False, colour, thickness, line, _SHIFT)
@@ -257,6 +320,41 @@ MEDIAPIPE_HINT = (
 
 class NoFaceError(ValueError):
     """mediapipe found no face in an image or video frame."""
+
+
+# What mediapipe's C++ side prints while it starts and runs: TFLite's INFO lines, absl's notice about its own
+# set-up, and absl info/warning lines of its calculators (internals a user cannot act on). Errors (E/F lines)
+# and anything else are passed on.
+_NATIVE_CHATTER = re.compile(
+    r"^(INFO: .*"
+    r"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|[IW]\d{4} [\d:. ]+\d+ \w+\.cc:\d+\] .*)$"
+)
+
+
+@contextlib.contextmanager
+def _quiet_native_logs():
+    """Hold back what native code writes to file descriptor 2 inside the block (Python's sys.stderr is
+    untouched); afterwards, pass on every line that is not known start-up chatter (:data:`_NATIVE_CHATTER`).
+    A Jupyter kernel shows fd-2 output as red stderr boxes, hence this."""
+    try:
+        fd = sys.__stderr__.fileno() if sys.__stderr__ is not None else 2
+    except (AttributeError, OSError, ValueError):  # no real stderr (some embedded interpreters)
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        saved = os.dup(fd)
+        os.dup2(held.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines()
+            kept = [line for line in lines if line.strip() and not _NATIVE_CHATTER.match(line)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr)
 
 
 def _import_face_mesh():
@@ -349,19 +447,24 @@ class FaceLandmarker:
     ):
         face_mesh = _import_face_mesh()
         self.video = video
-        self._mesh = face_mesh.FaceMesh(
-            static_image_mode=not video,
-            max_num_faces=1,
-            refine_landmarks=True,  # 478 points: adds the 10 iris points
-            min_detection_confidence=min_detection_confidence,
-            min_tracking_confidence=min_tracking_confidence,
-        )
+        with _quiet_native_logs():
+            self._mesh = face_mesh.FaceMesh(
+                static_image_mode=not video,
+                max_num_faces=1,
+                refine_landmarks=True,  # 478 points: adds the 10 iris points
+                min_detection_confidence=min_detection_confidence,
+                min_tracking_confidence=min_tracking_confidence,
+            )
+            # The graph opens its calculators on its own threads, which log as they go; one frame (blank: no
+            # face, so the tracker keeps no state) waits until every calculator is open, inside the hold.
+            self._mesh.process(np.zeros((64, 64, 3), np.uint8))
 
     def detect(self, image, name: str = "image") -> FaceLandmarks:
         """Landmarks of the (largest-confidence) face in ``image``; :class:`NoFaceError` naming ``name`` if
         none."""
         rgb = as_rgb_uint8(image, name)
-        result = self._mesh.process(rgb)
+        with _quiet_native_logs():  # the first frames start TFLite, which says so
+            result = self._mesh.process(rgb)
         if not result.multi_face_landmarks:
             raise NoFaceError(
                 f"no face found in {name} ({rgb.shape[1]}x{rgb.shape[0]} px); "
@@ -372,7 +475,8 @@ class FaceLandmarker:
         return FaceLandmarks(normalized=normalized, height=rgb.shape[0], width=rgb.shape[1])
 
     def close(self) -> None:
-        self._mesh.close()
+        with _quiet_native_logs():  # the graph's threads may still report while it shuts down
+            self._mesh.close()
 
     def __enter__(self) -> FaceLandmarker:
         return self
@@ -388,16 +492,22 @@ def detect_landmarks(image, name: str = "image") -> FaceLandmarks:
 
 
 def _frames_in(source, fps):
-    """(frames iterator, fps, number of frames or None, audio path or None) of a video path or frame
-    sequence."""
-    from anim_lab import video as vio
-
+    """(frames iterator, fps, number of frames or None, audio path or None) of a video path or of any
+    iterable of frames (list, ``(F, H, W, 3)`` array, generator)."""
     if isinstance(source, (str, os.PathLike)):
         reader = vio.VideoReader(source)
         return iter(reader), (reader.fps if fps is None else fps), reader.num_frames, reader.path
-    if len(source) == 0:
+    wrong_array = isinstance(source, np.ndarray) and source.ndim != 4
+    if wrong_array or isinstance(source, bytes) or not isinstance(source, Iterable):
+        shape = f" of shape {source.shape}" if isinstance(source, np.ndarray) else ""
+        raise TypeError(
+            f"source must be a video file path, an (F, H, W, 3) uint8 array, or an iterable (list, "
+            f"generator) of (H, W, 3) uint8 frames; got {type(source).__name__}{shape}"
+        )
+    total = len(source) if hasattr(source, "__len__") else None
+    if total == 0:
         raise ValueError("source has no frames")
-    return iter(source), fps, len(source), None  # checked frame by frame in landmark_stream
+    return iter(source), fps, total, None  # checked frame by frame in landmark_stream
 
 
 def landmark_stream(
@@ -413,8 +523,6 @@ def landmark_stream(
     if on_missing not in ("hold", "error"):
         raise ValueError(f'on_missing must be "hold" or "error", got {on_missing!r}')
     if progress:
-        from tqdm.auto import tqdm
-
         frames = tqdm(frames, total=total, desc="landmarks", unit="frame")
     pending: list[np.ndarray] = []  # frames before the first face
     last, size, count = None, None, 0
@@ -476,13 +584,14 @@ def video_to_pose(
     progress: bool = True,
     audio: bool = True,
 ) -> np.ndarray:
-    """Video2Pose: a video (file, or a list/array of frames) -> a pose-image video with the same fps.
+    """Video2Pose: a video (file, or any iterable of frames) -> a pose-image video with the same fps.
 
-    Frames stream through (read, detect, draw, write one at a time), so long videos need little memory.
+    Frames stream through (read, detect, draw, write one at a time), so long videos need little memory. On
+    any error the reader (an ffmpeg process for a file) is closed and nothing is left at ``output``.
 
     Args:
-        source: a video file path (mp4, gif, anything ffmpeg reads), or a sequence / ``(F, H, W, 3)`` array of
-            uint8 RGB frames.
+        source: a video file path (mp4, gif, anything ffmpeg reads), an ``(F, H, W, 3)`` array, or any
+            iterable (list, generator) of ``(H, W, 3)`` uint8 RGB frames.
         output: ``.mp4`` or ``.gif`` path. Nothing appears there unless the whole video succeeds.
         fps: frame rate; read from the file by default; required for frames.
         size: ``(height, width)`` of the pose images; default the source frame size.
@@ -493,18 +602,26 @@ def video_to_pose(
     Returns:
         ``(F, 478, 2)`` float32 landmarks in pixels of the source frames (one row per written frame).
     """
-    from anim_lab import video as vio
-
     output = Path(output)
     if output.suffix.lower() not in vio.VIDEO_SUFFIXES:
         raise ValueError(f"output must end in .mp4 or .gif, got {output.name!r}")
     frames, fps, total, src_path = _frames_in(source, fps)
-    if fps is None:
-        raise ValueError("fps is required when source is a list of frames")
-    audio_from = src_path if (audio and src_path is not None and output.suffix.lower() == ".mp4") else None
+    # close the source on every path: a file's frames come from an ffmpeg process that only close() ends
+    closing = contextlib.closing(frames) if hasattr(frames, "close") else contextlib.nullcontext()
+    with closing:
+        if fps is None:
+            raise ValueError("fps is required when source is frames rather than a file")
+        audio_from = (
+            src_path if (audio and src_path is not None and output.suffix.lower() == ".mp4") else None
+        )
+        return _write_pose_video(frames, output, fps, total, size, on_missing, progress, audio_from)
+
+
+def _write_pose_video(frames, output, fps, total, size, on_missing, progress, audio_from) -> np.ndarray:
     out = []
-    with vio.VideoWriter(output, fps, audio_from=audio_from) as writer:
-        for frame, points in landmark_stream(frames, on_missing=on_missing, progress=progress, total=total):
+    stream = landmark_stream(frames, on_missing=on_missing, progress=progress, total=total)
+    with vio.VideoWriter(output, fps, audio_from=audio_from) as writer, contextlib.closing(stream):
+        for frame, points in stream:
             height, width = frame.shape[:2]
             out_h, out_w = (height, width) if size is None else size
             scale = np.array([out_w / width, out_h / height])

@@ -18,15 +18,15 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import imageio_ffmpeg
 import numpy as np
+from PIL import Image, ImageSequence
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
 
 def ffmpeg_exe() -> str:
     """Path of the ffmpeg binary bundled with imageio-ffmpeg (no system ffmpeg needed)."""
-    import imageio_ffmpeg
-
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
@@ -71,8 +71,6 @@ class VideoReader:
             self._gif_frames, self.fps = _read_gif(self.path)
             self.num_frames, self.height, self.width = self._gif_frames.shape[:3]
             return
-        import imageio_ffmpeg
-
         self._gif_frames = None
         try:
             reader = imageio_ffmpeg.read_frames(str(self.path))
@@ -93,11 +91,9 @@ class VideoReader:
         if self._gif_frames is not None:
             yield from self._gif_frames
             return
-        import imageio_ffmpeg
-
-        reader = imageio_ffmpeg.read_frames(str(self.path))
-        next(reader)  # metadata
+        reader = imageio_ffmpeg.read_frames(str(self.path))  # an ffmpeg child process, ended by close()
         try:
+            next(reader)  # metadata
             for buf in reader:
                 yield np.frombuffer(buf, np.uint8).reshape(self.height, self.width, 3)
         finally:
@@ -118,8 +114,6 @@ def read_video(path) -> tuple[np.ndarray, float]:
 
 
 def _read_gif(path: Path) -> tuple[np.ndarray, float]:
-    from PIL import Image, ImageSequence
-
     try:
         with Image.open(path) as im:
             frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
@@ -132,6 +126,27 @@ def _read_gif(path: Path) -> tuple[np.ndarray, float]:
 # ------------------------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------------------------
+
+
+def _file_mode() -> int:
+    """The permissions a new file gets from ``open()``: 0o666 minus the process umask."""
+    umask = os.umask(0)  # reading the umask means setting it; put it back at once
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _check_destination(path: Path) -> None:
+    """Fail before any work when ``path`` cannot be created: a folder on its way is a regular file."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a file name ending in .mp4 or .gif")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(
+                    f"cannot write {path}: {parent} is a file, not a folder; choose another output path "
+                    f"(or move that file away)"
+                )
+            break
 
 
 def _check_frame(frame, index: int) -> np.ndarray:
@@ -153,7 +168,9 @@ class VideoWriter:
     ...     for frame in frames:
     ...         w.write(frame)                       # (H, W, 3) uint8 RGB, all the same size
 
-    On a clean exit the file appears at ``path`` (with the audio muxed in); if the block raises, nothing does.
+    On a clean exit the file appears at ``path`` (with the audio muxed in), with the permissions any new file
+    gets under the process umask (0o644 under the usual 022); if the block raises, nothing appears. A path
+    that cannot be created (a folder on its way is a regular file) fails at construction.
 
     Args:
         path: output file; the suffix picks the format.
@@ -173,6 +190,7 @@ class VideoWriter:
             raise ValueError(f"video path must end in .mp4 or .gif, got {self.path.name!r}")
         if not fps or not fps > 0:
             raise ValueError(f"fps must be positive, got {fps}")
+        _check_destination(self.path)
         if audio_from is not None:
             audio_from = _existing(audio_from)
             if self.format == ".gif":
@@ -211,8 +229,6 @@ class VideoWriter:
         os.close(fd)
         self._tmp = Path(tmp)
         if self.format == ".mp4":
-            import imageio_ffmpeg
-
             height, width = self._size[0] + self._size[0] % 2, self._size[1] + self._size[1] % 2
             self._ffmpeg = imageio_ffmpeg.write_frames(
                 str(self._silent),
@@ -237,8 +253,6 @@ class VideoWriter:
             if self.num_frames == 0:
                 raise ValueError(f"no frames were written to {self.path}")
             if self.format == ".gif":
-                from PIL import Image
-
                 images = [Image.fromarray(f) for f in self._gif]
                 images[0].save(
                     self._tmp,
@@ -254,6 +268,7 @@ class VideoWriter:
                 self._ffmpeg = None
                 if self.audio_from is not None:
                     self._mux_audio()
+            os.chmod(self._tmp, _file_mode())  # mkstemp made it private (0600); give it a new file's mode
             os.replace(self._tmp, self.path)
             return self.path
         finally:

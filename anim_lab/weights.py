@@ -19,17 +19,25 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from torch import nn
 
+from .motion import sinusoidal_position_encoding
+
 __all__ = [
+    "WEIGHT_NAMES",
     "DIFFUSERS_WEIGHTS",
     "TRANSFORMERS_WEIGHTS",
     "resolve_pretrained",
+    "CorruptWeightsError",
+    "check_weight_file",
     "KeyMismatchError",
     "KeyReport",
     "load_checkpoint",
@@ -43,14 +51,28 @@ __all__ = [
     "motion_keys_from_diffusers",
 ]
 
-# Weight file names of a diffusers / transformers model folder, in order of preference.
+# The one list of weight-file names of a model folder, in order of preference: diffusers' names, then
+# transformers'. (A sharded folder has ``<name>.index.json`` and shard files instead.)
 WEIGHT_NAMES = (
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.bin",
     "model.safetensors",
     "pytorch_model.bin",
 )
+DIFFUSERS_WEIGHTS = tuple(n for n in WEIGHT_NAMES if n.startswith("diffusion_pytorch_model."))
+TRANSFORMERS_WEIGHTS = tuple(n for n in WEIGHT_NAMES if n not in DIFFUSERS_WEIGHTS)
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+class CorruptWeightsError(ValueError):
+    """A weight file that cannot be read: truncated (an interrupted download or copy), empty, or not a weight
+    file at all. The message names the file."""
+
+    def __init__(self, path: Path, detail: str):
+        super().__init__(
+            f"{path}: the weight file is truncated or corrupt ({detail}); download or save it again "
+            f"(its size is {path.stat().st_size if path.exists() else 0} bytes)"
+        )
 
 
 class KeyMismatchError(ValueError):
@@ -110,13 +132,37 @@ def _weights_in_folder(folder: Path) -> list[Path]:
     return []
 
 
+def check_weight_file(path: str | Path) -> Path:
+    """Raise ``CorruptWeightsError`` (naming the file) unless ``path`` is a complete weight file; cheap.
+
+    ``.safetensors``: the header is read and the data it declares must fill the file exactly, which catches
+    an empty or truncated file. ``torch.save`` files (``.bin``/``.pth``/``.pt``/``.ckpt``) are zip archives
+    whose directory sits at the end, so a truncated one is not a readable zip.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except SafetensorError as err:
+            raise CorruptWeightsError(path, str(err)) from err
+    elif path.suffix in TORCH_SUFFIXES and not zipfile.is_zipfile(path):
+        raise CorruptWeightsError(path, "not a complete torch.save zip archive")
+    return path
+
+
 def _read_file(path: Path, device) -> dict:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path, device=str(device))
+        try:
+            return load_file(path, device=str(device))
+        except SafetensorError as err:
+            raise CorruptWeightsError(path, str(err)) from err
     if path.suffix in TORCH_SUFFIXES:
-        return torch.load(path, map_location=device, weights_only=True)
+        try:
+            return torch.load(path, map_location=device, weights_only=True)
+        except (EOFError, RuntimeError, OSError, zipfile.BadZipFile) as err:
+            # (a file with pickled objects that are not tensors raises UnpicklingError, which says so itself)
+            raise CorruptWeightsError(path, f"{type(err).__name__}: {str(err)[:120]}") from err
     raise ValueError(
         f"{path.name}: unknown weight file type {path.suffix!r}; "
         f"expected .safetensors or one of {TORCH_SUFFIXES}"
@@ -247,8 +293,6 @@ def fill_position_encodings(
 ) -> dict[str, torch.Tensor]:
     """Add ``...pos_encoder.pe`` entries a checkpoint lacks (diffusers' conversion drops them), computed from
     the formula; the width is read from the sibling ``to_q.weight``. Entries present are kept as they are."""
-    from .motion import sinusoidal_position_encoding
-
     out = dict(state_dict)
     for key in expected_keys:
         if key.endswith("pos_encoder.pe") and key not in out:
@@ -307,8 +351,6 @@ def motion_keys_from_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str,
 
 
 # --- pretrained folders (diffusers / transformers save_pretrained layout) -----------------------------------
-DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 def resolve_pretrained(
@@ -317,8 +359,10 @@ def resolve_pretrained(
     """What ``from_pretrained`` should get: a checked local folder, or a hub id with its ``subfolder`` kwarg.
 
     A local path (it exists, is a Path, or starts with ``.``, ``/`` or ``~``) must be a folder holding
-    config.json and one of ``weight_files``; otherwise a FileNotFoundError names what is missing. Anything
-    else is passed on as a hub id (which downloads only where the user's machine allows it).
+    config.json and one of ``weight_files``; otherwise a FileNotFoundError names what is missing. The weight
+    file ``from_pretrained`` will read (the first of ``weight_files`` present) is checked with
+    :func:`check_weight_file`, so a truncated one raises ``CorruptWeightsError`` naming it. Anything else is
+    passed on as a hub id (which downloads only where the user's machine allows it).
     """
     path = Path(path_or_id).expanduser()
     if not (path.exists() or isinstance(path_or_id, Path) or str(path_or_id).startswith((".", "/", "~"))):
@@ -330,7 +374,8 @@ def resolve_pretrained(
             f"{weight_files[0]}), e.g. {example}, or a hub id"
         )
     missing = [] if (folder / "config.json").is_file() else ["config.json"]
-    if not any((folder / name).is_file() for name in weight_files):
+    present = [folder / name for name in weight_files if (folder / name).is_file()]
+    if not present:
         missing.append(" or ".join(weight_files))
     if missing:
         raise FileNotFoundError(
@@ -338,4 +383,5 @@ def resolve_pretrained(
             f"save it with save_pretrained (if it is a whole pipeline folder, pass its subfolder, "
             f"e.g. subfolder='{example.rsplit('/', 1)[-1]}')"
         )
+    check_weight_file(present[0])
     return folder, {}

@@ -1,25 +1,28 @@
 """Train the toy world's tiny CLIP (transformers CLIPModel, both towers) on toy portraits with attribute
 captions.
 
-    .venv/bin/python scripts/train_toy_clip.py --minutes 1 --out /tmp/clip --encoder-out /tmp/enc  # quick try
+    PYTHONPATH=$PWD .venv/bin/python scripts/train_toy_clip.py --max-steps 50 --out /tmp/clip \
+        --encoder-out /tmp/enc  # quick try
 
-The committed weights (seed 0, one CPU core) came from four stages:
+The committed weights (seed 0, one CPU thread) are this script's own output, from four stages of fixed step
+counts, run by ``scripts/retrain_toy_clip.sh`` (resumable; each stage's log is kept in the next one's
+``train_log.json`` under ``earlier_stages``):
 
-    .venv/bin/python scripts/train_toy_clip.py --resize 128 --minutes 16 --out /tmp/clip_stage1 \
-        --encoder-out /tmp/enc1
-    .venv/bin/python scripts/train_toy_clip.py --resize 128 --init /tmp/clip_stage1 --minutes 12 --lr 5e-4 \
-        --aux-weight 4 --out /tmp/clip_stage2 --encoder-out /tmp/enc2
-    .venv/bin/python scripts/train_toy_clip.py --init /tmp/clip_stage2 --minutes 21 --lr 5e-4 --aux-weight 4 \
-        --mouth-weight 2 --eval-every 90 --eval-identities 60 --out /tmp/clip_stage3 --encoder-out /tmp/enc3
-    # (stage 3 was stopped after 10.7 minutes, at step 1171, and continued from that checkpoint:)
-    .venv/bin/python scripts/train_toy_clip.py --init /tmp/clip_stage3 --minutes 12 --lr 3e-4 --aux-weight 4 \
-        --mouth-weight 2 --identity-weight 0.5 --any-pairs
+    PYTHONPATH=$PWD .venv/bin/python scripts/train_toy_clip.py --resize 128 --max-steps 1830 \
+        --out runs/toy_clip/stage1 --encoder-out none
+    PYTHONPATH=$PWD .venv/bin/python scripts/train_toy_clip.py --resize 128 --init runs/toy_clip/stage1 \
+        --max-steps 1333 --lr 5e-4 --aux-weight 4 --out runs/toy_clip/stage2 --encoder-out none
+    PYTHONPATH=$PWD .venv/bin/python scripts/train_toy_clip.py --init runs/toy_clip/stage2 --max-steps 1171 \
+        --lr 5e-4 --aux-weight 4 --mouth-weight 2 --eval-identities 60 --out runs/toy_clip/stage3 \
+        --encoder-out none
+    PYTHONPATH=$PWD .venv/bin/python scripts/train_toy_clip.py --init runs/toy_clip/stage3 --max-steps 1302 \
+        --lr 3e-4 --aux-weight 4 --mouth-weight 2 --identity-weight 0.5 --any-pairs
 
-Stages 1-2 (resize 128) learned colours, hairstyle and identity but left mouth open/closed at chance (56%);
-stage 3 zooms in (resize 160) and weights the mouth head up, and the mouth goes to ~99% within five minutes,
-but identity retrieval fell below 90% (pairs of the same mouth state never teach it to look past the mouth);
-stage 4 pairs views regardless of mouth state, with the identity term doubled. Runs are time-budgeted, so the
-number of steps (kept in ``train_log.json``) depends on the CPU.
+Stages 1-2 (resize 128) learn colours, hairstyle and identity but leave mouth open/closed near chance;
+stage 3 zooms in (resize 160) and weights the mouth head up, and the mouth is learned, but identity retrieval
+falls (pairs of the same mouth state never teach it to look past the mouth); stage 4 pairs views regardless of
+mouth state, with the identity term doubled. (The step counts are those of an earlier, time-budgeted run of
+16, 12, 10.7 and 12 minutes; the learning-rate schedule is a function of the step, so a rerun reproduces.)
 
 Writes ``--out`` (default ``anim_lab/assets/toy_clip``: CLIPModel + tokenizer + preprocessor_config.json) and
 the image tower alone as a ``CLIPVisionModelWithProjection`` to ``--encoder-out``
@@ -41,8 +44,10 @@ Recipe:
   linear attribute heads on the image embedding, dropped after training (they speed up learning of the image
   side on a CPU budget); the mouth head's loss can be weighted up (``--mouth-weight``: added to the heads' sum
   before averaging).
-- AdamW, warm-up then cosine decay over the time budget; held-out zero-shot accuracy and retrieval every
-  ``--eval-every`` seconds, with a checkpoint each time.
+- AdamW, warm-up then cosine decay over ``--max-steps`` (or, for a quick try, over ``--minutes``); held-out
+  zero-shot accuracy and retrieval every ``--eval-every`` steps, with a checkpoint each time. A resumable
+  training state (model, heads, optimiser, sampler) is written beside ``--out`` (``<out>.state.pt``) at each
+  checkpoint; a rerun with the same arguments continues from it, and it is removed when the stage ends.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eval_toy_models as E  # noqa: E402
 
 from anim_lab import clip as C  # noqa: E402
+from anim_lab import vae as V  # noqa: E402
 from anim_lab.configs import TOY  # noqa: E402
 
 DEFAULT_OUT = ROOT / "anim_lab" / "assets" / "toy_clip"
@@ -183,7 +189,7 @@ def pick_pair(mouth: torch.Tensor, g: torch.Generator, same_mouth: bool = True) 
 
 def to_pixel_values(crops_u8: torch.Tensor, preprocess: C.ClipPreprocess) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> normalised (N, 3, S, S) with the CLIP preprocessing."""
-    return preprocess(crops_u8.permute(0, 3, 1, 2).float() / 127.5 - 1)  # (N, H, W, 3) -> (N, 3, H, W)
+    return preprocess(V.images_from_uint8(crops_u8))  # (N, H, W, 3) uint8 -> (N, 3, H, W) in [-1, 1]
 
 
 def save_atomic(
@@ -210,10 +216,20 @@ def save_atomic(
         tmp.rename(folder)
 
 
+def _shown(path: Path | None) -> str | None:
+    """A path as the log records it: relative to the repository when inside it (no machine-specific paths)."""
+    if path is None:
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def train(
     out: Path | None = DEFAULT_OUT,
     encoder_out: Path | None = DEFAULT_ENCODER_OUT,
-    minutes: float = 16.0,
+    minutes: float | None = None,
     max_steps: int | None = None,
     seed: int = 0,
     n_identities: int = 3000,
@@ -226,18 +242,24 @@ def train(
     mouth_weight: float = 0.0,
     same_mouth_pairs: bool = True,
     resize: int = RESIZE,
-    eval_every_s: float = 120.0,
+    eval_every: int | None = 200,
     eval_identities: int = 100,
     threads: int = 1,
     progress: bool = True,
     data: dict | None = None,
     init: Path | None = None,
 ) -> dict:
-    """Train and save; returns the log (held-out zero-shot/retrieval curve against minutes, losses).
+    """Train and save; returns the log (held-out zero-shot/retrieval curve against steps, losses).
 
-    ``data``: a :func:`eval_toy_models.render_stills` dict (identities with ``views`` adjacent renders each)
-    to skip rendering (tests); evaluation is skipped when ``eval_every_s`` is None.
+    The run lasts ``max_steps`` steps (reproducible) or, for a quick try, ``minutes`` (whichever comes first
+    when both are given); the cosine schedule runs over it. ``data``: a :func:`eval_toy_models.render_stills`
+    dict (identities with ``views`` adjacent renders each) to skip rendering (tests); evaluation (every
+    ``eval_every`` steps) is skipped when ``eval_every`` is None. With ``out``, a resumable state
+    ``<out>.state.pt`` is written at each evaluation and removed at the end; a call with the same settings
+    continues from it.
     """
+    if max_steps is None and minutes is None:
+        raise ValueError("give max_steps (a reproducible run) or minutes (a quick, time-budgeted try)")
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(seed)
@@ -268,16 +290,19 @@ def train(
         views=views,
         batch_images=2 * batch_identities,
         lr=lr,
+        warmup_steps=warmup_steps,
         aux_weight=aux_weight,
         identity_weight=identity_weight,
         mouth_weight=mouth_weight,
         same_mouth_pairs=same_mouth_pairs,
         minutes=minutes,
         max_steps=max_steps,
-        init=None if init is None else str(init),
+        init=_shown(init),
         resize=resize,
         crop=CROP,
         patch=PATCH,
+        eval_every=eval_every,
+        eval_identities=eval_identities,
         curve=[],
         losses=[],
     )
@@ -286,12 +311,30 @@ def train(
         log["earlier_stages"] = earlier.pop("earlier_stages", []) + [
             {k: v for k, v in earlier.items() if k != "losses"}
         ]
-    budget_s = minutes * 60
-    t0 = last_eval = time.time()
-    step = 0
-    bar = tqdm(total=max_steps, disable=not progress, desc="toy CLIP", unit="step", mininterval=10)
+    settings = {k: v for k, v in log.items() if k not in ("curve", "losses", "earlier_stages")}
+    state_path = None if out is None else Path(out).with_name(Path(out).name + ".state.pt")
+    step, elapsed_before = 0, 0.0
+    if state_path is not None and state_path.is_file():
+        state = torch.load(state_path, weights_only=True)  # tensors and plain containers only
+        if state["settings"] != settings:
+            raise ValueError(
+                f"{state_path} holds a run with other settings ({state['settings']}); delete it to start over"
+            )
+        model.load_state_dict(state["model"])
+        heads.load_state_dict(state["heads"])
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["generator"])
+        step, elapsed_before, log = state["step"], state["elapsed_s"], state["log"]
+        print(f"resuming {_shown(out)} at step {step}", flush=True)
+    t0 = time.time() - elapsed_before
+    bar = tqdm(
+        total=max_steps, initial=step, disable=not progress, desc="toy CLIP", unit="step", mininterval=30
+    )
     while True:
-        frac = max((time.time() - t0) / budget_s, step / max_steps if max_steps else 0.0)
+        frac = max(
+            (time.time() - t0) / (minutes * 60) if minutes is not None else 0.0,
+            step / max_steps if max_steps is not None else 0.0,
+        )
         if frac >= 1.0:
             break
         for group in opt.param_groups:
@@ -325,21 +368,34 @@ def train(
         )
         bar.update(1)
         bar.set_postfix(clip=f"{parts['clip'].item():.3f}", ident=f"{parts['identity'].item():.3f}")
-        if eval_every_s is not None and time.time() - last_eval >= eval_every_s:
+        if eval_every is not None and step % eval_every == 0 and (max_steps is None or step < max_steps):
             log["curve"].append(evaluate(model, tokenizer, step, t0, eval_identities, preprocess))
-            last_eval = time.time()
             bar.write(json.dumps(log["curve"][-1]))
             if out is not None:
                 save_atomic(model, tokenizer, out, encoder_out, log | dict(steps=step), resize)
+                state = dict(
+                    settings=settings,
+                    step=step,
+                    elapsed_s=time.time() - t0,
+                    model=model.state_dict(),
+                    heads=heads.state_dict(),
+                    opt=opt.state_dict(),
+                    generator=g.get_state(),
+                    log=log,
+                )
+                torch.save(state, state_path.with_name(state_path.name + ".tmp"))
+                state_path.with_name(state_path.name + ".tmp").replace(state_path)
             model.train()
     bar.close()
     log["steps"] = step
-    if eval_every_s is not None:
+    if eval_every is not None:
         log["curve"].append(evaluate(model, tokenizer, step, t0, eval_identities, preprocess))
-        print(json.dumps(log["curve"][-1]))
+        print(json.dumps(log["curve"][-1]), flush=True)
     model.eval()
     if out is not None:
         save_atomic(model, tokenizer, out, encoder_out, log, resize)
+        if state_path.is_file():
+            state_path.unlink()
     log["model"], log["tokenizer"] = model, tokenizer
     return log
 
@@ -360,9 +416,11 @@ def evaluate(model, tokenizer, step, t0, n_identities, preprocess) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--encoder-out", type=Path, default=DEFAULT_ENCODER_OUT)
-    p.add_argument("--minutes", type=float, default=16.0)
-    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument(
+        "--encoder-out", default=str(DEFAULT_ENCODER_OUT), help="image-tower folder, or 'none' to skip it"
+    )
+    p.add_argument("--max-steps", type=int, default=None, help="training steps (a reproducible run)")
+    p.add_argument("--minutes", type=float, default=None, help="a time budget instead (quick tries only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-identities", type=int, default=3000)
     p.add_argument("--batch-identities", type=int, default=48)
@@ -376,12 +434,14 @@ def main(argv=None):
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)"
     )
-    p.add_argument("--eval-every", type=float, default=120.0, help="seconds between held-out evaluations")
+    p.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations")
     p.add_argument("--eval-identities", type=int, default=100, help="held-out identities per evaluation")
     args = p.parse_args(argv)
+    if args.max_steps is None and args.minutes is None:
+        p.error("give --max-steps (reproducible) or --minutes (a quick try)")
     train(
         args.out,
-        args.encoder_out,
+        None if args.encoder_out.lower() == "none" else Path(args.encoder_out),
         args.minutes,
         args.max_steps,
         args.seed,
@@ -393,7 +453,7 @@ def main(argv=None):
         mouth_weight=args.mouth_weight,
         same_mouth_pairs=not args.any_pairs,
         resize=args.resize,
-        eval_every_s=args.eval_every,
+        eval_every=args.eval_every,
         eval_identities=args.eval_identities,
         threads=args.threads,
         init=args.init,

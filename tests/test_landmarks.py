@@ -1,8 +1,11 @@
 """mediapipe face mesh through anim_lab.landmarks: real faces, transformed faces, no faces, odd inputs,
 topology."""
 
+import os
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -12,6 +15,8 @@ import skimage.data
 
 from anim_lab import landmarks as L
 from anim_lab import toy
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Measured once (mediapipe 0.10.21, static mode, refine_landmarks) on skimage.data.astronaut(); pixel centres.
 ASTRONAUT_POINTS = {
@@ -167,3 +172,39 @@ def test_mediapipe_finds_toy_faces():
             img, truth = toy.render(ident, pose, toy.Expression(mouth_open=rng.uniform(0, 1)), size=256)
             errors.append(np.linalg.norm(lm.detect(img, f"toy render {i}").pixels - truth, axis=1).mean())
     assert max(errors) < 4.0
+
+
+# --- mediapipe's native logs stay out of stderr (a Jupyter kernel shows them as red boxes) ----------------
+QUIET_SCRIPT = """
+import os, skimage.data
+from anim_lab import landmarks as L
+img = skimage.data.astronaut()
+L.detect_landmarks(img)
+with L.FaceLandmarker(video=True) as lm:
+    for _ in range(3):
+        img = skimage.data.astronaut()  # time between frames, for late-logging threads
+        lm.detect(img)
+os.write(2, b"done\\n")
+"""
+
+
+def test_face_mesh_prints_nothing_on_stderr():
+    """Static and tracking landmarkers, created, used and closed: the only line on file descriptor 2 is the
+    script's own (without the library's hold, TFLite and absl print 3-5 lines here)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", QUIET_SCRIPT], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "done\n", result.stderr
+
+
+def test_held_native_output_that_is_not_chatter_is_passed_on(capfd):
+    with L._quiet_native_logs():
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+        os.write(2, b"W0000 00:00:1796191511.344288    6765 inference_feedback_manager.cc:114] Feedback\n")
+        os.write(2, b"E0000 00:00:1796191511.344288    6765 some_calculator.cc:10] a real error\n")
+        os.write(2, b"something else\n")
+    err = capfd.readouterr().err
+    assert err.splitlines() == [
+        "E0000 00:00:1796191511.344288    6765 some_calculator.cc:10] a real error",
+        "something else",
+    ]

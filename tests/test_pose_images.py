@@ -120,3 +120,44 @@ def test_bad_landmarks_are_rejected(toy_landmarks):
         L.draw_pose_image(bad, 128)
     with pytest.raises(ValueError, match="positive"):
         L.draw_pose_image(toy_landmarks, 0)
+
+
+def test_pixel_landmarks_with_normalized_true_name_the_mix_up(toy_landmarks):
+    with pytest.raises(ValueError, match="look like pixel coordinates; pass them without normalized=True"):
+        L.draw_pose_image(toy_landmarks, 512, normalized=True)
+
+
+def test_normalized_landmarks_without_the_flag_name_the_mix_up(toy_landmarks):
+    norm = (toy_landmarks + 0.5) / 512
+    for size in (16, 128, 512):
+        with pytest.raises(ValueError, match="look like normalized .* pass normalized=True"):
+            L.draw_pose_image(norm, size)
+    # with the flag they draw (and a face that leaves the frame a little is still fine)
+    assert L.draw_pose_image(norm + 0.2, 128, normalized=True).any()
+
+
+@pytest.mark.parametrize("value", [1e9, -1e9, 5000.0])
+def test_far_out_coordinates_raise(toy_landmarks, value):
+    bad = toy_landmarks.copy()
+    bad[7] = value
+    with pytest.raises(ValueError, match=r"landmark 7 is at .* far outside the 512x512 image.*another size"):
+        L.draw_pose_image(bad, 512)
+    # landmarks of a 512 image drawn at 128 without rescaling: pixels of another image size
+    with pytest.raises(ValueError, match="far outside the 128x128 image"):
+        L.draw_pose_image(toy_landmarks + 200, 128)
+
+
+def test_sizes_must_be_whole_numbers(toy_landmarks):
+    small = (toy_landmarks + 0.5) / 2 - 0.5  # pixels of a 256 image
+    with pytest.raises(ValueError, match=r"height must be a whole number of pixels, got 257.7"):
+        L.draw_pose_image(small, 257.7)
+    with pytest.raises(ValueError, match=r"width must be a whole number of pixels, got 256.5"):
+        L.draw_pose_image(small, 256, 256.5)
+    with pytest.raises(TypeError, match="whole number"):
+        L.draw_pose_image(small, "256")
+    with pytest.raises(ValueError, match="positive"):
+        L.draw_pose_image(small, 256, -4)
+    # integral floats and numpy integers are whole numbers
+    np.testing.assert_array_equal(
+        L.draw_pose_image(small, 256.0, np.int64(256)), L.draw_pose_image(small, 256, 256)
+    )

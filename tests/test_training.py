@@ -82,12 +82,11 @@ def test_clip_script_loss_falls(stills, tmp_path):
     log = T.train(
         out=tmp_path / "clip",
         encoder_out=tmp_path / "enc",
-        minutes=10,
         max_steps=10,
         batch_identities=12,
         warmup_steps=3,
         lr=1e-3,
-        eval_every_s=None,
+        eval_every=None,
         progress=False,
         data=stills,
     )
@@ -100,6 +99,51 @@ def test_clip_script_loss_falls(stills, tmp_path):
     with torch.no_grad():
         expected = model.get_image_features(pixel_values=pv).pooler_output
         torch.testing.assert_close(enc(pixel_values=pv).image_embeds, expected)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_clip_script_resumes_exactly(stills, tmp_path, monkeypatch):
+    """A run interrupted after its step-3 checkpoint and started again with the same arguments ends where an
+    uninterrupted run ends (same losses, same weights): the schedule is a function of the step, and the
+    optimiser and caption sampler are restored. Other settings refuse the saved state."""
+    T = _load("train_toy_clip")
+    kw = dict(
+        max_steps=6, batch_identities=6, warmup_steps=2, eval_every=3, eval_identities=2, progress=False
+    )
+    whole = T.train(out=tmp_path / "a", encoder_out=None, data=stills, **kw)
+    assert not (tmp_path / "a.state.pt").exists()  # removed at the end
+
+    real_save = torch.save
+
+    def save_then_stop(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        raise _Interrupted
+
+    monkeypatch.setattr(torch, "save", save_then_stop)
+    with pytest.raises(_Interrupted):
+        T.train(out=tmp_path / "b", encoder_out=None, data=stills, **kw)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (tmp_path / "b.state.pt.tmp").exists()
+    (tmp_path / "b.state.pt.tmp").replace(tmp_path / "b.state.pt")  # as if stopped just after the swap
+    with pytest.raises(ValueError, match="other settings"):
+        T.train(out=tmp_path / "b", encoder_out=None, data=stills, **(kw | dict(lr=5e-4)))
+    resumed = T.train(out=tmp_path / "b", encoder_out=None, data=stills, **kw)
+    assert resumed["losses"] == whole["losses"]
+    for (name, a), b in zip(
+        whole["model"].state_dict().items(), resumed["model"].state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    logged = json.loads((tmp_path / "b" / "train_log.json").read_text())
+    assert logged["steps"] == 6 and [c["step"] for c in logged["curve"]] == [3, 6]
+
+
+def test_clip_script_needs_a_length():
+    T = _load("train_toy_clip")
+    with pytest.raises(ValueError, match="max_steps"):
+        T.train(out=None, encoder_out=None, data={}, max_steps=None, minutes=None)
 
 
 def test_caption_consistency_matrix():

@@ -1,8 +1,11 @@
 """Video files (mp4/gif, audio mux) and Video2Pose."""
 
+import os
+import stat
 import wave
 
 import numpy as np
+import psutil
 import pytest
 import skimage.data
 
@@ -160,3 +163,82 @@ def test_video_writer_streams_and_aborts(tmp_path):
     with pytest.raises(ValueError, match="no frames"), V.VideoWriter(tmp_path / "u.gif", fps=5):
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.mp4"]
+
+
+# --- files: permissions, impossible destinations, readers closed on failure ------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+@pytest.mark.parametrize("suffix", [".mp4", ".gif"])
+def test_writer_honours_the_umask(tmp_path, umask, suffix):
+    old = os.umask(umask)
+    try:
+        path = V.write_video(tmp_path / f"u{suffix}", _frames(n=2), fps=5)
+        (tmp_path / "plain").write_bytes(b"")  # what open() gives a new file under this umask
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+
+
+def test_destination_under_a_regular_file_is_a_clear_error(tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    for dest in (tmp_path / "taken" / "out.mp4", tmp_path / "taken" / "deeper" / "out.gif"):
+        with pytest.raises(NotADirectoryError, match=r"taken is a file, not a folder"):
+            V.write_video(dest, _frames(n=2), fps=5)
+        with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+            V.VideoWriter(dest, fps=5)
+    (tmp_path / "dir.mp4").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        V.VideoWriter(tmp_path / "dir.mp4", fps=5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.mp4", "taken"]
+
+
+def _ffmpeg_children() -> list:
+    return [p for p in psutil.Process().children(recursive=True) if "ffmpeg" in p.name().lower()]
+
+
+def test_failed_video_to_pose_leaves_no_ffmpeg_reader(face_video, tmp_path):
+    """Each failure path of video_to_pose on a file closes the ffmpeg reader, even while the exception (and
+    its traceback, which keeps the frames of the failed call alive) is still held."""
+    d, frames = face_video
+    assert not _ffmpeg_children()
+    no_face = tmp_path / "blank.mp4"
+    V.write_video(no_face, np.zeros((6, 64, 64, 3), np.uint8), fps=25)
+    (tmp_path / "taken").write_text("a file")
+    failures = [
+        # mediapipe finds no face in frame 0 (error mode): fails after the reader started
+        (
+            L.NoFaceError,
+            lambda: L.video_to_pose(no_face, tmp_path / "o.mp4", on_missing="error", progress=False),
+        ),
+        # the output cannot be created: fails at the first written frame, after reading began
+        (
+            NotADirectoryError,
+            lambda: L.video_to_pose(d / "face.mp4", tmp_path / "taken" / "o.mp4", progress=False),
+        ),
+        # a bad pose-image size: fails while drawing the first frame
+        (
+            ValueError,
+            lambda: L.video_to_pose(d / "face.mp4", tmp_path / "o.mp4", size=(100.5, 90), progress=False),
+        ),
+    ]
+    held = []
+    for error, call in failures:
+        with pytest.raises(error) as info:
+            call()
+        held.append(info)  # keep the traceback alive: the reader must be closed anyway
+        assert not _ffmpeg_children(), (error, _ffmpeg_children())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.mp4", "taken"]
+
+
+def test_video_to_pose_takes_any_iterable_of_frames(face_video, tmp_path):
+    d, frames = face_video
+    from_list = L.video_to_pose(list(frames[:3]), tmp_path / "a.gif", fps=10, progress=False)
+    from_generator = L.video_to_pose((f for f in frames[:3]), tmp_path / "b.gif", fps=10, progress=False)
+    np.testing.assert_array_equal(from_generator, from_list)
+    np.testing.assert_array_equal(V.read_video(tmp_path / "b.gif")[0], V.read_video(tmp_path / "a.gif")[0])
+    for bad in (5, frames[0], b"frames"):
+        with pytest.raises(TypeError, match="iterable .* of \\(H, W, 3\\) uint8 frames"):
+            L.video_to_pose(bad, tmp_path / "c.gif", fps=10, progress=False)
+    with pytest.raises(ValueError, match="the video has no frames"):
+        L.video_to_pose(iter([]), tmp_path / "c.gif", fps=10, progress=False)
+    assert not (tmp_path / "c.gif").exists()

@@ -3,6 +3,7 @@ checkpoints into our UNets (SD15 size on the meta device), and the motion-module
 MotionAdapter."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,12 +11,21 @@ from diffusers import MotionAdapter
 from keylists import CHECKPOINT_KEYS, read_key_list
 from safetensors.torch import save_file
 
+from anim_lab import causal_vae
+from anim_lab import clip as C
+from anim_lab import vae as V
+from anim_lab.causal_vae import CAUSAL_VAE_TINY, CausalVAE
 from anim_lab.configs import SD15, TINY
 from anim_lab.motion import MOTION_SD15, MOTION_TINY, sinusoidal_position_encoding
 from anim_lab.unet import ReferenceUNet, VideoUNet, build_unet2d
 from anim_lab.weights import (
+    DIFFUSERS_WEIGHTS,
+    TRANSFORMERS_WEIGHTS,
+    WEIGHT_NAMES,
+    CorruptWeightsError,
     KeyMismatchError,
     check_keys,
+    check_weight_file,
     fill_position_encodings,
     load_checkpoint,
     load_into,
@@ -244,3 +254,102 @@ def test_from_pretrained_round_trip(tmp_path):
     assert not any(p.is_meta for p in stage1.parameters())
     with torch.no_grad():
         assert torch.equal(stage1(x, 5, tokens), VideoUNet.from_pretrained(tmp_path / "sd")(x, 5, tokens))
+
+
+# --- truncated and empty files: every loader names the file -----------------------------------------------
+def _truncate(path: Path, keep: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.001, 0.5, 0.999])
+def test_truncated_safetensors_named(tmp_path, small, keep):
+    file = tmp_path / "w.safetensors"
+    save_file(dict(small.state_dict()), file)
+    _truncate(file, keep)
+    with pytest.raises(CorruptWeightsError, match=r"w\.safetensors: the weight file is truncated or corrupt"):
+        load_checkpoint(file)
+    with pytest.raises(CorruptWeightsError, match="truncated or corrupt"):
+        check_weight_file(file)
+    # in a model folder, and as one shard of a sharded folder
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    file.replace(folder / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(CorruptWeightsError, match="diffusion_pytorch_model.safetensors: .*truncated"):
+        load_checkpoint(folder)
+    shard = tmp_path / "sharded"
+    shard.mkdir()
+    sd = dict(small.state_dict())
+    keys = sorted(sd)
+    save_file({k: sd[k] for k in keys[:2]}, shard / "a.safetensors")
+    save_file({k: sd[k] for k in keys[2:]}, shard / "b.safetensors")
+    index = {"weight_map": {k: ("a.safetensors" if i < 2 else "b.safetensors") for i, k in enumerate(keys)}}
+    (shard / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    _truncate(shard / "b.safetensors", keep)
+    with pytest.raises(CorruptWeightsError, match=r"b\.safetensors: .*truncated or corrupt"):
+        load_checkpoint(shard)
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.5, 0.999])
+def test_truncated_torch_file_named(tmp_path, small, keep):
+    file = tmp_path / "reference_unet.pth"
+    torch.save(small.state_dict(), file)
+    _truncate(file, keep)
+    with pytest.raises(CorruptWeightsError, match=r"reference_unet\.pth: .*truncated or corrupt"):
+        load_checkpoint(file)
+    with pytest.raises(CorruptWeightsError, match=r"reference_unet\.pth: .*truncated or corrupt"):
+        check_weight_file(file)
+
+
+def test_complete_files_pass_the_check(tmp_path, small):
+    save_file(dict(small.state_dict()), tmp_path / "w.safetensors")
+    torch.save(small.state_dict(), tmp_path / "w.pth")
+    for name in ("w.safetensors", "w.pth"):
+        assert check_weight_file(tmp_path / name) == tmp_path / name
+
+
+def test_truncated_weights_in_pretrained_folders_named(tmp_path):
+    """The from_pretrained paths (2D VAE, CLIP image encoder, causal VAE) name the truncated file too."""
+    V.build_vae(TINY.get("vae")).save_pretrained(tmp_path / "vae")
+    C.build_image_encoder(TINY.get("image_encoder")).save_pretrained(tmp_path / "enc")
+    CausalVAE(**CAUSAL_VAE_TINY).save_pretrained(tmp_path / "cvae")
+    cases = [
+        (tmp_path / "vae" / "diffusion_pytorch_model.safetensors", lambda: V.load_vae(tmp_path / "vae")),
+        (tmp_path / "enc" / "model.safetensors", lambda: C.load_image_encoder(tmp_path / "enc")),
+        (
+            tmp_path / "cvae" / "diffusion_pytorch_model.safetensors",
+            lambda: CausalVAE.from_pretrained(tmp_path / "cvae"),
+        ),
+    ]
+    for file, load in cases:
+        load()  # complete: loads
+        _truncate(file, 0.5)
+        with pytest.raises(
+            CorruptWeightsError, match=f"{file.name}: the weight file is truncated or corrupt"
+        ):
+            load()
+        file.write_bytes(b"")
+        with pytest.raises(CorruptWeightsError, match="truncated or corrupt"):
+            load()
+
+
+def test_one_list_of_weight_file_names():
+    assert DIFFUSERS_WEIGHTS + TRANSFORMERS_WEIGHTS == WEIGHT_NAMES
+    assert WEIGHT_NAMES[0] == causal_vae.WEIGHTS_NAME
+
+
+def test_causal_vae_from_pretrained_uses_load_into(tmp_path):
+    """A wrong file fails with load_into's KeyMismatchError (keys and shapes listed), the model untouched."""
+    folder = tmp_path / "cvae"
+    CausalVAE(**CAUSAL_VAE_TINY).save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(cfg, latent_channels=8)))
+    with pytest.raises(KeyMismatchError, match="keys with other shapes"):
+        CausalVAE.from_pretrained(folder)
+    # a whole-pipeline file with "vae." prefixes loads
+    sd = load_checkpoint(folder)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_file({f"vae.{k}": v for k, v in sd.items()}, folder / "diffusion_pytorch_model.safetensors")
+    back = CausalVAE.from_pretrained(folder)
+    for k, v in back.state_dict().items():
+        torch.testing.assert_close(v, sd[k], rtol=0, atol=0)
