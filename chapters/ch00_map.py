@@ -506,8 +506,9 @@ print(
 
 # %% [markdown]
 # Everything per frame (convolutions, linear layers, decoding) scales with area × frames; the spatial
-# attention's score matrices with area² per frame; the motion modules' attention with frames² per position —
-# and the window count, not the frame count, sets the memory.
+# attention's score matrices with area² per frame; the motion modules' attention with frames² per position.
+# With context windows the compute grows with the number of windows, while the activation memory is set by
+# one window (24 frames), not by the length of the video.
 #
 # **2.** Count the temporal attention's matrix products apart: per attention and position, $QK^\top$ and the
 # weighted sum of values each cost $2 F^2 C$ FLOPs.
@@ -522,7 +523,7 @@ print(
 print(f"motion modules: {motion_share:.0%} of a step")
 
 # %% [markdown]
-# Almost all of a motion module's cost is its linear layers; the attention over 24 frames is a few percent.
+# Almost all of a motion module's cost is its linear layers; the attention over 24 frames is about 1%.
 # Spatial self-attention is the opposite: 4096 keys per query at the first level.
 #
 # **3.** With guidance on every second step, half the steps run 2 rows and half 1 row: 1.5 instead of 2
