@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .configs import SD15, TINY, TOY
+from .tiling import TileSettings, tiled_decode, tiled_encode
 from .weights import DIFFUSERS_WEIGHTS, load_checkpoint, load_into
 
 __all__ = [
@@ -519,6 +520,46 @@ class CausalVAE(nn.Module):
                 f"{what} height and width must be multiples of {spatial_multiple}, got {h}x{w}; "
                 f"resize or crop the frames"
             )
+        if not x.is_floating_point():
+            hint = (
+                "; uint8 frames (F, H, W, 3) become model input with anim_lab.vae.images_from_uint8 "
+                "(x / 127.5 - 1), then rearrange to (B, 3, F, H, W)"
+                if x.dtype == torch.uint8
+                else ""
+            )
+            raise TypeError(f"{what} must be a floating-point tensor, got {x.dtype}{hint}")
+        if x.device.type != "meta" and x.numel() and not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).sum())
+            raise ValueError(
+                f"{what} contain {bad} NaN or infinite values; one such value spreads through every "
+                f"convolution and normalisation to the whole output: find where they come from (a division "
+                f"by zero, an overflow in float16) or replace them (torch.nan_to_num)"
+            )
+
+    def _check_video_range(self, x: torch.Tensor) -> None:
+        """Videos are in [-1, 1]; values beyond it (by more than rounding) raise, naming [0, 255] data when
+        they look like it. A clip in [0, 1] *cannot* be told apart from a legal [-1, 1] clip that has no dark
+        pixels, so it passes: map [0, 1] data with 2 x - 1 yourself."""
+        if x.device.type == "meta" or not x.numel():
+            return
+        lo, hi = x.min().item(), x.max().item()
+        if lo < -1.001 or hi > 1.001:
+            hint = (
+                " (they look like [0, 255] pixels: use anim_lab.vae.images_from_uint8, i.e. x / 127.5 - 1)"
+                if hi > 2.0 and lo >= -0.001
+                else ""
+            )
+            raise ValueError(
+                f"video must be in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]{hint}; map [0, 1] data with "
+                f"2 * x - 1"
+            )
+
+    @staticmethod
+    def _check_tiling(tiling) -> None:
+        if tiling is not None and not isinstance(tiling, TileSettings):
+            raise TypeError(
+                f"tiling must be None or an anim_lab.tiling.TileSettings, got {type(tiling).__name__}"
+            )
 
     # -- raw passes (no checks), used by anim_lab.tiling on tiles --------------------------------------------
     def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
@@ -530,23 +571,33 @@ class CausalVAE(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
     # -- public API ------------------------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor, tiling=None) -> LatentDistribution:
-        """Video (B, 3, T, H, W) in [-1, 1] -> posterior over latents (B, C, (T - 1)//4 + 1, H/8, W/8)."""
+    def _dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def encode(self, x: torch.Tensor, tiling: TileSettings | None = None) -> LatentDistribution:
+        """Video (B, 3, T, H, W) in [-1, 1] -> posterior over latents (B, C, (T - 1)//4 + 1, H/8, W/8).
+
+        Checked first: shape, a floating-point dtype (float64 or float16 input is cast to the model's dtype;
+        uint8 is refused with the conversion to use), finite values, and the range [-1, 1] (values above 1
+        raise, naming [0, 255] data when they look like it). What no check can tell: a clip in [0, 1] is a
+        legal, if bright, [-1, 1] clip, so it passes; map such data with ``2 * x - 1`` yourself.
+        """
         self._check(x, self.config["in_channels"], "video", self.spatial_compression_ratio, True)
+        self._check_video_range(x)
+        self._check_tiling(tiling)
+        x = x.to(self._dtype())
         if tiling is None:
             return LatentDistribution(self.encode_moments(x))
-        from anim_lab.tiling import tiled_encode
-
         return LatentDistribution(tiled_encode(self, x, tiling))
 
-    def decode(self, z: torch.Tensor, tiling=None) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, tiling: TileSettings | None = None) -> torch.Tensor:
         """Latents (B, C, T_lat, h, w) (unscaled: divide by ``scaling_factor`` first) -> video (B, 3,
-        4(T_lat-1)+1, 8h, 8w)."""
+        4(T_lat-1)+1, 8h, 8w). Latents must be floating point (cast to the model's dtype) and finite."""
         self._check(z, self.config["latent_channels"], "latents", 1, False)
+        self._check_tiling(tiling)
+        z = z.to(self._dtype())
         if tiling is None:
             return self.decode_latents(z)
-        from anim_lab.tiling import tiled_decode
-
         return tiled_decode(self, z, tiling)
 
     def forward(

@@ -3,7 +3,8 @@
 A tensor on the ``meta`` device has a shape and a dtype but no storage, so a full-size model (SD1.5's
 860M-parameter UNet) builds in a fraction of a second and runs a "forward" that computes every shape and no
 number. That is enough for shape tables, parameter counts and FLOP counts (torch's ``FlopCounterMode`` counts
-the matrix multiplications and convolutions that would run).
+the matrix multiplications and convolutions that would run). :class:`PeakMemory` measures the other cost, the
+tensor memory a block of code holds at its peak (on real tensors, any device).
 
     unet = build("SD15", "unet")                       # on meta
     rows = trace_shapes(unet, x, t, encoder_hidden_states=e, depth=1)
@@ -12,15 +13,22 @@ the matrix multiplications and convolutions that would run).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from .configs import Preset, get_preset
+from .pose_guider import PoseGuider
+from .unet import ReferenceUNet, VideoUNet
 
 __all__ = [
     "COMPONENTS",
@@ -33,42 +41,31 @@ __all__ = [
     "trace_shapes",
     "format_table",
     "human",
+    "PeakMemory",
 ]
 
 
 def _build_unet(p: Preset) -> nn.Module:
-    from diffusers import UNet2DConditionModel
-
     return UNet2DConditionModel(**p.get("unet"))
 
 
 def _build_vae(p: Preset) -> nn.Module:
-    from diffusers import AutoencoderKL
-
     return AutoencoderKL(**p.get("vae"))
 
 
 def _build_image_encoder(p: Preset) -> nn.Module:
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
     return CLIPVisionModelWithProjection(CLIPVisionConfig(**p.get("image_encoder")))
 
 
 def _build_pose_guider(p: Preset) -> nn.Module:
-    from .pose_guider import PoseGuider
-
     return PoseGuider(**p.get("pose_guider"))
 
 
 def _build_reference_unet(p: Preset) -> nn.Module:
-    from .unet import ReferenceUNet
-
     return ReferenceUNet(p.get("unet"))
 
 
 def _build_denoising_unet(p: Preset) -> nn.Module:
-    from .unet import VideoUNet
-
     return VideoUNet(p.get("unet"), p.get("motion"))
 
 
@@ -228,3 +225,42 @@ def format_table(rows: list[list[Any]], header: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# --- memory --------------------------------------------------------------------------------------------
+class PeakMemory(TorchDispatchMode):
+    """Count the bytes of tensor storages created inside the block, live and at peak
+    (any device, CPU included).
+
+    Every tensor an operator returns is recorded by its storage; the count drops when the storage is freed. So
+    ``peak`` is the most tensor memory the code held at once (inputs created before the block are not counted;
+    an operator's internal scratch buffers are not tensors and are not seen). Deterministic, unlike process
+    RSS.
+
+        with PeakMemory() as mem:
+            video = vae.decode(z)
+        working = mem.peak - video.numel() * video.element_size()
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if nbytes == 0 or key in self.live:
+                    continue  # a view or an in-place result: storage already counted
+                self.live[key] = nbytes
+                self.current += nbytes
+                self.peak = max(self.peak, self.current)
+                weakref.finalize(storage, self._free, key)
+        return out

@@ -30,12 +30,11 @@ shifted colours (chapter 08); choose sizes that leave no slivers.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+
+from .inspect import PeakMemory  # measures the working memory tiling saves; defined with the other meters
 
 __all__ = [
     "PeakMemory",
@@ -69,8 +68,24 @@ class TileSettings:
     temporal: bool = True
     blend: bool = True
 
-    def validate(self, spatial_ratio: int = 8, temporal_ratio: int = 4) -> None:
-        pairs = [
+    def __post_init__(self):
+        """What can be checked without a VAE: whole positive sizes, strides no larger than their tiles,
+        boolean switches. (Multiples of the compression ratios are checked by :meth:`validate`, with the
+        VAE's ratios, before every tiled pass.)"""
+        for name in ("spatial", "temporal", "blend"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"TileSettings.{name} must be True or False, got {getattr(self, name)!r}")
+        for name, size, stride, _, _ in self._pairs(1, 1):
+            for field_name, value in (
+                (f"tile_sample_min_{name}", size),
+                (f"tile_sample_stride_{name}", stride),
+            ):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise TypeError(f"TileSettings.{field_name} must be an int, got {value!r}")
+        self.validate(1, 1)
+
+    def _pairs(self, spatial_ratio: int, temporal_ratio: int) -> list[tuple[str, int, int, int, str]]:
+        return [
             ("height", self.tile_sample_min_height, self.tile_sample_stride_height, spatial_ratio, "pixels"),
             ("width", self.tile_sample_min_width, self.tile_sample_stride_width, spatial_ratio, "pixels"),
             (
@@ -81,7 +96,12 @@ class TileSettings:
                 "frames",
             ),
         ]
-        for name, size, stride, ratio, unit in pairs:
+
+    def validate(self, spatial_ratio: int = 8, temporal_ratio: int = 4) -> None:
+        """Raise a ValueError unless every size and stride is positive, no stride exceeds its tile (tiles
+        would leave gaps), and all are multiples of the VAE's compression ratios (tiles start on latent
+        boundaries)."""
+        for name, size, stride, ratio, unit in self._pairs(spatial_ratio, temporal_ratio):
             if stride <= 0 or size <= 0:
                 raise ValueError(
                     f"tile_sample_min_{name}={size} and tile_sample_stride_{name}={stride} must be > 0"
@@ -175,6 +195,7 @@ def _spatial_tiles(
 
 def spatial_tiled_encode(vae, x: torch.Tensor, tiles: TileSettings) -> torch.Tensor:
     """(B, 3, T, H, W) -> moments (B, 2C, T_lat, H/8, W/8), encoding overlapping spatial tiles."""
+    tiles.validate(vae.spatial_compression_ratio, vae.temporal_compression_ratio)
     s = vae.spatial_compression_ratio
     th, tw = tiles.tile_sample_min_height, tiles.tile_sample_min_width
     sh, sw = tiles.tile_sample_stride_height, tiles.tile_sample_stride_width
@@ -197,6 +218,7 @@ def spatial_tiled_encode(vae, x: torch.Tensor, tiles: TileSettings) -> torch.Ten
 
 def spatial_tiled_decode(vae, z: torch.Tensor, tiles: TileSettings) -> torch.Tensor:
     """(B, C, T_lat, h, w) -> (B, 3, 4 (T_lat - 1) + 1, 8h, 8w), decoding overlapping spatial tiles."""
+    tiles.validate(vae.spatial_compression_ratio, vae.temporal_compression_ratio)
     s = vae.spatial_compression_ratio
     th, tw = tiles.tile_sample_min_height, tiles.tile_sample_min_width
     sh, sw = tiles.tile_sample_stride_height, tiles.tile_sample_stride_width
@@ -225,74 +247,73 @@ def _needs_spatial(tiles: TileSettings, h: int, w: int, scale: int) -> bool:
     )
 
 
+def _temporal_tiles(
+    fn, x: torch.Tensor, out: torch.Tensor, window: int, stride: int, extent: int, keep: int, do_blend: bool
+) -> torch.Tensor:
+    """Run ``fn`` on overlapping windows of x (B, C, T, H, W) along time and write the result into ``out``.
+
+    Windows of ``window + 1`` entries start every ``stride``. Every window after the first drops its first
+    output (its first frame, encoded or decoded alone, repeats one the previous window covered), fades in
+    over the previous window's last ``extent`` outputs, and keeps ``keep`` outputs (the first window keeps
+    ``keep + 1``), cropped to ``out``'s length. Shared by the encoder (entries are frames, outputs latents)
+    and the decoder (entries are latents, outputs frames).
+    """
+    prev, pos, n_out = None, 0, out.shape[2]
+    for k, i in enumerate(range(0, x.shape[2], stride)):
+        # (B, C, <= window + 1, H, W) -> (B, C', <= 1 + window', H', W')
+        piece = fn(x[:, :, i : i + window + 1])
+        if k > 0:
+            piece = piece[:, :, 1:]  # the window's own "first frame": already covered by the previous one
+            if do_blend:
+                piece = blend(prev, piece, extent, dim=2)
+        prev = _tail(piece, extent, dim=2)
+        kept = piece[:, :, : min(keep + (k == 0), n_out - pos)]
+        out[:, :, pos : pos + kept.shape[2]] = kept
+        pos += kept.shape[2]
+        del piece, kept
+    return out
+
+
 def temporal_tiled_encode(vae, x: torch.Tensor, tiles: TileSettings) -> torch.Tensor:
     """(B, 3, T, H, W) -> moments (B, 2C, T_lat, h, w), encoding overlapping windows of frames (each one tiled
     in space if it is larger than a tile)."""
-    r = vae.temporal_compression_ratio
+    tiles.validate(vae.spatial_compression_ratio, vae.temporal_compression_ratio)
+    r, s = vae.temporal_compression_ratio, vae.spatial_compression_ratio
     b, _, t, h, w = x.shape
-    t_lat = (t - 1) // r + 1
-    window, stride = tiles.tile_sample_min_num_frames, tiles.tile_sample_stride_num_frames
-    extent, keep = (window - stride) // r, stride // r  # in latents
-    s = vae.spatial_compression_ratio
-    out = x.new_empty(b, 2 * vae.config["latent_channels"], t_lat, h // s, w // s)
-    prev, pos = None, 0
-    for k, i in enumerate(range(0, t, stride)):
-        clip = x[
-            :, :, i : i + window + 1
-        ]  # (B, 3, <= window + 1, H, W): 1 + window frames -> 1 + window/4 latents
-        if _needs_spatial(tiles, h, w, 1):
-            moments = spatial_tiled_encode(vae, clip, tiles)
-        else:
-            moments = vae.encode_moments(clip)
-        if k > 0:
-            moments = moments[
-                :, :, 1:
-            ]  # the window's first frame, encoded alone, duplicates a frame already covered
-            if tiles.blend:
-                moments = blend(prev, moments, extent, dim=2)
-        prev = _tail(moments, extent, dim=2)
-        kept = moments[:, :, : min(keep + (k == 0), t_lat - pos)]
-        out[:, :, pos : pos + kept.shape[2]] = kept
-        pos += kept.shape[2]
-        del moments, kept
-    return out
+    window, stride = tiles.tile_sample_min_num_frames, tiles.tile_sample_stride_num_frames  # in frames
+    out = x.new_empty(b, 2 * vae.config["latent_channels"], (t - 1) // r + 1, h // s, w // s)
+    spatial = _needs_spatial(tiles, h, w, 1)
+    return _temporal_tiles(
+        (lambda clip: spatial_tiled_encode(vae, clip, tiles)) if spatial else vae.encode_moments,
+        x,
+        out,
+        window,
+        stride,
+        (window - stride) // r,  # blend extent, in latents
+        stride // r,  # latents kept per window
+        tiles.blend,
+    )
 
 
 def temporal_tiled_decode(vae, z: torch.Tensor, tiles: TileSettings) -> torch.Tensor:
     """(B, C, T_lat, h, w) -> (B, 3, 4 (T_lat - 1) + 1, 8h, 8w), decoding overlapping windows of latent
     frames."""
-    r = vae.temporal_compression_ratio
+    tiles.validate(vae.spatial_compression_ratio, vae.temporal_compression_ratio)
+    r, s = vae.temporal_compression_ratio, vae.spatial_compression_ratio
     b, _, t_lat, h, w = z.shape
-    t = r * (t_lat - 1) + 1
-    window, stride = (
-        tiles.tile_sample_min_num_frames // r,
-        tiles.tile_sample_stride_num_frames // r,
-    )  # in latents
-    extent, keep = (
-        tiles.tile_sample_min_num_frames - tiles.tile_sample_stride_num_frames,
-        tiles.tile_sample_stride_num_frames,
+    window, stride = tiles.tile_sample_min_num_frames, tiles.tile_sample_stride_num_frames  # in frames
+    out = z.new_empty(b, vae.config["out_channels"], r * (t_lat - 1) + 1, h * s, w * s)
+    spatial = _needs_spatial(tiles, h, w, s)
+    return _temporal_tiles(
+        (lambda latents: spatial_tiled_decode(vae, latents, tiles)) if spatial else vae.decode_latents,
+        z,
+        out,
+        window // r,  # in latents
+        stride // r,
+        window - stride,  # blend extent, in frames
+        stride,  # frames kept per window
+        tiles.blend,
     )
-    s = vae.spatial_compression_ratio
-    out = z.new_empty(b, vae.config["out_channels"], t, h * s, w * s)
-    prev, pos = None, 0
-    for k, i in enumerate(range(0, t_lat, stride)):
-        latents = z[:, :, i : i + window + 1]  # (B, C, <= window + 1, h, w) -> 1 + 4 window frames
-        if _needs_spatial(tiles, h, w, s):
-            frames = spatial_tiled_decode(vae, latents, tiles)
-        else:
-            frames = vae.decode_latents(latents)
-        if k > 0:
-            frames = frames[
-                :, :, 1:
-            ]  # decoded "first frame" of this window: already covered by the previous one
-            if tiles.blend:
-                frames = blend(prev, frames, extent, dim=2)
-        prev = _tail(frames, extent, dim=2)
-        kept = frames[:, :, : min(keep + (k == 0), t - pos)]
-        out[:, :, pos : pos + kept.shape[2]] = kept
-        pos += kept.shape[2]
-        del frames, kept
-    return out
 
 
 def tiled_encode(vae, x: torch.Tensor, tiles: TileSettings) -> torch.Tensor:
@@ -315,41 +336,3 @@ def tiled_decode(vae, z: torch.Tensor, tiles: TileSettings) -> torch.Tensor:
     if _needs_spatial(tiles, *z.shape[-2:], vae.spatial_compression_ratio):
         return spatial_tiled_decode(vae, z, tiles)
     return vae.decode_latents(z)
-
-
-class PeakMemory(TorchDispatchMode):
-    """Count the bytes of tensor storages created inside the block, live and at peak
-    (any device, CPU included).
-
-    Every tensor an operator returns is recorded by its storage; the count drops when the storage is freed. So
-    ``peak`` is the most tensor memory the code held at once (inputs created before the block are not counted;
-    an operator's internal scratch buffers are not tensors and are not seen). Deterministic, unlike process
-    RSS.
-
-        with PeakMemory() as mem:
-            video = vae.decode(z)
-        working = mem.peak - video.numel() * video.element_size()
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
-
-    def _free(self, key: int) -> None:
-        self.current -= self.live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                storage = t.untyped_storage()
-                key, nbytes = storage.data_ptr(), storage.nbytes()
-                if nbytes == 0 or key in self.live:
-                    continue  # a view or an in-place result: storage already counted
-                self.live[key] = nbytes
-                self.current += nbytes
-                self.peak = max(self.peak, self.current)
-                weakref.finalize(storage, self._free, key)
-        return out

@@ -37,6 +37,7 @@ __all__ = [
     "images_from_uint8",
     "images_to_uint8",
     "check_images",
+    "check_finite",
     "check_video",
     "encode_latent_dist",
     "encode",
@@ -108,8 +109,27 @@ def _downsample_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """Raise a ValueError if ``x`` holds NaN or infinite values (one of them spreads through the VAE's
+    convolutions and GroupNorms to every output value)."""
+    if x.device.type != "meta" and x.numel() and not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(
+            f"{name} contain {bad} NaN or infinite values out of {x.numel()}; one of them makes every latent "
+            f"(or pixel) NaN: find where they come from (a division by zero, a float16 overflow) or replace "
+            f"them (torch.nan_to_num)"
+        )
+
+
 def check_images(images: torch.Tensor, vae: AutoencoderKL | None = None, name: str = "images") -> None:
-    """Images must be a float tensor (B, 3, H, W) in [-1, 1] with H, W multiples of the VAE's downsampling."""
+    """Images must be a float tensor (B, 3, H, W) in [-1, 1], finite, with H, W multiples of the VAE's
+    downsampling.
+
+    The range is decided by the values alone, at any size: anything in [-1, 1] passes (a bright image, all
+    0.5, is a valid image), anything beyond it by more than rounding raises. So an image in [0, 1] (which
+    should have been mapped with 2 x - 1) passes too: no check can tell it from a valid image without dark
+    pixels.
+    """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor (B, 3, H, W) in [-1, 1], got {type(images).__name__}")
     if images.ndim != 4:
@@ -120,19 +140,16 @@ def check_images(images: torch.Tensor, vae: AutoencoderKL | None = None, name: s
     if not images.is_floating_point():
         raise TypeError(
             f"{name} must be floating point in [-1, 1], got {images.dtype}; "
-            f"convert uint8 with x.float() / 127.5 - 1"
+            f"convert uint8 pictures (..., H, W, 3) with images_from_uint8 (x / 127.5 - 1)"
         )
+    check_finite(images, name)
     if images.device.type != "meta" and images.numel():
         lo, hi = images.min().item(), images.max().item()
         if lo < -1.001 or hi > 1.001:
+            hint = " (they look like [0, 255] pixels)" if hi > 2.0 and lo >= -0.001 else ""
             raise ValueError(
-                f"{name} must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; "
-                f"map [0, 255] with x / 127.5 - 1 and [0, 1] with 2 * x - 1"
-            )
-        if lo >= 0.0 and hi > 0.0 and images.shape[-1] * images.shape[-2] > 64:
-            # all non-negative: almost surely [0, 1] images that were not mapped to [-1, 1]
-            raise ValueError(
-                f"{name} look like [0, 1] images (min {lo:.3g} >= 0); the VAE expects [-1, 1]: use 2 * x - 1"
+                f"{name} must be in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]{hint}; "
+                f"map [0, 255] with x / 127.5 - 1 (images_from_uint8) and [0, 1] with 2 * x - 1"
             )
     if vae is not None:
         f = _downsample_factor(vae)
@@ -195,6 +212,9 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, scaling_factor: float | No
             f"latents have {latents.shape[1]} channels, "
             f"this VAE has {vae.config.latent_channels} latent channels"
         )
+    if not latents.is_floating_point():
+        raise TypeError(f"latents must be floating point, got {latents.dtype}")
+    check_finite(latents, "latents")
     s = vae.config.scaling_factor if scaling_factor is None else scaling_factor
     images = vae.decode(latents.to(vae.dtype) / s).sample  # (B, 3, H, W)
     return images.clamp(-1, 1)

@@ -90,17 +90,12 @@ def render_stills(split: str, n_identities: int, views: int = 1, seed: int = 0, 
     return dict(images=np.stack(images), identity=np.array(ids), labels=labels, landmarks=np.stack(lms))
 
 
-def to_pm1(u8) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
-    return torch.as_tensor(u8).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, H, W, 3) -> (N, 3, H, W)
-
-
 # --- VAE ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_vae(vae=None, n: int = 64, seed: int = 123) -> dict:
     """Mean and min PSNR (dB) of reconstructions (mean latents) of ``n`` full 128-px held-out frames."""
     vae = V.load_toy_vae() if vae is None else vae
-    images = to_pm1(render_stills("test", n, seed=seed)["images"])
+    images = V.images_from_uint8(render_stills("test", n, seed=seed)["images"])
     values = torch.cat(
         [
             V.psnr(V.decode(vae, V.encode(vae, images[i : i + 32])), images[i : i + 32])
@@ -128,7 +123,7 @@ def evaluate_clip(
     if model is None:
         model, tokenizer = C.load_toy_clip()
     data = render_stills("test", n_identities, views=views, seed=seed)
-    images = to_pm1(data["images"])
+    images = V.images_from_uint8(data["images"])
     preprocess = toy_clip_preprocess() if preprocess is None else preprocess
     pixel_values = preprocess(images)  # (N, 3, S, S)
     image_embeds = torch.cat(

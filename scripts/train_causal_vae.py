@@ -26,7 +26,8 @@ fourth):
 At the end: ``scaling_factor`` = 1 / std of the latent means over training clips (as SD and HunyuanVideo chose
 theirs), held-out PSNR on 64 clips of unseen identities (17 frames, 64 px), and the weights + config in
 ``anim_lab/assets/toy_causal_vae/`` (diffusers layout; loads in ``AutoencoderKLHunyuanVideo`` too) with
-``train_log.json`` beside them. Checkpoints every 100 steps in ``--ckpt`` (resumable with ``--resume``).
+``train_log.json`` beside them. Checkpoints every 100 steps in ``--ckpt`` (resumable with ``--resume``; read
+back with torch's safe loader, ``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pickle
 import time
 from pathlib import Path
 
@@ -44,13 +46,13 @@ from torch.nn import functional as F
 
 from anim_lab import toy
 from anim_lab.causal_vae import CAUSAL_VAE_TOY, TOY_ASSET_DIR, CausalVAE
-from anim_lab.vae import psnr  # per-image (here per-clip) PSNR of [-1, 1] data
+from anim_lab.vae import images_from_uint8, psnr  # psnr: per image (here per clip), [-1, 1] data
 
 SIZE, CLIP_FRAMES, WINDOW = 64, 17, 9
 
 
 def render_clips(identities, seed_offset: int) -> torch.Tensor:
-    """(N, 3, 17, 64, 64) uint8 clips, one per identity seed (clip seed = identity seed + offset)."""
+    """(N, 17, 64, 64, 3) uint8 clips, one per identity seed (clip seed = identity seed + offset)."""
     clips = []
     for ident_seed in identities:
         clip = toy.make_clip(
@@ -59,14 +61,50 @@ def render_clips(identities, seed_offset: int) -> torch.Tensor:
             size=SIZE,
             seed=int(ident_seed) + seed_offset,
         )
-        clips.append(
-            rearrange(torch.from_numpy(clip.frames), "f h w c -> c f h w")
-        )  # (F, H, W, 3) -> (3, F, H, W)
+        clips.append(torch.from_numpy(clip.frames))  # (F, H, W, 3)
     return torch.stack(clips)
 
 
 def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
-    return x_uint8.float() / 127.5 - 1.0  # [0, 255] -> [-1, 1]
+    """(B, F, H, W, 3) uint8 -> (B, 3, F, H, W) in [-1, 1], the VAE's input."""
+    return rearrange(
+        images_from_uint8(x_uint8), "b f c h w -> b c f h w"
+    )  # (B, F, 3, H, W) -> (B, 3, F, H, W)
+
+
+def save_checkpoint(path: Path, vae, opt, step: int, log, rng: np.random.Generator, history) -> None:
+    """Everything a resumed run needs, as tensors and plain containers (the numpy generator by its state), so
+    that :func:`load_checkpoint_state` can read it with ``torch.load(weights_only=True)``."""
+    state = {
+        "model": vae.state_dict(),
+        "opt": opt.state_dict(),
+        "step": step,
+        "log": log,
+        "rng_state": rng.bit_generator.state,
+        "torch_rng": torch.get_rng_state(),
+        "history": history,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint_state(path: Path) -> tuple[dict, np.random.Generator]:
+    """Read a checkpoint with torch's safe loader (tensors and plain containers only; no code runs), and
+    rebuild the numpy generator. A file that holds other objects is refused, not executed."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path} holds objects the safe loader refuses (a checkpoint of an older version of this script "
+            f"pickled a numpy Generator, or the file is not ours); start again without --resume "
+            f"(or delete it). Detail: {str(err).splitlines()[0]}"
+        ) from err
+    except (EOFError, RuntimeError) as err:
+        raise ValueError(f"{path} is truncated or corrupt ({err}); delete it and start again") from err
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state["rng_state"]
+    return state, rng
 
 
 @torch.no_grad()
@@ -86,12 +124,12 @@ def batch_of(clips: torch.Tensor, rng: np.random.Generator, batch: int, crop: in
     out = []
     for i in idx:
         t0 = rng.integers(CLIP_FRAMES - WINDOW + 1)
-        x = clips[i, :, t0 : t0 + WINDOW]
+        x = clips[i, t0 : t0 + WINDOW]  # (9, H, W, 3)
         if crop is not None:
             y0, x0 = rng.integers(SIZE - crop + 1, size=2)
-            x = x[:, :, y0 : y0 + crop, x0 : x0 + crop]
+            x = x[:, y0 : y0 + crop, x0 : x0 + crop]
         if rng.random() < 0.5:
-            x = x.flip(-1)
+            x = x.flip(-2)  # left-right
         out.append(x)
     return to_float(torch.stack(out))
 
@@ -103,7 +141,7 @@ def lr_at(step: int, total: int, base: float = 1e-3, final: float = 3e-5, warmup
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * progress))
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -117,7 +155,7 @@ def main():
     parser.add_argument("--ckpt", type=Path, default=Path("/tmp/toy_causal_vae_ckpt.pt"))
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--stop-at", type=int, default=None, help="stop after the checkpoint of this step")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.steps < 1 or args.full_steps < 0 or args.train_clips < 1 or args.test_clips < 1:
         parser.error("--steps, --train-clips and --test-clips must be >= 1 and --full-steps >= 0")
 
@@ -140,15 +178,10 @@ def main():
     total = args.steps + args.full_steps
     step, log, history = 0, [], []
     if args.resume and args.ckpt.exists():
-        state = torch.load(args.ckpt, weights_only=False)
+        state, rng = load_checkpoint_state(args.ckpt)
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        step, log, history = (
-            state["step"],
-            state["log"],
-            state.get("history", [{"from_step": 0, "steps": 1300, "full_steps": 300}]),
-        )
-        rng = state["rng"]
+        step, log, history = state["step"], state["log"], state["history"]
         torch.set_rng_state(state["torch_rng"])
         print(f"resumed at step {step}", flush=True)
     history.append({"from_step": step, "steps": args.steps, "full_steps": args.full_steps})
@@ -184,18 +217,7 @@ def main():
             )
             print(f"  held-out PSNR (16 clips): {score:.2f} dB", flush=True)
         if step % 100 == 0 or step == total:
-            torch.save(
-                {
-                    "model": vae.state_dict(),
-                    "opt": opt.state_dict(),
-                    "step": step,
-                    "log": log,
-                    "rng": rng,
-                    "torch_rng": torch.get_rng_state(),
-                    "history": history,
-                },
-                args.ckpt,
-            )
+            save_checkpoint(args.ckpt, vae, opt, step, log, rng, history)
 
     if step < total:
         print(f"stopped at step {step} (--stop-at); checkpoint in {args.ckpt}", flush=True)

@@ -42,11 +42,6 @@ def vae_config() -> dict:
     return cfg
 
 
-def to_pm1(u8: torch.Tensor) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
-    return u8.permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, H, W, 3) -> (N, 3, H, W)
-
-
 def random_crops(images_u8: torch.Tensor, batch_size: int, crop: int, g: torch.Generator) -> torch.Tensor:
     """A batch of random crops (and random horizontal flips): (N, H, W, 3) uint8 -> (B, 3, crop, crop) in
     [-1, 1]."""
@@ -58,7 +53,7 @@ def random_crops(images_u8: torch.Tensor, batch_size: int, crop: int, g: torch.G
     out = torch.stack(
         [images_u8[i, y : y + crop, x : x + crop] for i, y, x in zip(idx, ys, xs, strict=True)]
     )  # (B, c, c, 3)
-    out = to_pm1(out)
+    out = V.images_from_uint8(out)  # (B, c, c, 3) uint8 -> (B, 3, c, c) in [-1, 1]
     out[flips] = out[flips].flip(-1)
     return out
 
@@ -140,7 +135,7 @@ def train(
         eval_u8 = render_stills("test", n_eval, seed=10_000 + seed)["images"]
     else:
         train_u8, eval_u8 = data
-    train_u8, eval_images = torch.as_tensor(train_u8), to_pm1(torch.as_tensor(eval_u8))
+    train_u8, eval_images = torch.as_tensor(train_u8), V.images_from_uint8(eval_u8)
 
     # a fresh model, or continue from a saved folder (``--init``: e.g. a longer run in two parts)
     vae = AutoencoderKL(**vae_config()) if init is None else AutoencoderKL.from_pretrained(init)
@@ -197,7 +192,7 @@ def train(
     log["steps"] = step
     log["final_psnr"] = round(eval_psnr(vae, eval_images), 2)
     log["curve"].append(dict(step=step, minutes=round((time.time() - t0) / 60, 2), psnr=log["final_psnr"]))
-    sf = measure_scaling_factor(vae, to_pm1(train_u8[:256]), seed)
+    sf = measure_scaling_factor(vae, V.images_from_uint8(train_u8[:256]), seed)
     vae.register_to_config(scaling_factor=round(sf, 5))
     log["scaling_factor"] = round(sf, 5)
     if out is not None:

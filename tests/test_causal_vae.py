@@ -36,7 +36,7 @@ def test_state_dict_keys_and_shapes_equal_diffusers(pair):
 @pytest.mark.parametrize("num_frames", [1, 5, 9, 17])
 def test_encode_decode_match_diffusers(pair, num_frames):
     ref, ours = pair
-    x = torch.randn(1, 3, num_frames, 16, 24, generator=torch.Generator().manual_seed(num_frames))
+    x = torch.rand(1, 3, num_frames, 16, 24, generator=torch.Generator().manual_seed(num_frames)) * 2 - 1
     with torch.no_grad():
         post_ref, post = ref.encode(x).latent_dist, ours.encode(x)
         torch.testing.assert_close(post.mean, post_ref.mean, atol=1e-5, rtol=0)
@@ -103,9 +103,9 @@ def test_first_latent_sees_future_frames_only_through_groupnorm(pair):
     """Convolutions are causal, but GroupNorm statistics span all frames: latent 0 moves when frames 5..8
     change."""
     _, ours = pair
-    x = torch.randn(1, 3, 9, 16, 16, generator=torch.Generator().manual_seed(3))
+    x = torch.rand(1, 3, 9, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1  # [-1, 1]
     changed = x.clone()
-    changed[:, :, 5:] = torch.randn(1, 3, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    changed[:, :, 5:] = torch.rand(1, 3, 4, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
     with torch.no_grad():
         z, z2 = ours.encode(x).mean, ours.encode(changed).mean
         assert (z2[:, :, 0] - z[:, :, 0]).abs().max() > 1e-4
@@ -195,3 +195,53 @@ def test_committed_toy_weights_reconstruct_unseen_identities():
         rec = vae(clip)
     mse = ((rec.clamp(-1, 1) - clip) / 2).pow(2).mean()
     assert 10 * torch.log10(1 / mse) > MIN_TOY_PSNR
+
+
+# --- bad inputs at the public entry points ----------------------------------------------------------------
+def test_dtypes_uint8_refused_float64_cast(pair):
+    _, ours = pair
+    x = torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    with pytest.raises(TypeError, match="got torch.uint8; uint8 frames .*images_from_uint8"):
+        ours.encode(((x + 1) * 127.5).round().to(torch.uint8))
+    with pytest.raises(TypeError, match="floating-point"):
+        ours.decode(torch.zeros(1, 4, 2, 2, 2, dtype=torch.int64))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode(x.double()).mean, ours.encode(x).mean, rtol=0, atol=0)
+        z = torch.randn(1, 4, 2, 2, 2, generator=torch.Generator().manual_seed(9))
+        torch.testing.assert_close(ours.decode(z.double()), ours.decode(z), rtol=0, atol=0)
+        assert ours(x.double()).dtype == torch.float32
+
+
+def test_out_of_range_clips_raise_and_legal_ones_pass(pair):
+    _, ours = pair
+    x = torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    with pytest.raises(ValueError, match=r"look like \[0, 255\] pixels: use anim_lab.vae.images_from_uint8"):
+        ours.encode((x + 1) * 127.5)  # a float clip in [0, 255]
+    with pytest.raises(ValueError, match=r"must be in \[-1, 1\], got values in \[-1.5"):
+        ours.encode(x * 1.5)
+    with torch.no_grad():
+        ours.encode((x + 1) / 2)  # [0, 1]: legal [-1, 1] values, which no check can reject (documented)
+        ours.encode(torch.full_like(x, 0.5))  # a bright clip is valid
+        ours.encode(torch.full_like(x, 1.0))
+        ours.encode(torch.full_like(x, -1.0))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_and_inf_raise_in_encode_and_decode(pair, bad):
+    _, ours = pair
+    x = torch.zeros(1, 3, 5, 16, 16)
+    x[0, 1, 2, 3, 4] = bad
+    with pytest.raises(ValueError, match="video contain 1 NaN or infinite values"):
+        ours.encode(x)
+    with pytest.raises(ValueError, match="video contain 1 NaN"):
+        ours(x)
+    z = torch.zeros(1, 4, 2, 2, 2)
+    z[0, 0, 1, 1, 1] = bad
+    with pytest.raises(ValueError, match="latents contain 1 NaN or infinite values"):
+        ours.decode(z)
+
+
+def test_tiling_must_be_tile_settings(pair):
+    _, ours = pair
+    with pytest.raises(TypeError, match="TileSettings"):
+        ours.decode(torch.zeros(1, 4, 2, 2, 2), tiling={"tile_sample_min_height": 32})

@@ -4,7 +4,17 @@ tile settings, the blend formula written out, and the working memory it promises
 import pytest
 import torch
 
-from anim_lab.tiling import PeakMemory, TileSettings, blend, tiled_decode
+from anim_lab import inspect, tiling
+from anim_lab.inspect import PeakMemory
+from anim_lab.tiling import (
+    TileSettings,
+    blend,
+    spatial_tiled_decode,
+    spatial_tiled_encode,
+    temporal_tiled_decode,
+    temporal_tiled_encode,
+    tiled_decode,
+)
 
 # tiles of 32 px (4 latents) every 24 px, windows of 8 frames (2 latents) every 4: small enough for a tiny
 # video to need several tiles in both space and time
@@ -29,7 +39,7 @@ def test_tiled_encode_decode_match_diffusers(pair, spatial, temporal, shape):
     ref, ours = pair
     ref = _diffusers(ref, spatial, temporal)
     tiles = TileSettings(32, 32, 24, 24, 8, 4, spatial=spatial, temporal=temporal)
-    x = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(sum(shape)))
+    x = torch.rand(1, 3, *shape, generator=torch.Generator().manual_seed(sum(shape))) * 2 - 1  # [-1, 1]
     with torch.no_grad():
         mean_ref = ref.encode(x).latent_dist.mean
         mean = ours.encode(x, tiling=tiles).mean
@@ -101,23 +111,75 @@ def test_peak_memory_counts_live_tensors():
     del c
 
 
+SMALL = {
+    "tile_sample_min_height": 32,
+    "tile_sample_min_width": 32,
+    "tile_sample_stride_height": 24,
+    "tile_sample_stride_width": 24,
+}
+
+
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, error, match",
     [
-        ({"tile_sample_min_height": 16, "tile_sample_stride_height": 24}, "smaller than its stride"),
-        ({"tile_sample_stride_width": 0}, "must be > 0"),
-        ({"tile_sample_min_height": 36, "tile_sample_stride_height": 28}, "multiples"),
-        ({"tile_sample_min_num_frames": 6, "tile_sample_stride_num_frames": 4}, "multiples"),
+        (
+            {"tile_sample_min_height": 16, "tile_sample_stride_height": 24},
+            ValueError,
+            "smaller than its stride",
+        ),
+        ({"tile_sample_stride_width": 0}, ValueError, "must be > 0"),
+        ({"tile_sample_min_num_frames": -4}, ValueError, "must be > 0"),
+        ({"tile_sample_min_height": 32.5}, TypeError, "must be an int"),
+        ({"blend": "yes"}, TypeError, "True or False"),
     ],
 )
-def test_bad_tile_settings_raise(pair, kwargs, match):
+def test_invalid_tile_settings_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        TileSettings(**{**SMALL, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"tile_sample_min_height": 36, "tile_sample_stride_height": 28},
+        {"tile_sample_min_num_frames": 6, "tile_sample_stride_num_frames": 4},
+    ],
+)
+def test_tiles_off_the_latent_grid_fail_before_any_work(pair, kwargs):
+    """Multiples of the VAE's ratios are checked with the VAE: by decode/encode and by every public tiled
+    function."""
     _, ours = pair
-    small = {
-        "tile_sample_min_height": 32,
-        "tile_sample_min_width": 32,
-        "tile_sample_stride_height": 24,
-        "tile_sample_stride_width": 24,
-    }
-    tiles = TileSettings(**{**small, **kwargs})
-    with pytest.raises(ValueError, match=match):
-        ours.decode(torch.zeros(1, 4, 2, 2, 2), tiling=tiles)
+    tiles = TileSettings(**{**SMALL, **kwargs})
+    z, x = torch.zeros(1, 4, 2, 6, 6), torch.zeros(1, 3, 5, 48, 48)
+    calls = [
+        lambda: ours.decode(z, tiling=tiles),
+        lambda: ours.encode(x, tiling=tiles),
+        lambda: spatial_tiled_decode(ours, z, tiles),
+        lambda: spatial_tiled_encode(ours, x, tiles),
+        lambda: temporal_tiled_decode(ours, z, tiles),
+        lambda: temporal_tiled_encode(ours, x, tiles),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="multiples of the VAE's compression ratio"):
+            call()
+
+
+def test_public_tiled_functions_validate_a_stride_larger_than_the_tile(pair):
+    """Settings that slipped past construction (a frozen dataclass edited in place) are still refused by the
+    public functions, with the reason, instead of torch's 'narrow(): length must be non-negative'."""
+    _, ours = pair
+    tiles = TileSettings(**SMALL)
+    object.__setattr__(tiles, "tile_sample_stride_height", 40)
+    z, x = torch.zeros(1, 4, 2, 6, 6), torch.zeros(1, 3, 5, 48, 48)
+    for call in (
+        lambda: spatial_tiled_decode(ours, z, tiles),
+        lambda: spatial_tiled_encode(ours, x, tiles),
+        lambda: temporal_tiled_decode(ours, z, tiles),
+        lambda: temporal_tiled_encode(ours, x, tiles),
+    ):
+        with pytest.raises(ValueError, match="smaller than its stride 40 .* leave gaps"):
+            call()
+
+
+def test_peak_memory_lives_in_inspect():
+    assert tiling.PeakMemory is inspect.PeakMemory

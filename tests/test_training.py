@@ -12,6 +12,7 @@ import torch
 
 from anim_lab import clip as C
 from anim_lab import vae as V
+from anim_lab.causal_vae import CAUSAL_VAE_TINY, CausalVAE
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -51,7 +52,7 @@ def test_vae_script_learns(stills, tmp_path):
     """A few steps on random crops: the reconstruction error of fixed full frames falls well below the
     untrained model's (the per-step losses are too noisy to compare: every step sees other crops)."""
     T = _load("train_toy_vae")
-    images = T.to_pm1(torch.as_tensor(stills["images"]))  # (24, 3, 64, 64)
+    images = V.images_from_uint8(stills["images"])  # (24, 64, 64, 3) uint8 -> (24, 3, 64, 64)
     torch.manual_seed(0)
     untrained = T.AutoencoderKL(**T.vae_config())  # what train() starts from (same seed)
     log = T.train(
@@ -170,3 +171,35 @@ def test_committed_toy_clip_zero_shot_and_retrieval(E):
     assert result["retrieval_top1_clip"] > result["retrieval_top1_pixels"] + 0.2, result
     # Not asserted: eye colour (at chance; an iris is 2-3 pixels) — see scripts/eval_toy_models.py and chapter
     # 03.
+
+
+# --- the causal-VAE script's checkpoints: read back with the safe loader ------------------------------------
+def test_causal_vae_checkpoint_round_trip_and_resume(tmp_path):
+    T = _load("train_causal_vae")
+    vae = CausalVAE(**CAUSAL_VAE_TINY)
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    rng = np.random.default_rng(3)
+    rng.random(7)
+    T.save_checkpoint(tmp_path / "ckpt.pt", vae, opt, 5, [{"step": 5}], rng, [{"from_step": 0}])
+    state, back = T.load_checkpoint_state(tmp_path / "ckpt.pt")
+    assert back.random() == rng.random()  # the sampler continues where it stopped
+    assert state["step"] == 5 and state["history"] == [{"from_step": 0}]
+    for k, v in vae.state_dict().items():
+        torch.testing.assert_close(state["model"][k], v, rtol=0, atol=0)
+    # a whole run and a resumed one through main(), on 2 tiny training clips
+    common = ["--train-clips", "2", "--test-clips", "1", "--out", str(tmp_path / "out")]
+    T.main([*common, "--steps", "2", "--full-steps", "0", "--ckpt", str(tmp_path / "run.pt")])
+    T.main([*common, "--steps", "3", "--full-steps", "0", "--ckpt", str(tmp_path / "run.pt"), "--resume"])
+    log = json.loads((tmp_path / "out" / "train_log.json").read_text())
+    assert [r["from_step"] for r in log["runs"]] == [0, 2]
+
+
+def test_causal_vae_resume_refuses_pickled_objects(tmp_path):
+    """An old-style checkpoint (a pickled numpy Generator) is refused by the safe loader, not executed."""
+    T = _load("train_causal_vae")
+    torch.save({"step": 1, "rng": np.random.default_rng(0)}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="safe loader refuses .* start again without --resume"):
+        T.load_checkpoint_state(tmp_path / "old.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "old.pt").read_bytes()[:50])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        T.load_checkpoint_state(tmp_path / "cut.pt")

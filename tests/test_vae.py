@@ -125,8 +125,6 @@ def test_bad_inputs(tiny_vae):
         V.encode(tiny_vae, rearrange(x, "(b f) c h w -> b c f h w", f=1))
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         V.encode(tiny_vae, (x + 1) * 127.5)  # [0, 255]
-    with pytest.raises(ValueError, match=r"2 \* x - 1"):
-        V.encode(tiny_vae, (x + 1) / 2)  # [0, 1]
     with pytest.raises(TypeError, match="floating point"):
         V.encode(tiny_vae, ((x + 1) * 127.5).to(torch.uint8))
     with pytest.raises(ValueError, match="multiples of 8"):
@@ -166,3 +164,50 @@ def test_uint8_helpers_round_trip_and_match_the_formula():
     np.testing.assert_array_equal(V.images_to_uint8(x), u8)
     with pytest.raises(ValueError, match="uint8 pictures"):
         V.images_from_uint8(u8.astype(np.float32))
+
+
+# --- the range is decided by the values, at any size; NaN and inf never pass --------------------------------
+@pytest.mark.parametrize("size", [8, 16, 64, 128])
+def test_valid_bright_images_never_raise(size):
+    V.check_images(torch.full((1, 3, size, size), 0.5))
+    V.check_images(torch.full((1, 3, size, size), 1.0))
+    V.check_images(torch.rand(1, 3, size, size))  # [0, 1] values are legal [-1, 1] values (documented)
+    V.check_images(torch.rand(1, 3, size, size, dtype=torch.float64) * 2 - 1)
+
+
+@pytest.mark.parametrize("size", [8, 16, 64, 128])
+def test_out_of_range_always_raises(size):
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(size)) * 2 - 1
+    with pytest.raises(ValueError, match=r"look like \[0, 255\] pixels.*images_from_uint8"):
+        V.check_images((x + 1) * 127.5)
+    with pytest.raises(ValueError, match=r"must be in \[-1, 1\], got values in \[-1\.[12]"):
+        V.check_images(x * 1.2)
+    y = x.clone()
+    y[0, 0, 0, 0] = 1.01  # one pixel is enough
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        V.check_images(y)
+
+
+def test_nan_and_inf_are_caught_at_every_entry_point(tiny_vae):
+    x = _images()
+    x[0, 1, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match="images contain 1 NaN or infinite values"):
+        V.encode(tiny_vae, x)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        V.encode_latent_dist(tiny_vae, x)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        V.encode_video(tiny_vae, rearrange(x, "(b f) c h w -> b c f h w", b=1))
+    z = torch.zeros(1, 4, 4, 4)
+    z[0, 2, 1, 1] = float("inf")
+    with pytest.raises(ValueError, match="latents contain 1 NaN or infinite values"):
+        V.decode(tiny_vae, z)
+    with pytest.raises(ValueError, match="latents contain 1 NaN or infinite values"):
+        V.decode_video(tiny_vae, rearrange(z, "(b f) c h w -> b c f h w", b=1))
+    with pytest.raises(TypeError, match="floating point"):
+        V.decode(tiny_vae, torch.zeros(1, 4, 4, 4, dtype=torch.int64))
+
+
+@torch.no_grad()
+def test_float64_images_are_cast(tiny_vae):
+    x = _images()
+    torch.testing.assert_close(V.encode(tiny_vae, x.double()), V.encode(tiny_vae, x), rtol=0, atol=0)
