@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 from einops import rearrange
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
@@ -613,8 +614,6 @@ class CausalVAE(nn.Module):
 
     # -- files (diffusers folder layout: config.json + diffusion_pytorch_model.safetensors) ------------------
     def save_pretrained(self, folder: str | Path) -> None:
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         cfg = {

@@ -20,14 +20,29 @@ AnimateAnyone-style pipelines replace SD's text prompt with the reference image,
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from einops import rearrange
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from torch.nn import functional as F
-from transformers import CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import (
+    AutoTokenizer,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    PreTrainedTokenizerFast,
+)
+from transformers.utils import logging as transformers_logging
 
+try:  # transformers >= 5 names the PIL implementation apart
+    from transformers import CLIPImageProcessorPil as _ImageProcessor
+except ImportError:  # pragma: no cover - transformers 4
+    from transformers import CLIPImageProcessor as _ImageProcessor
+
+from .toy.captions import TOY_PHRASES, toy_caption_attributes, toy_phrase, toy_vocabulary
 from .weights import TRANSFORMERS_WEIGHTS, resolve_pretrained
 
 __all__ = [
@@ -36,6 +51,7 @@ __all__ = [
     "TOY_CLIP_DIR",
     "TOY_IMAGE_ENCODER_DIR",
     "ClipPreprocess",
+    "quiet_transformers",
     "build_image_encoder",
     "load_image_encoder",
     "load_clip",
@@ -50,6 +66,11 @@ __all__ = [
     "build_word_tokenizer",
     "encode_text",
     "zero_shot_classify",
+    # the toy captions, defined in anim_lab.toy.captions
+    "TOY_PHRASES",
+    "toy_caption_attributes",
+    "toy_phrase",
+    "toy_vocabulary",
 ]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's per-channel mean of [0, 1] pixels
@@ -86,12 +107,8 @@ class ClipPreprocess:
     @classmethod
     def from_folder(cls, folder: str | Path) -> ClipPreprocess:
         """Read ``preprocessor_config.json`` from a model folder (as saved next to the toy encoders)."""
-        try:  # transformers >= 5 names the PIL implementation apart
-            from transformers import CLIPImageProcessorPil as Processor
-        except ImportError:
-            from transformers import CLIPImageProcessor as Processor
-
-        return cls.from_processor(Processor.from_pretrained(folder))
+        with quiet_transformers():
+            return cls.from_processor(_ImageProcessor.from_pretrained(folder))
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> pixel_values (B, 3, crop_size, crop_size), normalised."""
@@ -133,6 +150,22 @@ def build_image_encoder(config: dict, device: str | torch.device = "cpu") -> CLI
         return CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """Inside the block, transformers shows no progress bars ("Loading weights: 100%|...") and logs errors
+    only; its settings are restored afterwards. The loaders here use it, so a notebook gets no stderr output
+    from loading a model."""
+    bars, verbosity = transformers_logging.is_progress_bar_enabled(), transformers_logging.get_verbosity()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
 def _resolve(path_or_id: str | Path, subfolder: str | None, what: str) -> tuple[str | Path, dict]:
     """Local folder (checked) or hub id: returns what ``from_pretrained`` takes and its extra kwargs."""
     example = "lambdalabs/sd-image-variations-diffusers/image_encoder"
@@ -146,17 +179,17 @@ def load_image_encoder(
     ``lambdalabs/sd-image-variations-diffusers`` with ``subfolder="image_encoder"``). Missing or incomplete
     local folders get a FileNotFoundError."""
     where, kw = _resolve(path_or_id, subfolder, "image encoder")
-    model = CLIPVisionModelWithProjection.from_pretrained(where, dtype=torch_dtype, **kw)
+    with quiet_transformers():
+        model = CLIPVisionModelWithProjection.from_pretrained(where, dtype=torch_dtype, **kw)
     return model.eval().requires_grad_(False)
 
 
 def load_clip(path_or_id: str | Path, torch_dtype: torch.dtype = torch.float32):
     """A full ``CLIPModel`` and its tokenizer (both towers) from a local folder or hub id."""
-    from transformers import AutoTokenizer
-
     where, kw = _resolve(path_or_id, None, "CLIP model")
-    model = CLIPModel.from_pretrained(where, dtype=torch_dtype, **kw).eval().requires_grad_(False)
-    return model, AutoTokenizer.from_pretrained(where, **kw)
+    with quiet_transformers():
+        model = CLIPModel.from_pretrained(where, dtype=torch_dtype, **kw).eval().requires_grad_(False)
+        return model, AutoTokenizer.from_pretrained(where, **kw)
 
 
 def load_toy_image_encoder() -> CLIPVisionModelWithProjection:
@@ -238,9 +271,6 @@ def build_word_tokenizer(words: list[str], model_max_length: int = 16):
     Returned as a transformers fast tokenizer, so ``save_pretrained`` / ``AutoTokenizer.from_pretrained``
     work. Ids: ``<pad>`` 0, ``<unk>`` 1, ``<bos>`` 2, ``<eos>`` 3, then ``words`` in order.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     words = [w.lower() for w in words]
     if len(set(words)) != len(words) or set(words) & set(SPECIAL_TOKENS):
         raise ValueError("words must be unique and must not repeat the special tokens")
@@ -288,49 +318,4 @@ def zero_shot_classify(
     return sims.argmax(dim=1), sims
 
 
-# --- the toy world's captions -------------------------------------------------------------------------------
-# Captions are sets of attribute phrases ("red hair, open mouth"). Zero-shot classification of an attribute
-# compares an image with the phrases of all its values ("black hair", "brown hair", ...) and picks the most
-# similar.
-TOY_PHRASES = {
-    "hair": "{} hair",
-    "hairstyle": "{} hair",
-    "skin": "{} skin",
-    "background": "{} background",
-    "shirt": "{} shirt",
-    "eyes": "{} eyes",
-    "lips": "{} lips",
-    "mouth": "mouth {}",
-    "eyelids": "eyes {}",
-}
-
-
-def toy_caption_attributes() -> dict[str, tuple[str, ...]]:
-    """The attributes the toy CLIP's captions name and their values: the toy identities' categorical
-    attributes plus the expression states ``mouth`` (open/closed) and ``eyelids`` (open/closed)."""
-    from anim_lab.toy import ATTRIBUTES
-
-    return {
-        **{k: tuple(ATTRIBUTES[k]) for k in TOY_PHRASES if k in ATTRIBUTES},
-        "mouth": ("open", "closed"),
-        "eyelids": ("open", "closed"),
-    }
-
-
-def toy_phrase(attribute: str, value: str) -> str:
-    """``("hair", "red")`` -> ``"red hair"``; ``("mouth", "open")`` -> ``"mouth open"``."""
-    if attribute not in TOY_PHRASES:
-        raise ValueError(f"unknown toy attribute {attribute!r}; known: {sorted(TOY_PHRASES)}")
-    return TOY_PHRASES[attribute].format(value)
-
-
-def toy_vocabulary() -> list[str]:
-    """Every word of every toy phrase, plus the comma that separates phrases (sorted, for a stable
-    tokenizer)."""
-    words = {
-        w
-        for attr, values in toy_caption_attributes().items()
-        for v in values
-        for w in toy_phrase(attr, v).split()
-    }
-    return sorted(words) + [","]
+# --- the toy world's captions: anim_lab.toy.captions (re-exported here, where the toy CLIP uses them) -------

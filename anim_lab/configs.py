@@ -25,11 +25,14 @@ class Preset:
 
     ``unet``: diffusers ``UNet2DConditionModel`` kwargs (the 2D backbone of both the reference and
     denoising UNet).
-    ``vae``: diffusers ``AutoencoderKL`` kwargs; ``vae_scaling_factor`` multiplies latents before the UNet.
+    ``vae``: diffusers ``AutoencoderKL`` kwargs; its ``scaling_factor`` (the one place it is stored; also
+    read as :attr:`vae_scaling_factor`) multiplies latents before the UNet.
     ``image_encoder``: transformers ``CLIPVisionConfig`` kwargs (with ``projection_dim``) for
     ``CLIPVisionModelWithProjection``: its projected embedding is the single cross-attention token.
     ``pose_guider``: ``anim_lab.pose_guider.PoseGuider`` kwargs (AnimateAnyone, single scale).
+    ``motion``: ``anim_lab.motion.MotionModule`` kwargs plus where the modules go in the UNet.
     ``height``/``width``/``num_frames``: the default request at this size.
+    ``extra``: further components by name (e.g. ``causal_vae``), read with :meth:`get` like the others.
     """
 
     name: str
@@ -37,24 +40,36 @@ class Preset:
     vae: dict
     image_encoder: dict
     pose_guider: dict
+    motion: dict
     height: int
     width: int
     num_frames: int
-    vae_scaling_factor: float
     extra: dict = field(default_factory=dict)
+
+    COMPONENTS = ("unet", "vae", "image_encoder", "pose_guider", "motion")
+
+    def __post_init__(self):
+        clash = set(self.extra) & set(self.COMPONENTS)
+        if clash:
+            raise ValueError(f"preset {self.name!r}: {sorted(clash)} are Preset fields, not extra entries")
 
     @property
     def vae_scale_factor(self) -> int:
         """Spatial downsampling of the VAE: 2 ** (number of blocks - 1)."""
         return 2 ** (len(self.vae["block_out_channels"]) - 1)
 
+    @property
+    def vae_scaling_factor(self) -> float:
+        """The VAE's latent scaling factor, read from ``vae["scaling_factor"]`` (stored only there)."""
+        return self.vae["scaling_factor"]
+
     def get(self, component: str) -> dict:
         """A deep copy of one component's kwargs, safe to modify."""
-        if component in ("unet", "vae", "image_encoder", "pose_guider"):
+        if component in self.COMPONENTS:
             return copy.deepcopy(getattr(self, component))
         if component in self.extra:
             return copy.deepcopy(self.extra[component])
-        known = ["unet", "vae", "image_encoder", "pose_guider", *self.extra]
+        known = [*self.COMPONENTS, *self.extra]
         raise KeyError(f"preset {self.name!r} has no component {component!r}; known: {known}")
 
 
@@ -149,11 +164,11 @@ SD15 = Preset(
     vae=_SD15_VAE,
     image_encoder=_SD15_IMAGE_ENCODER,
     pose_guider=_SD15_POSE_GUIDER,
+    motion=_SD15_MOTION,
     height=512,
     width=512,
     num_frames=24,
-    vae_scaling_factor=0.18215,
-    extra=dict(motion=_SD15_MOTION, causal_vae=_HUNYUAN_CAUSAL_VAE),
+    extra=dict(causal_vae=_HUNYUAN_CAUSAL_VAE),
 )
 
 # --- TINY: the same structures, milliseconds on a CPU -------------------------------------------------------
@@ -184,12 +199,11 @@ TINY = Preset(
     pose_guider=dict(
         conditioning_channels=3, block_out_channels=(4, 8, 8, 16), conditioning_embedding_channels=32
     ),
+    motion=dict(_SD15_MOTION, num_attention_heads=4, norm_num_groups=8),
     height=64,
     width=64,
     num_frames=4,
-    vae_scaling_factor=0.18215,
     extra=dict(
-        motion=dict(_SD15_MOTION, num_attention_heads=4, norm_num_groups=8),
         causal_vae=dict(
             _HUNYUAN_CAUSAL_VAE,
             latent_channels=4,
@@ -237,12 +251,11 @@ TOY = Preset(
     pose_guider=dict(
         conditioning_channels=3, block_out_channels=(16, 32, 64, 128), conditioning_embedding_channels=32
     ),
+    motion=dict(_SD15_MOTION, num_attention_heads=4, norm_num_groups=16),
     height=128,
     width=128,
     num_frames=16,
-    vae_scaling_factor=0.93411,
     extra=dict(
-        motion=dict(_SD15_MOTION, num_attention_heads=4, norm_num_groups=16),
         # trained by scripts/train_causal_vae.py; assets/toy_causal_vae/config.json holds the measured scaling
         # factor
         causal_vae=dict(

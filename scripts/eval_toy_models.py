@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from anim_lab import clip as C  # noqa: E402
+from anim_lab import toy  # noqa: E402
 from anim_lab import vae as V  # noqa: E402
 from anim_lab.toy import renderer as R  # noqa: E402
 
@@ -38,8 +39,6 @@ EYES_CLOSED, EYES_OPEN = (0.9, 1.0), (0.0, 0.1)
 def identity_seeds(split: str, n: int, seed: int = 0) -> list[int]:
     """``n`` identity seeds of a split of the toy world (``toy.identity_split``), drawn without
     replacement."""
-    from anim_lab import toy
-
     seeds = np.asarray(list(toy.identity_split(split)))
     if n > len(seeds):
         raise ValueError(f"the {split!r} split has {len(seeds)} identities, asked for {n}")
@@ -134,7 +133,7 @@ def evaluate_clip(
     )  # (N, D)
     result = {"zero_shot": {}, "n_images": len(images)}
     for attr, values in caption_attributes().items():
-        prompts = [C.toy_phrase(attr, v) for v in values]
+        prompts = [toy.toy_phrase(attr, v) for v in values]
         text = C.encode_text(model, tokenizer, prompts)  # (K, D)
         pred = C.cosine_similarity_matrix(image_embeds, text).argmax(1)  # (N,)
         truth = torch.tensor([values.index(lab[attr]) for lab in data["labels"]])
@@ -148,7 +147,7 @@ def evaluate_clip(
 
 def caption_attributes() -> dict[str, tuple[str, ...]]:
     """The attributes the toy CLIP's captions name, and their values."""
-    return C.toy_caption_attributes()
+    return toy.toy_caption_attributes()
 
 
 def toy_clip_preprocess() -> C.ClipPreprocess:

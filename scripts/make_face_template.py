@@ -22,6 +22,8 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import skimage.data
+from mediapipe.python.solutions.face_mesh_connections import FACEMESH_TESSELATION
 from scipy.optimize import linear_sum_assignment
 
 from anim_lab import landmarks as L
@@ -29,8 +31,6 @@ from anim_lab.toy.template import TEMPLATE_PATH, jaw_weights
 
 
 def detect_astronaut() -> np.ndarray:
-    import skimage.data
-
     face = L.detect_landmarks(skimage.data.astronaut(), name="skimage.data.astronaut()")
     xyz = face.xyz.astype(np.float64)  # (478, 3): pixel x, pixel y (down), z (smaller = closer)
     return xyz * np.array([1.0, -1.0, -1.0])  # -> y up, z toward the camera
@@ -111,8 +111,6 @@ def close_mouth(v: np.ndarray) -> np.ndarray:
 
 
 def triangles_from_tessellation(v: np.ndarray) -> np.ndarray:
-    from mediapipe.python.solutions.face_mesh_connections import FACEMESH_TESSELATION
-
     neighbours: dict[int, set[int]] = {}
     for a, b in FACEMESH_TESSELATION:
         neighbours.setdefault(a, set()).add(b)

@@ -71,6 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eval_toy_models as E  # noqa: E402
 
 from anim_lab import clip as C  # noqa: E402
+from anim_lab import toy  # noqa: E402
 from anim_lab import vae as V  # noqa: E402
 from anim_lab.configs import TOY  # noqa: E402
 
@@ -120,7 +121,7 @@ def sample_captions(
     captions = []
     for row, m in zip(values.tolist(), mask.tolist(), strict=True):
         phrases = [
-            C.toy_phrase(a, attributes[a][v]) for a, v, keep in zip(names, row, m, strict=True) if keep
+            toy.toy_phrase(a, attributes[a][v]) for a, v, keep in zip(names, row, m, strict=True) if keep
         ]
         order = torch.randperm(len(phrases), generator=g).tolist()
         captions.append(" , ".join(phrases[i] for i in order))
@@ -264,7 +265,7 @@ def train(
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(seed)
     data = E.render_stills("train", n_identities, views=views, seed=seed) if data is None else data
-    attributes = C.toy_caption_attributes()
+    attributes = toy.toy_caption_attributes()
     values_all = label_matrix(data["labels"], attributes)  # (N, A)
     n_ids = int(data["identity"].max()) + 1
     views = len(data["identity"]) // n_ids
@@ -274,7 +275,7 @@ def train(
     head_weights[list(attributes).index("mouth")] += mouth_weight
     images_u8 = torch.as_tensor(data["images"])  # (N, 128, 128, 3) uint8; preprocessed per batch
     if init is None:
-        tokenizer = C.build_word_tokenizer(C.toy_vocabulary(), model_max_length=MAX_TOKENS)
+        tokenizer = C.build_word_tokenizer(toy.toy_vocabulary(), model_max_length=MAX_TOKENS)
         model = CLIPModel(clip_config(len(tokenizer))).train()
     else:  # continue from a saved folder (a second stage; the attribute heads start afresh)
         model, tokenizer = C.load_clip(init)

@@ -1,15 +1,20 @@
 """Every chapters/chNN_*.py has an .ipynb with the same cells, executed in order in one kernel.
 
 Strict nbval compares a notebook's committed outputs with a fresh run; it compares nothing for a cell that was
-never executed, and it tests the .ipynb, not the .py a reader edits. These checks close both gaps.
+never executed, and it tests the .ipynb, not the .py a reader edits. These checks close both gaps. The pair is
+declared in chapters/jupytext.toml, so a save in JupyterLab writes both files and ``jupytext --sync`` brings
+the older one up to date; the advice for a stale pair says so before it suggests rebuilding the notebook.
 """
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import jupytext
 import pytest
+import tomllib
+from jupytext.cli import jupytext as jupytext_cli
 
 CHAPTERS = Path(__file__).resolve().parents[1] / "chapters"
 PY_FILES = sorted(CHAPTERS.glob("ch[0-9][0-9]_*.py"))
@@ -34,7 +39,10 @@ def pair_problems(py: Path) -> list[str]:
         )
         problems.append(
             f"{nb_path.name} is stale: its cells differ from {py.name} from cell {n} on "
-            f"({len(py_cells)} vs {len(nb_cells)} cells); run `make notebook CH={py.stem}`"
+            f"({len(py_cells)} vs {len(nb_cells)} cells). If you edited one of the two (in JupyterLab or an "
+            f"editor), sync them without losing the edit: `.venv/bin/jupytext --sync chapters/{py.name}` "
+            f"(the newer file wins); then re-execute with `make notebook CH={py.stem}`, which rebuilds the "
+            f".ipynb from the .py (an edit made only in the .ipynb and not synced is lost)"
         )
     raw = json.loads(nb_path.read_text())
     counts = [
@@ -115,3 +123,38 @@ def test_out_of_order_notebook_fails(good_copy):
 def test_missing_notebook_fails(good_copy):
     good_copy.with_suffix(".ipynb").unlink()
     assert any("has no" in p for p in pair_problems(good_copy))
+
+
+# --- the pairing config, and a Lab edit kept by a sync -----------------------------------------------------
+def test_jupytext_config_pairs_ipynb_and_percent_py():
+    config = tomllib.loads((CHAPTERS / "jupytext.toml").read_text())
+    assert config["formats"] == "ipynb,py:percent"
+
+
+def test_stale_advice_syncs_before_it_rebuilds(good_copy):
+    good_copy.write_text(good_copy.read_text() + "\n# %%\nprint('new')\n")
+    (advice,) = [p for p in pair_problems(good_copy) if "stale" in p]
+    assert "jupytext --sync" in advice and "make notebook" in advice
+    assert advice.index("jupytext --sync") < advice.index("make notebook")
+
+
+def test_an_edit_saved_in_the_notebook_reaches_the_py_with_sync(good_copy):
+    """What a student does in Lab (edit the .ipynb) is carried into the .py by `jupytext --sync` with the
+    chapters' config, and the pair is fresh again: nothing is lost and no cell is re-executed."""
+    shutil.copy(CHAPTERS / "jupytext.toml", good_copy.parent / "jupytext.toml")
+    nb_path = good_copy.with_suffix(".ipynb")
+    raw = json.loads(nb_path.read_text())
+    raw["cells"].insert(
+        1, {"cell_type": "markdown", "id": "note", "metadata": {}, "source": ["My own note."]}
+    )
+    code = next(c for c in raw["cells"] if c["cell_type"] == "code")
+    code["source"] = "".join(code["source"]) + "\nanswer = 42  # my exercise"
+    time.sleep(1.1)  # the sync keeps the newer file's content: make the edit clearly newer
+    nb_path.write_text(json.dumps(raw))
+    assert any("stale" in p for p in pair_problems(good_copy))
+    jupytext_cli(["--sync", "--quiet", str(nb_path)])
+    text = good_copy.read_text()
+    assert "# My own note." in text and "answer = 42  # my exercise" in text
+    assert pair_problems(good_copy) == []
+    outputs = [c.get("outputs") for c in json.loads(nb_path.read_text())["cells"] if c["cell_type"] == "code"]
+    assert any(outputs)  # the executed outputs are still there

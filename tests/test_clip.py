@@ -14,6 +14,7 @@ from transformers import (
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
 )
+from transformers.utils import logging as transformers_logging
 
 from anim_lab import clip as C
 from anim_lab import configs
@@ -199,3 +200,20 @@ def test_vit_l14_image_encoder_on_meta():
     out = enc(pixel_values=torch.empty(2, 3, 224, 224, device="meta"), output_hidden_states=False)
     assert out.last_hidden_state.shape == (2, 257, 1024)  # 16x16 patches of 14 px + the class token
     assert C.image_embeds_to_tokens(out.image_embeds).shape == (2, 1, 768)
+
+
+def test_loaders_print_nothing_and_restore_transformers_settings(capfd):
+    """Loading shows no "Loading weights" bar and no log lines on stderr (a notebook would store them), and
+    the user's transformers settings are as they were."""
+    before = (transformers_logging.is_progress_bar_enabled(), transformers_logging.get_verbosity())
+    C.load_toy_clip()
+    C.load_toy_image_encoder()
+    C.ClipPreprocess.from_folder(C.TOY_IMAGE_ENCODER_DIR)
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""
+    assert (transformers_logging.is_progress_bar_enabled(), transformers_logging.get_verbosity()) == before
+    transformers_logging.disable_progress_bar()
+    with C.quiet_transformers():
+        pass
+    assert not transformers_logging.is_progress_bar_enabled()  # restored to disabled, not forced on
+    transformers_logging.enable_progress_bar()

@@ -1,6 +1,11 @@
+import dataclasses
+import json
+from pathlib import Path
+
 import pytest
 
-from anim_lab.configs import PRESETS, SD15, TINY, TOY, get_preset
+import anim_lab
+from anim_lab.configs import PRESETS, SD15, TINY, TOY, Preset, get_preset
 
 
 def test_presets_by_name():
@@ -35,11 +40,6 @@ def test_sizes_are_consistent(preset):
 def test_toy_preset_describes_the_committed_toy_models():
     # The TOY preset must build exactly the models whose weights are committed (config.json is written by
     # training).
-    import json
-    from pathlib import Path
-
-    import anim_lab
-
     assets = Path(anim_lab.__file__).parent / "assets"
     as_json = lambda d: json.loads(json.dumps(d))  # noqa: E731  (tuples -> lists)
     vae = json.loads((assets / "toy_vae" / "config.json").read_text())
@@ -51,3 +51,19 @@ def test_toy_preset_describes_the_committed_toy_models():
     assert {k: causal[k] for k in TOY.get("causal_vae") if k != "scaling_factor"} == as_json(
         {k: v for k, v in TOY.get("causal_vae").items() if k != "scaling_factor"}
     )
+
+
+@pytest.mark.parametrize("preset", [SD15, TINY, TOY], ids=lambda p: p.name)
+def test_motion_is_a_field_and_the_scaling_factor_is_stored_once(preset):
+    fields = {f.name for f in dataclasses.fields(Preset)}
+    assert "motion" in fields and "motion" not in preset.extra
+    assert preset.get("motion") == preset.motion and preset.get("motion") is not preset.motion
+    assert preset.motion["motion_module_resolutions"] == (1, 2, 4, 8)
+    assert "vae_scaling_factor" not in fields  # one place: the VAE's own kwargs
+    assert preset.vae_scaling_factor == preset.vae["scaling_factor"]
+    assert "causal_vae" in preset.extra and preset.get("causal_vae")["temporal_compression_ratio"] == 4
+
+
+def test_extra_may_not_shadow_a_field():
+    with pytest.raises(ValueError, match="are Preset fields"):
+        dataclasses.replace(TINY, extra={"motion": {}})

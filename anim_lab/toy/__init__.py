@@ -8,9 +8,11 @@ everything.
     ds = toy.ToyPortraitDataset(split="train", size=128, num_frames=16, length=1000)
 
 Modules: ``template`` (the 3D face and expression bases), ``renderer`` (identity/pose/expression -> image and
-landmarks), ``clips`` (talking-head motion), ``dataset`` (torch datasets, identity splits).
+landmarks), ``clips`` (talking-head motion), ``dataset`` (torch datasets, identity splits), ``captions`` (the
+attribute phrases the toy CLIP is trained on).
 """
 
+from anim_lab.toy.captions import TOY_PHRASES, toy_caption_attributes, toy_phrase, toy_vocabulary
 from anim_lab.toy.clips import Clip, make_clip, sample_motion
 from anim_lab.toy.dataset import ToyPortraitDataset, identity_split, images_to_tensor, poses_to_tensor
 from anim_lab.toy.renderer import (
@@ -26,6 +28,7 @@ from anim_lab.toy.renderer import (
 
 __all__ = [
     "ATTRIBUTES",
+    "TOY_PHRASES",
     "Clip",
     "Expression",
     "HeadPose",
@@ -40,4 +43,7 @@ __all__ = [
     "rotation_matrix",
     "sample_identity",
     "sample_motion",
+    "toy_caption_attributes",
+    "toy_phrase",
+    "toy_vocabulary",
 ]
