@@ -50,7 +50,8 @@ from torch.nn import functional as F
 import anim_lab
 from anim_lab import causal_vae as CV
 from anim_lab import toy, viz
-from anim_lab.tiling import PeakMemory, TileSettings, tiled_decode
+from anim_lab.inspect import PeakMemory
+from anim_lab.tiling import TileSettings, tiled_decode
 from anim_lab.vae import psnr as image_psnr
 
 torch.manual_seed(0)
