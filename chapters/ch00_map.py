@@ -24,7 +24,7 @@
 # - **Questions answered**: Which networks does AnimateAnyone run, and how big is each? What shape is the data
 #   between them? Where does the compute go — and how much does CFG cost? How much memory do the weights need
 #   in fp16? Why is memory-efficient attention not optional at 512 px?
-# - **CPU runtime**: about 15 s
+# - **CPU runtime**: about 25 s of CPU time
 #
 # The `meta` device gives every tensor a shape and a dtype but no storage. A model built there allocates
 # nothing, and a forward pass on meta tensors computes every shape and no number — exactly what a map needs.

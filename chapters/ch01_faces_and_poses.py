@@ -27,7 +27,7 @@
 #   lines, which colours, how thick)? How does a video become a pose video, and what happens to frames without
 #   a face? How can a tiny model learn portrait animation on a CPU — what data, with what ground truth? Does a
 #   landmark detector trained on real faces see the toy faces, and how accurately?
-# - **CPU runtime**: about 10 s
+# - **CPU runtime**: about 10 s of CPU time
 #
 # Portrait animation is conditioned on *pose*: AnimateAnyone draws body skeletons, AniPortrait draws face
 # landmarks as coloured lines. This chapter builds that input end to end, and a synthetic world in which we

@@ -25,7 +25,7 @@
 #   reference image use, and how different are they? Why 0.18215, and how is the factor derived for any VAE?
 #   How do the reference latents differ from the starting latents of a video? How is a long video encoded
 #   without running out of memory? How good is the toy VAE, and what did its training cost?
-# - **CPU runtime**: about 15 s
+# - **CPU runtime**: about 20 s of CPU time
 #
 # The toy VAE was trained by `scripts/train_toy_vae.py` (seed 0, 25 minutes on one CPU core, 5,275 steps); its
 # weights ship with the package in `anim_lab/assets/toy_vae/` (diffusers layout) and load with

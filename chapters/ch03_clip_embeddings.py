@@ -29,7 +29,7 @@
 #   "no condition"? How was the toy CLIP trained? What do the embeddings carry
 #   (colours, identity, expression) and what do they lose (small details such as eye colour) — the argument
 #   for a ReferenceNet?
-# - **CPU runtime**: about 15 s
+# - **CPU runtime**: about 15 s of CPU time
 #
 # The toy CLIP was trained by `scripts/train_toy_clip.py` (seed 0, four stages, 51 minutes on one CPU core): a
 # transformers `CLIPModel` (image and text towers) with a word-level tokenizer built from the toy attribute

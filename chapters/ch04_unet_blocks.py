@@ -28,7 +28,7 @@
 #   does the temporal reshape do, what happens to frame order without the position encoding, and what does a
 #   motion module do with `encoder_hidden_states` (nothing)? (How the ReferenceNet's blocks pair with the
 #   denoiser's: chapter 05.)
-# - **CPU runtime**: about 15 s
+# - **CPU runtime**: about 45 s of CPU time
 #
 # Full-size shapes come from the `meta` device (shapes, no numbers); every numerical experiment runs on the
 # TINY preset — the same structure with small widths — on the CPU.

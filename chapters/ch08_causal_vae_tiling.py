@@ -26,7 +26,7 @@
 #   frame be)? Why causal padding, and what does "causal" not guarantee here? Why no transposed convolution in
 #   the upsampler? Why do tiles overlap and blend, what do seams cost, and what memory does tiling save? Is
 #   the `permute` in the original `DownsampleCausal3D` norm a bug?
-# - **CPU runtime**: about 30 s
+# - **CPU runtime**: about 70 s of CPU time
 #
 # The toy causal VAE (channels 16-32-64-64, 16 latent channels, 2.9M parameters; HunyuanVideo's has 246.5M)
 # was trained on 17-frame, 64 px toy clips by `scripts/train_causal_vae.py` (seed 0, about 45 minutes on one
