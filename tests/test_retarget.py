@@ -1,0 +1,318 @@
+"""Video2Video retargeting (anim_lab.retarget) and the ``anim-lab video2video`` command."""
+
+import re
+import wave
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import skimage.data
+from scipy.spatial.transform import Rotation
+
+from anim_lab import landmarks as L
+from anim_lab import retarget as R
+from anim_lab import toy
+from anim_lab import video as V
+from anim_lab.cli import main
+
+HELD_OUT = toy.identity_split("test")
+
+
+def _random_rotation(rng):
+    q = rng.normal(size=4)
+    return Rotation.from_quat(q / np.linalg.norm(q)).as_matrix()
+
+
+# --- ground truth from the toy world ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "pose, expression",
+    [
+        (toy.HeadPose(), toy.Expression()),
+        (
+            toy.HeadPose(yaw=25, pitch=-12, roll=9, tx=0.05, ty=-0.03, scale=1.1),
+            toy.Expression(0.7, 0.5, 0.4),
+        ),
+    ],
+)
+def test_toy_landmarks_3d_are_the_rendered_landmarks(pose, expression):
+    identity = toy.identity_from_seed(HELD_OUT[0])
+    _, rendered = toy.render(identity, pose, expression, size=96, supersample=1)
+    xyz = R.toy_landmarks_3d(identity, pose, expression, size=96)
+    assert xyz.shape == (478, 3)
+    np.testing.assert_allclose(xyz[:, :2], rendered, atol=1e-4)
+    assert xyz[L.NOSE_TIP, 2] < np.median(xyz[:468, 2])  # mediapipe's sign: the nose is the closest point
+
+
+# --- head pose ----------------------------------------------------------------------------------------------
+
+
+def test_umeyama_recovers_a_similarity():
+    rng = np.random.default_rng(0)
+    src = rng.normal(size=(50, 3))
+    rot, scale, trans = _random_rotation(rng), 2.7, np.array([3.0, -1.0, 0.5])
+    dst = scale * src @ rot.T + trans  # an independent forward map
+    s, r, t = R.umeyama(src, dst)
+    assert s == pytest.approx(scale, rel=1e-9)
+    np.testing.assert_allclose(r, rot, atol=1e-9)
+    np.testing.assert_allclose(t, trans, atol=1e-9)
+    # a mirrored target still gets a rotation (det +1), never a reflection
+    _, r_mirror, _ = R.umeyama(src, dst * np.array([-1.0, 1.0, 1.0]))
+    assert np.linalg.det(r_mirror) == pytest.approx(1.0)
+
+
+def test_euler_angles_invert_the_renderers_rotation():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        yaw, pitch, roll = rng.uniform(-60, 60), rng.uniform(-40, 40), rng.uniform(-40, 40)
+        rot = toy.rotation_matrix(yaw, pitch, roll)
+        np.testing.assert_allclose(R.euler_from_rotation(rot), [yaw, pitch, roll], atol=1e-9)
+        # the same convention written with scipy: intrinsic z, then x, then y (R = Rz·Rx·Ry)
+        r, p, y = Rotation.from_matrix(rot).as_euler("ZXY", degrees=True)
+        np.testing.assert_allclose([y, p, r], [yaw, pitch, roll], atol=1e-9)
+
+
+@pytest.mark.parametrize("yaw, pitch, roll", [(0, 0, 0), (30, 10, -12), (-28, -14, 15)])
+def test_fit_of_the_template_face_is_exact(yaw, pitch, roll):
+    pose = toy.HeadPose(yaw=yaw, pitch=pitch, roll=roll, tx=0.03, ty=-0.02, scale=0.95)
+    xyz = R.toy_landmarks_3d(toy.Identity(), pose, toy.Expression(), size=128)
+    fit = R.fit_head_pose(xyz)
+    np.testing.assert_allclose(fit.euler, [yaw, pitch, roll], atol=1e-3)
+    assert fit.scale == pytest.approx(0.2 * 128 * 0.95, rel=1e-5)  # FACE_FRACTION · size · scale
+    assert fit.rms < 1e-3
+    # canonical space gives the template back, and point() undoes to_canonical()
+    np.testing.assert_allclose(fit.to_canonical(xyz), R.template_landmarks(), atol=1e-4)
+    np.testing.assert_allclose(fit.point(fit.to_canonical(xyz)) * [1, -1, -1], xyz, atol=1e-3)
+
+
+def test_fit_on_held_out_toy_faces_is_within_a_degree():
+    rng = np.random.default_rng(2)
+    errors = []
+    for seed in HELD_OUT[:20]:
+        pose = toy.HeadPose(yaw=rng.uniform(-30, 30), pitch=rng.uniform(-15, 15), roll=rng.uniform(-15, 15))
+        expression = toy.Expression(mouth_open=rng.uniform(0, 1), smile=rng.uniform(0, 1))
+        xyz = R.toy_landmarks_3d(toy.identity_from_seed(seed), pose, expression, size=128)
+        errors.append(np.abs(R.fit_head_pose(xyz).euler - [pose.yaw, pose.pitch, pose.roll]))
+    assert np.mean(errors) < 0.5 and np.max(errors) < 2.0
+
+
+def test_bad_landmarks_give_clear_errors():
+    xyz = R.toy_landmarks_3d(toy.Identity(), toy.HeadPose(), toy.Expression(), size=128)
+    nan = xyz.copy()
+    nan[5, 1] = np.nan
+    with pytest.raises(ValueError, match="contain NaN or inf"):
+        R.fit_head_pose(nan)
+    with pytest.raises(ValueError, match=r"must be \(478, 3\) or \(468, 3\)"):
+        R.fit_head_pose(xyz[:, :2])
+    line = np.zeros((478, 3))
+    line[:, 0] = np.arange(478)  # collinear points
+    with pytest.raises(ValueError, match="degenerate fit: the target points are collinear"):
+        R.fit_head_pose(line)
+    with pytest.raises(ValueError, match="degenerate fit"):
+        R.fit_head_pose(np.ones((478, 3)))
+    with pytest.raises(ValueError, match="contain NaN or inf"):
+        R.retarget(xyz, np.stack([xyz, nan]), 128)
+    with pytest.raises(ValueError, match="driving landmarks must be"):
+        R.retarget(xyz, xyz, 128)
+
+
+# --- neutral frame, smoothing, projection -------------------------------------------------------------------
+
+
+def test_expression_measure_and_neutral_frame():
+    identity = toy.identity_from_seed(HELD_OUT[3])
+    pose = toy.HeadPose(yaw=15, pitch=5)
+    expressions = [
+        toy.Expression(mouth_open=0.6),
+        toy.Expression(blink=1.0),
+        toy.Expression(smile=0.5),  # the measure ignores the smile: this is the neutral frame
+        toy.Expression(mouth_open=0.2, blink=0.3),
+    ]
+    canonical = []
+    for e in expressions:
+        xyz = R.toy_landmarks_3d(identity, pose, e, size=128)
+        canonical.append(R.fit_head_pose(xyz).to_canonical(xyz))
+    measure = R.expression_measure(np.stack(canonical))
+    assert R.expression_measure(R.template_landmarks()) == pytest.approx(0.0, abs=1e-6)
+    assert measure[0] > 0.2 and measure[1] > 0.8 and measure[2] < 0.02 and measure[3] > 0.05
+    assert R.neutral_frame(np.stack(canonical)) == 2
+
+
+def test_smooth_track_is_a_centred_mean_with_shrinking_ends():
+    x = np.random.default_rng(3).normal(size=(7, 4))
+    want = np.stack([x[max(0, i - 1) : i + 2].mean(0) for i in range(7)])  # plain loop, window 3
+    np.testing.assert_allclose(R.smooth_track(x, 3), want)
+    interior = (x[:-2] + x[1:-1] + x[2:]) / 3  # the same, written as a sum of shifts
+    np.testing.assert_allclose(R.smooth_track(x, 3)[1:-1], interior)
+    np.testing.assert_array_equal(R.smooth_track(x, 1), x)
+    with pytest.raises(ValueError, match="window must be a positive integer"):
+        R.smooth_track(x, 0)
+
+
+def test_perspective_projection_by_hand():
+    height, width, fov = 200, 300, 63.0
+    points = np.array([[150.0, -100.0, 10.0], [180.0, -60.0, 30.0], [100.0, -150.0, -40.0]])  # face frame
+    f = 100 / np.tan(np.deg2rad(31.5))  # (H/2) / tan(fov/2)
+    centre = np.array([149.5, 99.5])
+    depth = points[:, 2] - points[:, 2].mean()  # toward the camera from the mean depth
+    want = centre + (points[:, :2] * [1, -1] - centre) * (f / (f - depth))[:, None]
+    np.testing.assert_allclose(R.project(points, height, width, "perspective", fov), want)
+    np.testing.assert_allclose(R.project(points, height, width), points[:, :2] * [1, -1])
+    with pytest.raises(ValueError, match='camera must be "orthographic" or "perspective"'):
+        R.project(points, height, width, "fisheye")
+    with pytest.raises(ValueError, match="fov must be in"):
+        R.project(points, height, width, "perspective", 180)
+
+
+# --- retargeting --------------------------------------------------------------------------------------------
+
+
+def test_retargeting_a_clip_onto_its_first_frame_gives_the_clip_back():
+    case = R.toy_case(HELD_OUT[10], HELD_OUT[11], seed=4, num_frames=8, size=128)
+    drv = case.driving_xyz()
+    out = R.retarget(drv[0], drv, 128, smooth=1, neutral=0)
+    np.testing.assert_allclose(out.landmarks, drv[:, :, :2], atol=1e-3)
+    np.testing.assert_allclose(out.euler, out.driving_euler, atol=1e-9)
+
+
+# "same": the reference stands where the driver's first frame stands, so the naive baseline is off only by
+# face shape and expression (toy identities differ by at most ~8% in proportions); "own": it stands elsewhere.
+@pytest.mark.parametrize("framing, ratio", [("same", 0.8), ("own", 0.2)])
+def test_retargeting_beats_the_naive_baseline_against_ground_truth(framing, ratio):
+    retargeted, naive = [], []
+    for k in range(3):
+        case = R.toy_case(HELD_OUT[20 + 2 * k], HELD_OUT[21 + 2 * k], seed=k, num_frames=16, framing=framing)
+        target = case.target_landmarks()
+        out = R.retarget(case.reference_xyz(), case.driving_xyz(), case.size)
+        assert out.landmarks.shape == (16, 478, 2)
+        retargeted.append(np.linalg.norm(out.landmarks - target, axis=-1).mean())
+        naive.append(np.linalg.norm(case.naive_landmarks() - target, axis=-1).mean())
+    assert np.mean(retargeted) < 1.5  # pixels at 256 px
+    assert np.mean(retargeted) < ratio * np.mean(naive)
+
+
+def test_pose_images_are_the_retargeted_landmarks_drawn():
+    case = R.toy_case(HELD_OUT[30], HELD_OUT[31], seed=5, num_frames=3, size=128)
+    out = R.retarget(case.reference_xyz(), case.driving_xyz(), 128)
+    images = R.pose_images(out.landmarks, 128)
+    assert images.shape == (3, 128, 128, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images[1], L.draw_pose_image(out.landmarks[1], 128, 128))
+
+
+# --- detection, Video2Video poses, the command --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy_driving():
+    """A 10-frame 256-px toy clip of a held-out identity (mediapipe finds these faces)."""
+    return toy.make_clip(toy.identity_from_seed(HELD_OUT[40]), num_frames=10, size=256, seed=6).frames
+
+
+def test_video_to_video_poses_on_a_real_reference(toy_driving):
+    astronaut = skimage.data.astronaut()
+    result = R.video_to_video_poses(astronaut, toy_driving)
+    assert result.images.shape == (10, 512, 512, 3) and result.landmarks.shape == (10, 478, 2)
+    assert result.fps is None
+    # the face stays on the astronaut: its centre within 30% of her face height (~105 px) of hers (it moves:
+    # the driver's head is pitched ~17° up from hers and the head turns about the neck, behind the face)
+    own = L.detect_landmarks(astronaut).pixels
+    assert np.linalg.norm(result.landmarks.mean(1) - own.mean(0), axis=-1).max() < 30
+    # ... and takes the driver's head pose: fitting the retargeted 3D points gives the applied angles, which
+    # are the driver's smoothed over 3 frames
+    retarget = result.retarget
+    for i in range(10):
+        refit = R.fit_head_pose(retarget.landmarks_3d[i] * np.array([1, -1, -1]))  # face frame -> image space
+        np.testing.assert_allclose(refit.euler, retarget.euler[i], atol=1.0)
+    np.testing.assert_allclose(retarget.euler, R.smooth_track(retarget.driving_euler, 3))
+
+
+def test_driving_frames_without_a_face_hold_or_fail(toy_driving):
+    frames = list(toy_driving[:5])
+    frames[2] = np.zeros_like(frames[2])
+    held = R.track_landmarks_3d(frames)
+    np.testing.assert_array_equal(held[2], held[1])
+    frames[0] = np.zeros_like(frames[0])
+    held = R.track_landmarks_3d(frames)
+    np.testing.assert_array_equal(held[0], held[1])  # before the first face: the first good landmarks
+    with pytest.raises(L.NoFaceError, match="driving frame 0"):
+        R.track_landmarks_3d(frames, on_missing="error")
+    with pytest.raises(L.NoFaceError, match="no face found in any of the 3 driving frames"):
+        R.track_landmarks_3d([np.zeros((256, 256, 3), np.uint8)] * 3)
+    with pytest.raises(ValueError, match="driving video has no frames"):
+        R.video_to_video_poses(skimage.data.astronaut(), [])
+
+
+def test_reference_without_a_face_fails_clearly(toy_driving):
+    with pytest.raises(L.NoFaceError, match="no face found in the reference image"):
+        R.video_to_video_poses(np.full((256, 256, 3), 128, np.uint8), toy_driving[:2])
+
+
+def _tone(path, seconds=1.0, rate=16000):
+    t = np.arange(int(seconds * rate)) / rate
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2").tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, toy_driving):
+    d = tmp_path_factory.mktemp("v2v")
+    iio.imwrite(d / "ref.png", skimage.data.astronaut()[:384, 32:416])  # 384 x 384
+    iio.imwrite(d / "blank.png", np.full((256, 256, 3), 90, np.uint8))
+    V.write_video(d / "driving.mp4", toy_driving, fps=20, audio_from=_tone(d / "tone.wav"), quality=9)
+    return d
+
+
+def test_command_writes_the_pose_video_with_fps_and_audio(files, capsys):
+    out = files / "out" / "poses.mp4"
+    out.parent.mkdir()
+    args = ["video2video", "--ref", str(files / "ref.png"), "--driving", str(files / "driving.mp4")]
+    assert main([*args, "--out", str(out), "--no-progress"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    frames, fps = V.read_video(out)
+    assert frames.shape == (10, 384, 384, 3) and fps == 20 and V.has_audio(out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["poses.mp4"]  # no temporary files left
+    # the frames are the poses video_to_video_poses computes from the same inputs
+    want = R.video_to_video_poses(iio.imread(files / "ref.png"), files / "driving.mp4")
+    assert want.fps == 20 and want.images.shape == (10, 384, 384, 3)
+    assert np.abs(frames.astype(int) - want.images).mean() < 2.0
+    gif = files / "out" / "poses.gif"
+    assert main([*args, "--out", str(gif), "--no-progress", "--no-audio", "--camera", "perspective"]) == 0
+    assert V.read_video(gif)[0].shape == (10, 384, 384, 3)
+
+
+@pytest.mark.parametrize(
+    "ref, driving, out, message",
+    [
+        ("blank.png", "driving.mp4", "o.mp4", "no face found in the reference image"),
+        ("missing.png", "driving.mp4", "o.mp4", "reference image .*missing.png does not exist"),
+        ("tone.wav", "driving.mp4", "o.mp4", "tone.wav is not a readable image"),
+        ("ref.png", "tone.wav", "o.mp4", "not a readable video"),
+        ("ref.png", "driving.mp4", "o.avi", r"--out must end in \.mp4 or \.gif"),
+        ("ref.png", "driving.mp4", "nowhere/o.mp4", "output folder .* does not exist"),
+    ],
+)
+def test_command_fails_clearly_and_writes_nothing(files, capsys, ref, driving, out, message):
+    before = sorted(p.name for p in files.iterdir())
+    argv = ["video2video", "--ref", str(files / ref), "--driving", str(files / driving)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--out", str(files / out), "--no-progress"])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert sorted(p.name for p in files.iterdir()) == before
+
+
+def test_command_fails_on_a_driving_video_without_a_face(files, capsys):
+    V.write_video(files / "empty.mp4", np.zeros((3, 256, 256, 3), np.uint8), fps=10)
+    with pytest.raises(SystemExit):
+        main(
+            ["video2video", "--ref", str(files / "ref.png"), "--driving", str(files / "empty.mp4")]
+            + ["--out", str(files / "x.mp4"), "--no-progress"]
+        )
+    assert "no face found in any of the 3 driving frames" in capsys.readouterr().err
+    assert not (files / "x.mp4").exists()
+    (files / "empty.mp4").unlink()
