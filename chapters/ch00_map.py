@@ -24,7 +24,7 @@
 # - **Questions answered**: Which networks does AnimateAnyone run, and how big is each? What shape is the data
 #   between them? Where does the compute go — and how much does CFG cost? How much memory do the weights need
 #   in fp16? Why is memory-efficient attention not optional at 512 px?
-# - **CPU runtime**: about 15 s
+# - **CPU runtime**: about 25 s of CPU time
 #
 # The `meta` device gives every tensor a shape and a dtype but no storage. A model built there allocates
 # nothing, and a forward pass on meta tensors computes every shape and no number — exactly what a map needs.
@@ -37,7 +37,7 @@ import torch
 import transformers
 
 import anim_lab
-from anim_lab.configs import SD15
+from anim_lab.configs import SD15, TINY
 from anim_lab.inspect import (
     build,
     count_flops,
@@ -110,7 +110,8 @@ print(
     f"{n_modules} motion modules, {motion_params:,} parameters "
     f"({motion_params / count_parameters(denoiser):.0%} of the denoising UNet)"
 )
-print("2D part of the denoiser = SD1.5 UNet:", count_parameters(denoiser) - motion_params == 859_520_964)
+unet2d_params = count_parameters(denoiser) - motion_params
+print(f"2D part of the denoiser: {unet2d_params:,} parameters, SD1.5's UNet:", unet2d_params == 859_520_964)
 
 # %% [markdown]
 # Re-derive the motion-module count by hand. A module of width C has: GroupNorm (2C), `proj_in` and `proj_out`
@@ -134,9 +135,11 @@ print("22C^2 + 21C at C=320:", motion_module_params(320) == 22 * 320**2 + 21 * 3
 # %% [markdown]
 # ## 2. A 512×512, 24-frame request, stage by stage
 #
-# The default AnimateAnyone request: one reference image, 24 pose frames, 512×512, 25 DDIM steps, guidance
-# scale 3.5. We push meta tensors through each network and print the shapes. Images are `(B, C, H, W)` in
-# [-1, 1]; videos and latents `(B, C, F, H, W)`.
+# Our example request: one reference image, 24 pose frames, 512×512, 25 DDIM steps, guidance scale 3.5. This
+# is a round, square example, not Moore-AnimateAnyone's default: its `scripts/pose2vid.py` defaults to
+# W 512 × H 784, 24 frames, **30 steps**, cfg 3.5 (AniPortrait's `pose2vid.py`: 512×512, 25 steps, cfg 3.5).
+# Section 3 prices the real default too. We push meta tensors through each network and print the shapes.
+# Images are `(B, C, H, W)` in [-1, 1]; videos and latents `(B, C, F, H, W)`.
 
 # %%
 B, F, H, W = 1, 24, SD15.height, SD15.width
@@ -193,7 +196,8 @@ for r in bank:
 #   that would turn features into a noise prediction is dead weight and is left out of `reference_unet.pth`.
 # - *Why do the writer's and the reader's attention blocks pair up one to one?* Because the denoiser is the
 #   same SD1.5 layout: it has exactly one spatial transformer block under each name where the ReferenceNet
-#   wrote one.
+#   wrote one. (The reference code does not pair them by name: it sorts both lists by width with a stable
+#   sort and zips them. Chapter 05 runs that sort and shows it gives the same pairs as the names.)
 
 # %%
 reader_blocks = [
@@ -327,7 +331,46 @@ print(
 )
 
 # %% [markdown]
+# Where inside the blocks? Split the same step one level deeper and add up the three kinds of layer: the
+# ResNet blocks, the spatial transformers (`attentions`: self-attention, cross-attention, feed-forward) and
+# the motion modules.
+
+# %%
+deeper = flops_by_module(
+    denoiser,
+    x,
+    t,
+    encoder_hidden_states=clip_tokens_cfg,
+    pose_cond_fea=pose_fea.repeat(2, 1, 1, 1, 1),
+    depth=3,
+)
+deeper |= flops_by_module(  # the mid block's lists sit one level higher
+    denoiser,
+    x,
+    t,
+    encoder_hidden_states=clip_tokens_cfg,
+    pose_cond_fea=pose_fea.repeat(2, 1, 1, 1, 1),
+    depth=2,
+)
+kinds = {
+    k: sum(v for n, v in deeper.items() if n.endswith(k)) for k in ("resnets", "attentions", "motion_modules")
+}
+print(
+    format_table(
+        [[k, human(v, "FLOP"), f"{v / step:.0%}"] for k, v in kinds.items()], ["layers", "FLOPs", "share"]
+    )
+)
+motion_share = kinds["motion_modules"] / step
+
+# %% [markdown]
+# The 21 motion modules cost more than a quarter of every step: they are not cheap. Their attention matrices
+# are tiny (24 × 24 per position), but every one of the $2 \cdot F \cdot hw$ tokens still goes through
+# `proj_in`, Q/K/V/out of two attentions, the feed-forward and `proj_out`: about $22C^2$ weights per token,
+# the same as the parameter count above.
+#
 # Check one entry by hand: `conv_in` is a 3×3 convolution from 4 to 320 channels on 48 latent images of 64×64.
+# A convolution costs $2 \cdot N \cdot H W \cdot C_\text{out} \cdot C_\text{in} k^2$ FLOPs (one multiply and
+# one add per weight and output pixel).
 
 # %%
 conv_in_by_hand = 2 * (2 * F * 64 * 64) * 320 * (4 * 3 * 3)
@@ -337,6 +380,27 @@ print(
     "| matches the counter:",
     conv_in_by_hand == by_part["conv_in"],
 )
+
+# %% [markdown]
+# **Moore-AnimateAnyone's real default** (`pose2vid.py`: W 512 × H 784, 24 frames, 30 steps, cfg 3.5): 784 is
+# not a multiple of 64, so the latent grid is 98 × 64 and the downsampling goes 98 → 49 → 25 → 13 (the up path
+# uses the skips' sizes to come back). Price one step and the 30-step loop:
+
+
+# %%
+def denoiser_step_flops(height, width, frames, rows=2):
+    """FLOPs of one denoiser call on meta tensors: `rows` = 2 with CFG."""
+    lat = torch.empty(rows, 4, frames, height // f, width // f, **meta)  # (2B, 4, F, h, w)
+    pose = models["pose_guider"](torch.empty(1, 3, frames, height, width, **meta)).repeat(rows, 1, 1, 1, 1)
+    tok = torch.empty(rows, 1, 768, **meta)
+    return count_flops(
+        denoiser, lat, torch.full((rows,), 999, **meta), encoder_hidden_states=tok, pose_cond_fea=pose
+    )
+
+
+step_784 = denoiser_step_flops(784, 512, 24)
+print(f"512x784, 24 frames: one step {human(step_784, 'FLOP')}, 30 steps {human(30 * step_784, 'FLOP')}")
+print(f"vs our 512x512, 25-step example: x{30 * step_784 / (steps * step):.2f}")
 
 # %% [markdown]
 # ## 4. Memory: weights and the attention matrix
@@ -355,9 +419,17 @@ for keys, what in [(tokens, "plain self-attention"), (2 * tokens, "with referenc
 print(f"all fp16 weights       : {total_params * 2 / 2**30:.1f} GiB")
 
 # %% [markdown]
-# A materialised score matrix for one layer would be several times the weights; the reported ≈15 GB for
-# 512×768 inference is only possible because `scaled_dot_product_attention` computes attention in blocks
-# without storing the scores. This is why every attention in `anim_lab` goes through it.
+# The formula: one layer's scores take $\text{rows} \times \text{heads} \times N_q \times N_k \times 2$
+# bytes in fp16, with $N_q = hw = 4096$ queries and $N_k = N_q$ keys ($2N_q$ with reference tokens).
+# A materialised score matrix for one layer would be several times the weights. Two ways avoid it:
+# - **memory-efficient / flash attention** (`scaled_dot_product_attention`, xformers) computes the softmax in
+#   blocks of keys with a running maximum and never stores the scores; this is what every attention in
+#   `anim_lab` goes through (Moore-AnimateAnyone's training configs turn on xformers for the same reason);
+# - **sliced attention** (diffusers' `set_attention_slice`) still materialises scores, but for a slice of the
+#   batch × heads at a time, so only one slice is ever in memory: the same result, less memory, more time.
+#
+# The maintainers report about 15 GB of GPU memory for 512×768 inference (Moore-AnimateAnyone issue #3); we
+# did not measure that here.
 #
 # ## 5. The whole pipeline in one picture
 
@@ -369,8 +441,8 @@ fig = pipeline_diagram(
     shapes={
         "ref_image": shape(ref_image),
         "clip_pixels": shape(clip_pixels),
-        "ref_latents": shape(ref_latents),
-        "clip_tokens": "tokens " + shape(clip_tokens),
+        "ref_latents": shape(ref_latents.repeat(2, 1, 1, 1)) + " (CFG: 2 rows)",
+        "clip_tokens": "tokens " + shape(clip_tokens_cfg),
         "clip_tokens_unet": "tokens " + shape(clip_tokens_cfg),
         "bank": f"bank: {len(bank)} x (2, h*w, C)",
         "latents": shape(latents),
@@ -397,14 +469,93 @@ _ = save(fig, "ch00_pipeline")
 # - The reference image enters twice: one CLIP token for global appearance, and the ReferenceNet's bank for
 #   detail. The pose enters once, added after `conv_in`.
 # - The cost is the denoising loop: steps × (2 for CFG) × frames UNet evaluations; everything else is under 5
-#   %.
+#   %. Inside a step the 21 motion modules take about a quarter of the FLOPs (section 3).
+# - With CFG the ReferenceNet also runs on 2 rows (the reference latents repeated, zero and real CLIP tokens),
+#   as the figure's labels show, although the denoiser only reads the conditional row's bank.
 # - Attention at 64×64 latents is why memory-efficient attention is mandatory, and why reference attention
 #   (twice the keys) is not free.
 #
 # ## Exercises
-# 1. Rebuild the table for 512×768 (`H=768`) and 64 frames. Which numbers scale with the area, which with
+# 1. Rebuild the cost for 512×768 (`H=768`) and 64 frames. Which numbers scale with the area, which with
 #    frames?
-# 2. Count the FLOPs of the motion modules alone. Why are they so cheap compared with the spatial attention?
+# 2. The motion modules are about a quarter of a step's FLOPs (section 3). How much of that is the temporal
+#    attention itself (the $F \times F$ score matrices), and how much the linear layers around it?
 # 3. The 25-step run with CFG costs twice the run without. Estimate the cost of guidance applied on every
 #    second step only.
-# 4. Replace `SD15` by `TINY` and run the whole chapter on real (random) weights on the CPU.
+# 4. Replace `SD15` by `TINY` and run the pipeline's networks on real (random) weights on the CPU.
+#
+# ## Solutions
+#
+# **1.** 64 frames do not fit the motion modules (their position encoding has 32 positions), so the pipeline
+# runs *context windows*: Moore-AnimateAnyone uses 24 frames with an overlap of 4 and wraps around, giving
+# windows starting at 0, 20, 40, 60, i.e. 4 windows of 24 frames per step.
+
+# %%
+try:
+    denoiser_step_flops(768, 512, 64)
+except ValueError as err:
+    print("64 frames at once:", str(err).split(";")[0])
+step_768 = denoiser_step_flops(768, 512, 24)
+windows = len(range(0, 64, 24 - 4))  # window starts 0, 20, 40, 60
+print(f"512x768: one 24-frame window {human(step_768, 'FLOP')}, x{step_768 / step:.2f} the 512x512 window")
+print(f"64 frames = {windows} windows per step: {human(windows * step_768, 'FLOP')} per step")
+print(
+    f"ReferenceNet bank at 512x768: {len(bank)} entries, the first (2, {768 // 8 * 512 // 8}, 320); "
+    f"attention scores per layer grow with area^2: x{(768 / 512) ** 2:.2f}"
+)
+
+# %% [markdown]
+# Everything per frame (convolutions, linear layers, decoding) scales with area × frames; the spatial
+# attention's score matrices with area² per frame; the motion modules' attention with frames² per position.
+# With context windows the compute grows with the number of windows, while the activation memory is set by
+# one window (24 frames), not by the length of the video.
+#
+# **2.** Count the temporal attention's matrix products apart: per attention and position, $QK^\top$ and the
+# weighted sum of values each cost $2 F^2 C$ FLOPs.
+
+# %%
+levels = [r.inputs[0] for r in mm]  # (2*h*w, F, C) queries of every motion module
+matmuls = sum(2 * 2 * 2 * n * frames * frames * c for n, frames, c in levels)  # 2 attentions x (QK^T, AV)
+print(
+    f"{len(levels)} motion modules; attention matrix products: "
+    f"{matmuls / kinds['motion_modules']:.0%} of their FLOPs"
+)
+print(f"motion modules: {motion_share:.0%} of a step")
+
+# %% [markdown]
+# Almost all of a motion module's cost is its linear layers; the attention over 24 frames is about 1%.
+# Spatial self-attention is the opposite: 4096 keys per query at the first level.
+#
+# **3.** With guidance on every second step, half the steps run 2 rows and half 1 row: 1.5 instead of 2
+# UNet evaluations per step on average.
+
+# %%
+every_other = (steps // 2 + steps % 2) * step + (steps // 2) * half  # 13 steps with CFG, 12 without
+print(f"25 steps, CFG on every second step: x{every_other / (steps * step):.2f} of full CFG")
+
+# %% [markdown]
+# **4.** The same five networks at TINY size, on the CPU with random weights: the same calls, real numbers.
+
+# %%
+tiny_models = {name: build(TINY, name, "cpu") for name in CHAPTER}
+Ht, Wt, Ft = TINY.height, TINY.width, 4
+torch.manual_seed(0)
+ref_t = torch.rand(1, 3, Ht, Wt) * 2 - 1
+ref_lat_t = tiny_models["vae"].encode(ref_t).latent_dist.mean * TINY.vae_scaling_factor
+enc_cfg = TINY.image_encoder
+emb_t = tiny_models["image_encoder"](
+    pixel_values=torch.rand(1, 3, enc_cfg["image_size"], enc_cfg["image_size"])
+).image_embeds[:, None]  # (1, 1, D)
+emb_cfg = torch.cat([torch.zeros_like(emb_t), emb_t])  # (2, 1, D)
+pose_t = tiny_models["pose_guider"](torch.rand(1, 3, Ft, Ht, Wt)).repeat(2, 1, 1, 1, 1)
+lat_t = torch.randn(2, 4, Ft, Ht // f, Wt // f)
+pred = tiny_models["denoising_unet"](
+    lat_t, torch.tensor([999, 999]), encoder_hidden_states=emb_cfg, pose_cond_fea=pose_t
+)
+print("TINY reference latents", tuple(ref_lat_t.shape), "| noise prediction", tuple(pred.shape))
+print(
+    "finite:",
+    bool(torch.isfinite(pred).all()),
+    "| parameters:",
+    f"{sum(count_parameters(m) for m in tiny_models.values()):,}",
+)

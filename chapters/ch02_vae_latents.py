@@ -25,7 +25,7 @@
 #   reference image use, and how different are they? Why 0.18215, and how is the factor derived for any VAE?
 #   How do the reference latents differ from the starting latents of a video? How is a long video encoded
 #   without running out of memory? How good is the toy VAE, and what did its training cost?
-# - **CPU runtime**: about 15 s
+# - **CPU runtime**: about 20 s of CPU time
 #
 # The toy VAE was trained by `scripts/train_toy_vae.py` (seed 0, 25 minutes on one CPU core, 5,275 steps); its
 # weights ship with the package in `anim_lab/assets/toy_vae/` (diffusers layout) and load with
@@ -33,6 +33,7 @@
 
 # %%
 # NBVAL_IGNORE_OUTPUT
+import copy
 import json
 
 import diffusers
@@ -83,9 +84,7 @@ frames = [
     )[0]
     for i, s in enumerate(test_ids)
 ]
-images = (
-    torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1
-)  # (6, H, W, 3) -> (6, 3, H, W)
+images = V.images_from_uint8(np.stack(frames))  # (6, H, W, 3) uint8 -> (6, 3, H, W) in [-1, 1]
 with torch.no_grad():
     latents = V.encode(vae, images)  # (6, 3, 128, 128) -> (6, 4, 16, 16), mean, scaled
     recon = V.decode(vae, latents)  # (6, 4, 16, 16) -> (6, 3, 128, 128)
@@ -122,10 +121,12 @@ plt.show()
 #
 # ## 2. A distribution, not a point: mean versus sample
 #
-# - The encoder outputs a diagonal Gaussian per latent value: `latent_dist.mean` and `latent_dist.std`.
-# - Training the diffusion UNet samples `z = mean + std · ε`. The **reference image** of AnimateAnyone-style
-#   pipelines is encoded with the **mean** (`latent_dist.mean * 0.18215` in Moore-AnimateAnyone): a condition
-#   should not be random.
+# - The encoder outputs a diagonal Gaussian per latent value: `latent_dist.mean` $\mu$ and `latent_dist.std`
+#   $\sigma$; a sample is $z = \mu + \sigma \odot \varepsilon$, $\varepsilon \sim \mathcal N(0, I)$.
+# - Moore-AnimateAnyone is not consistent here. Its **training** scripts encode both the target frames and
+#   the **reference image** with `latent_dist.sample() * 0.18215`; its **inference** pipelines encode the
+#   reference with `latent_dist.mean * 0.18215`. So the ReferenceNet was trained on sampled reference latents
+#   and runs on mean ones. How far apart are the two? Measured below.
 # - Re-derive a sample by hand and check it against the library:
 
 # %%
@@ -138,6 +139,11 @@ with torch.no_grad():
 torch.testing.assert_close(by_hand, sample)
 print("sample = (mean + std * eps) * scaling_factor: matches the library")
 print("posterior std / spread of the means:", round(float(dist.std.mean() / dist.mean.std()), 3))
+mean_scaled = dist.mean * s
+print(
+    f"|sample - mean| / |mean| (relative L2 of the scaled latents): "
+    f"{float((sample - mean_scaled).norm() / mean_scaled.norm()):.2f}"
+)
 with torch.no_grad():
     psnr_mean = V.psnr(V.decode(vae, dist.mean * s), images[:1]).item()
     psnr_sample = V.psnr(V.decode(vae, sample), images[:1]).item()
@@ -145,13 +151,16 @@ print(f"PSNR decoding the mean: {psnr_mean:.0f} dB, decoding a sample: {psnr_sam
 
 # %% [markdown]
 # The posterior is narrow: the KL weight in training is tiny (1e-6, as in SD's VAE), so the encoder is nearly
-# deterministic and a sample is the mean plus a little noise. Using the mean for the reference costs nothing
-# and removes that noise from the condition.
+# deterministic and a sample is the mean plus a little noise (the relative difference above), too little to
+# change the decoded image. The train/inference mismatch of the reference latents is therefore small for such
+# a VAE; using the mean at inference removes that noise from the condition.
 #
 # ## 3. The scaling factor: why 0.18215
 #
-# - Diffusion mixes latents with unit Gaussian noise: `x_t = √ᾱ_t · z + √(1 − ᾱ_t) · ε`. That mixing assumes
-#   `z` has unit variance; otherwise the noise schedule means something else.
+# - Diffusion mixes latents with unit Gaussian noise:
+#   $$x_t = \sqrt{\bar\alpha_t}\, z + \sqrt{1 - \bar\alpha_t}\, \varepsilon, \qquad
+#   \varepsilon \sim \mathcal N(0, I), \qquad \bar\alpha_t = \prod_{s \le t} (1 - \beta_s)$$
+#   That mixing assumes `z` has unit variance; otherwise the noise schedule means something else.
 # - The VAE's latents have whatever scale training gave them. The latent-diffusion authors measured the
 #   standard deviation of SD's VAE latents on a batch of images, ≈ 5.49, and multiply by
 #   **1 / 5.49 = 0.18215** (their `scale_by_std` option; the value is written in SD's `vae/config.json` as
@@ -167,10 +176,10 @@ batch = np.stack(
         for i, p in zip(train_ids, poses, strict=True)
     ]
 )
-train_images = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1  # (128, 3, 128, 128)
+train_images = V.images_from_uint8(batch)  # (128, 128, 128, 3) uint8 -> (128, 3, 128, 128)
 with torch.no_grad():
     z = V.encode_latent_dist(vae, train_images).sample(generator=torch.Generator().manual_seed(0))  # unscaled
-factor = 1 / z.flatten().std()  # the whole recipe
+factor = 1 / z.flatten().std()  # the whole recipe: s = 1 / std(z)
 torch.testing.assert_close(float(factor), V.scaling_factor_from_latents(z))
 print(f"std of unscaled latents: {z.std():.2f} -> factor 1/std = {factor:.3f}")
 print(
@@ -179,29 +188,60 @@ print(
 print(f"std after scaling: {(z * vae.config.scaling_factor).std():.2f}")
 print(f"SD: 1 / 0.18215 = {1 / 0.18215:.2f} is the std that was measured for SD's VAE")
 
+# %% [markdown]
+# The toy VAE's latents happen to have a std near 1 already, so scaling barely changes them. To see the
+# recipe at work, build a VAE whose latents are far from unit scale: the same weights, with the encoder's
+# output (`quant_conv`: mean and log-variance) multiplied by 5.49, SD's std, and the decoder's input
+# (`post_quant_conv`) divided by it. It is the same autoencoder (the decoded images do not change), but its
+# raw latents are 5.49× larger, as SD's are.
+
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
-grid = np.linspace(-4, 4, 200)
-for ax, data, title in (
-    (axes[0], z, "unscaled latents"),
-    (axes[1], z * vae.config.scaling_factor, "scaled latents"),
+k = 5.49
+big = copy.deepcopy(vae)
+with torch.no_grad():
+    c = big.config.latent_channels
+    big.quant_conv.weight[:c] *= k  # mean channels x k
+    big.quant_conv.bias[:c] *= k
+    big.quant_conv.bias[c:] += 2 * np.log(k)  # log-variance: std x k
+    big.post_quant_conv.weight /= k  # the decoder sees the same input as before
+    z_big = V.encode_latent_dist(big, train_images).sample(generator=torch.Generator().manual_seed(0))
+    big.register_to_config(scaling_factor=V.scaling_factor_from_latents(z_big))
+    torch.testing.assert_close(
+        V.decode(big, V.encode(big, images)), V.decode(vae, V.encode(vae, images)), atol=1e-4, rtol=0
+    )
+print("same decoded images: True")
+print(f"std of its unscaled latents: {z_big.std():.2f} -> factor {big.config.scaling_factor:.3f}")
+print(f"std after scaling: {(z_big * big.config.scaling_factor).std():.2f}")
+
+# %%
+fig, axes = plt.subplots(2, 2, figsize=(10, 5.6))
+grid = np.linspace(-12, 12, 400)
+for row, (latent, factor_k, name) in enumerate(
+    ((z, vae.config.scaling_factor, "toy VAE"), (z_big, big.config.scaling_factor, "toy VAE, latents x 5.49"))
 ):
-    for c in range(4):
-        ax.hist(data[:, c].flatten().numpy(), bins=80, density=True, histtype="step", label=f"channel {c}")
-    ax.plot(grid, np.exp(-(grid**2) / 2) / np.sqrt(2 * np.pi), "k--", label="N(0, 1)")
-    ax.set_title(title)
-axes[1].set_xlim(-4, 4)
-axes[1].legend(fontsize=7)
+    for ax, data, title in (
+        (axes[row, 0], latent, f"{name}: unscaled latents"),
+        (axes[row, 1], latent * factor_k, f"{name}: scaled by {factor_k:.3f}"),
+    ):
+        for ch in range(4):
+            ax.hist(
+                data[:, ch].flatten().numpy(), bins=80, density=True, histtype="step", label=f"channel {ch}"
+            )
+        ax.plot(grid, np.exp(-(grid**2) / 2) / np.sqrt(2 * np.pi), "k--", label="N(0, 1)")
+        ax.set_xlim(-12, 12)
+        ax.set_title(title, fontsize=9)
+axes[0, 1].legend(fontsize=7)
 fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# The channels differ in centre and shape, but after scaling their overall spread matches the noise. (The toy
-# VAE's latents happen to have a std near 1 already, so its factor is close to 1; SD's did not.) What goes
-# wrong without it: the signal-to-noise ratio at step t is `ᾱ_t · var(z) / (1 − ᾱ_t)`. With SD's schedule at
-# the last training step (t = 999), unit-variance latents are almost pure noise, as the sampler's starting
-# point assumes; unscaled SD latents (std 5.49) would still be 30× stronger there, so "pure noise" at
-# inference would never match what the UNet saw in training:
+# The channels differ in centre and shape, but after scaling their overall spread matches the noise; for the
+# 5.49× VAE the unscaled latents are far wider than the N(0, 1) the sampler starts from. What goes wrong
+# without scaling: the signal-to-noise ratio at step t is
+# $$\mathrm{SNR}(t) = \frac{\bar\alpha_t\, \mathrm{Var}(z)}{1 - \bar\alpha_t}.$$
+# With SD's schedule at the last training step (t = 999), unit-variance latents are almost pure noise, as the
+# sampler's starting point assumes; unscaled SD latents (std 5.49) would still be 30× stronger there, so
+# "pure noise" at inference would never match what the UNet saw in training:
 
 # %%
 sched = DDPMScheduler(
@@ -330,7 +370,7 @@ plt.show()
 log = json.loads((V.TOY_VAE_DIR / "train_log.json").read_text())
 print(
     f"{log['n_params'] / 1e6:.2f}M parameters, batch {log['batch_size']} crops of {log['crop']} px, "
-    f"{log['minutes']:.0f} minutes, final held-out PSNR >= 28 dB: {log['final_psnr'] >= 28}"
+    f"{log['minutes']:.0f} minutes, final held-out PSNR {log['final_psnr']:.1f} dB"
 )
 curve = log["curve"]
 fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -363,8 +403,80 @@ plt.show()
 #
 # 1. Measure the factor with posterior *means* instead of samples. How much does it change, and why so little?
 # 2. Encode a frame, shift its latent by one latent pixel, decode. What moves, and by how many image pixels?
-# 3. Decode a linear interpolation between the latents of two identities. Is the midpoint a plausible face?
-# 4. Train the VAE for 2 minutes with `scripts/train_toy_vae.py --minutes 2 --out /tmp/vae` with and without
-#    the learning-rate drop (edit `frac > 0.8`) and compare the held-out PSNR.
+# 3. Decode a linear interpolation between the latents of two identities. Is the midpoint a face, or a
+#    cross-fade of two faces?
+# 4. How stable is the measured factor? Measure it on 16 frames and on held-out identities instead of 128
+#    training frames.
 # 5. SD's VAE at 512 × 512 gives `(1, 4, 64, 64)` latents: build it on the meta device with
 #    `V.build_vae(configs.SD15.vae, "meta")` and trace the shapes of `encode_video` on a 24-frame video.
+#
+# ## Solutions
+#
+# **1.** $\mathrm{Var}(z) = \mathrm{Var}(\mu) + \mathbb E[\sigma^2]$, and $\sigma$ is tiny next to the spread
+# of $\mu$ (section 2), so the two factors almost agree:
+
+# %%
+with torch.no_grad():
+    z_means = V.encode_latent_dist(vae, train_images).mean
+print(f"factor from samples {factor:.3f}, from means {1 / z_means.std():.3f}")
+
+# %% [markdown]
+# **2.** One latent pixel is 8 image pixels: the decoded face moves by 8 px (the best-matching shift of the
+# decoded image), and the border column is made up by the decoder.
+
+# %%
+with torch.no_grad():
+    lat0 = latents[:1]  # (1, 4, 16, 16)
+    moved = V.decode(vae, torch.roll(lat0, shifts=1, dims=-1))  # one latent pixel to the right
+    base = V.decode(vae, lat0)
+errors = {
+    dx: float((moved[..., 16:-16] - torch.roll(base, shifts=dx, dims=-1)[..., 16:-16]).abs().mean())
+    for dx in range(0, 13)
+}
+print("best-matching image shift (px):", min(errors, key=errors.get))
+
+# %% [markdown]
+# **3.** The midpoint of two identities' latents decodes to something between a face and a cross-fade:
+# compare it with the pixel average of the two images and with each of the two.
+
+# %%
+with torch.no_grad():
+    a, b = latents[0:1], latents[1:2]
+    mids = torch.cat([V.decode(vae, (1 - w) * a + w * b) for w in (0.0, 0.25, 0.5, 0.75, 1.0)])
+    mid = mids[2:3]
+print(
+    "PSNR(midpoint, pixel average of the two images):",
+    f"{V.psnr(mid, (images[0:1] + images[1:2]) / 2).item():.0f} dB",
+)
+print(
+    f"PSNR(midpoint, image A): {V.psnr(mid, images[0:1]).item():.0f} dB, "
+    f"(midpoint, image B): {V.psnr(mid, images[1:2]).item():.0f} dB"
+)
+fig = viz.image_grid(to_01(mids), titles=["A", "0.25", "0.5", "0.75", "B"], figsize=(10, 2.4))
+plt.show()
+
+# %% [markdown]
+# Latent interpolation of such a small VAE is close to a cross-fade (double contours where the two heads
+# differ): the latent is a blurred, recoloured image (section 4), so mixing latents mixes pictures. A
+# generative model is needed to make the in-between a single plausible face.
+#
+# **4.** The factor is a statistic of the data; a few frames already give it to about two digits:
+
+# %%
+with torch.no_grad():
+    z16 = V.encode_latent_dist(vae, train_images[:16]).sample(generator=torch.Generator().manual_seed(0))
+    z_test = V.encode_latent_dist(vae, images).sample(generator=torch.Generator().manual_seed(0))
+print(
+    f"128 training frames {factor:.3f} | 16 training frames {V.scaling_factor_from_latents(z16):.3f} | "
+    f"6 held-out frames {V.scaling_factor_from_latents(z_test):.3f}"
+)
+
+# %% [markdown]
+# **5.** On the meta device the whole video path runs without memory:
+
+# %%
+sd_vae = V.build_vae(configs.SD15.vae, "meta")
+sd_video = torch.empty(1, 3, 24, 512, 512, device="meta")  # (B, 3, F, H, W)
+sd_latents = V.encode_video(sd_vae, sd_video, chunk_size=8)  # 3 calls of 8 frames
+print("video", tuple(sd_video.shape), "-> latents", tuple(sd_latents.shape))
+print("decoded back:", tuple(V.decode_video(sd_vae, sd_latents, chunk_size=1).shape))

@@ -25,10 +25,11 @@
 # - **Library modules**: `anim_lab.clip`, `anim_lab.configs`, `anim_lab.toy`, `anim_lab.viz`; diffusers'
 #   `Attention`
 # - **Questions answered**: What does CLIP's image processor do, exactly? How does an image enter the UNet
-#   through cross-attention, in shapes? Why are zeros the unconditional input? What do the embeddings carry
+#   through cross-attention, in shapes? Why are zeros the unconditional input, and does training use the same
+#   "no condition"? How was the toy CLIP trained? What do the embeddings carry
 #   (colours, identity, expression) and what do they lose (small details such as eye colour) — the argument
 #   for a ReferenceNet?
-# - **CPU runtime**: about 15 s
+# - **CPU runtime**: about 15 s of CPU time
 #
 # The toy CLIP was trained by `scripts/train_toy_clip.py` (seed 0, four stages, 51 minutes on one CPU core): a
 # transformers `CLIPModel` (image and text towers) with a word-level tokenizer built from the toy attribute
@@ -50,6 +51,8 @@ from transformers import CLIPImageProcessorPil
 import anim_lab
 from anim_lab import clip as C
 from anim_lab import configs, toy, viz
+from anim_lab.inspect import count_flops, human
+from anim_lab.vae import images_from_uint8
 
 torch.manual_seed(0)
 torch.set_num_threads(1)
@@ -64,7 +67,7 @@ print(f"anim_lab {anim_lab.__version__}, torch {torch.__version__}, transformers
 # `CLIPImageProcessor` does three things: resize the **shortest edge** (bicubic), **centre crop** a square,
 # and normalise with OpenAI's per-channel mean and std. SD-image-variations / AnimateAnyone use 224 / 224
 # (after resizing the reference to 224 × 224). The toy CLIP uses 160 / 96: the central 77 px of a 128-px
-# frame, enlarged 1.25×, so the face fills the crop (the mouth needs those pixels, section 6) while hair,
+# frame, enlarged 1.25×, so the face fills the crop (the mouth needs those pixels, section 7) while hair,
 # background and collar stay in view. `ClipPreprocess` is the same in torch, on `(B, 3, H, W)` images in
 # [-1, 1]:
 
@@ -81,13 +84,16 @@ processor = CLIPImageProcessorPil.from_pretrained(C.TOY_IMAGE_ENCODER_DIR)
 print("toy processor: shortest edge", processor.size["shortest_edge"], "crop", processor.crop_size["height"])
 expected = processor(list(u8), return_tensors="pt").pixel_values  # (4, 3, 96, 96), PIL path
 preprocess = C.ClipPreprocess.from_processor(processor)
-images = (
-    torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 127.5 - 1
-)  # (4, H, W, 3) -> (4, 3, H, W) in [-1, 1]
+images = images_from_uint8(u8)  # (4, H, W, 3) uint8 -> (4, 3, H, W) in [-1, 1]
 pixel_values = preprocess(images)  # (4, 3, 96, 96)
 torch.testing.assert_close(pixel_values, expected, atol=0.03, rtol=0)  # PIL rounds to uint8 in between
+std = torch.tensor(processor.image_std)[None, :, None, None]  # pixel_values = (x01 - mean) / std
+grey_levels = ((pixel_values - expected).abs() * std * 255).amax()  # back to 0..255 units
+print("pixel_values", tuple(pixel_values.shape), "match transformers' CLIPImageProcessor")
 print(
-    "pixel_values", tuple(pixel_values.shape), "match transformers' CLIPImageProcessor (within a grey level)"
+    f"tolerance 0.03 in pixel_values = {0.03 * min(processor.image_std) * 255:.1f} to "
+    f"{0.03 * max(processor.image_std) * 255:.1f} grey levels; largest difference {grey_levels:.1f} grey "
+    f"levels"
 )
 sd = C.ClipPreprocess()  # SD's image encoder: 224 / 224
 print("SD-size pixel_values:", tuple(sd(images).shape))
@@ -174,11 +180,82 @@ cfg_context = torch.cat(
 print("encoder_hidden_states under CFG:", tuple(cfg_context.shape))
 
 # %% [markdown]
-# ## 4. What the toy CLIP's embeddings carry
+# **Training drops the condition differently.** Moore-AnimateAnyone's training scripts, with probability
+# `uncond_ratio = 0.1`, replace the reference's CLIP *input* by zeros (`torch.zeros_like(clip_img)`, i.e. an
+# all-zero `pixel_values`: after normalisation, an image of CLIP's mean colour) and run it **through the image
+# encoder**; they also skip the ReferenceNet, so the bank is empty. Inference instead uses **zero embeddings**
+# for the unconditional rows (and reads no bank for them). The bank side matches; the token does not. What
+# the UNet learned as "no condition" is the embedding of a zero image, not the zero vector. How far apart?
+
+# %%
+with torch.no_grad():
+    train_uncond = C.image_embeds_to_tokens(
+        image_encoder(pixel_values=torch.zeros(1, 3, 96, 96)).image_embeds
+    )  # (1, 1, 64): what training fed
+    out_train_uncond = toy_attn(queries[:1], encoder_hidden_states=train_uncond)
+    out_infer_uncond = toy_attn(queries[:1], encoder_hidden_states=uncond[:1])
+    out_portraits = toy_attn(queries[:1].expand(4, -1, -1), encoder_hidden_states=tokens)  # (4, 100, 32)
+
+
+scale = out_portraits.norm(dim=(1, 2)).mean()  # the typical size of a portrait's output
+
+
+def gap(a, b):  # L2 distance of two cross-attention outputs, relative to a portrait's output
+    return float((a - b).norm() / scale)
+
+
+print(
+    f"norm of the zero-image token relative to a portrait's: "
+    f"{train_uncond.norm() / tokens.norm(dim=-1).mean():.2f}"
+)
+print(
+    f"cross-attention output, zero-image token vs zero token: {gap(out_train_uncond, out_infer_uncond):.2f}"
+)
+print(
+    "for scale, portrait 0 vs portraits 1..3:",
+    [round(gap(out_portraits[0], out_portraits[i]), 2) for i in (1, 2, 3)],
+)
+
+# %% [markdown]
+# The zero-image token is a full-size embedding, as long as a portrait's. Through a (random, toy-sized)
+# cross-attention layer, its output is almost as far from the zero token's output (the `to_out` bias) as two
+# different portraits' outputs are from each other. So at inference the unconditional branch gets an input the
+# UNet never saw as "no condition" in training. Guidance still works, since it only uses the *difference*
+# between the two branches, but the two choices are not the same function; a model trained this way could use
+# the zero-image token at inference to match its training.
+
+# %% [markdown]
+# ## 4. How the toy CLIP was trained
 #
-# Held-out identities, 4 random poses and expressions each. Captions in training were sets of attribute
-# phrases ("red hair , mouth open , blue background"). **Zero-shot classification** compares an image with the
-# phrases of all values of one attribute and picks the most similar. First re-derive it from cosine
+# Before asking what the embeddings know, what were they trained to know? `scripts/train_toy_clip.py` trains a
+# transformers `CLIPModel` (a 2-layer ViT on 8 × 8 patches of 12 px, and a small text transformer) on 12,000
+# renders of 3,000 training identities, 4 views each. Each image gets a caption made of a random subset of its
+# attribute phrases ("red hair , mouth open , blue background"), tokenized word by word. With image embeddings
+# $u_i$ and caption embeddings $t_j$ (both L2-normalised) and a learned temperature $\tau$, the loss of a
+# batch has three terms:
+#
+# $$\mathcal L = \mathcal L_\text{CLIP} + \lambda_\text{id}\, \mathcal L_\text{id} + \lambda_\text{aux}\,
+#   \mathcal L_\text{aux}$$
+#
+# - $\mathcal L_\text{CLIP}$: CLIP's symmetric cross-entropy over the similarity matrix $u_i^\top t_j / \tau$,
+#   in both directions (image → caption, caption → image), except that *every* caption true of an image counts
+#   as a positive (the target spreads over them): "blue background" fits many images in a batch.
+# - $\mathcal L_\text{id}$ (weight 0.25, then 0.5): a second view of the same identity in another pose must be
+#   the most similar image in the batch (cross-entropy over image-image similarities). This is what teaches
+#   identity across poses.
+# - $\mathcal L_\text{aux}$ (weight 0.5, then 4): one small linear **attribute head** per attribute (hair,
+#   hairstyle, skin, background, shirt, eyes, lips, mouth, eyelids) on the image embedding, each a
+#   cross-entropy over its values, averaged; the mouth head can be weighted up. The heads are thrown away
+#   after training: they only push the image side to encode each attribute faster on a CPU budget.
+#
+# Training ran in four stages (the table in section 8 prints them from the log): stages 1–2 crop the frame
+# at resize 128, stages 3–4 zoom in (resize 160) and weight the mouth head up. Below, everything is measured
+# on identities the model never saw.
+#
+# ## 5. What the toy CLIP's embeddings carry
+#
+# Held-out identities, 4 random poses and expressions each. **Zero-shot classification** compares an image
+# with the phrases of all values of one attribute and picks the most similar. First re-derive it from cosine
 # similarities:
 
 # %%
@@ -207,7 +284,7 @@ for k, s in enumerate(test_ids[100 : 100 + n_ids]):
             | {"mouth": "open" if mouth else "closed", "eyelids": "closed" if eyes else "open"}
         )
         who.append(k)
-gallery = torch.from_numpy(np.stack(rows)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (400, 3, 128, 128)
+gallery = images_from_uint8(np.stack(rows))  # (400, 128, 128, 3) uint8 -> (400, 3, 128, 128)
 who = torch.tensor(who)
 with torch.no_grad():
     pv = preprocess(gallery)  # (400, 3, 96, 96)
@@ -256,7 +333,7 @@ viz.save(fig, "ch03_zero_shot")
 plt.show()
 
 # %% [markdown]
-# ## 5. Identity: retrieval across poses, and an embedding map
+# ## 6. Identity: retrieval across poses, and an embedding map
 #
 # For each image, find the most similar *other* image; a hit if it shows the same identity. The baseline
 # compares raw 32 × 32 pixels, which already matches background and shirt colour.
@@ -276,11 +353,12 @@ print(f"identity retrieval top-1, raw pixels:      {retrieval_top1(pixels - pixe
 centred = image_embeds - image_embeds.mean(0)
 _, _, vh = torch.linalg.svd(centred, full_matrices=False)
 xy = (centred @ vh[:2].T).numpy()  # (400, 2): the first two principal components
+palettes = {
+    "hairstyle": {"short": (31, 119, 180), "long": (255, 127, 14)},  # two categories, two colours
+    "skin": toy.renderer.SKIN_TONES,
+}
 fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-for ax, attr, colours in (
-    (axes[0], "background", toy.renderer.BACKGROUNDS),
-    (axes[1], "hair", toy.renderer.HAIR_COLORS),
-):
+for ax, (attr, colours) in zip(axes[:2], palettes.items(), strict=True):
     ax.scatter(
         xy[:, 0],
         xy[:, 1],
@@ -289,7 +367,7 @@ for ax, attr, colours in (
         edgecolors="k",
         linewidths=0.2,
     )
-    ax.set_title(f"coloured by {attr}", fontsize=9)
+    ax.set_title(f"coloured by {attr} ({', '.join(colours)})", fontsize=9)
 for k in range(8):  # 8 identities, their 4 views joined
     pts = xy[who.numpy() == k]
     axes[2].plot(*np.vstack([pts, pts[:1]]).T, "o-", ms=4, lw=0.8)
@@ -298,26 +376,57 @@ axes[2].set_title("8 identities, 4 poses each", fontsize=9)
 for ax in axes:
     ax.set_xticks([])
     ax.set_yticks([])
+    ax.set_xlabel("PC1")
+    ax.set_ylabel("PC2")
 fig.suptitle("Toy CLIP image embeddings of held-out portraits (first two principal components)", fontsize=10)
 fig.tight_layout()
 viz.save(fig, "ch03_embedding_map")
 plt.show()
 
 # %% [markdown]
-# ## 6. What is lost: small details
+# What do the two axes show? Two numbers per principal component: the share of the embeddings' variance it
+# explains, and for each attribute the share of the component's variance explained by that attribute's
+# groups ($\eta^2$ = between-group variance / total variance; 1 means the attribute alone sets the
+# coordinate).
+
+# %%
+explained = (torch.linalg.svdvals(centred) ** 2 / (centred**2).sum())[:2]
+print("variance explained by PC1, PC2:", [f"{v:.0%}" for v in explained.tolist()])
+
+
+def eta_squared(values, groups):  # share of the variance of `values` explained by group means
+    groups = np.array(groups)
+    means = {g: values[groups == g].mean() for g in set(groups)}
+    between = sum((groups == g).sum() * (m - values.mean()) ** 2 for g, m in means.items())
+    return between / ((values - values.mean()) ** 2).sum()
+
+
+for pc in (0, 1):
+    eta = {a: eta_squared(xy[:, pc], [lab[a] for lab in labels]) for a in (*toy.ATTRIBUTES, "mouth")}
+    top = sorted(eta.items(), key=lambda kv: -kv[1])[:3]
+    print(f"PC{pc + 1}: explained best by", ", ".join(f"{a} {v:.2f}" for a, v in top))
+
+# %% [markdown]
+# How to read the map: the two axes hold under a fifth of the embeddings' variance, and they are mostly
+# hairstyle (PC1) and skin tone (PC2), which is why the map is coloured by those two. Background and shirt,
+# read perfectly by zero-shot, live in other directions of the 64-D space, and each identity's 4 views sit
+# close together (right panel): the retrieval of the cell above is a statement about all 64 dimensions,
+# which no 2-D projection shows. Treat a PCA map of an embedding as a glimpse, and measure with probes,
+# zero-shot and retrieval.
+
+# %% [markdown]
+# ## 7. What is lost: small details
 #
 # Large-area attributes (background, shirt, skin, hair colour, hairstyle) are read almost perfectly, and so is
 # the mouth — open with white teeth, or closed. Eye colour is at chance, although the irises are plainly
-# visible in the renders. The mouth was not free: with 128 → 96 crops (one 12-px patch = 12 px of the render)
-# the same CLIP stayed at chance on it for 28 minutes (about 56%; linear probes on its patch tokens reached
-# only about 68%). Zooming in to resize 160 (a patch = 9.6 px of the render, the mouth spread over more
-# patches) and weighting up the mouth's attribute head fixed it within five minutes — stage 3 of the training
-# curve below (stage 4 then restored identity retrieval, pairing views of one person whatever their mouth
-# state). An iris, 2–3 pixels inside one patch, is still lost: one pooled token, trained for under an hour on
-# a CPU, keeps what covers enough pixels and drops the rest, and a tighter crop costs the rest of the head (at
-# resize 192 hair colour stalled at 76%). This is AnimateAnyone's argument for a **ReferenceNet**: a copy of
-# the UNet that hands the denoiser the reference's full spatial feature maps (chapter 05), so fine details
-# need not survive a single CLIP vector.
+# visible in the renders. The mouth was not free: with the 128 → 96 crop of stages 1–2 (a 12-px patch = 12 px
+# of the render) the same CLIP stayed at chance on it (56% in the log, section 8). Zooming in to resize 160 (a
+# patch = 9.6 px of the render, the mouth spread over more patches) and weighting up the mouth's attribute
+# head fixed it in stage 3. An iris, 2–3 pixels inside one patch, is still lost: one pooled token, trained for
+# under an hour on a CPU, keeps what covers enough pixels and drops the rest, and a tighter crop would cost
+# the rest of the head. This is AnimateAnyone's argument for a **ReferenceNet**: a copy of the UNet that hands
+# the denoiser the reference's full spatial feature maps (chapter 05), so fine details need not survive a
+# single CLIP vector.
 
 # %%
 eye_crops = [rows[i][40:70, 34:94] for i in range(4)]
@@ -335,7 +444,7 @@ print(
 )
 
 # %% [markdown]
-# ## 7. What the toy CLIP cost
+# ## 8. What the toy CLIP cost
 #
 # The training log ships with the weights: held-out zero-shot accuracy and retrieval, measured during
 # training.
@@ -352,6 +461,13 @@ for i, st in enumerate(stages):
         f"stage {i + 1}: {st['minutes']:.0f} min, {st['steps']} steps, resize {st['resize']}, lr {st['lr']}, "
         f"attribute-head weight {st['aux_weight']} (mouth +{st.get('mouth_weight', 0.0)}), "
         f"identity weight {st['identity_weight']}"
+    )
+print("\nat the end of each stage (the log's own held-out evaluation):")
+for i, st in enumerate(stages):
+    end = st["curve"][-1]
+    print(
+        f"stage {i + 1}: evaluated on {st.get('eval_identities', 100)} identities | mouth {end['mouth']:.0%} "
+        f"| hair {end['hair']:.0%} | retrieval {end['retrieval']:.1%} (pixels {end['retrieval_pixels']:.0%})"
     )
 fig, ax = plt.subplots(figsize=(7, 3.4))
 points, offset = [], 0.0
@@ -370,14 +486,23 @@ viz.save(fig, "ch03_training_curve")
 plt.show()
 
 # %% [markdown]
+# Read the last table with care: the evaluation protocol changed between stages. Stage 3 was evaluated on 60
+# held-out identities, the others on 100 (the pixel baseline, which only depends on the evaluation set, moves
+# with it). By the log, retrieval did **not** come back in stage 4: it fell from stages 1–2 to stage 3 and
+# fell again in stage 4, while the mouth went from chance to perfect. The log's retrieval and this chapter's
+# (section 6) also differ: both take top-1 among 4 views of 100 unseen identities, but with different
+# identities and different pose and expression ranges.
+#
 # ## Summary
 #
 # - CLIP preprocessing = resize the shortest edge (bicubic), centre crop, normalise with OpenAI's mean/std;
-#   `ClipPreprocess` does it in torch and matches `CLIPImageProcessor` within one grey level.
+#   `ClipPreprocess` does it in torch and matches `CLIPImageProcessor` to about 2 grey levels (PIL rounds
+#   to uint8 between resize and normalisation; torch does not).
 # - An image becomes **one token** `(B, 1, D)`: the projected class-token output (D = 768 for ViT-L/14, 64 for
 #   the toy). With a single key, cross-attention gives every position the same vector: a global signal.
-# - The unconditional input is **zeros**: with bias-free `to_k`/`to_v`, cross-attention then returns a
-#   constant that carries no image at all.
+# - The unconditional input at inference is **zeros**: with bias-free `to_k`/`to_v`, cross-attention then
+#   returns a constant that carries no image at all. Training dropped the condition differently (a zero image
+#   through the encoder), a mismatch measured in section 3.
 # - The toy CLIP's token knows colours, hairstyle, mouth state and identity well (retrieval across poses far
 #   above the pixel baseline), and eye colour not at all. The mouth needed a closer crop
 #   (resize 160 instead of 128): detail survives one pooled vector trained on a CPU budget only when it covers
@@ -385,12 +510,95 @@ plt.show()
 #
 # ## Exercises
 #
-# 1. Feed the toy CLIP the full 128-px frame (no crop; `ClipPreprocess(128, 128)` would need a 128-px model) —
-#    or just crop 64 px around the eyes and upsample to 96: does eye-colour accuracy rise?
+# 1. Crop 64 px around the eyes and enlarge them to 96 (the toy CLIP's input size): does eye-colour
+#    zero-shot accuracy rise?
 # 2. Replace the zero unconditional token by the grey image's token and compare the cross-attention outputs
-#    for two different queries. Which choice is independent of the UNet features?
-# 3. Build a prompt ensemble ("red hair", "red hair , short hair", ...) and measure whether zero-shot hair
-#    accuracy changes.
-# 4. Retrieval with the pixel baseline fails for which pairs? Show the worst five and explain.
-# 5. At real size, how many multiply-adds does one cross-attention layer of SD1.5's first block spend on a
-#    single context token, compared with 77 text tokens?
+#    for two different sets of queries. Does either choice depend on the UNet features?
+# 3. Build a prompt ensemble ("red hair", "red hair , short hair", "red hair , long hair") and measure whether
+#    zero-shot hair accuracy changes.
+# 4. Retrieval with the pixel baseline fails for which pairs? Count what the wrongly retrieved images share.
+# 5. At real size, how many FLOPs does one cross-attention layer of SD1.5's first block spend on a single
+#    context token, compared with 77 text tokens?
+#
+# ## Solutions
+#
+# **1.** The model never saw such crops; the irises now cover several patches, but the question is whether
+# the embedding was ever trained to keep them:
+
+# %%
+eyes_crop = torch.nn.functional.interpolate(
+    gallery[:, :, 24:88, 32:96], size=(96, 96), mode="bicubic", align_corners=False
+)  # (400, 3, 64, 64) around the eyes -> (400, 3, 96, 96)
+eye_pv = C.ClipPreprocess(96, 96, processor.image_mean, processor.image_std)(eyes_crop.clamp(-1, 1))
+values = attributes["eyes"]
+with torch.no_grad():
+    text = C.encode_text(clip_model, tokenizer, [C.toy_phrase("eyes", v) for v in values])
+    pred = C.cosine_similarity_matrix(clip_model.get_image_features(pixel_values=eye_pv).pooler_output, text)
+truth = torch.tensor([values.index(lab["eyes"]) for lab in labels])
+print(
+    f"eye colour from eye crops: {float((pred.argmax(1) == truth).float().mean()):.0%} (chance "
+    f"{1 / len(values):.0%})"
+)
+
+# %% [markdown]
+# **2.** With a single token, the output is the same at every position whatever the queries are, for both
+# choices; they differ only in *which* constant they add:
+
+# %%
+other_queries = torch.randn(1, 100, 32)
+with torch.no_grad():
+    for name, token in (("zero token", uncond[:1]), ("grey image's token", blank_token)):
+        o1 = toy_attn(queries[:1], encoder_hidden_states=token)
+        o2 = toy_attn(other_queries, encoder_hidden_states=token)
+        print(f"{name:19s}: same output for other queries: {torch.allclose(o1, o2, atol=1e-6)}")
+
+# %% [markdown]
+# **3.** Average the text embeddings of the phrases per hair colour:
+
+# %%
+with torch.no_grad():
+    ensemble = torch.stack(
+        [
+            torch.nn.functional.normalize(
+                C.encode_text(
+                    clip_model,
+                    tokenizer,
+                    [C.toy_phrase("hair", v)]
+                    + [
+                        f"{C.toy_phrase('hair', v)} , {C.toy_phrase('hairstyle', h)}"
+                        for h in attributes["hairstyle"]
+                    ],
+                ),
+                dim=-1,
+            ).mean(0)
+            for v in attributes["hair"]
+        ]
+    )  # (5, 64)
+    pred = C.cosine_similarity_matrix(image_embeds, ensemble).argmax(1)
+truth = torch.tensor([attributes["hair"].index(lab["hair"]) for lab in labels])
+print(f"hair: single prompt {accuracy['hair']:.0%}, ensemble {float((pred == truth).float().mean()):.0%}")
+
+# %% [markdown]
+# **4.** Raw pixels are dominated by the large uniform areas:
+
+# %%
+sims = C.cosine_similarity_matrix(pixels - pixels.mean(0), pixels - pixels.mean(0)).fill_diagonal_(-2.0)
+nearest = sims.argmax(1)
+wrong = (who[nearest] != who).nonzero().flatten().tolist()
+for attr in ("background", "shirt", "hair"):
+    shared = np.mean([labels[i][attr] == labels[int(nearest[i])][attr] for i in wrong])
+    print(f"pixel-retrieval misses whose retrieved image has the same {attr:10s}: {shared:.0%}")
+
+# %% [markdown]
+# **5.** Count on the meta device: the query and output projections cost the same for any context; only the
+# key/value projections and the two matrix products grow with the number of tokens.
+
+# %%
+with torch.device("meta"):
+    attn_sd = Attention(query_dim=320, cross_attention_dim=768, heads=8, dim_head=40)
+    fmap = torch.empty(1, 64 * 64, 320)
+    flops = {n: count_flops(attn_sd, fmap, encoder_hidden_states=torch.empty(1, n, 768)) for n in (1, 77)}
+print(
+    f"1 token: {human(flops[1], 'FLOP')}, 77 tokens: {human(flops[77], 'FLOP')}, ratio "
+    f"{flops[77] / flops[1]:.2f}"
+)

@@ -23,10 +23,12 @@
 #   `anim_lab.weights`, `anim_lab.inspect`, `anim_lab.configs`
 # - **Questions answered**: Which axes do BatchNorm, LayerNorm, InstanceNorm and GroupNorm average over, and
 #   which one is used where? How do channels and resolution change through the UNet, and why are skips
-#   concatenated? How does the timestep reach every resnet? Where is cross-attention, and what are the shapes
-#   of Q, K, V for one CLIP image token? Why per-frame 2D convolutions rather than Conv3d? What does the
-#   temporal reshape do, and what happens to frame order without the position encoding?
-# - **CPU runtime**: about 15 s
+#   concatenated? How does the timestep reach every resnet? Where are the 16 cross-attention sites, and what
+#   are the shapes of Q, K, V for one CLIP image token? Why per-frame 2D convolutions rather than Conv3d? What
+#   does the temporal reshape do, what happens to frame order without the position encoding, and what does a
+#   motion module do with `encoder_hidden_states` (nothing)? (How the ReferenceNet's blocks pair with the
+#   denoiser's: chapter 05.)
+# - **CPU runtime**: about 45 s of CPU time
 #
 # Full-size shapes come from the `meta` device (shapes, no numbers); every numerical experiment runs on the
 # TINY preset — the same structure with small widths — on the CPU.
@@ -37,12 +39,13 @@ import diffusers
 import matplotlib
 import matplotlib.pyplot as plt
 import torch
+from diffusers.models.attention_processor import Attention
 from einops import rearrange, repeat
 from torch import nn
 
 import anim_lab
 from anim_lab.configs import SD15, TINY
-from anim_lab.inspect import count_flops, count_parameters, format_table, human, trace_shapes
+from anim_lab.inspect import count_flops, count_parameters, flops_by_module, format_table, human, trace_shapes
 from anim_lab.motion import MOTION_SD15, MOTION_TINY, MotionModule, sinusoidal_position_encoding
 from anim_lab.unet import ReferenceUNet, VideoUNet, build_unet2d
 from anim_lab.viz import save
@@ -63,6 +66,12 @@ print(
 # - For a per-frame feature map `(N, C, H, W)` with `N = B·F`: BatchNorm pools `(N, H, W)` per channel,
 #   InstanceNorm `(H, W)` per sample and channel, GroupNorm `(C/G, H, W)` per sample and group of channels,
 #   and the transformers' LayerNorm pools `C` per token (each position of each sample on its own).
+# - All four are the same formula over a different set $S$ of indices:
+#   $$\hat x = \frac{x - \mu_S}{\sqrt{\sigma_S^2 + \epsilon}}\,\gamma + \beta, \qquad
+#   \mu_S = \frac{1}{|S|}\sum_{i \in S} x_i, \quad \sigma_S^2 = \frac{1}{|S|}\sum_{i \in S} (x_i - \mu_S)^2$$
+#   with $S_\text{BN}(c) = \{(n, c, h, w)\}_{n,h,w}$, $S_\text{IN}(n, c) = \{(n, c, h, w)\}_{h,w}$,
+#   $S_\text{GN}(n, g) = \{(n, c, h, w)\}_{c \in g,\,h,w}$ and $S_\text{LN}(n, h, w) = \{(n, c, h, w)\}_c$
+#   ($\gamma, \beta$ per channel; BatchNorm keeps running averages of $\mu, \sigma^2$ for inference).
 # - A real feature tensor: the output of the first resnet of a TINY video UNet, 2 videos × 4 frames.
 
 # %%
@@ -229,7 +238,18 @@ print("conv(concat) with tied halves == conv(sum): True")
 print("concatenation can learn all addition can, and weigh encoder detail apart from decoder context")
 
 # %% [markdown]
-# The whole UNet as one picture: height = resolution level, width ∝ channels, arrows = skips.
+# The whole UNet as one picture: height = resolution level, width ∝ channels, arrows = skips. Where are the
+# spatial transformers (self-attention `attn1`, cross-attention `attn2`)? Each `attentions.j` of a block runs
+# right after `resnets.j`; the mid block's one sits between its two resnets. List them from the model itself:
+
+# %%
+cross_sites = [
+    n.removesuffix(".transformer_blocks.0.attn2")
+    for n, m in unet2d_sd.named_modules()
+    if n.endswith("attn2") and m.is_cross_attention
+]
+attention_after = {n.replace("attentions", "resnets") for n in cross_sites}  # the resnet each one follows
+print(f"{len(cross_sites)} cross-attention sites:", ", ".join(n.replace("_blocks", "") for n in cross_sites))
 
 
 # %%
@@ -258,6 +278,9 @@ def draw_unet(trace, figsize=(13, 5.2)):
             ax.plot(i, -level + 0.2, "o", color="#d62728", ms=4)
         if r.name == "mid_block.resnets.0":  # the mid block's motion module sits between its two resnets
             ax.plot(i + 0.5, -level + 0.2, "o", color="#d62728", ms=4)
+        if r.name in attention_after:  # a spatial transformer (attn1 + cross-attention attn2) follows
+            dx = 0.5 if r.name.startswith("mid") else 0.0
+            ax.plot(i + dx, -level - 0.15, "v", color="#08519c", ms=6)
         centres.append((i, -level, r))
     # skips: every down-path output (conv_in, down resnets, downsamplers) feeds one up resnet, last in first
     # out
@@ -276,8 +299,9 @@ def draw_unet(trace, figsize=(13, 5.2)):
     ax.set_xticks([])
     ax.set_title(
         "SD1.5 UNet (per frame): resnets, down/upsamplers; label = channels, size². Blue down, orange mid, "
-        "green up, arrows = concatenated skips.\nRed dots: the video UNet's motion modules, one after every "
-        "down/up resnet (+ its attention) and one in the mid block: 21 in all.",
+        "green up, arrows = concatenated skips.\nBlue triangles: the 16 spatial transformers, each with a "
+        "cross-attention to the CLIP token. Red dots: the video UNet's 21 motion modules, one after every "
+        "down/up resnet (+ its attention) and one in the mid block.",
         fontsize=8,
     )
     fig.tight_layout()
@@ -419,7 +443,8 @@ print("inflated Conv3d == per-frame Conv2d: True")
 #
 # - Inside a motion module the per-frame layout becomes a set of short sequences:
 #   `(B·F, H·W, C) -> (B·H·W, F, C)` — each pixel position is a sequence of F frames, and attention runs along
-#   it.
+#   it: for position $s$, $\mathrm{softmax}\big(Q_s K_s^\top / \sqrt{d}\big) V_s$ with $Q_s, K_s, V_s \in
+#   \mathbb{R}^{F \times d}$ per head.
 # - At SD1.5's first level with 16 frames: 4096 sequences of 16 tokens; the attention matrix per head is 16×16
 #   (the spatial self-attention's is 4096×4096).
 
@@ -439,7 +464,23 @@ for r in inside:
 
 # %% [markdown]
 # The position encoding: sinusoids of 32 positions (max window length), added **after** the LayerNorm, so
-# queries, keys and values carry it and the residual stream does not.
+# queries, keys and values carry it and the residual stream does not. For frame $p$ and channel pair $i$ of
+# $d$ channels:
+# $$\mathrm{pe}[p, 2i] = \sin\!\left(\frac{p}{10000^{2i/d}}\right), \qquad
+#   \mathrm{pe}[p, 2i+1] = \cos\!\left(\frac{p}{10000^{2i/d}}\right)$$
+# so channel pair $i$ turns at angular speed $10000^{-2i/d}$ per frame: the first pairs change every frame,
+# the last barely over 32 frames. Re-derived by hand:
+
+# %%
+p_idx = torch.arange(32.0)[:, None]  # (32, 1) frame index
+i_idx = torch.arange(0, 320, 2.0)[None, :]  # (1, 160) even channel index 2i
+angle = p_idx / 10000 ** (i_idx / 320)  # (32, 160)
+pe_by_hand = rearrange(torch.stack([angle.sin(), angle.cos()], -1), "p i two -> p (i two)")  # interleave
+torch.testing.assert_close(pe_by_hand, sinusoidal_position_encoding(32, 320)[0])
+print("pe[p, 2i] = sin(p / 10000^(2i/d)), pe[p, 2i+1] = cos(...): matches the library")
+
+# %% [markdown]
+# The first 48 frequencies as a picture:
 
 # %%
 pe = sinusoidal_position_encoding(32, 320)[0]  # (32, 320)
@@ -498,6 +539,37 @@ print("without PE: shuffling the input frames just shuffles the output:", shuffl
 print("with PE:    shuffling the input frames just shuffles the output:", shuffles_along(True))
 
 # %% [markdown]
+# **What does a motion module do with `encoder_hidden_states`?** Nothing. In the reference code
+# (`TemporalTransformer3DModel`) the argument is passed down, but both attention blocks are `Temporal_Self`,
+# which drop it: keys and values come from the frames themselves. In `anim_lab` the forward does not even take
+# it. Two checks: no motion-module attention is a cross-attention (its `to_k` reads C channels, not the
+# 768-d token), and an experiment: silence every spatial cross-attention (`attn2.to_out` set to zero), give
+# the motion modules random non-zero weights, and change the CLIP tokens. If the motion modules read the
+# tokens, the output would move.
+
+# %%
+motion_attn = [m for n, m in denoiser.named_modules() if "motion_modules" in n and isinstance(m, Attention)]
+print(
+    f"{len(motion_attn)} attentions in the motion modules, any cross-attention:",
+    any(m.is_cross_attention for m in motion_attn),
+    "| to_k input widths:",
+    sorted({m.to_k.in_features for m in motion_attn}),
+)
+torch.manual_seed(2)
+probe = VideoUNet(TINY.unet, MOTION_TINY).eval()
+for name, p in probe.named_parameters():
+    if "motion_modules" in name and "proj_out" in name:
+        p.copy_(torch.randn_like(p) * 0.3)  # wake the zero-initialised motion modules up
+other_tokens = torch.randn_like(tokens)
+moved_with_attn2 = not torch.allclose(probe(latents, 500, tokens), probe(latents, 500, other_tokens))
+for name, m in probe.named_modules():
+    if name.endswith("attn2"):
+        m.to_out[0].weight.zero_(), m.to_out[0].bias.zero_()  # spatial cross-attention now adds nothing
+same = torch.equal(probe(latents, 500, tokens), probe(latents, 500, other_tokens))
+print("other tokens change the output (cross-attention on):", moved_with_attn2)
+print("other tokens change nothing once attn2 is silenced (motion modules still on):", same)
+
+# %% [markdown]
 # ## 7. The video UNet, assembled
 #
 # - `VideoUNet(unet_kwargs, motion_kwargs)` adopts diffusers' 2D blocks under their own names and inserts a
@@ -549,15 +621,15 @@ print(
 # - SD1.5's UNet goes 320→1280 channels while 64→8 pixels and back; skips are concatenated, which contains
 #   addition as a special case.
 # - One time embedding per sample becomes a per-channel shift in all 22 resnets. One CLIP image token gives
-#   the same cross-attention output at every position.
+#   the same cross-attention output at every position. The 16 cross-attention sites are the 16 spatial
+#   transformers (6 down, 1 mid, 9 up); the motion modules have none and ignore the tokens.
 # - Per-frame 2D convolutions keep SD1.5's weights exactly and cost a third of Conv3d; time is handled by 21
 #   zero-initialised motion modules, attention over `(B·H·W, F, C)` sequences with a sinusoidal position
 #   encoding — without it, frame order would be invisible.
 #
 # ## Exercises
-# 1. Replace the per-frame GroupNorm of a motion module by the across-frames one and measure how the output of
-#    a 16-frame window differs from the same frames run as two 8-frame windows. Which version is
-#    window-independent?
+# 1. Normalise a 16-frame window with the per-frame GroupNorm and with the across-frames one, and compare each
+#    with the same frames normalised as two 8-frame windows. Which version is window-independent?
 # 2. Set `motion_module_resolutions=(1,)` (motion modules at full resolution only). How many modules remain,
 #    and what share of the motion-module FLOPs do they carry?
 # 3. Feed 77 random tokens instead of one CLIP token to `attn2`. Is the output still the same at every
@@ -565,3 +637,89 @@ print(
 # 4. Move the position encoding before the LayerNorm (add it to the residual stream) and repeat the
 #    frame-order experiment. Does the module still see the order? What would change for a pretrained
 #    checkpoint?
+#
+# ## Solutions
+#
+# **1.** Per-frame statistics only look at one frame, so splitting the window changes nothing; across-frame
+# statistics depend on which frames share the window.
+
+# %%
+clip16 = torch.randn(1, C, 16, H, W) + torch.linspace(-1, 1, 16)[None, None, :, None, None]  # drifting
+gn = nn.GroupNorm(G, C, eps=1e-6, affine=False)
+
+
+def gn_per_frame(v):  # (B, C, F, H, W) -> per-frame GroupNorm -> (B, C, F, H, W)
+    f = v.shape[2]
+    return rearrange(gn(rearrange(v, "b c f h w -> (b f) c h w")), "(b f) c h w -> b c f h w", f=f)
+
+
+for name, fn in (("per frame", gn_per_frame), ("across frames", gn)):
+    whole = fn(clip16)
+    halves = torch.cat([fn(clip16[:, :, :8]), fn(clip16[:, :, 8:])], dim=2)
+    print(f"{name:13s}: 16-frame window == two 8-frame windows:", torch.allclose(whole, halves, atol=1e-5))
+
+# %% [markdown]
+# **2.** Motion modules only at the first level (resolution factor 1): 2 in `down_blocks.0`, 3 in
+# `up_blocks.3`, plus the mid block's (kept by `motion_module_mid_block`).
+
+# %%
+with torch.device("meta"):
+    first_only = VideoUNet(SD15.unet, MOTION_SD15 | {"motion_module_resolutions": (1,)})
+    clip_sd2 = torch.empty(2, 4, 24, 64, 64)  # (2B, C, F, h, w): CFG rows, 24 frames
+
+
+def motion_flops(unet):
+    per = flops_by_module(unet, clip_sd2, 999, torch.empty(2, 1, 768, device="meta"), depth=3)
+    per |= flops_by_module(unet, clip_sd2, 999, torch.empty(2, 1, 768, device="meta"), depth=2)
+    return sum(v for n, v in per.items() if n.endswith("motion_modules"))
+
+
+kept = len(first_only.motion_modules())
+share = motion_flops(first_only) / motion_flops(denoiser)
+print(f"modules left: {kept} of 21, carrying {share:.0%} of the motion-module FLOPs")
+
+# %% [markdown]
+# A motion module costs about $22C^2$ multiply-adds per token (position × frame), and positions × $C^2$ is the
+# same at the first three levels ($4096 \cdot 320^2 = 1024 \cdot 640^2 = 256 \cdot 1280^2$): a module costs
+# about the same wherever it sits (a quarter at 8×8), so the share follows the number of modules kept.
+#
+# **3.** With 77 different keys the softmax weights depend on the query, so positions receive different
+# mixtures of the values:
+
+# %%
+many = torch.randn(2, 77, TINY.unet["cross_attention_dim"])  # (B, 77 tokens, D)
+out77 = block.attn2(queries, encoder_hidden_states=many)  # (B, HW, C)
+print(
+    "77 tokens: same output at every position:",
+    torch.allclose(out77, out77[:, :1].expand_as(out77), atol=1e-6),
+)
+
+# %% [markdown]
+# **4.** Add the encoding to the module's *input* (the residual stream) of a module built without its own
+# encoding. It still sees the order, but the encoding now also flows through the residual into the UNet, and
+# through the GroupNorm and `proj_in` that a pretrained checkpoint never saw it pass: its outputs would shift
+# even where `proj_out` is zero.
+
+
+# %%
+def shuffles_with_input_pe() -> bool:
+    torch.manual_seed(1)
+    m = MotionModule(32, num_attention_heads=4, norm_num_groups=8, temporal_position_encoding=False)
+    for name, p in m.named_parameters():
+        p.copy_(torch.randn_like(p) * 0.3 + float("norm" in name and name.endswith("weight")))
+    feats = torch.randn(F, 32, 4, 4)  # (F, C, H, W)
+    pe = sinusoidal_position_encoding(32, 32)[0, :F, :, None, None]  # (F, C, 1, 1): by slot, not by content
+    order = torch.tensor([2, 0, 3, 1])
+    return torch.allclose(m(feats + pe, F)[order], m(feats[order] + pe, F), rtol=1e-4, atol=1e-4)
+
+
+print("PE before the module: shuffling the input frames just shuffles the output:", shuffles_with_input_pe())
+fresh = MotionModule(
+    32, num_attention_heads=4, norm_num_groups=8, temporal_position_encoding=False
+)  # proj_out 0
+plain = torch.randn(F, 32, 4, 4)
+pe_in = sinusoidal_position_encoding(32, 32)[0, :F, :, None, None]
+print(
+    "a fresh (identity) module: output moved by the input PE:",
+    not torch.allclose(fresh(plain + pe_in, F), fresh(plain, F)),
+)

@@ -26,7 +26,7 @@
 #   frame be)? Why causal padding, and what does "causal" not guarantee here? Why no transposed convolution in
 #   the upsampler? Why do tiles overlap and blend, what do seams cost, and what memory does tiling save? Is
 #   the `permute` in the original `DownsampleCausal3D` norm a bug?
-# - **CPU runtime**: about 30 s
+# - **CPU runtime**: about 70 s of CPU time
 #
 # The toy causal VAE (channels 16-32-64-64, 16 latent channels, 2.9M parameters; HunyuanVideo's has 246.5M)
 # was trained on 17-frame, 64 px toy clips by `scripts/train_causal_vae.py` (seed 0, about 45 minutes on one
@@ -50,7 +50,8 @@ from torch.nn import functional as F
 import anim_lab
 from anim_lab import causal_vae as CV
 from anim_lab import toy, viz
-from anim_lab.tiling import PeakMemory, TileSettings, tiled_decode
+from anim_lab.inspect import PeakMemory
+from anim_lab.tiling import TileSettings, tiled_decode
 from anim_lab.vae import psnr as image_psnr
 
 torch.manual_seed(0)
@@ -67,6 +68,8 @@ print(f"anim_lab {anim_lab.__version__}, torch {torch.__version__}, diffusers {d
 #   ahead.
 # - A **causal** convolution pads k−1 = 2 frames *in front* (copies of frame 0, "replicate") and none behind,
 #   so output frame t sees input frames t−2, t−1, t only. Space is padded symmetrically, also by replication.
+#   In time, for a kernel $w_0, \dots, w_{k-1}$:
+#   $$y_t = \sum_{j=0}^{k-1} w_j\, x_{\max(t - j,\, 0)}$$
 # - Re-derive it with `F.pad` + `F.conv3d` and compare with `CV.CausalConv3d`.
 
 # %%
@@ -99,9 +102,12 @@ print(
 # %% [markdown]
 # ## 2. The causal VAE: 4n+1 frames and a first frame apart
 #
-# - The encoder halves time twice with *strided causal* convolutions: T → (T−1)//2+1 → (T−1)//4+1. The
-#   decoder's upsamplers do the inverse, 1 + 2(T−1) each. So 4k+1 frames round-trip exactly; other lengths are
-#   refused.
+# - The encoder halves time twice with *strided causal* convolutions, the decoder's upsamplers double it back
+#   except for the first frame:
+#   $$T_\text{lat} = \left\lfloor \frac{T - 1}{4} \right\rfloor + 1, \qquad
+#   T_\text{out} = 4\,(T_\text{lat} - 1) + 1$$
+#   (each stage: $T \to \lfloor (T-1)/2 \rfloor + 1$ down, $T \to 2(T-1) + 1$ up). So $T = 4k + 1$
+#   frames round-trip exactly; other lengths are refused.
 # - The library equals diffusers' `AutoencoderKLHunyuanVideo` (same keys, loaded strictly;
 #   `tests/test_causal_vae.py` checks T = 1, 5, 9, 17 to 1e-5). Check it once more here on the trained
 #   weights, at 17 frames.
@@ -342,6 +348,41 @@ print("transposed conv on a constant, values:", checker[2:-2, 2:-2].unique().tol
 print("nearest + conv on a constant, values: ", smooth.unique().tolist())
 
 # %% [markdown]
+# Is it the odd kernel? A stride-2 transposed convolution with kernel $k$ gives each output
+# $\lceil k/2 \rceil$ or $\lfloor k/2 \rfloor$ contributions, alternating with the output's parity. With
+# kernels 2 and 4 (divisible by the stride) the overlap is even: on a constant with an all-ones kernel, the
+# interior is flat. But the kernel taps that reach even and odd outputs are different weights; unless
+# training makes their sums equal, a constant still comes out as a period-2 pattern. Random kernels, three
+# sizes:
+
+# %%
+for k in (2, 3, 4):
+    tc = nn.ConvTranspose2d(1, 1, k, stride=2, padding=(k - 1) // 2, bias=False)
+    with torch.no_grad():
+        nn.init.ones_(tc.weight)
+        ones_out = tc(const)[0, 0, 2:-2, 2:-2]  # the interior, away from the borders
+        torch.manual_seed(k)
+        nn.init.normal_(tc.weight)
+        rand_out = tc(const)[0, 0, 2:-2, 2:-2]
+    spread = (rand_out.max() - rand_out.min()) / rand_out.abs().mean()
+    print(
+        f"kernel {k}: ones kernel -> interior values {sorted(set(ones_out.flatten().tolist()))}; "
+        f"random kernel -> {len(rand_out.round(decimals=4).unique())} distinct values, "
+        f"spread/mean {spread:.1f}"
+    )
+up_nearest = nn.Conv2d(1, 1, 3, padding=1, padding_mode="replicate", bias=False)
+with torch.no_grad():
+    nn.init.normal_(up_nearest.weight)
+    near = up_nearest(F.interpolate(const, scale_factor=2, mode="nearest"))[0, 0]
+print("nearest + random 3x3 conv on a constant: distinct values", len(near.round(decimals=4).unique()))
+
+# %% [markdown]
+# - Kernel 3 (odd): uneven overlap, a checkerboard even with equal weights.
+# - Kernels 2 and 4 (divisible by the stride): even overlap, flat with equal weights; with random weights each
+#   output parity sums a different subset of taps, so the constant still becomes a 2 × 2 pattern (4 values).
+# - Nearest upsampling followed by a convolution applies *the same* kernel at every output pixel: a constant
+#   stays a constant (1 value, replicate padding keeps even the borders flat), whatever the weights.
+#
 # In time the same unevenness is **flicker**, and the transposed kernel also reaches *backwards*: latent frame
 # t writes into output frame 2t−1, which belongs to the previous latent's frames (2t−2, 2t−1) in a 2T-frame
 # layout. The library's upsampler (nearest, first frame apart, then a causal conv) does neither.
@@ -568,7 +609,7 @@ print("on an image: a LayerNorm over channels at each pixel (matches F.layer_nor
 with torch.device("meta"):
     full_keys = list(CV.CausalVAE(**CV.CAUSAL_VAE_HUNYUAN).state_dict())
 print(
-    "released checkpoint layout has a downsampler norm:",
+    "anim_lab's full-size CausalVAE (HunyuanVideo config, meta device) has a downsampler norm key:",
     any("downsamplers" in k and "norm" in k for k in full_keys),
 )
 
@@ -576,9 +617,12 @@ print(
 # - The line was written for 4-D image tensors (B, C, H, W) → (B, H, W, C): the channels-last LayerNorm of the
 #   2-D `Downsample2D` it was copied from. On a 5-D video it **raises**; T does not "disappear", the call
 #   fails.
-# - It is **dead code**: the norm is off (`norm_type=None`) in every HunyuanVideo config, the released weights
-#   have no downsampler norm keys (above) and diffusers dropped the branch. A bug that never runs; a 5-D
-#   version would be `rearrange(h, "b c t h w -> b t h w c")`, norm, and back.
+# - It is **dead code**: the norm is off (`norm_type=None`) in every HunyuanVideo config, so a model built
+#   from that config has no downsampler norm, and neither can weights saved from it; diffusers dropped the
+#   branch. What the check above reads is **`anim_lab`'s own full-size model**, built on the meta device from
+#   HunyuanVideo's config (its keys are diffusers' `AutoencoderKLHunyuanVideo` keys, loaded strictly in
+#   `tests/test_causal_vae.py`); the released checkpoint file itself is not opened here. A bug that never
+#   runs; a 5-D version would be `rearrange(h, "b c t h w -> b t h w c")`, norm, and back.
 #
 # ## Summary
 #
@@ -598,13 +642,105 @@ print(
 #
 # 1. Encode 18 frames: the library refuses. What does diffusers do with 18 (and with 6 or 8) frames? Which
 #    frames are silently dropped?
-# 2. Replace every GroupNorm in a *fresh* `CausalVAE` by the per-frame version (a hook as in section 3) and
-#    check that `encode(frame 0 alone)` equals latent 0 of the clip exactly. What would training need to
-#    change?
-# 3. Write a tile layout whose last tile is shifted back to end exactly at the frame's edge (all tiles full
-#    size, the last overlap larger), and compare its seam PSNR with the 64/48 layout of section 5.
+# 2. Switch the trained encoder's GroupNorms to per-frame statistics (the hook of section 2) and check that
+#    `encode(frame 0 alone)` equals latent 0 of the clip exactly. What would training need to change?
+# 3. At 128 px, tiles of 64 with stride 48 leave 32-px slivers at the end. Decode with all tiles full size
+#    (the last one shifted back to end at the edge, overlaps averaged) and compare its PSNR against the
+#    untiled decode with the 64/48 layout of section 5.
 # 4. In `anim_lab.tiling`, temporal *encoding* blends over `(16 − 12) / 4 = 1` latent frame. What does a
-#    1-wide linear ramp actually do (look at its weights)? Propose a better encode overlap and measure its
-#    seam PSNR.
-# 5. Measure the compute overhead of spatial tiling (time, tiled / untiled) for overlaps of 0, 12.5%, 25% and
-#    50%, and plot it next to the seam PSNR: where would you set the default?
+#    1-wide linear ramp actually do (look at its weights)? Try a larger encode overlap and measure the latent
+#    error against the untiled encode.
+# 5. What does spatial overlap cost? Count the decoded area (tiles × tile area / frame area) for overlaps of
+#    0, 25% and 50% at 64-px tiles on a 128-px frame, next to the seam PSNR.
+#
+# ## Solutions
+#
+# **1.** diffusers computes the latent length with the same floor, $\lfloor (T-1)/4 \rfloor + 1$, and never
+# checks $T$: the leftover frames are encoded into nothing.
+
+# %%
+with torch.no_grad():
+    for t in (18, 6, 8):
+        frames_in = torch.zeros(1, 3, t, 16, 16)
+        lat_t = ref.encode(frames_in).latent_dist.mean.shape[2]
+        out_t = ref.decode(ref.encode(frames_in).latent_dist.mean).sample.shape[2]
+        print(
+            f"diffusers: {t} frames -> {lat_t} latent frames -> {out_t} frames; lost: {list(range(out_t, t))}"
+        )
+
+# %% [markdown]
+# **2.** With per-frame statistics and no mid attention the encoder is causal in its numbers too:
+
+# %%
+with torch.no_grad(), PerFrameNorms():
+    latent0_alone = vae.encode(video[:, :, :1]).mean[:, :, 0]
+    latent0_clip = vae.encode(video).mean[:, :, 0]
+print(
+    "per-frame norms: encode(frame 0 alone) == latent 0 of the clip:",
+    torch.allclose(latent0_alone, latent0_clip, atol=1e-5),
+)
+
+# %% [markdown]
+# Training would have to use the same per-frame norms (the trained weights expect clip-wide statistics), and
+# the mid-block attention would need a causal mask over frames.
+#
+# **3.** Tile starts with diffusers' loop, and a layout whose last tile ends at the edge (in latents: tiles of
+# 8, frame of 16):
+
+
+# %%
+def shifted_decode(z, tile=8, starts=(0, 6, 8)):  # (1, C, T, 16, 16) latents -> (1, 3, T', 128, 128)
+    out = torch.zeros(1, 3, 4 * (z.shape[2] - 1) + 1, 8 * z.shape[3], 8 * z.shape[4])
+    count = torch.zeros_like(out)
+    for i in starts:
+        for j in starts:
+            out[..., 8 * i : 8 * (i + tile), 8 * j : 8 * (j + tile)] += vae.decode(
+                z[..., i : i + tile, j : j + tile]
+            )
+            count[..., 8 * i : 8 * (i + tile), 8 * j : 8 * (j + tile)] += 1
+    return out / count  # overlaps averaged
+
+
+print(
+    "diffusers' loop, 64/48 at 128 px, tile starts and widths:",
+    [(s, min(64, 128 - s)) for s in range(0, 128, 48)],
+)
+with torch.no_grad():
+    shifted = shifted_decode(z128)
+print(f"64/48 (slivers) vs untiled: {psnr(tiled['25% overlap + blend (64/48)'], full).item():.1f} dB")
+print(f"all tiles 64 px (starts 0, 48, 64) vs untiled: {psnr(shifted, full).item():.1f} dB")
+
+# %% [markdown]
+# **4.** The ramp's weights are $y/E$ for $y < E$: with $E = 1$ the only weight is 0, so the new window's
+# first kept latent is *replaced* by the previous window's; no blending happens, just a cut one latent later.
+# A stride of 8 frames gives $E = 2$ (weights 0, 0.5):
+
+# %%
+print("ramp weights, E=1:", (torch.arange(1) / 1).tolist(), " E=2:", (torch.arange(2) / 2).tolist())
+with torch.no_grad():
+    for stride in (12, 8):
+        tiles_t = TileSettings(spatial=False, tile_sample_stride_num_frames=stride)
+        z_tiled = vae.encode(video33, tiling=tiles_t).mean
+        print(
+            f"encode windows 16/{stride}: latent error vs untiled "
+            f"{100 * rel(z_tiled, z33):.1f}% (relative L2)"
+        )
+
+# %% [markdown]
+# **5.** Decoded area grows quickly with the overlap, and so does the compute:
+
+# %%
+for stride in (64, 48, 32):
+    starts = range(0, 128, stride)
+    area = sum(min(64, 128 - a) * min(64, 128 - b) for a in starts for b in starts) / 128**2
+    with torch.no_grad():
+        seam = psnr(
+            vae.decode(z128, tiling=TileSettings(64, 64, stride, stride, temporal=False)), full
+        ).item()
+    print(f"overlap {(64 - stride) / 64:.0%}: decoded area x{area:.2f}, seam PSNR vs untiled {seam:.1f} dB")
+
+# %% [markdown]
+# The decoded area (and with it the compute) grows fast: ×1.56 at 25% overlap, ×3 at 50%. The seam PSNR is
+# not monotonic here because of the slivers of solution 3: at 128 px both overlapped layouts end with thin
+# tiles. A default should pick the overlap *and* a layout without slivers; diffusers' 25% is a fair compromise
+# on large frames, where the last tile is a small part of the image.
