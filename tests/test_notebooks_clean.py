@@ -21,7 +21,7 @@ ABSOLUTE_PATH = re.compile(
     r"(?<![\w.~])/(?:home|root|tmp|work|Users|usr|opt|var|private|mnt|srv|data|nix|etc)/\S*"
     r"|~\w*/\S+"
     r"|\b[A-Za-z]:\\\S+"
-    r"|\S*site-packages\S*"
+    r"|site-packages\S*"  # from the keyword on: a leading \S* backtracks quadratically over base64 data
 )
 
 
