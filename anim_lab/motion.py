@@ -18,6 +18,10 @@ Key names equal the official checkpoints' (``motion_module.pth``, AnimateDiff ``
 ``temporal_transformer.{norm, proj_in, proj_out, transformer_blocks.0.{attention_blocks.{0,1}.{to_q, to_k,
 to_v, to_out.0, pos_encoder.pe}, norms.{0,1}, ff.net.0.proj, ff.net.2, ff_norm}}``: 28 keys per module.
 
+Each temporal attention is a plain diffusers ``Attention`` whose processor (``TemporalAttnProcessor``) does the
+frame-axis rearrangement and the position encoding; the UNets select processors by module name
+(``VideoUNet.set_attn_processor``), so the motion modules' attentions are never mistaken for spatial ones.
+
 Position-encoding buffers: kept, as persistent buffers ``pos_encoder.pe`` of shape (1, max_len, C), because
 the official checkpoints contain them and a strict load should then pass. They are a fixed formula, not
 learned; a checkpoint converted to diffusers' layout drops them, and
@@ -34,7 +38,7 @@ import math
 
 import torch
 from diffusers.models.attention import FeedForward
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from einops import rearrange
 from torch import nn
 
@@ -45,7 +49,8 @@ __all__ = [
     "MOTION_TINY",
     "sinusoidal_position_encoding",
     "PositionalEncoding",
-    "TemporalAttention",
+    "TemporalAttnProcessor",
+    "temporal_attention",
     "TemporalTransformerBlock",
     "TemporalTransformer",
     "MotionModule",
@@ -101,31 +106,57 @@ class PositionalEncoding(nn.Module):
         return x + self.pe[:, :num_frames].to(x.dtype)  # (B*HW, F, C) + (1, F, C)
 
 
-class TemporalAttention(Attention):
-    """diffusers' ``Attention`` (to_q/to_k/to_v without bias, to_out.0, SDPA processor) along the frame axis.
+class TemporalAttnProcessor:
+    """The attention processor of a motion module's ``Attention``: self-attention along the frame axis.
 
-    A subclass rather than a wrapper so the keys stay ``attention_blocks.i.to_q`` as in the checkpoints.
+    ``attn(hidden_states (B*F, HW, C), num_frames=F)``: every spatial position becomes a sequence of F frames,
+    gets the sinusoidal position encoding (``attn.pos_encoder``, when present) and runs diffusers'
+    ``AttnProcessor2_0`` (torch's scaled_dot_product_attention). ``num_frames`` is an argument of this call,
+    not a ``cross_attention_kwargs`` entry of the UNet, so the spatial attentions never see it.
     """
 
-    def __init__(self, dim: int, num_attention_heads: int, max_len: int | None):
-        super().__init__(
-            query_dim=dim, heads=num_attention_heads, dim_head=dim // num_attention_heads, bias=False
-        )
-        self.pos_encoder = PositionalEncoding(dim, max_len) if max_len else None
+    def __init__(self):
+        self.attention = AttnProcessor2_0()
 
-    def forward(self, hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        num_frames: int | None = None,
+    ) -> torch.Tensor:
+        if num_frames is None or encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError(
+                "a temporal attention is self-attention over frames: call it as attn(hidden_states, "
+                "num_frames=F), without encoder_hidden_states or attention_mask"
+            )
         hw = hidden_states.shape[1]
         # (B*F, HW, C) -> (B*HW, F, C): every spatial position becomes a sequence over frames
         x = rearrange(hidden_states, "(b f) d c -> (b d) f c", f=num_frames)
-        if self.pos_encoder is not None:
-            x = self.pos_encoder(x)
-        x = super().forward(x)  # self-attention over F tokens, (B*HW, F, C)
-        # (B*HW, F, C) -> (B*F, HW, C)
-        return rearrange(x, "(b d) f c -> (b f) d c", d=hw)
+        if getattr(attn, "pos_encoder", None) is not None:
+            x = attn.pos_encoder(x)  # + pe[:F]: queries, keys and values carry the frame index
+        x = self.attention(attn, x)  # self-attention over F tokens, (B*HW, F, C)
+        return rearrange(x, "(b d) f c -> (b f) d c", d=hw)  # (B*HW, F, C) -> (B*F, HW, C)
+
+
+def temporal_attention(dim: int, num_attention_heads: int, max_len: int | None) -> Attention:
+    """A plain diffusers ``Attention`` (to_q/to_k/to_v without bias, to_out.0), ``TemporalAttnProcessor``
+    and, when ``max_len`` is given, a ``pos_encoder`` child: the keys stay ``attention_blocks.i.to_q`` ...
+    ``attention_blocks.i.pos_encoder.pe``, as in the official checkpoints."""
+    attn = Attention(
+        query_dim=dim,
+        heads=num_attention_heads,
+        dim_head=dim // num_attention_heads,
+        bias=False,
+        processor=TemporalAttnProcessor(),
+    )
+    attn.pos_encoder = PositionalEncoding(dim, max_len) if max_len else None
+    return attn
 
 
 class TemporalTransformerBlock(nn.Module):
-    """h = h + TemporalAttention_i(LayerNorm_i(h)) for each attention block, then h = h + FF(LayerNorm(h))."""
+    """h = h + temporal attention_i(LayerNorm_i(h)) for each attention block, then h += FF(LayerNorm(h))."""
 
     def __init__(
         self, dim: int, num_attention_heads: int, attention_block_types: tuple[str, ...], max_len: int | None
@@ -137,7 +168,7 @@ class TemporalTransformerBlock(nn.Module):
                     f"only 'Temporal_Self' attention blocks are supported (as in all AA configs), got {t!r}"
                 )
         self.attention_blocks = nn.ModuleList(
-            [TemporalAttention(dim, num_attention_heads, max_len) for _ in attention_block_types]
+            [temporal_attention(dim, num_attention_heads, max_len) for _ in attention_block_types]
         )
         self.norms = nn.ModuleList([nn.LayerNorm(dim) for _ in attention_block_types])
         self.ff = FeedForward(dim, activation_fn="geglu")  # net.0.proj: C -> 2*4C, net.2: 4C -> C
@@ -145,7 +176,9 @@ class TemporalTransformerBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
         for attention, norm in zip(self.attention_blocks, self.norms, strict=True):
-            hidden_states = attention(norm(hidden_states), num_frames) + hidden_states  # (B*F, HW, C)
+            hidden_states = (
+                attention(norm(hidden_states), num_frames=num_frames) + hidden_states
+            )  # (B*F, HW, C)
         return self.ff(self.ff_norm(hidden_states)) + hidden_states  # (B*F, HW, C)
 
 

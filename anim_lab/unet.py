@@ -30,10 +30,12 @@ VideoUNet(SD15.unet, MOTION_SD15)``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
 from einops import rearrange, repeat
 from torch import nn
 
@@ -107,6 +109,39 @@ class _UNetBody(nn.Module):
         """(name, module) of every motion module, in state-dict order."""
         return [(n, m) for n, m in self.named_modules() if isinstance(m, MotionModule)]
 
+    # --- attention processors ----------------------------------------------------------------------
+    @property
+    def attn_processors(self) -> dict[str, object]:
+        """Every attention's processor, keyed as diffusers keys them: ``"<module name>.processor"``.
+
+        Spatial attentions (``...transformer_blocks.0.attn1`` self-attention, ``attn2`` cross-attention to the
+        CLIP tokens) run ``AttnProcessor2_0``; the motion modules' temporal ones
+        (``...motion_modules.i...attention_blocks.j``) run ``TemporalAttnProcessor``."""
+        return {f"{n}.processor": m.processor for n, m in self.named_modules() if isinstance(m, Attention)}
+
+    def set_attn_processor(self, processor) -> None:
+        """Set processors by module name, as diffusers' ``set_attn_processor`` does, but for any subset.
+
+        ``processor``: a dict ``{name: processor}`` whose names are attention module names (with or without
+        diffusers' ``.processor`` suffix), e.g. ``{"mid_block.attentions.0.transformer_blocks.0.attn1": p}``;
+        or one processor, which goes to every *spatial* attention (attn1 and attn2) -- the motion modules'
+        temporal attentions keep theirs (a spatial processor would attend over pixels instead of frames), set
+        them by name. An unknown name raises and changes nothing."""
+        attentions = {n: m for n, m in self.named_modules() if isinstance(m, Attention)}
+        if isinstance(processor, dict):
+            chosen = {name.removesuffix(".processor"): p for name, p in processor.items()}
+            unknown = sorted(set(chosen) - set(attentions))
+            if unknown:
+                raise ValueError(
+                    f"no attention named {unknown[:3]}{' ...' if len(unknown) > 3 else ''} in this UNet; "
+                    "see .attn_processors for the names (e.g. "
+                    f"{next(iter(attentions), '')!r})"
+                )
+        else:
+            chosen = {n: processor for n in attentions if MOTION_KEY not in n}
+        for name, p in chosen.items():
+            attentions[name].set_processor(p)
+
     # --- inputs ------------------------------------------------------------------------------------
     def _time_embedding(
         self, timestep, batch_size: int, sample: torch.Tensor, num_frames: int = 1
@@ -125,8 +160,21 @@ class _UNetBody(nn.Module):
         return self.time_embedding(t_emb)  # (B*F, C0) -> (B*F, 4*C0)
 
     # --- the walk ----------------------------------------------------------------------------------
-    def _walk(self, h, temb, encoder_hidden_states, num_frames, cross_attention_kwargs=None):
-        """Down, mid and up blocks on per-frame features h (B*F, C0, H, W) -> (B*F, C0, H, W)."""
+    def _walk(
+        self,
+        h: torch.Tensor,
+        temb: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        num_frames: int,
+        cross_attention_kwargs: dict | None = None,
+        down_block_additional_features: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Down, mid and up blocks on per-frame features h (B*F, C0, H, W) -> (B*F, C0, H, W).
+
+        ``down_block_additional_features``: one tensor per down block, (B*F, C_k, h_k, w_k), added to the main
+        path after down block k (after its downsampler), as AniPortrait adds its pose features fea[k+1]; the
+        skips already taken are left unchanged. Checked by the caller (``_pose_features``).
+        """
 
         def transformer(attn, x):
             return attn(
@@ -137,7 +185,7 @@ class _UNetBody(nn.Module):
             )[0]
 
         skips = [h]  # every down-path output, consumed last-in-first-out by the up path
-        for block in self.down_blocks:
+        for k, block in enumerate(self.down_blocks):
             attentions = getattr(block, "attentions", None)
             motion = getattr(block, "motion_modules", None)
             for i, resnet in enumerate(block.resnets):
@@ -151,6 +199,8 @@ class _UNetBody(nn.Module):
                 for down in block.downsamplers:
                     h = down(h)  # (B*F, C, h, w) -> (B*F, C, h/2, w/2)
                 skips.append(h)
+            if down_block_additional_features is not None:
+                h = h + down_block_additional_features[k]  # main path only: the skips above keep h without it
 
         mid = self.mid_block
         motion = getattr(mid, "motion_modules", None)
@@ -197,9 +247,16 @@ class VideoUNet(_UNetBody):
         sample: torch.Tensor,
         timestep,
         encoder_hidden_states: torch.Tensor,
-        pose_cond_fea: torch.Tensor | None = None,
+        pose_cond_fea: torch.Tensor | Sequence[torch.Tensor] | None = None,
         cross_attention_kwargs: dict | None = None,
     ) -> torch.Tensor:
+        """sample (B, 4, F, H, W), timestep, encoder_hidden_states (B, N, D) / (B*F, N, D) -> (B, 4, F, H, W).
+
+        ``pose_cond_fea``: one tensor (B, C0, F, H, W), added after ``conv_in`` (AnimateAnyone's PoseGuider,
+        Hallo's face locator), or a list of 1 + len(down_blocks) tensors (AniPortrait's multi-scale guider):
+        [0] added after ``conv_in``, [k] added to the main path after down block k (shapes in
+        ``pose_feature_shapes``). ``cross_attention_kwargs`` go to every spatial attention, as in diffusers.
+        """
         if sample.ndim != 5:
             raise ValueError(
                 f"VideoUNet takes a video latent (B, C, F, H, W), got shape {tuple(sample.shape)}; "
@@ -221,20 +278,63 @@ class VideoUNet(_UNetBody):
         if n_rows != batch * num_frames:
             encoder_hidden_states = repeat(encoder_hidden_states, "b n d -> (b f) n d", f=num_frames)
 
+        pose_in, pose_after_down = self._pose_features(pose_cond_fea, batch, num_frames, height, width)
         h = self.conv_in(h)  # (B*F, 4, H, W) -> (B*F, C0, H, W)
-        if pose_cond_fea is not None:
-            expected = (batch, h.shape[1], num_frames, height, width)
-            if tuple(pose_cond_fea.shape) != expected:
-                raise ValueError(
-                    f"pose_cond_fea must have shape (B, C0, F, H, W) = {expected} (the pose guider's output "
-                    f"on the latent grid), got {tuple(pose_cond_fea.shape)}"
-                )
-            h = h + rearrange(pose_cond_fea, "b c f h w -> (b f) c h w")  # added once, after conv_in
+        if pose_in is not None:
+            h = h + pose_in  # added once, after conv_in (before the first skip is taken)
 
-        h = self._walk(h, temb, encoder_hidden_states, num_frames, cross_attention_kwargs)  # (B*F, C0, H, W)
+        h = self._walk(
+            h, temb, encoder_hidden_states, num_frames, cross_attention_kwargs, pose_after_down
+        )  # (B*F, C0, H, W)
 
         h = self.conv_out(self.conv_act(self.conv_norm_out(h)))  # (B*F, C0, H, W) -> (B*F, 4, H, W)
         return rearrange(h, "(b f) c h w -> b c f h w", f=num_frames)  # -> (B, 4, F, H, W)
+
+    # --- pose features -----------------------------------------------------------------------------
+    def pose_feature_shapes(
+        self, batch: int, num_frames: int, height: int, width: int
+    ) -> list[tuple[int, int, int, int, int]]:
+        """The shapes of the multi-scale pose features for a latent (B, 4, F, H, W): [0] ``conv_in``'s output
+        (B, C0, F, H, W), [k] the output of down block k-1 (its last resnet's width, after its downsampler).
+        SD1.5 at 64x64: 320@64, 320@32, 640@16, 1280@8, 1280@8 -- AniPortrait's fea[0..4]."""
+        shapes = [(batch, self.conv_in.out_channels, num_frames, height, width)]
+        for block in self.down_blocks:
+            if block.downsamplers is not None:  # stride-2 conv, padding 1: ceil(h / 2)
+                height, width = (height + 1) // 2, (width + 1) // 2
+            shapes.append((batch, block.resnets[-1].out_channels, num_frames, height, width))
+        return shapes
+
+    def _pose_features(
+        self,
+        pose_cond_fea: torch.Tensor | Sequence[torch.Tensor] | None,
+        batch: int,
+        num_frames: int,
+        height: int,
+        width: int,
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
+        """Check pose_cond_fea -> (the conv_in addition (B*F, C0, H, W) or None, the per-down-block additions
+        [(B*F, C_k, h_k, w_k)] or None)."""
+        if pose_cond_fea is None:
+            return None, None
+        expected = self.pose_feature_shapes(batch, num_frames, height, width)
+        multi = not isinstance(pose_cond_fea, torch.Tensor)
+        features = list(pose_cond_fea) if multi else [pose_cond_fea]
+        if multi and len(features) != len(expected):
+            raise ValueError(
+                f"pose_cond_fea as a list needs {len(expected)} tensors (one after conv_in, one after "
+                f"each of the {len(expected) - 1} down blocks) with shapes {expected}; got {len(features)}"
+            )
+        wanted = expected[: len(features)]
+        got = [tuple(f.shape) for f in features]
+        if got != wanted:
+            what = "pose_cond_fea (multi-scale)" if multi else "pose_cond_fea (B, C0, F, H, W)"
+            raise ValueError(
+                f"{what} must have shapes {wanted if multi else wanted[0]} (the pose guider's output for "
+                f"this latent); got {got if multi else got[0]}"
+            )
+        # (B, C_k, F, h_k, w_k) -> (B*F, C_k, h_k, w_k): the per-frame layout of the walk
+        per_frame = [rearrange(f, "b c f h w -> (b f) c h w") for f in features]
+        return per_frame[0], (per_frame[1:] if multi else None)
 
     # --- weights -----------------------------------------------------------------------------------
     def load_2d_weights(self, state_dict: dict[str, torch.Tensor], assign: bool = False) -> None:

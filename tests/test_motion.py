@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from einops import rearrange
 from torch import nn
@@ -12,6 +13,7 @@ from anim_lab.motion import (
     MOTION_SD15,
     MOTION_TINY,
     MotionModule,
+    TemporalAttnProcessor,
     motion_module_kwargs,
     sinusoidal_position_encoding,
 )
@@ -221,3 +223,17 @@ def test_motion_presets():
     # 28 keys per module, as in motion_module.pth
     with torch.device("meta"):
         assert len(MotionModule(320, **motion_module_kwargs(MOTION_SD15)).state_dict()) == 28
+
+
+def test_temporal_attention_is_a_plain_attention_with_a_processor(module, video):
+    attn = module.temporal_transformer.transformer_blocks[0].attention_blocks[0]
+    assert type(attn) is Attention and isinstance(attn.processor, TemporalAttnProcessor)
+    names = [n for n, _ in attn.named_buffers()]
+    assert names == ["pos_encoder.pe"]  # the checkpoints' key, attention_blocks.i.pos_encoder.pe
+    seq = rearrange(video, "bf c h w -> bf (h w) c")  # (B*F, HW, C)
+    # the processor equals diffusers' own processor run on (B*HW, F, C) sequences with the PE added
+    frames = rearrange(seq, "(b f) d c -> (b d) f c", f=F) + sinusoidal_position_encoding(MAX_LEN, C)[:, :F]
+    plain = AttnProcessor2_0()(attn, frames)
+    torch.testing.assert_close(attn(seq, num_frames=F), rearrange(plain, "(b d) f c -> (b f) d c", b=B))
+    with pytest.raises(ValueError, match=r"attn\(hidden_states, num_frames=F\)"):
+        attn(seq)

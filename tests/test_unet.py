@@ -1,13 +1,16 @@
 """The video UNet and the reference UNet against diffusers' UNet2DConditionModel, and their keys against the
 official checkpoints' key lists (SD15 size, meta device)."""
 
+from collections import Counter
+
 import pytest
 import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
 from einops import rearrange, repeat
 from keylists import CHECKPOINT_KEYS, read_key_list
 
 from anim_lab.configs import SD15, TINY
-from anim_lab.motion import MOTION_SD15, MOTION_TINY, MotionModule
+from anim_lab.motion import MOTION_SD15, MOTION_TINY, MotionModule, TemporalAttnProcessor
 from anim_lab.unet import ReferenceUNet, VideoUNet, build_unet2d
 
 B, F, S = 2, 3, 16  # 2 videos of 3 frames, 16x16 latents (TINY: 16 -> 8 -> 4 -> 2)
@@ -196,9 +199,12 @@ def test_sd15_keys_and_shapes_equal_the_official_checkpoints(sd15):
     # dict
     with torch.device("meta"):
         assert shapes(build_unet2d(SD15.unet)) == shapes(stage1)
-    # every attention, spatial and temporal, runs through torch's scaled_dot_product_attention
-    processors = {type(m.processor).__name__ for m in denoiser.modules() if hasattr(m, "processor")}
-    assert processors == {"AttnProcessor2_0"}
+    # every attention, spatial and temporal, runs through torch's scaled_dot_product_attention: the 32
+    # spatial ones (attn1, attn2 of 16 transformer blocks) with diffusers' processor, the 42 temporal ones
+    # (2 per motion module) with the motion module's, which attends along frames
+    processors = Counter(type(p).__name__ for p in denoiser.attn_processors.values())
+    assert processors == {"AttnProcessor2_0": 32, "TemporalAttnProcessor": 42}
+    assert Counter(type(p).__name__ for p in reference.attn_processors.values()) == {"AttnProcessor2_0": 32}
     # transformer blocks stay reachable by name (reference attention pairs them by name)
     blocks = [n for n, _ in reference.named_modules() if n.endswith("transformer_blocks.0")]
     assert len(blocks) == 16 and "down_blocks.0.attentions.0.transformer_blocks.0" in blocks
@@ -245,6 +251,53 @@ def test_bad_inputs(models, inputs):
         VideoUNet(dict(TINY.unet, class_embed_type="timestep"))
     with pytest.raises(ValueError, match="without motion modules"):
         VideoUNet(TINY.unet).load_motion_modules({})
+
+
+class CountingProcessor(AttnProcessor2_0):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        self.calls += 1
+        return super().__call__(attn, hidden_states, *args, **kwargs)
+
+
+def test_attention_processors_by_module_name(models, inputs):
+    video, _ = models
+    awake = VideoUNet(TINY.unet, MOTION_TINY).eval()
+    awake.load_state_dict(video.state_dict())
+    wake_motion_modules(awake)
+    before = awake.attn_processors
+    names = list(before)
+    assert len(names) == 2 * 10 + 2 * 13  # TINY: 10 transformer blocks (attn1, attn2), 13 motion modules x 2
+    assert "mid_block.attentions.0.transformer_blocks.0.attn1.processor" in names
+    assert (
+        "mid_block.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.1.processor"
+        in (names)
+    )
+    with torch.no_grad():
+        plain = awake(*inputs)
+        # one processor by name: only that attention calls it
+        counter = CountingProcessor()
+        awake.set_attn_processor({"up_blocks.1.attentions.0.transformer_blocks.0.attn1": counter})
+        assert torch.equal(awake(*inputs), plain) and counter.calls == 1
+        # one processor for all: every spatial attention, never the temporal ones
+        counter = CountingProcessor()
+        awake.set_attn_processor(counter)
+        assert torch.equal(awake(*inputs), plain) and counter.calls == 20
+        assert sum(isinstance(p, TemporalAttnProcessor) for p in awake.attn_processors.values()) == 26
+        awake.set_attn_processor(before)  # diffusers' dict with ".processor" keys restores everything
+    assert awake.attn_processors == before
+    with pytest.raises(ValueError, match=r"no attention named \['down_blocks.0.attn1'\]"):
+        awake.set_attn_processor({"down_blocks.0.attn1": AttnProcessor2_0()})
+
+
+def test_no_warnings_from_the_attentions(models, inputs, caplog):
+    video, _ = models
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        video(*inputs)
+    assert caplog.records == []
 
 
 @pytest.mark.gpu
