@@ -266,3 +266,30 @@ def get_preset(name: str | Preset) -> Preset:
         return PRESETS[name.upper()]
     except KeyError:
         raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+# --- Pose guiders beyond AnimateAnyone's (kwargs; not Preset fields) ---------------------------------------
+# AniPortrait's multi-scale PoseGuider (anim_lab.pose_guider.PoseGuiderMultiScale), as released: 167.5M
+# parameters. Its features have the widths of the UNet after conv_in and after each down block, so
+# block_out_channels is the UNet's.
+POSE_GUIDER_MULTISCALE_SD15 = dict(
+    conditioning_channels=3,
+    trunk_channels=(16, 32, 64, 128),
+    block_out_channels=_SD15_UNET["block_out_channels"],
+    num_attention_heads=16,
+    attention_head_dim=88,  # Transformer2DModel's defaults: proj_in widens every level to 1408 channels
+    norm_num_groups=32,
+)
+POSE_GUIDER_MULTISCALE_TINY = dict(
+    POSE_GUIDER_MULTISCALE_SD15,
+    trunk_channels=(4, 8, 8, 16),
+    block_out_channels=TINY.unet["block_out_channels"],
+    num_attention_heads=2,
+    attention_head_dim=8,
+    norm_num_groups=TINY.unet["norm_num_groups"],
+)
+# Hallo's FaceLocator: AnimateAnyone's PoseGuider class with the class-default widths, on a face-box mask.
+FACE_LOCATOR_SD15 = dict(
+    conditioning_channels=3, block_out_channels=(16, 32, 64, 128), conditioning_embedding_channels=320
+)
+__all__ += ["POSE_GUIDER_MULTISCALE_SD15", "POSE_GUIDER_MULTISCALE_TINY", "FACE_LOCATOR_SD15"]
