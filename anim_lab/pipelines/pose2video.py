@@ -1,0 +1,671 @@
+"""Pose2Video: a reference portrait and a driving pose sequence in, a video out (AnimateAnyone / AniPortrait).
+
+The denoising loop follows Moore-AnimateAnyone's ``pipeline_pose2vid_long.py`` in order:
+
+    CLIP tokens of the reference image (one token; the unconditional tokens are zeros)
+    reference latents = VAE mean x scaling factor
+    pose features for the whole sequence (the guider works per frame, so slicing them per window is exact)
+    initial noise (1, 4, F, h, w) from the generator
+    ReferenceNet once, at t = 0, on the reference latents -> the bank (its self-attention inputs)
+    for each timestep t:
+        for each batch of context windows (wrap-around, closed loop):
+            latents of the windows -> CFG batch [uncond rows, cond rows]
+            denoising UNet; its spatial self-attention reads the bank in the cond rows only
+            add the prediction into noise_pred[:, :, window], count the frames
+        noise_pred / counter (the average over overlapping windows), then guidance
+        scheduler.step
+    VAE decode, a chunk of frames per call
+
+The pieces come from their own modules: reference attention from ``anim_lab.reference`` (the bank, read by
+the cond rows only), the windows and their averaging from ``anim_lab.context``, CFG and the official DDIM
+scheduler from ``anim_lab.guidance``. The pose guider is AnimateAnyone's ``PoseGuider`` (one feature map,
+added after ``conv_in``) or AniPortrait's ``PoseGuiderMultiScale`` (five, added after ``conv_in`` and after
+each down block; ``from_official(..., layout="aniportrait")``).
+
+What differs from the reference, and why (the output is the same to float rounding unless noted):
+
+- The ReferenceNet runs once on the *cond* row only. The reference runs it on ``[uncond, cond]``, but every
+  uncond row of the denoiser attends to itself alone, so the uncond half of the bank is never read.
+- The bank's keys and values are projected once per block for the whole request, not per step, window and
+  frame; the uncond rows never compute attention over the reference.
+- The pose features are computed once for the whole sequence with either guider. AniPortrait runs its
+  guider per window at every step; its guider works frame by frame (BatchNorm in eval mode, spatial
+  attention, the reference pose unused), so slicing the whole sequence's features gives the same numbers.
+- Several windows go through the denoiser in one batch (``context_batch_size``), each with its own prediction
+  (the reference adds the whole batch's prediction to every window of it: a bug, not reproduced).
+- Frames are decoded ``decode_chunk_size`` at a time (a 2D VAE decodes frames independently).
+- Without CFG the reference *sums* overlapping windows instead of averaging them, and it rounds the bank to
+  fp16 even in fp32 runs. Both are bugs; ``faithful=True`` reproduces them. (AniPortrait's [-1, 509] pose
+  range is not reproduced here: the pipeline gives both guiders [0, 1] poses, see ``anim_lab.pose_guider``.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+from einops import rearrange
+from safetensors.torch import save_file
+from transformers import CLIPVisionModelWithProjection
+
+from ..clip import ClipPreprocess, load_image_encoder
+from ..configs import POSE_GUIDER_MULTISCALE_SD15
+from ..context import batch_windows, context_windows, predict_in_windows
+from ..guidance import (
+    DDIM_ETA,
+    build_scheduler,
+    cfg_batch,
+    cfg_combine,
+    do_classifier_free_guidance,
+    set_timesteps,
+)
+from ..motion import MOTION_SD15
+from ..pose_guider import PoseGuider, PoseGuiderMultiScale
+from ..reference import reference_attention
+from ..unet import ReferenceUNet, VideoUNet
+from ..vae import load_vae
+from ..weights import KeyMismatchError, load_checkpoint, load_into, read_unet_config
+
+__all__ = [
+    "Pose2VideoPipeline",
+    "Pose2VideoPipelineOutput",
+    "save_video",
+    "OFFICIAL_LAYOUTS",
+]
+
+# The files of the official repositories' weight folders (README "pretrained_weights" / "pretrained_model").
+_BASE_UNET_DIRS = ("stable-diffusion-v1-5", "sd-image-variations-diffusers")
+OFFICIAL_LAYOUTS = {
+    "animate_anyone": "Moore-AnimateAnyone pretrained_weights/",
+    "aniportrait": "AniPortrait pretrained_model/",
+}
+_LAYOUT_TREE = """{root}
+|-- denoising_unet.pth
+|-- reference_unet.pth
+|-- pose_guider.pth            ({guider})
+|-- motion_module.pth          (or an AnimateDiff mm_sd_v15_v2.ckpt)
+|-- stable-diffusion-v1-5/     (or sd-image-variations-diffusers/)
+|   `-- unet/config.json
+|-- sd-vae-ft-mse/             (config.json + diffusion_pytorch_model.safetensors or .bin)
+`-- image_encoder/             (config.json + model.safetensors or pytorch_model.bin)
+(any .pth/.ckpt may be given as a .safetensors file of the same name instead; safetensors is preferred)"""
+
+_MODEL_INDEX = "model_index.json"
+_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+# --- output -------------------------------------------------------------------------------------------------
+@dataclass
+class Pose2VideoPipelineOutput(BaseOutput):
+    """``frames``: "pil" a list (batch) of lists of PIL images; "np" (B, F, H, W, 3) float in [0, 1];
+    "pt" (B, F, 3, H, W) float in [0, 1]; "latent" (B, 4, F, h, w)."""
+
+    frames: list | np.ndarray | torch.Tensor
+
+
+def _frames_to_uint8(frames) -> np.ndarray:
+    """Any pipeline output (or one video of it) -> (F, H, W, 3) uint8."""
+    if isinstance(frames, Pose2VideoPipelineOutput):
+        frames = frames.frames
+    if isinstance(frames, list) and frames and isinstance(frames[0], list):
+        frames = frames[0]  # the first video of a batch
+    if isinstance(frames, list):
+        if not frames or not all(isinstance(f, PIL.Image.Image) for f in frames):
+            raise ValueError("frames must be PIL images, an (F, H, W, 3) array or an (F, 3, H, W) tensor")
+        return np.stack([np.asarray(f.convert("RGB")) for f in frames])
+    if isinstance(frames, torch.Tensor):
+        if frames.ndim == 5:
+            frames = frames[0]
+        frames = rearrange(frames.detach().float().cpu(), "f c h w -> f h w c").numpy()  # (F, H, W, 3)
+    frames = np.asarray(frames)
+    if frames.ndim == 5:
+        frames = frames[0]
+    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(f"frames must be (F, H, W, 3) with F >= 1, got shape {frames.shape}")
+    if frames.dtype != np.uint8:
+        frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+    return frames
+
+
+def save_video(frames, path: str | os.PathLike, fps: float = 8.0, audio_from=None) -> Path:
+    """Write pipeline output (any output type; the first video of a batch) to ``.mp4`` or ``.gif``.
+
+    Written to a temporary file and renamed at the end, so a failure leaves nothing at ``path``;
+    ``audio_from``: a media file whose audio is muxed into an mp4."""
+    from ..video import write_video
+
+    return write_video(path, _frames_to_uint8(frames), fps, audio_from=audio_from)
+
+
+# --- the pipeline -------------------------------------------------------------------------------------------
+def _dtype_of(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def _pose_guider_config(guider: torch.nn.Module) -> dict:
+    """``{"_class_name": ..., "kwargs": ...}``: how to rebuild a pose guider, read off its layers."""
+    if isinstance(guider, PoseGuiderMultiScale):
+        attn = guider.cross_attn1.config
+        kwargs = dict(
+            conditioning_channels=guider.conditioning_channels,
+            trunk_channels=[guider.conv_layers[i].out_channels for i in (3, 9, 15, 21)],
+            block_out_channels=list(guider.feature_channels[1:]),
+            num_attention_heads=attn.num_attention_heads,
+            attention_head_dim=attn.attention_head_dim,
+            norm_num_groups=attn.norm_num_groups,
+            reference_attention=guider.reference_attention,
+        )
+    elif isinstance(guider, PoseGuider):
+        kwargs = dict(
+            conditioning_channels=guider.conv_in.in_channels,
+            block_out_channels=[guider.conv_in.out_channels] + [c.out_channels for c in guider.blocks[1::2]],
+            conditioning_embedding_channels=guider.conv_out.out_channels,
+        )
+    else:
+        raise TypeError(
+            f"pose_guider must be a PoseGuider or PoseGuiderMultiScale, got {type(guider).__name__}"
+        )
+    return {"_class_name": type(guider).__name__, "kwargs": kwargs}
+
+
+def _slice_windows(features, batch: list[list[int]]):
+    """Pose features (1, C, F, h, w) (or a list of them) -> the frames of a batch of n windows, laid out as
+    ``predict_in_windows`` lays out the latents: (n, C, f, h, w)."""
+    index = torch.tensor(batch).flatten()  # (n*f,) the frames of each window, window after window
+
+    def one(x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, index.to(x.device)]  # (1, C, n*f, h, w)
+        return rearrange(x, "b c (n f) h w -> (n b) c f h w", n=len(batch))  # -> (n, C, f, h, w)
+
+    return one(features) if isinstance(features, torch.Tensor) else [one(x) for x in features]
+
+
+class Pose2VideoPipeline(DiffusionPipeline):
+    """Reference image + pose images -> video, with AnimateAnyone's ReferenceNet, PoseGuider and motion
+    modules (see the module docstring for the order of the loop and what differs from the reference).
+
+    Components: ``vae`` (AutoencoderKL), ``image_encoder`` (CLIPVisionModelWithProjection), ``reference_unet``
+    (ReferenceUNet), ``denoising_unet`` (VideoUNet), ``pose_guider`` (PoseGuider), ``scheduler``.
+    """
+
+    model_cpu_offload_seq = "image_encoder->reference_unet->pose_guider->denoising_unet->vae"
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        image_encoder: CLIPVisionModelWithProjection,
+        reference_unet: ReferenceUNet,
+        denoising_unet: VideoUNet,
+        pose_guider: PoseGuider,
+        scheduler: DDIMScheduler,
+    ):
+        super().__init__()
+        self.register_modules(
+            vae=vae,
+            image_encoder=image_encoder,
+            reference_unet=reference_unet,
+            denoising_unet=denoising_unet,
+            pose_guider=pose_guider,
+            scheduler=scheduler,
+        )
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        # pose images stay in [0, 1] (VaeImageProcessor(do_normalize=False), as the reference)
+        self.pose_image_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False
+        )
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # diffusers reads ``module.device``/``.dtype``, which plain torch modules lack: ask the denoiser instead
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoising_unet.parameters()).device
+
+    @property
+    def _execution_device(self) -> torch.device:
+        return self.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _dtype_of(self.denoising_unet)
+
+    def to(self, *args, **kwargs) -> Pose2VideoPipeline:
+        """``pipe.to("cuda")``, ``pipe.to(torch.float16)``, ``pipe.to("cuda", torch.float16)``: all models."""
+        for module in self.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.to(*args, **kwargs)
+        return self
+
+    # --- inputs -------------------------------------------------------------------------------------
+    @staticmethod
+    def _as_pil(image, what: str) -> PIL.Image.Image:
+        if isinstance(image, PIL.Image.Image):
+            return image.convert("RGB")
+        arr = np.asarray(image)
+        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
+            raise ValueError(
+                f"{what} must be a PIL image or an (H, W, 3) uint8 array, got {arr.dtype} {arr.shape}"
+            )
+        return PIL.Image.fromarray(arr)
+
+    def _check_inputs(self, pose_images, video_length, height, width, num_inference_steps, guidance_scale):
+        if len(pose_images) == 0:
+            raise ValueError("pose_images is empty: give at least one driving pose image")
+        if video_length < 1 or video_length > len(pose_images):
+            raise ValueError(
+                f"video_length must be between 1 and the number of pose images ({len(pose_images)}), "
+                f"got {video_length}"
+            )
+        multiple = self.vae_scale_factor
+        if height % multiple or width % multiple or height < multiple or width < multiple:
+            raise ValueError(
+                f"height and width must be positive multiples of {multiple}, got {height}x{width}"
+            )
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+
+    def encode_reference(self, ref_image: PIL.Image.Image, height: int, width: int, dtype, device):
+        """CLIP tokens (1, 1, D) of the reference squashed to the encoder's square size, and the reference
+        latents (1, 4, h, w) = VAE mean x scaling factor."""
+        size = self.image_encoder.config.image_size
+        # squashed to the encoder's square (PIL's default bicubic, as the reference), then CLIP-normalised
+        clip_input = self.image_processor.pil_to_numpy(ref_image.resize((size, size)))  # (1, S, S, 3) [0, 1]
+        clip_input = rearrange(torch.from_numpy(clip_input), "b h w c -> b c h w") * 2 - 1  # -> [-1, 1]
+        pixel_values = ClipPreprocess(size=size, crop_size=size)(clip_input).to(device, dtype)
+        clip_tokens = self.image_encoder(pixel_values=pixel_values).image_embeds[
+            :, None
+        ]  # (1, D) -> (1, 1, D)
+        ref = self.image_processor.preprocess(ref_image, height=height, width=width)  # (1, 3, H, W) [-1, 1]
+        ref = ref.to(device, self.vae.dtype)
+        ref_latents = self.vae.encode(ref).latent_dist.mean * self.vae.config.scaling_factor  # (1, 4, h, w)
+        return clip_tokens, ref_latents.to(dtype)
+
+    def encode_poses(
+        self, pose_images: Sequence, height: int, width: int, dtype, device, ref_pose_image=None
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Pose images -> pose features for the whole sequence: (1, C0, F, h, w), or AniPortrait's five
+        multi-scale maps (1, C_k, F, h_k, w_k). Both guiders work frame by frame, so these are exactly the
+        features of any window's frames."""
+        frames = [self._as_pil(p, f"pose image {i}") for i, p in enumerate(pose_images)]
+        pose = self.pose_image_processor.preprocess(frames, height=height, width=width)  # (F, 3, H, W) [0, 1]
+        guider_dtype = _dtype_of(self.pose_guider)
+        pose = rearrange(pose, "f c h w -> 1 c f h w").to(device, guider_dtype)  # (1, 3, F, H, W)
+        if isinstance(self.pose_guider, PoseGuiderMultiScale):
+            ref_pose = None
+            if ref_pose_image is not None:  # (1, 3, H, W); read only by the guider's reference extension
+                ref_pil = self._as_pil(ref_pose_image, "ref_pose_image")
+                ref_pose = self.pose_image_processor.preprocess(ref_pil, height=height, width=width)
+                ref_pose = ref_pose.to(device, guider_dtype)
+            return [f.to(dtype) for f in self.pose_guider(pose, ref_pose)]
+        return self.pose_guider(pose).to(dtype)
+
+    def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int) -> torch.Tensor:
+        """(1, 4, F, h, w) -> video (1, 3, F, H, W) in [-1, 1], ``decode_chunk_size`` frames per VAE call."""
+        frames = rearrange(latents, "b c f h w -> (b f) c h w") / self.vae.config.scaling_factor
+        video = torch.cat(
+            [
+                self.vae.decode(frames[i : i + decode_chunk_size].to(self.vae.dtype)).sample.float()
+                for i in range(0, len(frames), decode_chunk_size)
+            ]
+        )  # (F, 3, H, W)
+        return rearrange(video, "(b f) c h w -> b c f h w", b=latents.shape[0]).clamp(-1, 1)
+
+    # --- the loop -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        ref_image,
+        pose_images: Sequence,
+        height: int | None = None,
+        width: int | None = None,
+        video_length: int | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 3.5,
+        generator: torch.Generator | None = None,
+        context_frames: int = 24,
+        context_overlap: int = 4,
+        context_batch_size: int = 1,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        decode_chunk_size: int = 8,
+        ref_pose_image=None,
+        faithful: bool = False,
+    ):
+        """Animate ``ref_image`` with ``pose_images`` (PIL images or (H, W, 3) uint8 arrays).
+
+        ``video_length`` defaults to all pose images; longer requests than ``context_frames`` run in
+        overlapping windows (``context_overlap`` frames shared, ``context_batch_size`` windows per UNet call).
+        ``ref_pose_image``: the reference's own pose image, for AniPortrait's guider (the released guider
+        ignores it). ``faithful=True`` reproduces two reference bugs: overlapping windows summed (not
+        averaged) without CFG, and the bank rounded to fp16. ``callback_on_step_end(pipe, i, t, {"latents":
+        ...})`` may return new latents. Output types: "pil", "np", "pt", "latent".
+        """
+        ref_image = self._as_pil(ref_image, "ref_image")
+        sample_size = self.denoising_unet.unet_kwargs.get("sample_size", 64)
+        height = height or sample_size * self.vae_scale_factor
+        width = width or sample_size * self.vae_scale_factor
+        video_length = len(pose_images) if video_length is None else video_length
+        self._check_inputs(pose_images, video_length, height, width, num_inference_steps, guidance_scale)
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        if decode_chunk_size < 1:
+            raise ValueError(f"decode_chunk_size must be >= 1, got {decode_chunk_size}")
+        device, dtype = self._execution_device, _dtype_of(self.denoising_unet)
+        do_cfg = do_classifier_free_guidance(guidance_scale)
+        max_len = (self.denoising_unet.motion_kwargs or {}).get("temporal_position_encoding_max_len")
+        windows = context_windows(video_length, context_frames, context_overlap, max_len=max_len)
+        batch_windows(windows, context_batch_size)  # checks context_batch_size before any network runs
+
+        # 1. CLIP tokens (1, 1, D) and reference latents (1, 4, h, w)
+        clip_tokens, ref_latents = self.encode_reference(ref_image, height, width, dtype, device)
+        clip_tokens = clip_tokens.to(dtype)
+
+        # 2. pose features for the whole sequence (1, C0, F, h, w) or a list of five
+        pose_fea = self.encode_poses(pose_images[:video_length], height, width, dtype, device, ref_pose_image)
+
+        # 3. initial noise (1, 4, F, h, w)
+        timesteps = set_timesteps(self.scheduler, num_inference_steps, device=device)
+        channels = self.denoising_unet.conv_in.in_channels
+        shape = (1, channels, video_length, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        latents = latents * self.scheduler.init_noise_sigma
+
+        with reference_attention(
+            self.reference_unet, self.denoising_unet, do_classifier_free_guidance=do_cfg, faithful=faithful
+        ) as bank:
+            # 4. the ReferenceNet, once, at t = 0: fills the bank. On the cond row only (the uncond rows never
+            # read it); faithful=True runs it on the CFG-doubled batch [zero tokens; CLIP tokens] as the
+            # reference does, so the fp16-rounded bank matches it bit for bit.
+            if faithful and do_cfg:
+                context = torch.cat([torch.zeros_like(clip_tokens), clip_tokens])  # (2, 1, D)
+                bank.write(cfg_batch(ref_latents), t=0, encoder_hidden_states=context)
+            else:
+                bank.write(ref_latents, t=0, encoder_hidden_states=clip_tokens)
+            one_reference = {k: v[-1:] for k, v in bank.entries.items()}  # the cond row (1, HW, C)
+            bank_videos = [1]  # how many videos (windows) the bank's rows serve now
+
+            def predict(x: torch.Tensor, batch: list[list[int]]) -> torch.Tensor:
+                """x (n, 4, f, h, w): latents of n windows -> their prediction, the CFG batch (2n, ...)."""
+                n = len(batch)
+                if bank_videos[0] != n:  # one bank row per window in the call: expanded views
+                    bank.load({k: v.expand(n, -1, -1) for k, v in one_reference.items()})
+                    bank_videos[0] = n
+                pose, context = _slice_windows(pose_fea, batch), clip_tokens.expand(n, -1, -1)  # (n, ...)
+                if do_cfg:  # (2n, ...): every window's uncond rows first, then the cond rows
+                    x = cfg_batch(x)
+                    pose = cfg_batch(pose) if isinstance(pose, torch.Tensor) else [cfg_batch(p) for p in pose]
+                    context = torch.cat([torch.zeros_like(context), context])  # zero CLIP tokens: uncond
+                x = self.scheduler.scale_model_input(x, t)
+                return self.denoising_unet(x, t, encoder_hidden_states=context, pose_cond_fea=pose)
+
+            with self.progress_bar(total=len(timesteps)) as progress_bar:
+                for i, t in enumerate(timesteps):
+                    # windows -> averaged prediction (G, 4, F, h, w), G = 2 under CFG (uncond first)
+                    noise_pred = predict_in_windows(
+                        predict, latents, windows, context_batch_size, do_cfg, faithful=faithful
+                    )
+                    if do_cfg:
+                        noise_pred = cfg_combine(noise_pred, guidance_scale)  # -> (1, 4, F, h, w)
+                    latents = self.scheduler.step(
+                        noise_pred, t, latents, eta=DDIM_ETA, generator=generator
+                    ).prev_sample
+
+                    if callback_on_step_end is not None:
+                        names = dict(latents=latents)
+                        out = callback_on_step_end(
+                            self, i, t, {k: names[k] for k in callback_on_step_end_tensor_inputs}
+                        )
+                        latents = (out or {}).get("latents", latents)
+                    progress_bar.update()
+
+        # 5. decode
+        if output_type == "latent":
+            frames = latents
+        else:
+            video = self.decode_latents(latents, decode_chunk_size)  # (1, 3, F, H, W) in [-1, 1]
+            frames = self.video_processor.postprocess_video(video, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (frames,)
+        return Pose2VideoPipelineOutput(frames=frames)
+
+    # --- anim_lab's own folder layout ---------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Write the pipeline to a folder: ``vae/``, ``image_encoder/``, ``scheduler/`` in their libraries'
+        layouts, and ``reference_unet/``, ``denoising_unet/``, ``pose_guider/`` as config.json (constructor
+        kwargs) + diffusion_pytorch_model.safetensors. Written to a temporary folder and moved into place, so
+        a failure leaves nothing half-written."""
+        target = Path(save_directory)
+        if target.exists() and any(target.iterdir()) and not (target / _MODEL_INDEX).is_file():
+            raise FileExistsError(
+                f"{target} exists and is not a saved pipeline; choose an empty or new folder"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            self.vae.save_pretrained(tmp / "vae")
+            self.image_encoder.save_pretrained(tmp / "image_encoder")
+            self.scheduler.save_pretrained(tmp / "scheduler")
+            own = {
+                "reference_unet": {"unet_kwargs": self.reference_unet.unet_kwargs},
+                "denoising_unet": {
+                    "unet_kwargs": self.denoising_unet.unet_kwargs,
+                    "motion_kwargs": self.denoising_unet.motion_kwargs,
+                },
+                "pose_guider": _pose_guider_config(self.pose_guider),
+            }
+            for name, config in own.items():
+                module = getattr(self, name)
+                (tmp / name).mkdir()
+                (tmp / name / "config.json").write_text(
+                    json.dumps({"_class_name": type(module).__name__, **config}, indent=2)
+                )
+                state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+                save_file(state, tmp / name / _WEIGHTS)
+            (tmp / _MODEL_INDEX).write_text(json.dumps({"_class_name": type(self).__name__}, indent=2))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        torch_dtype: torch.dtype = torch.float32,
+        **kwargs,
+    ) -> Pose2VideoPipeline:
+        """Load a folder written by :meth:`save_pretrained` (every key checked: nothing half-loads)."""
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        folder = Path(pretrained_model_name_or_path)
+        if not (folder / _MODEL_INDEX).is_file():
+            raise FileNotFoundError(
+                f"{folder} is not a saved anim_lab Pose2VideoPipeline (no {_MODEL_INDEX}); for the "
+                "official AnimateAnyone / AniPortrait weight folders use "
+                "Pose2VideoPipeline.from_official(folder, layout=...)"
+            )
+
+        def own(name: str):
+            config = json.loads((folder / name / "config.json").read_text())
+            weights = load_checkpoint(folder / name / _WEIGHTS)
+            with torch.device("meta"):
+                if name == "reference_unet":
+                    module = ReferenceUNet(config["unet_kwargs"])
+                elif name == "denoising_unet":
+                    module = VideoUNet(config["unet_kwargs"], config["motion_kwargs"])
+                elif config["_class_name"] == "PoseGuiderMultiScale":
+                    module = PoseGuiderMultiScale(**config["kwargs"])
+                else:
+                    module = PoseGuider(**config["kwargs"])
+            load_into(module, weights, assign=True, what=f"{name}/{_WEIGHTS}")
+            return module.to(torch_dtype).eval()
+
+        return cls(
+            vae=load_vae(folder / "vae", torch_dtype=torch_dtype),
+            image_encoder=load_image_encoder(folder / "image_encoder", torch_dtype=torch_dtype),
+            reference_unet=own("reference_unet"),
+            denoising_unet=own("denoising_unet"),
+            pose_guider=own("pose_guider"),
+            scheduler=DDIMScheduler.from_pretrained(folder / "scheduler"),
+        )
+
+    # --- the official weight folders ----------------------------------------------------------------
+    @classmethod
+    def from_official(
+        cls,
+        folder: str | os.PathLike,
+        layout: str = "animate_anyone",
+        *,
+        torch_dtype: torch.dtype = torch.float32,
+        motion_kwargs: dict | None = None,
+        pose_guider_kwargs: dict | None = None,
+    ) -> Pose2VideoPipeline:
+        """Load the weights as the official repositories ship them (see ``_LAYOUT_TREE``), strictly.
+
+        The UNets' 2D configuration comes from the base model's ``unet/config.json`` (SD1.5 or
+        sd-image-variations; its weights are not read: ``denoising_unet.pth`` and ``reference_unet.pth``
+        hold every 2D key), the motion modules from ``motion_module.pth`` (``motion_kwargs``: default the
+        inference_v2.yaml values). The scheduler is the official one (``guidance.build_scheduler()``).
+        The AnimateAnyone guider's sizes are read off its weights; AniPortrait's multi-scale guider is built
+        with ``pose_guider_kwargs`` (default: the released ``configs.POSE_GUIDER_MULTISCALE_SD15`` with the
+        UNet's widths).
+        """
+        if layout not in OFFICIAL_LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(OFFICIAL_LAYOUTS)}")
+        folder = Path(folder)
+        guider_name = "AniPortrait multi-scale" if layout == "aniportrait" else "AnimateAnyone single-scale"
+        tree = _LAYOUT_TREE.format(root=f"{folder}/", guider=guider_name)
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"weights folder {folder} does not exist; expected the {layout} layout:\n{tree}"
+            )
+
+        missing = []
+
+        def weight_file(*stems: str) -> Path | None:
+            for stem in stems:  # safetensors first: it cannot run code when loaded
+                for suffix in (".safetensors", Path(stem).suffix or ".pth"):
+                    path = folder / (Path(stem).stem + suffix)
+                    if path.is_file():
+                        return path
+            missing.append(" or ".join(stems))
+            return None
+
+        def model_dir(names: Sequence[str], weight_names: Sequence[str], subfolder: str = "") -> Path | None:
+            for name in names:
+                d = folder / name / subfolder
+                if (d / "config.json").is_file() and (
+                    not weight_names or any((d / w).is_file() for w in weight_names)
+                ):
+                    return d
+            missing.append(
+                " or ".join(f"{n}/{subfolder}".rstrip("/") for n in names) + "/ (config.json + weights)"
+            )
+            return None
+
+        files = dict(
+            denoising_unet=weight_file("denoising_unet.pth"),
+            reference_unet=weight_file("reference_unet.pth"),
+            pose_guider=weight_file("pose_guider.pth"),
+            motion_module=weight_file("motion_module.pth", "mm_sd_v15_v2.ckpt"),
+            base_unet=model_dir(_BASE_UNET_DIRS, (), "unet"),
+            vae=model_dir(
+                ["sd-vae-ft-mse"], ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"]
+            ),
+            image_encoder=model_dir(
+                ["image_encoder", "sd-image-variations-diffusers/image_encoder"],
+                ["model.safetensors", "pytorch_model.bin"],
+            ),
+        )
+        if missing:
+            raise FileNotFoundError(
+                f"the {layout} weights folder {folder} is incomplete; missing: {'; '.join(missing)}.\n"
+                f"Expected layout:\n{tree}"
+            )
+
+        unet_kwargs = read_unet_config(files["base_unet"])
+        motion_kwargs = MOTION_SD15 if motion_kwargs is None else motion_kwargs
+        with torch.device("meta"):
+            reference_unet = ReferenceUNet(unet_kwargs)
+            denoising_unet = VideoUNet(unet_kwargs, motion_kwargs)
+        reference_unet.load_weights(load_checkpoint(files["reference_unet"]), assign=True)
+        denoising_unet.load_2d_weights(load_checkpoint(files["denoising_unet"]), assign=True)
+        denoising_unet.load_motion_modules(load_checkpoint(files["motion_module"]), assign=True)
+        pose_guider = cls._official_pose_guider(
+            load_checkpoint(files["pose_guider"]),
+            layout,
+            files["pose_guider"],
+            unet_kwargs,
+            pose_guider_kwargs,
+        )
+        return cls(
+            vae=load_vae(files["vae"], torch_dtype=torch_dtype),
+            image_encoder=load_image_encoder(files["image_encoder"], torch_dtype=torch_dtype),
+            reference_unet=reference_unet.to(torch_dtype).eval(),
+            denoising_unet=denoising_unet.to(torch_dtype).eval(),
+            pose_guider=pose_guider.to(torch_dtype).eval(),
+            scheduler=build_scheduler(),
+        )
+
+    @staticmethod
+    def _official_pose_guider(
+        state_dict: dict, layout: str, path: Path, unet_kwargs: dict, kwargs: dict | None
+    ) -> torch.nn.Module:
+        if layout == "aniportrait":
+            if "scale" not in state_dict:
+                raise ValueError(
+                    f"{path.name} is a single-scale AnimateAnyone pose guider ({len(state_dict)} keys, no "
+                    "'scale'), not AniPortrait's multi-scale one: is this an animate_anyone folder? "
+                    "Pass layout='animate_anyone'"
+                )
+            if kwargs is None:
+                kwargs = dict(
+                    POSE_GUIDER_MULTISCALE_SD15, block_out_channels=unet_kwargs["block_out_channels"]
+                )
+            with torch.device("meta"):
+                guider = PoseGuiderMultiScale(**kwargs)
+            try:
+                guider.load_weights(state_dict, assign=True)
+            except KeyMismatchError as err:
+                raise KeyMismatchError(err.report, f"{path.name} (layout 'aniportrait')") from None
+            return guider
+        if "conv_in.weight" not in state_dict or "scale" in state_dict:
+            raise ValueError(
+                f"{path.name} is not an AnimateAnyone single-scale pose guider (keys like "
+                f"{sorted(state_dict)[:3]}); for AniPortrait weights pass layout='aniportrait'"
+            )
+        convs = [
+            state_dict[f"blocks.{i}.weight"] for i in range(1, 64, 2) if f"blocks.{i}.weight" in state_dict
+        ]
+        kwargs = dict(
+            conditioning_channels=state_dict["conv_in.weight"].shape[1],
+            block_out_channels=[state_dict["conv_in.weight"].shape[0]] + [w.shape[0] for w in convs],
+            conditioning_embedding_channels=state_dict["conv_out.weight"].shape[0],
+        )
+        with torch.device("meta"):
+            guider = PoseGuider(**kwargs)
+        try:
+            load_into(guider, state_dict, assign=True, what=path.name)
+        except KeyMismatchError as err:
+            raise KeyMismatchError(err.report, f"{path.name} (layout 'animate_anyone')") from None
+        return guider

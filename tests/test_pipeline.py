@@ -1,0 +1,321 @@
+"""Pose2VideoPipeline: the same computation as the reference loop (a plain implementation in
+tests/pose2video_plain.py), windows, outputs, callbacks, determinism, errors, save/load round trip."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from einops import rearrange
+from pose2video_plain import plain_pose2video
+
+from anim_lab.clip import build_image_encoder
+from anim_lab.configs import POSE_GUIDER_MULTISCALE_TINY, TINY
+from anim_lab.guidance import build_scheduler
+from anim_lab.motion import MOTION_TINY
+from anim_lab.pipelines import Pose2VideoPipeline, Pose2VideoPipelineOutput, save_video
+from anim_lab.pose_guider import PoseGuider, PoseGuiderMultiScale
+from anim_lab.unet import ReferenceUNet, VideoUNet
+from anim_lab.vae import build_vae
+from anim_lab.video import read_video
+
+SIZE = 64
+
+
+def randomize_zeros(module: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
+    """Give every all-zero parameter (zero-init conv_out / proj_out, norm biases) random values, so that no
+    path through the network is switched off and the comparisons below cannot pass vacuously."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if not p.count_nonzero():
+                p.normal_(0, std)
+    return module
+
+
+def tiny_pipeline(seed: int = 0, multi_scale: bool = False) -> Pose2VideoPipeline:
+    torch.manual_seed(seed)
+    guider = (
+        PoseGuiderMultiScale(**POSE_GUIDER_MULTISCALE_TINY) if multi_scale else PoseGuider(**TINY.pose_guider)
+    )
+    pipe = Pose2VideoPipeline(
+        vae=build_vae(TINY.vae),
+        image_encoder=build_image_encoder(TINY.image_encoder),
+        reference_unet=ReferenceUNet(TINY.unet),
+        denoising_unet=VideoUNet(TINY.unet, MOTION_TINY),
+        pose_guider=guider,
+        scheduler=build_scheduler(),
+    )
+    for name in ("vae", "image_encoder", "reference_unet", "denoising_unet", "pose_guider"):
+        randomize_zeros(getattr(pipe, name)).eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def inputs(num_frames: int, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    ref = PIL.Image.fromarray(rng.integers(0, 256, (72, 80, 3), dtype=np.uint8))  # not 64x64: gets resized
+    poses = [
+        PIL.Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in range(num_frames)
+    ]
+    return ref, poses
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def pipe_multi_scale():
+    """AniPortrait's variant: the multi-scale guider (BatchNorm statistics made nonzero and not 0/1)."""
+    pipe = tiny_pipeline(multi_scale=True)
+    with torch.no_grad():
+        for name, buf in pipe.pose_guider.named_buffers():
+            if name.endswith("running_mean"):
+                buf.normal_(0, 0.1)
+            elif name.endswith("running_var"):
+                buf.uniform_(0.5, 1.5)
+    return pipe
+
+
+def test_all_weights_nonzero(pipe):
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            for key, p in module.named_parameters():
+                assert p.count_nonzero() > 0, f"{name}.{key} is all zeros"
+
+
+# --- the same computation as the reference ------------------------------------------------------------------
+CASES = {
+    # name: (frames, guidance, context_frames, overlap, context_batch_size, faithful)
+    "one window, cfg": (4, 3.5, 24, 4, 1, False),
+    "one window, no cfg": (4, 1.0, 24, 4, 1, False),
+    "three windows, cfg": (9, 3.5, 4, 1, 1, False),
+    "three windows, no cfg (averaged)": (9, 1.0, 4, 1, 1, False),
+    "three windows, no cfg, faithful (summed, fp16 bank)": (9, 1.0, 4, 1, 1, True),
+    "three windows, cfg, faithful": (9, 3.5, 4, 1, 1, True),
+    "three windows, cfg, two windows per call": (9, 3.5, 4, 1, 2, False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_pipeline_equals_the_plain_reference_loop(pipe, case):
+    _compare_with_plain(pipe, case)
+
+
+@pytest.mark.parametrize(
+    "case", ["one window, cfg", "three windows, cfg", "three windows, no cfg (averaged)"]
+)
+def test_aniportrait_variant_equals_the_plain_loop_with_the_guider_per_window(pipe_multi_scale, case):
+    # the plain loop runs AniPortrait's guider per window at every step; the pipeline once per sequence
+    _compare_with_plain(pipe_multi_scale, case, ref_pose=True)
+
+
+def _compare_with_plain(pipe, case, ref_pose=False):
+    frames, cfg, context_frames, overlap, batch, faithful = CASES[case]
+    ref, poses = inputs(frames)
+    kwargs = dict(height=SIZE, width=SIZE, video_length=frames, num_inference_steps=2, guidance_scale=cfg)
+    if ref_pose:
+        kwargs["ref_pose_image"] = poses[-1]
+    ours = pipe(
+        ref,
+        poses,
+        **kwargs,
+        generator=torch.Generator().manual_seed(7),
+        context_frames=context_frames,
+        context_overlap=overlap,
+        context_batch_size=batch,
+        output_type="pt",
+        faithful=faithful,
+    ).frames  # (1, F, 3, H, W) in [0, 1]
+    plain = plain_pose2video(
+        pipe,
+        ref,
+        poses,
+        **kwargs,
+        generator=torch.Generator().manual_seed(7),
+        context_frames=context_frames,
+        context_overlap=overlap,
+        faithful=faithful,
+    )  # (1, 3, F, H, W)
+    plain = rearrange(plain, "b c f h w -> b f c h w")
+    assert ours.shape == (1, frames, 3, SIZE, SIZE)
+    assert plain.std() > 0.05  # a real video, not a constant
+    torch.testing.assert_close(ours, plain, atol=1e-5, rtol=0)
+
+
+def test_the_faithful_switch_changes_the_output_without_cfg(pipe):
+    # summing overlapping windows is not averaging them: the two modes must differ (else the test above is
+    # not testing the switch)
+    ref, poses = inputs(9)
+    kwargs = dict(
+        num_inference_steps=2, guidance_scale=1.0, context_frames=4, context_overlap=1, output_type="pt"
+    )
+    a = pipe(ref, poses, generator=torch.Generator().manual_seed(7), **kwargs).frames
+    b = pipe(ref, poses, generator=torch.Generator().manual_seed(7), faithful=True, **kwargs).frames
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_reference_attention_changes_cond_rows_only(pipe):
+    """With the bank, cond rows see the reference; uncond rows are plain self-attention (as if no bank)."""
+    ref, poses = inputs(4)
+    kw = dict(num_inference_steps=1, output_type="latent", generator=torch.Generator().manual_seed(3))
+    with_ref = pipe(ref, poses, guidance_scale=3.5, **kw).frames
+    other_ref = pipe(PIL.Image.new("RGB", (64, 64), (200, 30, 30)), poses, guidance_scale=3.5, **kw).frames
+    assert (with_ref - other_ref).abs().max() > 1e-3  # the reference image matters
+    # processors are restored after a call: the UNets are plain again
+    for name, module in pipe.denoising_unet.named_modules():
+        if name.endswith("attn1") and "motion" not in name:
+            assert type(module.processor).__name__.startswith("AttnProcessor"), name
+
+
+# --- determinism, outputs, callbacks ------------------------------------------------------------------------
+def test_cpu_fp32_is_bit_identical_for_the_same_generator(pipe):
+    ref, poses = inputs(5)
+    kw = dict(num_inference_steps=2, context_frames=4, context_overlap=2, output_type="np")
+    a = pipe(ref, poses, generator=torch.Generator().manual_seed(11), **kw).frames
+    b = pipe(ref, poses, generator=torch.Generator().manual_seed(11), **kw).frames
+    c = pipe(ref, poses, generator=torch.Generator().manual_seed(12), **kw).frames
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_output_types_agree(pipe, tmp_path):
+    ref, poses = inputs(3)
+    run = {
+        t: pipe(
+            ref, poses, num_inference_steps=1, generator=torch.Generator().manual_seed(5), output_type=t
+        ).frames
+        for t in ("pt", "np", "pil", "latent")
+    }
+    assert run["pt"].shape == (1, 3, 3, SIZE, SIZE) and run["np"].shape == (1, 3, SIZE, SIZE, 3)
+    np.testing.assert_allclose(rearrange(run["pt"], "b f c h w -> b f h w c").numpy(), run["np"], atol=1e-6)
+    assert len(run["pil"]) == 1 and len(run["pil"][0]) == 3 and run["pil"][0][0].size == (SIZE, SIZE)
+    np.testing.assert_array_equal(
+        np.asarray(run["pil"][0][1]), (run["np"][0, 1] * 255).round().astype(np.uint8)
+    )
+    assert run["latent"].shape == (1, 4, 3, SIZE // 8, SIZE // 8)
+    # save_video takes any of them; mp4 and gif
+    for kind, suffix in (("pil", ".gif"), ("np", ".mp4"), ("pt", ".gif")):
+        path = save_video(run[kind], tmp_path / f"v_{kind}{suffix}", fps=10)
+        frames, _ = read_video(path)
+        assert frames.shape == (3, SIZE, SIZE, 3)
+    tup = pipe(ref, poses, num_inference_steps=1, output_type="np", return_dict=False)
+    assert isinstance(tup, tuple) and tup[0].shape == (1, 3, SIZE, SIZE, 3)
+    assert isinstance(pipe(ref, poses, num_inference_steps=1, output_type="np"), Pose2VideoPipelineOutput)
+
+
+def test_save_video_errors_leave_nothing(tmp_path):
+    with pytest.raises(ValueError, match="must end in .mp4 or .gif"):
+        save_video(np.zeros((2, 8, 8, 3)), tmp_path / "v.avi")
+    with pytest.raises(ValueError, match=r"\(F, H, W, 3\)"):
+        save_video(np.zeros((8, 8, 3)), tmp_path / "v.mp4")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_callback_on_step_end_sees_and_replaces_latents(pipe):
+    ref, poses = inputs(3)
+    seen = []
+
+    def callback(p, i, t, tensors):
+        seen.append((i, int(t), tensors["latents"].shape))
+        return {"latents": torch.zeros_like(tensors["latents"])} if i == 1 else {}
+
+    out = pipe(ref, poses, num_inference_steps=2, callback_on_step_end=callback, output_type="latent").frames
+    timesteps = build_scheduler()
+    timesteps.set_timesteps(2)
+    assert [s[:2] for s in seen] == [(0, int(timesteps.timesteps[0])), (1, int(timesteps.timesteps[1]))]
+    assert torch.equal(out, torch.zeros_like(out))  # the last step's replacement is what comes out
+
+
+def test_progress_bar_counts_steps(pipe, capsys):
+    ref, poses = inputs(2)
+    pipe.set_progress_bar_config(disable=False, desc="denoise")
+    try:
+        pipe(ref, poses, num_inference_steps=3, output_type="latent")
+    finally:
+        pipe.set_progress_bar_config(disable=True)
+    assert "3/3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(pose_images=[]), "pose_images is empty"),
+        (dict(video_length=9), "video_length must be between 1 and the number of pose images"),
+        (dict(height=60), "multiples of 8"),
+        (dict(num_inference_steps=0), "num_inference_steps must be >= 1"),
+        (dict(output_type="gif"), "output_type must be"),
+        (dict(context_overlap=24), r"context_overlap must be in \[0, context_frames\)"),
+        (dict(pose_images=[np.zeros((64, 64), np.float32)] * 2), "pose image 0 must be a PIL image"),
+    ],
+)
+def test_bad_requests(pipe, kwargs, match):
+    ref, poses = inputs(2)
+    call = dict(ref_image=ref, pose_images=poses, num_inference_steps=1) | kwargs
+    with pytest.raises(ValueError, match=match):
+        pipe(**call)
+
+
+# --- anim_lab's own layout ----------------------------------------------------------------------------------
+def test_save_pretrained_from_pretrained_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "p")
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == sorted(
+        [
+            "model_index.json",
+            "vae",
+            "image_encoder",
+            "scheduler",
+            "reference_unet",
+            "denoising_unet",
+            "pose_guider",
+        ]
+    )
+    loaded = Pose2VideoPipeline.from_pretrained(tmp_path / "p")
+    loaded.set_progress_bar_config(disable=True)
+    for name in ("vae", "image_encoder", "reference_unet", "denoising_unet", "pose_guider"):
+        a, b = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.scheduler.config) == public(pipe.scheduler.config)
+    ref, poses = inputs(3)
+    kw = dict(num_inference_steps=2, output_type="np")
+    a = pipe(ref, poses, generator=torch.Generator().manual_seed(1), **kw).frames
+    b = loaded(ref, poses, generator=torch.Generator().manual_seed(1), **kw).frames
+    # equal weights; the loaded UNets' tensors are laid out anew, which moves float sums by ~1e-6
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    # saving again over a saved pipeline replaces it; a folder that is not one is refused
+    loaded.save_pretrained(tmp_path / "p")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="is not a saved pipeline"):
+        pipe.save_pretrained(tmp_path / "other")
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="from_official"):
+        Pose2VideoPipeline.from_pretrained(tmp_path)
+
+
+def test_pipeline_moves_with_to(pipe):
+    assert pipe.device == torch.device("cpu") and pipe.dtype == torch.float32
+    pipe.to(torch.float64)
+    try:
+        assert pipe.dtype == torch.float64 and pipe.vae.dtype == torch.float64
+        ref, poses = inputs(2)
+        out = pipe(ref, poses, num_inference_steps=1, output_type="latent").frames
+        assert out.dtype == torch.float64
+    finally:
+        pipe.to(torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_precision_runs_close_to_fp32(dtype):
+    pipe = tiny_pipeline().to("cuda")
+    ref, poses = inputs(6)
+    kw = dict(num_inference_steps=2, context_frames=4, context_overlap=1, output_type="pt")
+    full = pipe(ref, poses, generator=torch.Generator().manual_seed(2), **kw).frames
+    half = pipe.to(dtype=dtype)(ref, poses, generator=torch.Generator().manual_seed(2), **kw).frames
+    assert half.shape == full.shape and torch.isfinite(half).all()
+    assert (half.float() - full).abs().mean() < 0.05
