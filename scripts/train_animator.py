@@ -313,8 +313,8 @@ def write_weights(
             (tmp / name).mkdir()
             config = {"_class_name": type(module).__name__, **configs_[name]}
             (tmp / name / "config.json").write_text(json.dumps(config, indent=2))
-            state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-            save_file(state, tmp / name / WEIGHTS)
+            weights = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+            save_file(weights, tmp / name / WEIGHTS)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         if state is not None:
@@ -361,7 +361,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--uncond-ratio", type=float, default=0.1)
     p.add_argument("--snr-gamma", type=float, default=5.0)
     p.add_argument("--noise-offset", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initial weights and every step's draws")
+    p.add_argument("--data-seed", type=int, default=0, help="which toy clips are pre-encoded")
     p.add_argument("--num-items", type=int, help="clips pre-encoded (default 384 in stage 1, 96 in stage 2)")
     p.add_argument("--num-frames", type=int, help="frames per clip (default 6 at 2 fps in stage 1, 16 at 25)")
     p.add_argument("--cache", type=Path, help="pre-encoded data file (default runs/toy_animator/cache_*.pt)")
@@ -415,7 +416,7 @@ def train(args: argparse.Namespace) -> dict:
         LOG.addHandler(logging.StreamHandler(sys.stderr))
         LOG.setLevel(logging.INFO)
     with accelerator.main_process_first():
-        cache = load_cache(args.cache, args.num_items, args.num_frames, args.fps, args.seed)
+        cache = load_cache(args.cache, args.num_items, args.num_frames, args.fps, args.data_seed)
 
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     scheduler_lr = torch.optim.lr_scheduler.LambdaLR(
