@@ -6,7 +6,9 @@
     .venv/bin/python scripts/train_animator.py --stage 2 --out runs/toy_animator/stage2 \\
         --init-from runs/toy_animator/stage1/toy_animator --max-steps 500
     # the same script on several processes / GPUs / nodes: HF accelerate is the engine
-    accelerate launch --num_processes 2 --cpu scripts/train_animator.py --stage 1 --out ... --batch-size 8
+    accelerate launch --multi_gpu --num_processes 2 scripts/train_animator.py --stage 1 --out ...
+    (on a machine without a GPU this runs 2 CPU processes with gloo; accelerate's ``--cpu`` flag alone starts
+    a single process unless an MPI hostfile is given)
 
 Run it again with the same ``--out`` and it resumes from the last checkpoint (``--out/checkpoint``); the
 result is the same as an uninterrupted run (every step's data, noise and timesteps are drawn from
@@ -392,8 +394,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def train(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     check_writable(args.out)
-    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    # cpu=True without a GPU: then `accelerate launch --multi_gpu --num_processes N` runs N gloo processes
+    # (accelerate's --cpu flag starts a single process unless given an MPI hostfile)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
     world, rank = accelerator.num_processes, accelerator.process_index
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world:
+        raise TrainError(
+            f"launched as {launched} processes but accelerate set up {world}; check the launcher"
+        )
     if args.batch_size % world:
         raise TrainError(f"--batch-size {args.batch_size} must be a multiple of the {world} processes")
     local = args.batch_size // world
