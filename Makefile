@@ -1,4 +1,5 @@
 # anim_lab: every target creates/updates .venv itself, so a fresh clone needs nothing else.
+#   make demo   the toy animator on a held-out toy identity, offline: out/demo/{demo.mp4,demo.gif,strip.png}
 #   make test   unit tests + chapter pairing + strict nbval over chapters/*.ipynb
 #   make lab    JupyterLab on chapters/ (installs the [lab] extra)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -11,9 +12,13 @@ PIP    := $(PY) -m pip
 MEDIAPIPE := mediapipe==0.10.21
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint unit chapters notebook lab clean-venv
+.PHONY: demo test lint unit chapters notebook lab clean-venv
 test: $(STAMP) lint
 	$(PY) -m pytest -m "not slow and not gpu" tests chapters --nbval --nbval-current-env --nbval-sanitize-with chapters/sanitize.cfg -p no:cacheprovider
+
+# the main job on the embedded toy animator (anim_lab/assets/toy_animator): nothing is downloaded
+demo: $(STAMP)
+	$(VENV)/bin/anim-lab demo --out-dir out/demo
 
 # style fails fast: ruff's lint rules and its formatter (config in pyproject.toml)
 lint: $(STAMP)
