@@ -260,3 +260,29 @@ def test_resume_refuses_a_checkpoint_of_another_config(T, files, tmp_path):
     after = _state(tmp_path / "run" / "checkpoint")
     assert all(torch.equal(before[k], after[k]) for k in before)  # the checkpoint is untouched
     shutil.rmtree(tmp_path / "run")
+
+
+def test_stage2_moves_the_motion_modules_and_nothing_else(T, files, tmp_path):
+    assert T.main(_args(files, tmp_path / "s1", 2)) == 0
+    stage2 = ["--stage", "2", "--out", str(tmp_path / "s2"), "--model-config", str(files / "tiny.json")]
+    stage2 += ["--init-from", str(tmp_path / "s1" / "toy_animator"), "--cache", str(tmp_path / "clips.pt")]
+    stage2 += [
+        "--num-items",
+        "2",
+        "--num-frames",
+        "4",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "1",
+        "--no-progress",
+    ]
+    assert T.main(stage2) == 0
+    before, after = _state(tmp_path / "s1" / "toy_animator"), _state(tmp_path / "s2" / "toy_animator")
+    motion = {k for k in after if "motion_modules" in k}
+    assert motion and set(after) - motion == set(before)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # everything else frozen, bit for bit
+    # proj_out starts at zero (AnimateDiff) and is trained: it moved
+    assert all(after[k].abs().sum() > 0 for k in motion if "proj_out" in k)
+    log = json.loads((tmp_path / "s2" / "toy_animator" / "train_log.json").read_text())
+    assert log["stage"] == 2 and log["data"]["num_frames"] == 4
