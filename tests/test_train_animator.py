@@ -189,15 +189,13 @@ def test_two_processes_equal_one_process_on_the_combined_batch(files, tmp_path):
     for k in single:
         torch.testing.assert_close(r0[k], r1[k], rtol=0, atol=0)  # both processes: identical weights
         torch.testing.assert_close(r0[k], single[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
-    # not vacuous: every trained weight moved, but the frozen last up block of the ReferenceNet and the
-    # zero-initialised biases of norm2, the LayerNorm before attn2: with ONE CLIP token, softmax over it is 1
-    # whatever the query, so attn2's query path (norm2, to_q) gets no gradient (weights move by decay only)
+    # not vacuous: every trained weight moved, and the frozen last up block of the ReferenceNet did not. The
+    # zero-initialised norm2 biases (the LayerNorm before attn2) may stay: with ONE CLIP token the softmax is 1
+    # whatever the query, so attn2's query path gets a zero gradient (up to rounding, which Adam may amplify)
     frozen = {k for k in single if k.startswith("reference_unet.up_blocks.1.")}
     no_grad = {k for k in single if k.endswith("transformer_blocks.0.norm2.bias")}
-    assert (
-        frozen
-        and {k for k in single if not torch.equal(single[k], start[k])} == set(single) - frozen - no_grad
-    )
+    moved = {k for k in single if not torch.equal(single[k], start[k])}
+    assert frozen and not moved & frozen and moved >= set(single) - frozen - no_grad
     log = json.loads((tmp_path / "two" / "toy_animator" / "train_log.json").read_text())
     assert log["processes"] == 2 and log["step"] == 3
 
