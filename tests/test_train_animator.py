@@ -190,7 +190,7 @@ def test_two_processes_equal_one_process_on_the_combined_batch(files, tmp_path):
         torch.testing.assert_close(r0[k], r1[k], rtol=0, atol=0)  # both processes: identical weights
         torch.testing.assert_close(r0[k], single[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
     # not vacuous: every trained weight moved, and the frozen last up block of the ReferenceNet did not. The
-    # zero-initialised norm2 biases (the LayerNorm before attn2) may stay: with ONE CLIP token the softmax is 1
+    # zero-initialised norm2 biases (the LayerNorm before attn2) may stay: with ONE CLIP token softmax is 1
     # whatever the query, so attn2's query path gets a zero gradient (up to rounding, which Adam may amplify)
     frozen = {k for k in single if k.startswith("reference_unet.up_blocks.1.")}
     no_grad = {k for k in single if k.endswith("transformer_blocks.0.norm2.bias")}
