@@ -2,6 +2,7 @@
 ablation switches against independent computations."""
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -84,7 +85,6 @@ def test_demo_bad_input_fails_clearly_and_writes_nothing(tiny_weights, tmp_path,
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["demo", "--weights", str(weights), "--out-dir", str(out), "--frames", "2", "--steps", "1"])
     assert exit_info.value.code == 2
-    import re
 
     assert re.search(message, capsys.readouterr().err)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
@@ -186,3 +186,8 @@ def test_no_reference_attention_ignores_the_referencenet(E, tiny_pipe, case):
         ref.load_state_dict(saved)
     np.testing.assert_array_equal(ablated, ablated_other)
     assert not np.array_equal(other, _gen(E, tiny_pipe, case))
+
+
+def test_eval_script_names_missing_weights(E, tmp_path, capsys):
+    assert E.main(["--weights", str(tmp_path / "nowhere"), "--cases", "1"]) == 2
+    assert re.search(r"nowhere/reference_unet/config.json is missing", capsys.readouterr().err)
