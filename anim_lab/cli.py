@@ -428,8 +428,8 @@ def add_demo(subparsers) -> None:
     p.add_argument(
         "--identity", type=int, default=0, help="which held-out identity / driving clip (default 0)"
     )
-    p.add_argument("--frames", type=int, default=16, help="frames to generate (default 16)")
-    p.add_argument("--steps", type=int, default=10, help="denoising steps (default 10)")
+    p.add_argument("--frames", type=int, default=12, help="frames to generate (default 12)")
+    p.add_argument("--steps", type=int, default=8, help="denoising steps (default 8)")
     p.add_argument("--cfg", type=float, default=3.5, help="guidance scale (default 3.5)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
