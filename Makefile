@@ -1,4 +1,5 @@
 # anim_lab: every target creates/updates .venv itself, so a fresh clone needs nothing else.
+#   make demo      the toy animator on a held-out toy identity, offline: out/demo/{demo.mp4,demo.gif,strip.png}
 #   make test      style (ruff), unit tests, chapter pairing and strict nbval over chapters/*.ipynb
 #   make lab       JupyterLab on chapters/ (adds the [lab] extra once), as root or not:
 #                  make lab LAB_OPTS="--port 8890 --no-browser"
@@ -20,9 +21,13 @@ LAB_OPTS ?=
 # Jupyter refuses to start as root (how it runs in Docker) unless told --allow-root; only then is it added.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: test lint unit chapters notebook figures lab clean-venv
+.PHONY: demo test lint unit chapters notebook figures lab clean-venv
 test: $(STAMP) lint
 	$(PY) -m pytest -m "not slow and not gpu" tests chapters --nbval --nbval-current-env --nbval-sanitize-with chapters/sanitize.cfg -p no:cacheprovider
+
+# the main job on the embedded toy animator (anim_lab/assets/toy_animator): nothing is downloaded
+demo: $(STAMP)
+	$(VENV)/bin/anim-lab demo --out-dir out/demo
 
 # style fails fast: ruff's lint rules and its formatter (config in pyproject.toml)
 lint: $(STAMP)

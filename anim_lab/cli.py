@@ -3,6 +3,8 @@
     anim-lab video2pose IN.mp4 OUT.mp4            face landmarks of a video drawn as pose images (Video2Pose)
     anim-lab video2video --ref face.png --driving talk.mp4 --out pose.mp4     the driving motion retargeted
     anim-lab animate --ref face.png --driving talk.mp4 --weights DIR --out out.mp4
+    anim-lab demo [--out-dir out/demo]            the toy animator on a held-out toy identity (offline)
+    anim-lab video2video --ref face.png --driving talk.mp4 --out poses.mp4   retargeted pose video
 
 Each subcommand is one ``add_*`` function (its arguments) and one function that runs it. Errors the user can
 fix raise :class:`CliError`; ``main`` prints them without a traceback and exits with status 2. Outputs are
@@ -12,6 +14,7 @@ written to a temporary file and renamed at the end, so a failed run leaves nothi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -24,7 +27,16 @@ from . import landmarks, video
 from .pipelines import Pose2VideoPipeline, save_video
 from .retarget import video2video_command
 
-__all__ = ["CliError", "build_parser", "main", "animate", "video2pose", "video2video"]
+__all__ = [
+    "CliError",
+    "build_parser",
+    "main",
+    "animate",
+    "video2pose",
+    "video2video",
+    "demo",
+    "load_toy_animator",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -337,6 +349,148 @@ def animate(args: argparse.Namespace) -> Path:
     return out
 
 
+# --- demo: the toy animator, offline ------------------------------------------------------------------------
+TOY_ANIMATOR_DIR = Path(__file__).resolve().parent / "assets" / "toy_animator"
+_ANIMATOR_PARTS = ("reference_unet", "denoising_unet", "pose_guider")
+
+
+def load_toy_animator(folder: str | os.PathLike = TOY_ANIMATOR_DIR, scheduler: str = "scaled_linear"):
+    """The toy animator (weights written by scripts/train_animator.py) with the toy VAE and image encoder, as
+    a Pose2VideoPipeline. ``scheduler``: the DDIM betas, "scaled_linear" (what the training used, EchoMimic's
+    fix) or "linear" (the official inference configs). Missing files and keys that do not fit the config are
+    named in a :class:`CliError`."""
+    from .clip import TOY_IMAGE_ENCODER_DIR, load_image_encoder
+    from .guidance import build_scheduler
+    from .pose_guider import PoseGuider
+    from .unet import ReferenceUNet, VideoUNet
+    from .vae import load_vae
+    from .weights import load_checkpoint, load_into
+
+    folder = Path(folder)
+    parts = {}
+    for name in _ANIMATOR_PARTS:
+        config_path, weights_path = (
+            folder / name / "config.json",
+            folder / name / "diffusion_pytorch_model.safetensors",
+        )
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise CliError(
+                    f"the toy animator's {path} is missing; train it with scripts/train_animator.py (see "
+                    f"{TOY_ANIMATOR_DIR.name}/COMMANDS.md) or restore the file from git"
+                )
+        config = json.loads(config_path.read_text())
+        if name == "reference_unet":
+            module = ReferenceUNet(config["unet_kwargs"])
+        elif name == "denoising_unet":
+            module = VideoUNet(config["unet_kwargs"], config.get("motion_kwargs"))
+        else:
+            module = PoseGuider(**config["kwargs"])
+        try:
+            load_into(module, load_checkpoint(weights_path), what=str(weights_path))
+        except ValueError as err:  # KeyMismatchError, CorruptWeightsError: the keys / the file named
+            raise CliError(f"{err}\nthe weights do not match {config_path}") from None
+        parts[name] = module.eval().requires_grad_(False)
+    vae_dir = Path(__file__).resolve().parent / "assets" / "toy_vae"
+    return Pose2VideoPipeline(
+        vae=load_vae(vae_dir).requires_grad_(False),
+        image_encoder=load_image_encoder(TOY_IMAGE_ENCODER_DIR),
+        scheduler=build_scheduler(scheduler),
+        **parts,
+    )
+
+
+def demo_strip(reference, poses, generated, truth, columns: int = 6) -> np.ndarray:
+    """(H, W, 3) reference and (F, H, W, 3) uint8 poses / generated / ground truth -> one PNG image: a row per
+    chosen frame, reference | pose | generated | ground truth."""
+    picks = np.linspace(0, len(generated) - 1, min(columns, len(generated))).round().astype(int)
+    rows = [
+        np.concatenate([reference, poses[i], generated[i], truth[i]], axis=1) for i in picks
+    ]  # (H, 4W, 3)
+    return np.concatenate(rows, axis=0)  # (k*H, 4W, 3)
+
+
+def add_demo(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="animate a held-out toy identity with the embedded toy animator (offline, about a minute)",
+        description="The main job on the toy world, with nothing to download: a toy identity the animator "
+        "never saw is animated by a driving clip it never saw, with the embedded toy animator "
+        "(anim_lab/assets/toy_animator). Writes demo.mp4, demo.gif and strip.png (reference | pose | "
+        "generated | ground truth) to OUT_DIR.",
+    )
+    p.add_argument(
+        "--out-dir", default="out/demo", metavar="OUT_DIR", help="folder to write (default out/demo)"
+    )
+    p.add_argument(
+        "--weights", default=str(TOY_ANIMATOR_DIR), metavar="DIR", help="the toy animator's folder"
+    )
+    p.add_argument(
+        "--identity", type=int, default=0, help="which held-out identity / driving clip (default 0)"
+    )
+    p.add_argument("--frames", type=int, default=12, help="frames to generate (default 12)")
+    p.add_argument("--steps", type=int, default=8, help="denoising steps (default 8)")
+    p.add_argument("--cfg", type=float, default=3.5, help="guidance scale (default 3.5)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=demo)
+
+
+def demo(args: argparse.Namespace) -> Path:
+    import shutil
+    import tempfile
+
+    from .toy import ToyPortraitDataset
+
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out-dir {out} is a file; give a folder")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"cannot write {out}: the folder {parent} is not writable; choose another --out-dir")
+    if args.frames < 1 or args.steps < 1:
+        raise CliError(f"--frames and --steps must be at least 1, got {args.frames} and {args.steps}")
+    pipe = load_toy_animator(args.weights)
+    pipe.set_progress_bar_config(disable=args.no_progress)
+
+    # a held-out identity (test split) and a driving clip drawn for it: the clip's render is the ground truth
+    item = ToyPortraitDataset("test", 128, args.frames, length=args.identity + 1, seed=2026, fps=25.0)[
+        args.identity
+    ]
+    to_u8 = lambda x: ((x + 1) * 127.5).round().clamp(0, 255).byte().numpy()  # noqa: E731 [-1, 1] -> uint8
+    reference = to_u8(item["reference"].permute(1, 2, 0))  # (3, H, W) -> (H, W, 3)
+    truth = to_u8(item["frames"].permute(1, 2, 3, 0))  # (3, F, H, W) -> (F, H, W, 3)
+    poses = (item["poses"].permute(1, 2, 3, 0) * 255).round().byte().numpy()  # (F, H, W, 3)
+    frames = pipe(
+        reference,
+        list(poses),
+        num_inference_steps=args.steps,
+        guidance_scale=args.cfg,
+        generator=torch.Generator("cpu").manual_seed(args.seed),
+        context_frames=16,
+        context_overlap=4,
+        output_type="np",
+    ).frames[0]  # (F, H, W, 3) in [0, 1]
+    generated = (frames * 255).round().astype(np.uint8)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_video(generated, tmp / "demo.mp4", fps=12)
+        save_video(generated, tmp / "demo.gif", fps=12)
+        PIL.Image.fromarray(demo_strip(reference, poses, generated, truth)).save(tmp / "strip.png")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    _notice(f"wrote {out}/demo.mp4, demo.gif and strip.png (reference | pose | generated | ground truth)")
+    return out
+
+
 # --- entry point --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -347,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_video2pose(subparsers)
     add_video2video(subparsers)
     add_animate(subparsers)
+    add_demo(subparsers)
     return parser
 
 

@@ -1,0 +1,350 @@
+"""Measure the toy animator against the toy world's ground truth, and the ablations, as one table.
+
+    .venv/bin/python scripts/eval_animator.py                       # the metric table, 4 held-out cases
+    .venv/bin/python scripts/eval_animator.py --ablations all       # + every ablation (long on a busy CPU)
+    .venv/bin/python scripts/eval_animator.py --weights runs/toy_animator/stage1/toy_animator --cases 2
+
+Each case is a held-out identity (the test split) with a held-out driving clip (motion seeds never used in
+training): the reference is a render of the identity in another pose and expression, the driving input is the
+clip's pose images, and the ground truth is the identity rendered in the driving poses. Same seeds every run.
+
+Metrics (one row of the table per variant):
+- ``psnr`` / ``ssim``: each generated frame against its ground-truth render (mean over frames and cases);
+- ``detect`` / ``pose_px``: mediapipe face mesh on the generated frames upscaled to 256 px (bicubic): the
+  share of frames with a face, and the mean distance (256-px pixels) of its 478 landmarks to the driving
+  landmarks, over the detected frames;
+- ``id_top1``: the toy image encoder's embedding of each generated frame against the ground-truth frames (same
+  index) of every case: the share whose nearest (cosine) is its own identity;
+- ``flicker``: mean |frame difference| of the generated video minus that of the ground truth ([0, 1] units).
+The ``copy reference`` row is the baseline of showing the reference image for every frame.
+
+Ablations (each a function, so a chapter can call it): :func:`ablate_reference` (no reference attention),
+:func:`ablate_pose_guider` (no pose features), :func:`ablate_motion` (the denoiser without its motion
+modules), :func:`sweep_cfg`, :func:`sweep_steps`, :func:`context_seams` (a 64-frame video in windows of 16,
+overlap 0 vs 4: the jump at the window seams beyond the ground truth's motion).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from unittest import mock
+
+import numpy as np
+import PIL.Image
+import torch
+from einops import rearrange
+from skimage.metrics import structural_similarity
+
+from anim_lab.cli import TOY_ANIMATOR_DIR, CliError, load_toy_animator
+from anim_lab.clip import TOY_IMAGE_ENCODER_DIR, ClipPreprocess, load_image_encoder
+from anim_lab.context import context_windows
+from anim_lab.landmarks import FaceLandmarker, NoFaceError
+from anim_lab.pipelines import pose2video
+from anim_lab.toy import ToyPortraitDataset
+from anim_lab.unet import VideoUNet
+from anim_lab.vae import psnr
+
+EVAL_SEED = 2027  # the held-out cases (test identities, motion seeds of their own)
+METRICS = ("psnr", "ssim", "detect", "pose_px", "id_top1", "flicker")
+
+
+@dataclass
+class Case:
+    """A held-out identity: reference (H, W, 3), poses / truth (F, H, W, 3) uint8, landmarks (F, 478, 2)."""
+
+    reference: np.ndarray
+    poses: np.ndarray
+    truth: np.ndarray
+    landmarks: np.ndarray
+
+
+def make_cases(num_cases: int = 4, num_frames: int = 24, seed: int = EVAL_SEED) -> list[Case]:
+    data = ToyPortraitDataset("test", 128, num_frames, length=num_cases, seed=seed, fps=25.0)
+    cases = []
+    for item in data:
+        cases.append(
+            Case(
+                reference=_u8(item["reference"].permute(1, 2, 0)),  # (3, H, W) -> (H, W, 3)
+                poses=(item["poses"].permute(1, 2, 3, 0) * 255).round().byte().numpy(),  # -> (F, H, W, 3)
+                truth=_u8(item["frames"].permute(1, 2, 3, 0)),  # (3, F, H, W) -> (F, H, W, 3)
+                landmarks=item["landmarks"].numpy(),
+            )
+        )
+    return cases
+
+
+def _u8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] float -> uint8."""
+    return ((x + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+
+
+def generate(pipe, case: Case, steps: int = 10, cfg: float = 3.5, seed: int = 42, **kwargs) -> np.ndarray:
+    """The pipeline on one case -> (F, H, W, 3) uint8."""
+    kwargs = {"context_frames": 16, "context_overlap": 4, **kwargs}
+    frames = pipe(
+        case.reference,
+        list(case.poses),
+        num_inference_steps=steps,
+        guidance_scale=cfg,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="np",
+        **kwargs,
+    ).frames[0]  # (F, H, W, 3) in [0, 1]
+    return (frames * 255).round().astype(np.uint8)
+
+
+# --- metrics ---------------------------------------------------------------------------------------------
+def frame_psnr(video: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """(F, H, W, 3) uint8 pair -> PSNR per frame (dB), the project's definition (anim_lab.vae.psnr)."""
+    to = lambda x: torch.from_numpy(x).float() / 127.5 - 1  # noqa: E731  uint8 -> [-1, 1]
+    return psnr(to(video), to(truth)).numpy()
+
+
+def frame_ssim(video: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    return np.array(
+        [
+            structural_similarity(a, b, channel_axis=2, data_range=255)
+            for a, b in zip(video, truth, strict=True)
+        ]
+    )
+
+
+def pose_errors(video: np.ndarray, landmarks: np.ndarray, landmarker: FaceLandmarker) -> list[float | None]:
+    """Per frame: the mean landmark distance in 256-px pixels, or None where mediapipe finds no face."""
+    out = []
+    for i, frame in enumerate(video):
+        big = np.asarray(PIL.Image.fromarray(frame).resize((256, 256), PIL.Image.BICUBIC))
+        try:
+            found = landmarker.detect(big, name=f"frame {i}").pixels  # (478, 2) at 256 px
+        except NoFaceError:
+            out.append(None)
+            continue
+        truth = (landmarks[i] + 0.5) * 2 - 0.5  # 128-px pixel centres -> 256-px
+        out.append(float(np.linalg.norm(found - truth, axis=1).mean()))
+    return out
+
+
+class IdentityProbe:
+    """The toy image encoder's embeddings, with the pipeline's preprocessing (squash, CLIP-normalise)."""
+
+    def __init__(self):
+        self.encoder = load_image_encoder(TOY_IMAGE_ENCODER_DIR)
+        size = self.encoder.config.image_size
+        self.size, self.preprocess = size, ClipPreprocess(size=size, crop_size=size)
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray) -> torch.Tensor:
+        """(N, H, W, 3) uint8 -> (N, D) unit vectors."""
+        x = torch.from_numpy(images).float() / 127.5 - 1  # (N, H, W, 3) in [-1, 1]
+        x = rearrange(x, "n h w c -> n c h w")
+        x = torch.nn.functional.interpolate(
+            x, size=(self.size, self.size), mode="bicubic", align_corners=False
+        )
+        emb = self.encoder(pixel_values=self.preprocess(x.clamp(-1, 1))).image_embeds  # (N, D)
+        return torch.nn.functional.normalize(emb, dim=-1)
+
+
+def identity_top1(videos: list[np.ndarray], cases: list[Case], probe: IdentityProbe) -> float:
+    """Share of generated frames whose nearest ground-truth frame (same index, every case) is their own."""
+    hits, total = 0, 0
+    for f in range(len(cases[0].truth)):
+        gallery = probe(np.stack([c.truth[f] for c in cases]))  # (N, D)
+        queries = probe(np.stack([v[f] for v in videos]))  # (N, D)
+        best = (queries @ gallery.T).argmax(dim=1)  # (N,)
+        hits += int((best == torch.arange(len(cases))).sum())
+        total += len(cases)
+    return hits / total
+
+
+def flicker(video: np.ndarray, truth: np.ndarray) -> float:
+    """mean |x[t+1] - x[t]| of the video minus that of the ground truth, in [0, 1] units."""
+    step = lambda v: np.abs(np.diff(v.astype(np.float32) / 255, axis=0)).mean()  # noqa: E731
+    return float(step(video) - step(truth))
+
+
+def score(videos: list[np.ndarray], cases: list[Case], probe: IdentityProbe | None = None) -> dict:
+    """The table's metrics for one variant (videos[i] generated for cases[i])."""
+    probe = probe or IdentityProbe()
+    errors = []
+    with FaceLandmarker(video=False) as landmarker:
+        for v, c in zip(videos, cases, strict=True):
+            errors += pose_errors(v, c.landmarks, landmarker)
+    found = [e for e in errors if e is not None]
+    return {
+        "psnr": float(np.mean([frame_psnr(v, c.truth).mean() for v, c in zip(videos, cases, strict=True)])),
+        "ssim": float(np.mean([frame_ssim(v, c.truth).mean() for v, c in zip(videos, cases, strict=True)])),
+        "detect": len(found) / len(errors),
+        "pose_px": float(np.mean(found)) if found else float("nan"),
+        "id_top1": identity_top1(videos, cases, probe),
+        "flicker": float(np.mean([flicker(v, c.truth) for v, c in zip(videos, cases, strict=True)])),
+    }
+
+
+def copy_reference(cases: list[Case]) -> list[np.ndarray]:
+    """The baseline: the reference image shown for every frame."""
+    return [np.repeat(c.reference[None], len(c.truth), axis=0) for c in cases]
+
+
+# --- ablations -------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def without_reference_attention() -> Iterator[None]:
+    """The pipeline's denoiser reads no bank: every attn1 is plain self-attention (the ReferenceNet still
+    runs, its bank is ignored)."""
+    real = pose2video.reference_attention
+
+    @contextlib.contextmanager
+    def disabled(*args, **kwargs):
+        with real(*args, **kwargs) as bank:
+            bank.enabled = False
+            yield bank
+
+    with mock.patch.object(pose2video, "reference_attention", disabled):
+        yield
+
+
+class _ZeroGuider(torch.nn.Module):
+    """The pose guider's output shape, all zeros: the denoiser gets no pose features."""
+
+    def __init__(self, guider: torch.nn.Module):
+        super().__init__()
+        self.guider = guider
+
+    def forward(self, pose: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(self.guider(pose))
+
+
+@contextlib.contextmanager
+def without_pose_guider(pipe) -> Iterator[None]:
+    guider = pipe.pose_guider
+    pipe.pose_guider = _ZeroGuider(guider)
+    try:
+        yield
+    finally:
+        pipe.pose_guider = guider
+
+
+@contextlib.contextmanager
+def without_motion_modules(pipe) -> Iterator[None]:
+    """The same 2D weights in a denoiser without motion modules: stage 1, frame by frame."""
+    denoiser = pipe.denoising_unet
+    image_unet = VideoUNet(denoiser.unet_kwargs, None)
+    image_unet.load_2d_weights({k: v for k, v in denoiser.state_dict().items() if "motion_modules" not in k})
+    pipe.denoising_unet = image_unet.eval()
+    try:
+        yield
+    finally:
+        pipe.denoising_unet = denoiser
+
+
+def run_variant(pipe, cases, probe=None, **gen) -> dict:
+    return score([generate(pipe, c, **gen) for c in cases], cases, probe)
+
+
+def ablate_reference(pipe, cases, probe=None, **gen) -> dict:
+    with without_reference_attention():
+        return run_variant(pipe, cases, probe, **gen)
+
+
+def ablate_pose_guider(pipe, cases, probe=None, **gen) -> dict:
+    with without_pose_guider(pipe):
+        return run_variant(pipe, cases, probe, **gen)
+
+
+def ablate_motion(pipe, cases, probe=None, **gen) -> dict:
+    with without_motion_modules(pipe):
+        return run_variant(pipe, cases, probe, **gen)
+
+
+def sweep_cfg(pipe, cases, scales=(1.0, 2.0, 3.5, 5.0, 7.0), probe=None, **gen) -> dict[float, dict]:
+    return {s: run_variant(pipe, cases, probe, **{**gen, "cfg": s}) for s in scales}
+
+
+def sweep_steps(pipe, cases, steps=(5, 10, 25, 50), probe=None, **gen) -> dict[int, dict]:
+    return {n: run_variant(pipe, cases, probe, **{**gen, "steps": n}) for n in steps}
+
+
+def seam_error(video: np.ndarray, truth: np.ndarray, windows: list[list[int]]) -> float:
+    """Mean over the seams (a frame whose successor starts a new window) of the generated jump minus the
+    ground truth's, in [0, 1] units."""
+    starts = {w[0] for w in windows[1:]} | {
+        w[i + 1] for w in windows for i in range(len(w) - 1) if w[i + 1] != w[i] + 1
+    }
+    seams = sorted(s for s in starts if s > 0)
+    jump = lambda v, s: np.abs(v[s].astype(np.float32) - v[s - 1]).mean() / 255  # noqa: E731
+    return float(np.mean([jump(video, s) - jump(truth, s) for s in seams])) if seams else 0.0
+
+
+def context_seams(pipe, overlaps=(0, 4), num_frames: int = 64, context_frames: int = 16, **gen) -> dict:
+    """A 64-frame held-out clip in windows of 16: per overlap, the seam error and the PSNR."""
+    case = make_cases(1, num_frames)[0]
+    out = {}
+    for overlap in overlaps:
+        video = generate(pipe, case, context_frames=context_frames, context_overlap=overlap, **gen)
+        windows = context_windows(num_frames, context_frames, overlap, max_len=None)
+        out[overlap] = {
+            "seam_error": seam_error(video, case.truth, windows),
+            "psnr": float(frame_psnr(video, case.truth).mean()),
+        }
+    return out
+
+
+# --- the table -------------------------------------------------------------------------------------------
+def format_table(rows: dict[str, dict]) -> str:
+    head = f"{'variant':<28}" + "".join(f"{m:>10}" for m in METRICS)
+    lines = [head, "-" * len(head)]
+    for name, r in rows.items():
+        lines.append(f"{name:<28}" + "".join(f"{r[m]:>10.3f}" for m in METRICS))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--weights", default=str(TOY_ANIMATOR_DIR), help="the toy animator's folder")
+    p.add_argument("--cases", type=int, default=4, help="held-out identities / driving clips")
+    p.add_argument("--frames", type=int, default=24)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--cfg", type=float, default=3.5)
+    p.add_argument("--scheduler", default="scaled_linear", choices=("scaled_linear", "linear"))
+    p.add_argument(
+        "--ablations", default="", help="comma list of reference,pose,motion,cfg,steps,context or 'all'"
+    )
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    try:
+        pipe = load_toy_animator(args.weights, scheduler=args.scheduler)
+    except CliError as err:
+        print(f"eval_animator: error: {err}", file=sys.stderr)
+        return 2
+    pipe.set_progress_bar_config(disable=True)
+    cases, probe = make_cases(args.cases, args.frames), IdentityProbe()
+    gen = {"steps": args.steps, "cfg": args.cfg}
+    rows = {"copy reference (baseline)": score(copy_reference(cases), cases, probe)}
+    rows["toy animator"] = run_variant(pipe, cases, probe, **gen)
+    wanted = set(args.ablations.split(",")) if args.ablations else set()
+    if "all" in wanted:
+        wanted = {"reference", "pose", "motion", "cfg", "steps", "context"}
+    if "reference" in wanted:
+        rows["no reference attention"] = ablate_reference(pipe, cases, probe, **gen)
+    if "pose" in wanted:
+        rows["no pose guider"] = ablate_pose_guider(pipe, cases, probe, **gen)
+    if "motion" in wanted and pipe.denoising_unet.motion_kwargs:
+        rows["no motion modules"] = ablate_motion(pipe, cases, probe, **gen)
+    if "cfg" in wanted:
+        rows.update({f"cfg {s:g}": r for s, r in sweep_cfg(pipe, cases, probe=probe, **gen).items()})
+    if "steps" in wanted:
+        rows.update({f"{n} steps": r for n, r in sweep_steps(pipe, cases, probe=probe, **gen).items()})
+    print(f"{args.cases} held-out cases x {args.frames} frames at 128 px, {args.steps} steps, cfg {args.cfg}")
+    print(format_table(rows))
+    if "context" in wanted:
+        for overlap, r in context_seams(pipe, **gen).items():
+            seam, quality = r["seam_error"], r["psnr"]
+            print(f"64 frames, windows of 16, overlap {overlap}: seam error {seam:.4f}, PSNR {quality:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,566 @@
+"""Train the toy animator (a tiny AnimateAnyone) on the toy portrait world, in the paper's two stages.
+
+    # stage 1: ReferenceNet + denoising UNet (no motion modules) + PoseGuider, on single frames
+    .venv/bin/python scripts/train_animator.py --stage 1 --out runs/toy_animator/stage1 --max-steps 3000
+    # stage 2: the motion modules only, on 16-frame clips, starting from stage 1's weights
+    .venv/bin/python scripts/train_animator.py --stage 2 --out runs/toy_animator/stage2 \\
+        --init-from runs/toy_animator/stage1/toy_animator --max-steps 500
+    # the same script on several processes / GPUs / nodes: HF accelerate is the engine
+    accelerate launch --multi_gpu --num_processes 2 scripts/train_animator.py --stage 1 --out ...
+    (on a machine without a GPU this runs 2 CPU processes with gloo; accelerate's ``--cpu`` flag alone starts
+    a single process unless an MPI hostfile is given)
+
+Run it again with the same ``--out`` and it resumes from the last checkpoint (``--out/checkpoint``); the
+result is the same as an uninterrupted run (every step's data, noise and timesteps are drawn from
+``(seed, step)``, and the optimizer state is saved). Background-friendly: ``nohup ... > runs/x.out 2>&1 &``;
+the log is also written to ``--out/train.log``, and ``--out/toy_animator/`` always holds the latest weights
+in the layout of ``anim_lab/assets/toy_animator`` (config.json + diffusion_pytorch_model.safetensors per
+component, ``train_log.json`` written by this script).
+
+What each step computes (Moore-AnimateAnyone's ``train_stage_1.py`` / ``train_stage_2.py``, implementations.md
+§1.10):
+
+    x0 = VAE latents of the target frame(s) (pre-encoded: VAE mean x scaling factor)
+    noise = randn + noise_offset * randn(B, C, 1, 1, 1)                    noise offset 0.05
+    t ~ U{0, ..., 999};  x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise     scaled_linear betas, zero terminal SNR
+    condition dropout: one coin per step, p = 0.1: the CLIP *pixels* are zeros (the token is
+        image_encoder(0)) and the ReferenceNet does not run (the bank is empty)
+    otherwise: ReferenceNet(reference latents, t = 0, CLIP token) fills the bank
+    v_pred = denoising_unet(x_t, t, CLIP token, pose_cond_fea = PoseGuider(pose image))
+    target v = sqrt(a_t) noise - sqrt(1 - a_t) x0                          (scheduler.get_velocity)
+    snr = a_t / (1 - a_t) + 1   (the +1 of v-prediction: the SNR of the v-target)
+    loss = mean_b [ min(snr, 5) / snr * mean(|v_pred - v|^2) ]             min-SNR weighting, gamma 5
+
+What differs from the reference, on purpose (a tiny model trained from scratch, not SD1.5 fine-tuned):
+- learning rate 1e-3 (the reference fine-tunes at 1e-5), AdamW, gradient clipping at 1, fp32;
+- the two UNets start from the same random weights (the reference starts both from one SD checkpoint), the
+  PoseGuider's last conv at zero (as the reference), the motion modules' proj_out at zero (AnimateDiff);
+- latents are pre-encoded once with the VAE *mean* (the reference samples the posterior every step; the toy
+  VAE's posterior std is tiny) and the CLIP token of each reference is pre-computed (the encoder is frozen);
+- stage 2 trains on 16-frame clips at 25 fps (the reference: 24 frames, sample rate 4).
+The reference UNet's ``up_blocks.3`` is frozen, as the reference does (its output is never read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
+from einops import rearrange
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from anim_lab import configs
+from anim_lab.clip import TOY_IMAGE_ENCODER_DIR, load_image_encoder
+from anim_lab.guidance import DDIM_OFFICIAL, build_scheduler, draw_uncond
+from anim_lab.landmarks import draw_pose_image
+from anim_lab.pipelines import Pose2VideoPipeline
+from anim_lab.pipelines.pose2video import _pose_guider_config
+from anim_lab.pose_guider import PoseGuider
+from anim_lab.reference import reference_attention
+from anim_lab.toy import ToyPortraitDataset
+from anim_lab.unet import MOTION_KEY, ReferenceUNet, VideoUNet
+from anim_lab.vae import load_vae
+from anim_lab.weights import load_checkpoint, load_into
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY_VAE_DIR = ROOT / "anim_lab" / "assets" / "toy_vae"
+COMPONENTS = ("reference_unet", "denoising_unet", "pose_guider")
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+LOG = logging.getLogger("train_animator")
+
+# Moore-AnimateAnyone's training noise scheduler: the config's kwargs + enable_zero_snr, with beta_schedule
+# forced to scaled_linear (train_stage_1.py); DDPMScheduler takes the same arguments as the DDIM sampler.
+TRAIN_SCHEDULER = dict(
+    num_train_timesteps=DDIM_OFFICIAL["num_train_timesteps"],
+    beta_start=DDIM_OFFICIAL["beta_start"],
+    beta_end=DDIM_OFFICIAL["beta_end"],
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    clip_sample=False,
+    rescale_betas_zero_snr=True,
+    timestep_spacing="trailing",
+    prediction_type="v_prediction",
+)
+
+
+class TrainError(Exception):
+    """A problem the user can fix (bad folder, missing or mismatched weights); printed without a traceback."""
+
+
+# --- models -------------------------------------------------------------------------------------------------
+def model_config(preset: str = "TOY") -> dict:
+    """The animator's sizes: diffusers UNet kwargs, PoseGuider kwargs, motion-module kwargs (from configs)."""
+    p = configs.get_preset(preset)
+    return {"unet": p.get("unet"), "pose_guider": p.get("pose_guider"), "motion": p.get("motion")}
+
+
+class Animator(nn.Module):
+    """The trainable networks in one module (so one DDP wrapper sees every parameter) and one training step's
+    forward: pose features, the ReferenceNet's bank (unless the step is unconditional), the denoiser."""
+
+    def __init__(self, config: dict, stage: int):
+        super().__init__()
+        self.stage = stage
+        self.reference_unet = ReferenceUNet(config["unet"])
+        self.denoising_unet = VideoUNet(config["unet"], config["motion"] if stage == 2 else None)
+        self.pose_guider = PoseGuider(**config["pose_guider"])
+
+    def set_trainable(self) -> list[nn.Parameter]:
+        """Stage 1: all but the reference UNet's up_blocks.3; stage 2: the motion modules only."""
+        self.requires_grad_(False)
+        if self.stage == 1:
+            self.requires_grad_(True)
+            self.reference_unet.up_blocks[-1].requires_grad_(False)
+        else:
+            for _, module in self.denoising_unet.motion_modules():
+                module.requires_grad_(True)
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(self, noisy, timesteps, tokens, ref_latents, poses, uncond: bool) -> torch.Tensor:
+        """noisy (B, 4, F, h, w), timesteps (B,), tokens (B, 1, D), ref_latents (B, 4, h, w),
+        poses (B, 3, F, H, W) in [0, 1] -> v prediction (B, 4, F, h, w)."""
+        pose_fea = self.pose_guider(poses)  # (B, 3, F, H, W) -> (B, C0, F, h, w)
+        with reference_attention(self.reference_unet, self.denoising_unet) as bank:
+            if uncond:
+                bank.enabled = False  # no ReferenceNet forward: plain self-attention
+            else:
+                bank.write(ref_latents, t=torch.zeros_like(timesteps), encoder_hidden_states=tokens)
+            return self.denoising_unet(noisy, timesteps, tokens, pose_cond_fea=pose_fea)
+
+
+def init_stage1(animator: Animator) -> None:
+    """Give the ReferenceNet the denoising UNet's (random) 2D weights: the reference starts both UNets from
+    one checkpoint. (The ReferenceNet has every 2D key but conv_norm_out / conv_out.)"""
+    own = animator.reference_unet.state_dict()
+    shared = {k: v for k, v in animator.denoising_unet.state_dict().items() if k in own}
+    load_into(animator.reference_unet, shared, what="the denoising UNet's initial 2D weights")
+
+
+# --- the loss, written out ----------------------------------------------------------------------------------
+def training_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(**TRAIN_SCHEDULER)
+
+
+def diffusion_loss(
+    model_pred: torch.Tensor,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler: DDPMScheduler,
+    snr_gamma: float = 5.0,
+) -> torch.Tensor:
+    """Min-SNR-weighted v-prediction loss, per sample (B,): the reference's loss before its batch mean."""
+    target = scheduler.get_velocity(latents, noise, timesteps)  # (B, 4, F, h, w)
+    snr = compute_snr(scheduler, timesteps) + 1  # v-prediction: the +1 variant
+    weights = torch.clamp(snr, max=snr_gamma) / snr  # min(snr, gamma) / snr, (B,)
+    mse = F.mse_loss(model_pred.float(), target.float(), reduction="none")  # (B, 4, F, h, w)
+    return mse.mean(dim=(1, 2, 3, 4)) * weights  # (B,)
+
+
+# --- data: pre-encoded latents of the toy world -------------------------------------------------------------
+def build_cache(path: Path, num_items: int, num_frames: int, fps: float, seed: int) -> dict:
+    """Render ``num_items`` toy clips (train identities) and encode them once: reference latents and CLIP
+    token (exactly as the pipeline encodes a reference), the frames' latents (VAE mean x scaling),
+    landmarks (to draw the pose images at training time) and the CLIP token of zero pixels (the dropped
+    condition)."""
+    vae = load_vae(TOY_VAE_DIR)
+    encoder = load_image_encoder(TOY_IMAGE_ENCODER_DIR)
+    # a pipeline only for its encode_reference (the same preprocessing at training and at inference)
+    pipe = Pose2VideoPipeline(vae, encoder, None, None, None, build_scheduler())
+    dataset = ToyPortraitDataset("train", 128, num_frames, num_items, seed, fps=fps)
+    ref_latents, tokens, latents, landmarks, identities = [], [], [], [], []
+    with torch.no_grad():
+        for item in tqdm(dataset, desc=f"pre-encoding {num_items} clips", mininterval=10):
+            ref_u8 = ((item["reference"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte()
+            token, ref_lat = pipe.encode_reference(
+                PIL.Image.fromarray(ref_u8.numpy()), 128, 128, torch.float32, "cpu"
+            )  # (1, 1, D), (1, 4, h, w)
+            frames = rearrange(item["frames"], "c f h w -> f c h w")  # (3, F, H, W) -> (F, 3, H, W)
+            lat = vae.encode(frames).latent_dist.mean * vae.config.scaling_factor  # (F, 4, h, w)
+            ref_latents.append(ref_lat[0])
+            tokens.append(token[0])
+            latents.append(lat)
+            landmarks.append(item["landmarks"].float())
+            identities.append(item["identity"])
+        size = encoder.config.image_size
+        uncond = encoder(pixel_values=torch.zeros(1, 3, size, size)).image_embeds[:, None]  # (1, 1, D)
+    cache = {
+        "ref_latents": torch.stack(ref_latents),  # (N, 4, h, w)
+        "tokens": torch.stack(tokens),  # (N, 1, D)
+        "latents": torch.stack(latents),  # (N, F, 4, h, w)
+        "landmarks": torch.stack(landmarks),  # (N, F, 478, 2)
+        "identities": torch.tensor(identities),  # (N,)
+        "uncond_token": uncond[0],  # (1, D)
+        "meta": {"num_items": num_items, "num_frames": num_frames, "fps": fps, "seed": seed, "size": 128},
+    }
+    _atomic_torch_save(cache, path)
+    return cache
+
+
+def load_cache(path: Path, num_items: int, num_frames: int, fps: float, seed: int) -> dict:
+    meta = {"num_items": num_items, "num_frames": num_frames, "fps": fps, "seed": seed, "size": 128}
+    if path.is_file():
+        cache = torch.load(path, weights_only=True)
+        if cache["meta"] == meta:
+            return cache
+        LOG.info("the cache %s was built with %s; rebuilding for %s", path, cache["meta"], meta)
+    return build_cache(path, num_items, num_frames, fps, seed)
+
+
+def pose_batch(landmarks: torch.Tensor, size: int = 128) -> torch.Tensor:
+    """(B, F, 478, 2) landmarks -> pose images (B, 3, F, H, W) in [0, 1], as the toy world draws them."""
+    images = np.stack(
+        [[draw_pose_image(lm.numpy(), size, size) for lm in clip] for clip in landmarks]
+    )  # (B, F, H, W, 3) uint8
+    return torch.from_numpy(rearrange(images, "b f h w c -> b c f h w")).float() / 255.0
+
+
+def step_batch(cache: dict, stage: int, step: int, seed: int, batch_size: int, uncond_ratio: float) -> dict:
+    """The global batch of one step, a pure function of (seed, step): which items (and frames), the noise,
+    noise offset, timesteps, and the condition-dropout coin. Every process draws it whole, then takes its
+    slice, so N processes compute exactly what one process does on the whole batch."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    n_items, n_frames = cache["latents"].shape[:2]
+    items = torch.randint(0, n_items, (batch_size,), generator=g)
+    if stage == 1:  # one frame of each chosen clip
+        frames = torch.randint(0, n_frames, (batch_size,), generator=g)[:, None]  # (B, 1)
+    else:  # the whole clip
+        frames = torch.arange(n_frames).expand(batch_size, -1)  # (B, F)
+    latents = cache["latents"][items[:, None], frames]  # (B, F, 4, h, w)
+    latents = rearrange(latents, "b f c h w -> b c f h w")  # -> (B, 4, F, h, w)
+    noise = torch.randn(latents.shape, generator=g)
+    offset = torch.randn(latents.shape[:2], generator=g)[:, :, None, None, None]  # (B, 4, 1, 1, 1)
+    timesteps = torch.randint(0, TRAIN_SCHEDULER["num_train_timesteps"], (batch_size,), generator=g)
+    uncond = draw_uncond(random.Random(seed * 1_000_003 + step), uncond_ratio)
+    return {
+        "latents": latents,
+        "noise": noise,
+        "offset": offset,
+        "timesteps": timesteps,
+        "ref_latents": cache["ref_latents"][items],  # (B, 4, h, w)
+        "tokens": cache["uncond_token"].expand(batch_size, 1, -1) if uncond else cache["tokens"][items],
+        "landmarks": cache["landmarks"][items[:, None], frames],  # (B, F, 478, 2)
+        "uncond": uncond,
+    }
+
+
+def train_step_loss(model, batch: dict, scheduler: DDPMScheduler, noise_offset: float, snr_gamma: float):
+    """The loss of one (local) batch: noise with offset, x_t, the networks, min-SNR v-loss (mean)."""
+    noise = batch["noise"] + noise_offset * batch["offset"]  # (B, 4, F, h, w)
+    noisy = scheduler.add_noise(batch["latents"], noise, batch["timesteps"])
+    poses = pose_batch(batch["landmarks"])  # (B, 3, F, H, W)
+    pred = model(noisy, batch["timesteps"], batch["tokens"], batch["ref_latents"], poses, batch["uncond"])
+    return diffusion_loss(pred, batch["latents"], noise, batch["timesteps"], scheduler, snr_gamma).mean()
+
+
+# --- files --------------------------------------------------------------------------------------------------
+def _atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_writable(out: Path) -> None:
+    """Fail before any work when ``out`` cannot be created or written."""
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise TrainError(
+            f"cannot write the output folder {out}: {parent} is not a writable folder; choose another --out"
+        )
+
+
+def write_weights(
+    animator: Animator, folder: Path, extra_files: dict[str, str] | None = None, state: dict | None = None
+) -> None:
+    """The animator in anim_lab/assets/toy_animator's layout (plus text files and a training state.pt),
+    written to a temporary folder and renamed: a reader never sees a half-written folder."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        configs_ = {
+            "reference_unet": {"unet_kwargs": animator.reference_unet.unet_kwargs},
+            "denoising_unet": {
+                "unet_kwargs": animator.denoising_unet.unet_kwargs,
+                "motion_kwargs": animator.denoising_unet.motion_kwargs,
+            },
+            "pose_guider": _pose_guider_config(animator.pose_guider),
+        }
+        for name in COMPONENTS:
+            module = getattr(animator, name)
+            (tmp / name).mkdir()
+            config = {"_class_name": type(module).__name__, **configs_[name]}
+            (tmp / name / "config.json").write_text(json.dumps(config, indent=2))
+            weights = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+            save_file(weights, tmp / name / WEIGHTS)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if state is not None:
+            torch.save(state, tmp / "state.pt")
+        old = folder.with_name(f".{folder.name}.old")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def load_weights(animator: Animator, folder: Path, components=COMPONENTS, ignore_missing=()) -> None:
+    """Load components written by :func:`write_weights`; missing files and mismatched keys are named."""
+    for name in components:
+        path = folder / name / WEIGHTS
+        if not path.is_file():
+            raise TrainError(
+                f"{path} is missing: --init-from must be a folder written by this script (stage 1's "
+                f"--out/toy_animator or anim_lab/assets/toy_animator) with {', '.join(COMPONENTS)}"
+            )
+        try:
+            load_into(
+                getattr(animator, name), load_checkpoint(path), ignore_missing=ignore_missing, what=str(path)
+            )
+        except ValueError as err:
+            raise TrainError(str(err)) from None
+
+
+# --- the loop -----------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stage", type=int, choices=(1, 2), required=True)
+    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, logs, toy_animator/")
+    p.add_argument("--init-from", type=Path, help="stage 2: the stage-1 weights folder")
+    p.add_argument("--max-steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=8, help="the global batch (split over the processes)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--uncond-ratio", type=float, default=0.1)
+    p.add_argument("--snr-gamma", type=float, default=5.0)
+    p.add_argument("--noise-offset", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0, help="initial weights and every step's draws")
+    p.add_argument("--data-seed", type=int, default=0, help="which toy clips are pre-encoded")
+    p.add_argument("--num-items", type=int, help="clips pre-encoded (default 384 in stage 1, 96 in stage 2)")
+    p.add_argument("--num-frames", type=int, help="frames per clip (default 6 at 2 fps in stage 1, 16 at 25)")
+    p.add_argument("--cache", type=Path, help="pre-encoded data file (default runs/toy_animator/cache_*.pt)")
+    p.add_argument("--model-config", type=Path, help="JSON {unet, pose_guider, motion} (default configs.TOY)")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--rank-weights",
+        type=Path,
+        help="also write every process's final weights to DIR/rank<i>.safetensors (to check that they agree)",
+    )
+    args = p.parse_args(argv)
+    if args.stage == 2 and args.init_from is None:
+        p.error("--stage 2 needs --init-from (the stage-1 weights folder)")
+    args.num_items = args.num_items or (384 if args.stage == 1 else 96)
+    args.num_frames = args.num_frames or (6 if args.stage == 1 else 16)
+    args.fps = 2.0 if args.stage == 1 else 25.0
+    if args.cache is None:
+        args.cache = (
+            ROOT / "runs" / "toy_animator" / f"cache_{args.num_items}x{args.num_frames}_{args.fps:g}fps.pt"
+        )
+    return args
+
+
+def train(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    check_writable(args.out)
+    # cpu=True without a GPU: then `accelerate launch --multi_gpu --num_processes N` runs N gloo processes
+    # (accelerate's --cpu flag starts a single process unless given an MPI hostfile)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world:
+        raise TrainError(
+            f"launched as {launched} processes but accelerate set up {world}; check the launcher"
+        )
+    if args.batch_size % world:
+        raise TrainError(f"--batch-size {args.batch_size} must be a multiple of the {world} processes")
+    local = args.batch_size // world
+    config = json.loads(args.model_config.read_text()) if args.model_config else model_config()
+
+    torch.manual_seed(args.seed)
+    animator = Animator(config, args.stage)
+    if args.stage == 1:
+        init_stage1(animator)
+    else:
+        load_weights(animator, args.init_from, ignore_missing=(MOTION_KEY,))
+    params = animator.set_trainable()
+
+    out = args.out
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(out / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        LOG.addHandler(handler)
+        LOG.addHandler(logging.StreamHandler(sys.stderr))
+        LOG.setLevel(logging.INFO)
+    with accelerator.main_process_first():
+        cache = load_cache(args.cache, args.num_items, args.num_frames, args.fps, args.data_seed)
+
+    optimizer = torch.optim.AdamW(params, lr=args.lr)
+    scheduler_lr = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps))
+    )
+    log = {"steps": [], "loss": [], "lr": [], "seconds": []}
+    start, elapsed = 0, 0.0
+    ckpt = out / "checkpoint"
+    if (ckpt / "state.pt").is_file():  # resume
+        state = torch.load(ckpt / "state.pt", weights_only=False)
+        if state["stage"] != args.stage or state["config"] != config:
+            raise TrainError(
+                f"{ckpt} holds a stage-{state['stage']} run of another model config; use a new --out or the "
+                "same --stage and --model-config"
+            )
+        load_weights(animator, ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler_lr.load_state_dict(state["lr_scheduler"])
+        start, elapsed, log = state["step"], state["seconds"], state["log"]
+        LOG.info("resumed from %s at step %d", ckpt, start)
+
+    model, optimizer = accelerator.prepare(animator, optimizer)
+    noise_scheduler = training_scheduler()
+    n_params = sum(p.numel() for p in params)
+    LOG.info(
+        "stage %d: %d trainable parameters, %d processes x %d samples, steps %d -> %d",
+        args.stage,
+        n_params,
+        world,
+        local,
+        start,
+        args.max_steps,
+    )
+
+    def save(step: int) -> None:
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return
+        net = accelerator.unwrap_model(model)
+        train_log = {
+            "stage": args.stage,
+            "step": step,
+            "batch_size": args.batch_size,
+            "processes": world,
+            "trainable_parameters": n_params,
+            "seconds": round(elapsed, 1),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "command": " ".join(sys.argv),
+            "data": cache["meta"],
+            "scheduler": TRAIN_SCHEDULER,
+            "log": log,
+        }
+        write_weights(
+            net,
+            ckpt,
+            state={
+                "stage": args.stage,
+                "config": config,
+                "step": step,
+                "seconds": elapsed,
+                "log": log,
+                "optimizer": optimizer.optimizer.state_dict()
+                if hasattr(optimizer, "optimizer")
+                else optimizer.state_dict(),
+                "lr_scheduler": scheduler_lr.state_dict(),
+            },
+        )
+        write_weights(net, out / "toy_animator", {"train_log.json": json.dumps(train_log, indent=1)})
+
+    model.train()
+    bar = tqdm(
+        range(start, args.max_steps),
+        initial=start,
+        total=args.max_steps,
+        mininterval=5,
+        disable=args.no_progress or not accelerator.is_local_main_process,
+        desc=f"stage {args.stage}",
+    )
+    window, tick = [], time.time()
+    session_start = tick
+    for step in bar:
+        batch = step_batch(cache, args.stage, step, args.seed, args.batch_size, args.uncond_ratio)
+        mine = {
+            k: v[rank * local : (rank + 1) * local] if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()
+        }
+        loss = train_step_loss(model, mine, noise_scheduler, args.noise_offset, args.snr_gamma)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if args.max_grad_norm:
+            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        scheduler_lr.step()
+        window.append(accelerator.gather(loss.detach()[None]).mean().item())
+        now = time.time()
+        elapsed, tick = elapsed + now - tick, now
+        if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
+            mean = sum(window) / len(window)
+            log["steps"].append(step + 1)
+            log["loss"].append(round(mean, 5))
+            log["lr"].append(scheduler_lr.get_last_lr()[0])
+            log["seconds"].append(round(elapsed, 1))
+            rate = (now - session_start) / (step + 1 - start)
+            LOG.info("step %d loss %.4f (%.1f s/step)", step + 1, mean, rate)
+            bar.set_postfix(loss=f"{mean:.4f}")
+            window = []
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.max_steps:
+            save(step + 1)
+    if start >= args.max_steps:
+        LOG.info("already at step %d", start)
+    accelerator.wait_for_everyone()
+    if args.rank_weights is not None:
+        args.rank_weights.mkdir(parents=True, exist_ok=True)
+        state = accelerator.unwrap_model(model).state_dict()
+        save_file(
+            {k: v.contiguous() for k, v in state.items()}, args.rank_weights / f"rank{rank}.safetensors"
+        )
+    for handler in list(LOG.handlers):
+        LOG.removeHandler(handler)
+        handler.close()
+    return {"step": args.max_steps, "log": log, "model": accelerator.unwrap_model(model)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        train(args)
+    except TrainError as err:
+        print(f"train_animator: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""scripts/train_animator.py: the loss against a written-out v-prediction / min-SNR loss, accelerate on two
+processes against one process on the combined batch, resume against an uninterrupted run, bad input."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from anim_lab import configs
+from anim_lab.landmarks import draw_pose_image
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "train_animator.py"
+
+# A tiny animator: two UNet levels, a pose guider 8x down (as the VAE), motion modules at both levels.
+TINY = {
+    "unet": dict(
+        configs.TOY.get("unet"),
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        block_out_channels=[8, 16],
+        attention_head_dim=2,
+        norm_num_groups=4,
+    ),
+    "pose_guider": dict(
+        conditioning_channels=3, block_out_channels=[4, 8, 8, 8], conditioning_embedding_channels=8
+    ),
+    "motion": dict(
+        configs.TOY.get("motion"), num_attention_heads=2, norm_num_groups=4, motion_module_resolutions=[1, 2]
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def T():
+    spec = importlib.util.spec_from_file_location("train_animator", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, T):
+    """The tiny model config and a pre-encoded cache of 4 clips x 2 frames (stage 1's fps)."""
+    folder = tmp_path_factory.mktemp("train_animator")
+    (folder / "tiny.json").write_text(json.dumps(TINY))
+    T.build_cache(folder / "cache.pt", num_items=4, num_frames=2, fps=2.0, seed=0)
+    return folder
+
+
+def _args(files, out, steps, *extra):
+    return [
+        "--stage", "1", "--out", str(out), "--model-config", str(files / "tiny.json"), "--cache",
+        str(files / "cache.pt"), "--num-items", "4", "--num-frames", "2", "--max-steps", str(steps),
+        "--batch-size", "4", "--log-every", "1", "--checkpoint-every", "2", "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    """Every weight random and nonzero (the zero-initialised guider conv_out and motion proj_out too)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def _state(folder: Path) -> dict:
+    return {
+        f"{name}.{k}": v
+        for name in ("reference_unet", "denoising_unet", "pose_guider")
+        for k, v in load_file(folder / name / "diffusion_pytorch_model.safetensors").items()
+    }
+
+
+# --- the loss ---------------------------------------------------------------------------------------------
+def _alphas_cumprod_zero_snr() -> torch.Tensor:
+    """scaled_linear betas 0.00085..0.012 over 1000 steps, rescaled to zero terminal SNR (Lin et al. 2023,
+    Algorithm 1): sqrt(alpha_bar) shifted so the last is 0 and scaled so the first is unchanged."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    root = torch.cumprod(1 - betas, 0).sqrt()
+    root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+    return (root**2).float()
+
+
+def test_loss_equals_the_written_out_v_prediction_min_snr_loss(T, files):
+    cache = torch.load(files / "cache.pt", weights_only=True)
+    torch.manual_seed(0)
+    animator = T.Animator(TINY, stage=1)
+    _randomize(animator, 1)
+    batch = T.step_batch(cache, 1, step=3, seed=0, batch_size=4, uncond_ratio=0.1)
+    batch["timesteps"] = torch.tensor([0, 999, 250, 600])  # both ends: SNR 0 at t = 999
+    scheduler = T.training_scheduler()
+    loss = T.train_step_loss(animator, batch, scheduler, noise_offset=0.05, snr_gamma=5.0)
+
+    # written out: noise offset, x_t, v target, min-SNR weights (snr + 1 for v-prediction), batch mean
+    a = _alphas_cumprod_zero_snr()[batch["timesteps"]].view(-1, 1, 1, 1, 1)  # (B, 1, 1, 1, 1)
+    x0 = batch["latents"]
+    noise = batch["noise"] + 0.05 * batch["offset"]
+    noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    v = a.sqrt() * noise - (1 - a).sqrt() * x0
+    snr = a.flatten() / (1 - a.flatten())
+    weights = torch.minimum(snr + 1, torch.tensor(5.0)) / (snr + 1)
+    poses = np.stack([[draw_pose_image(lm.numpy(), 128, 128) for lm in clip] for clip in batch["landmarks"]])
+    poses = torch.from_numpy(poses).permute(0, 4, 1, 2, 3).float() / 255  # (B, F, H, W, 3) -> (B, 3, F, H, W)
+    pred = animator(noisy, batch["timesteps"], batch["tokens"], batch["ref_latents"], poses, batch["uncond"])
+    expected = (((pred - v) ** 2).mean(dim=(1, 2, 3, 4)) * weights).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert weights[1] == 1.0 and weights[0] < 0.01  # t = 999: SNR 0 -> weight 1; t = 0: large SNR -> small
+
+
+def test_condition_dropout_zeroes_the_clip_pixels_and_skips_the_referencenet(T, files):
+    cache = torch.load(files / "cache.pt", weights_only=True)
+    draws = [T.step_batch(cache, 1, s, 0, 4, 0.1)["uncond"] for s in range(2000)]
+    assert 0.08 < np.mean(draws) < 0.12  # one coin per step, p = 0.1
+    step = draws.index(True)
+    batch = T.step_batch(cache, 1, step, 0, 4, 0.1)
+    from anim_lab.clip import TOY_IMAGE_ENCODER_DIR, load_image_encoder
+
+    encoder = load_image_encoder(TOY_IMAGE_ENCODER_DIR)
+    with torch.no_grad():
+        zero_pixels = encoder(pixel_values=torch.zeros(1, 3, 96, 96)).image_embeds  # (1, D)
+    torch.testing.assert_close(batch["tokens"], zero_pixels[:, None].expand(4, 1, -1))
+    assert zero_pixels.abs().sum() > 0  # not zero tokens: image_encoder(0), as the reference trains
+    # the dropped step runs no ReferenceNet: a ReferenceNet that would fail is never called
+    animator = T.Animator(TINY, stage=1)
+    animator.reference_unet.forward = None
+    poses = T.pose_batch(batch["landmarks"])
+    out = animator(batch["latents"], batch["timesteps"], batch["tokens"], batch["ref_latents"], poses, True)
+    assert out.shape == batch["latents"].shape
+
+
+def test_stage2_trains_the_motion_modules_only(T):
+    animator = T.Animator(TINY, stage=2)
+    trainable = {n for n, p in animator.named_parameters() if p in set(animator.set_trainable())}
+    assert trainable and all("motion_modules" in n for n in trainable)
+    assert {n for n, _ in animator.named_parameters() if "motion_modules" in n} == trainable
+    stage1 = T.Animator(TINY, stage=1)
+    names = {n for n, p in stage1.named_parameters() if any(p is q for q in stage1.set_trainable())}
+    assert not any(n.startswith("reference_unet.up_blocks.1") for n in names)  # the last up block: frozen
+    assert any(n.startswith("pose_guider") for n in names) and any(
+        n.startswith("denoising_unet") for n in names
+    )
+
+
+# --- accelerate, resume ----------------------------------------------------------------------------------
+def _run(cmd):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_two_processes_equal_one_process_on_the_combined_batch(files, tmp_path):
+    """3 steps under ``accelerate launch --multi_gpu --num_processes 2`` on the CPU (2 gloo processes, 2
+    samples each) against 1 process on the 4-sample batch; seed 1 makes step 1 unconditional (no ReferenceNet:
+    unused parameters in DDP). (accelerate 1.15's ``--cpu`` flag starts one process unless given an MPI
+    hostfile; the script selects the CPU itself when there is no GPU.)"""
+    extra = ["--seed", "1", "--uncond-ratio", "0.5"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    _run(
+        [
+            *launcher,
+            str(SCRIPT),
+            *_args(files, tmp_path / "two", 3, "--rank-weights", str(tmp_path / "w2"), *extra),
+        ]
+    )
+    _run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            *_args(files, tmp_path / "one", 3, "--rank-weights", str(tmp_path / "w1"), *extra),
+        ]
+    )
+    r0, r1 = (
+        load_file(tmp_path / "w2" / "rank0.safetensors"),
+        load_file(tmp_path / "w2" / "rank1.safetensors"),
+    )
+    single = load_file(tmp_path / "w1" / "rank0.safetensors")
+    start = _initial(tmp_path)
+    assert r0.keys() == single.keys()
+    for k in single:
+        torch.testing.assert_close(r0[k], r1[k], rtol=0, atol=0)  # both processes: identical weights
+        torch.testing.assert_close(r0[k], single[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    # not vacuous: every trained weight moved, and the frozen last up block of the ReferenceNet did not. The
+    # zero-initialised norm2 biases (the LayerNorm before attn2) may stay: with ONE CLIP token softmax is 1
+    # whatever the query, so attn2's query path gets a zero gradient (up to rounding, which Adam may amplify)
+    frozen = {k for k in single if k.startswith("reference_unet.up_blocks.1.")}
+    no_grad = {k for k in single if k.endswith("transformer_blocks.0.norm2.bias")}
+    moved = {k for k in single if not torch.equal(single[k], start[k])}
+    assert frozen and not moved & frozen and moved >= set(single) - frozen - no_grad
+    log = json.loads((tmp_path / "two" / "toy_animator" / "train_log.json").read_text())
+    assert log["processes"] == 2 and log["step"] == 3
+
+
+def _initial(tmp_path) -> dict:
+    """The weights the runs started from (seed 1, TINY), to check that training changed them."""
+    spec = importlib.util.spec_from_file_location("train_animator_init", SCRIPT)
+    T = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(T)
+    torch.manual_seed(1)
+    animator = T.Animator(TINY, stage=1)
+    T.init_stage1(animator)
+    return animator.state_dict()
+
+
+def test_resume_equals_an_uninterrupted_run(T, files, tmp_path):
+    assert T.main(_args(files, tmp_path / "straight", 4)) == 0
+    assert T.main(_args(files, tmp_path / "resumed", 2)) == 0
+    assert T.main(_args(files, tmp_path / "resumed", 4)) == 0  # picks up the checkpoint at step 2
+    a, b = _state(tmp_path / "straight" / "toy_animator"), _state(tmp_path / "resumed" / "toy_animator")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    log_a = json.loads((tmp_path / "straight" / "toy_animator" / "train_log.json").read_text())
+    log_b = json.loads((tmp_path / "resumed" / "toy_animator" / "train_log.json").read_text())
+    assert log_a["log"]["loss"] == pytest.approx(log_b["log"]["loss"], abs=1e-5)
+    assert log_a["log"]["steps"] == log_b["log"]["steps"] == [1, 2, 3, 4]
+    assert "resumed from" in (tmp_path / "resumed" / "train.log").read_text()
+
+
+# --- bad input --------------------------------------------------------------------------------------------
+def test_unwritable_output_folder_fails_before_any_work(T, files, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert T.main(_args(files, blocker / "run", 2)) == 2
+    assert "cannot write the output folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_stage2_names_missing_and_mismatched_weights(T, files, tmp_path):
+    stage2 = ["--stage", "2", "--out", str(tmp_path / "s2"), "--model-config", str(files / "tiny.json")]
+    with pytest.raises(T.TrainError, match=r"reference_unet/diffusion_pytorch_model.safetensors is missing"):
+        T.train(T.parse_args([*stage2, "--init-from", str(tmp_path / "nowhere")]))
+    # stage-1 weights of a wider model: the keys whose shapes differ are named
+    wider = dict(TINY, unet=dict(TINY["unet"], block_out_channels=[8, 24]))
+    T.write_weights(T.Animator(wider, stage=1), tmp_path / "wider")
+    with pytest.raises(T.TrainError, match=r"(?s)does not fit the model.*down_blocks\.1"):
+        T.train(T.parse_args([*stage2, "--init-from", str(tmp_path / "wider")]))
+    assert not (tmp_path / "s2").exists()  # nothing written
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(T, files, tmp_path):
+    assert T.main(_args(files, tmp_path / "run", 2)) == 0
+    before = _state(tmp_path / "run" / "checkpoint")
+    other = dict(TINY, pose_guider=dict(TINY["pose_guider"], block_out_channels=[4, 8, 16, 8]))
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    args = _args(files, tmp_path / "run", 4)
+    args[args.index("--model-config") + 1] = str(tmp_path / "other.json")
+    with pytest.raises(T.TrainError, match="another model config"):
+        T.train(T.parse_args(args))
+    after = _state(tmp_path / "run" / "checkpoint")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the checkpoint is untouched
+    shutil.rmtree(tmp_path / "run")
+
+
+def test_stage2_moves_the_motion_modules_and_nothing_else(T, files, tmp_path):
+    assert T.main(_args(files, tmp_path / "s1", 2)) == 0
+    stage2 = ["--stage", "2", "--out", str(tmp_path / "s2"), "--model-config", str(files / "tiny.json")]
+    stage2 += ["--init-from", str(tmp_path / "s1" / "toy_animator"), "--cache", str(tmp_path / "clips.pt")]
+    stage2 += [
+        "--num-items",
+        "2",
+        "--num-frames",
+        "4",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "1",
+        "--no-progress",
+    ]
+    assert T.main(stage2) == 0
+    before, after = _state(tmp_path / "s1" / "toy_animator"), _state(tmp_path / "s2" / "toy_animator")
+    motion = {k for k in after if "motion_modules" in k}
+    assert motion and set(after) - motion == set(before)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # everything else frozen, bit for bit
+    # proj_out starts at zero (AnimateDiff) and is trained: it moved
+    assert all(after[k].abs().sum() > 0 for k in motion if "proj_out" in k)
+    log = json.loads((tmp_path / "s2" / "toy_animator" / "train_log.json").read_text())
+    assert log["stage"] == 2 and log["data"]["num_frames"] == 4
