@@ -1,5 +1,5 @@
 # anim_lab: every target creates/updates .venv itself, so a fresh clone needs nothing else.
-#   make demo      the toy animator on a held-out toy identity, offline: out/demo/{demo.mp4,demo.gif,strip.png}
+#   make demo      the toy animator on a held-out toy identity, offline (writes out/demo/)
 #   make test      style (ruff), unit tests, chapter pairing and strict nbval over chapters/*.ipynb
 #   make lab       JupyterLab on chapters/ (adds the [lab] extra once), as root or not:
 #                  make lab LAB_OPTS="--port 8890 --no-browser"

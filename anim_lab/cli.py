@@ -180,7 +180,7 @@ def add_animate(subparsers) -> None:
         "--weights",
         default="toy",
         metavar="toy|DIR",
-        help="'toy' (the toy animator, not trained yet) or a folder: one saved by Pose2VideoPipeline."
+        help="'toy' (the embedded toy animator, 128 px) or a folder: one saved by Pose2VideoPipeline."
         "save_pretrained, or the official AnimateAnyone / AniPortrait weight folder (see --layout)",
     )
     p.add_argument(
@@ -220,12 +220,8 @@ def _check_device(device: str, dtype: str) -> torch.device:
 
 
 def _check_weights(weights: str, layout: str) -> tuple[Path, str]:
-    if weights == "toy":
-        raise CliError(
-            "--weights toy: there is no trained toy animator yet (it comes with the toy-animator issue); "
-            "pass --weights DIR, a folder saved by Pose2VideoPipeline.save_pretrained or the official "
-            "AnimateAnyone / AniPortrait weights"
-        )
+    if weights == "toy":  # the embedded toy animator (anim_lab/assets/toy_animator)
+        return TOY_ANIMATOR_DIR, "toy"
     folder = Path(weights)
     if not folder.is_dir():
         raise CliError(f"--weights {folder}: no such folder")
@@ -235,6 +231,8 @@ def _check_weights(weights: str, layout: str) -> tuple[Path, str]:
 
 
 def _load_pipeline(folder: Path, layout: str, dtype: torch.dtype) -> Pose2VideoPipeline:
+    if layout == "toy":
+        return load_toy_animator(folder)
     try:
         if layout == "anim_lab":
             return Pose2VideoPipeline.from_pretrained(folder, torch_dtype=dtype)

@@ -160,7 +160,7 @@ def test_zero_driving_frames(data, tmp_path):
     _error(argv, tmp_path, "no such video file or folder")
 
 
-def test_weights_missing_wrong_layout_or_toy(data, tmp_path):
+def test_weights_missing_wrong_layout_or_toy(data, tmp_path, monkeypatch):
     argv = animate_args(data, tmp_path / "out.mp4")
     argv[argv.index("--weights") + 1] = str(tmp_path / "nowhere")
     _error(argv, tmp_path, "nowhere: no such folder")
@@ -172,7 +172,8 @@ def test_weights_missing_wrong_layout_or_toy(data, tmp_path):
     )
     _error(argv + ["--layout", "aniportrait"], tmp_path, r"(?s)layout aniportrait.*incomplete")
     argv[argv.index("--weights") + 1] = "toy"
-    _error(argv, tmp_path, "no trained toy animator yet")
+    monkeypatch.setattr(cli, "TOY_ANIMATOR_DIR", tmp_path / "no_toy_animator")
+    _error(argv, tmp_path, r"toy animator's .*no_toy_animator.* is missing; train it")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CPU refusal")
@@ -204,12 +205,13 @@ def test_bad_numbers(data, tmp_path):
 
 def test_main_prints_the_error_and_exits_2(data, tmp_path, capsys):
     argv = animate_args(data, tmp_path / "out.mp4")
-    argv[argv.index("--weights") + 1] = "toy"
+    argv[argv.index("--weights") + 1] = str(tmp_path / "nowhere")
     with pytest.raises(SystemExit) as err:
         cli.main(argv)
     assert err.value.code == 2
     message = capsys.readouterr().err
-    assert message.startswith("anim-lab animate: error: --weights toy") and "Traceback" not in message
+    assert message.startswith("anim-lab animate: error: --weights ") and "no such folder" in message
+    assert "Traceback" not in message
     with pytest.raises(SystemExit) as err:
         cli.main(["video2pose", str(tmp_path / "missing.mp4"), str(tmp_path / "p.mp4")])
     assert err.value.code == 2 and "no such video file" in capsys.readouterr().err
