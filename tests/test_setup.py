@@ -132,11 +132,14 @@ def scratch(tmp_path):
 
 
 def _make_n(scratch: Path, *args: str, uid: int | None = None) -> list[str]:
-    env = dict(os.environ)
+    # a top-level make even under `make test` (an inherited MAKELEVEL/MAKEFLAGS prints "Entering directory")
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     if uid is not None:  # `id -u` answers this uid
         _fake_bin(scratch, "id", f'[ "$1" = "-u" ] && echo {uid} || /usr/bin/id "$@"')
         env["PATH"] = f"{scratch / 'bin'}:{env['PATH']}"
-    result = subprocess.run(["make", "-n", *args], cwd=scratch, capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        ["make", "-n", "--no-print-directory", *args], cwd=scratch, capture_output=True, text=True, env=env
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().splitlines()
 
