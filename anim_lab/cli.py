@@ -479,6 +479,9 @@ def demo(args: argparse.Namespace) -> Path:
         save_video(generated, tmp / "demo.mp4", fps=12)
         save_video(generated, tmp / "demo.gif", fps=12)
         PIL.Image.fromarray(demo_strip(reference, poses, generated, truth)).save(tmp / "strip.png")
+        tmp.chmod(
+            0o777 & ~video.current_umask()
+        )  # mkdtemp makes 0700; a folder made by mkdir gets 0777 minus the umask
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -128,11 +128,16 @@ def _read_gif(path: Path) -> tuple[np.ndarray, float]:
 # ------------------------------------------------------------------------------------------------------------
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it; it is put back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def _file_mode() -> int:
     """The permissions a new file gets from ``open()``: 0o666 minus the process umask."""
-    umask = os.umask(0)  # reading the umask means setting it; put it back at once
-    os.umask(umask)
-    return 0o666 & ~umask
+    return 0o666 & ~current_umask()
 
 
 def _check_destination(path: Path) -> None:

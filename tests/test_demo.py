@@ -2,6 +2,7 @@
 ablation switches against independent computations."""
 
 import importlib.util
+import os
 import re
 import sys
 from pathlib import Path
@@ -56,6 +57,9 @@ def test_demo_writes_video_gif_and_strip(tiny_weights, tmp_path, capsys):
     assert strip.shape == (4 * 128, 4 * 128, 3)  # 4 frames x (reference | pose | generated | truth)
     assert "strip.png" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # no temporary folder left
+    umask = os.umask(0o022)  # the folder gets what mkdir would give it, not mkdtemp's 0700
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_demo_on_the_committed_toy_animator(tmp_path):
