@@ -22,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
+from einops import rearrange
 
 from . import landmarks, video
 from .pipelines import Pose2VideoPipeline, save_video
 from .retarget import video2video_command
+from .vae import images_to_uint8
 
 __all__ = [
     "CliError",
@@ -457,9 +459,8 @@ def demo(args: argparse.Namespace) -> Path:
     item = ToyPortraitDataset("test", 128, args.frames, length=args.identity + 1, seed=2026, fps=25.0)[
         args.identity
     ]
-    to_u8 = lambda x: ((x + 1) * 127.5).round().clamp(0, 255).byte().numpy()  # noqa: E731 [-1, 1] -> uint8
-    reference = to_u8(item["reference"].permute(1, 2, 0))  # (3, H, W) -> (H, W, 3)
-    truth = to_u8(item["frames"].permute(1, 2, 3, 0))  # (3, F, H, W) -> (F, H, W, 3)
+    reference = images_to_uint8(item["reference"])  # (3, H, W) -> (H, W, 3)
+    truth = images_to_uint8(rearrange(item["frames"], "c f h w -> f c h w"))  # -> (F, H, W, 3)
     poses = (item["poses"].permute(1, 2, 3, 0) * 255).round().byte().numpy()  # (F, H, W, 3)
     frames = pipe(
         reference,

@@ -46,7 +46,7 @@ from anim_lab.landmarks import FaceLandmarker, NoFaceError
 from anim_lab.pipelines import pose2video
 from anim_lab.toy import ToyPortraitDataset
 from anim_lab.unet import VideoUNet
-from anim_lab.vae import psnr
+from anim_lab.vae import images_from_uint8, images_to_uint8, psnr
 
 EVAL_SEED = 2027  # the held-out cases (test identities, motion seeds of their own)
 METRICS = ("psnr", "ssim", "detect", "pose_px", "id_top1", "flicker")
@@ -68,18 +68,13 @@ def make_cases(num_cases: int = 4, num_frames: int = 24, seed: int = EVAL_SEED) 
     for item in data:
         cases.append(
             Case(
-                reference=_u8(item["reference"].permute(1, 2, 0)),  # (3, H, W) -> (H, W, 3)
+                reference=images_to_uint8(item["reference"]),  # (3, H, W) -> (H, W, 3)
                 poses=(item["poses"].permute(1, 2, 3, 0) * 255).round().byte().numpy(),  # -> (F, H, W, 3)
-                truth=_u8(item["frames"].permute(1, 2, 3, 0)),  # (3, F, H, W) -> (F, H, W, 3)
+                truth=images_to_uint8(rearrange(item["frames"], "c f h w -> f c h w")),  # (F, H, W, 3)
                 landmarks=item["landmarks"].numpy(),
             )
         )
     return cases
-
-
-def _u8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] float -> uint8."""
-    return ((x + 1) * 127.5).round().clamp(0, 255).byte().numpy()
 
 
 def generate(pipe, case: Case, steps: int = 10, cfg: float = 3.5, seed: int = 42, **kwargs) -> np.ndarray:
@@ -100,8 +95,7 @@ def generate(pipe, case: Case, steps: int = 10, cfg: float = 3.5, seed: int = 42
 # --- metrics ---------------------------------------------------------------------------------------------
 def frame_psnr(video: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """(F, H, W, 3) uint8 pair -> PSNR per frame (dB), the project's definition (anim_lab.vae.psnr)."""
-    to = lambda x: torch.from_numpy(x).float() / 127.5 - 1  # noqa: E731  uint8 -> [-1, 1]
-    return psnr(to(video), to(truth)).numpy()
+    return psnr(images_from_uint8(video), images_from_uint8(truth)).numpy()
 
 
 def frame_ssim(video: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -139,8 +133,7 @@ class IdentityProbe:
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> torch.Tensor:
         """(N, H, W, 3) uint8 -> (N, D) unit vectors."""
-        x = torch.from_numpy(images).float() / 127.5 - 1  # (N, H, W, 3) in [-1, 1]
-        x = rearrange(x, "n h w c -> n c h w")
+        x = images_from_uint8(images)  # (N, H, W, 3) uint8 -> (N, 3, H, W) in [-1, 1]
         x = torch.nn.functional.interpolate(
             x, size=(self.size, self.size), mode="bicubic", align_corners=False
         )

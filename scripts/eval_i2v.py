@@ -41,19 +41,18 @@ from anim_lab import clip as C  # noqa: E402
 from anim_lab import flow, toy  # noqa: E402
 from anim_lab.causal_vae import CausalVAE  # noqa: E402
 from anim_lab.landmarks import FaceLandmarker, NoFaceError  # noqa: E402
-from anim_lab.vae import psnr  # noqa: E402
+from anim_lab.vae import images_from_uint8, images_to_uint8, psnr  # noqa: E402
 from scripts.train_toy_i2v import render_clip  # noqa: E402
 
 
 def to_video(frames_u8: np.ndarray) -> torch.Tensor:
     """(N, F, H, W, 3) uint8 -> (N, 3, F, H, W) in [-1, 1]."""
-    return rearrange(torch.from_numpy(frames_u8), "n f h w c -> n c f h w").float() / 127.5 - 1
+    return rearrange(images_from_uint8(frames_u8), "n f c h w -> n c f h w")
 
 
 def to_u8(video: torch.Tensor) -> np.ndarray:
     """(N, 3, F, H, W) in [-1, 1] -> (N, F, H, W, 3) uint8."""
-    x = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return rearrange(x, "n c f h w -> n f h w c").numpy()
+    return images_to_uint8(rearrange(video, "n c f h w -> n f c h w"))
 
 
 @torch.no_grad()

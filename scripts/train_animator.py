@@ -76,7 +76,7 @@ from anim_lab.pose_guider import PoseGuider
 from anim_lab.reference import reference_attention
 from anim_lab.toy import ToyPortraitDataset
 from anim_lab.unet import MOTION_KEY, ReferenceUNet, VideoUNet
-from anim_lab.vae import load_vae
+from anim_lab.vae import images_to_uint8, load_vae
 from anim_lab.weights import load_checkpoint, load_into
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,9 +188,9 @@ def build_cache(path: Path, num_items: int, num_frames: int, fps: float, seed: i
     ref_latents, tokens, latents, landmarks, identities = [], [], [], [], []
     with torch.no_grad():
         for item in tqdm(dataset, desc=f"pre-encoding {num_items} clips", mininterval=10):
-            ref_u8 = ((item["reference"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte()
+            ref_u8 = images_to_uint8(item["reference"])  # (3, H, W) -> (H, W, 3)
             token, ref_lat = pipe.encode_reference(
-                PIL.Image.fromarray(ref_u8.numpy()), 128, 128, torch.float32, "cpu"
+                PIL.Image.fromarray(ref_u8), 128, 128, torch.float32, "cpu"
             )  # (1, 1, D), (1, 4, h, w)
             frames = rearrange(item["frames"], "c f h w -> f c h w")  # (3, F, H, W) -> (F, 3, H, W)
             lat = vae.encode(frames).latent_dist.mean * vae.config.scaling_factor  # (F, 4, h, w)

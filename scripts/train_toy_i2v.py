@@ -55,6 +55,7 @@ if str(ROOT) not in sys.path:
 
 from anim_lab import flow, toy  # noqa: E402
 from anim_lab.causal_vae import CausalVAE  # noqa: E402
+from anim_lab.vae import images_from_uint8  # noqa: E402
 
 SIZE, NUM_FRAMES = 64, 17
 
@@ -73,7 +74,7 @@ def build_cache(seeds: list[int], path: Path, batch: int = 8) -> dict:
     means, stds = [], []
     for i in tqdm(range(0, len(seeds), batch), desc=f"encode {path.name}", mininterval=30):
         frames = np.stack([render_clip(s) for s in seeds[i : i + batch]])  # (B, F, H, W, 3)
-        video = rearrange(torch.from_numpy(frames), "b f h w c -> b c f h w").float() / 127.5 - 1
+        video = rearrange(images_from_uint8(frames), "b f c h w -> b c f h w")  # in [-1, 1]
         dist = vae.encode(video)  # (B, 3, 17, 64, 64) -> posterior over (B, 16, 5, 8, 8)
         means.append(dist.mean)
         stds.append(dist.std)
@@ -103,7 +104,7 @@ def add_image_latents(cache: dict, path: Path, batch: int = 64) -> dict:
     latents = []
     for i in range(0, len(cache["seeds"]), batch):
         first = np.stack([render_clip(s)[0] for s in cache["seeds"][i : i + batch]])  # (B, H, W, 3)
-        image = rearrange(torch.from_numpy(first), "b h w c -> b c h w").float() / 127.5 - 1
+        image = images_from_uint8(first)  # (B, 3, H, W) in [-1, 1]
         latents.append(flow.encode_condition_image(vae, image) / vae.scaling_factor)  # (B, 16, 1, 8, 8)
     cache["image_mean"] = torch.cat(latents)
     tmp = path.with_suffix(".tmp")
