@@ -355,11 +355,12 @@ _ANIMATOR_PARTS = ("reference_unet", "denoising_unet", "pose_guider")
 
 
 def load_toy_animator(folder: str | os.PathLike = TOY_ANIMATOR_DIR, scheduler: str = "scaled_linear"):
-    """The toy animator (weights written by scripts/train_animator.py) with the toy VAE and image encoder, as
-    a Pose2VideoPipeline. ``scheduler``: the DDIM betas, "scaled_linear" (what the training used, EchoMimic's
+    """The toy animator (weights written by scripts/train_animator.py) with the toy VAE and the frozen image
+    encoder it was trained with (its ``image_encoder/``, as the official checkpoints ship one), as a
+    Pose2VideoPipeline. ``scheduler``: the DDIM betas, "scaled_linear" (what the training used, EchoMimic's
     fix) or "linear" (the official inference configs). Missing files and keys that do not fit the config are
     named in a :class:`CliError`."""
-    from .clip import TOY_IMAGE_ENCODER_DIR, load_image_encoder
+    from .clip import load_image_encoder
     from .guidance import build_scheduler
     from .pose_guider import PoseGuider
     from .unet import ReferenceUNet, VideoUNet
@@ -367,6 +368,13 @@ def load_toy_animator(folder: str | os.PathLike = TOY_ANIMATOR_DIR, scheduler: s
     from .weights import load_checkpoint, load_into
 
     folder = Path(folder)
+    encoder_weights = folder / "image_encoder" / "model.safetensors"
+    if not encoder_weights.is_file():
+        raise CliError(
+            f"the toy animator's {encoder_weights} is missing (the frozen image encoder it was trained "
+            f"with); train it with scripts/train_animator.py (see {TOY_ANIMATOR_DIR.name}/COMMANDS.md) or "
+            "restore the file from git"
+        )
     parts = {}
     for name in _ANIMATOR_PARTS:
         config_path, weights_path = (
@@ -394,7 +402,7 @@ def load_toy_animator(folder: str | os.PathLike = TOY_ANIMATOR_DIR, scheduler: s
     vae_dir = Path(__file__).resolve().parent / "assets" / "toy_vae"
     return Pose2VideoPipeline(
         vae=load_vae(vae_dir).requires_grad_(False),
-        image_encoder=load_image_encoder(TOY_IMAGE_ENCODER_DIR),
+        image_encoder=load_image_encoder(folder / "image_encoder"),
         scheduler=build_scheduler(scheduler),
         **parts,
     )

@@ -350,10 +350,13 @@ def toy_text_tokens(captions: list[str]) -> dict:
     """Captions -> the transformer's text inputs from the toy CLIP's text tower: ``encoder_hidden_states``
     (N, 24, 128) (last hidden states, padded to the tokenizer's 24), ``encoder_attention_mask`` (N, 24),
     ``pooled_projections`` (N, 64)
-    (the projected text embedding). The empty caption "" is the unconditional input for CFG."""
-    from .clip import load_toy_clip
+    (the projected text embedding). The empty caption "" is the unconditional input for CFG.
 
-    model, tokenizer = load_toy_clip()
+    The text tower is the frozen toy CLIP the committed i2v models were trained with, kept beside them in
+    ``toy_i2v/clip`` (as HunyuanVideo ships its text encoders with the transformer)."""
+    from .clip import load_clip
+
+    model, tokenizer = load_clip(TOY_I2V_DIR / "clip")
     batch = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt")
     out = model.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return dict(

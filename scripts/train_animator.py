@@ -44,8 +44,10 @@ The reference UNet's ``up_blocks.3`` is frozen, as the reference does (its outpu
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -67,7 +69,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from anim_lab import configs
-from anim_lab.clip import TOY_IMAGE_ENCODER_DIR, load_image_encoder
+from anim_lab.clip import load_image_encoder
 from anim_lab.guidance import DDIM_OFFICIAL, build_scheduler, draw_uncond
 from anim_lab.landmarks import draw_pose_image
 from anim_lab.pipelines import Pose2VideoPipeline
@@ -81,6 +83,9 @@ from anim_lab.weights import load_checkpoint, load_into
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_VAE_DIR = ROOT / "anim_lab" / "assets" / "toy_vae"
+# the frozen image encoder the committed animator was trained with; it travels with the weights, as the
+# official checkpoints ship their image_encoder/ folder
+ANIMATOR_ENCODER_DIR = ROOT / "anim_lab" / "assets" / "toy_animator" / "image_encoder"
 COMPONENTS = ("reference_unet", "denoising_unet", "pose_guider")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 LOG = logging.getLogger("train_animator")
@@ -175,13 +180,20 @@ def diffusion_loss(
 
 
 # --- data: pre-encoded latents of the toy world -------------------------------------------------------------
-def build_cache(path: Path, num_items: int, num_frames: int, fps: float, seed: int) -> dict:
+def build_cache(
+    path: Path,
+    num_items: int,
+    num_frames: int,
+    fps: float,
+    seed: int,
+    encoder_dir: Path = ANIMATOR_ENCODER_DIR,
+) -> dict:
     """Render ``num_items`` toy clips (train identities) and encode them once: reference latents and CLIP
     token (exactly as the pipeline encodes a reference), the frames' latents (VAE mean x scaling),
     landmarks (to draw the pose images at training time) and the CLIP token of zero pixels (the dropped
     condition)."""
     vae = load_vae(TOY_VAE_DIR)
-    encoder = load_image_encoder(TOY_IMAGE_ENCODER_DIR)
+    encoder = load_image_encoder(encoder_dir)
     # a pipeline only for its encode_reference (the same preprocessing at training and at inference)
     pipe = Pose2VideoPipeline(vae, encoder, None, None, None, build_scheduler())
     dataset = ToyPortraitDataset("train", 128, num_frames, num_items, seed, fps=fps)
@@ -208,20 +220,39 @@ def build_cache(path: Path, num_items: int, num_frames: int, fps: float, seed: i
         "landmarks": torch.stack(landmarks),  # (N, F, 478, 2)
         "identities": torch.tensor(identities),  # (N,)
         "uncond_token": uncond[0],  # (1, D)
-        "meta": {"num_items": num_items, "num_frames": num_frames, "fps": fps, "seed": seed, "size": 128},
+        "meta": _cache_meta(num_items, num_frames, fps, seed, encoder_dir),
     }
     _atomic_torch_save(cache, path)
     return cache
 
 
-def load_cache(path: Path, num_items: int, num_frames: int, fps: float, seed: int) -> dict:
-    meta = {"num_items": num_items, "num_frames": num_frames, "fps": fps, "seed": seed, "size": 128}
+def _cache_meta(num_items: int, num_frames: int, fps: float, seed: int, encoder_dir: Path) -> dict:
+    digest = hashlib.sha256((Path(encoder_dir) / "model.safetensors").read_bytes()).hexdigest()[:16]
+    return {
+        "num_items": num_items,
+        "num_frames": num_frames,
+        "fps": fps,
+        "seed": seed,
+        "size": 128,
+        "image_encoder_sha256": digest,
+    }
+
+
+def load_cache(
+    path: Path,
+    num_items: int,
+    num_frames: int,
+    fps: float,
+    seed: int,
+    encoder_dir: Path = ANIMATOR_ENCODER_DIR,
+) -> dict:
+    meta = _cache_meta(num_items, num_frames, fps, seed, encoder_dir)
     if path.is_file():
         cache = torch.load(path, weights_only=True)
         if cache["meta"] == meta:
             return cache
         LOG.info("the cache %s was built with %s; rebuilding for %s", path, cache["meta"], meta)
-    return build_cache(path, num_items, num_frames, fps, seed)
+    return build_cache(path, num_items, num_frames, fps, seed, encoder_dir)
 
 
 def pose_batch(landmarks: torch.Tensor, size: int = 128) -> torch.Tensor:
@@ -295,7 +326,11 @@ def check_writable(out: Path) -> None:
 
 
 def write_weights(
-    animator: Animator, folder: Path, extra_files: dict[str, str] | None = None, state: dict | None = None
+    animator: Animator,
+    folder: Path,
+    extra_files: dict[str, str] | None = None,
+    state: dict | None = None,
+    copy_dirs: dict[str, Path] | None = None,
 ) -> None:
     """The animator in anim_lab/assets/toy_animator's layout (plus text files and a training state.pt),
     written to a temporary folder and renamed: a reader never sees a half-written folder."""
@@ -319,6 +354,8 @@ def write_weights(
             save_file(weights, tmp / name / WEIGHTS)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        for name, source in (copy_dirs or {}).items():  # e.g. the frozen image_encoder/
+            shutil.copytree(source, tmp / name)
         if state is not None:
             torch.save(state, tmp / "state.pt")
         old = folder.with_name(f".{folder.name}.old")
@@ -354,7 +391,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stage", type=int, choices=(1, 2), required=True)
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, logs, toy_animator/")
-    p.add_argument("--init-from", type=Path, help="stage 2: the stage-1 weights folder")
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        help="start from these weights (stage 2: the stage-1 folder, required; stage 1: continue a run)",
+    )
+    p.add_argument(
+        "--start-step",
+        type=int,
+        default=0,
+        help="with --init-from in stage 1: the step the weights were at (the draws and the warm-up continue "
+        "from there; the optimizer starts afresh)",
+    )
+    p.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        default=1.0,
+        help="cosine decay of the lr from --start-step to --max-steps, down to lr x this (1: constant)",
+    )
+    p.add_argument(
+        "--image-encoder",
+        type=Path,
+        default=ANIMATOR_ENCODER_DIR,
+        help="the frozen image encoder (copied into the weights folder as image_encoder/)",
+    )
     p.add_argument("--max-steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=8, help="the global batch (split over the processes)")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -381,6 +441,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.stage == 2 and args.init_from is None:
         p.error("--stage 2 needs --init-from (the stage-1 weights folder)")
+    if args.start_step and (args.init_from is None or args.stage != 1):
+        p.error("--start-step continues a stage-1 run: give it with --stage 1 and --init-from")
+    if not 0 < args.min_lr_ratio <= 1:
+        p.error(f"--min-lr-ratio must be in (0, 1], got {args.min_lr_ratio}")
+    if not (args.image_encoder / "model.safetensors").is_file():
+        p.error(
+            f"--image-encoder {args.image_encoder} has no model.safetensors "
+            "(it must be a CLIPVisionModelWithProjection folder)"
+        )
     args.num_items = args.num_items or (384 if args.stage == 1 else 96)
     args.num_frames = args.num_frames or (6 if args.stage == 1 else 16)
     args.fps = 2.0 if args.stage == 1 else 25.0
@@ -389,6 +458,16 @@ def parse_args(argv=None) -> argparse.Namespace:
             ROOT / "runs" / "toy_animator" / f"cache_{args.num_items}x{args.num_frames}_{args.fps:g}fps.pt"
         )
     return args
+
+
+def lr_factor(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up over --warmup-steps from --start-step, then a cosine from 1 down to --min-lr-ratio at
+    --max-steps (constant when the ratio is 1)."""
+    done = step - args.start_step
+    warm = min(1.0, (done + 1) / max(1, args.warmup_steps))
+    span = max(1, args.max_steps - args.start_step)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, done / span)))
+    return warm * (args.min_lr_ratio + (1 - args.min_lr_ratio) * cosine)
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -413,10 +492,12 @@ def train(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(args.seed)
     animator = Animator(config, args.stage)
-    if args.stage == 1:
+    if args.init_from is None:
         init_stage1(animator)
     else:
-        load_weights(animator, args.init_from, ignore_missing=(MOTION_KEY,))
+        load_weights(animator, args.init_from, ignore_missing=(MOTION_KEY,) if args.stage == 2 else ())
+    earlier = args.init_from / "train_log.json" if args.init_from else None
+    earlier = json.loads(earlier.read_text()) if earlier and earlier.is_file() else None
     params = animator.set_trainable()
 
     out = args.out
@@ -428,14 +509,16 @@ def train(args: argparse.Namespace) -> dict:
         LOG.addHandler(logging.StreamHandler(sys.stderr))
         LOG.setLevel(logging.INFO)
     with accelerator.main_process_first():
-        cache = load_cache(args.cache, args.num_items, args.num_frames, args.fps, args.data_seed)
+        cache = load_cache(
+            args.cache, args.num_items, args.num_frames, args.fps, args.data_seed, args.image_encoder
+        )
 
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     scheduler_lr = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps))
+        optimizer, lambda s: lr_factor(s + args.start_step, args)
     )
     log = {"steps": [], "loss": [], "lr": [], "seconds": []}
-    start, elapsed = 0, 0.0
+    start, elapsed = args.start_step, 0.0
     ckpt = out / "checkpoint"
     if (ckpt / "state.pt").is_file():  # resume
         state = torch.load(ckpt / "state.pt", weights_only=False)
@@ -480,6 +563,7 @@ def train(args: argparse.Namespace) -> dict:
             "data": cache["meta"],
             "scheduler": TRAIN_SCHEDULER,
             "log": log,
+            "earlier": earlier,  # the train_log.json of the --init-from weights (None when from scratch)
         }
         write_weights(
             net,
@@ -496,7 +580,12 @@ def train(args: argparse.Namespace) -> dict:
                 "lr_scheduler": scheduler_lr.state_dict(),
             },
         )
-        write_weights(net, out / "toy_animator", {"train_log.json": json.dumps(train_log, indent=1)})
+        write_weights(
+            net,
+            out / "toy_animator",
+            {"train_log.json": json.dumps(train_log, indent=1)},
+            copy_dirs={"image_encoder": args.image_encoder},
+        )
 
     model.train()
     bar = tqdm(

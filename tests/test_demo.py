@@ -43,7 +43,7 @@ def tiny_weights(tmp_path_factory):
         for p in animator.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     folder = tmp_path_factory.mktemp("tiny") / "toy_animator"
-    T.write_weights(animator, folder)
+    T.write_weights(animator, folder, copy_dirs={"image_encoder": T.ANIMATOR_ENCODER_DIR})
     return folder
 
 
@@ -68,7 +68,7 @@ def test_demo_on_the_committed_toy_animator(tmp_path):
     assert (out / "demo.mp4").stat().st_size > 0
 
 
-@pytest.mark.parametrize("case", ["missing", "mismatched", "unwritable"])
+@pytest.mark.parametrize("case", ["missing", "no_encoder", "mismatched", "unwritable"])
 def test_demo_bad_input_fails_clearly_and_writes_nothing(tiny_weights, tmp_path, capsys, case):
     import shutil
 
@@ -77,6 +77,9 @@ def test_demo_bad_input_fails_clearly_and_writes_nothing(tiny_weights, tmp_path,
     if case == "missing":
         (weights / "pose_guider" / "diffusion_pytorch_model.safetensors").unlink()
         message = r"pose_guider/diffusion_pytorch_model.safetensors is missing"
+    elif case == "no_encoder":  # the frozen image encoder travels with the weights
+        shutil.rmtree(weights / "image_encoder")
+        message = r"image_encoder/model.safetensors is missing \(the frozen image encoder.*; train it"
     elif case == "mismatched":  # the config says wider blocks than the weights have: keys named
         config = weights / "denoising_unet" / "config.json"
         config.write_text(config.read_text().replace("16", "24"))
@@ -194,4 +197,4 @@ def test_no_reference_attention_ignores_the_referencenet(E, tiny_pipe, case):
 
 def test_eval_script_names_missing_weights(E, tmp_path, capsys):
     assert E.main(["--weights", str(tmp_path / "nowhere"), "--cases", "1"]) == 2
-    assert re.search(r"nowhere/reference_unet/config.json is missing", capsys.readouterr().err)
+    assert re.search(r"nowhere/image_encoder/model.safetensors is missing", capsys.readouterr().err)

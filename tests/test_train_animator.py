@@ -4,6 +4,7 @@ processes against one process on the combined batch, resume against an uninterru
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -122,9 +123,9 @@ def test_condition_dropout_zeroes_the_clip_pixels_and_skips_the_referencenet(T, 
     assert 0.08 < np.mean(draws) < 0.12  # one coin per step, p = 0.1
     step = draws.index(True)
     batch = T.step_batch(cache, 1, step, 0, 4, 0.1)
-    from anim_lab.clip import TOY_IMAGE_ENCODER_DIR, load_image_encoder
+    from anim_lab.clip import load_image_encoder
 
-    encoder = load_image_encoder(TOY_IMAGE_ENCODER_DIR)
+    encoder = load_image_encoder(T.ANIMATOR_ENCODER_DIR)  # the encoder the cache was built with
     with torch.no_grad():
         zero_pixels = encoder(pixel_values=torch.zeros(1, 3, 96, 96)).image_embeds  # (1, D)
     torch.testing.assert_close(batch["tokens"], zero_pixels[:, None].expand(4, 1, -1))
@@ -225,6 +226,37 @@ def test_resume_equals_an_uninterrupted_run(T, files, tmp_path):
     assert "resumed from" in (tmp_path / "resumed" / "train.log").read_text()
 
 
+def test_stage1_continues_from_written_weights_at_their_step(T, files, tmp_path):
+    """--init-from W --start-step 2: the weights are W's, and the draws go on from step 2, so the first loss
+    of the continuation is the loss an uninterrupted run logged at step 3 (before its own update)."""
+    assert T.main(_args(files, tmp_path / "straight", 4)) == 0
+    assert T.main(_args(files, tmp_path / "first", 2)) == 0
+    weights = tmp_path / "first" / "toy_animator"
+    extra = ["--init-from", str(weights), "--start-step", "2", "--min-lr-ratio", "0.5"]
+    assert T.main(_args(files, tmp_path / "more", 4, *extra)) == 0
+    straight = json.loads((tmp_path / "straight" / "toy_animator" / "train_log.json").read_text())
+    more = json.loads((tmp_path / "more" / "toy_animator" / "train_log.json").read_text())
+    assert more["log"]["steps"] == [3, 4]
+    assert more["log"]["loss"][0] == pytest.approx(straight["log"]["loss"][2], abs=1e-5)
+    assert more["earlier"]["step"] == 2 and more["earlier"]["log"]["steps"] == [1, 2]  # the chain is kept
+    # the frozen image encoder travels with the weights, byte for byte
+    for name in ("config.json", "model.safetensors"):
+        copied = tmp_path / "more" / "toy_animator" / "image_encoder" / name
+        assert copied.read_bytes() == (T.ANIMATOR_ENCODER_DIR / name).read_bytes()
+
+
+def test_learning_rate_warm_up_and_cosine_against_the_formula(T):
+    args = T.parse_args(["--stage", "1", "--out", "x", "--max-steps", "100", "--warmup-steps", "10"])
+    args.start_step, args.min_lr_ratio = 20, 0.1
+    for step in (20, 25, 29, 30, 60, 99, 100):
+        done = step - 20
+        cosine = 0.5 * (1 + np.cos(np.pi * done / 80))
+        expected = min(1.0, (done + 1) / 10) * (0.1 + 0.9 * cosine)
+        assert T.lr_factor(step, args) == pytest.approx(expected, rel=1e-12)
+    args.min_lr_ratio = 1.0  # the default: constant after the warm-up
+    assert T.lr_factor(90, args) == 1.0
+
+
 # --- bad input --------------------------------------------------------------------------------------------
 def test_unwritable_output_folder_fails_before_any_work(T, files, tmp_path, capsys):
     blocker = tmp_path / "a_file"
@@ -232,6 +264,21 @@ def test_unwritable_output_folder_fails_before_any_work(T, files, tmp_path, caps
     assert T.main(_args(files, blocker / "run", 2)) == 2
     assert "cannot write the output folder" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--start-step", "5"], "--start-step continues a stage-1 run"),
+        (["--min-lr-ratio", "0"], r"--min-lr-ratio must be in \(0, 1\]"),
+        (["--image-encoder", "nowhere"], "--image-encoder nowhere has no model.safetensors"),
+    ],
+)
+def test_bad_continuation_arguments_are_named(T, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        T.parse_args(["--stage", "1", "--out", str(tmp_path / "run"), *argv])
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
 
 
 def test_stage2_names_missing_and_mismatched_weights(T, files, tmp_path):
