@@ -171,15 +171,23 @@ def plain_pose2video(
         ref_image_tensor = ref_processor.preprocess(ref_image, height=height, width=width).to(dtype)
         ref_image_latents = vae.encode(ref_image_tensor).latent_dist.mean * vae.config.scaling_factor
 
-        cond_processor = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True, do_normalize=False)
+        multi_scale = isinstance(pose_fea_module := pose_guider, PoseGuiderMultiScale)
+        # AniPortrait's faithful inference: uint8 numpy arrays through VaeImageProcessor(do_normalize=True),
+        # which does not divide them by 255: the [-1, 509] pose tensor
+        aniportrait_range = faithful and multi_scale
+        cond_processor = VaeImageProcessor(
+            vae_scale_factor=8, do_convert_rgb=True, do_normalize=aniportrait_range
+        )
+        as_input = (lambda im: np.asarray(im)) if aniportrait_range else (lambda im: im)  # noqa: E731
         pose_list = [
-            cond_processor.preprocess(p, height=height, width=width).unsqueeze(2) for p in pose_images
+            cond_processor.preprocess(as_input(p), height=height, width=width).unsqueeze(2)
+            for p in pose_images
         ]
         pose_cond_tensor = torch.cat(pose_list, dim=2).to(dtype)  # (1, 3, F, H, W)
         ref_pose_tensor = None
         if ref_pose_image is not None:
-            ref_pose_tensor = cond_processor.preprocess(ref_pose_image, height=height, width=width).to(dtype)
-        multi_scale = isinstance(pose_fea_module := pose_guider, PoseGuiderMultiScale)
+            ref_pose_tensor = cond_processor.preprocess(as_input(ref_pose_image), height=height, width=width)
+            ref_pose_tensor = ref_pose_tensor.to(dtype)
         if not multi_scale:
             pose_fea = pose_guider(pose_cond_tensor)  # AnimateAnyone: once, before the loop
 
@@ -202,7 +210,9 @@ def plain_pose2video(
                 b = latent_model_input.shape[0]
                 if multi_scale:  # AniPortrait: the guider runs per window, at every step
                     pose_window = pose_cond_tensor[:, :, context].repeat(2 if do_cfg else 1, 1, 1, 1, 1)
-                    latent_pose_input = pose_fea_module(pose_window, ref_pose_tensor)
+                    latent_pose_input = pose_fea_module(
+                        pose_window, ref_pose_tensor, faithful=aniportrait_range
+                    )
                 else:
                     latent_pose_input = pose_fea[:, :, context].repeat(2 if do_cfg else 1, 1, 1, 1, 1)
                 pred = denoising_unet(

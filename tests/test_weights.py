@@ -353,3 +353,21 @@ def test_causal_vae_from_pretrained_uses_load_into(tmp_path):
     back = CausalVAE.from_pretrained(folder)
     for k, v in back.state_dict().items():
         torch.testing.assert_close(v, sd[k], rtol=0, atol=0)
+
+
+def test_realign_copies_unaligned_tensors_and_keeps_their_values():
+    from anim_lab.weights import realign
+
+    layer = torch.nn.Linear(5, 3)
+    torch.nn.init.normal_(layer.weight)
+    storage = torch.empty(64, dtype=torch.float32)
+    unaligned = storage[1:16].view(3, 5)  # starts 4 bytes into a 64-byte aligned block
+    unaligned.copy_(layer.weight.detach())
+    layer.weight = torch.nn.Parameter(unaligned)
+    assert layer.weight.data_ptr() % 64 == 4
+    bias_ptr = layer.bias.data_ptr()
+    expected = layer.weight.detach().clone()
+    realign(layer)
+    assert layer.weight.data_ptr() % 64 == 0 and isinstance(layer.weight, torch.nn.Parameter)
+    assert torch.equal(layer.weight, expected) and layer.weight.requires_grad
+    assert layer.bias.data_ptr() == bias_ptr  # aligned tensors are left where they are

@@ -35,8 +35,10 @@ What differs from the reference, and why (the output is the same to float roundi
   (the reference adds the whole batch's prediction to every window of it: a bug, not reproduced).
 - Frames are decoded ``decode_chunk_size`` at a time (a 2D VAE decodes frames independently).
 - Without CFG the reference *sums* overlapping windows instead of averaging them, and it rounds the bank to
-  fp16 even in fp32 runs. Both are bugs; ``faithful=True`` reproduces them. (AniPortrait's [-1, 509] pose
-  range is not reproduced here: the pipeline gives both guiders [0, 1] poses, see ``anim_lab.pose_guider``.)
+  fp16 even in fp32 runs. Both are bugs; ``faithful=True`` reproduces them.
+- AniPortrait's inference feeds its guider uint8 pose arrays through ``2x - 1`` without ``/ 255``: a
+  [-1, 509] tensor, against the [-1, 1] it was trained on. The pipeline gives both guiders [0, 1] poses (see
+  ``anim_lab.pose_guider``); ``faithful=True`` with the multi-scale guider feeds it the [-1, 509] tensor.
 """
 
 from __future__ import annotations
@@ -73,11 +75,11 @@ from ..guidance import (
     set_timesteps,
 )
 from ..motion import MOTION_SD15
-from ..pose_guider import PoseGuider, PoseGuiderMultiScale
+from ..pose_guider import PoseGuider, PoseGuiderMultiScale, prepare_pose_images
 from ..reference import reference_attention
 from ..unet import ReferenceUNet, VideoUNet
 from ..vae import load_vae
-from ..weights import KeyMismatchError, load_checkpoint, load_into, read_unet_config
+from ..weights import KeyMismatchError, load_checkpoint, load_into, read_unet_config, realign
 
 __all__ = [
     "Pose2VideoPipeline",
@@ -296,12 +298,31 @@ class Pose2VideoPipeline(DiffusionPipeline):
         return clip_tokens, ref_latents.to(dtype)
 
     def encode_poses(
-        self, pose_images: Sequence, height: int, width: int, dtype, device, ref_pose_image=None
+        self,
+        pose_images: Sequence,
+        height: int,
+        width: int,
+        dtype,
+        device,
+        ref_pose_image=None,
+        faithful: bool = False,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Pose images -> pose features for the whole sequence: (1, C0, F, h, w), or AniPortrait's five
         multi-scale maps (1, C_k, F, h_k, w_k). Both guiders work frame by frame, so these are exactly the
-        features of any window's frames."""
+        features of any window's frames. ``faithful=True`` with AniPortrait's guider feeds it the [-1, 509]
+        tensor AniPortrait's inference builds (:func:`anim_lab.pose_guider.prepare_pose_images`)."""
         frames = [self._as_pil(p, f"pose image {i}") for i, p in enumerate(pose_images)]
+        if faithful and isinstance(self.pose_guider, PoseGuiderMultiScale):
+            guider_dtype = _dtype_of(self.pose_guider)
+            pose = self._faithful_pose_tensor(frames, height, width).to(
+                device, guider_dtype
+            )  # (1, 3, F, H, W)
+            ref_pose = None
+            if ref_pose_image is not None:
+                ref_pil = self._as_pil(ref_pose_image, "ref_pose_image")
+                ref_pose = self._faithful_pose_tensor([ref_pil], height, width)[:, :, 0]  # (1, 3, H, W)
+                ref_pose = ref_pose.to(device, guider_dtype)
+            return [f.to(dtype) for f in self.pose_guider(pose, ref_pose, faithful=True)]
         pose = self.pose_image_processor.preprocess(frames, height=height, width=width)  # (F, 3, H, W) [0, 1]
         guider_dtype = _dtype_of(self.pose_guider)
         pose = rearrange(pose, "f c h w -> 1 c f h w").to(device, guider_dtype)  # (1, 3, F, H, W)
@@ -313,6 +334,18 @@ class Pose2VideoPipeline(DiffusionPipeline):
                 ref_pose = ref_pose.to(device, guider_dtype)
             return [f.to(dtype) for f in self.pose_guider(pose, ref_pose)]
         return self.pose_guider(pose).to(dtype)
+
+    @staticmethod
+    def _faithful_pose_tensor(frames: list[PIL.Image.Image], height: int, width: int) -> torch.Tensor:
+        """AniPortrait's inference pose tensor (1, 3, F, H, W) in [-1, 509]: the uint8 frames, not divided by
+        255, through ``2x - 1``, resized as diffusers' VaeImageProcessor resizes a tensor (nearest)."""
+        pose = prepare_pose_images(
+            np.stack([np.asarray(f) for f in frames]), faithful=True
+        )  # (1, 3, F, H0, W0)
+        pose = rearrange(pose, "1 c f h w -> f c h w")
+        if pose.shape[-2:] != (height, width):
+            pose = torch.nn.functional.interpolate(pose, size=(height, width), mode="nearest")
+        return rearrange(pose, "f c h w -> 1 c f h w")
 
     def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int) -> torch.Tensor:
         """(1, 4, F, h, w) -> video (1, 3, F, H, W) in [-1, 1], ``decode_chunk_size`` frames per VAE call."""
@@ -353,9 +386,10 @@ class Pose2VideoPipeline(DiffusionPipeline):
         ``video_length`` defaults to all pose images; longer requests than ``context_frames`` run in
         overlapping windows (``context_overlap`` frames shared, ``context_batch_size`` windows per UNet call).
         ``ref_pose_image``: the reference's own pose image, for AniPortrait's guider (the released guider
-        ignores it). ``faithful=True`` reproduces two reference bugs: overlapping windows summed (not
-        averaged) without CFG, and the bank rounded to fp16. ``callback_on_step_end(pipe, i, t, {"latents":
-        ...})`` may return new latents. Output types: "pil", "np", "pt", "latent".
+        ignores it). ``faithful=True`` reproduces three reference bugs: overlapping windows summed (not
+        averaged) without CFG, the bank rounded to fp16, and (AniPortrait's guider) the [-1, 509] pose
+        range. ``callback_on_step_end(pipe, i, t, {"latents": ...})`` may return new latents. Output types:
+        "pil", "np", "pt", "latent".
         """
         ref_image = self._as_pil(ref_image, "ref_image")
         sample_size = self.denoising_unet.unet_kwargs.get("sample_size", 64)
@@ -378,7 +412,9 @@ class Pose2VideoPipeline(DiffusionPipeline):
         clip_tokens = clip_tokens.to(dtype)
 
         # 2. pose features for the whole sequence (1, C0, F, h, w) or a list of five
-        pose_fea = self.encode_poses(pose_images[:video_length], height, width, dtype, device, ref_pose_image)
+        pose_fea = self.encode_poses(
+            pose_images[:video_length], height, width, dtype, device, ref_pose_image, faithful=faithful
+        )
 
         # 3. initial noise (1, 4, F, h, w)
         timesteps = set_timesteps(self.scheduler, num_inference_steps, device=device)
@@ -520,12 +556,14 @@ class Pose2VideoPipeline(DiffusionPipeline):
             load_into(module, weights, assign=True, what=f"{name}/{_WEIGHTS}")
             return module.to(torch_dtype).eval()
 
+        # realign: tensors read at the files' byte offsets would move CPU sums by ~1e-6; aligned copies make
+        # the loaded pipeline compute bit for bit what the saved one did
         return cls(
-            vae=load_vae(folder / "vae", torch_dtype=torch_dtype),
-            image_encoder=load_image_encoder(folder / "image_encoder", torch_dtype=torch_dtype),
-            reference_unet=own("reference_unet"),
-            denoising_unet=own("denoising_unet"),
-            pose_guider=own("pose_guider"),
+            vae=realign(load_vae(folder / "vae", torch_dtype=torch_dtype)),
+            image_encoder=realign(load_image_encoder(folder / "image_encoder", torch_dtype=torch_dtype)),
+            reference_unet=realign(own("reference_unet")),
+            denoising_unet=realign(own("denoising_unet")),
+            pose_guider=realign(own("pose_guider")),
             scheduler=DDIMScheduler.from_pretrained(folder / "scheduler"),
         )
 
