@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -305,7 +308,12 @@ def main(argv=None) -> int:
     p.add_argument(
         "--ablations", default="", help="comma list of reference,pose,motion,cfg,steps,context or 'all'"
     )
+    p.add_argument("--json", type=Path, help="also write the table (and the seam errors) to this JSON file")
     args = p.parse_args(argv)
+    parent = _existing_parent(args.json) if args.json is not None else None
+    if parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK)):
+        print(f"eval_animator: error: cannot write {args.json}: choose another --json path", file=sys.stderr)
+        return 2
     torch.set_num_threads(1)
     try:
         pipe = load_toy_animator(args.weights, scheduler=args.scheduler)
@@ -332,11 +340,33 @@ def main(argv=None) -> int:
         rows.update({f"{n} steps": r for n, r in sweep_steps(pipe, cases, probe=probe, **gen).items()})
     print(f"{args.cases} held-out cases x {args.frames} frames at 128 px, {args.steps} steps, cfg {args.cfg}")
     print(format_table(rows))
+    seams = {}
     if "context" in wanted:
-        for overlap, r in context_seams(pipe, **gen).items():
+        seams = context_seams(pipe, **gen)
+        for overlap, r in seams.items():
             seam, quality = r["seam_error"], r["psnr"]
             print(f"64 frames, windows of 16, overlap {overlap}: seam error {seam:.4f}, PSNR {quality:.2f}")
+    if args.json is not None:
+        record = {
+            "command": " ".join(["scripts/eval_animator.py", *(argv if argv is not None else sys.argv[1:])]),
+            "cases": args.cases,
+            "frames": args.frames,
+            "steps": args.steps,
+            "cfg": args.cfg,
+            "rows": {name: {m: float(r[m]) for m in METRICS} for name, r in rows.items()},
+            "context_seams": {str(k): {m: float(v) for m, v in r.items()} for k, r in seams.items()},
+        }
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, args.json)
     return 0
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.resolve().parent
+    while not path.exists():
+        path = path.parent
+    return path
 
 
 if __name__ == "__main__":

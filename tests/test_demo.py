@@ -2,6 +2,7 @@
 ablation switches against independent computations."""
 
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -198,3 +199,38 @@ def test_no_reference_attention_ignores_the_referencenet(E, tiny_pipe, case):
 def test_eval_script_names_missing_weights(E, tmp_path, capsys):
     assert E.main(["--weights", str(tmp_path / "nowhere"), "--cases", "1"]) == 2
     assert re.search(r"nowhere/image_encoder/model.safetensors is missing", capsys.readouterr().err)
+
+
+def test_eval_script_writes_its_table_as_json(E, tiny_weights, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    argv = [
+        "--weights",
+        str(tiny_weights),
+        "--cases",
+        "1",
+        "--frames",
+        "2",
+        "--steps",
+        "1",
+        "--json",
+        str(out),
+    ]
+    assert E.main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["cases"] == 1 and set(record["rows"]) == {"copy reference (baseline)", "toy animator"}
+    # the baseline's PSNR from the formula: the reference image shown for every ground-truth frame
+    case = E.make_cases(1, 2)[0]
+    mse = ((case.truth.astype(np.float64) - case.reference[None].astype(np.float64)) ** 2).mean(
+        axis=(1, 2, 3)
+    )
+    expected = np.mean(10 * np.log10(255.0**2 / mse))
+    assert record["rows"]["copy reference (baseline)"]["psnr"] == pytest.approx(expected, abs=1e-3)
+    printed = capsys.readouterr().out
+    assert f"{record['rows']['toy animator']['psnr']:.3f}" in printed  # the file holds what was printed
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]  # no temporary file left
+
+
+def test_eval_script_refuses_an_unwritable_json_path(E, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    assert E.main(["--cases", "1", "--json", str(tmp_path / "a_file" / "eval.json")]) == 2
+    assert "cannot write" in capsys.readouterr().err
