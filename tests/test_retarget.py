@@ -1,13 +1,19 @@
-"""Video2Video retargeting (anim_lab.retarget) and the ``anim-lab video2video`` command."""
+"""Video2Video retargeting (anim_lab.retarget), the ``anim-lab video2video`` command, and
+scripts/eval_retarget.py's animation experiment on a tiny random animator."""
 
+import importlib.util
 import re
+import sys
 import wave
+from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import skimage.data
+import torch
 from scipy.spatial.transform import Rotation
+from skimage.metrics import structural_similarity
 
 from anim_lab import landmarks as L
 from anim_lab import retarget as R
@@ -16,6 +22,9 @@ from anim_lab import video as V
 from anim_lab.cli import main
 
 HELD_OUT = toy.identity_split("test")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_train_animator import TINY  # noqa: E402  (the tiny animator's sizes)
 
 
 def _random_rotation(rng):
@@ -316,3 +325,118 @@ def test_command_fails_on_a_driving_video_without_a_face(files, capsys):
     assert "no face found in any of the 3 driving frames" in capsys.readouterr().err
     assert not (files / "x.mp4").exists()
     (files / "empty.mp4").unlink()
+
+
+# --- scripts/eval_retarget.py: the poses through the toy animator -------------------------------------------
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # a dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ER():
+    return _load_script("eval_retarget")
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tmp_path_factory):
+    """A tiny animator with motion modules and random nonzero weights, written in the toy_animator layout and
+    loaded as the toy animator is (as tests/test_demo.py builds it)."""
+    from anim_lab.cli import load_toy_animator
+
+    T = _load_script("train_animator")
+    torch.manual_seed(0)
+    animator = T.Animator(TINY, stage=2)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in animator.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    folder = tmp_path_factory.mktemp("tiny") / "toy_animator"
+    T.write_weights(animator, folder, copy_dirs={"image_encoder": T.ANIMATOR_ENCODER_DIR})
+    pipe = load_toy_animator(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_animation_feeds_the_three_pose_sources_and_scores_them(ER, tiny_pipe):
+    size, frames = 64, 3
+    (out,) = ER.animate_cases(
+        tiny_pipe, 1, frames, size=size, seed=3, framing="own", steps=2, cfg=2.0, noise_seed=5, first_pair=40
+    )
+    # the case, built independently: A = HELD_OUT[40] driven by B = HELD_OUT[41], B's motion from seed 3
+    case = R.toy_case(HELD_OUT[40], HELD_OUT[41], seed=3, num_frames=frames, size=size, framing="own")
+    assert (out.case.reference, out.case.driver) == (case.reference, case.driver)
+    reference, _ = toy.render(case.reference, case.reference_pose, toy.Expression(), size)
+    np.testing.assert_array_equal(out.reference, reference)
+    truth = [
+        toy.render(case.reference, p, e, size)
+        for p, e in zip(case.target_poses, case.expressions, strict=True)
+    ]
+    np.testing.assert_array_equal(out.truth, np.stack([image for image, _ in truth]))
+
+    # the three sources: B's rendered landmarks, the retargeted reference, the ground truth's landmarks
+    raw_b = np.stack(
+        [toy.render(case.driver, p, e, size)[1] for p, e in zip(case.poses, case.expressions, strict=True)]
+    )
+    retargeted = R.retarget(case.reference_xyz(), case.driving_xyz(), size).landmarks
+    true_points = np.stack([points for _, points in truth])  # (F, 478, 2)
+    for name, points in zip(ER.ANIMATE_SOURCES, (raw_b, retargeted, true_points), strict=True):
+        np.testing.assert_allclose(out.landmarks[name], points, atol=1e-3)
+        drawn = np.stack([L.draw_pose_image(p, size, size) for p in out.landmarks[name]])
+        np.testing.assert_array_equal(out.poses[name], drawn)
+    assert not np.array_equal(out.poses["raw B landmarks"], out.poses["true landmarks"])
+
+    # the ceiling is a plain pipeline call on the ground truth's pose images with the same noise
+    direct = tiny_pipe(
+        reference,
+        [L.draw_pose_image(p, size, size) for p in true_points],
+        height=size,
+        width=size,
+        num_inference_steps=2,
+        guidance_scale=2.0,
+        generator=torch.Generator("cpu").manual_seed(5),
+        output_type="np",
+    ).frames[0]  # (F, H, W, 3) in [0, 1]
+    np.testing.assert_array_equal(out.videos["true landmarks"], (direct * 255).round().astype(np.uint8))
+    assert not np.array_equal(out.videos["raw B landmarks"], out.videos["true landmarks"])
+
+    # PSNR by hand (uint8: 10 log10(255^2 / MSE)) and SSIM per frame
+    for name, video in out.videos.items():
+        assert video.shape == (frames, size, size, 3) and video.dtype == np.uint8
+        mse = ((video.astype(np.float64) - out.truth) ** 2).reshape(frames, -1).mean(1)
+        np.testing.assert_allclose(out.psnr[name], 10 * np.log10(255.0**2 / mse), rtol=1e-5)
+        ssim = [
+            structural_similarity(v, t, channel_axis=2, data_range=255)
+            for v, t in zip(video, out.truth, strict=True)
+        ]
+        np.testing.assert_allclose(out.ssim[name], ssim)
+        assert out.face_px[name].shape == (frames,)  # NaN where mediapipe finds no face (random weights)
+
+    table = ER.animate_table([out])
+    assert list(table) == ["copy reference", *ER.ANIMATE_SOURCES]
+    for name in ER.ANIMATE_SOURCES:
+        assert table[name]["psnr"] == pytest.approx(out.psnr[name].mean(), rel=1e-6)
+        error = np.linalg.norm(out.landmarks[name] - case.target_landmarks(), axis=-1).mean()
+        assert table[name]["pose_px"] == pytest.approx(error, rel=1e-6)
+        assert table[name]["detect"] == pytest.approx(np.isfinite(out.face_px[name]).mean())
+    assert table["true landmarks"]["pose_px"] < 1e-3
+    assert table["raw B landmarks"]["pose_px"] > 1.0  # "own" framing: B stands elsewhere
+    still = np.repeat(reference[None].astype(np.float64), frames, axis=0)
+    mse = ((still - out.truth) ** 2).reshape(frames, -1).mean(1)
+    assert table["copy reference"]["psnr"] == pytest.approx(np.mean(10 * np.log10(255.0**2 / mse)), rel=1e-6)
+    assert table["copy reference"]["pose_px"] is None
+    assert "copy reference" in ER.format_animate_table(table)
+
+
+def test_face_errors_of_the_ground_truth_renders_are_small(ER):
+    case = R.toy_case(HELD_OUT[42], HELD_OUT[43], seed=1, num_frames=3, size=128)
+    with L.FaceLandmarker(video=False) as landmarker:
+        errors = ER.face_errors(case.target_frames(), case.target_landmarks(), landmarker)
+        blank = ER.face_errors(np.zeros((1, 128, 128, 3), np.uint8), case.target_landmarks()[:1], landmarker)
+    assert errors.shape == (3,) and np.all(errors < 3.0)  # mediapipe on renders, 128-px pixels
+    assert np.isnan(blank).all()
