@@ -33,7 +33,7 @@
 #   reference code waste, and what does anim_lab save? In a trained model, how much of each block's attention
 #   goes to the reference? What is lost without reference attention, in pictures and in an identity metric?
 #   What changes when the ReferenceNet sees a noised reference at t = 500 instead of the clean one at t = 0?
-# - **CPU runtime**: about 30 s
+# - **CPU runtime**: about 25 s
 #
 # Full-size shapes and FLOPs come from the `meta` device; sections 1–7 run on the TINY preset with random
 # weights; section 8 uses the trained toy animator shipped in `anim_lab/assets/toy_animator`.

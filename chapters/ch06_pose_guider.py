@@ -33,7 +33,7 @@
 #   mode on a batch of pose frames? Does AniPortrait's guider really use the reference landmarks? What does
 #   the [-1, 509] range slip do to the features? What does Hallo's face locator see? What does a trained
 #   guider compute at each stage, and how much of the driving motion is lost without it?
-# - **CPU runtime**: about 30 s
+# - **CPU runtime**: about 20 s
 #
 # Sections 1–9 use random weights, so they are about structure (shapes, what reaches what, what is zero, what
 # changes), not about good poses. Section 10 uses the trained toy animator in `anim_lab/assets/toy_animator`.

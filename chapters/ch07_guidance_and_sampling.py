@@ -33,7 +33,7 @@
 #   SNR 0? How do linear and scaled_linear betas differ, and what does their mismatch do? Which frames does
 #   each window of a 64-frame video cover, and why must overlapping predictions be averaged? What does the
 #   guidance scale do to a trained model's videos, and which scale do the metrics prefer?
-# - **CPU runtime**: about 30 s
+# - **CPU runtime**: about 25 s
 #
 # Facts about the reference code come from `implementations.md` §1.6, §1.7, §1.9, §1.10 and §3 of the shared
 # reference notes. Sections 1–8 use the TINY preset with random weights: they are about the loop, not about
