@@ -19,42 +19,57 @@
 # - **You will build**: the bank of a ReferenceNet at SD1.5 size (meta), the writer↔reader pairing both ways
 #   (the reference code's width sort and anim_lab's names), a reader re-derived by hand and checked against
 #   the library, the unconditional rows under CFG, the proof that the ReferenceNet's output is never used,
-#   and the attention work the reference code wastes
+#   the attention work the reference code wastes; then, on the trained toy animator, the share of each
+#   reader's attention that goes to the bank during a real generation (measured by hooks, the reader
+#   re-derived), generation with and without reference attention, and the bank written at t = 0 vs t = 500
 # - **Library modules**: `anim_lab.reference` (`reference_attention`, `ReferenceBank`, the writer/reader
-#   processors), `anim_lab.unet` (`ReferenceUNet`, `VideoUNet`, `attn_processors`), `anim_lab.inspect`
+#   processors), `anim_lab.unet` (`ReferenceUNet`, `VideoUNet`, `attn_processors`), `anim_lab.inspect`,
+#   `anim_lab.cli` (`load_toy_animator`), `anim_lab.pipelines.pose2video`; `scripts/eval_animator.py`
+#   (held-out cases, the identity probe, `without_reference_attention`)
 # - **Questions answered**: Why run the ReferenceNet on clean reference latents (t = 0), and what is stored?
 #   What does the bank hold at every block, and how much memory at 512² with CFG? Why does each writer pair
 #   with exactly one reader, and does the reference code's sort by width pair them by name? Why does the
 #   ReferenceNet need no `conv_out`? What do the unconditional rows see? How much attention work does the
-#   reference code waste, and what does anim_lab save?
-# - **CPU runtime**: about 45 s
+#   reference code waste, and what does anim_lab save? In a trained model, how much of each block's attention
+#   goes to the reference? What is lost without reference attention, in pictures and in an identity metric?
+#   What changes when the ReferenceNet sees a noised reference at t = 500 instead of the clean one at t = 0?
+# - **CPU runtime**: about 25 s
 #
-# Full-size shapes and FLOPs come from the `meta` device; every numerical experiment runs on the TINY preset
-# with random weights (nothing here needs a trained animator).
+# Full-size shapes and FLOPs come from the `meta` device; sections 1–7 run on the TINY preset with random
+# weights; section 8 uses the trained toy animator shipped in `anim_lab/assets/toy_animator`.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
+import contextlib
+import importlib.util
 import warnings
+from pathlib import Path
+from unittest import mock
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets: no stderr
 
 import diffusers
 import matplotlib
 import matplotlib.pyplot as plt
+import numpy as np
+import PIL.Image
 import torch
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import AttnProcessor2_0
 from einops import rearrange, repeat
 
 import anim_lab
+from anim_lab.cli import load_toy_animator
 from anim_lab.configs import SD15, TINY
 from anim_lab.inspect import count_flops, format_table, human
 from anim_lab.motion import MOTION_SD15, MOTION_TINY
+from anim_lab.pipelines import pose2video
 from anim_lab.reference import pair_blocks, reference_attention
 from anim_lab.unet import ReferenceUNet, VideoUNet, build_unet2d
-from anim_lab.viz import save
+from anim_lab.viz import image_grid, save
 
 torch.manual_seed(0)
+torch.set_num_threads(1)  # tiny tensors: one thread is as fast, and steady on a busy machine
 torch.set_grad_enabled(False)  # inference, except where a section turns gradients on
 torch.set_printoptions(precision=3, sci_mode=False)
 print(
@@ -415,6 +430,290 @@ _ = save(fig, "ch05_reference_attention_work")
 plt.show()
 
 # %% [markdown]
+# ## 8. The trained toy animator: where the attention goes
+#
+# Everything above used random weights. The toy animator (`anim_lab.cli.load_toy_animator()`, trained by
+# `scripts/train_animator.py` on the toy portrait world, 128×128 pixels, 16×16 latents) shows what a trained
+# reader does with the bank. Held-out cases come from `scripts/eval_animator.py`: an identity never seen in
+# training, a reference render in another pose, 8 driving pose images and the ground-truth frames.
+
+# %%
+spec = importlib.util.spec_from_file_location(
+    "eval_animator", Path(anim_lab.__file__).resolve().parents[1] / "scripts" / "eval_animator.py"
+)
+E = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(E)
+
+pipe = load_toy_animator()
+pipe.set_progress_bar_config(disable=True)
+motion = pipe.denoising_unet.motion_kwargs
+print("motion modules in the loaded denoiser:", "yes" if motion else "no (stage-1 weights)")
+gallery = E.make_cases(num_cases=8, num_frames=8)  # 8 held-out identities x 8 frames
+cases = gallery[:2]  # the two that are animated; all 8 serve as the identity gallery
+print("reference", cases[0].reference.shape, "| poses", cases[0].poses.shape, "| truth", cases[0].truth.shape)
+GEN = {"steps": 8, "cfg": 3.5, "seed": 42}  # few steps: enough on this toy world
+
+# %% [markdown]
+# **The share of attention on the reference, per block.** A forward hook on every reader `attn1` takes its
+# input during a real generation (8 steps, CFG), recomputes the conditional rows' softmax over
+# `[own tokens ; bank tokens]` with the block's own weights, and sums the weights that fall on the bank's
+# keys. The own frame and the reference have the same number of tokens at every block, so a query that did
+# not care would put half of its mass on each. To be sure the hook computes what the reader computes, it also
+# rebuilds the reader's output and compares it with the library's.
+
+
+# %%
+@contextlib.contextmanager
+def keep_bank(store):
+    """The pipeline's reference_attention, with the bank it yields kept in ``store["bank"]``."""
+    real = pose2video.reference_attention
+
+    @contextlib.contextmanager
+    def keeping(*args, **kwargs):
+        with real(*args, **kwargs) as bank:
+            store["bank"] = bank
+            yield bank
+
+    with mock.patch.object(pose2video, "reference_attention", keeping):
+        yield
+
+
+def reference_share(attn, x_cond, x_ref):
+    """x_cond (F, L, C) queries, x_ref (1, L_ref, C) bank entry -> output (F, L, C), share (F, heads, L)."""
+    own_and_ref = torch.cat([x_cond, x_ref.expand(len(x_cond), -1, -1)], dim=1)  # (F, L + L_ref, C)
+    q = rearrange(attn.to_q(x_cond), "n l (h d) -> n h l d", h=attn.heads)
+    k = rearrange(attn.to_k(own_and_ref), "n l (h d) -> n h l d", h=attn.heads)
+    v = rearrange(attn.to_v(own_and_ref), "n l (h d) -> n h l d", h=attn.heads)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)  # (F, h, L, L + L_ref)
+    out = attn.to_out[0](rearrange(weights @ v, "n h l d -> n l (h d)"))  # (F, L, C)
+    return out, weights[..., x_cond.shape[1] :].sum(-1)  # mass on the bank's keys
+
+
+readers = [n for n, m in pipe.denoising_unet.named_modules() if n.endswith(".attn1") and "motion" not in n]
+state, shares, worst, tokens = {}, {}, [], {}  # shares[(step, block)]: mean over frames, heads, queries
+
+
+def on_call(module, args):
+    state["step"] = state.get("step", -1) + 1  # one denoiser call per step (one window, CFG batch)
+
+
+def on_attn1(name):
+    def hook(attn, args, output):
+        x = args[0]  # (2F, L, C): [uncond frames ; cond frames]
+        half = len(x) // 2
+        entry = state["bank"].entries[name][-1:]  # (1, L_ref, C): the conditional reference row
+        by_hand, share = reference_share(attn, x[half:], entry)
+        tokens[name] = entry.shape[1]
+        worst.append((by_hand - output[half:]).abs().max().item())
+        shares[(state["step"], name)] = share.mean().item()
+
+    return hook
+
+
+handles = [pipe.denoising_unet.register_forward_pre_hook(on_call)]
+handles += [pipe.denoising_unet.get_submodule(n).register_forward_hook(on_attn1(n)) for n in readers]
+with keep_bank(state):
+    videos = {"bank at t = 0": [E.generate(pipe, cases[0], **GEN)]}  # (F, H, W, 3) uint8
+for h in handles:
+    h.remove()
+print(
+    f"{len(readers)} readers x {state['step'] + 1} steps hooked; reader re-derived, max |diff| < 1e-4:",
+    max(worst) < 1e-4,
+)
+
+# %%
+steps = state["step"] + 1
+rows = []
+for n in readers:
+    per_step = [shares[(s, n)] for s in range(steps)]
+    rows.append(
+        [
+            n.removesuffix(".transformer_blocks.0.attn1"),
+            pipe.denoising_unet.get_submodule(n).to_q.in_features,
+            tokens[n],
+            f"{per_step[0]:.2f}",
+            f"{per_step[steps // 2]:.2f}",
+            f"{per_step[-1]:.2f}",
+        ]
+    )
+print(
+    format_table(
+        rows, ["block", "width", "tokens", "share step 1", f"step {steps // 2 + 1}", f"step {steps}"]
+    )
+)
+mean_share = {n: np.mean([shares[(s, n)] for s in range(steps)]) for n in readers}
+print(
+    "a query that ignored content: 0.50 | blocks above it (mean over steps):",
+    sum(v > 0.5 for v in mean_share.values()),
+    "of",
+    len(readers),
+)
+
+# %%
+fig, ax = plt.subplots(figsize=(8, 3))
+names = [n.removesuffix(".transformer_blocks.0.attn1").replace("attentions.", "a") for n in readers]
+for s, colour in ((0, "tab:blue"), (steps - 1, "tab:orange")):
+    ax.plot(names, [shares[(s, n)] for n in readers], "o-", color=colour, label=f"step {s + 1} of {steps}")
+ax.axhline(0.5, color="grey", ls=":", label="a query that ignores content")
+ax.set_ylabel("attention on the bank")
+ax.set_ylim(0, 1)
+ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+ax.legend(fontsize=8)
+ax.set_title("trained toy animator: share of each reader's softmax on the reference tokens", fontsize=9)
+fig.tight_layout()
+_ = save(fig, "ch05_trained_reference_share")
+plt.show()
+
+# %% [markdown]
+# - Read the table against 0.5: a block above it looks at the reference more than at its own frame, a block
+#   below it less. The share is a property of the trained weights and of the step; the toy model has only
+#   ten readers, SD1.5 sixteen.
+# - The share says how much the reader *looks*, not how much the output *changes*: the values it copies may
+#   be close to its own frame's. What the bank is worth shows only when it is taken away:
+
+# %% [markdown]
+# **With and without reading the bank.** `without_reference_attention()` (from the evaluation script) runs
+# the same pipeline with `bank.enabled = False`: every reader is plain self-attention. The second variant
+# writes the bank from a **noised** reference at t = 500 instead of the clean latent at t = 0 — what the
+# ReferenceNet would see if it shared the denoiser's timestep. The identity metric: the toy image encoder's
+# embedding of each generated frame against the ground-truth frames (same index) of 8 held-out identities:
+# `id top-1 of 8` is the share whose nearest is its own identity (chance 1/8), the script's `id_top1` with a
+# larger gallery; `cos to own truth` is the mean cosine to its own ground-truth frame.
+
+
+# %%
+@contextlib.contextmanager
+def bank_written_at(t_ref, seed=0):
+    """The pipeline's bank written from the reference latent noised to t_ref (DDPM forward), at t_ref."""
+    real = pose2video.reference_attention
+
+    @contextlib.contextmanager
+    def noised(*args, **kwargs):
+        with real(*args, **kwargs) as bank:
+            clean_write = bank.write
+
+            def write(ref_latents, t=0, encoder_hidden_states=None):
+                noise = torch.randn(ref_latents.shape, generator=torch.Generator().manual_seed(seed))
+                noisy = pipe.scheduler.add_noise(ref_latents, noise, torch.tensor([t_ref]))
+                clean_write(noisy, t=t_ref, encoder_hidden_states=encoder_hidden_states)
+
+            bank.write = write
+            yield bank
+
+    with mock.patch.object(pose2video, "reference_attention", noised):
+        yield
+
+
+videos["bank at t = 0"].append(E.generate(pipe, cases[1], **GEN))
+with E.without_reference_attention():
+    videos["no reference attention"] = [E.generate(pipe, c, **GEN) for c in cases]
+with bank_written_at(500):
+    videos["bank at t = 500 (noised)"] = [E.generate(pipe, c, **GEN) for c in cases]
+probe = E.IdentityProbe()
+
+
+def identity_top1_among(videos, gallery):
+    """Share of the frames of videos[i] whose nearest ground-truth frame (same index; cosine of the toy image
+    encoder's embeddings), over every identity of the gallery, is identity i."""
+    hits = []
+    for f in range(len(gallery[0].truth)):
+        keys = probe(np.stack([g.truth[f] for g in gallery]))  # (N, D) unit vectors
+        queries = probe(np.stack([v[f] for v in videos]))  # (n, D)
+        hits.append((queries @ keys.T).argmax(dim=1) == torch.arange(len(videos)))  # (n,)
+    return torch.cat(hits).float().mean().item()
+
+
+check = videos["no reference attention"]
+print(
+    "by hand == eval_animator.identity_top1 (gallery = the 2 cases):",
+    abs(identity_top1_among(check, cases) - E.identity_top1(check, cases, probe)) < 1e-6,
+)
+rows = []
+for name, vs in {"copy the reference (baseline)": E.copy_reference(cases), **videos}.items():
+    psnr_db = np.mean([E.frame_psnr(v, c.truth).mean() for v, c in zip(vs, cases, strict=True)])
+    own = np.mean([(probe(v) * probe(c.truth)).sum(-1).mean().item() for v, c in zip(vs, cases, strict=True)])
+    rows.append([name, f"{psnr_db:.1f}", f"{identity_top1_among(vs, gallery):.2f}", f"{own:.2f}"])
+print(format_table(rows, ["variant (2 cases x 8 frames)", "PSNR dB", "id top-1 of 8", "cos to own truth"]))
+
+# %% [markdown]
+# - The copy-the-reference row is the yardstick: it has the identity by construction but the wrong pose, so
+#   its PSNR against the ground truth is what a still image gets.
+# - Without reference attention the reference still reaches the denoiser through its CLIP token in every
+#   `attn2`, so the identity need not vanish; the table shows how much of it is left, and the pictures below
+#   what the bank adds on top of the CLIP token (detail, colours, background).
+
+# %%
+picks = [0, 4, 7]
+c = cases[0]
+tiles, titles = [], []
+for f in picks:
+    tiles += [c.reference, c.poses[f], c.truth[f]] + [vs[0][f] for vs in videos.values()]
+    titles += ["reference", f"pose {f}", "ground truth"] + list(videos)
+fig = image_grid(
+    tiles,
+    titles,
+    ncols=6,
+    figsize=(10.5, 5.6),
+    suptitle="held-out identity: the trained toy animator with and without the bank",
+)
+_ = save(fig, "ch05_trained_with_without_reference")
+plt.show()
+
+# %% [markdown]
+# **What the ReferenceNet sees at t = 500.** The bank is written by the ReferenceNet outside the pipeline
+# here, once from the clean latent at t = 0 and once from the noised one at t = 500; the change of each
+# entry relative to its size, and the first three principal components of one block's tokens (fitted on the
+# t = 0 entry, the same projection for both) as colours:
+
+# %%
+ref_pil = PIL.Image.fromarray(c.reference)
+clip_tokens_c, ref_latents_c = pipe.encode_reference(
+    ref_pil, 128, 128, torch.float32, "cpu"
+)  # (1,1,D), (1,4,16,16)
+noise = torch.randn(ref_latents_c.shape, generator=torch.Generator().manual_seed(0))
+noisy_latents = pipe.scheduler.add_noise(ref_latents_c, noise, torch.tensor([500]))
+bank_at = {}  # t -> the bank's entries
+with reference_attention(pipe.reference_unet, pipe.denoising_unet) as bank:
+    for t_ref, lat in ((0, ref_latents_c), (500, noisy_latents)):
+        bank.write(lat, t=t_ref, encoder_hidden_states=clip_tokens_c)
+        bank_at[t_ref] = dict(bank.entries)
+for n in (readers[0], readers[len(readers) // 2], readers[-1]):
+    change = ((bank_at[500][n] - bank_at[0][n]).norm() / bank_at[0][n].norm()).item()
+    print(
+        f"{n.removesuffix('.transformer_blocks.0.attn1'):28s} bank entry changed by {change:.2f} of its norm"
+    )
+
+
+# %% [markdown]
+# - The noised latent (second picture) is what the ReferenceNet gets at t = 500: much of the face is gone.
+#   The printed relative changes say which bank entries follow the latent and which hardly depend on it.
+# - AnimateAnyone writes the bank at t = 0 from the clean latent: the reference is an image to copy from, not
+#   a sample to denoise, so nothing is gained by noising it. The table above shows how much this toy model's
+#   output moves when the bank is written from t = 500 instead.
+
+
+# %%
+def pca_rgb(x, basis, mean):
+    """(1, L, C) tokens -> (side, side, 3) image of three principal components, each scaled to [0, 1]."""
+    proj = (x[0] - mean) @ basis  # (L, C) @ (C, 3) -> (L, 3)
+    proj = (proj - proj.min(0).values) / (proj.max(0).values - proj.min(0).values)
+    side = int(proj.shape[0] ** 0.5)
+    return proj.reshape(side, side, 3).numpy()
+
+
+seen = pipe.decode_latents(rearrange(noisy_latents, "b c h w -> b c 1 h w"), 1)  # (1, 3, 1, H, W) in [-1, 1]
+tiles = [c.reference, ((rearrange(seen[0, :, 0], "c h w -> h w c") + 1) * 127.5).round().byte().numpy()]
+titles = ["reference", "latent noised to t = 500"]
+for n in (readers[0], readers[-1]):  # the first and the last writer, both 16x16 tokens
+    mean = bank_at[0][n][0].mean(0)  # (C,)
+    basis = torch.linalg.svd(bank_at[0][n][0] - mean, full_matrices=False).Vh[:3].T  # (C, 3), fitted at t = 0
+    tiles += [pca_rgb(bank_at[t_ref][n], basis, mean) for t_ref in (0, 500)]
+    titles += [f"{n.split('.attentions')[0]}, t = {t_ref}" for t_ref in (0, 500)]
+fig = image_grid(tiles, titles, figsize=(12, 2.5), suptitle="bank entries: 3 principal components as colours")
+_ = save(fig, "ch05_bank_t0_t500")
+plt.show()
+
+# %% [markdown]
 # ## Summary
 # - The ReferenceNet runs once per generation at t = 0 on the clean reference latent; its blocks' `attn1`
 #   inputs form the bank (16 entries at SD1.5; its size at 512² is printed in section 2). Its output is never
@@ -426,6 +725,9 @@ plt.show()
 #   together.
 # - The reference K/V depend only on the bank and the weights: projected once, they serve every frame and
 #   step; the unconditional rows need one plain `attn1`, not two.
+# - In the trained toy animator, hooks on the readers measure how much of each block's softmax lands on the
+#   bank; switching the readers off (`bank.enabled = False`) shows what the bank adds beyond the CLIP token,
+#   and a bank written from a noised reference shows what the t = 0 choice is about.
 #
 # ## Exercises
 # 1. With `fusion_blocks="midup"`, which blocks read the reference, and how large is the bank at 512²?
