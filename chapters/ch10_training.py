@@ -130,7 +130,9 @@ print(
 # frozen VAE and image encoder beside them:
 
 # %%
-pipe = load_toy_animator(WEIGHTS_DIR)  # the committed weights as a pipeline, with the scaled_linear DDIM of training
+pipe = load_toy_animator(
+    WEIGHTS_DIR
+)  # the committed weights as a pipeline, with the scaled_linear DDIM of training
 pipe.set_progress_bar_config(disable=True)
 vae = pipe.vae  # the toy VAE (the cache's latents come from it)
 image_encoder = pipe.image_encoder  # the frozen encoder that travels with the weights (image_encoder/)
@@ -603,8 +605,9 @@ plt.show()
 # $$\eta(s) = \eta_0 \cdot \min\!\Big(1, \frac{s - s_0 + 1}{W}\Big)\cdot
 #   \Big(r + (1 - r)\,\tfrac12\big(1 + \cos(\pi\,\min(1, \tfrac{s - s_0}{S - s_0}))\big)\Big)$$
 #
-# Recomputed from each run's logged arguments and compared with its logged lr (a run resumed with another
-# `--max-steps` would not match its earlier entries; the comparison would say so):
+# Recomputed from each run's logged arguments (those of its last invocation) and compared with its logged lr.
+# A run resumed with another `--max-steps` matches only from its resumption on, and the comparison says so
+# (`COMMANDS.md` beside the weights lists every invocation):
 
 # %%
 defaults = vars(T.parse_args(["--stage", "1", "--out", "unused"]))
@@ -612,8 +615,15 @@ for run, label in zip(runs, labels, strict=True):
     run_args = argparse.Namespace(**{**defaults, **run["args"]})
     formula = [run_args.lr * T.lr_factor(s, run_args) for s in run["log"]["steps"]]
     logged = run["log"]["lr"]
-    match = np.allclose(formula, logged, rtol=1e-6)
-    print(f"{label}: logged lr == formula: {match} (max {max(logged):.1e}, last {logged[-1]:.1e})")
+    ok = np.isclose(formula, logged, rtol=1e-6)
+    first = next((i for i in range(len(ok)) if ok[i:].all()), None)  # from here on, every entry matches
+    if first == 0:
+        where = "every logged step"
+    elif first is None:
+        where = "no logged step"
+    else:
+        where = f"steps {run['log']['steps'][first]}-{run['log']['steps'][-1]} (before: other arguments)"
+    print(f"{label}: logged lr == formula on {where} (max {max(logged):.1e}, last {logged[-1]:.1e})")
 
 # %% [markdown]
 # **The cost**, read from the logs: each run's steps, batch, processes and torch threads per process,

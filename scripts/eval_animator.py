@@ -43,7 +43,7 @@ from einops import rearrange
 from skimage.metrics import structural_similarity
 
 from anim_lab.cli import TOY_ANIMATOR_DIR, CliError, load_toy_animator
-from anim_lab.clip import TOY_IMAGE_ENCODER_DIR, ClipPreprocess, load_image_encoder
+from anim_lab.clip import ClipPreprocess, load_image_encoder
 from anim_lab.context import context_windows
 from anim_lab.landmarks import FaceLandmarker, NoFaceError
 from anim_lab.pipelines import pose2video
@@ -126,10 +126,12 @@ def pose_errors(video: np.ndarray, landmarks: np.ndarray, landmarker: FaceLandma
 
 
 class IdentityProbe:
-    """The toy image encoder's embeddings, with the pipeline's preprocessing (squash, CLIP-normalise)."""
+    """An image encoder's embeddings, with the pipeline's preprocessing (squash, CLIP-normalise). By default
+    the toy animator's own frozen encoder (``toy_animator/image_encoder``): the yardstick stays the same when
+    the package's toy CLIP is retrained."""
 
-    def __init__(self):
-        self.encoder = load_image_encoder(TOY_IMAGE_ENCODER_DIR)
+    def __init__(self, encoder_dir: str | Path = TOY_ANIMATOR_DIR / "image_encoder"):
+        self.encoder = load_image_encoder(encoder_dir)
         size = self.encoder.config.image_size
         self.size, self.preprocess = size, ClipPreprocess(size=size, crop_size=size)
 
@@ -321,7 +323,7 @@ def main(argv=None) -> int:
         print(f"eval_animator: error: {err}", file=sys.stderr)
         return 2
     pipe.set_progress_bar_config(disable=True)
-    cases, probe = make_cases(args.cases, args.frames), IdentityProbe()
+    cases, probe = make_cases(args.cases, args.frames), IdentityProbe(Path(args.weights) / "image_encoder")
     gen = {"steps": args.steps, "cfg": args.cfg}
     rows = {"copy reference (baseline)": score(copy_reference(cases), cases, probe)}
     rows["toy animator"] = run_variant(pipe, cases, probe, **gen)

@@ -132,8 +132,10 @@ def main(argv=None):
     own = float(psnr(flow.decode_latents(vae, image_latents)[:, :, 0], images).mean())
     text = flow.toy_text_tokens([flow.toy_caption(toy.identity_from_seed(s)) for s in seeds])
     uncond = flow.toy_text_tokens([""])
-    encoder = C.load_toy_image_encoder().eval()
-    preprocess = C.ClipPreprocess.from_folder(C.TOY_IMAGE_ENCODER_DIR)
+    # the identity yardstick: the image tower of the frozen toy CLIP stored with the models (toy_i2v/clip),
+    # the encoder eval.json was measured with; the package's toy CLIP may be retrained without moving it
+    encoder = C.vision_tower_of(C.load_clip(flow.TOY_I2V_DIR / "clip")[0]).eval()
+    preprocess = C.ClipPreprocess.from_folder(flow.TOY_I2V_DIR / "clip")
 
     rows = {
         "ground truth": dict(
