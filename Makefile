@@ -4,7 +4,7 @@
 #   make lab       JupyterLab on chapters/ (adds the [lab] extra once), as root or not:
 #                  make lab LAB_OPTS="--port 8890 --no-browser"
 #   make notebook  re-execute one chapter into its .ipynb:  make notebook CH=ch00_map
-#   make figures   re-execute every chapter, writing figures/ (ANIM_LAB_SAVE_FIGURES=1)
+#   make figures   re-execute every chapter, writing figures/ (ANIM_LAB_SAVE_FIGURES=1), and the demo's strip
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -54,6 +54,7 @@ figures: $(STAMP)
 	cd chapters && for py in $(notdir $(CHAPTERS)); do \
 		ANIM_LAB_SAVE_FIGURES=1 ../$(VENV)/bin/jupytext --to ipynb --set-kernel python3 --execute $$py || exit 1; \
 	done
+	$(VENV)/bin/anim-lab demo --out-dir out/demo && cp out/demo/strip.png figures/demo_strip.png
 
 lab: $(LAB_STAMP)
 	$(VENV)/bin/jupyter lab --notebook-dir=chapters $(ALLOW_ROOT) $(LAB_OPTS)

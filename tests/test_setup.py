@@ -180,6 +180,7 @@ def test_figures_reexecutes_every_chapter_with_the_switch(scratch):
     loop = " ".join(_make_n(scratch, "figures"))
     assert "ANIM_LAB_SAVE_FIGURES=1" in loop and "--execute $py" in loop
     assert "for py in ch00_map.py ch01_faces.py" in loop
+    assert "anim-lab demo --out-dir out/demo && cp out/demo/strip.png figures/demo_strip.png" in loop
     (note,) = _make_n(scratch, "notebook", "CH=ch00_map")[-1:]
     assert "ANIM_LAB_SAVE_FIGURES=1" in note and note.endswith("--execute ch00_map.py")
 
