@@ -41,9 +41,7 @@
 # %%
 # NBVAL_IGNORE_OUTPUT
 import contextlib
-import importlib.util
 import warnings
-from pathlib import Path
 from unittest import mock
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets: no stderr
@@ -438,11 +436,7 @@ plt.show()
 # training, a reference render in another pose, 8 driving pose images and the ground-truth frames.
 
 # %%
-spec = importlib.util.spec_from_file_location(
-    "eval_animator", Path(anim_lab.__file__).resolve().parents[1] / "scripts" / "eval_animator.py"
-)
-E = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(E)
+E = anim_lab.load_script("eval_animator")  # scripts/eval_animator.py: cases, metrics, ablations
 
 pipe = load_toy_animator()
 pipe.set_progress_bar_config(disable=True)

@@ -46,10 +46,8 @@ import warnings
 warnings.filterwarnings("ignore", message="IProgress not found")
 
 import contextlib
-import importlib.util
 import math
 import os
-from pathlib import Path
 
 import cv2
 import diffusers
@@ -544,11 +542,7 @@ plt.show()
 # `scripts/eval_animator.py`, through the guider stage by stage (re-derived and checked against `forward`):
 
 # %%
-spec = importlib.util.spec_from_file_location(
-    "eval_animator", Path(anim_lab.__file__).resolve().parents[1] / "scripts" / "eval_animator.py"
-)
-E = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(E)
+E = anim_lab.load_script("eval_animator")  # scripts/eval_animator.py: cases, metrics, ablations
 
 pipe = load_toy_animator()
 pipe.set_progress_bar_config(disable=True)

@@ -42,11 +42,9 @@
 # %%
 # NBVAL_IGNORE_OUTPUT
 import contextlib
-import importlib.util
 import os
 import random
 import warnings
-from pathlib import Path
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto without ipywidgets
 import diffusers
@@ -697,11 +695,7 @@ print("t =", t, "-> latents", tuple(latents.shape), "| finite:", bool(torch.isfi
 # the ground truth's own motion (`flicker`), printed with fewer digits than the script's table.
 
 # %%
-spec = importlib.util.spec_from_file_location(
-    "eval_animator", Path(anim_lab.__file__).resolve().parents[1] / "scripts" / "eval_animator.py"
-)
-E = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(E)
+E = anim_lab.load_script("eval_animator")  # scripts/eval_animator.py: cases, metrics, ablations
 
 pipe = load_toy_animator()
 pipe.set_progress_bar_config(disable=True)

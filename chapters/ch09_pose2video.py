@@ -47,9 +47,7 @@
 import warnings
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets: no stderr
-import importlib.util
 import io
-from pathlib import Path
 
 import diffusers
 import matplotlib
@@ -118,10 +116,7 @@ print(
 # is loaded from its file. One 64-frame case serves the whole chapter; its first 24 frames are the short run.
 
 # %%
-EVAL_SCRIPT = Path(anim_lab.__file__).resolve().parents[1] / "scripts" / "eval_animator.py"
-spec = importlib.util.spec_from_file_location("eval_animator", EVAL_SCRIPT)
-ev = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ev)
+ev = anim_lab.load_script("eval_animator")  # scripts/eval_animator.py: held-out cases and metrics
 
 case = ev.make_cases(num_cases=1, num_frames=64)[0]
 print("reference", case.reference.shape, case.reference.dtype)  # (H, W, 3) uint8

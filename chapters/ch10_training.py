@@ -44,7 +44,6 @@
 # NBVAL_IGNORE_OUTPUT
 import argparse
 import functools
-import importlib.util
 import json
 import tempfile
 import warnings
@@ -75,19 +74,8 @@ transformers_logging.disable_progress_bar()  # no "Loading weights" bars on stde
 torch.manual_seed(0)
 torch.set_printoptions(precision=4, sci_mode=False)
 np.set_printoptions(precision=4, suppress=True)
-SCRIPTS = Path(anim_lab.__file__).resolve().parents[1] / "scripts"
-
-
-def load_script(name):
-    """A script of the repository as a module (as tests/test_train_animator.py loads it)."""
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-T = load_script("train_animator")
-E = load_script("eval_animator")
+T = anim_lab.load_script("train_animator")  # scripts/train_animator.py as a module
+E = anim_lab.load_script("eval_animator")
 print(f"anim_lab {anim_lab.__version__}, torch {torch.__version__}, diffusers {diffusers.__version__}")
 print(f"accelerate {accelerate.__version__}, matplotlib {matplotlib.__version__}")
 

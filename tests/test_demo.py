@@ -1,7 +1,6 @@
 """`anim-lab demo` on the embedded toy animator, its bad input, and scripts/eval_animator.py's metrics and
 ablation switches against independent computations."""
 
-import importlib.util
 import json
 import os
 import re
@@ -13,6 +12,7 @@ import PIL.Image
 import pytest
 import torch
 
+import anim_lab
 from anim_lab import cli
 from anim_lab.context import context_windows
 
@@ -22,10 +22,7 @@ from test_train_animator import TINY  # noqa: E402  (the tiny animator's sizes)
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return anim_lab.load_script(name)
 
 
 @pytest.fixture(scope="module")

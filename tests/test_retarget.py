@@ -1,7 +1,6 @@
 """Video2Video retargeting (anim_lab.retarget), the ``anim-lab video2video`` command, and
 scripts/eval_retarget.py's animation experiment on a tiny random animator."""
 
-import importlib.util
 import re
 import sys
 import wave
@@ -15,6 +14,7 @@ import torch
 from scipy.spatial.transform import Rotation
 from skimage.metrics import structural_similarity
 
+import anim_lab
 from anim_lab import landmarks as L
 from anim_lab import retarget as R
 from anim_lab import toy
@@ -330,17 +330,9 @@ def test_command_fails_on_a_driving_video_without_a_face(files, capsys):
 # --- scripts/eval_retarget.py: the poses through the toy animator -------------------------------------------
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # a dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def ER():
-    return _load_script("eval_retarget")
+    return anim_lab.load_script("eval_retarget")
 
 
 @pytest.fixture(scope="module")
@@ -349,7 +341,7 @@ def tiny_pipe(tmp_path_factory):
     loaded as the toy animator is (as tests/test_demo.py builds it)."""
     from anim_lab.cli import load_toy_animator
 
-    T = _load_script("train_animator")
+    T = anim_lab.load_script("train_animator")
     torch.manual_seed(0)
     animator = T.Animator(TINY, stage=2)
     g = torch.Generator().manual_seed(1)

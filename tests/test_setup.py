@@ -210,3 +210,13 @@ def test_ipywidgets_where_chapters_run():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for extra in ("test", "lab"):
         assert any(Requirement(r).name == "ipywidgets" for r in extras[extra]), extra
+
+
+def test_load_script_gives_the_scripts_functions_and_names_a_missing_one(tmp_path, monkeypatch):
+    import anim_lab
+
+    T = anim_lab.load_script("train_animator")
+    assert T.__file__ == str(anim_lab.SCRIPTS_DIR / "train_animator.py") and callable(T.diffusion_loss)
+    monkeypatch.setattr(anim_lab, "SCRIPTS_DIR", tmp_path / "no_scripts")
+    with pytest.raises(FileNotFoundError, match=r"no_scripts/eval_animator.py not found: .*source checkout"):
+        anim_lab.load_script("eval_animator")
