@@ -31,7 +31,8 @@
 #   for a ReferenceNet?
 # - **CPU runtime**: about 15 s of CPU time
 #
-# The toy CLIP was trained by `scripts/train_toy_clip.py` (seed 0, four stages, 51 minutes on one CPU core): a
+# The toy CLIP was trained by `scripts/train_toy_clip.py` (seed 0, four stages run by
+# `scripts/retrain_toy_clip.sh`, about 80 minutes on one core of a shared CPU; section 8 prints them): a
 # transformers `CLIPModel` (image and text towers) with a word-level tokenizer built from the toy attribute
 # vocabulary. Its image tower is saved apart as a `CLIPVisionModelWithProjection` — the image encoder of the
 # toy animation models.
@@ -420,10 +421,11 @@ for pc in (0, 1):
 # Large-area attributes (background, shirt, skin, hair colour, hairstyle) are read almost perfectly, and so is
 # the mouth — open with white teeth, or closed. Eye colour is at chance, although the irises are plainly
 # visible in the renders. The mouth was not free: with the 128 → 96 crop of stages 1–2 (a 12-px patch = 12 px
-# of the render) the same CLIP stayed at chance on it (56% in the log, section 8). Zooming in to resize 160 (a
-# patch = 9.6 px of the render, the mouth spread over more patches) and weighting up the mouth's attribute
-# head fixed it in stage 3. An iris, 2–3 pixels inside one patch, is still lost: one pooled token, trained for
-# under an hour on a CPU, keeps what covers enough pixels and drops the rest, and a tighter crop would cost
+# of the render) the same CLIP stayed at chance on it (section 8 prints the log's mouth accuracy after each
+# stage). Zooming in to resize 160 (a patch = 9.6 px of the render, the mouth spread over more patches) and
+# weighting up the mouth's attribute head fixed it in stage 3. An iris, 2–3 pixels inside one patch, is still
+# lost: one pooled token, trained for about an hour on a CPU, keeps what covers enough pixels and drops the
+# rest, and a tighter crop would cost
 # the rest of the head. This is AnimateAnyone's argument for a **ReferenceNet**: a copy of the UNet that hands
 # the denoiser the reference's full spatial feature maps (chapter 05), so fine details need not survive a
 # single CLIP vector.
@@ -458,7 +460,8 @@ print(
 )
 for i, st in enumerate(stages):
     print(
-        f"stage {i + 1}: {st['minutes']:.0f} min, {st['steps']} steps, resize {st['resize']}, lr {st['lr']}, "
+        f"stage {i + 1}: {st['curve'][-1]['minutes']:.0f} min, {st['steps']} steps, resize {st['resize']}, "
+        f"lr {st['lr']}, "
         f"attribute-head weight {st['aux_weight']} (mouth +{st.get('mouth_weight', 0.0)}), "
         f"identity weight {st['identity_weight']}"
     )
@@ -473,7 +476,7 @@ fig, ax = plt.subplots(figsize=(7, 3.4))
 points, offset = [], 0.0
 for st in stages:
     points += [dict(c, minutes=c["minutes"] + offset) for c in st["curve"]]
-    offset += st["minutes"]
+    offset += st["curve"][-1]["minutes"]  # the wall time at the stage's last evaluation
     ax.axvline(offset, color="grey", ls=":", lw=0.8)
 for key in ("background", "skin", "hair", "hairstyle", "mouth", "eyes", "retrieval"):
     ax.plot([c["minutes"] for c in points], [c[key] for c in points], "o-", ms=3, label=key)
@@ -488,10 +491,11 @@ plt.show()
 # %% [markdown]
 # Read the last table with care: the evaluation protocol changed between stages. Stage 3 was evaluated on 60
 # held-out identities, the others on 100 (the pixel baseline, which only depends on the evaluation set, moves
-# with it). By the log, retrieval did **not** come back in stage 4: it fell from stages 1–2 to stage 3 and
-# fell again in stage 4, while the mouth went from chance to perfect. The log's retrieval and this chapter's
-# (section 6) also differ: both take top-1 among 4 views of 100 unseen identities, but with different
-# identities and different pose and expression ranges.
+# with it), so compare stages 1, 2 and 4 with each other, and stage 3 with nothing. Read that way, the zoom
+# (stages 3–4) took the mouth from chance to perfect and cost some hair colour (the tighter crop shows less
+# hair) and a little retrieval. The log's retrieval and this chapter's (section 6) also differ: both take
+# top-1 among 4 views of 100 unseen identities, but with different identities and different pose and
+# expression ranges.
 #
 # ## Summary
 #

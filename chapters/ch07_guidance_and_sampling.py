@@ -261,7 +261,7 @@ print(f"train/inference uncond gap, relative to the gap between two portraits: {
 # - Both unconditional contexts carry no image, so CFG still contrasts "this person" with "nobody". But at
 #   inference the unconditional rows see a context they never saw in training — a train/inference gap the
 #   reference lives with (users report colour shifts, Moore-AnimateAnyone #102). On this random attention
-#   layer the gap is about half the difference between two portraits.
+#   layer the gap is more than half the difference between two portraits (the ratio printed above).
 # - **Hallo** is consistent: stage 1 zeroes the 512-d face embedding *before* its `image_proj`, and inference
 #   feeds `image_proj(zeros)` — the projection of zeros (Linear → 4 tokens → LayerNorm), not zero tokens:
 

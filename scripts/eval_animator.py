@@ -261,8 +261,9 @@ def sweep_cfg(pipe, cases, scales=(1.0, 2.0, 3.5, 5.0, 7.0), probe=None, **gen) 
     return {s: run_variant(pipe, cases, probe, **{**gen, "cfg": s}) for s in scales}
 
 
-def sweep_steps(pipe, cases, steps=(5, 10, 25, 50), probe=None, **gen) -> dict[int, dict]:
-    return {n: run_variant(pipe, cases, probe, **{**gen, "steps": n}) for n in steps}
+def sweep_steps(pipe, cases, counts=(5, 10, 25, 50), probe=None, **gen) -> dict[int, dict]:
+    """The table for each number of denoising steps in ``counts`` (``gen`` may carry a "steps": replaced)."""
+    return {n: run_variant(pipe, cases, probe, **{**gen, "steps": n}) for n in counts}
 
 
 def seam_error(video: np.ndarray, truth: np.ndarray, windows: list[list[int]]) -> float:

@@ -231,3 +231,14 @@ def test_eval_script_refuses_an_unwritable_json_path(E, tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     assert E.main(["--cases", "1", "--json", str(tmp_path / "a_file" / "eval.json")]) == 2
     assert "cannot write" in capsys.readouterr().err
+
+
+def test_sweeps_take_the_generation_settings_and_vary_one(E, tiny_pipe):
+    cases = E.make_cases(1, 2)
+    gen = {"steps": 1, "cfg": 3.5}  # what main passes to every variant
+    by_steps = E.sweep_steps(tiny_pipe, cases, counts=(1, 2), **gen)
+    by_cfg = E.sweep_cfg(tiny_pipe, cases, scales=(1.0, 3.5), **gen)
+    assert sorted(by_steps) == [1, 2] and sorted(by_cfg) == [1.0, 3.5]
+    # the same settings give the same row, whichever sweep made it
+    assert by_steps[1]["psnr"] == pytest.approx(by_cfg[3.5]["psnr"], abs=1e-9)
+    assert by_steps[1]["psnr"] != pytest.approx(by_steps[2]["psnr"], abs=1e-6)
