@@ -33,7 +33,7 @@
 #   reach the ReferenceNet block that the reference freezes? How long did training take, and how did the loss
 #   and the learning rate go? How does the same script run on N processes, and why are its batches a function
 #   of (seed, step)?
-# - **CPU runtime**: about 40 s
+# - **CPU runtime**: about 15 s (wall clock, one strict nbval run)
 #
 # The script is Moore-AnimateAnyone's `train_stage_1.py` / `train_stage_2.py` rewritten for a tiny model
 # trained from scratch (`implementations.md` §1.10 lists the reference's settings). Only the final weights
