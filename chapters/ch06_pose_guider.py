@@ -45,9 +45,7 @@ import warnings
 # diffusers imports tqdm.auto, which warns on stderr when ipywidgets is absent; progress bars are unused here
 warnings.filterwarnings("ignore", message="IProgress not found")
 
-import contextlib
 import math
-import os
 
 import cv2
 import diffusers
@@ -85,22 +83,9 @@ torch.set_printoptions(precision=3, sci_mode=False)
 print(f"anim_lab {anim_lab.__version__}, torch {torch.__version__}, diffusers {diffusers.__version__}")
 
 
-@contextlib.contextmanager
-def quiet_stderr():
-    """mediapipe's C++ start-up logs go straight to file descriptor 2; send them nowhere."""
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(devnull)
-        os.close(saved)
-
-
 # a real face for the pose frames of sections 6-9: the astronaut's 478 landmarks
 astronaut = skimage.data.astronaut()  # (512, 512, 3) uint8
-with quiet_stderr(), FaceLandmarker() as landmarker:
+with FaceLandmarker() as landmarker:
     face = landmarker.detect(astronaut, "astronaut")
 
 # %% [markdown]
@@ -620,7 +605,7 @@ videos["toy animator"] = [E.generate(pipe, c, **GEN) for c in cases]  # (F, H, W
 with E.without_pose_guider(pipe):
     videos["no pose guider (zeros)"] = [E.generate(pipe, c, **GEN) for c in cases]
 rows = []
-with quiet_stderr(), FaceLandmarker(video=False) as toy_landmarker:
+with FaceLandmarker(video=False) as toy_landmarker:
     for name, vs in videos.items():
         errors = [
             e for v, c in zip(vs, cases, strict=True) for e in E.pose_errors(v, c.landmarks, toy_landmarker)

@@ -41,8 +41,6 @@
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-import contextlib
-import os
 import random
 import warnings
 
@@ -95,19 +93,6 @@ torch.set_printoptions(precision=3, sci_mode=False)
 np.set_printoptions(precision=3, suppress=True)
 print(f"anim_lab {anim_lab.__version__}, torch {torch.__version__}, diffusers {diffusers.__version__}")
 print(f"matplotlib {matplotlib.__version__}")
-
-
-@contextlib.contextmanager
-def quiet_stderr():
-    """mediapipe's C++ start-up logs (section 9) go straight to file descriptor 2; send them nowhere."""
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(devnull)
-        os.close(saved)
 
 
 # %% [markdown]
@@ -706,11 +691,10 @@ cases = E.make_cases(num_cases=2, num_frames=8)  # 2 held-out identities x 8 fra
 probe = E.IdentityProbe()
 SCALES = (1.0, 2.0, 3.5, 5.0, 7.0)
 sweep_videos, table = {}, {}
-with quiet_stderr():  # mediapipe's C++ start-up logs
-    table["copy reference (baseline)"] = E.score(E.copy_reference(cases), cases, probe)
-    for s in SCALES:  # what E.sweep_cfg does, keeping the videos for the pictures
-        sweep_videos[s] = [E.generate(pipe, c, steps=8, cfg=s, seed=42) for c in cases]  # (F, H, W, 3) uint8
-        table[f"cfg {s:g}"] = E.score(sweep_videos[s], cases, probe)
+table["copy reference (baseline)"] = E.score(E.copy_reference(cases), cases, probe)
+for s in SCALES:  # what E.sweep_cfg does, keeping the videos for the pictures
+    sweep_videos[s] = [E.generate(pipe, c, steps=8, cfg=s, seed=42) for c in cases]  # (F, H, W, 3) uint8
+    table[f"cfg {s:g}"] = E.score(sweep_videos[s], cases, probe)
 DECIMALS = {"psnr": 1, "ssim": 2, "detect": 2, "pose_px": 1, "id_top1": 2, "flicker": 3}  # stable digits only
 rows = [[name] + [f"{r[m]:.{d}f}" for m, d in DECIMALS.items()] for name, r in table.items()]
 print(format_table(rows, ["variant (2 cases x 8 frames)", *DECIMALS]))
