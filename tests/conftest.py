@@ -49,3 +49,21 @@ def pair():
     ours = CausalVAE(**CAUSAL_VAE_TINY).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
+
+
+@pytest.fixture(scope="session")
+def tiny_animator_weights(tmp_path_factory):
+    """A tiny animator with motion modules, every weight random and nonzero, written by train_animator.py in
+    the toy_animator layout (with the frozen image_encoder/). Shared by the demo, eval and retarget tests."""
+    from test_train_animator import TINY, _randomize
+
+    import anim_lab
+
+    T = anim_lab.load_script("train_animator")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    animator = T.Animator(TINY, stage=2)
+    _randomize(animator, 1)
+    folder = tmp_path_factory.mktemp("tiny") / "toy_animator"
+    T.write_weights(animator, folder, copy_dirs={"image_encoder": T.ANIMATOR_ENCODER_DIR})
+    return folder

@@ -18,7 +18,6 @@ from anim_lab.context import context_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train_animator import TINY  # noqa: E402  (the tiny animator's sizes)
 
 
 def _load(name):
@@ -31,18 +30,9 @@ def E():
 
 
 @pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    """A tiny animator with motion modules, every weight random and nonzero, in the toy_animator layout."""
-    T = _load("train_animator")
-    torch.manual_seed(0)
-    animator = T.Animator(TINY, stage=2)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in animator.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    folder = tmp_path_factory.mktemp("tiny") / "toy_animator"
-    T.write_weights(animator, folder, copy_dirs={"image_encoder": T.ANIMATOR_ENCODER_DIR})
-    return folder
+def tiny_weights(tiny_animator_weights):
+    """A tiny animator with motion modules, every weight random and nonzero (tests/conftest.py)."""
+    return tiny_animator_weights
 
 
 # --- the demo -------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from anim_lab.cli import main
 HELD_OUT = toy.identity_split("test")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train_animator import TINY  # noqa: E402  (the tiny animator's sizes)
 
 
 def _random_rotation(rng):
@@ -336,21 +335,12 @@ def ER():
 
 
 @pytest.fixture(scope="module")
-def tiny_pipe(tmp_path_factory):
-    """A tiny animator with motion modules and random nonzero weights, written in the toy_animator layout and
-    loaded as the toy animator is (as tests/test_demo.py builds it)."""
+def tiny_pipe(tiny_animator_weights):
+    """A tiny animator with motion modules and random nonzero weights (tests/conftest.py), loaded as the toy
+    animator is."""
     from anim_lab.cli import load_toy_animator
 
-    T = anim_lab.load_script("train_animator")
-    torch.manual_seed(0)
-    animator = T.Animator(TINY, stage=2)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in animator.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    folder = tmp_path_factory.mktemp("tiny") / "toy_animator"
-    T.write_weights(animator, folder, copy_dirs={"image_encoder": T.ANIMATOR_ENCODER_DIR})
-    pipe = load_toy_animator(folder)
+    pipe = load_toy_animator(tiny_animator_weights)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
