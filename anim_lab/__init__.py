@@ -10,7 +10,17 @@ from types import ModuleType
 
 __version__ = "0.1.0"
 
-SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "scripts"
+REPO_DIR = Path(__file__).resolve().parents[1]  # the source checkout (the package's parent folder)
+SCRIPTS_DIR = REPO_DIR / "scripts"
+
+
+def repo_relative(path: str | Path) -> str:
+    """``path`` as a training log records it: relative to the repository when inside it, so that a committed
+    log holds no machine's absolute path; any other path as given."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_DIR))
+    except ValueError:
+        return str(path)
 
 
 def load_script(name: str) -> ModuleType:

@@ -68,7 +68,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from anim_lab import configs
+from anim_lab import configs, repo_relative
 from anim_lab.clip import load_image_encoder
 from anim_lab.guidance import DDIM_OFFICIAL, build_scheduler, draw_uncond
 from anim_lab.landmarks import draw_pose_image
@@ -302,14 +302,6 @@ def train_step_loss(model, batch: dict, scheduler: DDPMScheduler, noise_offset: 
 
 
 # --- files --------------------------------------------------------------------------------------------------
-def _portable(path: Path) -> str:
-    """A path for the committed log: relative to the repository when inside it (no absolute path)."""
-    try:
-        return str(Path(path).resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
-
-
 def _atomic_torch_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -566,7 +558,7 @@ def train(args: argparse.Namespace) -> dict:
             "processes": world,
             "trainable_parameters": n_params,
             "seconds": round(elapsed, 1),
-            "args": {k: _portable(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "args": {k: repo_relative(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "command": " ".join(sys.argv),
             "data": cache["meta"],
             "scheduler": TRAIN_SCHEDULER,

@@ -71,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eval_toy_models as E  # noqa: E402
 
 from anim_lab import clip as C  # noqa: E402
-from anim_lab import toy  # noqa: E402
+from anim_lab import repo_relative, toy  # noqa: E402
 from anim_lab import vae as V  # noqa: E402
 from anim_lab.configs import TOY  # noqa: E402
 
@@ -217,16 +217,6 @@ def save_atomic(
         tmp.rename(folder)
 
 
-def _shown(path: Path | None) -> str | None:
-    """A path as the log records it: relative to the repository when inside it (no machine-specific paths)."""
-    if path is None:
-        return None
-    try:
-        return str(Path(path).resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
-
-
 def train(
     out: Path | None = DEFAULT_OUT,
     encoder_out: Path | None = DEFAULT_ENCODER_OUT,
@@ -298,7 +288,7 @@ def train(
         same_mouth_pairs=same_mouth_pairs,
         minutes=minutes,
         max_steps=max_steps,
-        init=_shown(init),
+        init=None if init is None else repo_relative(init),
         resize=resize,
         crop=CROP,
         patch=PATCH,
@@ -326,7 +316,7 @@ def train(
         opt.load_state_dict(state["opt"])
         g.set_state(state["generator"])
         step, elapsed_before, log = state["step"], state["elapsed_s"], state["log"]
-        print(f"resuming {_shown(out)} at step {step}", flush=True)
+        print(f"resuming {repo_relative(out)} at step {step}", flush=True)
     t0 = time.time() - elapsed_before
     bar = tqdm(
         total=max_steps, initial=step, disable=not progress, desc="toy CLIP", unit="step", mininterval=30

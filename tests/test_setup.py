@@ -220,3 +220,11 @@ def test_load_script_gives_the_scripts_functions_and_names_a_missing_one(tmp_pat
     monkeypatch.setattr(anim_lab, "SCRIPTS_DIR", tmp_path / "no_scripts")
     with pytest.raises(FileNotFoundError, match=r"no_scripts/eval_animator.py not found: .*source checkout"):
         anim_lab.load_script("eval_animator")
+
+
+def test_repo_relative_paths_for_committed_logs(tmp_path):
+    import anim_lab
+
+    inside = anim_lab.REPO_DIR / "runs" / "toy_animator" / "cache.pt"
+    assert anim_lab.repo_relative(inside) == str(Path("runs") / "toy_animator" / "cache.pt")
+    assert anim_lab.repo_relative(tmp_path / "x.pt") == str(tmp_path / "x.pt")  # outside: as given
