@@ -307,12 +307,28 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=24)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--cfg", type=float, default=3.5)
+    p.add_argument(
+        "--cfg-scales",
+        default="1,2,3.5,5,7",
+        help="the guidance scales of the cfg ablation (comma list)",
+    )
+    p.add_argument(
+        "--case-seed",
+        type=int,
+        default=EVAL_SEED,
+        help=f"which held-out cases (default {EVAL_SEED}, the reported ones; another seed gives a validation "
+        "set of other test identities and clips, for choosing settings such as the guidance scale)",
+    )
     p.add_argument("--scheduler", default="scaled_linear", choices=("scaled_linear", "linear"))
     p.add_argument(
         "--ablations", default="", help="comma list of reference,pose,motion,cfg,steps,context or 'all'"
     )
     p.add_argument("--json", type=Path, help="also write the table (and the seam errors) to this JSON file")
     args = p.parse_args(argv)
+    try:
+        scales = [float(s) for s in args.cfg_scales.split(",")]
+    except ValueError:
+        p.error(f"--cfg-scales must be a comma list of numbers such as 1,2,3.5, got {args.cfg_scales!r}")
     parent = _existing_parent(args.json) if args.json is not None else None
     if parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK)):
         print(f"eval_animator: error: cannot write {args.json}: choose another --json path", file=sys.stderr)
@@ -324,7 +340,10 @@ def main(argv=None) -> int:
         print(f"eval_animator: error: {err}", file=sys.stderr)
         return 2
     pipe.set_progress_bar_config(disable=True)
-    cases, probe = make_cases(args.cases, args.frames), IdentityProbe(Path(args.weights) / "image_encoder")
+    cases, probe = (
+        make_cases(args.cases, args.frames, args.case_seed),
+        IdentityProbe(Path(args.weights) / "image_encoder"),
+    )
     gen = {"steps": args.steps, "cfg": args.cfg}
     rows = {"copy reference (baseline)": score(copy_reference(cases), cases, probe)}
     rows["toy animator"] = run_variant(pipe, cases, probe, **gen)
@@ -338,10 +357,13 @@ def main(argv=None) -> int:
     if "motion" in wanted and pipe.denoising_unet.motion_kwargs:
         rows["no motion modules"] = ablate_motion(pipe, cases, probe, **gen)
     if "cfg" in wanted:
-        rows.update({f"cfg {s:g}": r for s, r in sweep_cfg(pipe, cases, probe=probe, **gen).items()})
+        rows.update({f"cfg {s:g}": r for s, r in sweep_cfg(pipe, cases, scales, probe=probe, **gen).items()})
     if "steps" in wanted:
         rows.update({f"{n} steps": r for n, r in sweep_steps(pipe, cases, probe=probe, **gen).items()})
-    print(f"{args.cases} held-out cases x {args.frames} frames at 128 px, {args.steps} steps, cfg {args.cfg}")
+    print(
+        f"{args.cases} held-out cases (case seed {args.case_seed}) x {args.frames} frames at 128 px, "
+        f"{args.steps} steps, cfg {args.cfg}"
+    )
     print(format_table(rows))
     seams = {}
     if "context" in wanted:
@@ -353,6 +375,7 @@ def main(argv=None) -> int:
         record = {
             "command": " ".join(["scripts/eval_animator.py", *(argv if argv is not None else sys.argv[1:])]),
             "cases": args.cases,
+            "case_seed": args.case_seed,
             "frames": args.frames,
             "steps": args.steps,
             "cfg": args.cfg,

@@ -369,7 +369,9 @@ def write_weights(
             shutil.rmtree(tmp)
 
 
-def load_weights(animator: Animator, folder: Path, components=COMPONENTS, ignore_missing=()) -> None:
+def load_weights(
+    animator: Animator, folder: Path, components=COMPONENTS, ignore_missing=(), ignore_unexpected=()
+) -> None:
     """Load components written by :func:`write_weights`; missing files and mismatched keys are named."""
     for name in components:
         path = folder / name / WEIGHTS
@@ -380,10 +382,29 @@ def load_weights(animator: Animator, folder: Path, components=COMPONENTS, ignore
             )
         try:
             load_into(
-                getattr(animator, name), load_checkpoint(path), ignore_missing=ignore_missing, what=str(path)
+                getattr(animator, name),
+                load_checkpoint(path),
+                ignore_missing=ignore_missing,
+                ignore_unexpected=ignore_unexpected,
+                what=str(path),
             )
         except ValueError as err:
             raise TrainError(str(err)) from None
+
+
+def load_motion_modules(animator: Animator, folder: Path) -> None:
+    """Stage 2 warm start: the motion modules of an earlier stage-2 run (``folder/denoising_unet``), for
+    continuing stage 2 on retrained stage-1 weights."""
+    path = folder / "denoising_unet" / WEIGHTS
+    if not path.is_file():
+        raise TrainError(f"--motion-from {folder}: {path} is missing (give a stage-2 toy_animator folder)")
+    state = {k: v for k, v in load_checkpoint(path).items() if MOTION_KEY in k}
+    if not state:
+        raise TrainError(f"--motion-from {folder}: {path} holds no motion modules (it is stage-1 weights)")
+    try:
+        load_into(animator.denoising_unet, state, subset=MOTION_KEY, what=str(path))
+    except ValueError as err:
+        raise TrainError(str(err)) from None
 
 
 # --- the loop -----------------------------------------------------------------------------------------------
@@ -415,6 +436,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=ANIMATOR_ENCODER_DIR,
         help="the frozen image encoder (copied into the weights folder as image_encoder/)",
     )
+    p.add_argument(
+        "--motion-from",
+        type=Path,
+        help="stage 2: start the motion modules from those of this stage-2 folder (default: zero-init)",
+    )
     p.add_argument("--max-steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=8, help="the global batch (split over the processes)")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -441,6 +467,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.stage == 2 and args.init_from is None:
         p.error("--stage 2 needs --init-from (the stage-1 weights folder)")
+    if args.motion_from is not None and args.stage != 2:
+        p.error("--motion-from is for stage 2 (stage 1 has no motion modules)")
     if args.start_step and (args.init_from is None or args.stage != 1):
         p.error("--start-step continues a stage-1 run: give it with --stage 1 and --init-from")
     if not 0 < args.min_lr_ratio <= 1:
@@ -495,7 +523,16 @@ def train(args: argparse.Namespace) -> dict:
     if args.init_from is None:
         init_stage1(animator)
     else:
-        load_weights(animator, args.init_from, ignore_missing=(MOTION_KEY,) if args.stage == 2 else ())
+        # stage 2 starts its motion modules afresh (or from --motion-from); stage 1 may continue from a
+        # stage-2 folder, whose motion modules it neither holds nor trains
+        load_weights(
+            animator,
+            args.init_from,
+            ignore_missing=(MOTION_KEY,) if args.stage == 2 else (),
+            ignore_unexpected=(MOTION_KEY,) if args.stage == 1 else (),
+        )
+    if args.motion_from is not None:
+        load_motion_modules(animator, args.motion_from)
     earlier = args.init_from / "train_log.json" if args.init_from else None
     earlier = json.loads(earlier.read_text()) if earlier and earlier.is_file() else None
     params = animator.set_trainable()

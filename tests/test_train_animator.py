@@ -331,3 +331,63 @@ def test_stage2_moves_the_motion_modules_and_nothing_else(T, files, tmp_path):
     assert all(after[k].abs().sum() > 0 for k in motion if "proj_out" in k)
     log = json.loads((tmp_path / "s2" / "toy_animator" / "train_log.json").read_text())
     assert log["stage"] == 2 and log["data"]["num_frames"] == 4
+
+
+def test_the_chain_stage2_to_stage1_to_stage2_with_motion_from(T, files, tmp_path):
+    """Stage 1 may continue from a stage-2 folder (its motion modules are dropped: stage 1 has none), and
+    stage 2 on the new weights may start its motion modules from the earlier stage-2 run's (--motion-from)."""
+    assert T.main(_args(files, tmp_path / "s1", 2)) == 0
+    clips = [
+        "--cache",
+        str(tmp_path / "clips.pt"),
+        "--num-items",
+        "2",
+        "--num-frames",
+        "4",
+        "--batch-size",
+        "1",
+    ]
+    stage2 = ["--stage", "2", "--model-config", str(files / "tiny.json"), *clips, "--no-progress"]
+    s2 = [*stage2, "--out", str(tmp_path / "s2"), "--init-from", str(tmp_path / "s1" / "toy_animator")]
+    assert T.main([*s2, "--max-steps", "2"]) == 0
+    first = _state(tmp_path / "s2" / "toy_animator")
+    motion = {k for k in first if "motion_modules" in k}
+    # stage 1 again, from the stage-2 folder
+    more = ["--init-from", str(tmp_path / "s2" / "toy_animator"), "--start-step", "2"]
+    assert T.main(_args(files, tmp_path / "s1b", 4, *more)) == 0
+    again = _state(tmp_path / "s1b" / "toy_animator")
+    assert set(again) == set(first) - motion
+    assert any(not torch.equal(again[k], first[k]) for k in again)  # stage 1 trained
+    # the motion modules of the first stage-2 run, loaded onto the retrained stage-1 weights
+    animator = T.Animator(TINY, stage=2)
+    T.load_weights(animator, tmp_path / "s1b" / "toy_animator", ignore_missing=("motion_modules",))
+    T.load_motion_modules(animator, tmp_path / "s2" / "toy_animator")
+    state = {f"denoising_unet.{k}": v for k, v in animator.denoising_unet.state_dict().items()}
+    assert all(torch.equal(state[k], first[k]) for k in motion)
+    assert all(torch.equal(state[k], again[k]) for k in state if k not in motion)
+    # and through the command line: the run starts from those motion modules (its first loss is not the
+    # zero-init run's)
+    s2b = [*stage2, "--init-from", str(tmp_path / "s1b" / "toy_animator"), "--max-steps", "1"]
+    assert T.main([*s2b, "--out", str(tmp_path / "fresh")]) == 0
+    assert (
+        T.main(
+            [*s2b, "--out", str(tmp_path / "warm"), "--motion-from", str(tmp_path / "s2" / "toy_animator")]
+        )
+        == 0
+    )
+    fresh, warm = (
+        json.loads((tmp_path / n / "toy_animator" / "train_log.json").read_text()) for n in ("fresh", "warm")
+    )
+    assert fresh["log"]["loss"][0] != pytest.approx(warm["log"]["loss"][0], abs=1e-6)
+
+
+def test_motion_from_is_named_when_wrong(T, files, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        T.parse_args(["--stage", "1", "--out", str(tmp_path / "run"), "--motion-from", str(tmp_path)])
+    assert "--motion-from is for stage 2" in capsys.readouterr().err
+    assert T.main(_args(files, tmp_path / "s1", 2)) == 0
+    animator = T.Animator(TINY, stage=2)
+    with pytest.raises(T.TrainError, match="holds no motion modules"):
+        T.load_motion_modules(animator, tmp_path / "s1" / "toy_animator")
+    with pytest.raises(T.TrainError, match=r"denoising_unet/diffusion_pytorch_model.safetensors is missing"):
+        T.load_motion_modules(animator, tmp_path / "nowhere")
