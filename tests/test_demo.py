@@ -232,3 +232,24 @@ def test_sweeps_take_the_generation_settings_and_vary_one(E, tiny_pipe):
     # the same settings give the same row, whichever sweep made it
     assert by_steps[1]["psnr"] == pytest.approx(by_cfg[3.5]["psnr"], abs=1e-9)
     assert by_steps[1]["psnr"] != pytest.approx(by_steps[2]["psnr"], abs=1e-6)
+
+
+def test_eval_script_case_seed_and_cfg_scales(E, tiny_weights, tmp_path, capsys):
+    """--case-seed draws other held-out cases (a validation set); --cfg-scales sets the cfg sweep."""
+    out = tmp_path / "val.json"
+    argv = ["--weights", str(tiny_weights), "--cases", "1", "--frames", "2", "--steps", "1"]
+    argv += ["--case-seed", "7", "--ablations", "cfg", "--cfg-scales", "1,2.5", "--json", str(out)]
+    assert E.main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["case_seed"] == 7
+    assert set(record["rows"]) == {"copy reference (baseline)", "toy animator", "cfg 1", "cfg 2.5"}
+    val, default = E.make_cases(1, 2, seed=7)[0], E.make_cases(1, 2)[0]
+    assert not np.array_equal(val.truth, default.truth)
+    mse = ((val.truth.astype(np.float64) - val.reference[None].astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
+    baseline = np.mean(10 * np.log10(255.0**2 / mse))  # the baseline was scored on the seed-7 case
+    assert record["rows"]["copy reference (baseline)"]["psnr"] == pytest.approx(baseline, abs=1e-3)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        E.main(["--cfg-scales", "1,two", "--json", str(tmp_path / "bad.json")])
+    assert "--cfg-scales must be a comma list of numbers" in capsys.readouterr().err
+    assert not (tmp_path / "bad.json").exists()
