@@ -60,10 +60,10 @@ from anim_lab.vae import images_from_uint8  # noqa: E402
 SIZE, NUM_FRAMES = 64, 17
 
 
-def render_clip(ident_seed: int) -> np.ndarray:
-    """(17, 64, 64, 3) uint8 frames of the clip of one identity (clip seed = identity seed)."""
+def render_clip(ident_seed: int, size: int = SIZE) -> np.ndarray:
+    """(17, size, size, 3) uint8 frames of the clip of one identity (clip seed = identity seed)."""
     return toy.make_clip(
-        toy.identity_from_seed(int(ident_seed)), num_frames=NUM_FRAMES, size=SIZE, seed=int(ident_seed)
+        toy.identity_from_seed(int(ident_seed)), num_frames=NUM_FRAMES, size=size, seed=int(ident_seed)
     ).frames
 
 
