@@ -618,8 +618,9 @@ print(format_table(rows, ["variant (2 cases x 8 frames)", "detect", "pose px", "
 
 # %% [markdown]
 # - The pose reaches the denoiser only through this one 32-channel map added after `conv_in`. With zeros in
-#   its place, the detection rate and the landmark error in the table say what is left of the driving
-#   motion; the baseline row gives the landmark error of a face that does not move at all.
+#   its place mediapipe finds no face in any of the 16 frames (detect 0.00, so there is no landmark error to
+#   print, `-`): the denoiser paints a narrow, smeared head (pictures below), and the PSNR falls below the
+#   still baseline's. The baseline row gives the landmark error of a face that does not move at all.
 
 # %%
 picks = [0, 3, 7]

@@ -717,6 +717,10 @@ plt.show()
 # - Where that point lies is a property of the trained weights, not of the formula: read it from the table
 #   (PSNR and SSIM against the ground truth, mediapipe's detection and landmark error) and from the pictures.
 #   The official default 3.5 comes with the SD1.5-sized models on real video, not with this toy.
+# - For this toy animator the table puts that point at the start: PSNR, SSIM and the landmark error are best
+#   at scale 1 and worse at every larger one, flicker grows from 3.5, detection drops at 7. The stronger
+#   colours of 2 and 3.5 do not bring the frames closer to the ground truth. `scripts/eval_animator.py`,
+#   choosing on validation cases of its own, picks 1 too (`anim_lab/assets/toy_animator/COMMANDS.md`).
 # - The copy-the-reference row has the identity by construction and no motion: a generated video should beat
 #   its `pose_px`; with two cases, `id_top1` separates only two identities.
 

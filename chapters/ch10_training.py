@@ -21,11 +21,12 @@
 #   script, its loss written out from the formulas and checked against `train_step_loss`, the min-SNR weight
 #   curve, the gradient's reach into the ReferenceNet's frozen last block, the start of stage 2 as an exact
 #   copy of stage 1, the training curves of every run in the weights' history, samples from the network at
-#   step 0 and at the end, and the one-process vs two-process gradient
+#   step 0, at three earlier checkpoints and at the end, and the one-process vs two-process gradient
 # - **Library modules and scripts**: `scripts/train_animator.py` (`Animator`, `init_stage1`, `build_cache`,
 #   `step_batch`, `train_step_loss`, `diffusion_loss`, `training_scheduler`, `lr_factor`),
-#   `scripts/eval_animator.py` (`make_cases`, `generate`), `anim_lab.cli` (`load_toy_animator`),
-#   `anim_lab.guidance`, `anim_lab.weights`, `anim_lab.vae`, `anim_lab.clip`, `anim_lab.viz`
+#   `scripts/eval_animator.py` (`make_cases`, `generate`), `scripts/sample_checkpoints.py`, `anim_lab.cli`
+#   (`load_toy_animator`), `anim_lab.guidance`, `anim_lab.weights`, `anim_lab.vae`, `anim_lab.clip`,
+#   `anim_lab.viz`
 # - **Questions answered**: What does each stage train and freeze, and why? Why v-prediction and not the
 #   ε-loss of the Stable Diffusion papers? What is min-SNR weighting, and why the "+1"? What does zero
 #   terminal SNR ask of the network at t = 999? What does the noise offset do at this latent size? What is
@@ -36,9 +37,9 @@
 # - **CPU runtime**: about 15 s (wall clock, one strict nbval run)
 #
 # The script is Moore-AnimateAnyone's `train_stage_1.py` / `train_stage_2.py` rewritten for a tiny model
-# trained from scratch (`implementations.md` §1.10 lists the reference's settings). Only the final weights
-# are committed (`anim_lab/assets/toy_animator`); their `train_log.json` holds the loss of every run that led
-# to them.
+# trained from scratch (`implementations.md` §1.10 lists the reference's settings). The final weights are in
+# `anim_lab/assets/toy_animator` (earlier ones in its git history); their `train_log.json` holds the loss of
+# every run that led to them.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -517,6 +518,10 @@ print(
 # AnimateDiff's `mm_sd_v15_v2.ckpt`). So a fresh stage-2 network with stage 1's weights predicts every frame
 # of a clip exactly as the image model does, and stage 2 can only improve from there. Checked on a 2-frame
 # clip with the committed 2D weights:
+#
+# (The first stage-2 run behind the committed weights started this way. The last one did not: after a third
+# stage-1 run it warm-started its motion modules from the first stage 2's with `--motion-from`, so it began
+# from those modules, trained on the older 2D weights, rather than from the image model; `COMMANDS.md`.)
 
 # %%
 stage1_net = animator_from_weights(1) if has_motion else trained  # the image model
@@ -535,7 +540,8 @@ print("stage-2 start == stage-1 network, frame by frame:", torch.equal(out1, out
 # Each weights folder written by the script has a `train_log.json`: the run's arguments, data, scheduler, and
 # its log (`steps`, `loss` — the mean of the last 10 steps —, `lr`, `seconds`). A run started from earlier
 # weights (`--init-from`: a stage-1 continuation, or stage 2) keeps their log under `"earlier"`, so the file
-# is a chain back to the first run. Walked to any depth, oldest first:
+# is a chain back to the first run (a `--motion-from` source is only named in the run's arguments). Walked to
+# any depth, oldest first:
 
 # %%
 train_log = json.loads((WEIGHTS_DIR / "train_log.json").read_text())
@@ -638,37 +644,47 @@ print(f"in all: {total_steps} steps, {total_seconds / 60:.1f} minutes of trainin
 # For scale: the reference trains stage 1 for 30 000 steps of batch 4 at 768² and stage 2 for 10 000 steps of
 # 24 frames, on A100s (`implementations.md` §1.10).
 #
-# ## 8. Samples: step 0 and the end
+# ## 8. Samples along the way
 #
-# Only the final weights are committed, so there are no intermediate checkpoints to show. What can be shown
-# honestly is the two ends: the network at step 0 (rebuilt exactly: seed 0, `init_stage1`, as section 6's
-# check confirms) and the committed one, on a held-out identity with a held-out driving clip
-# (`eval_animator.make_cases`), 4 frames spread over the clip, 8 DDIM steps, CFG 3.5:
+# Only the final weights sit in the working tree; the earlier ones are in git history (each commit of
+# `anim_lab/assets/toy_animator`). `scripts/sample_checkpoints.py` animated one held-out identity with a
+# held-out driving clip (`eval_animator.make_cases`, 4 frames spread over the clip, 8 DDIM steps, CFG 3.5)
+# with the weights of three earlier commits and the final ones, and stored the frames
+# (`samples_along_training.npz` beside the weights; its docstring has the exact commands). Here: the network
+# at step 0, rebuilt exactly (seed 0, `init_stage1`, as section 6's check confirms), the stored checkpoints,
+# and the committed weights run live, which must reproduce the stored final row (to float rounding):
 
 # %%
 at_init.eval().requires_grad_(False)
 nets = (at_init.reference_unet, at_init.denoising_unet, at_init.pose_guider)
 pipe_init = Pose2VideoPipeline(pipe.vae, pipe.image_encoder, *nets, pipe.scheduler)  # the network at step 0
 pipe_init.set_progress_bar_config(disable=True)
+stored = np.load(WEIGHTS_DIR / "samples_along_training.npz")
+settings = json.loads(str(stored["settings"]))
+print("stored:", list(stored["labels"]), "| frames", tuple(stored["frames"].shape), "|", settings)
 full_case = E.make_cases(1, num_frames=24)[0]
-pick = [0, 7, 15, 23]
+pick = settings["frames"]  # [0, 7, 15, 23]
 case = E.Case(full_case.reference, full_case.poses[pick], full_case.truth[pick], full_case.landmarks[pick])
-videos = {
-    name: E.generate(p, case, steps=8, cfg=3.5, seed=42)
-    for name, p in [("step 0", pipe_init), ("final", pipe)]
-}
+gen = {k: settings[k] for k in ("steps", "cfg", "seed")}
+videos = {"step 0": E.generate(pipe_init, case, **gen)}
+videos.update(zip(stored["labels"][:-1], stored["frames"][:-1], strict=True))  # the earlier checkpoints
+videos["final"] = E.generate(pipe, case, **gen)
+# equal up to float summation order: the script ran on one thread, this kernel may use more
+gap = np.abs(videos["final"].astype(int) - stored["frames"][-1].astype(int)).max()
+print("live final == stored final, to within 1 of 255:", bool(gap <= 1))
 videos["copy reference"] = E.copy_reference([case])[0]
 for name, video in videos.items():
-    print(f"{name:15s} PSNR against the ground truth: {float(E.frame_psnr(video, case.truth).mean()):.1f} dB")
+    print(f"{name:32s} PSNR against the ground truth: {float(E.frame_psnr(video, case.truth).mean()):.1f} dB")
 
 # %%
-names = ["pose", "ground truth", "step 0", "final"]
-fig, axes = plt.subplots(4, 5, figsize=(8.5, 7))
+rows = {"pose": case.poses, "ground truth": case.truth}
+rows.update({name: v for name, v in videos.items() if name != "copy reference"})
+fig, axes = plt.subplots(len(rows), 5, figsize=(8.5, 1.75 * len(rows)))
 for ax in axes.flat:
     ax.set_xticks([])
     ax.set_yticks([])
-for r, frames in enumerate([case.poses, case.truth, videos["step 0"], videos["final"]]):
-    axes[r, 1].set_ylabel(names[r])
+for r, (name, frames) in enumerate(rows.items()):
+    axes[r, 1].set_ylabel(name.replace(" after ", "\nafter "), fontsize=8)
     for c, frame in enumerate(frames, start=1):  # (H, W, 3) uint8
         axes[r, c].imshow(frame)
     axes[r, 0].axis("off")
@@ -682,8 +698,9 @@ plt.show()
 
 # %% [markdown]
 # At step 0 the pose guider adds nothing (zero conv) and the UNets are random: the output is coloured noise
-# shaped by the VAE decoder. The final weights draw the held-out identity in the driving pose; the PSNRs above
-# put it against the baseline of copying the reference.
+# shaped by the VAE decoder. Along the checkpoints the picture sharpens from a rough face in roughly the right
+# place towards the held-out identity in the driving pose, and the PSNRs above rise with training, against the
+# baseline of copying the reference.
 #
 # ## 9. One process or many: accelerate, and batches from (seed, step)
 #
@@ -752,7 +769,8 @@ print("step 123 drawn twice, equal:", all(same))
 # - Stage 1 trains the ReferenceNet (less its last up block), the denoising UNet without motion modules and
 #   the PoseGuider on single frames; stage 2 trains only the motion modules on clips. The VAE and the CLIP
 #   encoder are frozen throughout. Both UNets start from the same weights, the PoseGuider's last conv and the
-#   motion modules' `proj_out` at zero, so stage 2 starts as the stage-1 image model applied frame by frame.
+#   motion modules' `proj_out` at zero, so a fresh stage 2 starts as the stage-1 image model applied frame by
+#   frame (the committed weights' last stage-2 run instead warm-started its motion modules, `--motion-from`).
 # - The loss is a v-prediction MSE with min-SNR weights $\min(\mathrm{SNR}+1, 5)/(\mathrm{SNR}+1)$ on a
 #   zero-terminal-SNR scaled_linear schedule; at t = 999 the target is $-x_0$, which the network must draw
 #   from the conditions alone, and the "+1" keeps that step's weight at 1. The noise carries a 0.05

@@ -1,0 +1,128 @@
+"""Samples of the toy animator at checkpoints along its training, on one held-out case, into one small file.
+
+Only the final weights live in the working tree; earlier ones live in git history (every commit of
+``anim_lab/assets/toy_animator``). This script animates the same held-out case with each weights folder it is
+given and stores the frames, so chapter 10 can show the model at each checkpoint without the weights:
+
+    for c in ef21d3b 342b989 6a18eff; do
+        mkdir -p runs/history/$c && git archive $c anim_lab/assets/toy_animator | tar -x -C runs/history/$c
+    done
+    PYTHONPATH=$PWD .venv/bin/python scripts/sample_checkpoints.py \\
+        --weights "stage 1, step 2700=runs/history/ef21d3b/anim_lab/assets/toy_animator" \\
+        --weights "stage 1, step 3800=runs/history/342b989/anim_lab/assets/toy_animator" \\
+        --weights "stage 2 after stage 1 step 7000=runs/history/6a18eff/anim_lab/assets/toy_animator" \\
+        --weights "final=anim_lab/assets/toy_animator" \\
+        --out anim_lab/assets/toy_animator/samples_along_training.npz
+
+The case and settings are chapter 10's: ``eval_animator.make_cases(1, 24)[0]``, frames 0 / 7 / 15 / 23, 8 DDIM
+steps, guidance 3.5, seed 42. A folder without ``image_encoder/`` (written before the weights carried their
+frozen encoder) is given ``--image-encoder``, the encoder every run was trained with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import anim_lab  # noqa: E402
+from anim_lab.cli import TOY_ANIMATOR_DIR, CliError, load_toy_animator  # noqa: E402
+
+PICK = [0, 7, 15, 23]  # frames of the 24-frame case
+SETTINGS = {"steps": 8, "cfg": 3.5, "seed": 42}
+
+
+def the_case():
+    """Chapter 10's held-out case, cut to the frames in PICK."""
+    E = anim_lab.load_script("eval_animator")
+    full = E.make_cases(1, num_frames=24)[0]
+    return E, E.Case(full.reference, full.poses[PICK], full.truth[PICK], full.landmarks[PICK])
+
+
+def sample(folder: Path, image_encoder: Path, E, case) -> np.ndarray:
+    """The case animated by the weights in ``folder`` -> (len(PICK), H, W, 3) uint8."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if not (folder / "image_encoder").is_dir():  # an early folder: lend it the frozen encoder
+            view = Path(tmp) / "weights"
+            view.mkdir()
+            for part in folder.iterdir():
+                (view / part.name).symlink_to(part.resolve())
+            (view / "image_encoder").symlink_to(image_encoder.resolve())
+            folder = view
+        pipe = load_toy_animator(folder)
+        pipe.set_progress_bar_config(disable=True)
+        return E.generate(pipe, case, **SETTINGS)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--weights",
+        action="append",
+        required=True,
+        metavar="LABEL=DIR",
+        help="a toy-animator weights folder and its label (repeat, oldest first)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="the .npz file to write")
+    p.add_argument(
+        "--image-encoder",
+        type=Path,
+        default=TOY_ANIMATOR_DIR / "image_encoder",
+        help="for folders without image_encoder/ (default: the committed animator's)",
+    )
+    args = p.parse_args(argv)
+    args.runs = []
+    for item in args.weights:
+        label, sep, folder = item.rpartition("=")
+        if not sep or not label or not folder:
+            p.error(f"--weights must be LABEL=DIR, got {item!r}")
+        if not Path(folder).is_dir():
+            p.error(f"--weights {item!r}: {folder} is not a folder")
+        args.runs.append((label, Path(folder)))
+    if args.out.suffix != ".npz":
+        p.error(f"--out must end in .npz, got {args.out}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    E, case = the_case()
+    frames = []
+    for label, folder in args.runs:
+        try:
+            frames.append(sample(folder, args.image_encoder, E, case))
+        except CliError as err:
+            print(f"sample_checkpoints: error: {label}: {err}", file=sys.stderr)
+            return 2
+        psnr = float(E.frame_psnr(frames[-1], case.truth).mean())
+        print(f"{label:40s} PSNR against the ground truth {psnr:.2f} dB")
+    settings = dict(SETTINGS, frames=PICK, case="eval_animator.make_cases(1, 24)[0]")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.stem}.tmp.npz")
+    np.savez_compressed(
+        tmp,
+        labels=np.array([label for label, _ in args.runs]),
+        frames=np.stack(frames),  # (K, len(PICK), H, W, 3) uint8
+        settings=np.array(json.dumps(settings)),
+        command=np.array(
+            " ".join(["scripts/sample_checkpoints.py", *(argv if argv is not None else sys.argv[1:])])
+        ),
+    )
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
