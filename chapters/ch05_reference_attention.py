@@ -681,7 +681,7 @@ for n in (readers[0], readers[len(readers) // 2], readers[-1]):
 # %% [markdown]
 # - The noised latent (second picture) is what the ReferenceNet gets at t = 500: much of the face is gone.
 #   The printed relative changes: the first writer's entry, one resnet from the input, changes by about three
-#   quarters of its norm, the middle and the last by about a third; the deeper entries change less.
+#   quarters of its norm, the middle and the last by a little under half; the deeper entries change less.
 # - AnimateAnyone writes the bank at t = 0 from the clean latent: the reference is an image to copy from, not
 #   a sample to denoise, so nothing is gained by noising it. The table above shows how much this toy model's
 #   output moves when the bank is written from t = 500 instead.

@@ -4,13 +4,14 @@ Only the final weights live in the working tree; earlier ones live in git histor
 ``anim_lab/assets/toy_animator``). This script animates the same held-out case with each weights folder it is
 given and stores the frames, so chapter 10 can show the model at each checkpoint without the weights:
 
-    for c in ef21d3b 342b989 6a18eff; do
+    for c in ef21d3b 342b989 6a18eff ecdcfe2; do
         mkdir -p runs/history/$c && git archive $c anim_lab/assets/toy_animator | tar -x -C runs/history/$c
     done
     PYTHONPATH=$PWD .venv/bin/python scripts/sample_checkpoints.py \\
         --weights "stage 1, step 2700=runs/history/ef21d3b/anim_lab/assets/toy_animator" \\
         --weights "stage 1, step 3800=runs/history/342b989/anim_lab/assets/toy_animator" \\
         --weights "stage 2 after stage 1 step 7000=runs/history/6a18eff/anim_lab/assets/toy_animator" \\
+        --weights "stage 2 after stage 1 step 13000=runs/history/ecdcfe2/anim_lab/assets/toy_animator" \\
         --weights "final=anim_lab/assets/toy_animator" \\
         --out anim_lab/assets/toy_animator/samples_along_training.npz
 
