@@ -354,12 +354,17 @@ TOY_ANIMATOR_DIR = Path(__file__).resolve().parent / "assets" / "toy_animator"
 _ANIMATOR_PARTS = ("reference_unet", "denoising_unet", "pose_guider")
 
 
-def load_toy_animator(folder: str | os.PathLike = TOY_ANIMATOR_DIR, scheduler: str = "scaled_linear"):
+def load_toy_animator(
+    folder: str | os.PathLike = TOY_ANIMATOR_DIR,
+    scheduler: str = "scaled_linear",
+    image_encoder: str | os.PathLike | None = None,
+):
     """The toy animator (weights written by scripts/train_animator.py) with the toy VAE and the frozen image
     encoder it was trained with (its ``image_encoder/``, as the official checkpoints ship one), as a
     Pose2VideoPipeline. ``scheduler``: the DDIM betas, "scaled_linear" (what the training used, EchoMimic's
-    fix) or "linear" (the official inference configs). Missing files and keys that do not fit the config are
-    named in a :class:`CliError`."""
+    fix) or "linear" (the official inference configs). ``image_encoder``: another encoder folder, for weights
+    written before they carried their own. Missing files and keys that do not fit the config are named in a
+    :class:`CliError`."""
     from .clip import load_image_encoder
     from .guidance import build_scheduler
     from .pose_guider import PoseGuider
@@ -368,7 +373,8 @@ def load_toy_animator(folder: str | os.PathLike = TOY_ANIMATOR_DIR, scheduler: s
     from .weights import load_checkpoint, load_into
 
     folder = Path(folder)
-    encoder_weights = folder / "image_encoder" / "model.safetensors"
+    encoder_dir = folder / "image_encoder" if image_encoder is None else Path(image_encoder)
+    encoder_weights = encoder_dir / "model.safetensors"
     if not encoder_weights.is_file():
         raise CliError(
             f"the toy animator's {encoder_weights} is missing (the frozen image encoder it was trained "
@@ -402,7 +408,7 @@ def load_toy_animator(folder: str | os.PathLike = TOY_ANIMATOR_DIR, scheduler: s
     vae_dir = Path(__file__).resolve().parent / "assets" / "toy_vae"
     return Pose2VideoPipeline(
         vae=load_vae(vae_dir).requires_grad_(False),
-        image_encoder=load_image_encoder(folder / "image_encoder"),
+        image_encoder=load_image_encoder(encoder_dir),
         scheduler=build_scheduler(scheduler),
         **parts,
     )

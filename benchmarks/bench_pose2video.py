@@ -166,17 +166,14 @@ def speed(name: str, frames: int, steps: int, context: tuple[int, int], batch: i
         )
 
     best = {"pipeline": {"total": float("inf")}, "plain": {"total": float("inf")}}
+    outputs = {}
     for _ in range(repeats):
         for key, run in (("pipeline", ours), ("plain", plain_loop)):
-            result, t = timed(run)
+            outputs[key], t = timed(run)
             if t["total"] < best[key]["total"]:
                 best[key] = t
-            if key == "pipeline":
-                out = result
-            else:
-                plain = result
     t_pipe, t_plain = best["pipeline"]["total"], best["plain"]["total"]
-    diff = (out - plain.permute(0, 2, 1, 3, 4)).abs().max().item()
+    diff = (outputs["pipeline"] - outputs["plain"].permute(0, 2, 1, 3, 4)).abs().max().item()
     overhead = (t_pipe - best["pipeline"]["nets"]) / t_pipe
     print(
         f"{name:6s} {size}px {frames} frames, {steps} steps, windows {context[0]}/{context[1]}, CFG 3.5: "

@@ -157,6 +157,18 @@ def main(argv=None):
     encoder = C.vision_tower_of(C.load_clip(flow.TOY_I2V_DIR / "clip")[0]).eval()
     preprocess = C.ClipPreprocess.from_folder(flow.TOY_I2V_DIR / "clip")
 
+    def score(video: torch.Tensor) -> dict:
+        """A generated (or reconstructed) video (N, 3, 17, H, W) in [-1, 1] -> its row of the table."""
+        u8 = to_u8(video)
+        return dict(
+            first_frame_psnr=float(psnr(video[:, :, 0], images).mean()),
+            identity_top1=identity_top1(
+                encoder, preprocess, images, rearrange(video[:, :, 1:], "n c f h w -> n f c h w")
+            ),
+            detection=detection_rate(u8),
+            motion=motion(u8),
+        )
+
     rows = {
         "ground truth": dict(
             first_frame_psnr=None,
@@ -168,16 +180,7 @@ def main(argv=None):
         )
     }
     # the ceiling of any model decoded by this VAE: the ground-truth clips themselves, encoded and decoded
-    recon = reconstruct(vae, gt)
-    recon_u8 = to_u8(recon)
-    rows["VAE recon"] = dict(
-        first_frame_psnr=float(psnr(recon[:, :, 0], images).mean()),
-        identity_top1=identity_top1(
-            encoder, preprocess, images, rearrange(recon[:, :, 1:], "n c f h w -> n f c h w")
-        ),
-        detection=detection_rate(recon_u8),
-        motion=motion(recon_u8),
-    )
+    rows["VAE recon"] = score(reconstruct(vae, gt))
     # ... and at larger frame sizes (the VAE is convolutional): is the ceiling the resolution or the VAE?
     by_size = {}
     for size in recon_sizes:
@@ -195,15 +198,7 @@ def main(argv=None):
             args.cfg,
             args.seed,
         )
-        u8 = to_u8(video)
-        rows[kind] = dict(
-            first_frame_psnr=float(psnr(video[:, :, 0], images).mean()),
-            identity_top1=identity_top1(
-                encoder, preprocess, images, rearrange(video[:, :, 1:], "n c f h w -> n f c h w")
-            ),
-            detection=detection_rate(u8),
-            motion=motion(u8),
-        )
+        rows[kind] = score(video)
     gt_motion = rows["ground truth"]["motion"]
     for r in rows.values():
         r["motion_ratio"] = r["motion"] / gt_motion

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -52,17 +51,10 @@ def the_case():
 
 def sample(folder: Path, image_encoder: Path, E, case) -> np.ndarray:
     """The case animated by the weights in ``folder`` -> (len(PICK), H, W, 3) uint8."""
-    with tempfile.TemporaryDirectory() as tmp:
-        if not (folder / "image_encoder").is_dir():  # an early folder: lend it the frozen encoder
-            view = Path(tmp) / "weights"
-            view.mkdir()
-            for part in folder.iterdir():
-                (view / part.name).symlink_to(part.resolve())
-            (view / "image_encoder").symlink_to(image_encoder.resolve())
-            folder = view
-        pipe = load_toy_animator(folder)
-        pipe.set_progress_bar_config(disable=True)
-        return E.generate(pipe, case, **SETTINGS)
+    own = folder / "image_encoder"  # an early folder without one borrows the frozen encoder
+    pipe = load_toy_animator(folder, image_encoder=None if own.is_dir() else image_encoder)
+    pipe.set_progress_bar_config(disable=True)
+    return E.generate(pipe, case, **SETTINGS)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
