@@ -25,6 +25,7 @@ import torch
 from einops import rearrange
 
 from . import landmarks, video
+from .files import OutputError, check_output_file, check_output_folder, publish_folder, staging_folder
 from .pipelines import Pose2VideoPipeline, save_video
 from .retarget import video2video_command
 from .vae import images_to_uint8
@@ -54,18 +55,15 @@ def _notice(message: str) -> None:
 
 
 # --- shared checks ------------------------------------------------------------------------------------------
-def _check_output(path: str, suffixes: tuple[str, ...] = video.VIDEO_SUFFIXES) -> Path:
-    out = Path(path)
-    if out.is_dir():
-        raise CliError(f"the output {out} is a folder; give a file name such as {out / 'out.mp4'}")
-    if out.suffix.lower() not in suffixes:
-        raise CliError(f"the output must end in {' or '.join(suffixes)}, got {out.name!r}")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent  # the first folder that exists will hold the new ones
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise CliError(f"cannot write {out}: the folder {parent} is not writable; choose another --out")
-    return out
+def _check_output(
+    path: str, suffixes: tuple[str, ...] = video.VIDEO_SUFFIXES, inputs: dict | None = None
+) -> Path:
+    """The output file, checked before any work: not a folder, the right suffix, not one of ``inputs``, and a
+    destination that can really be written (see :func:`anim_lab.files.check_output_file`)."""
+    try:
+        return check_output_file(path, suffixes, inputs=inputs, what="output")
+    except OutputError as err:
+        raise CliError(str(err)) from None
 
 
 def _parse_size(text: str | None) -> tuple[int, int] | None:
@@ -98,10 +96,10 @@ def add_video2pose(subparsers) -> None:
 
 
 def video2pose(args: argparse.Namespace) -> Path:
-    out = _check_output(args.output)
     source = Path(args.input)
     if not source.is_file():
         raise CliError(f"no such video file: {source}")
+    out = _check_output(args.output, inputs={"IN": source})
     try:
         points = landmarks.video_to_pose(source, out, size=_parse_size(args.size), audio=not args.no_audio)
     except landmarks.NoFaceError as err:
@@ -146,6 +144,7 @@ def add_video2video(subparsers) -> None:
 
 
 def video2video(args: argparse.Namespace) -> int:
+    _check_output(args.out, inputs={"--ref": args.ref, "--driving": args.driving})
     out = video2video_command(
         args.ref,
         args.driving,
@@ -305,7 +304,7 @@ def _driving_poses(driving: str, size: tuple[int, int]) -> tuple[list[np.ndarray
 
 def animate(args: argparse.Namespace) -> Path:
     # cheap checks first, so a mistake is reported before anything slow runs
-    out = _check_output(args.out)
+    out = _check_output(args.out, inputs={"--ref": args.ref, "--driving": args.driving})
     device = _check_device(args.device, args.dtype)
     folder, layout = _check_weights(args.weights, args.layout)
     if args.steps < 1:
@@ -452,24 +451,29 @@ def add_demo(subparsers) -> None:
         "anim_lab/assets/toy_animator/COMMANDS.md; the official 3.5 suits the SD1.5-sized models)",
     )
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="OUT_DIR may hold other files: replace only demo.mp4, demo.gif and strip.png there",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=demo)
 
 
+DEMO_FILES = ("demo.mp4", "demo.gif", "strip.png")  # all that `demo` writes into its folder
+
+
 def demo(args: argparse.Namespace) -> Path:
     import shutil
-    import tempfile
 
     from .toy import ToyPortraitDataset
 
-    out = Path(args.out_dir)
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out-dir {out} is a file; give a folder")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise CliError(f"cannot write {out}: the folder {parent} is not writable; choose another --out-dir")
+    try:
+        out = check_output_folder(
+            args.out_dir, DEMO_FILES, force=args.force, inputs={"--weights": args.weights}, what="--out-dir"
+        )
+    except OutputError as err:
+        raise CliError(str(err)) from None
     if args.frames < 1 or args.steps < 1:
         raise CliError(f"--frames and --steps must be at least 1, got {args.frames} and {args.steps}")
     pipe = load_toy_animator(args.weights)
@@ -494,18 +498,14 @@ def demo(args: argparse.Namespace) -> Path:
     ).frames[0]  # (F, H, W, 3) in [0, 1]
     generated = (frames * 255).round().astype(np.uint8)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = staging_folder(out)
     try:
         save_video(generated, tmp / "demo.mp4", fps=12)
         save_video(generated, tmp / "demo.gif", fps=12)
         PIL.Image.fromarray(demo_strip(reference, poses, generated, truth)).save(tmp / "strip.png")
-        tmp.chmod(
-            0o777 & ~video.current_umask()
-        )  # mkdtemp makes 0700; a folder made by mkdir gets 0777 minus the umask
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish_folder(tmp, out, DEMO_FILES, force=args.force)  # never removes what demo did not write
+    except OutputError as err:
+        raise CliError(str(err)) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -29,13 +29,13 @@ import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
 from . import video as vio
+from .files import check_output_file
 
 NUM_LANDMARKS = 478  # 468 face-mesh points + 2 × 5 iris points (refine_landmarks=True)
 NUM_MESH_POINTS = 468
@@ -541,9 +541,8 @@ def video_to_pose(
     Returns:
         ``(F, 478, 2)`` float32 landmarks in pixels of the source frames (one row per written frame).
     """
-    output = Path(output)
-    if output.suffix.lower() not in vio.VIDEO_SUFFIXES:
-        raise ValueError(f"output must end in .mp4 or .gif, got {output.name!r}")
+    source_path = source if isinstance(source, (str, os.PathLike)) else None
+    output = check_output_file(output, vio.VIDEO_SUFFIXES, inputs={"source": source_path}, what="output")
     frames, fps, total, src_path = _frames_in(source, fps)
     # close the source on every path: a file's frames come from an ffmpeg process that only close() ends
     closing = contextlib.closing(frames) if hasattr(frames, "close") else contextlib.nullcontext()

@@ -533,12 +533,12 @@ def video2video_command(
     the pose2video pipeline animates the reference with.)
     """
     from anim_lab import video as vio
+    from anim_lab.files import check_output_file
 
-    out = Path(out)
-    if out.suffix.lower() not in vio.VIDEO_SUFFIXES:
-        raise ValueError(f"--out must end in .mp4 or .gif, got {out.name!r}")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"the output folder {out.parent} does not exist")
+    # an output equal to an input, a folder, a wrong suffix, an unwritable place: refused before any work
+    out = check_output_file(
+        out, vio.VIDEO_SUFFIXES, inputs={"--ref": ref, "--driving": driving}, what="--out"
+    )
     image = _read_image(ref)
     reader = vio.VideoReader(driving)  # FileNotFoundError / ValueError for a missing or unreadable video
     ref_xyz = reference_landmarks(image)

@@ -22,6 +22,8 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageSequence
 
+from .files import current_umask
+
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
 
@@ -126,13 +128,6 @@ def _read_gif(path: Path) -> tuple[np.ndarray, float]:
 # ------------------------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------------------------
-
-
-def current_umask() -> int:
-    """The process umask (reading it means setting it; it is put back at once)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def _file_mode() -> int:

@@ -157,9 +157,29 @@ def _weights_in_folder(folder: Path) -> list[Path]:
             return [folder / name]
         index = folder / f"{name}.index.json"  # sharded: {"weight_map": {key: shard file}}
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [folder / s for s in shards]
+            return _shards(index)
     return []
+
+
+def _shards(index: Path) -> list[Path]:
+    """The shard files a sharded checkpoint's ``*.index.json`` names, each checked to lie inside its
+    folder: an absolute path or a ``..`` that leads out of it is refused, never read."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise CorruptWeightsError(index, f"not a sharded-checkpoint index ({err!r})") from None
+    folder = index.parent.resolve()
+    shards = []
+    for name in names:
+        shard = (index.parent / str(name)).resolve()
+        if not isinstance(name, str) or Path(name).is_absolute() or not shard.is_relative_to(folder):
+            raise ValueError(
+                f"refused to read {index}: it names the shard {name!r}, which lies outside {index.parent}; "
+                "a shard must be a file in the same folder"
+            )
+        shards.append(index.parent / name)
+    return shards
 
 
 def check_weight_file(path: str | Path) -> Path:
@@ -425,6 +445,9 @@ def resolve_pretrained(
         )
     missing = [] if (folder / "config.json").is_file() else ["config.json"]
     present = [folder / name for name in weight_files if (folder / name).is_file()]
+    for name in weight_files:  # a sharded checkpoint: every shard it names must lie in the folder
+        if (folder / f"{name}.index.json").is_file():
+            present += _shards(folder / f"{name}.index.json")
     if not present:
         missing.append(" or ".join(weight_files))
     if missing:

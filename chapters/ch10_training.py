@@ -193,7 +193,7 @@ with (
     tempfile.TemporaryDirectory() as tmp,
     mock.patch.object(T, "tqdm", functools.partial(T.tqdm, disable=True)),
 ):
-    cache = T.build_cache(Path(tmp) / "cache.pt", num_items=2, num_frames=2, fps=2.0, seed=0)
+    cache = T.build_cache(Path(tmp) / "cache.safetensors", num_items=2, num_frames=2, fps=2.0, seed=0)
 for key, value in cache.items():
     if key != "meta":
         print(f"{key:13s}", tuple(value.shape))

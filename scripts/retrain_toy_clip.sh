@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Retrain the committed toy CLIP (anim_lab/assets/toy_clip, toy_image_encoder) from scratch: the four stages
 # documented in scripts/train_toy_clip.py, one CPU thread, seed 0. Resumable: a finished stage is skipped
-# (runs/toy_clip/stageN.done), an interrupted one continues from its <out>.state.pt. Run from the repository
+# (runs/toy_clip/stageN.done), an interrupted one continues from its <out>.state.safetensors (+ .json). Run from the repository
 # root:  nohup scripts/retrain_toy_clip.sh > runs/toy_clip.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -52,7 +52,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -68,7 +67,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from anim_lab import configs, repo_relative
+from anim_lab import configs, files, repo_relative
 from anim_lab.clip import load_image_encoder
 from anim_lab.guidance import DDIM_OFFICIAL, build_scheduler, draw_uncond
 from anim_lab.landmarks import draw_pose_image
@@ -222,7 +221,7 @@ def build_cache(
         "uncond_token": uncond[0],  # (1, D)
         "meta": _cache_meta(num_items, num_frames, fps, seed, encoder_dir),
     }
-    _atomic_torch_save(cache, path)
+    files.save_state(cache, path)
     return cache
 
 
@@ -247,8 +246,11 @@ def load_cache(
     encoder_dir: Path = ANIMATOR_ENCODER_DIR,
 ) -> dict:
     meta = _cache_meta(num_items, num_frames, fps, seed, encoder_dir)
-    if path.is_file():
-        cache = torch.load(path, weights_only=True)
+    if path.with_suffix(".safetensors").is_file():
+        try:
+            cache = files.load_state(path)  # safetensors + JSON: reading it runs no code
+        except ValueError as err:
+            raise TrainError(f"--cache: {err}") from None
         if cache["meta"] == meta:
             return cache
         LOG.info("the cache %s was built with %s; rebuilding for %s", path, cache["meta"], meta)
@@ -302,27 +304,12 @@ def train_step_loss(model, batch: dict, scheduler: DDPMScheduler, noise_offset: 
 
 
 # --- files --------------------------------------------------------------------------------------------------
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def check_writable(out: Path) -> None:
     """Fail before any work when ``out`` cannot be created or written."""
-    parent = out
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise TrainError(
-            f"cannot write the output folder {out}: {parent} is not a writable folder; choose another --out"
-        )
+    try:
+        files.check_writable(out, what="--out")
+    except files.OutputError as err:
+        raise TrainError(str(err)) from None
 
 
 def write_weights(
@@ -332,10 +319,11 @@ def write_weights(
     state: dict | None = None,
     copy_dirs: dict[str, Path] | None = None,
 ) -> None:
-    """The animator in anim_lab/assets/toy_animator's layout (plus text files and a training state.pt),
-    written to a temporary folder and renamed: a reader never sees a half-written folder."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    """The animator in anim_lab/assets/toy_animator's layout (plus text files and a training state as
+    state.safetensors + state.json), written to a temporary folder and moved into place: a reader never sees
+    a half-written folder, and a folder that holds files this script does not write is refused, not
+    replaced."""
+    tmp = files.staging_folder(folder)
     try:
         configs_ = {
             "reference_unet": {"unet_kwargs": animator.reference_unet.unet_kwargs},
@@ -357,13 +345,17 @@ def write_weights(
         for name, source in (copy_dirs or {}).items():  # e.g. the frozen image_encoder/
             shutil.copytree(source, tmp / name)
         if state is not None:
-            torch.save(state, tmp / "state.pt")
-        old = folder.with_name(f".{folder.name}.old")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old.exists():
-            shutil.rmtree(old)
+            files.save_state(state, tmp / "state.safetensors")
+        own = [f"{name}/{f}" for name in COMPONENTS for f in ("config.json", WEIGHTS)]
+        own += [
+            *(extra_files or {}),
+            *(f"{name}/*" for name in copy_dirs or {}),
+            "state.safetensors",
+            "state.json",
+        ]
+        files.publish_folder(tmp, folder, own)
+    except files.OutputError as err:
+        raise TrainError(f"{err}; use a new --out") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -483,7 +475,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.fps = 2.0 if args.stage == 1 else 25.0
     if args.cache is None:
         args.cache = (
-            ROOT / "runs" / "toy_animator" / f"cache_{args.num_items}x{args.num_frames}_{args.fps:g}fps.pt"
+            ROOT
+            / "runs"
+            / "toy_animator"
+            / f"cache_{args.num_items}x{args.num_frames}_{args.fps:g}fps.safetensors"
         )
     return args
 
@@ -557,8 +552,11 @@ def train(args: argparse.Namespace) -> dict:
     log = {"steps": [], "loss": [], "lr": [], "seconds": []}
     start, elapsed = args.start_step, 0.0
     ckpt = out / "checkpoint"
-    if (ckpt / "state.pt").is_file():  # resume
-        state = torch.load(ckpt / "state.pt", weights_only=False)
+    if (ckpt / "state.safetensors").is_file():  # resume (safetensors + JSON: reading it runs no code)
+        try:
+            state = files.load_state(ckpt / "state.safetensors")
+        except ValueError as err:
+            raise TrainError(f"cannot resume from {ckpt}: {err}") from None
         if state["stage"] != args.stage or state["config"] != config:
             raise TrainError(
                 f"{ckpt} holds a stage-{state['stage']} run of another model config; use a new --out or the "

@@ -26,8 +26,8 @@ fourth):
 At the end: ``scaling_factor`` = 1 / std of the latent means over training clips (as SD and HunyuanVideo chose
 theirs), held-out PSNR on 64 clips of unseen identities (17 frames, 64 px), and the weights + config in
 ``anim_lab/assets/toy_causal_vae/`` (diffusers layout; loads in ``AutoencoderKLHunyuanVideo`` too) with
-``train_log.json`` beside them. Checkpoints every 100 steps in ``--ckpt`` (resumable with ``--resume``; read
-back with torch's safe loader, ``weights_only=True``).
+``train_log.json`` beside them. Checkpoints every 100 steps in ``--ckpt`` (.safetensors + .json, resumable
+with ``--resume``; nothing in them can run code when read back).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import pickle
 import time
 from pathlib import Path
 
@@ -44,7 +43,7 @@ import torch
 from einops import rearrange
 from torch.nn import functional as F
 
-from anim_lab import toy
+from anim_lab import files, toy
 from anim_lab.causal_vae import CAUSAL_VAE_TOY, TOY_ASSET_DIR, CausalVAE
 from anim_lab.vae import images_from_uint8, psnr  # psnr: per image (here per clip), [-1, 1] data
 
@@ -73,8 +72,8 @@ def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def save_checkpoint(path: Path, vae, opt, step: int, log, rng: np.random.Generator, history) -> None:
-    """Everything a resumed run needs, as tensors and plain containers (the numpy generator by its state), so
-    that :func:`load_checkpoint_state` can read it with ``torch.load(weights_only=True)``."""
+    """Everything a resumed run needs (the numpy generator by its state) as safetensors + JSON, atomically:
+    ``path`` with .safetensors and .json (see :func:`anim_lab.files.save_state`)."""
     state = {
         "model": vae.state_dict(),
         "opt": opt.state_dict(),
@@ -84,24 +83,13 @@ def save_checkpoint(path: Path, vae, opt, step: int, log, rng: np.random.Generat
         "torch_rng": torch.get_rng_state(),
         "history": history,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    files.save_state(state, path)
 
 
 def load_checkpoint_state(path: Path) -> tuple[dict, np.random.Generator]:
-    """Read a checkpoint with torch's safe loader (tensors and plain containers only; no code runs), and
-    rebuild the numpy generator. A file that holds other objects is refused, not executed."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path} holds objects the safe loader refuses (a checkpoint of an older version of this script "
-            f"pickled a numpy Generator, or the file is not ours); start again without --resume "
-            f"(or delete it). Detail: {str(err).splitlines()[0]}"
-        ) from err
-    except (EOFError, RuntimeError) as err:
-        raise ValueError(f"{path} is truncated or corrupt ({err}); delete it and start again") from err
+    """Read a checkpoint written by :func:`save_checkpoint` (nothing in it can run code) and rebuild the
+    numpy generator. A missing, truncated or foreign file raises ValueError naming it."""
+    state = files.load_state(path)
     rng = np.random.default_rng()
     rng.bit_generator.state = state["rng_state"]
     return state, rng
@@ -152,13 +140,19 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=TOY_ASSET_DIR)
-    parser.add_argument("--ckpt", type=Path, default=Path("/tmp/toy_causal_vae_ckpt.pt"))
+    parser.add_argument("--ckpt", type=Path, default=Path("/tmp/toy_causal_vae_ckpt.safetensors"))
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--stop-at", type=int, default=None, help="stop after the checkpoint of this step")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.full_steps < 0 or args.train_clips < 1 or args.test_clips < 1:
         parser.error("--steps, --train-clips and --test-clips must be >= 1 and --full-steps >= 0")
 
+    state = None
+    if args.resume and args.ckpt.with_suffix(".safetensors").exists():
+        try:  # read before the rendering, so a bad checkpoint is named at once
+            state, resumed_rng = load_checkpoint_state(args.ckpt)
+        except ValueError as err:
+            parser.error(f"--resume: {err}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -177,8 +171,8 @@ def main(argv=None):
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
     total = args.steps + args.full_steps
     step, log, history = 0, [], []
-    if args.resume and args.ckpt.exists():
-        state, rng = load_checkpoint_state(args.ckpt)
+    if state is not None:
+        rng = resumed_rng
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, log, history = state["step"], state["log"], state["history"]

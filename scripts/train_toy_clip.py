@@ -46,8 +46,9 @@ Recipe:
   before averaging).
 - AdamW, warm-up then cosine decay over ``--max-steps`` (or, for a quick try, over ``--minutes``); held-out
   zero-shot accuracy and retrieval every ``--eval-every`` steps, with a checkpoint each time. A resumable
-  training state (model, heads, optimiser, sampler) is written beside ``--out`` (``<out>.state.pt``) at each
-  checkpoint; a rerun with the same arguments continues from it, and it is removed when the stage ends.
+  training state (model, heads, optimiser, sampler) is written beside ``--out`` (``<out>.state.safetensors``
+  and ``.json``) at each checkpoint; a rerun with the same arguments continues from it, and it is removed
+  when the stage ends.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eval_toy_models as E  # noqa: E402
 
 from anim_lab import clip as C  # noqa: E402
-from anim_lab import repo_relative, toy  # noqa: E402
+from anim_lab import files, repo_relative, toy  # noqa: E402
 from anim_lab import vae as V  # noqa: E402
 from anim_lab.configs import TOY  # noqa: E402
 
@@ -193,10 +194,23 @@ def to_pixel_values(crops_u8: torch.Tensor, preprocess: C.ClipPreprocess) -> tor
     return preprocess(V.images_from_uint8(crops_u8))  # (N, H, W, 3) uint8 -> (N, 3, H, W) in [-1, 1]
 
 
+# what save_atomic writes in a CLIP or image-encoder folder (a folder holding anything else is not replaced)
+CLIP_FILES = (
+    "config.json",
+    "model.safetensors",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "train_log.json",
+)
+
+
 def save_atomic(
     model: CLIPModel, tokenizer, out: Path, encoder_out: Path | None, log: dict, resize: int = RESIZE
 ) -> None:
-    """Write the CLIP folder (and the image-encoder folder) beside their targets, then swap them in."""
+    """Write the CLIP folder (and the image-encoder folder) beside their targets, then swap them in; a
+    target that holds files this script does not write is refused, not replaced."""
     crop = model.config.vision_config.image_size
     processor = CLIPImageProcessorPil(
         size={"shortest_edge": resize}, crop_size={"height": crop, "width": crop}
@@ -204,17 +218,19 @@ def save_atomic(
     for folder, write in ((out, "clip"), (encoder_out, "encoder")):
         if folder is None:
             continue
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        if write == "clip":
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        else:
-            C.vision_tower_of(model).save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        (tmp / "train_log.json").write_text(json.dumps(log, indent=1))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        tmp = files.staging_folder(folder)
+        try:
+            if write == "clip":
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+            else:
+                C.vision_tower_of(model).save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            (tmp / "train_log.json").write_text(json.dumps(log, indent=1))
+            files.publish_folder(tmp, folder, CLIP_FILES)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
 
 
 def train(
@@ -246,11 +262,14 @@ def train(
     when both are given); the cosine schedule runs over it. ``data``: a :func:`eval_toy_models.render_stills`
     dict (identities with ``views`` adjacent renders each) to skip rendering (tests); evaluation (every
     ``eval_every`` steps) is skipped when ``eval_every`` is None. With ``out``, a resumable state
-    ``<out>.state.pt`` is written at each evaluation and removed at the end; a call with the same settings
-    continues from it.
+    ``<out>.state.safetensors`` + ``.json`` is written at each evaluation and removed at the end; a call with
+    the same settings continues from it.
     """
     if max_steps is None and minutes is None:
         raise ValueError("give max_steps (a reproducible run) or minutes (a quick, time-budgeted try)")
+    for folder in (out, encoder_out):  # refused now, not after the training
+        if folder is not None:
+            files.check_output_folder(folder, CLIP_FILES, what="output folder")
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(seed)
@@ -303,10 +322,10 @@ def train(
             {k: v for k, v in earlier.items() if k != "losses"}
         ]
     settings = {k: v for k, v in log.items() if k not in ("curve", "losses", "earlier_stages")}
-    state_path = None if out is None else Path(out).with_name(Path(out).name + ".state.pt")
+    state_path = None if out is None else Path(out).with_name(Path(out).name + ".state.safetensors")
     step, elapsed_before = 0, 0.0
     if state_path is not None and state_path.is_file():
-        state = torch.load(state_path, weights_only=True)  # tensors and plain containers only
+        state = files.load_state(state_path)  # safetensors + JSON: reading it runs no code
         if state["settings"] != settings:
             raise ValueError(
                 f"{state_path} holds a run with other settings ({state['settings']}); delete it to start over"
@@ -374,8 +393,7 @@ def train(
                     generator=g.get_state(),
                     log=log,
                 )
-                torch.save(state, state_path.with_name(state_path.name + ".tmp"))
-                state_path.with_name(state_path.name + ".tmp").replace(state_path)
+                files.save_state(state, state_path)
             model.train()
     bar.close()
     log["steps"] = step
@@ -385,8 +403,9 @@ def train(
     model.eval()
     if out is not None:
         save_atomic(model, tokenizer, out, encoder_out, log, resize)
-        if state_path.is_file():
-            state_path.unlink()
+        for path in (state_path, state_path.with_suffix(".json")):
+            if path.is_file():
+                path.unlink()  # the training state this run wrote
     log["model"], log["tokenizer"] = model, tokenizer
     return log
 

@@ -7,7 +7,7 @@
         > runs/i2v_latent_concat.out 2>&1 &
     nohup .venv/bin/python scripts/train_toy_i2v.py --kind token_replace --steps 500 \\
         > runs/i2v_token_replace.out 2>&1 &
-    # resume an interrupted run from its checkpoint (runs/toy_i2v_<kind>/ckpt.pt)
+    # resume an interrupted run from its checkpoint (runs/toy_i2v_<kind>/ckpt.safetensors + ckpt.json)
     .venv/bin/python scripts/train_toy_i2v.py --kind latent_concat --resume
     # smoke test
     .venv/bin/python scripts/train_toy_i2v.py --kind token_replace --steps 20 \\
@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from anim_lab import flow, toy  # noqa: E402
+from anim_lab import files, flow, toy  # noqa: E402
 from anim_lab.causal_vae import CausalVAE  # noqa: E402
 from anim_lab.vae import images_from_uint8  # noqa: E402
 
@@ -88,10 +88,7 @@ def build_cache(seeds: list[int], path: Path, batch: int = 8) -> dict:
         uncond_text={k: v[:1] for k, v in flow.toy_text_tokens([""]).items()},
         scaling_factor=vae.scaling_factor,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(cache, tmp)
-    tmp.replace(path)
+    files.save_state(cache, path)  # safetensors + JSON, atomically
     return cache
 
 
@@ -107,16 +104,14 @@ def add_image_latents(cache: dict, path: Path, batch: int = 64) -> dict:
         image = images_from_uint8(first)  # (B, 3, H, W) in [-1, 1]
         latents.append(flow.encode_condition_image(vae, image) / vae.scaling_factor)  # (B, 16, 1, 8, 8)
     cache["image_mean"] = torch.cat(latents)
-    tmp = path.with_suffix(".tmp")
-    torch.save(cache, tmp)
-    tmp.replace(path)
+    files.save_state(cache, path)
     return cache
 
 
 def load_or_build(path: Path, seeds: list[int]) -> dict:
     cache = None
-    if path.exists():
-        cache = torch.load(path, weights_only=False)
+    if path.with_suffix(".safetensors").exists():
+        cache = files.load_state(path)  # safetensors + JSON: reading it runs no code
         if cache["seeds"] != list(seeds):
             print(f"{path} holds other clips; re-encoding", flush=True)
             cache = None
@@ -185,11 +180,20 @@ def main(argv=None):
     if args.steps < 1 or args.batch < 1 or args.train_clips < 1 or args.test_clips < 1:
         parser.error("--steps, --batch, --train-clips and --test-clips must be >= 1")
     flow.check_shift(args.shift)
-
-    torch.set_num_threads(args.threads)
-    t_start = time.time()
-    train = load_or_build(args.cache / "train.pt", list(toy.identity_split("train"))[: args.train_clips])
-    test = load_or_build(args.cache / "test.pt", list(toy.identity_split("test"))[: args.test_clips])
+    ckpt_dir = args.ckpt_dir or ROOT / "runs" / f"toy_i2v_{args.kind}"
+    ckpt = ckpt_dir / "ckpt.safetensors"  # + ckpt.json
+    state = None
+    try:  # the checkpoint and the caches are read (safetensors + JSON: no code runs) before any work
+        if args.resume and ckpt.exists():
+            state = files.load_state(ckpt)
+        torch.set_num_threads(args.threads)
+        t_start = time.time()
+        train_ids = list(toy.identity_split("train"))[: args.train_clips]
+        train = load_or_build(args.cache / "train.safetensors", train_ids)
+        test_ids = list(toy.identity_split("test"))[: args.test_clips]
+        test = load_or_build(args.cache / "test.safetensors", test_ids)
+    except ValueError as err:
+        parser.error(str(err))
     print(
         f"latents ready: {tuple(train['mean'].shape)} train, {len(test['seeds'])} test, "
         f"{time.time() - t_start:.0f} s",
@@ -198,7 +202,6 @@ def main(argv=None):
     if args.cache_only:
         return
 
-    ckpt_dir = args.ckpt_dir or ROOT / "runs" / f"toy_i2v_{args.kind}"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     log_file = open(ckpt_dir / "train.log", "a")  # noqa: SIM115 (kept open for the whole run)
 
@@ -213,9 +216,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
     g = torch.Generator().manual_seed(args.seed)
     step, history, runs = 0, [], []
-    ckpt = ckpt_dir / "ckpt.pt"
-    if args.resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, history, runs = state["step"], state["history"], state["runs"]
@@ -269,8 +270,7 @@ def main(argv=None):
                 runs=runs,
                 gen=g.get_state(),
             )
-            torch.save(state, ckpt.with_suffix(".tmp"))
-            ckpt.with_suffix(".tmp").replace(ckpt)
+            files.save_state(state, ckpt)
     bar.close()
     if step < args.steps:
         log(f"stopped at step {step} (--stop-at); checkpoint in {ckpt}")
@@ -279,7 +279,7 @@ def main(argv=None):
     out = args.out / args.kind
     accelerator.unwrap_model(model).save_pretrained(out)
     for f in out.glob("*.safetensors"):
-        f.chmod(0o644)  # safetensors writes files readable by their owner only
+        files.apply_umask(f)  # safetensors writes files readable by their owner only
     summary = dict(
         image_condition_type=args.kind,
         parameters=n_params,

@@ -187,7 +187,8 @@ def test_half_precision_on_cpu(data, tmp_path):
 def test_output_not_writable(data, tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("a file, not a folder")
-    _error(animate_args(data, blocker / "out.mp4"), tmp_path, "is not writable")
+    _error(animate_args(data, blocker / "out.mp4"), tmp_path, "file.txt is a file, not a folder")
+    _error(animate_args(data, "/sys/out.mp4"), tmp_path, "the folder /sys is not writable")  # even as root
     _error(animate_args(data, tmp_path / "out.avi"), tmp_path, r"must end in .mp4 or .gif")
     _error(animate_args(data, tmp_path), tmp_path, "is a folder")
     if os.geteuid() != 0:  # root may write anywhere

@@ -75,7 +75,7 @@ def test_demo_bad_input_fails_clearly_and_writes_nothing(tiny_weights, tmp_path,
     else:
         (tmp_path / "a_file").write_text("")
         out = tmp_path / "a_file" / "demo"
-        message = r"cannot write .*a_file.* not writable"
+        message = r"cannot write .*a_file/demo: .*a_file is a file, not a folder; choose another --out-dir"
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["demo", "--weights", str(weights), "--out-dir", str(out), "--frames", "2", "--steps", "1"])

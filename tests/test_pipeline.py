@@ -10,6 +10,7 @@ from pose2video_plain import plain_pose2video
 
 from anim_lab.clip import build_image_encoder
 from anim_lab.configs import POSE_GUIDER_MULTISCALE_TINY, TINY
+from anim_lab.files import OutputError
 from anim_lab.guidance import build_scheduler
 from anim_lab.motion import MOTION_TINY
 from anim_lab.pipelines import Pose2VideoPipeline, Pose2VideoPipelineOutput, save_video
@@ -308,7 +309,7 @@ def test_save_pretrained_from_pretrained_round_trip(pipe, tmp_path):
     loaded.save_pretrained(tmp_path / "p")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="is not a saved pipeline"):
+    with pytest.raises(OutputError, match="holds files this program did not write: notes.txt"):
         pipe.save_pretrained(tmp_path / "other")
     assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
 

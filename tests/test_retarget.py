@@ -300,8 +300,9 @@ def test_command_writes_the_pose_video_with_fps_and_audio(files, capsys):
         ("missing.png", "driving.mp4", "o.mp4", "reference image .*missing.png does not exist"),
         ("tone.wav", "driving.mp4", "o.mp4", "tone.wav is not a readable image"),
         ("ref.png", "tone.wav", "o.mp4", "not a readable video"),
-        ("ref.png", "driving.mp4", "o.avi", r"--out must end in \.mp4 or \.gif"),
-        ("ref.png", "driving.mp4", "nowhere/o.mp4", "output folder .* does not exist"),
+        ("ref.png", "driving.mp4", "o.avi", r"output must end in \.mp4 or \.gif"),
+        ("ref.png", "driving.mp4", "driving.mp4", "is the input --driving .* destroy the input"),
+        ("ref.png", "driving.mp4", "ref.png", r"must end in \.mp4 or \.gif"),
     ],
 )
 def test_command_fails_clearly_and_writes_nothing(files, capsys, ref, driving, out, message):

@@ -174,3 +174,111 @@ def test_truncated_files_are_named(pipe, tmp_path):
     with pytest.raises(CorruptWeightsError, match="denoising_unet/diffusion_pytorch_model.safetensors"):
         Pose2VideoPipeline.from_pretrained(tmp_path / "p")
     shutil.rmtree(tmp_path / "p")
+
+
+# --- the training scripts: caches and training state are safetensors + JSON ---------------------------------
+def _plant_state(path: Path, marker: Path) -> None:
+    """A pickle where a state's .safetensors should be, with a plausible .json beside it."""
+    plant(path.with_suffix(".safetensors"), marker)
+    path.with_suffix(".json").write_text('{"__dict__": [["x", {"__tensor__": "/x"}]]}')
+
+
+def test_train_toy_i2v_never_unpickles_its_cache_or_checkpoint(tmp_path, marker, capsys):
+    import anim_lab
+
+    T = anim_lab.load_script("train_toy_i2v")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    _plant_state(cache / "train", marker)
+    plant(cache / "train.pt", marker)  # the old name too: never read
+    with pytest.raises(SystemExit):
+        T.main(["--cache", str(cache), "--cache-only", "--train-clips", "1", "--test-clips", "1"])
+    assert "train.safetensors is not a readable safetensors file" in capsys.readouterr().err
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    _plant_state(ckpt / "ckpt", marker)
+    with pytest.raises(SystemExit):  # refused before any cache is built
+        T.main(["--resume", "--ckpt-dir", str(ckpt), "--cache", str(tmp_path / "c2"), "--train-clips", "1"])
+    assert "ckpt.safetensors is not a readable safetensors file" in capsys.readouterr().err
+    assert not (tmp_path / "c2").exists()
+
+
+def test_train_animator_never_unpickles_its_cache_or_checkpoint(tmp_path, marker, capsys):
+    import json
+
+    from test_train_animator import TINY
+
+    import anim_lab
+
+    T = anim_lab.load_script("train_animator")
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
+    common = ["--stage", "1", "--model-config", str(tmp_path / "tiny.json"), "--num-items", "2"]
+    common += ["--num-frames", "2", "--max-steps", "1", "--batch-size", "2", "--no-progress"]
+    _plant_state(tmp_path / "cache", marker)
+    argv = [*common, "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "cache.safetensors")]
+    assert T.main(argv) != 0
+    assert "--cache: " in capsys.readouterr().err
+    # a good cache, and a planted checkpoint state under --out
+    T.build_cache(tmp_path / "good.safetensors", num_items=2, num_frames=2, fps=2.0, seed=0)
+    (tmp_path / "run2" / "checkpoint").mkdir(parents=True)
+    _plant_state(tmp_path / "run2" / "checkpoint" / "state", marker)
+    plant(tmp_path / "run2" / "checkpoint" / "state.pt", marker)  # the old name: never read
+    argv = [*common, "--out", str(tmp_path / "run2"), "--cache", str(tmp_path / "good.safetensors")]
+    assert T.main(argv) != 0
+    assert "cannot resume from" in capsys.readouterr().err
+
+
+def test_no_unsafe_deserialisation_outside_the_tests():
+    """No code outside tests/ may unpickle: no weights_only=False, pickle.load(s), np.load with
+    allow_pickle=True, or torch.load without weights_only=True."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = {
+        "weights_only=False": re.compile(r"weights_only\s*=\s*False"),
+        "pickle.load": re.compile(r"\b(c?pickle|dill|joblib)\.loads?\("),
+        "allow_pickle=True": re.compile(r"allow_pickle\s*=\s*True"),
+        "torch.load without weights_only=True": re.compile(r"torch\.load\((?![^)]*weights_only\s*=\s*True)"),
+    }
+    sources = [
+        p
+        for folder in ("anim_lab", "scripts", "benchmarks", "chapters")
+        for p in (root / folder).rglob("*.py")
+        if ".ipynb_checkpoints" not in p.parts
+    ]
+    assert len(sources) > 40
+    found = [
+        f"{p.relative_to(root)}:{n}: {name}"
+        for p in sources
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        for name, pattern in patterns.items()
+        if pattern.search(line)
+    ]
+    assert not found, "unsafe deserialisation:\n" + "\n".join(found)
+    # the check can fail: it finds each pattern in a line that has it
+    for name, pattern in patterns.items():
+        line = {"pickle.load": "x = pickle.load(f)", "torch.load without weights_only=True": "torch.load(p)"}
+        assert pattern.search(line.get(name, f"np.load(p, {name})")), name
+
+
+@pytest.mark.parametrize("shard", ["/etc/passwd", "../outside.safetensors", "sub/../../outside.safetensors"])
+def test_a_sharded_index_may_not_lead_out_of_its_folder(tmp_path, shard):
+    """An index.json naming an absolute path or a '..' that leaves the folder is refused before any read, by
+    load_checkpoint and by the folder loaders (vae / image encoder)."""
+    import json
+
+    save_file({"w": torch.ones(2)}, tmp_path / "outside.safetensors")
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    save_file({"v": torch.ones(2)}, folder / "inside.safetensors")
+    index = {"weight_map": {"v": "inside.safetensors", "w": shard}}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=f"names the shard '{shard}', which lies outside"):
+        load_checkpoint(folder)
+    with pytest.raises(ValueError, match="which lies outside"):
+        load_vae(folder)
+    # the same index with the shard inside the folder loads
+    index["weight_map"]["w"] = "inside.safetensors"
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    assert set(load_checkpoint(folder)) == {"v"}

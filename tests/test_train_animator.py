@@ -53,14 +53,14 @@ def files(tmp_path_factory, T):
     """The tiny model config and a pre-encoded cache of 4 clips x 2 frames (stage 1's fps)."""
     folder = tmp_path_factory.mktemp("train_animator")
     (folder / "tiny.json").write_text(json.dumps(TINY))
-    T.build_cache(folder / "cache.pt", num_items=4, num_frames=2, fps=2.0, seed=0)
+    T.build_cache(folder / "cache.safetensors", num_items=4, num_frames=2, fps=2.0, seed=0)
     return folder
 
 
 def _args(files, out, steps, *extra):
     return [
         "--stage", "1", "--out", str(out), "--model-config", str(files / "tiny.json"), "--cache",
-        str(files / "cache.pt"), "--num-items", "4", "--num-frames", "2", "--max-steps", str(steps),
+        str(files / "cache.safetensors"), "--num-items", "4", "--num-frames", "2", "--max-steps", str(steps),
         "--batch-size", "4", "--log-every", "1", "--checkpoint-every", "2", "--no-progress", *extra,
     ]  # fmt: skip
 
@@ -92,7 +92,7 @@ def _alphas_cumprod_zero_snr() -> torch.Tensor:
 
 
 def test_loss_equals_the_written_out_v_prediction_min_snr_loss(T, files):
-    cache = torch.load(files / "cache.pt", weights_only=True)
+    cache = T.files.load_state(files / "cache.safetensors")
     torch.manual_seed(0)
     animator = T.Animator(TINY, stage=1)
     _randomize(animator, 1)
@@ -118,7 +118,7 @@ def test_loss_equals_the_written_out_v_prediction_min_snr_loss(T, files):
 
 
 def test_condition_dropout_zeroes_the_clip_pixels_and_skips_the_referencenet(T, files):
-    cache = torch.load(files / "cache.pt", weights_only=True)
+    cache = T.files.load_state(files / "cache.safetensors")
     draws = [T.step_batch(cache, 1, s, 0, 4, 0.1)["uncond"] for s in range(2000)]
     assert 0.08 < np.mean(draws) < 0.12  # one coin per step, p = 0.1
     step = draws.index(True)
@@ -262,7 +262,7 @@ def test_unwritable_output_folder_fails_before_any_work(T, files, tmp_path, caps
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     assert T.main(_args(files, blocker / "run", 2)) == 2
-    assert "cannot write the output folder" in capsys.readouterr().err
+    assert "a_file is a file, not a folder; choose another --out" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 

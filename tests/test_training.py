@@ -114,20 +114,19 @@ def test_clip_script_resumes_exactly(stills, tmp_path, monkeypatch):
         max_steps=6, batch_identities=6, warmup_steps=2, eval_every=3, eval_identities=2, progress=False
     )
     whole = T.train(out=tmp_path / "a", encoder_out=None, data=stills, **kw)
-    assert not (tmp_path / "a.state.pt").exists()  # removed at the end
+    assert not list(tmp_path.glob("a.state.*"))  # removed at the end
 
-    real_save = torch.save
+    real_save = T.files.save_state
 
-    def save_then_stop(obj, path, *args, **kwargs):
-        real_save(obj, path, *args, **kwargs)
-        raise _Interrupted
+    def save_then_stop(state, path):
+        real_save(state, path)
+        raise _Interrupted  # as if stopped just after the checkpoint
 
-    monkeypatch.setattr(torch, "save", save_then_stop)
+    monkeypatch.setattr(T.files, "save_state", save_then_stop)
     with pytest.raises(_Interrupted):
         T.train(out=tmp_path / "b", encoder_out=None, data=stills, **kw)
-    monkeypatch.setattr(torch, "save", real_save)
-    assert (tmp_path / "b.state.pt.tmp").exists()
-    (tmp_path / "b.state.pt.tmp").replace(tmp_path / "b.state.pt")  # as if stopped just after the swap
+    monkeypatch.setattr(T.files, "save_state", real_save)
+    assert sorted(p.name for p in tmp_path.glob("b.state.*")) == ["b.state.json", "b.state.safetensors"]
     with pytest.raises(ValueError, match="other settings"):
         T.train(out=tmp_path / "b", encoder_out=None, data=stills, **(kw | dict(lr=5e-4)))
     resumed = T.train(out=tmp_path / "b", encoder_out=None, data=stills, **kw)
@@ -194,11 +193,23 @@ def test_causal_vae_checkpoint_round_trip_and_resume(tmp_path):
 
 
 def test_causal_vae_resume_refuses_pickled_objects(tmp_path):
-    """An old-style checkpoint (a pickled numpy Generator) is refused by the safe loader, not executed."""
+    """A planted pickle where the checkpoint should be is refused (named), never unpickled; so is a truncated
+    checkpoint."""
+    from test_security import plant
+
     T = _load("train_causal_vae")
-    torch.save({"step": 1, "rng": np.random.default_rng(0)}, tmp_path / "old.pt")
-    with pytest.raises(ValueError, match="safe loader refuses .* start again without --resume"):
-        T.load_checkpoint_state(tmp_path / "old.pt")
-    (tmp_path / "cut.pt").write_bytes((tmp_path / "old.pt").read_bytes()[:50])
-    with pytest.raises(ValueError, match="truncated or corrupt"):
-        T.load_checkpoint_state(tmp_path / "cut.pt")
+    marker = tmp_path / "PWNED"
+    plant(tmp_path / "ckpt.safetensors", marker)
+    (tmp_path / "ckpt.json").write_text('{"__tensor__": "x"}')
+    with pytest.raises(ValueError, match="ckpt.safetensors is not a readable safetensors file"):
+        T.load_checkpoint_state(tmp_path / "ckpt.safetensors")
+    with pytest.raises(SystemExit):  # main() with --resume: the same refusal
+        T.main(["--train-clips", "1", "--test-clips", "1", "--ckpt", str(tmp_path / "ckpt"), "--resume"])
+    assert not marker.exists(), "the planted pickle ran"
+    vae = CausalVAE(**CAUSAL_VAE_TINY)
+    opt = torch.optim.Adam(vae.parameters())
+    T.save_checkpoint(tmp_path / "good", vae, opt, 1, [], np.random.default_rng(0), [])
+    cut = tmp_path / "good.safetensors"
+    cut.write_bytes(cut.read_bytes()[:50])
+    with pytest.raises(ValueError, match="good.safetensors is not a readable safetensors file"):
+        T.load_checkpoint_state(cut)

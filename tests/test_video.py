@@ -11,6 +11,7 @@ import skimage.data
 
 from anim_lab import landmarks as L
 from anim_lab import video as V
+from anim_lab.files import OutputError
 
 
 def _frames(n=6, h=48, w=64):
@@ -210,9 +211,9 @@ def test_failed_video_to_pose_leaves_no_ffmpeg_reader(face_video, tmp_path):
             L.NoFaceError,
             lambda: L.video_to_pose(no_face, tmp_path / "o.mp4", on_missing="error", progress=False),
         ),
-        # the output cannot be created: fails at the first written frame, after reading began
+        # the output cannot be created: refused before the reader starts
         (
-            NotADirectoryError,
+            OutputError,
             lambda: L.video_to_pose(d / "face.mp4", tmp_path / "taken" / "o.mp4", progress=False),
         ),
         # a bad pose-image size: fails while drawing the first frame

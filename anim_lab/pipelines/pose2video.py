@@ -46,7 +46,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +65,7 @@ from transformers import CLIPVisionModelWithProjection
 from ..clip import ClipPreprocess, load_image_encoder
 from ..configs import POSE_GUIDER_MULTISCALE_SD15
 from ..context import batch_windows, context_windows, predict_in_windows
+from ..files import OutputError, check_output_folder, publish_folder, staging_folder
 from ..guidance import (
     DDIM_ETA,
     build_scheduler,
@@ -107,6 +107,21 @@ _LAYOUT_TREE = """{root}
 
 _MODEL_INDEX = "model_index.json"
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
+# every file save_pretrained may write (the vae / image encoder / scheduler as their libraries save them)
+_SAVED_FILES = (
+    _MODEL_INDEX,
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "image_encoder/config.json",
+    "image_encoder/model.safetensors",
+    "image_encoder/preprocessor_config.json",
+    "scheduler/scheduler_config.json",
+    *(
+        f"{name}/{f}"
+        for name in ("reference_unet", "denoising_unet", "pose_guider")
+        for f in ("config.json", _WEIGHTS)
+    ),
+)
 
 
 # --- output -------------------------------------------------------------------------------------------------
@@ -483,18 +498,32 @@ class Pose2VideoPipeline(DiffusionPipeline):
         return Pose2VideoPipelineOutput(frames=frames)
 
     # --- anim_lab's own folder layout ---------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, *, force: bool = False, **kwargs) -> None:
         """Write the pipeline to a folder: ``vae/``, ``image_encoder/``, ``scheduler/`` in their libraries'
         layouts, and ``reference_unet/``, ``denoising_unet/``, ``pose_guider/`` as config.json (constructor
-        kwargs) + diffusion_pytorch_model.safetensors. Written to a temporary folder and moved into place, so
-        a failure leaves nothing half-written."""
-        target = Path(save_directory)
-        if target.exists() and any(target.iterdir()) and not (target / _MODEL_INDEX).is_file():
-            raise FileExistsError(
-                f"{target} exists and is not a saved pipeline; choose an empty or new folder"
+        kwargs) + diffusion_pytorch_model.safetensors, with the umask's permissions.
+
+        Built in a temporary sibling folder and moved into place, so a failure leaves nothing half-written.
+        An existing folder is replaced only when it holds nothing but what this method writes (an earlier
+        save); a folder with anything else (notes, samples, another pipeline's model_index.json) is refused,
+        naming what is there, and ``force=True`` replaces only the files this method writes."""
+        if kwargs:
+            raise TypeError(
+                f"save_pretrained got unsupported arguments {sorted(kwargs)}; it takes the folder and force="
             )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        target = Path(save_directory)
+        index = target / _MODEL_INDEX
+        if index.is_file():  # even with force: that file is not ours to replace
+            try:
+                saved = json.loads(index.read_text()).get("_class_name")
+            except (json.JSONDecodeError, AttributeError):
+                saved = None
+            if saved != type(self).__name__:
+                raise OutputError(
+                    f"{target} holds another pipeline ({index} names {saved!r}); choose a new or empty folder"
+                )
+        check_output_folder(target, _SAVED_FILES, force=force, what="folder", force_hint="force=True")
+        tmp = staging_folder(target)
         try:
             self.vae.save_pretrained(tmp / "vae")
             self.image_encoder.save_pretrained(tmp / "image_encoder")
@@ -516,9 +545,7 @@ class Pose2VideoPipeline(DiffusionPipeline):
                 state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
                 save_file(state, tmp / name / _WEIGHTS)
             (tmp / _MODEL_INDEX).write_text(json.dumps({"_class_name": type(self).__name__}, indent=2))
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
+            publish_folder(tmp, target, _SAVED_FILES, force=force)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
