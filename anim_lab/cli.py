@@ -14,13 +14,18 @@ written to a temporary file and renamed at the end, so a failed run leaves nothi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 from einops import rearrange
 
@@ -44,6 +49,9 @@ __all__ = [
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LAYOUTS = ("auto", "anim_lab", "animate_anyone", "aniportrait")
+MIN_SIZE = 32  # pixels: the smallest pose image, driving frame or output side accepted (a face needs room)
+MAX_MISSING_SHARE = 0.25  # driving frames without a face held on the last pose: refused above this share
+HIGH_CFG = 20.0  # guidance scales above this saturate colours: a notice says so
 
 
 class CliError(Exception):
@@ -66,8 +74,8 @@ def _check_output(
         raise CliError(str(err)) from None
 
 
-def _parse_size(text: str | None) -> tuple[int, int] | None:
-    """'512' -> (512, 512); '512x384' -> (height 512, width 384)."""
+def _parse_size(text: str | None, minimum: int = MIN_SIZE) -> tuple[int, int] | None:
+    """'512' -> (512, 512); '512x384' -> (height 512, width 384); each side at least ``minimum``."""
     if text is None:
         return None
     try:
@@ -76,7 +84,40 @@ def _parse_size(text: str | None) -> tuple[int, int] | None:
         parts = []
     if len(parts) not in (1, 2) or min(parts) <= 0:
         raise CliError(f"--size must be N or HxW in pixels (e.g. 512 or 768x512), got {text!r}")
+    if min(parts) < minimum:
+        raise CliError(f"--size {text}: each side must be at least {minimum} px")
     return (parts[0], parts[-1])
+
+
+def _check_seed(seed: int) -> int:
+    if not 0 <= seed < 2**64:
+        raise CliError(f"--seed must be between 0 and 2**64 - 1 (a torch generator's range), got {seed}")
+    return seed
+
+
+def _check_fps(fps: float | None) -> float | None:
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise CliError(f"--fps must be a positive number of frames per second, got {fps}")
+    return fps
+
+
+def _check_cfg(cfg: float) -> float:
+    if not (math.isfinite(cfg) and cfg >= 0):
+        raise CliError(f"--cfg must be a number >= 0 (1 = no guidance), got {cfg}")
+    if cfg > HIGH_CFG:
+        _notice(
+            f"--cfg {cfg:g} is far above the usual 1-7.5: the guided prediction is extrapolated so far that "
+            "many pixels saturate to pure colours"
+        )
+    return cfg
+
+
+def _check_frame_size(height: int, width: int, what: str) -> None:
+    if min(height, width) < MIN_SIZE:
+        raise CliError(
+            f"{what} is {width}x{height} px; anim-lab needs at least {MIN_SIZE}x{MIN_SIZE} (a face's "
+            "landmarks need room to be drawn)"
+        )
 
 
 # --- video2pose ---------------------------------------------------------------------------------------------
@@ -100,8 +141,14 @@ def video2pose(args: argparse.Namespace) -> Path:
     if not source.is_file():
         raise CliError(f"no such video file: {source}")
     out = _check_output(args.output, inputs={"IN": source})
+    size = _parse_size(args.size)
     try:
-        points = landmarks.video_to_pose(source, out, size=_parse_size(args.size), audio=not args.no_audio)
+        reader = video.VideoReader(source)
+    except ValueError as err:
+        raise CliError(f"{source}: {err}") from None
+    _check_frame_size(reader.height, reader.width, f"the video {source}")
+    try:
+        points = landmarks.video_to_pose(source, out, size=size, audio=not args.no_audio)
     except landmarks.NoFaceError as err:
         raise CliError(f"{source}: {err}") from None
     except ValueError as err:
@@ -145,6 +192,10 @@ def add_video2video(subparsers) -> None:
 
 def video2video(args: argparse.Namespace) -> int:
     _check_output(args.out, inputs={"--ref": args.ref, "--driving": args.driving})
+    if args.smooth < 1:
+        raise CliError(f"--smooth must be at least 1 frame (1 = no smoothing), got {args.smooth}")
+    if not 0 < args.fov < 180:
+        raise CliError(f"--fov must be between 0 and 180 degrees, got {args.fov}")
     out = video2video_command(
         args.ref,
         args.driving,
@@ -193,10 +244,21 @@ def add_animate(subparsers) -> None:
     )
     p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
     p.add_argument(
-        "--cfg", type=float, default=3.5, help="guidance scale; 1 turns guidance off (default 3.5)"
+        "--cfg",
+        type=float,
+        default=3.5,
+        help="guidance scale (default 3.5); any value <= 1 turns guidance off: 0 and 1 give the same video",
     )
     p.add_argument("--seed", type=int, default=42, help="random seed: the same seed gives the same video")
-    p.add_argument("--frames", type=int, help="how many driving frames to animate (default: all)")
+    p.add_argument(
+        "--frames", type=int, help="how many driving frames to animate (default: all); only these are read"
+    )
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help=f"accept a driving video where more than {MAX_MISSING_SHARE * 100:.0f}%% of the frames show no "
+        "face (each such frame holds the last pose found)",
+    )
     p.add_argument("--size", help="output size, N or HxW, multiples of 8 (default: the model's size)")
     p.add_argument("--fps", type=float, help="frame rate (default: the driving video's; 25 for a folder)")
     p.add_argument("--context-frames", type=int, default=24, help="frames per window (default 24)")
@@ -213,6 +275,8 @@ def _check_device(device: str, dtype: str) -> torch.device:
         dev = torch.device(device)
     except RuntimeError as err:
         raise CliError(f"--device {device!r} is not a device name (use cpu or cuda)") from err
+    if dev.type not in ("cpu", "cuda"):
+        raise CliError(f"--device {device}: anim-lab generates on cpu or cuda, not on {dev.type}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda was asked for, but no CUDA GPU is available; use --device cpu")
     if dev.type == "cpu" and dtype != "fp32":
@@ -222,6 +286,10 @@ def _check_device(device: str, dtype: str) -> torch.device:
 
 def _check_weights(weights: str, layout: str) -> tuple[Path, str]:
     if weights == "toy":  # the embedded toy animator (anim_lab/assets/toy_animator)
+        if layout != "auto":
+            raise CliError(
+                f"--layout {layout} is for a --weights folder; the embedded toy animator has one layout"
+            )
         return TOY_ANIMATOR_DIR, "toy"
     folder = Path(weights)
     if not folder.is_dir():
@@ -245,65 +313,136 @@ def _load_pipeline(folder: Path, layout: str, dtype: torch.dtype) -> Pose2VideoP
         raise CliError(f"--weights {folder} (layout {layout}){hint}: {err}") from None
 
 
+def _image_to_rgb(im: PIL.Image.Image, name: str) -> np.ndarray:
+    """A PIL image as (H, W, 3) uint8 RGB, as it is shown: EXIF orientation applied (phone photos), 16-bit
+    greys scaled (not clipped to white), and any alpha channel dropped with a notice."""
+    im = PIL.ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit (or 32-bit int) greys: 0..65535
+        grey = np.asarray(im, dtype=np.float64)
+        scale = 257.0 if grey.max(initial=0) > 255 or im.mode.startswith("I;16") else 1.0
+        grey = np.clip(np.round(grey / scale), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)  # (H, W) -> (H, W, 3)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        alpha = np.asarray(im.convert("RGBA"))[..., 3]
+        detail = " (every pixel is fully transparent: is this the right image?)" if not alpha.any() else ""
+        _notice(f"{name} has an alpha channel; it is dropped and the stored colours are used{detail}")
+    return np.asarray(im.convert("RGB"))
+
+
 def _read_reference(path: str, size: tuple[int, int]) -> np.ndarray:
     ref_path = Path(path)
     if not ref_path.is_file():
         raise CliError(f"--ref {ref_path}: no such image file")
     try:
         with PIL.Image.open(ref_path) as im:
-            ref = np.asarray(im.convert("RGB"))
+            ref = _image_to_rgb(im, f"--ref {ref_path.name}")
     except (OSError, PIL.UnidentifiedImageError) as err:
         raise CliError(f"--ref {ref_path} is not a readable image ({err})") from None
+    _check_frame_size(*ref.shape[:2], f"--ref {ref_path.name}")
     try:
-        landmarks.detect_landmarks(ref, name=f"the reference image {ref_path.name}")
+        with landmarks.FaceLandmarker(max_num_faces=4) as lm:
+            faces = lm.detect_all(ref, name=f"the reference image {ref_path.name}")
     except landmarks.NoFaceError as err:
         raise CliError(f"{err}; the reference must show one face, front-facing") from None
+    if len(faces) > 1:
+        x0, y0 = faces[0].pixels.min(0).round().astype(int)
+        x1, y1 = faces[0].pixels.max(0).round().astype(int)
+        _notice(
+            f"--ref {ref_path.name} shows {len(faces)} faces; the driving poses are drawn for one face, so "
+            f"crop the image to it (mediapipe's first face spans x {x0}-{x1}, y {y0}-{y1})"
+        )
     if ref.shape[:2] != size:
-        _notice(f"resizing the reference image from {ref.shape[1]}x{ref.shape[0]} to {size[1]}x{size[0]}")
+        h, w = ref.shape[:2]
+        how = "scaled"
+        if abs(w / h - size[1] / size[0]) > 0.01:
+            how = (
+                f"stretched (its aspect ratio {w / h:.2f} becomes {size[1] / size[0]:.2f}; crop it to "
+                f"{size[1]}:{size[0]} first to keep the face's proportions)"
+            )
+        _notice(f"resizing the reference image from {w}x{h} to {size[1]}x{size[0]}, {how}")
         ref = np.asarray(PIL.Image.fromarray(ref).resize((size[1], size[0]), PIL.Image.LANCZOS))
     return ref
 
 
-def _read_pose_folder(folder: Path) -> list[np.ndarray]:
+def _read_pose_folder(folder: Path, frames: int | None) -> list[np.ndarray]:
     files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise CliError(f"--driving {folder} has no pose images ({', '.join(IMAGE_SUFFIXES)}): zero frames")
-    frames = []
-    for f in files:
-        with PIL.Image.open(f) as im:
-            frames.append(np.asarray(im.convert("RGB")))
-        if frames[-1].shape != frames[0].shape:
+    if frames is not None and frames > len(files):
+        raise CliError(f"--frames {frames}: the driving input has only {len(files)} frames")
+    poses = []
+    for f in files[:frames]:
+        try:
+            with PIL.Image.open(f) as im:
+                poses.append(_image_to_rgb(im, f"--driving {f.name}"))
+        except (OSError, PIL.UnidentifiedImageError) as err:
+            raise CliError(f"--driving {folder}: {f.name} is not a readable image ({err})") from None
+        if poses[-1].shape != poses[0].shape:
             raise CliError(
-                f"--driving {folder}: {f.name} is {frames[-1].shape[1]}x{frames[-1].shape[0]} but "
-                f"{files[0].name} is {frames[0].shape[1]}x{frames[0].shape[0]}; all pose images must have "
+                f"--driving {folder}: {f.name} is {poses[-1].shape[1]}x{poses[-1].shape[0]} but "
+                f"{files[0].name} is {poses[0].shape[1]}x{poses[0].shape[0]}; all pose images must have "
                 "the same size"
             )
-    return frames
+    _check_frame_size(*poses[0].shape[:2], f"the pose image {files[0].name}")
+    return poses
 
 
-def _driving_poses(driving: str, size: tuple[int, int]) -> tuple[list[np.ndarray], float | None, Path | None]:
-    """(pose images (H, W, 3) uint8, fps or None, audio source or None) of a pose folder or a video."""
+def _driving_poses(
+    driving: str, size: tuple[int, int], frames: int | None = None, allow_missing: bool = False
+) -> tuple[list[np.ndarray], float | None, Path | None]:
+    """(pose images (H, W, 3) uint8, fps or None, audio source or None) of a pose folder or a video; only the
+    first ``frames`` frames are read."""
     path = Path(driving)
     if path.is_dir():
-        return _read_pose_folder(path), None, None
+        return _read_pose_folder(path, frames), None, None
     if not path.is_file():
         raise CliError(f"--driving {path}: no such video file or folder")
+    missing: list[int] = []
     try:
         reader = video.VideoReader(path)
-        poses = []
-        for frame, points in landmarks.landmark_stream(iter(reader), total=reader.num_frames):
-            h, w = frame.shape[:2]
-            scale = np.array([size[1] / w, size[0] / h])
-            poses.append(landmarks.draw_pose_image((points + 0.5) * scale - 0.5, size[0], size[1]))
+        _check_frame_size(reader.height, reader.width, f"--driving {path.name}")
+        wanted = reader.num_frames if frames is None else min(frames, reader.num_frames)
+        decoded = iter(reader)  # an ffmpeg process, ended by close()
+        try:
+            source = itertools.islice(decoded, frames)  # stop reading at the frames needed
+            poses = []
+            for frame, points in landmarks.landmark_stream(source, total=wanted, missing=missing):
+                h, w = frame.shape[:2]
+                scale = np.array([size[1] / w, size[0] / h])
+                poses.append(landmarks.draw_pose_image((points + 0.5) * scale - 0.5, size[0], size[1]))
+        finally:
+            decoded.close()
     except landmarks.NoFaceError as err:
         raise CliError(f"--driving {path}: {err}") from None
     except ValueError as err:  # unreadable video, no frames, frames of mixed sizes
         raise CliError(f"--driving {path}: {err}") from None
+    if frames is not None and len(poses) < frames:
+        raise CliError(
+            f"--frames {frames}: the driving input has only {len(poses)} frames"
+            + (f" (its container promises {reader.num_frames})" if reader.num_frames > len(poses) else "")
+        )
+    if len(poses) < wanted - 1:  # ffmpeg's count comes from the duration: one frame either way is rounding
+        _notice(
+            f"--driving {path.name}: decoded {len(poses)} frames where its container promises "
+            f"{reader.num_frames}; the file may be truncated"
+        )
+    if missing:
+        share = len(missing) / len(poses)
+        first = ", ".join(str(i) for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        message = (
+            f"no face in {len(missing)} of {len(poses)} driving frames ({first}); each holds the last pose"
+        )
+        if share > MAX_MISSING_SHARE and not allow_missing:
+            raise CliError(
+                f"--driving {path.name}: {message}, more than {MAX_MISSING_SHARE:.0%}; pass --allow-missing "
+                "to accept it, or trim the video to the frames with a face"
+            )
+        _notice(message)
     return poses, reader.fps, path
 
 
 def animate(args: argparse.Namespace) -> Path:
-    # cheap checks first, so a mistake is reported before anything slow runs
+    # every argument is checked, and the destination probed, before anything slow runs
     out = _check_output(args.out, inputs={"--ref": args.ref, "--driving": args.driving})
     device = _check_device(args.device, args.dtype)
     folder, layout = _check_weights(args.weights, args.layout)
@@ -311,18 +450,28 @@ def animate(args: argparse.Namespace) -> Path:
         raise CliError(f"--steps must be at least 1, got {args.steps}")
     if args.frames is not None and args.frames < 1:
         raise CliError(f"--frames must be at least 1, got {args.frames}")
+    if args.context_frames < 1 or not 0 <= args.context_overlap < args.context_frames:
+        raise CliError(
+            f"--context-frames must be >= 1 and --context-overlap in [0, context frames), got "
+            f"{args.context_frames} and {args.context_overlap}"
+        )
+    _check_seed(args.seed)
+    _check_fps(args.fps)
+    _check_cfg(args.cfg)
+    requested = _parse_size(args.size, minimum=8)
     pipe = _load_pipeline(folder, layout, DTYPES[args.dtype])
     default = pipe.denoising_unet.unet_kwargs.get("sample_size", 64) * pipe.vae_scale_factor
-    size = _parse_size(args.size) or (default, default)
+    size = requested or (default, default)
     if size[0] % pipe.vae_scale_factor or size[1] % pipe.vae_scale_factor:
         raise CliError(f"--size must be a multiple of {pipe.vae_scale_factor}, got {size[0]}x{size[1]}")
+    if min(size) < default:
+        _notice(
+            f"--size {size[0]}x{size[1]} is below the {default} px this model was trained at; expect a "
+            "blurred or broken face"
+        )
 
     ref = _read_reference(args.ref, size)
-    poses, fps, audio_from = _driving_poses(args.driving, size)
-    if args.frames is not None:
-        if args.frames > len(poses):
-            raise CliError(f"--frames {args.frames}: the driving input has only {len(poses)} frames")
-        poses = poses[: args.frames]
+    poses, fps, audio_from = _driving_poses(args.driving, size, args.frames, args.allow_missing)
     if poses[0].shape[:2] != size:
         _notice(
             f"resizing the pose images from {poses[0].shape[1]}x{poses[0].shape[0]} to {size[1]}x{size[0]}"
@@ -476,6 +625,10 @@ def demo(args: argparse.Namespace) -> Path:
         raise CliError(str(err)) from None
     if args.frames < 1 or args.steps < 1:
         raise CliError(f"--frames and --steps must be at least 1, got {args.frames} and {args.steps}")
+    if args.identity < 0:
+        raise CliError(f"--identity must be >= 0 (which held-out toy identity), got {args.identity}")
+    _check_seed(args.seed)
+    _check_cfg(args.cfg)
     pipe = load_toy_animator(args.weights)
     pipe.set_progress_bar_config(disable=args.no_progress)
 
@@ -514,11 +667,24 @@ def demo(args: argparse.Namespace) -> Path:
 
 
 # --- entry point --------------------------------------------------------------------------------------------
+class Terminated(BaseException):
+    """SIGTERM arrived: raised like Ctrl-C's KeyboardInterrupt, so every temporary file is removed on the way
+    out (what a command writes appears only by a rename at its end)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="anim-lab",
         description="Portrait animation from a reference image and a driving video (anim_lab).",
     )
+    parser.add_argument("--version", action="version", version=f"anim-lab {__version__}")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_video2pose(subparsers)
     add_video2video(subparsers)
@@ -527,13 +693,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what the user can fix: the message names the file or the option (NoFaceError, OutputError, NonFiniteError,
+# KeyMismatchError are ValueErrors; a missing, unreadable or unwritable file an OSError, PIL's
+# UnidentifiedImageError included)
+USER_ERRORS = (CliError, ValueError, OSError, ImportError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    handler = None
+    if threading.current_thread() is threading.main_thread():  # signals can only be set there
+        handler = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args.func(args)
-    except (CliError, ValueError, FileNotFoundError, ImportError) as err:  # NoFaceError is a ValueError
+    except (KeyboardInterrupt, Terminated) as err:
+        code = 130 if isinstance(err, KeyboardInterrupt) else 143
+        parser.exit(code, f"anim-lab {args.command}: interrupted; nothing was written\n")
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
         parser.exit(2, f"anim-lab {args.command}: error: {err}\n")
+    except Exception as err:  # a bug, not a user error: one line, and --debug for the traceback
+        if args.debug:
+            raise
+        parser.exit(
+            1,
+            f"anim-lab {args.command}: internal error: {type(err).__name__}: {err}\n"
+            "  run it again with --debug for the traceback, and please report it\n",
+        )
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
     return 0
 
 

@@ -33,6 +33,7 @@ Everything model-side is diffusers' own: ``HunyuanVideoTransformer3DModel`` and
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -114,8 +115,10 @@ def check_image_condition_type(image_condition_type: str) -> str:
 
 
 def check_shift(shift: float) -> float:
-    if not shift > 0:
-        raise ValueError(f"shift must be > 0 (1 = no shift, > 1 = more steps at high noise), got {shift!r}")
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(
+            f"shift must be a finite number > 0 (1 = no shift, > 1 = more steps at high noise), got {shift!r}"
+        )
     return float(shift)
 
 

@@ -382,14 +382,18 @@ class FaceLandmarker:
     """
 
     def __init__(
-        self, video: bool = False, min_detection_confidence: float = 0.5, min_tracking_confidence: float = 0.5
+        self,
+        video: bool = False,
+        min_detection_confidence: float = 0.5,
+        min_tracking_confidence: float = 0.5,
+        max_num_faces: int = 1,
     ):
         face_mesh = _import_face_mesh()
         self.video = video
         with _quiet_native_logs():
             self._mesh = face_mesh.FaceMesh(
                 static_image_mode=not video,
-                max_num_faces=1,
+                max_num_faces=max_num_faces,
                 refine_landmarks=True,  # 478 points: adds the 10 iris points
                 min_detection_confidence=min_detection_confidence,
                 min_tracking_confidence=min_tracking_confidence,
@@ -401,6 +405,11 @@ class FaceLandmarker:
     def detect(self, image, name: str = "image") -> FaceLandmarks:
         """Landmarks of the (largest-confidence) face in ``image``; :class:`NoFaceError` naming ``name`` if
         none."""
+        return self.detect_all(image, name)[0]
+
+    def detect_all(self, image, name: str = "image") -> list[FaceLandmarks]:
+        """Landmarks of every face found (up to ``max_num_faces``), mediapipe's first first;
+        :class:`NoFaceError` naming ``name`` if none."""
         rgb = as_rgb_uint8(image, name)
         with _quiet_native_logs():  # the first frames start TFLite, which says so
             result = self._mesh.process(rgb)
@@ -409,9 +418,11 @@ class FaceLandmarker:
                 f"no face found in {name} ({rgb.shape[1]}x{rgb.shape[0]} px); "
                 f"the face should be upright-ish, unoccluded and at least ~60 px tall"
             )
-        points = result.multi_face_landmarks[0].landmark
-        normalized = np.array([(p.x, p.y, p.z) for p in points], np.float32)  # (478, 3)
-        return FaceLandmarks(normalized=normalized, height=rgb.shape[0], width=rgb.shape[1])
+        faces = []
+        for face in result.multi_face_landmarks:
+            normalized = np.array([(p.x, p.y, p.z) for p in face.landmark], np.float32)  # (478, 3)
+            faces.append(FaceLandmarks(normalized=normalized, height=rgb.shape[0], width=rgb.shape[1]))
+        return faces
 
     def close(self) -> None:
         with _quiet_native_logs():  # the graph's threads may still report while it shuts down
@@ -450,14 +461,20 @@ def _frames_in(source, fps):
 
 
 def landmark_stream(
-    frames: Iterable, *, on_missing: str = "hold", progress: bool = True, total: int | None = None
+    frames: Iterable,
+    *,
+    on_missing: str = "hold",
+    progress: bool = True,
+    total: int | None = None,
+    missing: list | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(frame, landmarks (478, 2))`` for every frame of a video, in order, in tracking mode.
 
     Frames with no face follow ``on_missing``: ``"hold"`` gives them the last good landmarks (AniPortrait's
     vid2pose policy) — frames before the first detection get the first good ones, so they are yielded once it
     arrives (they are buffered until then); ``"error"`` raises :class:`NoFaceError` naming the frame. If no
-    frame has a face: :class:`NoFaceError`. All frames must have the same size.
+    frame has a face: :class:`NoFaceError`. All frames must have the same size. ``missing``: a list that
+    receives the index of every frame without a face (so a caller can report how many were held).
     """
     if on_missing not in ("hold", "error"):
         raise ValueError(f'on_missing must be "hold" or "error", got {on_missing!r}')
@@ -481,6 +498,8 @@ def landmark_stream(
             except NoFaceError:
                 if on_missing == "error":
                     raise
+                if missing is not None:
+                    missing.append(i)
                 if last is None:
                     pending.append(frame)
                     continue

@@ -343,6 +343,11 @@ def retarget(
     drv = np.asarray(driving_xyz, np.float64)
     if drv.ndim != 3 or len(drv) == 0:
         raise ValueError(f"driving landmarks must be (F, 478, 3) with F >= 1, got shape {drv.shape}")
+    if drv.shape[1] != len(ref):
+        raise ValueError(
+            f"the reference has {len(ref)} landmarks but the driving frames have {drv.shape[1]}; give both "
+            "with the irises (478, refine_landmarks) or both without (468)"
+        )
     pivot = np.asarray(pivot, np.float64)
     ref_fit = fit_head_pose(ref)
     fits = [fit_head_pose(_check_points(f, f"driving landmarks of frame {i}")) for i, f in enumerate(drv)]

@@ -272,13 +272,13 @@ def test_bad_image_condition_type():
         flow.load_toy_i2v("none")
 
 
-@pytest.mark.parametrize("shift", [0.0, -1.0])
-def test_bad_shift(shift):
-    with pytest.raises(ValueError, match="shift must be > 0"):
+@pytest.mark.parametrize("shift", [0.0, -1.0, float("inf"), float("nan")])
+def test_bad_shift(shift):  # inf gave NaN sigmas before it was refused
+    with pytest.raises(ValueError, match="shift must be a finite number > 0"):
         flow.make_scheduler(shift)
-    with pytest.raises(ValueError, match="shift must be > 0"):
+    with pytest.raises(ValueError, match="shift must be a finite number > 0"):
         flow.shift_sigmas(np.linspace(1, 0, 5), shift)
-    with pytest.raises(ValueError, match="shift must be > 0"):
+    with pytest.raises(ValueError, match="shift must be a finite number > 0"):
         flow.sample_i2v(tiny("token_replace"), torch.zeros(1, C, 1, 4, 4), text(1), 9, 1, shift=shift)
 
 

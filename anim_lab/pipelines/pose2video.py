@@ -85,6 +85,7 @@ __all__ = [
     "Pose2VideoPipeline",
     "Pose2VideoPipelineOutput",
     "save_video",
+    "NonFiniteError",
     "OFFICIAL_LAYOUTS",
 ]
 
@@ -165,6 +166,50 @@ def save_video(frames, path: str | os.PathLike, fps: float = 8.0, audio_from=Non
     from ..video import write_video
 
     return write_video(path, _frames_to_uint8(frames), fps, audio_from=audio_from)
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``; a malformed file raises ValueError naming it and the place."""
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is not valid JSON ({err}); restore the file or save the folder again"
+        ) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _image_size(image) -> tuple[int, int]:
+    """(height, width) of a PIL image or an (H, W, ...) array."""
+    if isinstance(image, PIL.Image.Image):
+        return image.height, image.width
+    return tuple(np.shape(image)[:2])
+
+
+class NonFiniteError(ValueError):
+    """NaN or inf appeared while generating; the message names the first component whose weights hold
+    them (or the step where they appeared)."""
+
+
+def check_finite(tensor: torch.Tensor, where: str, components: dict) -> None:
+    """Raise :class:`NonFiniteError` if ``tensor`` holds NaN or inf, naming the first of ``components``
+    whose parameters or buffers are not finite (broken weights), else ``where`` (an overflow, e.g. fp16)."""
+    if torch.isfinite(tensor).all():
+        return
+    for name, module in components.items():
+        if isinstance(module, torch.nn.Module):
+            for key, value in [*module.named_parameters(), *module.named_buffers()]:
+                if value.is_floating_point() and not torch.isfinite(value).all():
+                    raise NonFiniteError(
+                        f"{where}: the values are NaN or infinite because the weights of {name} hold "
+                        f"NaN or inf ({name}.{key}); load intact weights"
+                    )
+    raise NonFiniteError(
+        f"{where}: the values became NaN or infinite although every weight is finite (an overflow: try "
+        "float32, or a smaller guidance scale)"
+    )
 
 
 # --- the pipeline -------------------------------------------------------------------------------------------
@@ -279,7 +324,9 @@ class Pose2VideoPipeline(DiffusionPipeline):
             )
         return PIL.Image.fromarray(arr)
 
-    def _check_inputs(self, pose_images, video_length, height, width, num_inference_steps, guidance_scale):
+    def _check_inputs(
+        self, pose_images, video_length, height, width, num_inference_steps, guidance_scale, generator=None
+    ):
         if len(pose_images) == 0:
             raise ValueError("pose_images is empty: give at least one driving pose image")
         if video_length < 1 or video_length > len(pose_images):
@@ -294,8 +341,20 @@ class Pose2VideoPipeline(DiffusionPipeline):
             )
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if not guidance_scale >= 0 or guidance_scale == float("inf"):
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+        sizes = [_image_size(p) for p in pose_images[:video_length]]
+        odd = next((i for i, size in enumerate(sizes) if size != sizes[0]), None)
+        if odd is not None:  # one stretched frame would jump: the same size for all, as the CLI asks
+            raise ValueError(
+                f"pose image {odd} is {sizes[odd][1]}x{sizes[odd][0]} but pose image 0 is "
+                f"{sizes[0][1]}x{sizes[0][0]}; all pose images must have the same size"
+            )
+        if isinstance(generator, list) and len(generator) != 1:
+            raise ValueError(
+                f"generator: a list of {len(generator)} generators for a batch of 1 video; pass one "
+                "torch.Generator (or a list of exactly one)"
+            )
 
     def encode_reference(self, ref_image: PIL.Image.Image, height: int, width: int, dtype, device):
         """CLIP tokens (1, 1, D) of the reference squashed to the encoder's square size, and the reference
@@ -411,7 +470,9 @@ class Pose2VideoPipeline(DiffusionPipeline):
         height = height or sample_size * self.vae_scale_factor
         width = width or sample_size * self.vae_scale_factor
         video_length = len(pose_images) if video_length is None else video_length
-        self._check_inputs(pose_images, video_length, height, width, num_inference_steps, guidance_scale)
+        self._check_inputs(
+            pose_images, video_length, height, width, num_inference_steps, guidance_scale, generator
+        )
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         if decode_chunk_size < 1:
@@ -477,6 +538,7 @@ class Pose2VideoPipeline(DiffusionPipeline):
                     latents = self.scheduler.step(
                         noise_pred, t, latents, eta=DDIM_ETA, generator=generator
                     ).prev_sample
+                    check_finite(latents, f"denoising step {i + 1} (t = {int(t)})", self.components)
 
                     if callback_on_step_end is not None:
                         names = dict(latents=latents)
@@ -491,6 +553,7 @@ class Pose2VideoPipeline(DiffusionPipeline):
             frames = latents
         else:
             video = self.decode_latents(latents, decode_chunk_size)  # (1, 3, F, H, W) in [-1, 1]
+            check_finite(video, "decoding the latents", {"vae": self.vae})
             frames = self.video_processor.postprocess_video(video, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
@@ -568,8 +631,29 @@ class Pose2VideoPipeline(DiffusionPipeline):
                 "Pose2VideoPipeline.from_official(folder, layout=...)"
             )
 
+        index = _read_json(folder / _MODEL_INDEX)
+        if index.get("_class_name") != cls.__name__:
+            raise ValueError(
+                f"{folder / _MODEL_INDEX} names the pipeline {index.get('_class_name')!r}, not "
+                f"{cls.__name__}; this folder holds another pipeline"
+            )
+        needed = {
+            "vae": "config.json",
+            "image_encoder": "config.json",
+            "scheduler": "scheduler_config.json",
+            **{name: "config.json" for name in ("reference_unet", "denoising_unet", "pose_guider")},
+        }
+        missing = [f"{sub}/{f}" for sub, f in needed.items() if not (folder / sub / f).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{folder} is an incomplete saved pipeline: missing {', '.join(missing)}; save it again with "
+                "Pose2VideoPipeline.save_pretrained, or restore those subfolders"
+            )
+        for sub, f in needed.items():
+            _read_json(folder / sub / f)  # malformed JSON is named here, with its file
+
         def own(name: str):
-            config = json.loads((folder / name / "config.json").read_text())
+            config = _read_json(folder / name / "config.json")
             weights = load_checkpoint(folder / name / _WEIGHTS)
             with torch.device("meta"):
                 if name == "reference_unet":
