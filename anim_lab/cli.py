@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -33,6 +31,7 @@ from . import landmarks, video
 from .files import OutputError, check_output_file, check_output_folder, publish_folder, staging_folder
 from .pipelines import Pose2VideoPipeline, save_video
 from .retarget import video2video_command
+from .toy.animator import TOY_ANIMATOR_DIR, load_animator
 from .vae import images_to_uint8
 
 __all__ = [
@@ -43,7 +42,6 @@ __all__ = [
     "video2pose",
     "video2video",
     "demo",
-    "load_toy_animator",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -300,13 +298,15 @@ def _check_weights(weights: str, layout: str) -> tuple[Path, str]:
 
 
 def _load_pipeline(folder: Path, layout: str, dtype: torch.dtype) -> Pose2VideoPipeline:
-    if layout == "toy":
-        return load_toy_animator(folder)
     try:
+        if layout == "toy":
+            return load_animator(folder)
         if layout == "anim_lab":
             return Pose2VideoPipeline.from_pretrained(folder, torch_dtype=dtype)
         return Pose2VideoPipeline.from_official(folder, layout=layout, torch_dtype=dtype)
     except (FileNotFoundError, ValueError) as err:
+        if layout == "toy":
+            raise CliError(f"--weights toy: {err}") from None
         hint = ""
         if layout != "anim_lab" and (folder / "model_index.json").is_file():
             hint = " (this folder was saved by anim_lab: use --layout anim_lab or auto)"
@@ -498,70 +498,6 @@ def animate(args: argparse.Namespace) -> Path:
 
 
 # --- demo: the toy animator, offline ------------------------------------------------------------------------
-TOY_ANIMATOR_DIR = Path(__file__).resolve().parent / "assets" / "toy_animator"
-_ANIMATOR_PARTS = ("reference_unet", "denoising_unet", "pose_guider")
-
-
-def load_toy_animator(
-    folder: str | os.PathLike = TOY_ANIMATOR_DIR,
-    scheduler: str = "scaled_linear",
-    image_encoder: str | os.PathLike | None = None,
-):
-    """The toy animator (weights written by scripts/train_animator.py) with the toy VAE and the frozen image
-    encoder it was trained with (its ``image_encoder/``, as the official checkpoints ship one), as a
-    Pose2VideoPipeline. ``scheduler``: the DDIM betas, "scaled_linear" (what the training used, EchoMimic's
-    fix) or "linear" (the official inference configs). ``image_encoder``: another encoder folder, for weights
-    written before they carried their own. Missing files and keys that do not fit the config are named in a
-    :class:`CliError`."""
-    from .clip import load_image_encoder
-    from .guidance import build_scheduler
-    from .pose_guider import PoseGuider
-    from .unet import ReferenceUNet, VideoUNet
-    from .vae import load_vae
-    from .weights import load_checkpoint, load_into
-
-    folder = Path(folder)
-    encoder_dir = folder / "image_encoder" if image_encoder is None else Path(image_encoder)
-    encoder_weights = encoder_dir / "model.safetensors"
-    if not encoder_weights.is_file():
-        raise CliError(
-            f"the toy animator's {encoder_weights} is missing (the frozen image encoder it was trained "
-            f"with); train it with scripts/train_animator.py (see {TOY_ANIMATOR_DIR.name}/COMMANDS.md) or "
-            "restore the file from git"
-        )
-    parts = {}
-    for name in _ANIMATOR_PARTS:
-        config_path, weights_path = (
-            folder / name / "config.json",
-            folder / name / "diffusion_pytorch_model.safetensors",
-        )
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise CliError(
-                    f"the toy animator's {path} is missing; train it with scripts/train_animator.py (see "
-                    f"{TOY_ANIMATOR_DIR.name}/COMMANDS.md) or restore the file from git"
-                )
-        config = json.loads(config_path.read_text())
-        if name == "reference_unet":
-            module = ReferenceUNet(config["unet_kwargs"])
-        elif name == "denoising_unet":
-            module = VideoUNet(config["unet_kwargs"], config.get("motion_kwargs"))
-        else:
-            module = PoseGuider(**config["kwargs"])
-        try:
-            load_into(module, load_checkpoint(weights_path), what=str(weights_path))
-        except ValueError as err:  # KeyMismatchError, CorruptWeightsError: the keys / the file named
-            raise CliError(f"{err}\nthe weights do not match {config_path}") from None
-        parts[name] = module.eval().requires_grad_(False)
-    vae_dir = Path(__file__).resolve().parent / "assets" / "toy_vae"
-    return Pose2VideoPipeline(
-        vae=load_vae(vae_dir).requires_grad_(False),
-        image_encoder=load_image_encoder(encoder_dir),
-        scheduler=build_scheduler(scheduler),
-        **parts,
-    )
-
-
 def demo_strip(reference, poses, generated, truth, columns: int = 6) -> np.ndarray:
     """(H, W, 3) reference and (F, H, W, 3) uint8 poses / generated / ground truth -> one PNG image: a row per
     chosen frame, reference | pose | generated | ground truth."""
@@ -629,7 +565,7 @@ def demo(args: argparse.Namespace) -> Path:
         raise CliError(f"--identity must be >= 0 (which held-out toy identity), got {args.identity}")
     _check_seed(args.seed)
     _check_cfg(args.cfg)
-    pipe = load_toy_animator(args.weights)
+    pipe = load_animator(args.weights)
     pipe.set_progress_bar_config(disable=args.no_progress)
 
     # a held-out identity (test split) and a driving clip drawn for it: the clip's render is the ground truth

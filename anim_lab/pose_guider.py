@@ -53,6 +53,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import ModelMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from einops import rearrange, repeat
 from torch import nn
@@ -144,9 +146,10 @@ def _load(model: nn.Module, path, prefix: str, device, **load_kwargs) -> None:
     load_into(model, state_dict, what="pose guider checkpoint", **load_kwargs)
 
 
-class PoseGuider(nn.Module):
+class PoseGuider(ModelMixin, ConfigMixin):
     """AnimateAnyone's single-scale guider; with ``configs.FACE_LOCATOR_SD15`` Hallo's FaceLocator."""
 
+    @register_to_config
     def __init__(
         self,
         conditioning_channels: int = 3,
@@ -183,11 +186,12 @@ class PoseGuider(nn.Module):
         return x
 
     @classmethod
-    def from_pretrained(
+    def from_official(
         cls, path: str | Path, *, prefix: str = "", device: str | torch.device = "cpu", **kwargs
     ) -> PoseGuider:
         """AnimateAnyone's ``pose_guider.pth`` (16 keys; kwargs default to its (16, 32, 96, 256) config), or
-        Hallo's face locator: ``from_pretrained("net.pth", prefix="face_locator.", **FACE_LOCATOR_SD15)``."""
+        Hallo's face locator: ``from_official("net.pth", prefix="face_locator.", **FACE_LOCATOR_SD15)``.
+        (A folder saved by ``save_pretrained`` loads with ``from_pretrained``.)"""
         with torch.device("meta"):
             model = cls(**kwargs)
         _load(model, path, prefix, device, assign=True)
@@ -203,7 +207,7 @@ def _conv_bn_relu(c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1) 
     ]
 
 
-class PoseGuiderMultiScale(nn.Module):
+class PoseGuiderMultiScale(ModelMixin, ConfigMixin):
     """AniPortrait's multi-scale PoseGuider as released (its ``pose_guider.pth`` keys: 184 with BN buffers).
 
     Args:
@@ -219,6 +223,7 @@ class PoseGuiderMultiScale(nn.Module):
 
     num_levels = 5
 
+    @register_to_config
     def __init__(
         self,
         conditioning_channels: int = 3,
@@ -356,10 +361,11 @@ class PoseGuiderMultiScale(nn.Module):
         load_into(self, state_dict, ignore_missing=extension, assign=assign, what="pose guider checkpoint")
 
     @classmethod
-    def from_pretrained(
+    def from_official(
         cls, path: str | Path, *, device: str | torch.device = "cpu", **kwargs
     ) -> PoseGuiderMultiScale:
-        """AniPortrait's ``pose_guider.pth``; kwargs default to the released SD1.5-size guider."""
+        """AniPortrait's ``pose_guider.pth``; kwargs default to the released SD1.5-size guider. (A folder
+        saved by ``save_pretrained`` loads with ``from_pretrained``.)"""
         built_on = device if kwargs.get("reference_attention") else "meta"  # the extension's keys need memory
         with torch.device(built_on):
             model = cls(**kwargs)

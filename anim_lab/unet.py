@@ -35,7 +35,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import ModelMixin, UNet2DConditionModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention_processor import Attention
 from einops import rearrange, repeat
 from torch import nn
@@ -53,8 +54,12 @@ def build_unet2d(unet_kwargs: dict) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_config(kwargs)
 
 
-class _UNetBody(nn.Module):
-    """conv_in, time embedding, down/mid/up blocks of a diffusers UNet2DConditionModel, walked in order."""
+class _UNetBody(ModelMixin, ConfigMixin):
+    """conv_in, time embedding, down/mid/up blocks of a diffusers UNet2DConditionModel, walked in order.
+
+    A diffusers model: its constructor arguments are its config, so ``save_pretrained(folder)`` writes
+    config.json + diffusion_pytorch_model.safetensors and ``from_pretrained(folder)`` reads them back, as for
+    diffusers' own UNets. (The official ``.pth`` checkpoints load with ``from_official``.)"""
 
     def __init__(self, unet: UNet2DConditionModel, unet_kwargs: dict, motion_kwargs: dict | None = None):
         super().__init__()
@@ -236,6 +241,7 @@ class VideoUNet(_UNetBody):
             pose_cond_fea (B, C0, F, H, W) or None) -> (B, 4, F, H, W).
     """
 
+    @register_to_config
     def __init__(self, unet_kwargs: dict, motion_kwargs: dict | None = None):
         unet = build_unet2d(unet_kwargs)
         super().__init__(unet, unet_kwargs, motion_kwargs)
@@ -358,7 +364,7 @@ class VideoUNet(_UNetBody):
         load_into(self, state_dict, subset=MOTION_KEY, assign=assign)
 
     @classmethod
-    def from_pretrained(
+    def from_official(
         cls,
         unet: str | Path,
         motion_module: str | Path | None = None,
@@ -367,7 +373,8 @@ class VideoUNet(_UNetBody):
         motion_kwargs: dict | None = None,
         device: str | torch.device = "cpu",
     ) -> VideoUNet:
-        """Load a denoising UNet from files.
+        """Load a denoising UNet from the files the official repositories ship (a folder saved by
+        ``save_pretrained`` loads with ``from_pretrained``).
 
         ``unet``: a diffusers UNet folder (config.json + diffusion_pytorch_model.*), a model folder with a
         ``unet/`` subfolder, or a state-dict file (``denoising_unet.pth``; then ``unet_kwargs`` default to
@@ -402,6 +409,7 @@ class ReferenceUNet(_UNetBody):
     reads their attn1 inputs by module name, ``down_blocks.i.attentions.j.transformer_blocks.0.attn1``).
     """
 
+    @register_to_config
     def __init__(self, unet_kwargs: dict):
         # conv_norm_out / conv_out are left out: they are not in reference_unet.pth
         super().__init__(build_unet2d(unet_kwargs), unet_kwargs, motion_kwargs=None)
@@ -429,7 +437,7 @@ class ReferenceUNet(_UNetBody):
         load_into(self, state_dict, ignore_unexpected=("conv_norm_out.", "conv_out."), assign=assign)
 
     @classmethod
-    def from_pretrained(
+    def from_official(
         cls, unet: str | Path, *, unet_kwargs: dict | None = None, device: str | torch.device = "cpu"
     ) -> ReferenceUNet:
         """From a diffusers UNet folder (SD1.5 / sd-image-variations) or ``reference_unet.pth``."""

@@ -40,6 +40,7 @@ __all__ = [
     "CorruptWeightsError",
     "UnsafeWeightsError",
     "check_weight_file",
+    "weight_files_in",
     "KeyMismatchError",
     "KeyReport",
     "load_checkpoint",
@@ -151,7 +152,9 @@ class KeyReport:
 
 
 # --- reading files --------------------------------------------------------------------------------
-def _weights_in_folder(folder: Path) -> list[Path]:
+def weight_files_in(folder: Path) -> list[Path]:
+    """The weight files a model folder holds, by :data:`WEIGHT_NAMES` preference (every shard of a sharded
+    checkpoint, each checked to lie in the folder); empty when it has none."""
     for name in WEIGHT_NAMES:
         if (folder / name).is_file():
             return [folder / name]
@@ -237,9 +240,9 @@ def load_checkpoint(
         )
     if path.is_dir():
         folder = path / subfolder if subfolder else path
-        files = _weights_in_folder(folder)
+        files = weight_files_in(folder)
         if not files and subfolder is None and (path / "unet").is_dir():
-            files = _weights_in_folder(path / "unet")
+            files = weight_files_in(path / "unet")
         if not files:
             raise FileNotFoundError(
                 f"no weights in folder {folder}: expected one of {', '.join(WEIGHT_NAMES)} (or a sharded "

@@ -24,7 +24,7 @@
 #   re-derived), generation with and without reference attention, and the bank written at t = 0 vs t = 500
 # - **Library modules**: `anim_lab.reference` (`reference_attention`, `ReferenceBank`, the writer/reader
 #   processors), `anim_lab.unet` (`ReferenceUNet`, `VideoUNet`, `attn_processors`), `anim_lab.inspect`,
-#   `anim_lab.cli` (`load_toy_animator`), `anim_lab.pipelines.pose2video`; `scripts/eval_animator.py`
+#   `anim_lab.toy` (`load_animator`), `anim_lab.pipelines.pose2video`; `scripts/eval_animator.py`
 #   (held-out cases, the identity probe, `without_reference_attention`)
 # - **Questions answered**: Why run the ReferenceNet on clean reference latents (t = 0), and what is stored?
 #   What does the bank hold at every block, and how much memory at 512² with CFG? Why does each writer pair
@@ -57,12 +57,12 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from einops import rearrange, repeat
 
 import anim_lab
-from anim_lab.cli import load_toy_animator
 from anim_lab.configs import SD15, TINY
 from anim_lab.inspect import count_flops, format_table, human
 from anim_lab.motion import MOTION_SD15, MOTION_TINY
 from anim_lab.pipelines import pose2video
 from anim_lab.reference import pair_blocks, reference_attention
+from anim_lab.toy import load_animator
 from anim_lab.unet import ReferenceUNet, VideoUNet, build_unet2d
 from anim_lab.viz import image_grid, save
 
@@ -430,7 +430,7 @@ plt.show()
 # %% [markdown]
 # ## 8. The trained toy animator: where the attention goes
 #
-# Everything above used random weights. The toy animator (`anim_lab.cli.load_toy_animator()`, trained by
+# Everything above used random weights. The toy animator (`anim_lab.toy.load_animator()`, trained by
 # `scripts/train_animator.py` on the toy portrait world, 128×128 pixels, 16×16 latents) shows what a trained
 # reader does with the bank. Held-out cases come from `scripts/eval_animator.py`: an identity never seen in
 # training, a reference render in another pose, 8 driving pose images and the ground-truth frames.
@@ -438,7 +438,7 @@ plt.show()
 # %%
 E = anim_lab.load_script("eval_animator")  # scripts/eval_animator.py: cases, metrics, ablations
 
-pipe = load_toy_animator()
+pipe = load_animator()
 pipe.set_progress_bar_config(disable=True)
 motion = pipe.denoising_unet.motion_kwargs
 print("motion modules in the loaded denoiser:", "yes" if motion else "no (stage-1 weights)")

@@ -25,7 +25,7 @@
 #   error of the toy animator with and without its guider (mediapipe on the generated frames)
 # - **Library modules**: `anim_lab.pose_guider` (`PoseGuider`, `PoseGuiderMultiScale`,
 #   `prepare_pose_images`, `face_region_mask`), `anim_lab.unet` (`VideoUNet`), `anim_lab.inspect`,
-#   `anim_lab.landmarks`, `anim_lab.configs`, `anim_lab.cli` (`load_toy_animator`); `scripts/eval_animator.py`
+#   `anim_lab.landmarks`, `anim_lab.configs`, `anim_lab.toy` (`load_animator`); `scripts/eval_animator.py`
 #   (held-out cases, `pose_errors`, `without_pose_guider`)
 # - **Questions answered**: What is in each guider, stage by stage, and why is one 1.09M parameters and the
 #   other 167.5M? Which pose pixels reach one latent? Why is the last layer zero-initialised, and does that
@@ -56,7 +56,6 @@ import torch
 from torch.nn import functional as F
 
 import anim_lab
-from anim_lab.cli import load_toy_animator
 from anim_lab.configs import (
     FACE_LOCATOR_SD15,
     POSE_GUIDER_MULTISCALE_SD15,
@@ -74,6 +73,7 @@ from anim_lab.pose_guider import (
     face_region_mask,
     prepare_pose_images,
 )
+from anim_lab.toy import load_animator
 from anim_lab.unet import VideoUNet
 from anim_lab.viz import image_grid, save
 
@@ -521,7 +521,7 @@ plt.show()
 # %% [markdown]
 # ## 10. The trained toy guider
 #
-# Sections 1–9 used random weights. The toy animator (`anim_lab.cli.load_toy_animator()`, trained on the toy
+# Sections 1–9 used random weights. The toy animator (`anim_lab.toy.load_animator()`, trained on the toy
 # portrait world at 128×128 pixels) has a trained AnimateAnyone-style guider with the class-default widths and
 # a 32-channel output, the width of its denoiser's `conv_in`. One held-out driving pose image from
 # `scripts/eval_animator.py`, through the guider stage by stage (re-derived and checked against `forward`):
@@ -529,7 +529,7 @@ plt.show()
 # %%
 E = anim_lab.load_script("eval_animator")  # scripts/eval_animator.py: cases, metrics, ablations
 
-pipe = load_toy_animator()
+pipe = load_animator()
 pipe.set_progress_bar_config(disable=True)
 guider = pipe.pose_guider
 print(

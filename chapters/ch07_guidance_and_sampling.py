@@ -24,8 +24,8 @@
 # - **Library modules**: `anim_lab.guidance` (`cfg_batch`, `cfg_encoder_hidden_states`, `cfg_combine`,
 #   `uncond_rows`, `draw_uncond`, `draw_hallo_uncond`, `build_scheduler`, `set_timesteps`,
 #   `convert_prediction`), `anim_lab.context` (`context_windows`, `window_counter`, `predict_in_windows`),
-#   `anim_lab.unet`, `anim_lab.clip`, `anim_lab.inspect`, `anim_lab.toy`, `anim_lab.cli`
-#   (`load_toy_animator`); `scripts/eval_animator.py` (held-out cases, `score`, the metric table)
+#   `anim_lab.unet`, `anim_lab.clip`, `anim_lab.inspect`, `anim_lab.toy`
+#   (`load_animator`); `scripts/eval_animator.py` (held-out cases, `score`, the metric table)
 # - **Questions answered**: Is CFG more than arithmetic on two predictions, and why does it double the UNet's
 #   cost? Why are zeros the unconditional embedding, and what did the training-time dropout really feed? Which
 #   rows of the CFG batch see the reference? Why does zero terminal SNR need v-prediction and trailing
@@ -59,7 +59,6 @@ from transformers.utils import logging as transformers_logging
 import anim_lab
 from anim_lab import clip as C
 from anim_lab import toy
-from anim_lab.cli import load_toy_animator
 from anim_lab.configs import TINY
 from anim_lab.context import context_windows, predict_in_windows, window_counter
 from anim_lab.guidance import (
@@ -81,6 +80,7 @@ from anim_lab.guidance import (
 )
 from anim_lab.inspect import count_flops, format_table
 from anim_lab.motion import MOTION_TINY
+from anim_lab.toy import load_animator
 from anim_lab.unet import VideoUNet
 from anim_lab.viz import image_grid, save
 
@@ -671,7 +671,7 @@ print("t =", t, "-> latents", tuple(latents.shape), "| finite:", bool(torch.isfi
 # %% [markdown]
 # ## 9. The guidance scale on a trained model
 #
-# Everything above used random weights. The toy animator (`anim_lab.cli.load_toy_animator()`, trained on the
+# Everything above used random weights. The toy animator (`anim_lab.toy.load_animator()`, trained on the
 # toy portrait world at 128×128 pixels, with condition dropout so that it has an unconditional prediction)
 # animates two held-out cases from `scripts/eval_animator.py` at each scale of the sweep 1 / 2 / 3.5 / 5 / 7,
 # with the same seed and 8 DDIM steps. The metrics are the script's (`score`): PSNR and SSIM against the
@@ -682,7 +682,7 @@ print("t =", t, "-> latents", tuple(latents.shape), "| finite:", bool(torch.isfi
 # %%
 E = anim_lab.load_script("eval_animator")  # scripts/eval_animator.py: cases, metrics, ablations
 
-pipe = load_toy_animator()
+pipe = load_animator()
 pipe.set_progress_bar_config(disable=True)
 print(
     "motion modules in the loaded denoiser:", "yes" if pipe.denoising_unet.motion_kwargs else "no (stage 1)"

@@ -22,10 +22,11 @@
 #   UNet → averaged prediction → guidance → DDIM step) and the VAE decode, all by hand and checked against the
 #   pipeline; the x0 prediction as it sharpens over the steps; a 64-frame video in windows of 16 with overlap
 #   0 and 4, the wrap-around window, and the seam error; the result as a strip and an inline animation
-# - **Library modules**: `anim_lab.pipelines.pose2video` (`Pose2VideoPipeline`), `anim_lab.cli`
-#   (`load_toy_animator`, `demo_strip`), `anim_lab.reference` (`reference_attention`), `anim_lab.context`
-#   (`context_windows`, `window_counter`), `anim_lab.guidance` (`cfg_batch`, `cfg_combine`), `anim_lab.clip`,
-#   `anim_lab.viz`; `scripts/eval_animator.py` (`make_cases`, `generate`, `seam_error`, `frame_psnr`)
+# - **Library modules**: `anim_lab.pipelines.pose2video` (`Pose2VideoPipeline`), `anim_lab.toy`
+#   (`load_animator`), `anim_lab.cli` (`demo_strip`), `anim_lab.reference` (`reference_attention`),
+#   `anim_lab.context` (`context_windows`, `window_counter`), `anim_lab.guidance` (`cfg_batch`,
+#   `cfg_combine`), `anim_lab.clip`, `anim_lab.viz`; `scripts/eval_animator.py` (`make_cases`, `generate`,
+#   `seam_error`, `frame_psnr`)
 # - **Questions answered**: In which order does the pipeline run its networks, and what shape does each
 #   stage hand on? Why does the ReferenceNet run only once, on a clean latent at t = 0, and what happens to
 #   its prediction? Does the reader add the reference features or concatenate them? Do the pose images go
@@ -61,11 +62,12 @@ from IPython.display import Image, display
 from transformers.utils import logging as transformers_logging
 
 import anim_lab
-from anim_lab.cli import demo_strip, load_toy_animator
+from anim_lab.cli import demo_strip
 from anim_lab.clip import CLIP_MEAN, CLIP_STD
 from anim_lab.context import context_windows, window_counter
 from anim_lab.guidance import DDIM_ETA, cfg_batch, cfg_combine
 from anim_lab.reference import reference_attention
+from anim_lab.toy import load_animator
 from anim_lab.viz import image_grid, save
 
 torch.manual_seed(0)
@@ -82,13 +84,14 @@ print(
 # %% [markdown]
 # ## 1. The toy animator and a held-out case
 #
-# `load_toy_animator()` builds a `Pose2VideoPipeline` from the embedded weights: the toy VAE, the frozen toy
-# image encoder (CLIP-like, one token per image), the ReferenceNet, the denoising UNet and the pose guider,
-# with the DDIM scheduler the training used. Stage 1 of the training (the paper's image stage) has no motion
+# `load_animator()` loads the embedded weights, a standard diffusers pipeline folder, with
+# `Pose2VideoPipeline.from_pretrained`: the toy VAE, the frozen toy image encoder (CLIP-like, one token per
+# image), the ReferenceNet, the denoising UNet and the pose guider, with the DDIM scheduler the training
+# used. Stage 1 of the training (the paper's image stage) has no motion
 # modules; stage 2 adds them. The cell prints which of the two the loaded weights are.
 
 # %%
-pipe = load_toy_animator()
+pipe = load_animator()
 pipe.set_progress_bar_config(disable=True)  # no progress bars in the outputs
 
 

@@ -24,8 +24,8 @@
 #   step 0, at four earlier checkpoints and at the end, and the one-process vs two-process gradient
 # - **Library modules and scripts**: `scripts/train_animator.py` (`Animator`, `init_stage1`, `build_cache`,
 #   `step_batch`, `train_step_loss`, `diffusion_loss`, `training_scheduler`, `lr_factor`),
-#   `scripts/eval_animator.py` (`make_cases`, `generate`), `scripts/sample_checkpoints.py`, `anim_lab.cli`
-#   (`load_toy_animator`), `anim_lab.guidance`, `anim_lab.weights`, `anim_lab.vae`, `anim_lab.clip`,
+#   `scripts/eval_animator.py` (`make_cases`, `generate`), `scripts/sample_checkpoints.py`, `anim_lab.toy`
+#   (`load_animator`), `anim_lab.guidance`, `anim_lab.weights`, `anim_lab.vae`, `anim_lab.clip`,
 #   `anim_lab.viz`
 # - **Questions answered**: What does each stage train and freeze, and why? Why v-prediction and not the
 #   ε-loss of the Stable Diffusion papers? What is min-SNR weighting, and why the "+1"? What does zero
@@ -62,9 +62,9 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 import anim_lab
-from anim_lab.cli import TOY_ANIMATOR_DIR, load_toy_animator
 from anim_lab.inspect import format_table
 from anim_lab.pipelines import Pose2VideoPipeline
+from anim_lab.toy import TOY_ANIMATOR_DIR, load_animator
 from anim_lab.unet import MOTION_KEY
 from anim_lab.vae import images_to_uint8
 from anim_lab.viz import image_grid, save
@@ -105,7 +105,7 @@ guider_config = json.loads((WEIGHTS_DIR / "pose_guider" / "config.json").read_te
 has_motion = bool(den_config.get("motion_kwargs"))
 config = {
     "unet": den_config["unet_kwargs"],
-    "pose_guider": guider_config["kwargs"],
+    "pose_guider": {k: v for k, v in guider_config.items() if not k.startswith("_")},  # its constructor's
     "motion": den_config["motion_kwargs"] or T.model_config()["motion"],  # stage 2's sizes (configs.TOY)
 }
 print("committed denoising UNet has motion modules (stage 2 trained):", has_motion)
@@ -119,7 +119,7 @@ print(
 # frozen VAE and image encoder beside them:
 
 # %%
-pipe = load_toy_animator(
+pipe = load_animator(
     WEIGHTS_DIR
 )  # the committed weights as a pipeline, with the scaled_linear DDIM of training
 pipe.set_progress_bar_config(disable=True)

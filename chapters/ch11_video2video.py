@@ -23,7 +23,7 @@
 #   perspective projection; pose images of toy identity A driven by identity B, against the ground truth; the
 #   astronaut driven by a toy clip; A animated by the toy animator from B's raw and from retargeted poses
 # - **Library modules**: `anim_lab.retarget`, `anim_lab.landmarks`, `anim_lab.toy`, `anim_lab.viz`,
-#   `anim_lab.cli` (the toy animator), `anim_lab.vae`
+#   `anim_lab.toy` (the toy animator), `anim_lab.vae`
 # - **Questions answered**: Why can't Video2Video just draw the driving video's landmarks? How is a head pose
 #   read from 468 3D points, and what do yaw, pitch and roll mean as matrices? What is the neutral frame for?
 #   Which camera projects the retargeted face back, and what does the choice cost? How close does retargeting
@@ -53,7 +53,7 @@ import anim_lab
 from anim_lab import landmarks as L
 from anim_lab import retarget as R
 from anim_lab import toy, viz
-from anim_lab.cli import load_toy_animator
+from anim_lab.toy import load_animator
 from anim_lab.vae import images_from_uint8, psnr
 
 np.random.seed(0)
@@ -374,7 +374,7 @@ plt.show()
 #
 # The pose images are only the input. What we care about is the video the pose2video pipeline makes from
 # them. The toy world has the answer for that too: the render of A in B's pose and expression. So we give the
-# toy animator (trained by `scripts/train_animator.py`, loaded by `load_toy_animator`) A's reference image
+# toy animator (trained by `scripts/train_animator.py`, loaded by `load_animator`) A's reference image
 # and three pose videos, and compare each result with that render:
 #
 # - **raw B landmarks**: B's points drawn as they are (the naive baseline);
@@ -386,7 +386,7 @@ plt.show()
 
 # %%
 torch.set_num_threads(1)  # the same numbers on every machine
-pipe = load_toy_animator()
+pipe = load_animator()
 pipe.set_progress_bar_config(disable=True)
 print("motion modules:", pipe.denoising_unet.motion_kwargs is not None)
 sources = ("raw B landmarks", "retargeted", "true landmarks")

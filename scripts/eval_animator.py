@@ -39,15 +39,15 @@ from unittest import mock
 import numpy as np
 import PIL.Image
 import torch
+from diffusers import ModelMixin
 from einops import rearrange
 from skimage.metrics import structural_similarity
 
-from anim_lab.cli import TOY_ANIMATOR_DIR, CliError, load_toy_animator
 from anim_lab.clip import ClipPreprocess, load_image_encoder
 from anim_lab.context import context_windows
 from anim_lab.landmarks import FaceLandmarker, NoFaceError
 from anim_lab.pipelines import pose2video
-from anim_lab.toy import ToyPortraitDataset
+from anim_lab.toy import TOY_ANIMATOR_DIR, ToyPortraitDataset, load_animator
 from anim_lab.unet import VideoUNet
 from anim_lab.vae import images_from_uint8, images_to_uint8, psnr
 
@@ -204,8 +204,9 @@ def without_reference_attention() -> Iterator[None]:
         yield
 
 
-class _ZeroGuider(torch.nn.Module):
-    """The pose guider's output shape, all zeros: the denoiser gets no pose features."""
+class _ZeroGuider(ModelMixin):
+    """The pose guider's output shape, all zeros: the denoiser gets no pose features. (A diffusers model, as
+    every pipeline component is, so the pipeline can ask it for its device and dtype.)"""
 
     def __init__(self, guider: torch.nn.Module):
         super().__init__()
@@ -335,8 +336,8 @@ def main(argv=None) -> int:
         return 2
     torch.set_num_threads(1)
     try:
-        pipe = load_toy_animator(args.weights, scheduler=args.scheduler)
-    except CliError as err:
+        pipe = load_animator(args.weights, scheduler=args.scheduler)
+    except (OSError, ValueError) as err:
         print(f"eval_animator: error: {err}", file=sys.stderr)
         return 2
     pipe.set_progress_bar_config(disable=True)

@@ -10,7 +10,7 @@
    only by face shape and expression) or somewhere else ("own"). Ablations on exact landmarks: AniPortrait's
    63° perspective camera, translation transferred at the template origin instead of the head pivot, no
    smoothing.
-3. Animation (``--animate``): the toy animator (:func:`anim_lab.cli.load_toy_animator`) animates A's
+3. Animation (``--animate``): the toy animator (:func:`anim_lab.toy.load_animator`) animates A's
    reference image from three pose sources: B's raw landmarks (the naive baseline), the retargeted landmarks,
    and, as a ceiling, the ground-truth landmarks of A in B's pose and expression. The frames are compared with
    the ground-truth renders (PSNR and SSIM as ``scripts/eval_animator.py`` computes them; mediapipe on the
@@ -351,10 +351,10 @@ def format_animate_table(table: dict[str, dict[str, float | None]]) -> str:
 def animate_results(weights, pairs: int, frames: int, steps: int, seed: int) -> dict:
     """The animation experiment in both framings, each table printed as it comes: {"motion_modules": bool,
     "same": table, "own": table}."""
-    from anim_lab.cli import TOY_ANIMATOR_DIR, load_toy_animator
+    from anim_lab.toy import TOY_ANIMATOR_DIR, load_animator
 
     torch.set_num_threads(1)
-    pipe = load_toy_animator(weights or TOY_ANIMATOR_DIR)
+    pipe = load_animator(weights or TOY_ANIMATOR_DIR)
     pipe.set_progress_bar_config(disable=True)
     motion = bool(pipe.denoising_unet.motion_kwargs)
     print(

@@ -17,7 +17,9 @@ given and stores the frames, so chapter 10 can show the model at each checkpoint
 
 The case and settings are chapter 10's: ``eval_animator.make_cases(1, 24)[0]``, frames 0 / 7 / 15 / 23, 8 DDIM
 steps, guidance 3.5, seed 42. A folder without ``image_encoder/`` (written before the weights carried their
-frozen encoder) is given ``--image-encoder``, the encoder every run was trained with.
+frozen encoder) is given ``--image-encoder``, the encoder every run was trained with. A pipeline folder
+(``model_index.json``) loads with :func:`anim_lab.toy.load_animator`; the folders in git history from before
+the toy animator became one are read by :func:`legacy_animator`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import anim_lab  # noqa: E402
-from anim_lab.cli import TOY_ANIMATOR_DIR, CliError, load_toy_animator  # noqa: E402
+from anim_lab.clip import load_image_encoder  # noqa: E402
+from anim_lab.guidance import build_scheduler  # noqa: E402
+from anim_lab.pipelines import Pose2VideoPipeline  # noqa: E402
+from anim_lab.pose_guider import PoseGuider  # noqa: E402
+from anim_lab.toy import TOY_ANIMATOR_DIR, load_animator  # noqa: E402
+from anim_lab.unet import ReferenceUNet, VideoUNet  # noqa: E402
+from anim_lab.vae import load_vae  # noqa: E402
+from anim_lab.weights import load_checkpoint, load_into, realign  # noqa: E402
 
 PICK = [0, 7, 15, 23]  # frames of the 24-frame case
 SETTINGS = {"steps": 8, "cfg": 3.5, "seed": 42}
@@ -49,10 +58,38 @@ def the_case():
     return E, E.Case(full.reference, full.poses[PICK], full.truth[PICK], full.landmarks[PICK])
 
 
+def legacy_animator(folder: Path, image_encoder: Path) -> Pose2VideoPipeline:
+    """A toy-animator folder from git history, written before it became a pipeline folder: the three
+    networks' subfolders only (the UNets' config.json already diffusers configs, the guider's arguments under
+    "kwargs"), with the toy VAE and the DDIM scheduler it was sampled with."""
+    for name in ("reference_unet", "denoising_unet", "pose_guider"):
+        for file in ("config.json", "diffusion_pytorch_model.safetensors"):
+            if not (folder / name / file).is_file():
+                raise FileNotFoundError(f"{folder / name / file} is missing: not a toy-animator folder")
+    config = json.loads((folder / "pose_guider" / "config.json").read_text())
+    guider = PoseGuider(**config.get("kwargs", {k: v for k, v in config.items() if not k.startswith("_")}))
+    load_into(guider, load_checkpoint(folder / "pose_guider" / "diffusion_pytorch_model.safetensors"))
+    own = folder / "image_encoder"  # an early folder without one borrows the frozen encoder
+    pipe = Pose2VideoPipeline(
+        vae=load_vae(ROOT / "anim_lab" / "assets" / "toy_vae"),
+        image_encoder=load_image_encoder(own if own.is_dir() else image_encoder),
+        reference_unet=ReferenceUNet.from_pretrained(folder / "reference_unet"),
+        denoising_unet=VideoUNet.from_pretrained(folder / "denoising_unet"),
+        pose_guider=guider,
+        scheduler=build_scheduler("scaled_linear"),
+    )
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            realign(module).eval().requires_grad_(False)  # as load_animator: the same kernels, the same sums
+    return pipe
+
+
 def sample(folder: Path, image_encoder: Path, E, case) -> np.ndarray:
     """The case animated by the weights in ``folder`` -> (len(PICK), H, W, 3) uint8."""
-    own = folder / "image_encoder"  # an early folder without one borrows the frozen encoder
-    pipe = load_toy_animator(folder, image_encoder=None if own.is_dir() else image_encoder)
+    if (folder / "model_index.json").is_file():
+        pipe = load_animator(folder)
+    else:
+        pipe = legacy_animator(folder, image_encoder)
     pipe.set_progress_bar_config(disable=True)
     return E.generate(pipe, case, **SETTINGS)
 
@@ -95,7 +132,7 @@ def main(argv=None) -> int:
     for label, folder in args.runs:
         try:
             frames.append(sample(folder, args.image_encoder, E, case))
-        except CliError as err:
+        except (OSError, ValueError) as err:
             print(f"sample_checkpoints: error: {label}: {err}", file=sys.stderr)
             return 2
         psnr = float(E.frame_psnr(frames[-1], case.truth).mean())

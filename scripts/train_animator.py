@@ -72,7 +72,7 @@ from anim_lab.clip import load_image_encoder
 from anim_lab.guidance import DDIM_OFFICIAL, build_scheduler, draw_uncond
 from anim_lab.landmarks import draw_pose_image
 from anim_lab.pipelines import Pose2VideoPipeline
-from anim_lab.pipelines.pose2video import _pose_guider_config
+from anim_lab.pipelines.pose2video import SAVED_FILES
 from anim_lab.pose_guider import PoseGuider
 from anim_lab.reference import reference_attention
 from anim_lab.toy import ToyPortraitDataset
@@ -317,42 +317,32 @@ def write_weights(
     folder: Path,
     extra_files: dict[str, str] | None = None,
     state: dict | None = None,
-    copy_dirs: dict[str, Path] | None = None,
+    image_encoder: Path = ANIMATOR_ENCODER_DIR,
 ) -> None:
-    """The animator in anim_lab/assets/toy_animator's layout (plus text files and a training state as
-    state.safetensors + state.json), written to a temporary folder and moved into place: a reader never sees
-    a half-written folder, and a folder that holds files this script does not write is refused, not
-    replaced."""
+    """The animator as a Pose2VideoPipeline folder (``model_index.json``; the toy VAE, the frozen
+    ``image_encoder`` it was trained with and the DDIM scheduler beside the three trained networks), plus
+    text files and a training state (state.safetensors + state.json). Written to a temporary folder and moved
+    into place: a reader never sees a half-written folder, and a folder that holds files this script does not
+    write is refused, not replaced."""
     tmp = files.staging_folder(folder)
     try:
-        configs_ = {
-            "reference_unet": {"unet_kwargs": animator.reference_unet.unet_kwargs},
-            "denoising_unet": {
-                "unet_kwargs": animator.denoising_unet.unet_kwargs,
-                "motion_kwargs": animator.denoising_unet.motion_kwargs,
-            },
-            "pose_guider": _pose_guider_config(animator.pose_guider),
-        }
-        for name in COMPONENTS:
-            module = getattr(animator, name)
-            (tmp / name).mkdir()
-            config = {"_class_name": type(module).__name__, **configs_[name]}
-            (tmp / name / "config.json").write_text(json.dumps(config, indent=2))
-            weights = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-            save_file(weights, tmp / name / WEIGHTS)
+        pipe = Pose2VideoPipeline(
+            vae=load_vae(TOY_VAE_DIR),
+            image_encoder=load_image_encoder(image_encoder),
+            reference_unet=animator.reference_unet,
+            denoising_unet=animator.denoising_unet,
+            pose_guider=animator.pose_guider,
+            scheduler=build_scheduler("scaled_linear"),  # the betas the training used
+        )
+        pipe.save_pretrained(tmp, force=True)  # tmp is empty: the pipeline's files are moved into it
+        preprocessor = Path(image_encoder) / "preprocessor_config.json"  # the encoder's own preprocessing
+        if preprocessor.is_file():
+            shutil.copyfile(preprocessor, tmp / "image_encoder" / preprocessor.name)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        for name, source in (copy_dirs or {}).items():  # e.g. the frozen image_encoder/
-            shutil.copytree(source, tmp / name)
         if state is not None:
             files.save_state(state, tmp / "state.safetensors")
-        own = [f"{name}/{f}" for name in COMPONENTS for f in ("config.json", WEIGHTS)]
-        own += [
-            *(extra_files or {}),
-            *(f"{name}/*" for name in copy_dirs or {}),
-            "state.safetensors",
-            "state.json",
-        ]
+        own = [*SAVED_FILES, *(extra_files or {}), "state.safetensors", "state.json"]
         files.publish_folder(tmp, folder, own)
     except files.OutputError as err:
         raise TrainError(f"{err}; use a new --out") from None
@@ -603,6 +593,7 @@ def train(args: argparse.Namespace) -> dict:
         write_weights(
             net,
             ckpt,
+            image_encoder=args.image_encoder,
             state={
                 "stage": args.stage,
                 "config": config,
@@ -619,7 +610,7 @@ def train(args: argparse.Namespace) -> dict:
             net,
             out / "toy_animator",
             {"train_log.json": json.dumps(train_log, indent=1)},
-            copy_dirs={"image_encoder": args.image_encoder},
+            image_encoder=args.image_encoder,
         )
 
     model.train()

@@ -65,5 +65,5 @@ def tiny_animator_weights(tmp_path_factory):
     animator = T.Animator(TINY, stage=2)
     _randomize(animator, 1)
     folder = tmp_path_factory.mktemp("tiny") / "toy_animator"
-    T.write_weights(animator, folder, copy_dirs={"image_encoder": T.ANIMATOR_ENCODER_DIR})
+    T.write_weights(animator, folder)
     return folder

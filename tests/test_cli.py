@@ -173,7 +173,7 @@ def test_weights_missing_wrong_layout_or_toy(data, tmp_path, monkeypatch):
     _error(argv + ["--layout", "aniportrait"], tmp_path, r"(?s)layout aniportrait.*incomplete")
     argv[argv.index("--weights") + 1] = "toy"
     monkeypatch.setattr(cli, "TOY_ANIMATOR_DIR", tmp_path / "no_toy_animator")
-    _error(argv, tmp_path, r"toy animator's .*no_toy_animator.* is missing.*; train it")
+    _error(argv, tmp_path, r"toy animator folder .*no_toy_animator does not exist; train it")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CPU refusal")

@@ -15,6 +15,7 @@ import torch
 import anim_lab
 from anim_lab import cli
 from anim_lab.context import context_windows
+from anim_lab.toy import load_animator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,11 +68,11 @@ def test_demo_bad_input_fails_clearly_and_writes_nothing(tiny_weights, tmp_path,
         message = r"pose_guider/diffusion_pytorch_model.safetensors is missing"
     elif case == "no_encoder":  # the frozen image encoder travels with the weights
         shutil.rmtree(weights / "image_encoder")
-        message = r"image_encoder/model.safetensors is missing \(the frozen image encoder.*; train it"
+        message = r"incomplete saved pipeline: missing image_encoder/config.json.*; train it"
     elif case == "mismatched":  # the config says wider blocks than the weights have: keys named
         config = weights / "denoising_unet" / "config.json"
         config.write_text(config.read_text().replace("16", "24"))
-        message = r"(?s)does not fit the model.*down_blocks\.1.*do not match .*denoising_unet/config.json"
+        message = r"(?s)\(against denoising_unet/config.json\).*down_blocks\.1"
     else:
         (tmp_path / "a_file").write_text("")
         out = tmp_path / "a_file" / "demo"
@@ -119,7 +120,7 @@ def test_metrics_of_the_ground_truth_itself(E):
 # --- the ablation switches ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_pipe(tiny_weights):
-    pipe = cli.load_toy_animator(tiny_weights)
+    pipe = load_animator(tiny_weights)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -185,7 +186,7 @@ def test_no_reference_attention_ignores_the_referencenet(E, tiny_pipe, case):
 
 def test_eval_script_names_missing_weights(E, tmp_path, capsys):
     assert E.main(["--weights", str(tmp_path / "nowhere"), "--cases", "1"]) == 2
-    assert re.search(r"nowhere/image_encoder/model.safetensors is missing", capsys.readouterr().err)
+    assert re.search(r"toy animator folder .*nowhere does not exist; train it", capsys.readouterr().err)
 
 
 def test_eval_script_writes_its_table_as_json(E, tiny_weights, tmp_path, capsys):

@@ -442,7 +442,7 @@ def test_strict_loading_of_an_animateanyone_pose_guider_pth(tmp_path):
     official = read_key_list(CHECKPOINT_KEYS / "aa" / "pose_guider.txt")
     sd = official_checkpoint("aa/pose_guider.txt", official)  # full size: 1.09M parameters
     torch.save(sd, tmp_path / "pose_guider.pth")
-    g = PoseGuider.from_pretrained(tmp_path / "pose_guider.pth")
+    g = PoseGuider.from_official(tmp_path / "pose_guider.pth")
     assert not g.training and len(g.state_dict()) == 16
     for name, value in g.state_dict().items():
         assert torch.equal(value, sd[name])
@@ -454,7 +454,7 @@ def test_strict_loading_of_an_aniportrait_pose_guider_pth(tmp_path):
     assert list(tiny) == list(official)  # the same 184 names in the same order at TINY size
     sd = official_checkpoint("ap/pose_guider.txt", tiny)
     torch.save(sd, tmp_path / "pose_guider.pth")
-    g = PoseGuiderMultiScale.from_pretrained(tmp_path / "pose_guider.pth", **MS_TINY)
+    g = PoseGuiderMultiScale.from_official(tmp_path / "pose_guider.pth", **MS_TINY)
     assert not g.training
     for name, value in g.state_dict().items():
         assert torch.equal(value, sd[name])
@@ -477,11 +477,11 @@ def test_a_wrong_checkpoint_names_its_keys(tmp_path):
         KeyMismatchError,
         match=r"(?s)184 missing keys .*scale, conv_layers\.0\.weight.*16 unexpected keys .*conv_in\.weight",
     ):
-        PoseGuiderMultiScale.from_pretrained(tmp_path / "aa.pth", **MS_TINY)
+        PoseGuiderMultiScale.from_official(tmp_path / "aa.pth", **MS_TINY)
     with pytest.raises(
         KeyMismatchError, match=r"(?s)16 missing keys .*conv_in\.weight.*184 unexpected keys .*scale"
     ):
-        PoseGuider.from_pretrained(tmp_path / "ap.pth", **TINY.pose_guider)
+        PoseGuider.from_official(tmp_path / "ap.pth", **TINY.pose_guider)
     model = PoseGuiderMultiScale(**MS_TINY)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     partial = {k: v for k, v in ap.items() if k != "scale"}
@@ -492,7 +492,7 @@ def test_a_wrong_checkpoint_names_its_keys(tmp_path):
         model.load_weights(partial)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing half-loaded
     with pytest.raises(ValueError, match="no key starts with prefix 'face_locator.'"):
-        PoseGuider.from_pretrained(tmp_path / "aa.pth", prefix="face_locator.", **TINY.pose_guider)
+        PoseGuider.from_official(tmp_path / "aa.pth", prefix="face_locator.", **TINY.pose_guider)
 
 
 # --- Hallo's face locator -----------------------------------------------------------------------------------
@@ -506,7 +506,7 @@ def test_face_locator_keys_equal_hallo_and_load_from_net_pth(tmp_path):
     sd = {f"face_locator.{k}": torch.randn(s) for k, s in official.items()}
     sd["imageproj.proj.weight"] = torch.randn(4, 4)  # another part of net.pth: not picked
     torch.save(sd, tmp_path / "net.pth")
-    loaded = PoseGuider.from_pretrained(tmp_path / "net.pth", prefix="face_locator.", **FACE_LOCATOR_SD15)
+    loaded = PoseGuider.from_official(tmp_path / "net.pth", prefix="face_locator.", **FACE_LOCATOR_SD15)
     assert torch.equal(loaded.conv_out.weight, sd["face_locator.conv_out.weight"])
 
 

@@ -339,9 +339,9 @@ def ER():
 def tiny_pipe(tiny_animator_weights):
     """A tiny animator with motion modules and random nonzero weights (tests/conftest.py), loaded as the toy
     animator is."""
-    from anim_lab.cli import load_toy_animator
+    from anim_lab.toy import load_animator
 
-    pipe = load_toy_animator(tiny_animator_weights)
+    pipe = load_animator(tiny_animator_weights)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

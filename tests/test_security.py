@@ -80,13 +80,13 @@ def test_load_checkpoint_refuses_a_malicious_folder(tmp_path, marker, name):
 def test_model_loaders_refuse_malicious_files(tmp_path, marker):
     path = plant(tmp_path / "w.pth", marker)
     with pytest.raises(UnsafeWeightsError, match="w.pth"):
-        VideoUNet.from_pretrained(path, unet_kwargs=TINY.unet)
+        VideoUNet.from_official(path, unet_kwargs=TINY.unet)
     with pytest.raises(UnsafeWeightsError, match="w.pth"):
-        VideoUNet.from_pretrained(tmp_path / "w.pth", unet_kwargs=TINY.unet, motion_module=path)
+        VideoUNet.from_official(tmp_path / "w.pth", unet_kwargs=TINY.unet, motion_module=path)
     with pytest.raises(UnsafeWeightsError, match="w.pth"):
-        ReferenceUNet.from_pretrained(path, unet_kwargs=TINY.unet)
+        ReferenceUNet.from_official(path, unet_kwargs=TINY.unet)
     with pytest.raises(UnsafeWeightsError, match="w.pth"):
-        PoseGuider.from_pretrained(path, **TINY.pose_guider)
+        PoseGuider.from_official(path, **TINY.pose_guider)
 
 
 def test_diffusers_vae_folder_loader_refuses(pipe, tmp_path, marker):

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from anim_lab import configs
 from anim_lab.landmarks import draw_pose_image
+from anim_lab.pipelines import Pose2VideoPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_animator.py"
@@ -239,10 +240,16 @@ def test_stage1_continues_from_written_weights_at_their_step(T, files, tmp_path)
     assert more["log"]["steps"] == [3, 4]
     assert more["log"]["loss"][0] == pytest.approx(straight["log"]["loss"][2], abs=1e-5)
     assert more["earlier"]["step"] == 2 and more["earlier"]["log"]["steps"] == [1, 2]  # the chain is kept
-    # the frozen image encoder travels with the weights, byte for byte
-    for name in ("config.json", "model.safetensors"):
-        copied = tmp_path / "more" / "toy_animator" / "image_encoder" / name
-        assert copied.read_bytes() == (T.ANIMATOR_ENCODER_DIR / name).read_bytes()
+    # the frozen image encoder travels with the weights, tensor for tensor, in a standard pipeline folder
+    folder = tmp_path / "more" / "toy_animator"
+    copied, frozen = (
+        load_file(f / "model.safetensors") for f in (folder / "image_encoder", T.ANIMATOR_ENCODER_DIR)
+    )
+    assert copied.keys() == frozen.keys() and all(torch.equal(copied[k], frozen[k]) for k in frozen)
+    pipe = Pose2VideoPipeline.from_pretrained(folder)  # diffusers' own loading
+    assert (
+        type(pipe.denoising_unet).__name__ == "VideoUNet" and pipe.denoising_unet.has_motion_modules is False
+    )
 
 
 def test_learning_rate_warm_up_and_cosine_against_the_formula(T):

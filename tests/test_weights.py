@@ -233,10 +233,10 @@ def test_from_pretrained_round_trip(tmp_path):
         tmp_path / "motion_module.pth",
     )
 
-    loaded = VideoUNet.from_pretrained(
+    loaded = VideoUNet.from_official(
         tmp_path / "sd", tmp_path / "motion_module.pth", motion_kwargs=MOTION_TINY
     )
-    reference = ReferenceUNet.from_pretrained(tmp_path / "sd")
+    reference = ReferenceUNet.from_official(tmp_path / "sd")
     x, tokens = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 1, TINY.unet["cross_attention_dim"])
     with torch.no_grad():
         assert torch.equal(loaded(x, 5, tokens), source(x, 5, tokens))
@@ -250,10 +250,10 @@ def test_from_pretrained_round_trip(tmp_path):
         },
     )
     # without a motion file but with motion kwargs: zero-initialised modules, built for real (not meta)
-    stage1 = VideoUNet.from_pretrained(tmp_path / "sd" / "unet", motion_kwargs=MOTION_TINY)
+    stage1 = VideoUNet.from_official(tmp_path / "sd" / "unet", motion_kwargs=MOTION_TINY)
     assert not any(p.is_meta for p in stage1.parameters())
     with torch.no_grad():
-        assert torch.equal(stage1(x, 5, tokens), VideoUNet.from_pretrained(tmp_path / "sd")(x, 5, tokens))
+        assert torch.equal(stage1(x, 5, tokens), VideoUNet.from_official(tmp_path / "sd")(x, 5, tokens))
 
 
 # --- truncated and empty files: every loader names the file -----------------------------------------------

@@ -43,6 +43,7 @@ What differs from the reference, and why (the output is the same to float roundi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -59,7 +60,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from einops import rearrange
-from safetensors.torch import save_file
+from safetensors import safe_open
 from transformers import CLIPVisionModelWithProjection
 
 from ..clip import ClipPreprocess, load_image_encoder
@@ -79,13 +80,25 @@ from ..pose_guider import PoseGuider, PoseGuiderMultiScale, prepare_pose_images
 from ..reference import reference_attention
 from ..unet import ReferenceUNet, VideoUNet
 from ..vae import load_vae
-from ..weights import KeyMismatchError, load_checkpoint, load_into, read_unet_config, realign
+from ..weights import (
+    WEIGHT_NAMES,
+    KeyMismatchError,
+    check_keys,
+    check_weight_file,
+    expected_shapes,
+    load_checkpoint,
+    load_into,
+    read_unet_config,
+    realign,
+    weight_files_in,
+)
 
 __all__ = [
     "Pose2VideoPipeline",
     "Pose2VideoPipelineOutput",
     "save_video",
     "NonFiniteError",
+    "SAVED_FILES",
     "OFFICIAL_LAYOUTS",
 ]
 
@@ -109,7 +122,7 @@ _LAYOUT_TREE = """{root}
 _MODEL_INDEX = "model_index.json"
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
 # every file save_pretrained may write (the vae / image encoder / scheduler as their libraries save them)
-_SAVED_FILES = (
+SAVED_FILES = (
     _MODEL_INDEX,
     "vae/config.json",
     "vae/diffusion_pytorch_model.safetensors",
@@ -212,35 +225,92 @@ def check_finite(tensor: torch.Tensor, where: str, components: dict) -> None:
     )
 
 
+# --- saved folders ------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _no_library_progress_bars():
+    """diffusers' "Loading pipeline components" and transformers' "Writing model shards" bars, off for a
+    moment (a small model loads in a blink; the bars would only add stderr lines), then as they were."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    states = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in states:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, was_enabled in states:
+            if was_enabled:
+                lib.enable_progress_bar()
+
+
+_OWN_COMPONENTS = {"ReferenceUNet": ReferenceUNet, "VideoUNet": VideoUNet, "PoseGuider": PoseGuider}
+_OWN_COMPONENTS["PoseGuiderMultiScale"] = PoseGuiderMultiScale
+_CONFIG_FILES = {"scheduler": "scheduler_config.json"}  # the others: config.json
+
+
+def _check_saved_folder(cls, folder: Path) -> None:
+    """Everything :meth:`Pose2VideoPipeline.from_pretrained` checks before diffusers reads a local folder."""
+    if not (folder / _MODEL_INDEX).is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a saved pipeline (no {_MODEL_INDEX}); for the official AnimateAnyone / "
+            "AniPortrait weight folders use Pose2VideoPipeline.from_official(folder, layout=...)"
+        )
+    index = _read_json(folder / _MODEL_INDEX)
+    if index.get("_class_name") != cls.__name__:
+        raise ValueError(
+            f"{folder / _MODEL_INDEX} names the pipeline {index.get('_class_name')!r}, not "
+            f"{cls.__name__}; this folder holds another pipeline"
+        )
+    components = ("vae", "image_encoder", "reference_unet", "denoising_unet", "pose_guider", "scheduler")
+    for name in components:
+        entry = index.get(name)
+        library = entry[0] if isinstance(entry, list) and len(entry) == 2 else ""
+        if not (library in ("diffusers", "transformers") or library.startswith("anim_lab.")):
+            raise ValueError(
+                f"{folder / _MODEL_INDEX}: the component {name!r} is {entry!r}; a Pose2VideoPipeline folder "
+                "names [library, class] pairs from diffusers, transformers or anim_lab only"
+            )
+    missing = [
+        f"{name}/{_CONFIG_FILES.get(name, 'config.json')}"
+        for name in components
+        if not (folder / name / _CONFIG_FILES.get(name, "config.json")).is_file()
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} is an incomplete saved pipeline: missing {', '.join(missing)}; save it again with "
+            "Pose2VideoPipeline.save_pretrained, or restore those subfolders"
+        )
+    configs = {n: _read_json(folder / n / _CONFIG_FILES.get(n, "config.json")) for n in components}
+    for name in ("vae", "image_encoder"):  # a truncated file or a planted pickle is named before diffusers
+        found = weight_files_in(folder / name)
+        if not found:
+            raise FileNotFoundError(
+                f"{folder / name} holds no weights (expected {' or '.join(WEIGHT_NAMES)}); save the pipeline "
+                "again or restore the file"
+            )
+        for path in found:
+            check_weight_file(path)
+    for name in ("reference_unet", "denoising_unet", "pose_guider"):
+        model_cls = _OWN_COMPONENTS.get(index[name][1])
+        if model_cls is None:
+            raise ValueError(f"{folder / _MODEL_INDEX}: unknown anim_lab class {index[name][1]!r} for {name}")
+        weights = folder / name / _WEIGHTS
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} is missing; save the pipeline again or restore the file")
+        check_weight_file(weights)  # a truncated file is named
+        with torch.device("meta"):
+            model = model_cls.from_config(configs[name])
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (the header)
+        report = check_keys(expected_shapes(model), shapes)
+        if not report.ok:
+            raise KeyMismatchError(report, f"{name}/{_WEIGHTS} (against {name}/config.json)")
+
+
 # --- the pipeline -------------------------------------------------------------------------------------------
 def _dtype_of(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
-
-
-def _pose_guider_config(guider: torch.nn.Module) -> dict:
-    """``{"_class_name": ..., "kwargs": ...}``: how to rebuild a pose guider, read off its layers."""
-    if isinstance(guider, PoseGuiderMultiScale):
-        attn = guider.cross_attn1.config
-        kwargs = dict(
-            conditioning_channels=guider.conditioning_channels,
-            trunk_channels=[guider.conv_layers[i].out_channels for i in (3, 9, 15, 21)],
-            block_out_channels=list(guider.feature_channels[1:]),
-            num_attention_heads=attn.num_attention_heads,
-            attention_head_dim=attn.attention_head_dim,
-            norm_num_groups=attn.norm_num_groups,
-            reference_attention=guider.reference_attention,
-        )
-    elif isinstance(guider, PoseGuider):
-        kwargs = dict(
-            conditioning_channels=guider.conv_in.in_channels,
-            block_out_channels=[guider.conv_in.out_channels] + [c.out_channels for c in guider.blocks[1::2]],
-            conditioning_embedding_channels=guider.conv_out.out_channels,
-        )
-    else:
-        raise TypeError(
-            f"pose_guider must be a PoseGuider or PoseGuiderMultiScale, got {type(guider).__name__}"
-        )
-    return {"_class_name": type(guider).__name__, "kwargs": kwargs}
 
 
 def _slice_windows(features, batch: list[list[int]]):
@@ -291,26 +361,6 @@ class Pose2VideoPipeline(DiffusionPipeline):
             vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False
         )
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor)
-
-    # diffusers reads ``module.device``/``.dtype``, which plain torch modules lack: ask the denoiser instead
-    @property
-    def device(self) -> torch.device:
-        return next(self.denoising_unet.parameters()).device
-
-    @property
-    def _execution_device(self) -> torch.device:
-        return self.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return _dtype_of(self.denoising_unet)
-
-    def to(self, *args, **kwargs) -> Pose2VideoPipeline:
-        """``pipe.to("cuda")``, ``pipe.to(torch.float16)``, ``pipe.to("cuda", torch.float16)``: all models."""
-        for module in self.components.values():
-            if isinstance(module, torch.nn.Module):
-                module.to(*args, **kwargs)
-        return self
 
     # --- inputs -------------------------------------------------------------------------------------
     @staticmethod
@@ -561,19 +611,18 @@ class Pose2VideoPipeline(DiffusionPipeline):
         return Pose2VideoPipelineOutput(frames=frames)
 
     # --- anim_lab's own folder layout ---------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, *, force: bool = False, **kwargs) -> None:
-        """Write the pipeline to a folder: ``vae/``, ``image_encoder/``, ``scheduler/`` in their libraries'
-        layouts, and ``reference_unet/``, ``denoising_unet/``, ``pose_guider/`` as config.json (constructor
-        kwargs) + diffusion_pytorch_model.safetensors, with the umask's permissions.
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, force: bool = False, safe_serialization: bool = True
+    ) -> None:
+        """Write the pipeline as a standard diffusers folder (``model_index.json``, one subfolder per
+        component, each saved by its own ``save_pretrained``; safetensors only), with the umask's permissions.
 
         Built in a temporary sibling folder and moved into place, so a failure leaves nothing half-written.
         An existing folder is replaced only when it holds nothing but what this method writes (an earlier
         save); a folder with anything else (notes, samples, another pipeline's model_index.json) is refused,
         naming what is there, and ``force=True`` replaces only the files this method writes."""
-        if kwargs:
-            raise TypeError(
-                f"save_pretrained got unsupported arguments {sorted(kwargs)}; it takes the folder and force="
-            )
+        if not safe_serialization:
+            raise ValueError("save_pretrained writes safetensors only (a pickle could run code when loaded)")
         target = Path(save_directory)
         index = target / _MODEL_INDEX
         if index.is_file():  # even with force: that file is not ours to replace
@@ -585,30 +634,12 @@ class Pose2VideoPipeline(DiffusionPipeline):
                 raise OutputError(
                     f"{target} holds another pipeline ({index} names {saved!r}); choose a new or empty folder"
                 )
-        check_output_folder(target, _SAVED_FILES, force=force, what="folder", force_hint="force=True")
+        check_output_folder(target, SAVED_FILES, force=force, what="folder", force_hint="force=True")
         tmp = staging_folder(target)
         try:
-            self.vae.save_pretrained(tmp / "vae")
-            self.image_encoder.save_pretrained(tmp / "image_encoder")
-            self.scheduler.save_pretrained(tmp / "scheduler")
-            own = {
-                "reference_unet": {"unet_kwargs": self.reference_unet.unet_kwargs},
-                "denoising_unet": {
-                    "unet_kwargs": self.denoising_unet.unet_kwargs,
-                    "motion_kwargs": self.denoising_unet.motion_kwargs,
-                },
-                "pose_guider": _pose_guider_config(self.pose_guider),
-            }
-            for name, config in own.items():
-                module = getattr(self, name)
-                (tmp / name).mkdir()
-                (tmp / name / "config.json").write_text(
-                    json.dumps({"_class_name": type(module).__name__, **config}, indent=2)
-                )
-                state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-                save_file(state, tmp / name / _WEIGHTS)
-            (tmp / _MODEL_INDEX).write_text(json.dumps({"_class_name": type(self).__name__}, indent=2))
-            publish_folder(tmp, target, _SAVED_FILES, force=force)
+            with _no_library_progress_bars():
+                super().save_pretrained(tmp, safe_serialization=True)
+            publish_folder(tmp, target, SAVED_FILES, force=force)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -620,63 +651,25 @@ class Pose2VideoPipeline(DiffusionPipeline):
         torch_dtype: torch.dtype = torch.float32,
         **kwargs,
     ) -> Pose2VideoPipeline:
-        """Load a folder written by :meth:`save_pretrained` (every key checked: nothing half-loads)."""
-        if kwargs:
-            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        """Load a pipeline folder (written by :meth:`save_pretrained`) or a hub id, through diffusers' own
+        ``DiffusionPipeline.from_pretrained``.
+
+        A local folder is checked first, so that a mistake is named rather than half-loaded: its
+        ``model_index.json`` must name this pipeline and only diffusers, transformers or anim_lab classes;
+        every subfolder must be there with valid JSON; and the keys and shapes of each anim_lab component's
+        weights must fit its config exactly (a :class:`KeyMismatchError` lists what is missing, unexpected or
+        of another shape). ``kwargs`` go to diffusers."""
         folder = Path(pretrained_model_name_or_path)
-        if not (folder / _MODEL_INDEX).is_file():
-            raise FileNotFoundError(
-                f"{folder} is not a saved anim_lab Pose2VideoPipeline (no {_MODEL_INDEX}); for the "
-                "official AnimateAnyone / AniPortrait weight folders use "
-                "Pose2VideoPipeline.from_official(folder, layout=...)"
-            )
-
-        index = _read_json(folder / _MODEL_INDEX)
-        if index.get("_class_name") != cls.__name__:
-            raise ValueError(
-                f"{folder / _MODEL_INDEX} names the pipeline {index.get('_class_name')!r}, not "
-                f"{cls.__name__}; this folder holds another pipeline"
-            )
-        needed = {
-            "vae": "config.json",
-            "image_encoder": "config.json",
-            "scheduler": "scheduler_config.json",
-            **{name: "config.json" for name in ("reference_unet", "denoising_unet", "pose_guider")},
-        }
-        missing = [f"{sub}/{f}" for sub, f in needed.items() if not (folder / sub / f).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"{folder} is an incomplete saved pipeline: missing {', '.join(missing)}; save it again with "
-                "Pose2VideoPipeline.save_pretrained, or restore those subfolders"
-            )
-        for sub, f in needed.items():
-            _read_json(folder / sub / f)  # malformed JSON is named here, with its file
-
-        def own(name: str):
-            config = _read_json(folder / name / "config.json")
-            weights = load_checkpoint(folder / name / _WEIGHTS)
-            with torch.device("meta"):
-                if name == "reference_unet":
-                    module = ReferenceUNet(config["unet_kwargs"])
-                elif name == "denoising_unet":
-                    module = VideoUNet(config["unet_kwargs"], config["motion_kwargs"])
-                elif config["_class_name"] == "PoseGuiderMultiScale":
-                    module = PoseGuiderMultiScale(**config["kwargs"])
-                else:
-                    module = PoseGuider(**config["kwargs"])
-            load_into(module, weights, assign=True, what=f"{name}/{_WEIGHTS}")
-            return module.to(torch_dtype).eval()
-
-        # realign: tensors read at the files' byte offsets would move CPU sums by ~1e-6; aligned copies make
-        # the loaded pipeline compute bit for bit what the saved one did
-        return cls(
-            vae=realign(load_vae(folder / "vae", torch_dtype=torch_dtype)),
-            image_encoder=realign(load_image_encoder(folder / "image_encoder", torch_dtype=torch_dtype)),
-            reference_unet=realign(own("reference_unet")),
-            denoising_unet=realign(own("denoising_unet")),
-            pose_guider=realign(own("pose_guider")),
-            scheduler=DDIMScheduler.from_pretrained(folder / "scheduler"),
-        )
+        if folder.exists():
+            _check_saved_folder(cls, folder)
+        with _no_library_progress_bars():
+            pipe = super().from_pretrained(pretrained_model_name_or_path, dtype=torch_dtype, **kwargs)
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                # tensors read at the file's byte offsets would move CPU sums by ~1e-6; aligned copies make
+                # the loaded pipeline compute bit for bit what the saved one did
+                realign(module).eval()
+        return pipe
 
     # --- the official weight folders ----------------------------------------------------------------
     @classmethod

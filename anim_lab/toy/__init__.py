@@ -9,9 +9,10 @@ everything.
 
 Modules: ``template`` (the 3D face and expression bases), ``renderer`` (identity/pose/expression -> image and
 landmarks), ``clips`` (talking-head motion), ``dataset`` (torch datasets, identity splits), ``captions`` (the
-attribute phrases the toy CLIP is trained on).
+attribute phrases the toy CLIP is trained on), ``animator`` (the trained toy animator, :func:`load_animator`).
 """
 
+from anim_lab.toy.animator import TOY_ANIMATOR_DIR, load_animator
 from anim_lab.toy.captions import TOY_PHRASES, toy_caption_attributes, toy_phrase, toy_vocabulary
 from anim_lab.toy.clips import Clip, make_clip, sample_motion
 from anim_lab.toy.dataset import ToyPortraitDataset, identity_split, images_to_tensor, poses_to_tensor
@@ -28,6 +29,7 @@ from anim_lab.toy.renderer import (
 
 __all__ = [
     "ATTRIBUTES",
+    "TOY_ANIMATOR_DIR",
     "TOY_PHRASES",
     "Clip",
     "Expression",
@@ -37,6 +39,7 @@ __all__ = [
     "identity_from_seed",
     "identity_split",
     "images_to_tensor",
+    "load_animator",
     "make_clip",
     "poses_to_tensor",
     "render",
