@@ -33,8 +33,11 @@ def load_script(name: str) -> ModuleType:
             "part of an installed wheel); clone the repository and install it with `make test` or "
             "`pip install -e .`"
         )
-    spec = importlib.util.spec_from_file_location(name, path)
+    qualified = (
+        f"anim_lab.scripts.{name}"  # in anim_lab's namespace: a generic name such as "eval" stays free
+    )
+    spec = importlib.util.spec_from_file_location(qualified, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
+    sys.modules[qualified] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module

@@ -44,6 +44,15 @@ def pair_problems(py: Path) -> list[str]:
             f"(the newer file wins); then re-execute with `make notebook CH={py.stem}`, which rebuilds the "
             f".ipynb from the .py (an edit made only in the .ipynb and not synced is lost)"
         )
+    # JupyterLab's check (jupytext's contents manager) when the .ipynb is the newer file, as after `make
+    # notebook`: the two files, written back as the .py, must be the same text, header included
+    if not problems and jupytext.writes(jupytext.read(py), "py:percent") != jupytext.writes(
+        jupytext.read(nb_path), "py:percent"
+    ):
+        problems.append(
+            f"fix: .venv/bin/jupytext --to py:percent chapters/{nb_path.name} -- JupyterLab would refuse to "
+            f"open {nb_path.name}: its header (kernelspec) differs from {py.name}'s (the cells are the same)"
+        )
     raw = json.loads(nb_path.read_text())
     counts = [
         c.get("execution_count")
@@ -54,8 +63,8 @@ def pair_problems(py: Path) -> list[str]:
         problems.append(f"{nb_path.name} has no code cells")
     elif counts != list(range(1, len(counts) + 1)):
         problems.append(
-            f"{nb_path.name} was not executed top to bottom in one kernel: execution counts {counts}; "
-            f"run `make notebook CH={py.stem}`"
+            f"fix: make notebook CH={py.stem} -- {nb_path.name} was not executed top to bottom in one kernel "
+            f"(a cell run twice?): execution counts {counts}"
         )
     return problems
 
@@ -118,6 +127,19 @@ def test_out_of_order_notebook_fails(good_copy):
 
     _edit_nb(good_copy, swap)
     assert any("not executed" in p for p in pair_problems(good_copy))
+
+
+def test_a_header_lab_would_refuse_fails(good_copy):
+    """`display_name: Python 3` in the .py against `Python 3 (ipykernel)` in the .ipynb: JupyterLab refused to
+    open a chapter rebuilt by `make notebook` ("... is more recent than ...")."""
+    good_copy.write_text(
+        good_copy.read_text().replace("display_name: Python 3 (ipykernel)", "display_name: Python 3")
+    )
+    assert any("JupyterLab would refuse" in p for p in pair_problems(good_copy))
+    jupytext_cli(
+        ["--to", "py:percent", "--quiet", str(good_copy.with_suffix(".ipynb"))]
+    )  # the advice fixes it
+    assert pair_problems(good_copy) == []
 
 
 def test_missing_notebook_fails(good_copy):

@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -215,8 +216,11 @@ def test_ipywidgets_where_chapters_run():
 def test_load_script_gives_the_scripts_functions_and_names_a_missing_one(tmp_path, monkeypatch):
     import anim_lab
 
+    sys.modules.pop("train_animator", None)
     T = anim_lab.load_script("train_animator")
     assert T.__file__ == str(anim_lab.SCRIPTS_DIR / "train_animator.py") and callable(T.diffusion_loss)
+    # registered in anim_lab's namespace, not under the script's bare name
+    assert sys.modules["anim_lab.scripts.train_animator"] is T and "train_animator" not in sys.modules
     monkeypatch.setattr(anim_lab, "SCRIPTS_DIR", tmp_path / "no_scripts")
     with pytest.raises(FileNotFoundError, match=r"no_scripts/eval_animator.py not found: .*source checkout"):
         anim_lab.load_script("eval_animator")

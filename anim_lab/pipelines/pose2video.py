@@ -44,6 +44,7 @@ What differs from the reference, and why (the output is the same to float roundi
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -63,15 +64,16 @@ from einops import rearrange
 from safetensors import safe_open
 from transformers import CLIPVisionModelWithProjection
 
-from ..clip import ClipPreprocess, load_image_encoder
+from ..clip import ClipPreprocess, encode_image, load_image_encoder
 from ..configs import POSE_GUIDER_MULTISCALE_SD15
-from ..context import batch_windows, context_windows, predict_in_windows
+from ..context import batch_windows, context_windows, gather_windows, predict_in_windows
 from ..files import OutputError, check_output_folder, publish_folder, staging_folder
 from ..guidance import (
     DDIM_ETA,
     build_scheduler,
     cfg_batch,
     cfg_combine,
+    cfg_encoder_hidden_states,
     do_classifier_free_guidance,
     set_timesteps,
 )
@@ -79,7 +81,8 @@ from ..motion import MOTION_SD15
 from ..pose_guider import PoseGuider, PoseGuiderMultiScale, prepare_pose_images
 from ..reference import reference_attention
 from ..unet import ReferenceUNet, VideoUNet
-from ..vae import load_vae
+from ..vae import decode_video, load_vae
+from ..vae import encode as vae_encode
 from ..weights import (
     WEIGHT_NAMES,
     KeyMismatchError,
@@ -313,18 +316,6 @@ def _dtype_of(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-def _slice_windows(features, batch: list[list[int]]):
-    """Pose features (1, C, F, h, w) (or a list of them) -> the frames of a batch of n windows, laid out as
-    ``predict_in_windows`` lays out the latents: (n, C, f, h, w)."""
-    index = torch.tensor(batch).flatten()  # (n*f,) the frames of each window, window after window
-
-    def one(x: torch.Tensor) -> torch.Tensor:
-        x = x[:, :, index.to(x.device)]  # (1, C, n*f, h, w)
-        return rearrange(x, "b c (n f) h w -> (n b) c f h w", n=len(batch))  # -> (n, C, f, h, w)
-
-    return one(features) if isinstance(features, torch.Tensor) else [one(x) for x in features]
-
-
 class Pose2VideoPipeline(DiffusionPipeline):
     """Reference image + pose images -> video, with AnimateAnyone's ReferenceNet, PoseGuider and motion
     modules (see the module docstring for the order of the loop and what differs from the reference).
@@ -413,12 +404,11 @@ class Pose2VideoPipeline(DiffusionPipeline):
         # squashed to the encoder's square (PIL's default bicubic, as the reference), then CLIP-normalised
         clip_input = self.image_processor.pil_to_numpy(ref_image.resize((size, size)))  # (1, S, S, 3) [0, 1]
         clip_input = rearrange(torch.from_numpy(clip_input), "b h w c -> b c h w") * 2 - 1  # -> [-1, 1]
-        pixel_values = ClipPreprocess(size=size, crop_size=size)(clip_input).to(device, dtype)
-        image_embeds = self.image_encoder(pixel_values=pixel_values).image_embeds  # (1, D)
-        clip_tokens = rearrange(image_embeds, "b d -> b 1 d")  # (1, D) -> (1, 1, D): one token
+        clip_tokens = encode_image(
+            self.image_encoder, clip_input.to(device), ClipPreprocess(size=size, crop_size=size)
+        )  # (1, 1, D): one token
         ref = self.image_processor.preprocess(ref_image, height=height, width=width)  # (1, 3, H, W) [-1, 1]
-        ref = ref.to(device, self.vae.dtype)
-        ref_latents = self.vae.encode(ref).latent_dist.mean * self.vae.config.scaling_factor  # (1, 4, h, w)
+        ref_latents = vae_encode(self.vae, ref.to(device))  # (1, 4, h, w): the posterior mean, scaled
         return clip_tokens, ref_latents.to(dtype)
 
     def encode_poses(
@@ -473,14 +463,7 @@ class Pose2VideoPipeline(DiffusionPipeline):
 
     def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int) -> torch.Tensor:
         """(1, 4, F, h, w) -> video (1, 3, F, H, W) in [-1, 1], ``decode_chunk_size`` frames per VAE call."""
-        frames = rearrange(latents, "b c f h w -> (b f) c h w") / self.vae.config.scaling_factor
-        video = torch.cat(
-            [
-                self.vae.decode(frames[i : i + decode_chunk_size].to(self.vae.dtype)).sample.float()
-                for i in range(0, len(frames), decode_chunk_size)
-            ]
-        )  # (F, 3, H, W)
-        return rearrange(video, "(b f) c h w -> b c f h w", b=latents.shape[0]).clamp(-1, 1)
+        return decode_video(self.vae, latents, decode_chunk_size).float()  # clamped to [-1, 1]
 
     # --- the loop -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -556,32 +539,48 @@ class Pose2VideoPipeline(DiffusionPipeline):
             # read it); faithful=True runs it on the CFG-doubled batch [zero tokens; CLIP tokens] as the
             # reference does, so the fp16-rounded bank matches it bit for bit.
             if faithful and do_cfg:
-                context = torch.cat([torch.zeros_like(clip_tokens), clip_tokens])  # (2, 1, D)
+                context = cfg_encoder_hidden_states(
+                    clip_tokens
+                )  # (2, 1, D): zero tokens, then the CLIP token
                 bank.write(cfg_batch(ref_latents), t=0, encoder_hidden_states=context)
             else:
                 bank.write(ref_latents, t=0, encoder_hidden_states=clip_tokens)
             one_reference = {k: v[-1:] for k, v in bank.entries.items()}  # the cond row (1, HW, C)
             bank_videos = [1]  # how many videos (windows) the bank's rows serve now
 
-            def predict(x: torch.Tensor, batch: list[list[int]]) -> torch.Tensor:
-                """x (n, 4, f, h, w): latents of n windows -> their prediction, the CFG batch (2n, ...)."""
+            def predict(x: torch.Tensor, batch: list[list[int]], t: torch.Tensor) -> torch.Tensor:
+                """x (n, 4, f, h, w): latents of n windows at timestep t -> their prediction, the CFG batch
+                (2n, ...)."""
                 n = len(batch)
                 if bank_videos[0] != n:  # one bank row per window in the call: expanded views
                     bank.load({k: v.expand(n, -1, -1) for k, v in one_reference.items()})
                     bank_videos[0] = n
-                pose, context = _slice_windows(pose_fea, batch), clip_tokens.expand(n, -1, -1)  # (n, ...)
+                # the same frames of the pose features as of the latents: (n, C, f, h, w), or a list of them
+                pose = (
+                    [gather_windows(p, batch) for p in pose_fea]
+                    if multi_scale
+                    else gather_windows(pose_fea, batch)
+                )
+                context = clip_tokens.expand(n, -1, -1)  # (n, 1, D)
                 if do_cfg:  # (2n, ...): every window's uncond rows first, then the cond rows
                     x = cfg_batch(x)
-                    pose = cfg_batch(pose) if isinstance(pose, torch.Tensor) else [cfg_batch(p) for p in pose]
-                    context = torch.cat([torch.zeros_like(context), context])  # zero CLIP tokens: uncond
+                    pose = [cfg_batch(p) for p in pose] if multi_scale else cfg_batch(pose)
+                    context = cfg_encoder_hidden_states(context)  # zero CLIP tokens for the uncond rows
                 x = self.scheduler.scale_model_input(x, t)
                 return self.denoising_unet(x, t, encoder_hidden_states=context, pose_cond_fea=pose)
+
+            multi_scale = not isinstance(pose_fea, torch.Tensor)
 
             with self.progress_bar(total=len(timesteps)) as progress_bar:
                 for i, t in enumerate(timesteps):
                     # windows -> averaged prediction (G, 4, F, h, w), G = 2 under CFG (uncond first)
                     noise_pred = predict_in_windows(
-                        predict, latents, windows, context_batch_size, do_cfg, faithful=faithful
+                        functools.partial(predict, t=t),
+                        latents,
+                        windows,
+                        context_batch_size,
+                        do_cfg,
+                        faithful,
                     )
                     if do_cfg:
                         noise_pred = cfg_combine(noise_pred, guidance_scale)  # -> (1, 4, F, h, w)
