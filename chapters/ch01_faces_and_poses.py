@@ -80,7 +80,9 @@ print("nose tip is the point nearest the camera:", bool(face.xyz[:468, 2].argmin
 
 # %% [markdown]
 # The points come in named groups: the face oval, eyes, eyebrows, lips and irises (the subject's left and
-# right: the subject's right eye is on the image's left). These groups are what a pose image draws.
+# right: the subject's right eye is on the image's left). A pose image draws most of them, not all: the eyes,
+# eyebrows, lips and the face oval without its forehead arc, as 17 parts in 13 colours; the irises and the
+# full oval are left out (`landmarks.POSE_PARTS`).
 
 # %%
 for name, idx in L.GROUPS.items():
@@ -175,7 +177,7 @@ def aniportrait_way(normalized, height, width):
     return cv2.resize(canvas, (width, height))  # (512, 512, 3) -> (H, W, 3), bilinear
 
 
-def part_colour_share(img):  # the share of lit pixels whose colour is exactly one of the 17 part colours
+def part_colour_share(img):  # the share of lit pixels whose colour is exactly one of the 13 part colours
     lit = img.reshape(-1, 3)[img.reshape(-1, 3).any(1)]
     exact = np.zeros(len(lit), bool)
     for _, _, colour in L.POSE_PARTS:
@@ -212,8 +214,8 @@ plt.show()
 
 # %% [markdown]
 # - Resizing the canvas **blends colours**: the bilinear filter mixes each line with black and with its
-#   neighbours, so most lit pixels are no longer one of the 17 part colours; a PoseGuider trained on such
-#   images has learned soft, dimmer lines.
+#   neighbours, so most lit pixels are no longer one of the 13 part colours; a PoseGuider trained on images
+#   drawn this way for frames other than 512×512 (at 512 nothing is resized) has learned soft, dimmer lines.
 # - On a non-square frame the square canvas is **stretched**: landmarks land in the right place (they are
 #   normalized), but line widths differ between the two axes, and lines thinner than a pixel fade.
 # - `anim_lab`'s way keeps exact colours and an even width at any size. To reproduce AniPortrait's inputs
@@ -308,8 +310,8 @@ tmp.cleanup()
 #   (`scripts/make_face_template.py`), plus the mesh's 854 triangles;
 # - **identity**: skin, hair, eye, lip, background and shirt colours, hairstyle, face width/height, hairline;
 # - **head pose**: yaw, pitch, roll, translation, scale; **expression**: mouth open, blink, smile;
-# - **renderer** (numpy + cv2, ~3 ms per 128-px frame): painter's algorithm with flat shading, and it returns
-#   the **exact landmarks of what it drew** — ground truth for every frame.
+# - **renderer** (numpy + cv2; `benchmarks/bench_toy_render.py` times it): painter's algorithm with flat
+#   shading, and it returns the **exact landmarks of what it drew** — ground truth for every frame.
 
 # %%
 vertices, triangles = load_template()

@@ -221,15 +221,16 @@ print(
 # The zero-image token is a full-size embedding, as long as a portrait's. Through a (random, toy-sized)
 # cross-attention layer, its output is almost as far from the zero token's output (the `to_out` bias) as two
 # different portraits' outputs are from each other. So at inference the unconditional branch gets an input the
-# UNet never saw as "no condition" in training. Guidance still works, since it only uses the *difference*
-# between the two branches, but the two choices are not the same function; a model trained this way could use
-# the zero-image token at inference to match its training.
+# UNet never saw as "no condition" in training. That error is not cancelled by guidance: the guided
+# prediction is $(1 - s)\,\text{uncond} + s\,\text{cond}$, so an error in the unconditional branch reaches
+# the result multiplied by $1 - s$ (−2.5 at the official $s = 3.5$). The two choices are different functions;
+# a model trained this way could use the zero-image token at inference to match its training.
 
 # %% [markdown]
 # ## 4. How the toy CLIP was trained
 #
 # Before asking what the embeddings know, what were they trained to know? `scripts/train_toy_clip.py` trains a
-# transformers `CLIPModel` (a 2-layer ViT on 8 × 8 patches of 12 px, and a small text transformer) on 12,000
+# transformers `CLIPModel` (a 4-layer ViT on 8 × 8 patches of 12 px, and a 2-layer text transformer) on 12,000
 # renders of 3,000 training identities, 4 views each. Each image gets a caption made of a random subset of its
 # attribute phrases ("red hair , mouth open , blue background"), tokenized word by word. With image embeddings
 # $u_i$ and caption embeddings $t_j$ (both L2-normalised) and a learned temperature $\tau$, the loss of a
@@ -424,7 +425,8 @@ for pc in (0, 1):
 # of the render) the same CLIP stayed at chance on it (section 8 prints the log's mouth accuracy after each
 # stage). Zooming in to resize 160 (a patch = 9.6 px of the render, the mouth spread over more patches) and
 # weighting up the mouth's attribute head fixed it in stage 3. An iris, 2–3 pixels inside one patch, is still
-# lost: one pooled token, trained for about an hour on a CPU, keeps what covers enough pixels and drops the
+# lost: one pooled token, trained for 83 minutes on one CPU core (the four stages of section 8), keeps what
+# covers enough pixels and drops the
 # rest, and a tighter crop would cost
 # the rest of the head. This is AnimateAnyone's argument for a **ReferenceNet**: a copy of the UNet that hands
 # the denoiser the reference's full spatial feature maps (chapter 05), so fine details need not survive a

@@ -431,7 +431,8 @@ print("keys added by the extension:", len(ext.state_dict()) - len(released.state
 # - AniPortrait **trained** its guider on pose images normalised to [-1, 1] (`/255`, then `2x - 1`).
 # - Its **inference** scripts hand uint8 arrays to diffusers' `VaeImageProcessor(do_normalize=True)`, which
 #   does not divide numpy input by 255 and applies `2x - 1`: a drawn value of 200 becomes 399, black stays -1,
-#   the range is **[-1, 509]**. The official videos were made like this.
+#   and a full 255 would reach **509**, the top of the range. The pose drawer's brightest channel value is
+#   220, hence the 439 printed below. The official videos were made like this.
 # - `anim_lab`: both guiders take [0, 1]; the multi-scale guider maps it to [-1, 1] itself.
 #   `prepare_pose_images(frames, faithful=True)` builds the slipped tensor and `forward(..., faithful=True)`
 #   takes it as it is, to reproduce official outputs.

@@ -325,7 +325,8 @@ print("rows whose output depends on the reference:", changed.tolist())
 
 # %% [markdown]
 # - The reference still runs the ReferenceNet on **two** copies of the reference latent
-#   (`ref_latents.repeat(2)`), half of which no row ever reads.
+#   (`ref_latents.repeat(2)`). The uncond half is read, then thrown away: every row's first `attn1` call
+#   attends to the bank, and the uncond rows' results are replaced by self-attention alone.
 #
 # ## 4. Zero terminal SNR: why v-prediction and trailing timesteps
 #
@@ -502,9 +503,10 @@ for t_ in set_timesteps(linear, 25)[[1, 6, 12, 18, 23]].tolist():
 print(format_table(rows, ["sampling t (linear)", "training t with that SNR", "shift"]))
 
 # %% [markdown]
-# The model is told one noise level and given another, off by 60-90 timesteps mid-schedule; EchoMimic
-# traced background noise in Moore-derived code to this and sampled with scaled_linear instead
-# (`build_scheduler("scaled_linear")`). To reproduce the *official* outputs, keep linear.
+# The model is told one noise level and given another, off by 60-90 timesteps mid-schedule. A pull request
+# to EchoMimic (antgroup/echomimic #127, never merged) traced background noise in Moore-derived code to
+# this and proposed sampling with scaled_linear (`build_scheduler("scaled_linear")`, what the toy animator
+# uses, as it was trained). To reproduce the *official* outputs, keep linear.
 #
 # ## 6. Context windows over a long video
 #

@@ -581,7 +581,9 @@ plt.show()
 # %% [markdown]
 # - Working memory follows the tile, not the video: with windows it stays flat from 17 to 65 frames; with
 #   spatial tiles a 128 px decode needs a fraction of the untiled memory. The price is compute on the overlaps
-#   (about (64/48)² ≈ 1.8× in space) and the small seam errors measured above.
+#   (×1.56 the decoded area at 25% overlap, as exercise 5's solution prints: per axis, tiles of 64 every 48
+#   cover 64 + 64 + 32 = 160 of 128 pixels, the last one cut at the edge; a frame many tiles wide approaches
+#   (64/48)² ≈ 1.78) and the small seam errors measured above.
 # - `anim_lab.tiling` writes each tile's kept part straight into the output and keeps only the strips still
 #   needed for blending; diffusers keeps every decoded tile until the end. Same numbers, less memory
 #   (`benchmarks/bench_causal_vae_tiling.py` compares both).
@@ -681,8 +683,10 @@ print(
 )
 
 # %% [markdown]
-# Training would have to use the same per-frame norms (the trained weights expect clip-wide statistics), and
-# the mid-block attention would need a causal mask over frames.
+# Training would have to use the same per-frame norms (the trained weights expect clip-wide statistics). The
+# mid-block attention already has a causal mask over frames (`causal_vae.frame_causal_mask`); what lets later
+# frames reach frame 0 there is the GroupNorm before it, which takes its statistics over all frames and would
+# have to be per frame too.
 #
 # **3.** Tile starts with diffusers' loop, and a layout whose last tile ends at the edge (in latents: tiles of
 # 8, frame of 16):

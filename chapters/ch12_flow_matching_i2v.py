@@ -29,7 +29,7 @@
 #   and how many steps does that save? What does the shift do? Why is the image latent concatenated on the
 #   *channel* axis? What is `i2v_stability` (the 0.001 of image latent in the starting noise)? What does
 #   token_replace change inside the transformer? latent_concat or token_replace?
-# - **CPU runtime**: about 40 s
+# - **CPU runtime**: about 15 s (chapters/README.md)
 #
 # The two tiny transformers (2.1M parameters each: 2 dual-stream + 2 single-stream blocks, width 128, patch
 # 2; HunyuanVideo has 13B) were trained by `scripts/train_toy_i2v.py` on 1024 toy clips (17 frames, 64 px →
