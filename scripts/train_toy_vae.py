@@ -46,6 +46,7 @@ beside this script for every number): filled in below by the runs of ``--ab``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -317,7 +318,9 @@ def _unflatten_optimizer(tensors: dict, meta: dict, prefix: str) -> dict:
 
 
 def write_checkpoint(out: Path, vae: AutoencoderKL, log: dict, state: dict | None = None) -> None:
-    """Write the diffusers folder, the log and (with ``state``) the training state into ``out``: each file
+    """Write the diffusers folder of ``vae`` (the EMA model when there is one), the log and (with ``state``:
+    the trained ``vae``, its ``ema`` or None, ``disc``, ``opt_g``, ``opt_d``, ``generator``, ``step``,
+    ``elapsed_s``, ``settings``) the training state into ``out``: each file
     goes to a temporary sibling folder first and is moved in with ``os.replace`` (atomic per file; the state
     file alone is enough to resume, so a reader never mixes two checkpoints)."""
     out = Path(out)
@@ -328,7 +331,9 @@ def write_checkpoint(out: Path, vae: AutoencoderKL, log: dict, state: dict | Non
     try:
         names = []
         if state is not None:
-            tensors = {f"vae.{k}": v.detach().contiguous() for k, v in vae.state_dict().items()}
+            tensors = {f"vae.{k}": v.detach().contiguous() for k, v in state["vae"].state_dict().items()}
+            if state.get("ema") is not None:
+                tensors |= {f"ema.{k}": v.detach().contiguous() for k, v in state["ema"].state_dict().items()}
             tensors |= {f"disc.{k}": v.detach().contiguous() for k, v in state["disc"].state_dict().items()}
             meta = dict(format=STATE_FORMAT, step=state["step"], elapsed_s=state["elapsed_s"])
             meta["settings"], meta["log"] = state["settings"], log
@@ -392,6 +397,8 @@ def train(
     perceptual_weight: float = 0.0,
     perceptual: nn.Module | Path | None = None,
     disc_start: int = 500,
+    adv_delay: int = 0,
+    ema_decay: float = 0.0,
     disc_weight: float = 0.5,
     disc_channels: int = 32,
     disc_layers: int = 2,
@@ -438,6 +445,10 @@ def train(
     vae = AutoencoderKL(**(config or vae_config())) if init is None else AutoencoderKL.from_pretrained(init)
     vae.train()
     disc = PatchDiscriminator(disc_channels, disc_layers)
+    # an exponential moving average of the weights: the model that is evaluated and saved (GAN training
+    # makes the raw weights jitter from step to step)
+    ema = copy.deepcopy(vae).requires_grad_(False) if ema_decay > 0 else None
+    model = vae if ema is None else ema  # the model for sampling
     if isinstance(perceptual, (str, Path)) or (perceptual is None and perceptual_weight > 0):
         perceptual = ClipPerceptual.from_folder(perceptual or ROOT / "anim_lab/assets/toy_image_encoder")
     use_gan = recipe == "v2" and disc_weight > 0
@@ -463,6 +474,8 @@ def train(
         kl_weight=kl_weight,
         perceptual_weight=perceptual_weight,
         disc_start=disc_start,
+        adv_delay=adv_delay,
+        ema_decay=ema_decay,
         disc_weight=disc_weight,
         disc_channels=disc_channels,
         disc_layers=disc_layers,
@@ -478,6 +491,8 @@ def train(
             )
             raise TrainError(f"{out / STATE_FILE} was written with other settings ({detail}); use them")
         vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
+        if ema is not None:
+            ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
         disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
         opt.load_state_dict(_unflatten_optimizer(tensors, meta["opt_g"], "opt_g"))
         opt_d.load_state_dict(_unflatten_optimizer(tensors, meta["opt_d"], "opt_d"))
@@ -495,6 +510,8 @@ def train(
         if out is None:
             return
         state = dict(
+            vae=vae,
+            ema=ema,
             disc=disc,
             opt_g=opt,
             opt_d=opt_d,
@@ -503,12 +520,14 @@ def train(
             elapsed_s=time.time() - t0,
             settings=settings,
         )
-        write_checkpoint(out, vae, final_log or log, state)
+        write_checkpoint(out, model, final_log or log, state)
 
     def run_eval() -> None:
         t_eval = time.time()
-        m = evaluate(vae, eval_images)
+        m = evaluate(model, eval_images)
         entry = dict(step=step, minutes=round((t_eval - t0) / 60, 2), disc_on=use_gan and step >= disc_start)
+        if ema is not None:
+            entry["raw"] = evaluate(vae, eval_images)  # the trained weights themselves, for comparison
         log["curve"].append(entry | m)
         bar.write(
             f"step {step}  {entry['minutes']:.1f} min  held-out PSNR {m['psnr']:.2f} dB  sharpness "
@@ -531,7 +550,8 @@ def train(
             for group in opt_.param_groups:
                 group["lr"] = lr * warm * (0.3 if frac > 0.8 else 1.0)
         x = random_crops(train_u8, batch_size, crop, g)  # (B, 3, crop, crop)
-        gan_on = use_gan and step >= disc_start
+        gan_on = use_gan and step >= disc_start  # the discriminator trains
+        adv_on = gan_on and step >= disc_start + adv_delay  # the decoder gets its adversarial gradient
         terms = {}
         disc.requires_grad_(False)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -542,7 +562,7 @@ def train(
                 t = generator_terms(vae, x, g, perceptual, perceptual_weight)
                 loss = t["rec_loss"] + kl_weight * t["kl"]
                 terms |= dict(l1=t["l1"].item(), perceptual=t["perceptual"].item(), kl=t["kl"].item())
-                if gan_on:
+                if adv_on:
                     g_loss = -disc(t["rec"]).float().mean()
                     weight = adaptive_weight(t["rec_loss"], g_loss, last_layer, disc_weight)
                     loss = loss + weight * g_loss
@@ -551,6 +571,10 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), vae.parameters(), strict=True):
+                    p_ema.lerp_(p, 1.0 - ema_decay)
         if gan_on:
             disc.requires_grad_(True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -582,11 +606,11 @@ def train(
         checkpoint()
         print(f"stopped at step {step}; continue with --resume", flush=True)
         return log
-    vae.eval()
+    model.eval()
     run_eval()
     log["final"] = log["curve"][-1]
-    sf = measure_scaling_factor(vae, V.images_from_uint8(train_u8[:256]), seed)
-    vae.register_to_config(scaling_factor=round(sf, 5))
+    sf = measure_scaling_factor(model, V.images_from_uint8(train_u8[:256]), seed)
+    model.register_to_config(scaling_factor=round(sf, 5))
     log["scaling_factor"] = round(sf, 5)
     log["final_psnr"] = log["final"]["psnr"]
     checkpoint()
@@ -613,7 +637,16 @@ def main(argv=None):
     p.add_argument("--restart", action="store_true", help=f"start over although --out holds a {STATE_FILE}")
     p.add_argument("--perceptual-weight", type=float, default=0.0)
     p.add_argument("--disc-start", type=int, default=500, help="step at which the discriminator switches on")
+    p.add_argument(
+        "--adv-delay",
+        type=int,
+        default=0,
+        help="steps the discriminator trains alone before the decoder sees it",
+    )
     p.add_argument("--disc-weight", type=float, default=0.5, help="0 turns the GAN off")
+    p.add_argument(
+        "--ema-decay", type=float, default=0.0, help="EMA of the weights (saved, evaluated); 0: none"
+    )
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)"
@@ -650,6 +683,8 @@ def main(argv=None):
             restart=args.restart,
             perceptual_weight=args.perceptual_weight,
             disc_start=args.disc_start,
+            adv_delay=args.adv_delay,
+            ema_decay=args.ema_decay,
             disc_weight=args.disc_weight,
             kl_weight=args.kl_weight,
         )

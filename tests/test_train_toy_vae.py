@@ -80,6 +80,7 @@ def run(T, data, out, **kw):
         disc_channels=8,
         disc_layers=1,
         n_eval=2,
+        ema_decay=0.9,
     )
     return T.train(**(args | kw))
 
@@ -102,6 +103,29 @@ def test_terms_finite_and_discriminator_switches_on_at_warm_up(T, data, tmp_path
         T.hinge_d_loss(torch.full((2, 1, 3, 3), 2.0), torch.full((2, 1, 3, 3), -3.0)) == 0
     )  # both beyond margin
     assert T.hinge_d_loss(torch.zeros(1, 1), torch.zeros(1, 1)) == pytest.approx(1.0)
+
+
+def test_adversarial_term_can_wait_for_the_discriminator(T, data, tmp_path):
+    """adv_delay=1: at step 2 the discriminator trains but the decoder's loss is still that of a run without
+    a GAN; from step 3 the adversarial term is in it."""
+    with_gan = run(T, data, None, max_steps=4, adv_delay=1, final=False)
+    without = run(T, data, None, max_steps=4, disc_weight=0.0, final=False)
+    assert with_gan["d_losses"][:2] == [None, None] and with_gan["d_losses"][2] is not None
+    assert with_gan["losses"][:3] == without["losses"][:3]
+    assert with_gan["losses"][3] != without["losses"][3]
+
+
+def test_ema_of_the_weights(T, data, tmp_path):
+    """Two steps with decay 0.9: ema = 0.81 init + 0.09 w1 + 0.1 w2 (w_k the weights after step k)."""
+    run(T, data, tmp_path / "one", max_steps=1, final=False)
+    run(T, data, tmp_path / "two", max_steps=2, final=False)
+    w1, s2 = load_file(tmp_path / "one" / T.STATE_FILE), load_file(tmp_path / "two" / T.STATE_FILE)
+    torch.manual_seed(0)
+    init = T.AutoencoderKL(**TINY_VAE).state_dict()
+    key = "decoder.conv_out.weight"
+    expected = 0.81 * init[key] + 0.09 * w1[f"vae.{key}"] + 0.1 * s2[f"vae.{key}"]
+    torch.testing.assert_close(s2[f"ema.{key}"], expected)
+    assert not torch.allclose(s2[f"ema.{key}"], s2[f"vae.{key}"])
 
 
 def test_discriminator_is_unchanged_before_its_start(T, data, tmp_path):
@@ -153,6 +177,10 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(T, data, tmp_path):
     log_a = json.loads((tmp_path / "a" / "train_log.json").read_text())
     assert log_a["losses"] == resumed["losses"] and log_a["d_losses"] == resumed["d_losses"]
     assert log_a["scaling_factor"] == resumed["scaling_factor"]
+    # the diffusers folder holds the EMA weights; the state keeps both
+    saved = load_file(tmp_path / "b" / "diffusion_pytorch_model.safetensors")
+    assert saved.keys() == {k[4:] for k in b if k.startswith("ema.")}
+    assert all(torch.equal(v, b[f"ema.{k}"]) for k, v in saved.items())
     with pytest.raises(T.TrainError, match="lr: 0.001 -> 0.002"):  # other settings are refused
         run(T, data, tmp_path / "b", resume=True, lr=2e-3)
 
