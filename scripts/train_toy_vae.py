@@ -532,6 +532,11 @@ def train(
         bar.write(
             f"step {step}  {entry['minutes']:.1f} min  held-out PSNR {m['psnr']:.2f} dB  sharpness "
             f"{m['sharpness']:.3f}  SSIM {m['ssim']:.4f}  colour {m['colour_error']:.2f}"
+            + (
+                f"  (raw weights: {entry['raw']['psnr']:.2f} dB, {entry['raw']['sharpness']:.3f})"
+                if ema is not None
+                else ""
+            )
         )
 
     bar = tqdm(
