@@ -168,7 +168,9 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(T, data, tmp_path):
     with pytest.raises(T.TrainError, match="--resume"):  # a state is never overwritten by accident
         run(T, data, tmp_path / "b")
     torch.manual_seed(123)  # a resumed run does not depend on the caller's random state
-    resumed = run(T, data, tmp_path / "b", resume=True)
+    # --init is not needed on resume (the state holds the weights): another folder here changes nothing
+    resumed = run(T, data, tmp_path / "b", resume=True, init=tmp_path / "a")
+    assert resumed["init"] is None
     assert resumed["steps"] == 6 and resumed["resumed_at"] == [3]
     a, b = load_file(tmp_path / "a" / T.STATE_FILE), load_file(tmp_path / "b" / T.STATE_FILE)
     assert a.keys() == b.keys() and any(k.startswith("opt_d.") for k in a)
