@@ -5,7 +5,7 @@
         --minutes 150
     .venv/bin/python scripts/train_toy_vae.py --init anim_lab/assets/toy_vae --out /work/runs/toy_vae_v2 \\
         --minutes 150 --resume                              # continue it after an interruption
-    .venv/bin/python scripts/train_toy_vae.py --recipe v1 --minutes 25   # v1, the committed toy_vae (seed 0)
+    .venv/bin/python scripts/train_toy_vae.py --recipe v1 --minutes 25 --out /work/runs/toy_vae_v1  # v1
 
 The model: a small (16, 32, 64, 64) diffusers ``AutoencoderKL`` (latent 4 x 16 x 16 at 128 px), trained on
 random 64-px crops of 128-px renders (the conv layers at 128 px dominate the cost; the model is fully
