@@ -344,6 +344,12 @@ def _unflatten_optimizer(tensors: dict, meta: dict, prefix: str) -> dict:
     return dict(state=state, param_groups=groups)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_checkpoint(out: Path, vae: AutoencoderKL, log: dict, state: dict | None = None) -> None:
     """Write the diffusers folder of ``vae`` (the EMA model when there is one), the log and (with ``state``:
     the trained ``vae``, its ``ema`` or None, ``disc``, ``opt_g``, ``opt_d``, ``generator``, ``step``,
@@ -376,7 +382,9 @@ def write_checkpoint(out: Path, vae: AutoencoderKL, log: dict, state: dict | Non
         (tmp / "train_log.json").write_text(json.dumps(log, indent=1))
         names += ["diffusion_pytorch_model.safetensors", "config.json", "train_log.json"]
         out.mkdir(parents=True, exist_ok=True)
+        mode = 0o666 & ~_umask()  # files follow the umask (safetensors writes 0600)
         for name in names:
+            os.chmod(tmp / name, mode)
             os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

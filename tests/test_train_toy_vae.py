@@ -5,6 +5,7 @@ foreign or pickled file is refused and never loaded)."""
 import importlib.util
 import json
 import math
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -230,6 +231,9 @@ def test_foreign_folders_are_refused(T, data, tmp_path):
     run(T, data, out, max_steps=1)
     assert json.loads((out / "config.json").read_text())["_class_name"] == "AutoencoderKL"
     assert sorted(p.name for p in out.iterdir()) == sorted(T.OWN_FILES)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~mask}  # the umask, not 0600
     assert not T._tmp_sibling(out).exists()
     with pytest.raises(T.TrainError, match="is the --init folder"):
         run(T, data, out, max_steps=1, init=out, restart=True)
