@@ -454,6 +454,22 @@ def train(
     """
     if recipe not in ("v1", "v2"):
         raise TrainError(f"--recipe must be v1 or v2, got {recipe!r}")
+    checks = {
+        "--minutes must be > 0": minutes > 0,
+        "--max-steps must be >= 1": max_steps is None or max_steps >= 1,
+        "--batch-size must be >= 1": batch_size >= 1,
+        "--crop must be a positive multiple of 8": crop > 0 and crop % 8 == 0,
+        "--lr must be > 0": lr > 0,
+        "--perceptual-weight, --disc-weight, --kl-weight must be >= 0": min(
+            perceptual_weight, disc_weight, kl_weight
+        )
+        >= 0,
+        "--disc-start and --adv-delay must be >= 0": min(disc_start, adv_delay) >= 0,
+        "--ema-decay must be in [0, 1)": 0 <= ema_decay < 1,
+    }
+    for message, ok in checks.items():
+        if not ok:
+            raise TrainError(message)
     if out is not None:
         out = Path(out)
         check_out_folder(out, init)
@@ -483,8 +499,9 @@ def train(
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(out))
     elif init is None:
         vae = AutoencoderKL(**(config or vae_config()))
-    else:
-        vae = AutoencoderKL.from_pretrained(init)
+    else:  # v1's config and weights (built from the config, so the saved config names no source folder)
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(init))
+        vae.load_state_dict(AutoencoderKL.from_pretrained(init).state_dict())
     vae.train()
     disc = PatchDiscriminator(disc_channels, disc_layers)
     # an exponential moving average of the weights: the model that is evaluated and saved (GAN training
@@ -590,7 +607,7 @@ def train(
     last_eval = time.time()
     sums: dict[str, float] = {}
     while True:
-        frac = max((time.time() - t0) / budget_s, step / max_steps if max_steps else 0.0)
+        frac = max((time.time() - t0) / budget_s, step / max_steps if max_steps is not None else 0.0)
         if frac >= 1.0 or _STOP["signal"] is not None or (stop_at is not None and step >= stop_at):
             break
         warm = min(1.0, (step + 1) / warmup_steps)

@@ -239,3 +239,24 @@ def test_foreign_folders_are_refused(T, data, tmp_path):
         run(T, data, out, max_steps=1, init=out, restart=True)
     with pytest.raises(SystemExit, match="error: .*holds a training state"):  # the CLI says it in one line
         T.main(["--out", str(out), "--max-steps", "1"])
+
+
+def test_init_starts_from_the_saved_weights_and_config(T, data, tmp_path):
+    run(T, data, tmp_path / "first", max_steps=2)
+    run(T, data, tmp_path / "second", init=tmp_path / "first", stop_at=0, final=False)  # no step: init as is
+    a = load_file(tmp_path / "first" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "second" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    config_a = json.loads((tmp_path / "first" / "config.json").read_text())
+    config_b = json.loads((tmp_path / "second" / "config.json").read_text())
+    assert config_a == config_b and "_name_or_path" not in config_b  # the pipelines load it unchanged
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [(dict(ema_decay=1.0), "--ema-decay"), (dict(crop=12), "--crop"), (dict(max_steps=0), "--max-steps")],
+)
+def test_bad_arguments_are_refused_before_any_work(T, data, tmp_path, kw, message):
+    with pytest.raises(T.TrainError, match=message):
+        run(T, data, tmp_path / "vae", **kw)
+    assert not (tmp_path / "vae").exists()
