@@ -482,6 +482,8 @@ def train(
             )
     elif resume:
         raise TrainError("--resume needs --out")
+    # on resume, the state holds the weights and the saved folder the architecture (--init is not needed)
+    resumed = read_state(out / STATE_FILE) if resume else None
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(seed)
@@ -492,16 +494,14 @@ def train(
         train_u8, eval_u8 = data
     train_u8, eval_images = torch.as_tensor(train_u8), V.images_from_uint8(eval_u8)
 
-    # a fresh model, or continue from a saved folder (``--init``: e.g. v1's weights)
-    # on resume, the state holds the weights and the saved folder the architecture (--init is not needed)
-    resumed = read_state(out / STATE_FILE) if resume else None
+    # a fresh model, v1's weights (``--init``), or (resume) the saved architecture, its weights loaded below
     if resumed is not None:
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(out))
     elif init is None:
         vae = AutoencoderKL(**(config or vae_config()))
     else:  # v1's config and weights (built from the config, so the saved config names no source folder)
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(init))
-        vae.load_state_dict(AutoencoderKL.from_pretrained(init).state_dict())
+        vae.load_state_dict(V.load_vae(init).state_dict())  # anim_lab's loader: safetensors only
     vae.train()
     disc = PatchDiscriminator(disc_channels, disc_layers)
     # an exponential moving average of the weights: the model that is evaluated and saved (GAN training
