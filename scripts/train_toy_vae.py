@@ -408,6 +408,21 @@ def read_state(path: Path) -> tuple[dict, dict]:
 
 
 # --- training -----------------------------------------------------------------------------------------------
+class TrainingClock:
+    """Seconds of training: the wall clock, except that a single gap longer than ``max_gap_s`` between two
+    readings (the process stopped with SIGSTOP while someone timed something, a suspended machine) counts
+    as ``max_gap_s``, so a pause does not eat the budget. Starts at ``start_s`` (a resumed run's time)."""
+
+    def __init__(self, start_s: float = 0.0, max_gap_s: float = 60.0):
+        self.elapsed, self.max_gap_s, self.last = start_s, max_gap_s, time.time()
+
+    def __call__(self) -> float:
+        now = time.time()
+        self.elapsed += min(max(now - self.last, 0.0), self.max_gap_s)
+        self.last = now
+        return self.elapsed
+
+
 def train(
     out: Path | None = DEFAULT_OUT,
     minutes: float = 20.0,
@@ -564,7 +579,7 @@ def train(
         print(f"resuming {out} at step {step} ({elapsed_before / 60:.1f} min)", flush=True)
     last_layer = vae.decoder.conv_out.weight
     budget_s = minutes * 60
-    t0 = time.time() - elapsed_before
+    clock = TrainingClock(elapsed_before)
 
     def checkpoint(final_log: dict | None = None) -> None:
         if out is None:
@@ -577,15 +592,15 @@ def train(
             opt_d=opt_d,
             generator=g,
             step=step,
-            elapsed_s=time.time() - t0,
+            elapsed_s=clock(),
             settings=settings,
         )
         write_checkpoint(out, model, final_log or log, state)
 
     def run_eval() -> None:
-        t_eval = time.time()
+        t_eval = clock()
         m = evaluate(model, eval_images)
-        entry = dict(step=step, minutes=round((t_eval - t0) / 60, 2), disc_on=use_gan and step >= disc_start)
+        entry = dict(step=step, minutes=round(t_eval / 60, 2), disc_on=use_gan and step >= disc_start)
         if ema is not None:
             entry["raw"] = evaluate(vae, eval_images)  # the trained weights themselves, for comparison
         log["curve"].append(entry | m)
@@ -604,10 +619,10 @@ def train(
     )
     if step == 0 and eval_every_s < 1e8:
         run_eval()  # where training starts from (v1's weights with --init)
-    last_eval = time.time()
+    last_eval = clock()
     sums: dict[str, float] = {}
     while True:
-        frac = max((time.time() - t0) / budget_s, step / max_steps if max_steps is not None else 0.0)
+        frac = max(clock() / budget_s, step / max_steps if max_steps is not None else 0.0)
         if frac >= 1.0 or _STOP["signal"] is not None or (stop_at is not None and step >= stop_at):
             break
         warm = min(1.0, (step + 1) / warmup_steps)
@@ -655,17 +670,17 @@ def train(
             sums[k] = sums.get(k, 0.0) + v
         sums["n"] = sums.get("n", 0) + 1
         bar.update(1)
-        if time.time() - last_eval >= eval_every_s:
+        if clock() - last_eval >= eval_every_s:
             log["terms"].append(
                 dict(step=step) | {k: round(v / sums["n"], 5) for k, v in sums.items() if k != "n"}
             )
             sums = {}
             run_eval()
             checkpoint()
-            last_eval = time.time()
+            last_eval = clock()
     bar.close()
     log["steps"] = step
-    log["elapsed_min"] = round((time.time() - t0) / 60, 2)
+    log["elapsed_min"] = round(clock() / 60, 2)
     if _STOP["signal"] is not None or (stop_at is not None and step < (max_steps or math.inf)) or not final:
         log["stopped"] = _STOP["signal"] or f"at step {step}"
         checkpoint()

@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -260,3 +261,15 @@ def test_bad_arguments_are_refused_before_any_work(T, data, tmp_path, kw, messag
     with pytest.raises(T.TrainError, match=message):
         run(T, data, tmp_path / "vae", **kw)
     assert not (tmp_path / "vae").exists()
+
+
+def test_a_pause_does_not_eat_the_time_budget(T, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(T, "time", types.SimpleNamespace(time=lambda: now[0]))  # the script's clock only
+    clock = T.TrainingClock(5.0, max_gap_s=60.0)  # a resumed run at 5 s
+    now[0] += 2.0
+    assert clock() == 7.0
+    now[0] += 3600.0  # stopped (SIGSTOP) for an hour: counts as one minute
+    assert clock() == 67.0
+    now[0] += 0.5
+    assert clock() == 67.5
