@@ -466,6 +466,8 @@ def train(
     folder of a CLIP vision tower (default: the toy image encoder, used when ``perceptual_weight`` > 0).
     ``config``: AutoencoderKL kwargs (default :func:`vae_config`). ``stop_at``: write a checkpoint and return
     after that step, as if interrupted (tests). ``final=False`` skips the final evaluation and scaling factor.
+    The keyword defaults here are plain (no EMA, no warm discriminator); the command line's defaults are the
+    chosen v2 recipe (``--disc-start 200 --adv-delay 300 --disc-weight 0.2 --ema-decay 0.999``).
     """
     if recipe not in ("v1", "v2"):
         raise TrainError(f"--recipe must be v1 or v2, got {recipe!r}")
