@@ -1,0 +1,148 @@
+"""Evaluation metrics: the one home for every number the project reports about pictures.
+
+Images are ``(B, 3, H, W)`` in [-1, 1] and videos ``(B, 3, F, H, W)``; a video is scored as its ``B*F``
+frames. Every function takes a reconstruction (or generation) first and the ground truth second.
+
+- :func:`psnr`: ``10 log10(peak^2 / MSE)`` per frame, with peak-to-peak 2 for [-1, 1]. PSNR rewards blur
+  (the mean of the plausible pictures has the least squared error), so report a sharpness beside it.
+- :func:`sharpness_ratio`: the variance of the Laplacian of the luminance (a standard focus measure),
+  reconstruction / ground truth, per frame, then averaged. 1 means as much fine detail (edges, texture,
+  grain) as the ground truth; a blurry autoencoder scores well below 1 and a noisy one above.
+- :func:`ssim`: the structural similarity of Wang et al. (2004) with their Gaussian window (11 taps, sigma
+  1.5), K1 = 0.01, K2 = 0.03, on each RGB channel, averaged over the valid part of the map and the channels.
+- :func:`colour_error`: how far the mean colour drifts, in 8-bit levels (the largest channel error of the
+  per-frame mean colour), averaged over frames.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch.nn import functional as F
+
+__all__ = [
+    "BT601_WEIGHTS",
+    "LAPLACIAN_3X3",
+    "frames_of",
+    "psnr",
+    "luminance",
+    "laplacian_variance",
+    "sharpness_ratios",
+    "sharpness_ratio",
+    "gaussian_window",
+    "ssim",
+    "colour_error",
+]
+
+# ITU-R BT.601 luma: Y = 0.299 R + 0.587 G + 0.114 B
+BT601_WEIGHTS = (0.299, 0.587, 0.114)
+
+# the 4-neighbour discrete Laplacian d2/dx2 + d2/dy2
+LAPLACIAN_3X3 = (
+    (0.0, 1.0, 0.0),
+    (1.0, -4.0, 1.0),
+    (0.0, 1.0, 0.0),
+)
+
+
+def frames_of(x: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) pass through; videos (B, 3, F, H, W) -> frames (B*F, 3, H, W)."""
+    if x.ndim == 5:
+        return rearrange(x, "b c f h w -> (b f) c h w")  # (B, 3, F, H, W) -> (B*F, 3, H, W)
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected images (B, 3, H, W) or videos (B, 3, F, H, W), got {tuple(x.shape)}")
+    return x
+
+
+def _pair(images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if images.shape != targets.shape:
+        raise ValueError(f"shapes differ: {tuple(images.shape)} vs {tuple(targets.shape)}")
+    return frames_of(images).double(), frames_of(targets).double()  # float64: exact enough for any size
+
+
+def psnr(images: torch.Tensor, targets: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """Per-frame PSNR in dB: (B, 3, H, W) or (B, 3, F, H, W) -> (B,) or (B*F,) float32.
+
+    ``data_range`` is the peak-to-peak range of the pixels (2 for [-1, 1], 255 for 8-bit levels)."""
+    x, y = _pair(images, targets)
+    mse = (x - y).pow(2).flatten(1).mean(1)  # (N,)
+    return (10 * torch.log10(data_range**2 / mse.clamp_min(1e-20))).float()
+
+
+def luminance(images: torch.Tensor) -> torch.Tensor:
+    """BT.601 luma of frames in [-1, 1], itself in [-1, 1]: (N, 3, H, W) -> (N, 1, H, W)."""
+    w = torch.tensor(BT601_WEIGHTS, dtype=images.dtype, device=images.device)
+    return torch.einsum("nchw,c->nhw", images, w)[:, None]  # (N, 3, H, W) -> (N, 1, H, W)
+
+
+def laplacian_variance(images: torch.Tensor) -> torch.Tensor:
+    """Variance of the 3x3 Laplacian of the luminance over the valid (unpadded) pixels of each frame:
+    (B, 3, H, W) or (B, 3, F, H, W) -> (N,) float64, N frames."""
+    x = frames_of(images).double()
+    y = luminance(x)  # (N, 1, H, W)
+    k = torch.tensor(LAPLACIAN_3X3, dtype=y.dtype, device=y.device)[None, None]  # (1, 1, 3, 3)
+    lap = F.conv2d(y, k)  # (N, 1, H-2, W-2); the kernel is symmetric, so correlation = convolution
+    return lap.flatten(1).var(1, unbiased=False)  # (N,)
+
+
+def sharpness_ratios(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-frame Laplacian-variance ratio, reconstruction / ground truth: -> (N,) float32."""
+    if images.shape != targets.shape:
+        raise ValueError(f"shapes differ: {tuple(images.shape)} vs {tuple(targets.shape)}")
+    ref = laplacian_variance(targets)  # (N,)
+    if (ref <= 0).any():
+        raise ValueError("a ground-truth frame is flat (its Laplacian has zero variance): no ratio exists")
+    return (laplacian_variance(images) / ref).float()
+
+
+def sharpness_ratio(images: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean over frames of var(Laplacian(luma(reconstruction))) / var(Laplacian(luma(ground truth)))."""
+    return float(sharpness_ratios(images, targets).mean())
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float64) -> torch.Tensor:
+    """The normalised 1D Gaussian (size,), sampled at integer offsets from the centre."""
+    r = torch.arange(size, dtype=dtype) - (size - 1) / 2
+    w = torch.exp(-(r**2) / (2 * sigma**2))
+    return w / w.sum()
+
+
+def ssim(
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    data_range: float = 2.0,
+    window: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> torch.Tensor:
+    """Per-frame SSIM: (B, 3, H, W) or (B, 3, F, H, W) -> (N,) float32.
+
+    Local statistics under a Gaussian window (separable, no padding), population (co)variances:
+    ``SSIM = (2 mu_x mu_y + C1)(2 cov_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(var_x + var_y + C2))`` with
+    ``C_i = (k_i * data_range)^2``; the map is averaged over valid positions and the 3 channels."""
+    x, y = _pair(images, targets)
+    n, c, h, w = x.shape
+    if h < window or w < window:
+        raise ValueError(f"frames {h}x{w} are smaller than the SSIM window {window}")
+    g = gaussian_window(window, sigma).to(x.device)
+    gy, gx = g.view(1, 1, window, 1).repeat(c, 1, 1, 1), g.view(1, 1, 1, window).repeat(c, 1, 1, 1)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, C, H-win+1, W-win+1), per channel
+        return F.conv2d(F.conv2d(t, gy, groups=c), gx, groups=c)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    s = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return s.flatten(1).mean(1).float()  # (N, C, h', w') -> (N,)
+
+
+def colour_error(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-frame colour drift in 8-bit levels: max over RGB of |mean(reconstruction) - mean(ground truth)|,
+    each mean over the frame's pixels; (B, 3, H, W) or (B, 3, F, H, W) in [-1, 1] -> (N,) float32."""
+    x, y = _pair(images, targets)
+    diff = (x.mean((2, 3)) - y.mean((2, 3))).abs() * 127.5  # (N, 3), [-1, 1] -> levels
+    return diff.amax(1).float()

@@ -1,0 +1,119 @@
+"""anim_lab.metrics against independent computations: numpy loops written here, and scikit-image's SSIM."""
+
+import numpy as np
+import pytest
+import torch
+from einops import rearrange
+from skimage.metrics import structural_similarity
+
+from anim_lab import metrics as M
+
+
+@pytest.fixture
+def pair():
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(3, 3, 20, 24, generator=g) * 2 - 1  # (B, 3, H, W) in [-1, 1]
+    noisy = (target + 0.2 * torch.randn(target.shape, generator=g)).clamp(-1, 1)
+    return noisy, target
+
+
+def _luma_loop(img: np.ndarray) -> np.ndarray:
+    """(3, H, W) -> (H, W), pixel by pixel."""
+    out = np.zeros(img.shape[1:])
+    for i in range(img.shape[1]):
+        for j in range(img.shape[2]):
+            out[i, j] = 0.299 * img[0, i, j] + 0.587 * img[1, i, j] + 0.114 * img[2, i, j]
+    return out
+
+
+def _laplacian_variance_loop(img: np.ndarray) -> float:
+    """Four neighbours minus four times the centre, at every interior pixel; population variance."""
+    y = _luma_loop(img)
+    h, w = y.shape
+    vals = [
+        y[i - 1, j] + y[i + 1, j] + y[i, j - 1] + y[i, j + 1] - 4 * y[i, j]
+        for i in range(1, h - 1)
+        for j in range(1, w - 1)
+    ]
+    vals = np.array(vals)
+    return float(((vals - vals.mean()) ** 2).mean())
+
+
+def test_psnr_matches_the_formula_in_8_bit_levels(pair):
+    x, y = pair
+    levels_x, levels_y = (x.double().numpy() + 1) * 127.5, (y.double().numpy() + 1) * 127.5
+    mse = ((levels_x - levels_y) ** 2).reshape(3, -1).mean(1)
+    expected = 10 * np.log10(255.0**2 / mse)
+    np.testing.assert_allclose(M.psnr(x, y).numpy(), expected, rtol=1e-5)
+    # a constant offset of 0.1 on [-1, 1] (peak-to-peak 2): MSE 0.01, PSNR 10 log10(4 / 0.01)
+    assert M.psnr(y + 0.1, y) == pytest.approx(torch.full((3,), 10 * np.log10(400.0)), rel=1e-5)
+
+
+def test_luminance_and_laplacian_variance_match_loops(pair):
+    x, _ = pair
+    np.testing.assert_allclose(M.luminance(x.double())[1, 0].numpy(), _luma_loop(x[1].double().numpy()))
+    expected = [_laplacian_variance_loop(img) for img in x.double().numpy()]
+    np.testing.assert_allclose(M.laplacian_variance(x).numpy(), expected, rtol=1e-10)
+
+
+def test_sharpness_ratio_is_the_mean_of_per_frame_ratios(pair):
+    x, y = pair
+    per_frame = [
+        _laplacian_variance_loop(a) / _laplacian_variance_loop(b)
+        for a, b in zip(x.numpy(), y.numpy(), strict=True)
+    ]
+    assert M.sharpness_ratio(x, y) == pytest.approx(float(np.mean(per_frame)), rel=1e-6)
+    # the Laplacian is linear and the variance quadratic: half the contrast gives a quarter of the ratio,
+    # and a constant colour shift changes nothing
+    assert M.sharpness_ratio(0.5 * y, y) == pytest.approx(0.25, rel=1e-6)
+    assert M.sharpness_ratio(y + 0.3, y) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_blur_lowers_the_sharpness_ratio(pair):
+    _, y = pair
+    blurred = torch.nn.functional.avg_pool2d(y, 3, stride=1, padding=1, count_include_pad=False)
+    ratio = M.sharpness_ratio(blurred, y)
+    assert 0.0 < ratio < 0.3
+    assert M.psnr(blurred, y).mean() > 0  # finite
+
+
+def test_flat_ground_truth_is_refused():
+    flat = torch.zeros(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="flat"):
+        M.sharpness_ratio(torch.rand(1, 3, 8, 8), flat)
+
+
+def test_ssim_matches_scikit_image(pair):
+    x, y = pair
+    expected = [
+        structural_similarity(
+            a,
+            b,
+            data_range=2.0,
+            channel_axis=0,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+        )
+        for a, b in zip(x.double().numpy(), y.double().numpy(), strict=True)
+    ]
+    np.testing.assert_allclose(M.ssim(x, y).numpy(), expected, rtol=1e-5)
+    assert M.ssim(y, y) == pytest.approx(torch.ones(3))
+
+
+def test_colour_error_in_levels():
+    y = torch.zeros(2, 3, 6, 6)
+    x = y.clone()
+    x[0, 1] += 4 / 127.5  # frame 0: green 4 levels brighter
+    x[1, 2, :3] -= 2 / 127.5  # frame 1: half of blue 2 levels darker -> mean 1 level
+    np.testing.assert_allclose(M.colour_error(x, y).numpy(), [4.0, 1.0], rtol=1e-5)
+
+
+def test_videos_are_scored_frame_by_frame(pair):
+    x, y = pair
+    vx = rearrange(x, "(b f) c h w -> b c f h w", b=1)  # (3, 3, H, W) -> (1, 3, 3, H, W)
+    vy = rearrange(y, "(b f) c h w -> b c f h w", b=1)
+    for fn in (M.psnr, M.ssim, M.colour_error, M.sharpness_ratios):
+        torch.testing.assert_close(fn(vx, vy), fn(x, y))
+    with pytest.raises(ValueError, match="shapes differ"):
+        M.psnr(x, y[:, :, :-1])
