@@ -95,7 +95,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_toy_models import render_stills  # noqa: E402  (the shared toy-data helper)
 
-from anim_lab import configs  # noqa: E402
+from anim_lab import configs, files  # noqa: E402
 from anim_lab import metrics as M  # noqa: E402
 from anim_lab import vae as V  # noqa: E402
 
@@ -311,11 +311,10 @@ def check_out_folder(out: Path, init: Path | None = None) -> None:
                 f"not write (it writes only {', '.join(sorted(OWN_FILES))}); move them away or choose "
                 "another --out"
             )
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise TrainError(f"cannot create {out}: {parent} is not writable; choose another --out")
+    try:
+        files.check_writable(out, what="--out")  # a real probe: os.access says yes to root on /sys
+    except files.OutputError as err:
+        raise TrainError(str(err)) from None
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
@@ -342,12 +341,6 @@ def _unflatten_optimizer(tensors: dict, meta: dict, prefix: str) -> dict:
         state.setdefault(int(index), {})[name] = value
     groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
     return dict(state=state, param_groups=groups)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_checkpoint(out: Path, vae: AutoencoderKL, log: dict, state: dict | None = None) -> None:
@@ -382,7 +375,7 @@ def write_checkpoint(out: Path, vae: AutoencoderKL, log: dict, state: dict | Non
         (tmp / "train_log.json").write_text(json.dumps(log, indent=1))
         names += ["diffusion_pytorch_model.safetensors", "config.json", "train_log.json"]
         out.mkdir(parents=True, exist_ok=True)
-        mode = 0o666 & ~_umask()  # files follow the umask (safetensors writes 0600)
+        mode = 0o666 & ~files.current_umask()  # files follow the umask (safetensors writes 0600)
         for name in names:
             os.chmod(tmp / name, mode)
             os.replace(tmp / name, out / name)

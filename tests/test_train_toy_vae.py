@@ -2,12 +2,10 @@
 switch-on, the adaptive weight against a hand computation, exact resume, and the output-folder rules (a
 foreign or pickled file is refused and never loaded)."""
 
-import importlib.util
 import json
 import math
 import os
 import pickle
-import sys
 import types
 from pathlib import Path
 
@@ -16,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+import anim_lab
+
 TINY_VAE = dict(
     in_channels=3,
     out_channels=3,
@@ -31,12 +30,7 @@ TINY_VAE = dict(
 
 
 def _load(name):
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return anim_lab.load_script(name)  # the scripts' own functions, as chapters and other tests load them
 
 
 @pytest.fixture(scope="module")

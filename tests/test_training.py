@@ -1,30 +1,21 @@
 """The toy training scripts learn (a few steps each: the loss falls) and the committed toy models meet their
 quality targets on held-out identities."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import anim_lab
 from anim_lab import clip as C
 from anim_lab import toy
 from anim_lab import vae as V
 from anim_lab.causal_vae import CAUSAL_VAE_TINY, CausalVAE
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
 
 def _load(name):
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return anim_lab.load_script(name)  # the scripts' own functions, as chapters and other tests load them
 
 
 @pytest.fixture(scope="module")

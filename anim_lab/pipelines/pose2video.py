@@ -247,8 +247,7 @@ def _no_library_progress_bars():
                 lib.enable_progress_bar()
 
 
-_OWN_COMPONENTS = {"ReferenceUNet": ReferenceUNet, "VideoUNet": VideoUNet, "PoseGuider": PoseGuider}
-_OWN_COMPONENTS["PoseGuiderMultiScale"] = PoseGuiderMultiScale
+_OWN_COMPONENTS = {c.__name__: c for c in (ReferenceUNet, VideoUNet, PoseGuider, PoseGuiderMultiScale)}
 _CONFIG_FILES = {"scheduler": "scheduler_config.json"}  # the others: config.json
 
 
