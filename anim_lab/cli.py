@@ -33,6 +33,7 @@ from .pipelines import Pose2VideoPipeline, save_video
 from .retarget import video2video_command
 from .toy.animator import TOY_ANIMATOR_DIR, load_animator
 from .vae import images_to_uint8
+from .weights import load_official_pipeline
 
 __all__ = [
     "CliError",
@@ -303,7 +304,7 @@ def _load_pipeline(folder: Path, layout: str, dtype: torch.dtype) -> Pose2VideoP
             return load_animator(folder)
         if layout == "anim_lab":
             return Pose2VideoPipeline.from_pretrained(folder, torch_dtype=dtype)
-        return Pose2VideoPipeline.from_official(folder, layout=layout, torch_dtype=dtype)
+        return load_official_pipeline(folder, layout=layout, torch_dtype=dtype)
     except (FileNotFoundError, ValueError) as err:
         if layout == "toy":
             raise CliError(f"--weights toy: {err}") from None

@@ -49,7 +49,6 @@ AnimateAnyone trained and runs on [0, 1]. AniPortrait trained on [-1, 1], so the
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,7 +60,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .landmarks import FACE_OVAL, FaceLandmarks
-from .weights import load_checkpoint, load_into
+from .weights import load_into
 
 __all__ = [
     "PoseGuider",
@@ -135,17 +134,6 @@ def prepare_pose_images(frames, *, faithful: bool = False) -> torch.Tensor:
 
 
 # --- AnimateAnyone (and Hallo's FaceLocator) ------------------------------------------------------
-def _load(model: nn.Module, path, prefix: str, device, **load_kwargs) -> None:
-    """Load a ``pose_guider.pth``-style file strictly; ``prefix`` picks and strips one part of a bigger file
-    (Hallo's ``net.pth`` holds the face locator under ``face_locator.``)."""
-    state_dict = load_checkpoint(path, device=device)
-    if prefix:
-        state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        if not state_dict:
-            raise ValueError(f"{path}: no key starts with prefix {prefix!r}")
-    load_into(model, state_dict, what="pose guider checkpoint", **load_kwargs)
-
-
 class PoseGuider(ModelMixin, ConfigMixin):
     """AnimateAnyone's single-scale guider; with ``configs.FACE_LOCATOR_SD15`` Hallo's FaceLocator."""
 
@@ -184,18 +172,6 @@ class PoseGuider(ModelMixin, ConfigMixin):
         if video:
             x = rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)
         return x
-
-    @classmethod
-    def from_official(
-        cls, path: str | Path, *, prefix: str = "", device: str | torch.device = "cpu", **kwargs
-    ) -> PoseGuider:
-        """AnimateAnyone's ``pose_guider.pth`` (16 keys; kwargs default to its (16, 32, 96, 256) config), or
-        Hallo's face locator: ``from_official("net.pth", prefix="face_locator.", **FACE_LOCATOR_SD15)``.
-        (A folder saved by ``save_pretrained`` loads with ``from_pretrained``.)"""
-        with torch.device("meta"):
-            model = cls(**kwargs)
-        _load(model, path, prefix, device, assign=True)
-        return model.eval()
 
 
 # --- AniPortrait ----------------------------------------------------------------------------------
@@ -359,18 +335,6 @@ class PoseGuiderMultiScale(ModelMixin, ConfigMixin):
         extension's ``attn2``/``norm2`` keys may be absent; they keep their initialisation (a zero output)."""
         extension = (".attn2.", ".norm2.") if self.reference_attention else ()
         load_into(self, state_dict, ignore_missing=extension, assign=assign, what="pose guider checkpoint")
-
-    @classmethod
-    def from_official(
-        cls, path: str | Path, *, device: str | torch.device = "cpu", **kwargs
-    ) -> PoseGuiderMultiScale:
-        """AniPortrait's ``pose_guider.pth``; kwargs default to the released SD1.5-size guider. (A folder
-        saved by ``save_pretrained`` loads with ``from_pretrained``.)"""
-        built_on = device if kwargs.get("reference_attention") else "meta"  # the extension's keys need memory
-        with torch.device(built_on):
-            model = cls(**kwargs)
-        model.load_weights(load_checkpoint(path, device=device), assign=built_on == "meta")
-        return model.eval()
 
 
 # --- Hallo's face locator input -------------------------------------------------------------------

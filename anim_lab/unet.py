@@ -32,7 +32,6 @@ on the ``meta`` device at SD15 size (``with torch.device("meta"): VideoUNet(SD15
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from diffusers import ModelMixin, UNet2DConditionModel
@@ -59,7 +58,8 @@ class _UNetBody(ModelMixin, ConfigMixin):
 
     A diffusers model: its constructor arguments are its config, so ``save_pretrained(folder)`` writes
     config.json + diffusion_pytorch_model.safetensors and ``from_pretrained(folder)`` reads them back, as for
-    diffusers' own UNets. (The official ``.pth`` checkpoints load with ``from_official``.)"""
+    diffusers' own UNets. (The official ``.pth`` checkpoints load with
+    ``anim_lab.weights.load_official_video_unet`` / ``load_official_reference_unet``.)"""
 
     def __init__(self, unet: UNet2DConditionModel, unet_kwargs: dict, motion_kwargs: dict | None = None):
         super().__init__()
@@ -363,43 +363,6 @@ class VideoUNet(_UNetBody):
         )
         load_into(self, state_dict, subset=MOTION_KEY, assign=assign)
 
-    @classmethod
-    def from_official(
-        cls,
-        unet: str | Path,
-        motion_module: str | Path | None = None,
-        *,
-        unet_kwargs: dict | None = None,
-        motion_kwargs: dict | None = None,
-        device: str | torch.device = "cpu",
-    ) -> VideoUNet:
-        """Load a denoising UNet from the files the official repositories ship (a folder saved by
-        ``save_pretrained`` loads with ``from_pretrained``).
-
-        ``unet``: a diffusers UNet folder (config.json + diffusion_pytorch_model.*), a model folder with a
-        ``unet/`` subfolder, or a state-dict file (``denoising_unet.pth``; then ``unet_kwargs`` default to
-        SD15). ``motion_module``: ``motion_module.pth`` / an AnimateDiff ``.ckpt``; with it, ``motion_kwargs``
-        default to MOTION_SD15. Without it, ``motion_kwargs=None`` gives the image denoiser; a dict gives
-        zero-init modules.
-        """
-        from .configs import SD15
-        from .motion import MOTION_SD15
-        from .weights import load_checkpoint, read_unet_config
-
-        path = Path(unet)
-        if unet_kwargs is None:
-            unet_kwargs = read_unet_config(path) if path.is_dir() else SD15.get("unet")
-        if motion_module is not None and motion_kwargs is None:
-            motion_kwargs = MOTION_SD15
-        # Build without memory when the files will provide every tensor; otherwise initialise normally.
-        all_from_files = motion_kwargs is None or motion_module is not None
-        with torch.device("meta" if all_from_files else device):
-            model = cls(unet_kwargs, motion_kwargs)
-        model.load_2d_weights(load_checkpoint(path, device=device), assign=all_from_files)
-        if motion_module is not None:
-            model.load_motion_modules(load_checkpoint(motion_module, device=device), assign=True)
-        return model.eval()
-
 
 class ReferenceUNet(_UNetBody):
     """The reference UNet (ReferenceNet): the 2D UNet without conv_norm_out/conv_out, as the reference has it.
@@ -435,19 +398,3 @@ class ReferenceUNet(_UNetBody):
         from .weights import load_into
 
         load_into(self, state_dict, ignore_unexpected=("conv_norm_out.", "conv_out."), assign=assign)
-
-    @classmethod
-    def from_official(
-        cls, unet: str | Path, *, unet_kwargs: dict | None = None, device: str | torch.device = "cpu"
-    ) -> ReferenceUNet:
-        """From a diffusers UNet folder (SD1.5 / sd-image-variations) or ``reference_unet.pth``."""
-        from .configs import SD15
-        from .weights import load_checkpoint, read_unet_config
-
-        path = Path(unet)
-        if unet_kwargs is None:
-            unet_kwargs = read_unet_config(path) if path.is_dir() else SD15.get("unet")
-        with torch.device("meta"):
-            model = cls(unet_kwargs)
-        model.load_weights(load_checkpoint(path, device=device), assign=True)
-        return model.eval()

@@ -12,7 +12,9 @@ motion modules when loading SD1.5), ``ignore_unexpected`` (e.g. ``conv_out`` whe
 reference UNet), ``subset`` (a checkpoint that holds only part of a model, like ``motion_module.pth``). A
 pattern matches a key that contains it.
 
-Nothing here is UNet-specific; the pose guider and VAE loaders use the same functions.
+The last section builds anim_lab's models from the official layouts (``load_official_*``): the one place that
+knows the AnimateAnyone / AniPortrait / AnimateDiff / Hallo files. Local diffusers folders and hub ids go
+through ``resolve_pretrained`` and the libraries' own ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ __all__ = [
     "fill_position_encodings",
     "motion_keys_to_diffusers",
     "motion_keys_from_diffusers",
+    "OFFICIAL_LAYOUTS",
+    "load_official_video_unet",
+    "load_official_reference_unet",
+    "load_official_pose_guider",
+    "load_official_pose_guider_multiscale",
+    "load_official_pipeline",
 ]
 
 # The one list of weight-file names of a model folder, in order of preference: diffusers' names, then
@@ -461,3 +469,257 @@ def resolve_pretrained(
         )
     check_weight_file(present[0])
     return folder, {}
+
+
+# --- the official layouts: anim_lab models from the files the repositories ship -----------------------------
+# (A folder written by ``save_pretrained`` loads with the class's own ``from_pretrained``; these functions
+# read the ``.pth`` / ``.ckpt`` / diffusers files as AnimateAnyone, AniPortrait, AnimateDiff and Hallo ship
+# them.)
+# The model classes are imported inside each function: the models' own modules import this one.
+
+# The files of the official repositories' weight folders (README "pretrained_weights" / "pretrained_model").
+_BASE_UNET_DIRS = ("stable-diffusion-v1-5", "sd-image-variations-diffusers")
+OFFICIAL_LAYOUTS = {
+    "animate_anyone": "Moore-AnimateAnyone pretrained_weights/",
+    "aniportrait": "AniPortrait pretrained_model/",
+}
+_LAYOUT_TREE = """{root}
+|-- denoising_unet.pth
+|-- reference_unet.pth
+|-- pose_guider.pth            ({guider})
+|-- motion_module.pth          (or an AnimateDiff mm_sd_v15_v2.ckpt)
+|-- stable-diffusion-v1-5/     (or sd-image-variations-diffusers/)
+|   `-- unet/config.json
+|-- sd-vae-ft-mse/             (config.json + diffusion_pytorch_model.safetensors or .bin)
+`-- image_encoder/             (config.json + model.safetensors or pytorch_model.bin)
+(any .pth/.ckpt may be given as a .safetensors file of the same name instead; safetensors is preferred)"""
+
+
+def _unet_kwargs(path: Path, unet_kwargs: dict | None) -> dict:
+    from .configs import SD15
+
+    if unet_kwargs is not None:
+        return unet_kwargs
+    return read_unet_config(path) if path.is_dir() else SD15.get("unet")
+
+
+def load_official_video_unet(
+    unet: str | Path,
+    motion_module: str | Path | None = None,
+    *,
+    unet_kwargs: dict | None = None,
+    motion_kwargs: dict | None = None,
+    device: str | torch.device = "cpu",
+):
+    """The denoising :class:`~anim_lab.unet.VideoUNet` from the official files.
+
+    ``unet``: a diffusers UNet folder (config.json + diffusion_pytorch_model.*), a model folder with a
+    ``unet/`` subfolder, or a state-dict file (``denoising_unet.pth``; then ``unet_kwargs`` default to SD1.5).
+    ``motion_module``: ``motion_module.pth`` / an AnimateDiff ``.ckpt``; with it, ``motion_kwargs`` default to
+    ``MOTION_SD15``. Without it, ``motion_kwargs=None`` gives the image denoiser (stage 1); a dict gives
+    zero-initialised motion modules (the start of stage 2).
+    """
+    from .motion import MOTION_SD15
+    from .unet import VideoUNet
+
+    path = Path(unet)
+    unet_kwargs = _unet_kwargs(path, unet_kwargs)
+    if motion_module is not None and motion_kwargs is None:
+        motion_kwargs = MOTION_SD15
+    # Built without memory when the files provide every tensor; otherwise initialised normally.
+    all_from_files = motion_kwargs is None or motion_module is not None
+    with torch.device("meta" if all_from_files else device):
+        model = VideoUNet(unet_kwargs, motion_kwargs)
+    model.load_2d_weights(load_checkpoint(path, device=device), assign=all_from_files)
+    if motion_module is not None:
+        model.load_motion_modules(load_checkpoint(motion_module, device=device), assign=True)
+    return model.eval()
+
+
+def load_official_reference_unet(
+    unet: str | Path, *, unet_kwargs: dict | None = None, device: str | torch.device = "cpu"
+):
+    """The :class:`~anim_lab.unet.ReferenceUNet` from a diffusers UNet folder (SD1.5 / sd-image-variations) or
+    ``reference_unet.pth`` (then ``unet_kwargs`` default to SD1.5)."""
+    from .unet import ReferenceUNet
+
+    path = Path(unet)
+    with torch.device("meta"):
+        model = ReferenceUNet(_unet_kwargs(path, unet_kwargs))
+    model.load_weights(load_checkpoint(path, device=device), assign=True)
+    return model.eval()
+
+
+def load_official_pose_guider(
+    path: str | Path, *, prefix: str = "", device: str | torch.device = "cpu", **kwargs
+):
+    """AnimateAnyone's ``pose_guider.pth`` (16 keys) as a :class:`~anim_lab.pose_guider.PoseGuider`;
+    ``kwargs`` default to its (16, 32, 96, 256) config. ``prefix`` picks and strips one part of a bigger
+    file: Hallo's face locator is
+    ``load_official_pose_guider("net.pth", prefix="face_locator.", **FACE_LOCATOR_SD15)``."""
+    from .pose_guider import PoseGuider
+
+    state_dict = load_checkpoint(path, device=device)
+    if prefix:
+        state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not state_dict:
+            raise ValueError(f"{path}: no key starts with prefix {prefix!r}")
+    with torch.device("meta"):
+        model = PoseGuider(**kwargs)
+    load_into(model, state_dict, what="pose guider checkpoint", assign=True)
+    return model.eval()
+
+
+def load_official_pose_guider_multiscale(path: str | Path, *, device: str | torch.device = "cpu", **kwargs):
+    """AniPortrait's ``pose_guider.pth`` (184 keys) as a :class:`~anim_lab.pose_guider.PoseGuiderMultiScale`;
+    ``kwargs`` default to the released SD1.5-size guider."""
+    from .pose_guider import PoseGuiderMultiScale
+
+    built_on = device if kwargs.get("reference_attention") else "meta"  # the extension's keys need memory
+    with torch.device(built_on):
+        model = PoseGuiderMultiScale(**kwargs)
+    model.load_weights(load_checkpoint(path, device=device), assign=built_on == "meta")
+    return model.eval()
+
+
+def _official_pose_guider(
+    state_dict: dict, layout: str, path: Path, unet_kwargs: dict, kwargs: dict | None
+) -> nn.Module:
+    """The layout's guider from its state dict. AnimateAnyone's file has no config: its sizes are read off
+    the weights' shapes. AniPortrait's is built from ``kwargs`` (default: the released config)."""
+    from .configs import POSE_GUIDER_MULTISCALE_SD15
+    from .pose_guider import PoseGuider, PoseGuiderMultiScale
+
+    if layout == "aniportrait":
+        if "scale" not in state_dict:
+            raise ValueError(
+                f"{path.name} is a single-scale AnimateAnyone pose guider ({len(state_dict)} keys, no "
+                "'scale'), not AniPortrait's multi-scale one: is this an animate_anyone folder? "
+                "Pass layout='animate_anyone'"
+            )
+        if kwargs is None:
+            kwargs = dict(POSE_GUIDER_MULTISCALE_SD15, block_out_channels=unet_kwargs["block_out_channels"])
+        with torch.device("meta"):
+            guider = PoseGuiderMultiScale(**kwargs)
+        try:
+            guider.load_weights(state_dict, assign=True)
+        except KeyMismatchError as err:
+            raise KeyMismatchError(err.report, f"{path.name} (layout 'aniportrait')") from None
+        return guider
+    if "conv_in.weight" not in state_dict or "scale" in state_dict:
+        raise ValueError(
+            f"{path.name} is not an AnimateAnyone single-scale pose guider (keys like "
+            f"{sorted(state_dict)[:3]}); for AniPortrait weights pass layout='aniportrait'"
+        )
+    convs = [state_dict[f"blocks.{i}.weight"] for i in range(1, 64, 2) if f"blocks.{i}.weight" in state_dict]
+    kwargs = dict(
+        conditioning_channels=state_dict["conv_in.weight"].shape[1],
+        block_out_channels=[state_dict["conv_in.weight"].shape[0]] + [w.shape[0] for w in convs],
+        conditioning_embedding_channels=state_dict["conv_out.weight"].shape[0],
+    )
+    with torch.device("meta"):
+        guider = PoseGuider(**kwargs)
+    try:
+        load_into(guider, state_dict, assign=True, what=path.name)
+    except KeyMismatchError as err:
+        raise KeyMismatchError(err.report, f"{path.name} (layout 'animate_anyone')") from None
+    return guider
+
+
+def _official_files(folder: Path, layout: str) -> dict[str, Path]:
+    """The files of an official weights folder (see ``_LAYOUT_TREE``); a FileNotFoundError lists every one
+    that is missing, with the expected tree."""
+    if layout not in OFFICIAL_LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(OFFICIAL_LAYOUTS)}")
+    guider_name = "AniPortrait multi-scale" if layout == "aniportrait" else "AnimateAnyone single-scale"
+    tree = _LAYOUT_TREE.format(root=f"{folder}/", guider=guider_name)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"weights folder {folder} does not exist; expected the {layout} layout:\n{tree}"
+        )
+    missing = []
+
+    def weight_file(*stems: str) -> Path | None:
+        for stem in stems:  # safetensors first: it cannot run code when loaded
+            for suffix in (".safetensors", Path(stem).suffix or ".pth"):
+                path = folder / (Path(stem).stem + suffix)
+                if path.is_file():
+                    return path
+        missing.append(" or ".join(stems))
+        return None
+
+    def model_dir(names: Iterable[str], weight_names: Iterable[str], subfolder: str = "") -> Path | None:
+        for name in names:
+            d = folder / name / subfolder
+            has_weights = not weight_names or any((d / w).is_file() for w in weight_names)
+            if (d / "config.json").is_file() and has_weights:
+                return d
+        wanted = " or ".join(f"{n}/{subfolder}".rstrip("/") for n in names)
+        missing.append(f"{wanted}/ (config.json + weights)")
+        return None
+
+    files = dict(
+        denoising_unet=weight_file("denoising_unet.pth"),
+        reference_unet=weight_file("reference_unet.pth"),
+        pose_guider=weight_file("pose_guider.pth"),
+        motion_module=weight_file("motion_module.pth", "mm_sd_v15_v2.ckpt"),
+        base_unet=model_dir(_BASE_UNET_DIRS, (), "unet"),
+        vae=model_dir(["sd-vae-ft-mse"], DIFFUSERS_WEIGHTS),
+        image_encoder=model_dir(
+            ["image_encoder", "sd-image-variations-diffusers/image_encoder"], TRANSFORMERS_WEIGHTS
+        ),
+    )
+    if missing:
+        raise FileNotFoundError(
+            f"the {layout} weights folder {folder} is incomplete; missing: {'; '.join(missing)}.\n"
+            f"Expected layout:\n{tree}"
+        )
+    return files
+
+
+def load_official_pipeline(
+    folder: str | Path,
+    layout: str = "animate_anyone",
+    *,
+    torch_dtype: torch.dtype = torch.float32,
+    motion_kwargs: dict | None = None,
+    pose_guider_kwargs: dict | None = None,
+):
+    """A :class:`~anim_lab.pipelines.Pose2VideoPipeline` from an official weights folder (``layout``:
+    ``"animate_anyone"`` or ``"aniportrait"``, see ``_LAYOUT_TREE``), strictly.
+
+    The UNets' 2D configuration comes from the base model's ``unet/config.json`` (SD1.5 or
+    sd-image-variations; its weights are not read: ``denoising_unet.pth`` and ``reference_unet.pth`` hold
+    every 2D key), the motion modules from ``motion_module.pth`` (``motion_kwargs``: default the
+    inference_v2.yaml values). The scheduler is the official one (``guidance.build_scheduler()``). The
+    AnimateAnyone guider's sizes are read off its weights; AniPortrait's multi-scale guider is built with
+    ``pose_guider_kwargs`` (default: the released ``configs.POSE_GUIDER_MULTISCALE_SD15`` with the UNet's
+    widths).
+    """
+    from .clip import load_image_encoder
+    from .guidance import build_scheduler
+    from .motion import MOTION_SD15
+    from .pipelines.pose2video import Pose2VideoPipeline
+    from .vae import load_vae
+
+    folder = Path(folder)
+    files = _official_files(folder, layout)
+    unet_kwargs = read_unet_config(files["base_unet"])
+    reference_unet = load_official_reference_unet(files["reference_unet"], unet_kwargs=unet_kwargs)
+    denoising_unet = load_official_video_unet(
+        files["denoising_unet"],
+        files["motion_module"],
+        unet_kwargs=unet_kwargs,
+        motion_kwargs=MOTION_SD15 if motion_kwargs is None else motion_kwargs,
+    )
+    pose_guider = _official_pose_guider(
+        load_checkpoint(files["pose_guider"]), layout, files["pose_guider"], unet_kwargs, pose_guider_kwargs
+    )
+    return Pose2VideoPipeline(
+        vae=load_vae(files["vae"], torch_dtype=torch_dtype),
+        image_encoder=load_image_encoder(files["image_encoder"], torch_dtype=torch_dtype),
+        reference_unet=reference_unet.to(torch_dtype).eval(),
+        denoising_unet=denoising_unet.to(torch_dtype).eval(),
+        pose_guider=pose_guider.to(torch_dtype).eval(),
+        scheduler=build_scheduler(),
+    )

@@ -315,7 +315,7 @@ def test_save_pretrained_from_pretrained_round_trip(pipe, tmp_path):
 
 
 def test_from_pretrained_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="from_official"):
+    with pytest.raises(FileNotFoundError, match="load_official_pipeline"):
         Pose2VideoPipeline.from_pretrained(tmp_path)
 
 

@@ -1,4 +1,4 @@
-"""Pose2VideoPipeline.from_official: tiny checkpoints written in exactly the official layouts and file names
+"""load_official_pipeline: tiny checkpoints written in exactly the official layouts and file names
 (Moore-AnimateAnyone ``pretrained_weights/``, AniPortrait ``pretrained_model/``), loaded strictly and run."""
 
 import json
@@ -14,7 +14,7 @@ from anim_lab.guidance import DDIM_OFFICIAL
 from anim_lab.motion import MOTION_TINY
 from anim_lab.pipelines import Pose2VideoPipeline
 from anim_lab.unet import MOTION_KEY, build_unet2d
-from anim_lab.weights import KeyMismatchError
+from anim_lab.weights import KeyMismatchError, load_official_pipeline
 
 
 def write_official(
@@ -74,7 +74,7 @@ def run(pipe, frames=5):
 
 def test_animate_anyone_layout_loads_strictly_and_runs(pipe, tmp_path):
     folder = write_official(tmp_path / "pretrained_weights", pipe)
-    loaded = Pose2VideoPipeline.from_official(folder, layout="animate_anyone", motion_kwargs=MOTION_TINY)
+    loaded = load_official_pipeline(folder, layout="animate_anyone", motion_kwargs=MOTION_TINY)
     loaded.set_progress_bar_config(disable=True)
     assert_same_weights(pipe, loaded)
     config = {k: v for k, v in loaded.scheduler.config.items() if not k.startswith("_")}
@@ -84,7 +84,7 @@ def test_animate_anyone_layout_loads_strictly_and_runs(pipe, tmp_path):
 
 def test_aniportrait_layout_loads_strictly_and_runs(pipe_multi_scale, tmp_path):
     folder = write_official(tmp_path / "pretrained_model", pipe_multi_scale)
-    loaded = Pose2VideoPipeline.from_official(
+    loaded = load_official_pipeline(
         folder,
         layout="aniportrait",
         motion_kwargs=MOTION_TINY,
@@ -100,7 +100,7 @@ def test_animatediff_motion_checkpoint_and_sd_image_variations_base(pipe, tmp_pa
     folder = write_official(
         tmp_path / "w", pipe, base="sd-image-variations-diffusers", motion_name="mm_sd_v15_v2.ckpt"
     )
-    loaded = Pose2VideoPipeline.from_official(folder, motion_kwargs=MOTION_TINY)
+    loaded = load_official_pipeline(folder, motion_kwargs=MOTION_TINY)
     assert_same_weights(pipe, loaded)
 
 
@@ -126,25 +126,25 @@ def test_a_missing_file_is_named_with_the_expected_layout(pipe, tmp_path, remove
     else:
         path.unlink()
     with pytest.raises(FileNotFoundError, match="Expected layout") as err:
-        Pose2VideoPipeline.from_official(folder, motion_kwargs=MOTION_TINY)
+        load_official_pipeline(folder, motion_kwargs=MOTION_TINY)
     assert named in str(err.value)
     assert "|-- denoising_unet.pth" in str(err.value)
 
 
 def test_a_missing_folder_and_an_unknown_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist; expected the animate_anyone layout"):
-        Pose2VideoPipeline.from_official(tmp_path / "nope")
+        load_official_pipeline(tmp_path / "nope")
     with pytest.raises(ValueError, match="unknown layout 'hallo'"):
-        Pose2VideoPipeline.from_official(tmp_path, layout="hallo")
+        load_official_pipeline(tmp_path, layout="hallo")
 
 
 def test_a_wrong_layout_is_named(pipe, pipe_multi_scale, tmp_path):
     aa = write_official(tmp_path / "aa", pipe)
     with pytest.raises(ValueError, match="Pass layout='animate_anyone'"):
-        Pose2VideoPipeline.from_official(aa, layout="aniportrait", motion_kwargs=MOTION_TINY)
+        load_official_pipeline(aa, layout="aniportrait", motion_kwargs=MOTION_TINY)
     ap = write_official(tmp_path / "ap", pipe_multi_scale)
     with pytest.raises(ValueError, match="pass layout='aniportrait'"):
-        Pose2VideoPipeline.from_official(ap, layout="animate_anyone", motion_kwargs=MOTION_TINY)
+        load_official_pipeline(ap, layout="animate_anyone", motion_kwargs=MOTION_TINY)
 
 
 def test_loading_is_strict(pipe, tmp_path):
@@ -154,19 +154,17 @@ def test_loading_is_strict(pipe, tmp_path):
     del state[dropped]
     torch.save(state, folder / "denoising_unet.pth")
     with pytest.raises(KeyMismatchError, match=f"1 missing keys.*{dropped}"):
-        Pose2VideoPipeline.from_official(folder, motion_kwargs=MOTION_TINY)
+        load_official_pipeline(folder, motion_kwargs=MOTION_TINY)
     # a motion module of another size (SD15 defaults against a tiny file) is named too
     folder = write_official(tmp_path / "w2", pipe)
     with pytest.raises(KeyMismatchError, match="keys with other shapes|missing keys"):
-        Pose2VideoPipeline.from_official(
-            folder, motion_kwargs=dict(MOTION_TINY, temporal_position_encoding_max_len=24)
-        )
+        load_official_pipeline(folder, motion_kwargs=dict(MOTION_TINY, temporal_position_encoding_max_len=24))
     # a pose guider with an extra key
     folder = write_official(tmp_path / "w3", pipe)
     guider = dict(pipe.pose_guider.state_dict(), extra=torch.zeros(1))
     torch.save(guider, folder / "pose_guider.pth")
     with pytest.raises(KeyMismatchError, match=r"pose_guider.pth \(layout 'animate_anyone'\).*extra"):
-        Pose2VideoPipeline.from_official(folder, motion_kwargs=MOTION_TINY)
+        load_official_pipeline(folder, motion_kwargs=MOTION_TINY)
 
 
 def test_sd15_unet_config_builds_the_official_key_lists():

@@ -30,7 +30,11 @@ from anim_lab.pose_guider import (
     prepare_pose_images,
 )
 from anim_lab.unet import VideoUNet
-from anim_lab.weights import KeyMismatchError
+from anim_lab.weights import (
+    KeyMismatchError,
+    load_official_pose_guider,
+    load_official_pose_guider_multiscale,
+)
 
 MS_TINY = POSE_GUIDER_MULTISCALE_TINY
 
@@ -442,7 +446,7 @@ def test_strict_loading_of_an_animateanyone_pose_guider_pth(tmp_path):
     official = read_key_list(CHECKPOINT_KEYS / "aa" / "pose_guider.txt")
     sd = official_checkpoint("aa/pose_guider.txt", official)  # full size: 1.09M parameters
     torch.save(sd, tmp_path / "pose_guider.pth")
-    g = PoseGuider.from_official(tmp_path / "pose_guider.pth")
+    g = load_official_pose_guider(tmp_path / "pose_guider.pth")
     assert not g.training and len(g.state_dict()) == 16
     for name, value in g.state_dict().items():
         assert torch.equal(value, sd[name])
@@ -454,7 +458,7 @@ def test_strict_loading_of_an_aniportrait_pose_guider_pth(tmp_path):
     assert list(tiny) == list(official)  # the same 184 names in the same order at TINY size
     sd = official_checkpoint("ap/pose_guider.txt", tiny)
     torch.save(sd, tmp_path / "pose_guider.pth")
-    g = PoseGuiderMultiScale.from_official(tmp_path / "pose_guider.pth", **MS_TINY)
+    g = load_official_pose_guider_multiscale(tmp_path / "pose_guider.pth", **MS_TINY)
     assert not g.training
     for name, value in g.state_dict().items():
         assert torch.equal(value, sd[name])
@@ -477,11 +481,11 @@ def test_a_wrong_checkpoint_names_its_keys(tmp_path):
         KeyMismatchError,
         match=r"(?s)184 missing keys .*scale, conv_layers\.0\.weight.*16 unexpected keys .*conv_in\.weight",
     ):
-        PoseGuiderMultiScale.from_official(tmp_path / "aa.pth", **MS_TINY)
+        load_official_pose_guider_multiscale(tmp_path / "aa.pth", **MS_TINY)
     with pytest.raises(
         KeyMismatchError, match=r"(?s)16 missing keys .*conv_in\.weight.*184 unexpected keys .*scale"
     ):
-        PoseGuider.from_official(tmp_path / "ap.pth", **TINY.pose_guider)
+        load_official_pose_guider(tmp_path / "ap.pth", **TINY.pose_guider)
     model = PoseGuiderMultiScale(**MS_TINY)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     partial = {k: v for k, v in ap.items() if k != "scale"}
@@ -492,7 +496,7 @@ def test_a_wrong_checkpoint_names_its_keys(tmp_path):
         model.load_weights(partial)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing half-loaded
     with pytest.raises(ValueError, match="no key starts with prefix 'face_locator.'"):
-        PoseGuider.from_official(tmp_path / "aa.pth", prefix="face_locator.", **TINY.pose_guider)
+        load_official_pose_guider(tmp_path / "aa.pth", prefix="face_locator.", **TINY.pose_guider)
 
 
 # --- Hallo's face locator -----------------------------------------------------------------------------------
@@ -506,7 +510,7 @@ def test_face_locator_keys_equal_hallo_and_load_from_net_pth(tmp_path):
     sd = {f"face_locator.{k}": torch.randn(s) for k, s in official.items()}
     sd["imageproj.proj.weight"] = torch.randn(4, 4)  # another part of net.pth: not picked
     torch.save(sd, tmp_path / "net.pth")
-    loaded = PoseGuider.from_official(tmp_path / "net.pth", prefix="face_locator.", **FACE_LOCATOR_SD15)
+    loaded = load_official_pose_guider(tmp_path / "net.pth", prefix="face_locator.", **FACE_LOCATOR_SD15)
     assert torch.equal(loaded.conv_out.weight, sd["face_locator.conv_out.weight"])
 
 

@@ -18,10 +18,17 @@ from anim_lab.clip import load_image_encoder
 from anim_lab.configs import TINY
 from anim_lab.motion import MOTION_TINY
 from anim_lab.pipelines import Pose2VideoPipeline
-from anim_lab.pose_guider import PoseGuider
-from anim_lab.unet import ReferenceUNet, VideoUNet
 from anim_lab.vae import load_vae
-from anim_lab.weights import CorruptWeightsError, UnsafeWeightsError, check_weight_file, load_checkpoint
+from anim_lab.weights import (
+    CorruptWeightsError,
+    UnsafeWeightsError,
+    check_weight_file,
+    load_checkpoint,
+    load_official_pipeline,
+    load_official_pose_guider,
+    load_official_reference_unet,
+    load_official_video_unet,
+)
 
 
 class _Payload:
@@ -80,13 +87,13 @@ def test_load_checkpoint_refuses_a_malicious_folder(tmp_path, marker, name):
 def test_model_loaders_refuse_malicious_files(tmp_path, marker):
     path = plant(tmp_path / "w.pth", marker)
     with pytest.raises(UnsafeWeightsError, match="w.pth"):
-        VideoUNet.from_official(path, unet_kwargs=TINY.unet)
+        load_official_video_unet(path, unet_kwargs=TINY.unet)
     with pytest.raises(UnsafeWeightsError, match="w.pth"):
-        VideoUNet.from_official(tmp_path / "w.pth", unet_kwargs=TINY.unet, motion_module=path)
+        load_official_video_unet(tmp_path / "w.pth", unet_kwargs=TINY.unet, motion_module=path)
     with pytest.raises(UnsafeWeightsError, match="w.pth"):
-        ReferenceUNet.from_official(path, unet_kwargs=TINY.unet)
+        load_official_reference_unet(path, unet_kwargs=TINY.unet)
     with pytest.raises(UnsafeWeightsError, match="w.pth"):
-        PoseGuider.from_official(path, **TINY.pose_guider)
+        load_official_pose_guider(path, **TINY.pose_guider)
 
 
 def test_diffusers_vae_folder_loader_refuses(pipe, tmp_path, marker):
@@ -133,21 +140,21 @@ OFFICIAL_FILES = [
 
 
 @pytest.mark.parametrize("name", OFFICIAL_FILES)
-def test_from_official_refuses_every_planted_file(pipe, tmp_path, marker, name):
+def test_load_official_refuses_every_planted_file(pipe, tmp_path, marker, name):
     folder = write_official(tmp_path / "weights", pipe)
     if name.startswith("image_encoder/"):
         (folder / "image_encoder" / "model.safetensors").unlink()  # else the safetensors file is preferred
     plant(folder / name, marker)
     with pytest.raises(UnsafeWeightsError, match=Path(name).name):
-        Pose2VideoPipeline.from_official(folder, motion_kwargs=MOTION_TINY)
+        load_official_pipeline(folder, motion_kwargs=MOTION_TINY)
 
 
-def test_from_official_prefers_safetensors_and_never_opens_the_pickle(pipe, tmp_path, marker):
+def test_load_official_prefers_safetensors_and_never_opens_the_pickle(pipe, tmp_path, marker):
     folder = write_official(tmp_path / "weights", pipe)
     state = {k: v.contiguous() for k, v in pipe.reference_unet.state_dict().items()}
     save_file(state, folder / "reference_unet.safetensors")
     plant(folder / "reference_unet.pth", marker)  # both exist: the safetensors file wins
-    loaded = Pose2VideoPipeline.from_official(folder, motion_kwargs=MOTION_TINY)
+    loaded = load_official_pipeline(folder, motion_kwargs=MOTION_TINY)
     assert all(torch.equal(v, loaded.reference_unet.state_dict()[k]) for k, v in state.items())
 
 
@@ -167,7 +174,7 @@ def test_truncated_files_are_named(pipe, tmp_path):
     path = folder / "motion_module.pth"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CorruptWeightsError, match="motion_module.pth: the weight file is truncated"):
-        Pose2VideoPipeline.from_official(folder, motion_kwargs=MOTION_TINY)
+        load_official_pipeline(folder, motion_kwargs=MOTION_TINY)
     pipe.save_pretrained(tmp_path / "p")
     weights = tmp_path / "p" / "denoising_unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])

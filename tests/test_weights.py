@@ -29,6 +29,8 @@ from anim_lab.weights import (
     fill_position_encodings,
     load_checkpoint,
     load_into,
+    load_official_reference_unet,
+    load_official_video_unet,
     motion_keys_from_diffusers,
     motion_keys_to_diffusers,
     read_unet_config,
@@ -233,10 +235,10 @@ def test_from_pretrained_round_trip(tmp_path):
         tmp_path / "motion_module.pth",
     )
 
-    loaded = VideoUNet.from_official(
+    loaded = load_official_video_unet(
         tmp_path / "sd", tmp_path / "motion_module.pth", motion_kwargs=MOTION_TINY
     )
-    reference = ReferenceUNet.from_official(tmp_path / "sd")
+    reference = load_official_reference_unet(tmp_path / "sd")
     x, tokens = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 1, TINY.unet["cross_attention_dim"])
     with torch.no_grad():
         assert torch.equal(loaded(x, 5, tokens), source(x, 5, tokens))
@@ -250,10 +252,10 @@ def test_from_pretrained_round_trip(tmp_path):
         },
     )
     # without a motion file but with motion kwargs: zero-initialised modules, built for real (not meta)
-    stage1 = VideoUNet.from_official(tmp_path / "sd" / "unet", motion_kwargs=MOTION_TINY)
+    stage1 = load_official_video_unet(tmp_path / "sd" / "unet", motion_kwargs=MOTION_TINY)
     assert not any(p.is_meta for p in stage1.parameters())
     with torch.no_grad():
-        assert torch.equal(stage1(x, 5, tokens), VideoUNet.from_official(tmp_path / "sd")(x, 5, tokens))
+        assert torch.equal(stage1(x, 5, tokens), load_official_video_unet(tmp_path / "sd")(x, 5, tokens))
 
 
 # --- truncated and empty files: every loader names the file -----------------------------------------------

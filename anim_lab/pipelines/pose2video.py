@@ -20,7 +20,7 @@ The pieces come from their own modules: reference attention from ``anim_lab.refe
 the cond rows only), the windows and their averaging from ``anim_lab.context``, CFG and the official DDIM
 scheduler from ``anim_lab.guidance``. The pose guider is AnimateAnyone's ``PoseGuider`` (one feature map,
 added after ``conv_in``) or AniPortrait's ``PoseGuiderMultiScale`` (five, added after ``conv_in`` and after
-each down block; ``from_official(..., layout="aniportrait")``).
+each down block; ``weights.load_official_pipeline(..., layout="aniportrait")``).
 
 What differs from the reference, and why (the output is the same to float rounding unless noted):
 
@@ -64,24 +64,21 @@ from einops import rearrange
 from safetensors import safe_open
 from transformers import CLIPVisionModelWithProjection
 
-from ..clip import ClipPreprocess, encode_image, load_image_encoder
-from ..configs import POSE_GUIDER_MULTISCALE_SD15
+from ..clip import ClipPreprocess, encode_image
 from ..context import batch_windows, context_windows, gather_windows, predict_in_windows
 from ..files import OutputError, check_output_folder, publish_folder, staging_folder
 from ..guidance import (
     DDIM_ETA,
-    build_scheduler,
     cfg_batch,
     cfg_combine,
     cfg_encoder_hidden_states,
     do_classifier_free_guidance,
     set_timesteps,
 )
-from ..motion import MOTION_SD15
 from ..pose_guider import PoseGuider, PoseGuiderMultiScale, prepare_pose_images
 from ..reference import reference_attention
 from ..unet import ReferenceUNet, VideoUNet
-from ..vae import decode_video, load_vae
+from ..vae import decode_video
 from ..vae import encode as vae_encode
 from ..weights import (
     WEIGHT_NAMES,
@@ -89,9 +86,6 @@ from ..weights import (
     check_keys,
     check_weight_file,
     expected_shapes,
-    load_checkpoint,
-    load_into,
-    read_unet_config,
     realign,
     weight_files_in,
 )
@@ -102,25 +96,7 @@ __all__ = [
     "save_video",
     "NonFiniteError",
     "SAVED_FILES",
-    "OFFICIAL_LAYOUTS",
 ]
-
-# The files of the official repositories' weight folders (README "pretrained_weights" / "pretrained_model").
-_BASE_UNET_DIRS = ("stable-diffusion-v1-5", "sd-image-variations-diffusers")
-OFFICIAL_LAYOUTS = {
-    "animate_anyone": "Moore-AnimateAnyone pretrained_weights/",
-    "aniportrait": "AniPortrait pretrained_model/",
-}
-_LAYOUT_TREE = """{root}
-|-- denoising_unet.pth
-|-- reference_unet.pth
-|-- pose_guider.pth            ({guider})
-|-- motion_module.pth          (or an AnimateDiff mm_sd_v15_v2.ckpt)
-|-- stable-diffusion-v1-5/     (or sd-image-variations-diffusers/)
-|   `-- unet/config.json
-|-- sd-vae-ft-mse/             (config.json + diffusion_pytorch_model.safetensors or .bin)
-`-- image_encoder/             (config.json + model.safetensors or pytorch_model.bin)
-(any .pth/.ckpt may be given as a .safetensors file of the same name instead; safetensors is preferred)"""
 
 _MODEL_INDEX = "model_index.json"
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -256,7 +232,7 @@ def _check_saved_folder(cls, folder: Path) -> None:
     if not (folder / _MODEL_INDEX).is_file():
         raise FileNotFoundError(
             f"{folder} is not a saved pipeline (no {_MODEL_INDEX}); for the official AnimateAnyone / "
-            "AniPortrait weight folders use Pose2VideoPipeline.from_official(folder, layout=...)"
+            "AniPortrait weight folders use anim_lab.weights.load_official_pipeline(folder, layout=...)"
         )
     index = _read_json(folder / _MODEL_INDEX)
     if index.get("_class_name") != cls.__name__:
@@ -668,144 +644,3 @@ class Pose2VideoPipeline(DiffusionPipeline):
                 # the loaded pipeline compute bit for bit what the saved one did
                 realign(module).eval()
         return pipe
-
-    # --- the official weight folders ----------------------------------------------------------------
-    @classmethod
-    def from_official(
-        cls,
-        folder: str | os.PathLike,
-        layout: str = "animate_anyone",
-        *,
-        torch_dtype: torch.dtype = torch.float32,
-        motion_kwargs: dict | None = None,
-        pose_guider_kwargs: dict | None = None,
-    ) -> Pose2VideoPipeline:
-        """Load the weights as the official repositories ship them (see ``_LAYOUT_TREE``), strictly.
-
-        The UNets' 2D configuration comes from the base model's ``unet/config.json`` (SD1.5 or
-        sd-image-variations; its weights are not read: ``denoising_unet.pth`` and ``reference_unet.pth``
-        hold every 2D key), the motion modules from ``motion_module.pth`` (``motion_kwargs``: default the
-        inference_v2.yaml values). The scheduler is the official one (``guidance.build_scheduler()``).
-        The AnimateAnyone guider's sizes are read off its weights; AniPortrait's multi-scale guider is built
-        with ``pose_guider_kwargs`` (default: the released ``configs.POSE_GUIDER_MULTISCALE_SD15`` with the
-        UNet's widths).
-        """
-        if layout not in OFFICIAL_LAYOUTS:
-            raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(OFFICIAL_LAYOUTS)}")
-        folder = Path(folder)
-        guider_name = "AniPortrait multi-scale" if layout == "aniportrait" else "AnimateAnyone single-scale"
-        tree = _LAYOUT_TREE.format(root=f"{folder}/", guider=guider_name)
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"weights folder {folder} does not exist; expected the {layout} layout:\n{tree}"
-            )
-
-        missing = []
-
-        def weight_file(*stems: str) -> Path | None:
-            for stem in stems:  # safetensors first: it cannot run code when loaded
-                for suffix in (".safetensors", Path(stem).suffix or ".pth"):
-                    path = folder / (Path(stem).stem + suffix)
-                    if path.is_file():
-                        return path
-            missing.append(" or ".join(stems))
-            return None
-
-        def model_dir(names: Sequence[str], weight_names: Sequence[str], subfolder: str = "") -> Path | None:
-            for name in names:
-                d = folder / name / subfolder
-                if (d / "config.json").is_file() and (
-                    not weight_names or any((d / w).is_file() for w in weight_names)
-                ):
-                    return d
-            missing.append(
-                " or ".join(f"{n}/{subfolder}".rstrip("/") for n in names) + "/ (config.json + weights)"
-            )
-            return None
-
-        files = dict(
-            denoising_unet=weight_file("denoising_unet.pth"),
-            reference_unet=weight_file("reference_unet.pth"),
-            pose_guider=weight_file("pose_guider.pth"),
-            motion_module=weight_file("motion_module.pth", "mm_sd_v15_v2.ckpt"),
-            base_unet=model_dir(_BASE_UNET_DIRS, (), "unet"),
-            vae=model_dir(
-                ["sd-vae-ft-mse"], ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"]
-            ),
-            image_encoder=model_dir(
-                ["image_encoder", "sd-image-variations-diffusers/image_encoder"],
-                ["model.safetensors", "pytorch_model.bin"],
-            ),
-        )
-        if missing:
-            raise FileNotFoundError(
-                f"the {layout} weights folder {folder} is incomplete; missing: {'; '.join(missing)}.\n"
-                f"Expected layout:\n{tree}"
-            )
-
-        unet_kwargs = read_unet_config(files["base_unet"])
-        motion_kwargs = MOTION_SD15 if motion_kwargs is None else motion_kwargs
-        with torch.device("meta"):
-            reference_unet = ReferenceUNet(unet_kwargs)
-            denoising_unet = VideoUNet(unet_kwargs, motion_kwargs)
-        reference_unet.load_weights(load_checkpoint(files["reference_unet"]), assign=True)
-        denoising_unet.load_2d_weights(load_checkpoint(files["denoising_unet"]), assign=True)
-        denoising_unet.load_motion_modules(load_checkpoint(files["motion_module"]), assign=True)
-        pose_guider = cls._official_pose_guider(
-            load_checkpoint(files["pose_guider"]),
-            layout,
-            files["pose_guider"],
-            unet_kwargs,
-            pose_guider_kwargs,
-        )
-        return cls(
-            vae=load_vae(files["vae"], torch_dtype=torch_dtype),
-            image_encoder=load_image_encoder(files["image_encoder"], torch_dtype=torch_dtype),
-            reference_unet=reference_unet.to(torch_dtype).eval(),
-            denoising_unet=denoising_unet.to(torch_dtype).eval(),
-            pose_guider=pose_guider.to(torch_dtype).eval(),
-            scheduler=build_scheduler(),
-        )
-
-    @staticmethod
-    def _official_pose_guider(
-        state_dict: dict, layout: str, path: Path, unet_kwargs: dict, kwargs: dict | None
-    ) -> torch.nn.Module:
-        if layout == "aniportrait":
-            if "scale" not in state_dict:
-                raise ValueError(
-                    f"{path.name} is a single-scale AnimateAnyone pose guider ({len(state_dict)} keys, no "
-                    "'scale'), not AniPortrait's multi-scale one: is this an animate_anyone folder? "
-                    "Pass layout='animate_anyone'"
-                )
-            if kwargs is None:
-                kwargs = dict(
-                    POSE_GUIDER_MULTISCALE_SD15, block_out_channels=unet_kwargs["block_out_channels"]
-                )
-            with torch.device("meta"):
-                guider = PoseGuiderMultiScale(**kwargs)
-            try:
-                guider.load_weights(state_dict, assign=True)
-            except KeyMismatchError as err:
-                raise KeyMismatchError(err.report, f"{path.name} (layout 'aniportrait')") from None
-            return guider
-        if "conv_in.weight" not in state_dict or "scale" in state_dict:
-            raise ValueError(
-                f"{path.name} is not an AnimateAnyone single-scale pose guider (keys like "
-                f"{sorted(state_dict)[:3]}); for AniPortrait weights pass layout='aniportrait'"
-            )
-        convs = [
-            state_dict[f"blocks.{i}.weight"] for i in range(1, 64, 2) if f"blocks.{i}.weight" in state_dict
-        ]
-        kwargs = dict(
-            conditioning_channels=state_dict["conv_in.weight"].shape[1],
-            block_out_channels=[state_dict["conv_in.weight"].shape[0]] + [w.shape[0] for w in convs],
-            conditioning_embedding_channels=state_dict["conv_out.weight"].shape[0],
-        )
-        with torch.device("meta"):
-            guider = PoseGuider(**kwargs)
-        try:
-            load_into(guider, state_dict, assign=True, what=path.name)
-        except KeyMismatchError as err:
-            raise KeyMismatchError(err.report, f"{path.name} (layout 'animate_anyone')") from None
-        return guider
