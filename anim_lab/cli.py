@@ -29,10 +29,11 @@ from einops import rearrange
 
 from . import landmarks, video
 from .files import OutputError, check_output_file, check_output_folder, publish_folder, staging_folder
-from .pipelines import Pose2VideoPipeline, save_video
+from .pipelines import Pose2VideoPipeline
 from .retarget import video2video_command
 from .toy.animator import TOY_ANIMATOR_DIR, load_animator
 from .vae import images_to_uint8
+from .video import save_video
 from .weights import load_official_pipeline
 
 __all__ = [

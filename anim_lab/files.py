@@ -13,14 +13,18 @@ One home for the rules every command, pipeline and training script follows (DESI
   (0600 / 0700); written outputs get the modes any new file gets under the process umask.
 - :func:`save_state` / :func:`load_state` — training state and caches as safetensors + JSON: loading them
   can never run code (no pickle anywhere outside the tests).
+- :func:`write_result` — a benchmark's or evaluation's numbers as JSON, with :func:`environment` (when, on
+  how many cores, with which library versions): the files in ``results/`` that the README quotes.
 """
 
 from __future__ import annotations
 
+import datetime
 import fnmatch
 import json
 import math
 import os
+import platform
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -42,6 +46,8 @@ __all__ = [
     "apply_umask",
     "save_state",
     "load_state",
+    "environment",
+    "write_result",
 ]
 
 
@@ -338,3 +344,55 @@ def load_state(path: str | os.PathLike):
         return _join(json.loads(meta.read_text()), tensors)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{meta} is not a training state written by anim_lab ({err!r}); delete it") from None
+
+
+# --- measured results ---------------------------------------------------------------------------------------
+def environment() -> dict:
+    """Where and when a measurement was made: UTC date, machine, CPU cores, torch threads, CUDA device, and
+    the versions of Python and the libraries that compute the numbers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("anim_lab", "torch", "diffusers", "transformers", "numpy", "mediapipe"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def write_result(path: str | os.PathLike, record: Mapping) -> Path:
+    """Write ``record`` with ``"environment": environment()`` as indented JSON to ``path`` (a ``.json`` file),
+    atomically: a temporary sibling is written and moved into place, so a reader never sees half a file.
+    Non-finite numbers are written as null (JSON has no NaN)."""
+    out = check_output_file(path, (".json",), what="result file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def finite(obj):
+        if isinstance(obj, float) and not math.isfinite(obj):
+            return None
+        if isinstance(obj, Mapping):
+            return {str(k): finite(v) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return [finite(v) for v in obj]
+        return obj
+
+    text = json.dumps(finite({**record, "environment": environment()}), indent=1, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        apply_umask(tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out

@@ -23,6 +23,7 @@ with integer values at pixel centres (``x = 0`` is the centre of the first colum
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -36,6 +37,8 @@ from tqdm.auto import tqdm
 
 from . import video as vio
 from .files import check_output_file
+
+logger = logging.getLogger(__name__)  # "anim_lab.landmarks": what the library reports goes through logging
 
 NUM_LANDMARKS = 478  # 468 face-mesh points + 2 × 5 iris points (refine_landmarks=True)
 NUM_MESH_POINTS = 468
@@ -293,7 +296,7 @@ def _quiet_native_logs():
             lines = held.read().decode(errors="replace").splitlines()
             kept = [line for line in lines if line.strip() and not _NATIVE_CHATTER.match(line)]
             if kept:
-                print("\n".join(kept), file=sys.stderr)
+                logger.warning("mediapipe: %s", "\n".join(kept))
 
 
 def _import_face_mesh():

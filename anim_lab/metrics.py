@@ -12,6 +12,18 @@ frames. Every function takes a reconstruction (or generation) first and the grou
   1.5), K1 = 0.01, K2 = 0.03, on each RGB channel, averaged over the valid part of the map and the channels.
 - :func:`colour_error`: how far the mean colour drifts, in 8-bit levels (the largest channel error of the
   per-frame mean colour), averaged over frames.
+
+Over time (videos ``(B, 3, F, H, W)``, in [0, 1] units of the picture's range):
+
+- :func:`flicker`: the mean absolute change from one frame to the next, minus the ground truth's: how much
+  more the video jitters than the motion it should show.
+- :func:`seam_error`: the same change only at the frames where a new context window begins, minus the ground
+  truth's: the jump that sampling in windows adds.
+
+Identity (on embeddings, from any image encoder):
+
+- :func:`identity_top1`: the share of generated frames whose most similar (cosine) ground-truth picture in a
+  gallery of identities is their own.
 """
 
 from __future__ import annotations
@@ -32,6 +44,12 @@ __all__ = [
     "gaussian_window",
     "ssim",
     "colour_error",
+    "video_from_uint8",
+    "frame_changes",
+    "flicker",
+    "seam_frames",
+    "seam_error",
+    "identity_top1",
 ]
 
 # ITU-R BT.601 luma: Y = 0.299 R + 0.587 G + 0.114 B
@@ -146,3 +164,69 @@ def colour_error(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     x, y = _pair(images, targets)
     diff = (x.mean((2, 3)) - y.mean((2, 3))).abs() * 127.5  # (N, 3), [-1, 1] -> levels
     return diff.amax(1).float()
+
+
+# --- over time --------------------------------------------------------------------------------------------
+def video_from_uint8(frames) -> torch.Tensor:
+    """One video as uint8 frames (F, H, W, 3) (numpy or torch) -> (1, 3, F, H, W) float32 in [-1, 1]."""
+    x = torch.as_tensor(frames)
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"a video as uint8 frames (F, H, W, 3), got {x.dtype} {tuple(x.shape)}")
+    return rearrange(x.float() / 127.5 - 1.0, "f h w c -> 1 c f h w")
+
+
+def _video_pair(videos: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if videos.ndim != 5 or videos.shape != targets.shape:
+        raise ValueError(
+            f"videos and ground truth must be (B, 3, F, H, W) of one shape, got {tuple(videos.shape)} and "
+            f"{tuple(targets.shape)}"
+        )
+    return videos.double(), targets.double()
+
+
+def frame_changes(videos: torch.Tensor) -> torch.Tensor:
+    """Mean |x[t] - x[t-1]| per video and step, in [0, 1] units: (B, 3, F, H, W) -> (B, F-1)."""
+    x = videos.double()
+    return (x[:, :, 1:] - x[:, :, :-1]).abs().mean((1, 3, 4)) / 2  # [-1, 1] range 2 -> [0, 1] units
+
+
+def flicker(videos: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per video: mean frame-to-frame change of the video minus that of the ground truth -> (B,) float32."""
+    x, y = _video_pair(videos, targets)
+    return (frame_changes(x).mean(1) - frame_changes(y).mean(1)).float()
+
+
+def seam_frames(windows) -> list[int]:
+    """The frames where sampling in ``windows`` (lists of frame indices, ``context.context_windows``) jumps
+    to a new window: the first frame of every window after the first, and every frame whose predecessor in
+    its window is not the frame before it (a window that wraps around)."""
+    starts = {w[0] for w in windows[1:]}
+    starts |= {w[i + 1] for w in windows for i in range(len(w) - 1) if w[i + 1] != w[i] + 1}
+    return sorted(s for s in starts if s > 0)
+
+
+def seam_error(videos: torch.Tensor, targets: torch.Tensor, windows) -> torch.Tensor:
+    """Per video: the mean change into each seam frame (:func:`seam_frames`) minus the ground truth's, in
+    [0, 1] units -> (B,) float32; zero when there is no seam (one window)."""
+    x, y = _video_pair(videos, targets)
+    seams = seam_frames(windows)
+    if not seams:
+        return torch.zeros(x.shape[0])
+    steps = torch.tensor(seams) - 1  # frame_changes[:, s - 1] is the change from frame s - 1 to frame s
+    return (frame_changes(x)[:, steps] - frame_changes(y)[:, steps]).mean(1).float()
+
+
+# --- identity ---------------------------------------------------------------------------------------------
+def identity_top1(queries: torch.Tensor, gallery: torch.Tensor, labels: torch.Tensor | None = None) -> float:
+    """Share of ``queries`` (n, D) whose most cosine-similar row of ``gallery`` (N, D) is their own identity:
+    ``labels[i]`` (n,) indexes query i's row of the gallery (default: row i). Chance is 1 / N."""
+    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
+        raise ValueError(
+            "queries (n, D) and gallery (N, D) embeddings of one width, got "
+            f"{tuple(queries.shape)} and {tuple(gallery.shape)}"
+        )
+    labels = torch.arange(len(queries)) if labels is None else torch.as_tensor(labels)
+    if labels.shape != (len(queries),) or int(labels.max()) >= len(gallery):
+        raise ValueError(f"labels must be (n={len(queries)},) rows of the gallery (N={len(gallery)})")
+    sim = F.normalize(queries.double(), dim=-1) @ F.normalize(gallery.double(), dim=-1).T  # (n, N)
+    return float((sim.argmax(1) == labels).double().mean())

@@ -174,6 +174,7 @@ class _UNetBody(ModelMixin, ConfigMixin):
         num_frames: int,
         cross_attention_kwargs: dict | None = None,
         down_block_additional_features: Sequence[torch.Tensor] | None = None,
+        use_motion_modules: bool = True,
     ) -> torch.Tensor:
         """Down, mid and up blocks on per-frame features h (B*F, C0, H, W) -> (B*F, C0, H, W).
 
@@ -193,7 +194,7 @@ class _UNetBody(ModelMixin, ConfigMixin):
         skips = [h]  # every down-path output, consumed last-in-first-out by the up path
         for k, block in enumerate(self.down_blocks):
             attentions = getattr(block, "attentions", None)
-            motion = getattr(block, "motion_modules", None)
+            motion = getattr(block, "motion_modules", None) if use_motion_modules else None
             for i, resnet in enumerate(block.resnets):
                 h = resnet(h, temb)  # (B*F, C_in, h, w) -> (B*F, C, h, w)
                 if attentions is not None:
@@ -209,7 +210,7 @@ class _UNetBody(ModelMixin, ConfigMixin):
                 h = h + down_block_additional_features[k]  # main path only: the skips above keep h without it
 
         mid = self.mid_block
-        motion = getattr(mid, "motion_modules", None)
+        motion = getattr(mid, "motion_modules", None) if use_motion_modules else None
         h = mid.resnets[0](h, temb)
         for i, (attn, resnet) in enumerate(zip(mid.attentions, mid.resnets[1:], strict=True)):
             h = transformer(attn, h)
@@ -219,7 +220,7 @@ class _UNetBody(ModelMixin, ConfigMixin):
 
         for block in self.up_blocks:
             attentions = getattr(block, "attentions", None)
-            motion = getattr(block, "motion_modules", None)
+            motion = getattr(block, "motion_modules", None) if use_motion_modules else None
             for i, resnet in enumerate(block.resnets):
                 h = torch.cat([h, skips.pop()], dim=1)  # (B*F, C + C_skip, h, w): skips are concatenated
                 h = resnet(h, temb)  # -> (B*F, C, h, w)
@@ -256,6 +257,7 @@ class VideoUNet(_UNetBody):
         encoder_hidden_states: torch.Tensor,
         pose_cond_fea: torch.Tensor | Sequence[torch.Tensor] | None = None,
         cross_attention_kwargs: dict | None = None,
+        use_motion_modules: bool = True,
     ) -> torch.Tensor:
         """sample (B, 4, F, H, W), timestep, encoder_hidden_states (B, N, D) / (B*F, N, D) -> (B, 4, F, H, W).
 
@@ -263,6 +265,8 @@ class VideoUNet(_UNetBody):
         Hallo's face locator), or a list of 1 + len(down_blocks) tensors (AniPortrait's multi-scale guider):
         [0] added after ``conv_in``, [k] added to the main path after down block k (shapes in
         ``pose_feature_shapes``). ``cross_attention_kwargs`` go to every spatial attention, as in diffusers.
+        ``use_motion_modules=False`` skips the motion modules: the stage-1 image denoiser, frame by frame (an
+        ablation; the 2D weights are the same).
         """
         if sample.ndim != 5:
             raise ValueError(
@@ -291,7 +295,13 @@ class VideoUNet(_UNetBody):
             h = h + pose_in  # added once, after conv_in (before the first skip is taken)
 
         h = self._walk(
-            h, temb, encoder_hidden_states, num_frames, cross_attention_kwargs, pose_after_down
+            h,
+            temb,
+            encoder_hidden_states,
+            num_frames,
+            cross_attention_kwargs,
+            pose_after_down,
+            use_motion_modules,
         )  # (B*F, C0, H, W)
 
         h = self.conv_out(self.conv_act(self.conv_norm_out(h)))  # (B*F, C0, H, W) -> (B*F, 4, H, W)

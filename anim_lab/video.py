@@ -22,7 +22,7 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageSequence
 
-from .files import current_umask
+from .files import check_output_file, current_umask
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
@@ -135,20 +135,6 @@ def _file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
-def _check_destination(path: Path) -> None:
-    """Fail before any work when ``path`` cannot be created: a folder on its way is a regular file."""
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory; give a file name ending in .mp4 or .gif")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise NotADirectoryError(
-                    f"cannot write {path}: {parent} is a file, not a folder; choose another output path "
-                    f"(or move that file away)"
-                )
-            break
-
-
 def _check_frame(frame, index: int) -> np.ndarray:
     arr = np.asarray(frame)
     if arr.dtype != np.uint8:
@@ -190,7 +176,8 @@ class VideoWriter:
             raise ValueError(f"video path must end in .mp4 or .gif, got {self.path.name!r}")
         if not fps or not fps > 0:
             raise ValueError(f"fps must be positive, got {fps}")
-        _check_destination(self.path)
+        # before any work: not a folder, not the audio source, really writable
+        check_output_file(self.path, VIDEO_SUFFIXES, {"audio_from": audio_from}, what="video path")
         if audio_from is not None:
             audio_from = _existing(audio_from)
             if self.format == ".gif":
@@ -343,6 +330,36 @@ def write_video(path, frames, fps: float, *, audio_from=None, quality: float = 8
         for frame in arr:
             writer.write(frame)
     return writer.path
+
+
+def _frames_to_uint8(frames) -> np.ndarray:
+    """A pipeline's output (any output type; the first video of a batch) -> (F, H, W, 3) uint8."""
+    frames = getattr(frames, "frames", frames)  # a pipeline output object
+    if isinstance(frames, list) and frames and isinstance(frames[0], list):
+        frames = frames[0]  # the first video of a batch
+    if isinstance(frames, list):
+        if not frames or not all(isinstance(f, Image.Image) for f in frames):
+            raise ValueError("frames must be PIL images, an (F, H, W, 3) array or an (F, 3, H, W) tensor")
+        return np.stack([np.asarray(f.convert("RGB")) for f in frames])
+    if hasattr(frames, "detach"):  # a torch tensor (F, 3, H, W) or (B, F, 3, H, W)
+        frames = frames.detach().float().cpu().numpy()
+        frames = np.moveaxis(frames[0] if frames.ndim == 5 else frames, 1, -1)  # -> (F, H, W, 3)
+    frames = np.asarray(frames)
+    if frames.ndim == 5:
+        frames = frames[0]
+    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(f"frames must be (F, H, W, 3) with F >= 1, got shape {frames.shape}")
+    if frames.dtype != np.uint8:
+        frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+    return frames
+
+
+def save_video(frames, path, fps: float = 8.0, audio_from=None) -> Path:
+    """Write a pipeline's output (``pipe(...)``, or its ``.frames``, of any output type but "latent"; the
+    first video of a batch) to ``.mp4`` or ``.gif``: PIL images, (F, H, W, 3) arrays in [0, 1] or uint8, or
+    (F, 3, H, W) tensors in [0, 1]. Written to a temporary file and renamed at the end, so a failure leaves
+    nothing at ``path``; ``audio_from``: a media file whose audio is muxed into an mp4."""
+    return write_video(path, _frames_to_uint8(frames), fps, audio_from=audio_from)
 
 
 def write_gif(path, frames, fps: float) -> Path:

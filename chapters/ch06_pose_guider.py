@@ -65,6 +65,7 @@ from anim_lab.configs import (
 )
 from anim_lab.inspect import count_flops, count_parameters, flops_by_module, format_table, human, trace_shapes
 from anim_lab.landmarks import FaceLandmarker, draw_pose_image
+from anim_lab.metrics import psnr, video_from_uint8
 from anim_lab.motion import MOTION_TINY
 from anim_lab.pose_guider import (
     PoseGuider,
@@ -593,18 +594,17 @@ save(fig, "ch06_trained_guider_stages")
 plt.show()
 
 # %% [markdown]
-# **Pose error with and without the guider.** `without_pose_guider(pipe)` (from the evaluation script)
-# replaces the guider's output by zeros: the denoiser gets no pose at all. mediapipe's face mesh runs on each
-# generated frame (upscaled to 256 px): `detect` is the share of frames where it finds a face, `pose px` the
-# mean distance of its 478 landmarks to the driving landmarks (256-px pixels, detected frames only). Showing
-# the reference image for every frame is the baseline (right identity, no motion).
+# **Pose error with and without the guider.** The pipeline's ablation switch `use_pose_guider=False` adds no
+# pose features, as a guider whose output is all zeros would: the denoiser gets no pose at all. mediapipe's
+# face mesh runs on each generated frame (upscaled to 256 px): `detect` is the share of frames where it finds
+# a face, `pose px` the mean distance of its 478 landmarks to the driving landmarks (256-px pixels, detected
+# frames only). Showing the reference image for every frame is the baseline (right identity, no motion).
 
 # %%
 GEN = {"steps": 8, "cfg": 3.5, "seed": 42}
 videos = {"copy the reference (baseline)": E.copy_reference(cases)}
 videos["toy animator"] = [E.generate(pipe, c, **GEN) for c in cases]  # (F, H, W, 3) uint8 each
-with E.without_pose_guider(pipe):
-    videos["no pose guider (zeros)"] = [E.generate(pipe, c, **GEN) for c in cases]
+videos["no pose guider (zeros)"] = [E.generate(pipe, c, use_pose_guider=False, **GEN) for c in cases]
 rows = []
 with FaceLandmarker(video=False) as toy_landmarker:
     for name, vs in videos.items():
@@ -612,7 +612,8 @@ with FaceLandmarker(video=False) as toy_landmarker:
             e for v, c in zip(vs, cases, strict=True) for e in E.pose_errors(v, c.landmarks, toy_landmarker)
         ]
         found = [e for e in errors if e is not None]
-        psnr_db = np.mean([E.frame_psnr(v, c.truth).mean() for v, c in zip(vs, cases, strict=True)])
+        pairs = [(video_from_uint8(v), video_from_uint8(c.truth)) for v, c in zip(vs, cases, strict=True)]
+        psnr_db = np.mean([psnr(v, t).mean() for v, t in pairs])
         px = f"{np.mean(found):.1f}" if found else "-"
         rows.append([name, f"{len(found) / len(errors):.2f}", px, f"{psnr_db:.1f}"])
 print(format_table(rows, ["variant (2 cases x 8 frames)", "detect", "pose px", "PSNR dB"]))

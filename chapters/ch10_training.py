@@ -63,6 +63,7 @@ from transformers.utils import logging as transformers_logging
 
 import anim_lab
 from anim_lab.inspect import format_table
+from anim_lab.metrics import psnr, video_from_uint8
 from anim_lab.pipelines import Pose2VideoPipeline
 from anim_lab.toy import TOY_ANIMATOR_DIR, load_animator
 from anim_lab.unet import MOTION_KEY
@@ -675,7 +676,8 @@ gap = np.abs(videos["final"].astype(int) - stored["frames"][-1].astype(int)).max
 print("live final == stored final, to within 1 of 255:", bool(gap <= 1))
 videos["copy reference"] = E.copy_reference([case])[0]
 for name, video in videos.items():
-    print(f"{name:32s} PSNR against the ground truth: {float(E.frame_psnr(video, case.truth).mean()):.1f} dB")
+    db = psnr(video_from_uint8(video), video_from_uint8(case.truth)).mean()
+    print(f"{name:32s} PSNR against the ground truth: {db:.1f} dB")
 
 # %%
 rows = {"pose": case.poses, "ground truth": case.truth}

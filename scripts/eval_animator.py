@@ -18,38 +18,34 @@ Metrics (one row of the table per variant):
 - ``flicker``: mean |frame difference| of the generated video minus that of the ground truth ([0, 1] units).
 The ``copy reference`` row is the baseline of showing the reference image for every frame.
 
-Ablations (each a function, so a chapter can call it): :func:`ablate_reference` (no reference attention),
-:func:`ablate_pose_guider` (no pose features), :func:`ablate_motion` (the denoiser without its motion
-modules), :func:`sweep_cfg`, :func:`sweep_steps`, :func:`context_seams` (a 64-frame video in windows of 16,
-overlap 0 vs 4: the jump at the window seams beyond the ground truth's motion).
+Every metric is computed by ``anim_lab.metrics``. The ablations are the pipeline's own switches
+(:data:`ABLATIONS`: ``use_reference_attention`` / ``use_pose_guider`` / ``use_motion_modules``, which a user
+can pass too), plus :func:`sweep_cfg`, :func:`sweep_steps` and :func:`context_seams` (a 64-frame video in
+windows of 16, overlap 0 vs 4: the jump at the window seams beyond the ground truth's motion). Progress over
+the cases goes to stderr; ``--json results/eval_animator.json`` writes the table with the date, the machine
+and the library versions.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import os
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import ModelMixin
 from einops import rearrange
-from skimage.metrics import structural_similarity
+from tqdm.auto import tqdm
 
+from anim_lab import metrics as M
 from anim_lab.clip import ClipPreprocess, load_image_encoder
 from anim_lab.context import context_windows
+from anim_lab.files import OutputError, check_output_file, write_result
 from anim_lab.landmarks import FaceLandmarker, NoFaceError
-from anim_lab.pipelines import pose2video
 from anim_lab.toy import TOY_ANIMATOR_DIR, ToyPortraitDataset, load_animator
-from anim_lab.unet import VideoUNet
-from anim_lab.vae import images_from_uint8, images_to_uint8, psnr
+from anim_lab.vae import images_from_uint8, images_to_uint8
 
 EVAL_SEED = 2027  # the held-out cases (test identities, motion seeds of their own)
 METRICS = ("psnr", "ssim", "detect", "pose_px", "id_top1", "flicker")
@@ -96,20 +92,6 @@ def generate(pipe, case: Case, steps: int = 10, cfg: float = 3.5, seed: int = 42
 
 
 # --- metrics ---------------------------------------------------------------------------------------------
-def frame_psnr(video: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """(F, H, W, 3) uint8 pair -> PSNR per frame (dB), the project's definition (anim_lab.vae.psnr)."""
-    return psnr(images_from_uint8(video), images_from_uint8(truth)).numpy()
-
-
-def frame_ssim(video: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    return np.array(
-        [
-            structural_similarity(a, b, channel_axis=2, data_range=255)
-            for a, b in zip(video, truth, strict=True)
-        ]
-    )
-
-
 def pose_errors(video: np.ndarray, landmarks: np.ndarray, landmarker: FaceLandmarker) -> list[float | None]:
     """Per frame: the mean landmark distance in 256-px pixels, or None where mediapipe finds no face."""
     out = []
@@ -148,20 +130,12 @@ class IdentityProbe:
 
 def identity_top1(videos: list[np.ndarray], cases: list[Case], probe: IdentityProbe) -> float:
     """Share of generated frames whose nearest ground-truth frame (same index, every case) is their own."""
-    hits, total = 0, 0
+    hits = []
     for f in range(len(cases[0].truth)):
         gallery = probe(np.stack([c.truth[f] for c in cases]))  # (N, D)
         queries = probe(np.stack([v[f] for v in videos]))  # (N, D)
-        best = (queries @ gallery.T).argmax(dim=1)  # (N,)
-        hits += int((best == torch.arange(len(cases))).sum())
-        total += len(cases)
-    return hits / total
-
-
-def flicker(video: np.ndarray, truth: np.ndarray) -> float:
-    """mean |x[t+1] - x[t]| of the video minus that of the ground truth, in [0, 1] units."""
-    step = lambda v: np.abs(np.diff(v.astype(np.float32) / 255, axis=0)).mean()  # noqa: E731
-    return float(step(video) - step(truth))
+        hits.append(M.identity_top1(queries, gallery))
+    return float(np.mean(hits))
 
 
 def score(videos: list[np.ndarray], cases: list[Case], probe: IdentityProbe | None = None) -> dict:
@@ -172,13 +146,14 @@ def score(videos: list[np.ndarray], cases: list[Case], probe: IdentityProbe | No
         for v, c in zip(videos, cases, strict=True):
             errors += pose_errors(v, c.landmarks, landmarker)
     found = [e for e in errors if e is not None]
+    pairs = [(M.video_from_uint8(v), M.video_from_uint8(c.truth)) for v, c in zip(videos, cases, strict=True)]
     return {
-        "psnr": float(np.mean([frame_psnr(v, c.truth).mean() for v, c in zip(videos, cases, strict=True)])),
-        "ssim": float(np.mean([frame_ssim(v, c.truth).mean() for v, c in zip(videos, cases, strict=True)])),
+        "psnr": float(np.mean([M.psnr(v, t).mean() for v, t in pairs])),
+        "ssim": float(np.mean([M.ssim(v, t).mean() for v, t in pairs])),
         "detect": len(found) / len(errors),
         "pose_px": float(np.mean(found)) if found else float("nan"),
         "id_top1": identity_top1(videos, cases, probe),
-        "flicker": float(np.mean([flicker(v, c.truth) for v, c in zip(videos, cases, strict=True)])),
+        "flicker": float(np.mean([M.flicker(v, t).item() for v, t in pairs])),
     }
 
 
@@ -188,94 +163,32 @@ def copy_reference(cases: list[Case]) -> list[np.ndarray]:
 
 
 # --- ablations -------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def without_reference_attention() -> Iterator[None]:
-    """The pipeline's denoiser reads no bank: every attn1 is plain self-attention (the ReferenceNet still
-    runs, its bank is ignored)."""
-    real = pose2video.reference_attention
-
-    @contextlib.contextmanager
-    def disabled(*args, **kwargs):
-        with real(*args, **kwargs) as bank:
-            bank.enabled = False
-            yield bank
-
-    with mock.patch.object(pose2video, "reference_attention", disabled):
-        yield
+# Each one the pipeline's own switch (Pose2VideoPipeline.__call__), so a user gets the same run.
+ABLATIONS = {
+    "no reference attention": {"use_reference_attention": False},
+    "no pose guider": {"use_pose_guider": False},
+    "no motion modules": {"use_motion_modules": False},
+}
 
 
-class _ZeroGuider(ModelMixin):
-    """The pose guider's output shape, all zeros: the denoiser gets no pose features. (A diffusers model, as
-    every pipeline component is, so the pipeline can ask it for its device and dtype.)"""
-
-    def __init__(self, guider: torch.nn.Module):
-        super().__init__()
-        self.guider = guider
-
-    def forward(self, pose: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(self.guider(pose))
+def run_variant(pipe, cases, probe=None, name: str = "toy animator", **gen) -> dict:
+    """Generate every case (a progress bar over the cases on stderr) and score the videos."""
+    videos = [generate(pipe, c, **gen) for c in tqdm(cases, desc=name, unit="case", leave=False)]
+    return score(videos, cases, probe)
 
 
-@contextlib.contextmanager
-def without_pose_guider(pipe) -> Iterator[None]:
-    guider = pipe.pose_guider
-    pipe.pose_guider = _ZeroGuider(guider)
-    try:
-        yield
-    finally:
-        pipe.pose_guider = guider
-
-
-@contextlib.contextmanager
-def without_motion_modules(pipe) -> Iterator[None]:
-    """The same 2D weights in a denoiser without motion modules: stage 1, frame by frame."""
-    denoiser = pipe.denoising_unet
-    image_unet = VideoUNet(denoiser.unet_kwargs, None)
-    image_unet.load_2d_weights({k: v for k, v in denoiser.state_dict().items() if "motion_modules" not in k})
-    pipe.denoising_unet = image_unet.eval()
-    try:
-        yield
-    finally:
-        pipe.denoising_unet = denoiser
-
-
-def run_variant(pipe, cases, probe=None, **gen) -> dict:
-    return score([generate(pipe, c, **gen) for c in cases], cases, probe)
-
-
-def ablate_reference(pipe, cases, probe=None, **gen) -> dict:
-    with without_reference_attention():
-        return run_variant(pipe, cases, probe, **gen)
-
-
-def ablate_pose_guider(pipe, cases, probe=None, **gen) -> dict:
-    with without_pose_guider(pipe):
-        return run_variant(pipe, cases, probe, **gen)
-
-
-def ablate_motion(pipe, cases, probe=None, **gen) -> dict:
-    with without_motion_modules(pipe):
-        return run_variant(pipe, cases, probe, **gen)
+def ablate(pipe, cases, name: str, probe=None, **gen) -> dict:
+    """The table row of one of :data:`ABLATIONS`."""
+    return run_variant(pipe, cases, probe, name, **ABLATIONS[name], **gen)
 
 
 def sweep_cfg(pipe, cases, scales=(1.0, 2.0, 3.5, 5.0, 7.0), probe=None, **gen) -> dict[float, dict]:
-    return {s: run_variant(pipe, cases, probe, **{**gen, "cfg": s}) for s in scales}
+    return {s: run_variant(pipe, cases, probe, f"cfg {s:g}", **{**gen, "cfg": s}) for s in scales}
 
 
 def sweep_steps(pipe, cases, counts=(5, 10, 25, 50), probe=None, **gen) -> dict[int, dict]:
     """The table for each number of denoising steps in ``counts`` (``gen`` may carry a "steps": replaced)."""
-    return {n: run_variant(pipe, cases, probe, **{**gen, "steps": n}) for n in counts}
-
-
-def seam_error(video: np.ndarray, truth: np.ndarray, windows: list[list[int]]) -> float:
-    """Mean over the seams (a frame whose successor starts a new window) of the generated jump minus the
-    ground truth's, in [0, 1] units."""
-    starts = {w[0] for w in windows[1:]} | {
-        w[i + 1] for w in windows for i in range(len(w) - 1) if w[i + 1] != w[i] + 1
-    }
-    seams = sorted(s for s in starts if s > 0)
-    jump = lambda v, s: np.abs(v[s].astype(np.float32) - v[s - 1]).mean() / 255  # noqa: E731
-    return float(np.mean([jump(video, s) - jump(truth, s) for s in seams])) if seams else 0.0
+    return {n: run_variant(pipe, cases, probe, f"{n} steps", **{**gen, "steps": n}) for n in counts}
 
 
 def context_seams(pipe, overlaps=(0, 4), num_frames: int = 64, context_frames: int = 16, **gen) -> dict:
@@ -285,9 +198,10 @@ def context_seams(pipe, overlaps=(0, 4), num_frames: int = 64, context_frames: i
     for overlap in overlaps:
         video = generate(pipe, case, context_frames=context_frames, context_overlap=overlap, **gen)
         windows = context_windows(num_frames, context_frames, overlap, max_len=None)
+        x, truth = M.video_from_uint8(video), M.video_from_uint8(case.truth)
         out[overlap] = {
-            "seam_error": seam_error(video, case.truth, windows),
-            "psnr": float(frame_psnr(video, case.truth).mean()),
+            "seam_error": M.seam_error(x, truth, windows).item(),
+            "psnr": M.psnr(x, truth).mean().item(),
         }
     return out
 
@@ -330,9 +244,11 @@ def main(argv=None) -> int:
         scales = [float(s) for s in args.cfg_scales.split(",")]
     except ValueError:
         p.error(f"--cfg-scales must be a comma list of numbers such as 1,2,3.5, got {args.cfg_scales!r}")
-    parent = _existing_parent(args.json) if args.json is not None else None
-    if parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK)):
-        print(f"eval_animator: error: cannot write {args.json}: choose another --json path", file=sys.stderr)
+    try:
+        if args.json is not None:
+            check_output_file(args.json, (".json",), what="--json file")
+    except OutputError as err:
+        print(f"eval_animator: error: {err}", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
     try:
@@ -347,16 +263,15 @@ def main(argv=None) -> int:
     )
     gen = {"steps": args.steps, "cfg": args.cfg}
     rows = {"copy reference (baseline)": score(copy_reference(cases), cases, probe)}
-    rows["toy animator"] = run_variant(pipe, cases, probe, **gen)
+    rows["toy animator"] = run_variant(pipe, cases, probe, "toy animator", **gen)
     wanted = set(args.ablations.split(",")) if args.ablations else set()
     if "all" in wanted:
         wanted = {"reference", "pose", "motion", "cfg", "steps", "context"}
-    if "reference" in wanted:
-        rows["no reference attention"] = ablate_reference(pipe, cases, probe, **gen)
-    if "pose" in wanted:
-        rows["no pose guider"] = ablate_pose_guider(pipe, cases, probe, **gen)
+    for key, name in (("reference", "no reference attention"), ("pose", "no pose guider")):
+        if key in wanted:
+            rows[name] = ablate(pipe, cases, name, probe, **gen)
     if "motion" in wanted and pipe.denoising_unet.motion_kwargs:
-        rows["no motion modules"] = ablate_motion(pipe, cases, probe, **gen)
+        rows["no motion modules"] = ablate(pipe, cases, "no motion modules", probe, **gen)
     if "cfg" in wanted:
         rows.update({f"cfg {s:g}": r for s, r in sweep_cfg(pipe, cases, scales, probe=probe, **gen).items()})
     if "steps" in wanted:
@@ -383,17 +298,8 @@ def main(argv=None) -> int:
             "rows": {name: {m: float(r[m]) for m in METRICS} for name, r in rows.items()},
             "context_seams": {str(k): {m: float(v) for m, v in r.items()} for k, r in seams.items()},
         }
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, args.json)
+        write_result(args.json, record)
     return 0
-
-
-def _existing_parent(path: Path) -> Path:
-    path = path.resolve().parent
-    while not path.exists():
-        path = path.parent
-    return path
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
    held-out identities (yaw ±30°, pitch ±15°, roll ±15°, random expressions): from the renderer's exact 3D
    landmarks and from mediapipe's detections of the renders. Target: mean error <= 3°.
 2. Retargeting: held-out identity A driven by held-out identity B's clip, against the ground truth (A rendered
-   in B's pose and expression, :class:`anim_lab.retarget.ToyCase`), in pixels, mean over frames and the 478
+   in B's pose and expression, :class:`anim_lab.toy.ToyCase`), in pixels, mean over frames and the 478
    points; compared with the naive baseline (B's landmarks as they are). Target: retarget <= half the naive
    error. Two framings: the reference stands where B's first frame stands ("same": the naive baseline is off
    only by face shape and expression) or somewhere else ("own"). Ablations on exact landmarks: AniPortrait's
@@ -67,7 +67,7 @@ def pose_errors(num: int, size: int, seed: int) -> dict:
             )
             expression = random_expression(rng)
             truth = np.array([pose.yaw, pose.pitch, pose.roll])
-            xyz = R.toy_landmarks_3d(identity, pose, expression, size)
+            xyz = toy.toy_landmarks_3d(identity, pose, expression, size)
             exact.append(np.abs(R.fit_head_pose(xyz).euler - truth))
             image, _ = toy.render(identity, pose, expression, size, seed=i)
             try:
@@ -103,7 +103,7 @@ def mean_px(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(a, np.float64) - b, axis=-1).mean())
 
 
-def budget_variants(case: R.ToyCase) -> dict[str, R.ToyCase]:
+def budget_variants(case: toy.ToyCase) -> dict[str, toy.ToyCase]:
     """The case with one cause of retargeting error removed: both faces with the template's proportions;
     no smile anywhere (the neutral measure ignores smiles, so the driver's resting smile is never removed);
     the reference turned like the driver's first frame (so the pivot's offset cancels)."""
@@ -131,7 +131,7 @@ def retarget_errors(pairs: int, frames: int, size: int, seed: int, framing: str,
         "no_smoothing": {"smooth": 1},
     }
     for k in range(pairs):
-        case = R.toy_case(
+        case = toy.toy_case(
             identities[200 + 2 * k], identities[201 + 2 * k], seed=seed + k, num_frames=frames, size=size,
             framing=framing,
         )  # fmt: skip
@@ -165,7 +165,7 @@ class AnimatedCase:
     """One (A, B) pair through the toy animator.
 
     Attributes:
-        case: the :class:`anim_lab.retarget.ToyCase`.
+        case: the :class:`anim_lab.toy.ToyCase`.
         reference: ``(H, W, 3)`` uint8, A's reference image; truth: ``(F, H, W, 3)`` uint8, A rendered in B's
             pose and expression.
         landmarks / poses / videos: per source (:data:`ANIMATE_SOURCES`): ``(F, 478, 2)`` pixels, the
@@ -176,7 +176,7 @@ class AnimatedCase:
             ``detect``).
     """
 
-    case: R.ToyCase
+    case: toy.ToyCase
     reference: np.ndarray
     truth: np.ndarray
     landmarks: dict[str, np.ndarray]
@@ -235,7 +235,7 @@ def animate_poses(pipe, reference: np.ndarray, poses: np.ndarray, *, steps: int,
 
 def animate_pair(
     pipe,
-    case: R.ToyCase,
+    case: toy.ToyCase,
     *,
     steps: int = 10,
     cfg: float = 3.5,
@@ -293,7 +293,7 @@ def animate_cases(
     detect: bool = True,
 ) -> list[AnimatedCase]:
     """:func:`animate_pair` on held-out pairs: pair ``k`` is A = ``identity_split("test")[first_pair + 2k]``
-    driven by B = the next identity, B's motion from seed ``seed + k`` (:func:`anim_lab.retarget.toy_case`,
+    driven by B = the next identity, B's motion from seed ``seed + k`` (:func:`anim_lab.toy.toy_case`,
     ``framing`` as there), at ``size`` pixels (the toy animator's 128), noise ``noise_seed + k``.
     ``detect``: also run mediapipe on the generated frames."""
     identities = toy.identity_split("test")
@@ -302,7 +302,7 @@ def animate_cases(
         landmarker = stack.enter_context(L.FaceLandmarker(video=False)) if detect else None
         for k in range(pairs):
             a, b = identities[first_pair + 2 * k], identities[first_pair + 2 * k + 1]
-            case = R.toy_case(a, b, seed=seed + k, num_frames=frames, size=size, framing=framing)
+            case = toy.toy_case(a, b, seed=seed + k, num_frames=frames, size=size, framing=framing)
             out.append(
                 animate_pair(
                     pipe, case, steps=steps, cfg=cfg, noise_seed=noise_seed + k, landmarker=landmarker

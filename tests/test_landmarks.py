@@ -196,14 +196,16 @@ def test_face_mesh_prints_nothing_on_stderr():
     assert result.stderr == "done\n", result.stderr
 
 
-def test_held_native_output_that_is_not_chatter_is_passed_on(capfd):
-    with L._quiet_native_logs():
+def test_held_native_output_that_is_not_chatter_is_passed_on(capfd, caplog):
+    with caplog.at_level("WARNING", logger="anim_lab"), L._quiet_native_logs():
         os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
         os.write(2, b"W0000 00:00:1796191511.344288    6765 inference_feedback_manager.cc:114] Feedback\n")
         os.write(2, b"E0000 00:00:1796191511.344288    6765 some_calculator.cc:10] a real error\n")
         os.write(2, b"something else\n")
-    err = capfd.readouterr().err
-    assert err.splitlines() == [
-        "E0000 00:00:1796191511.344288    6765 some_calculator.cc:10] a real error",
+    assert capfd.readouterr().err == ""  # held back from file descriptor 2 ...
+    (record,) = caplog.records  # ... and passed on through the library's logging channel
+    assert record.name == "anim_lab.landmarks" and record.levelname == "WARNING"
+    assert record.getMessage().splitlines() == [
+        "mediapipe: E0000 00:00:1796191511.344288    6765 some_calculator.cc:10] a real error",
         "something else",
     ]

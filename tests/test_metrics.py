@@ -117,3 +117,58 @@ def test_videos_are_scored_frame_by_frame(pair):
         torch.testing.assert_close(fn(vx, vy), fn(x, y))
     with pytest.raises(ValueError, match="shapes differ"):
         M.psnr(x, y[:, :, :-1])
+
+
+# --- over time and identity ------------------------------------------------------------------------------
+def _u8_videos(seed: int, frames: int = 6):
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 256, (frames, 8, 10, 3), dtype=np.uint8)
+    video = np.clip(truth.astype(int) + rng.integers(-40, 41, truth.shape), 0, 255).astype(np.uint8)
+    return video, truth
+
+
+def _jump(v: np.ndarray, s: int) -> float:
+    """Mean |frame s - frame s-1| of uint8 frames, in [0, 1] units, by numpy."""
+    return float(np.abs(v[s].astype(np.float64) - v[s - 1].astype(np.float64)).mean() / 255)
+
+
+def test_video_from_uint8_layout():
+    video, _ = _u8_videos(0)
+    x = M.video_from_uint8(video)
+    assert x.shape == (1, 3, 6, 8, 10)
+    np.testing.assert_allclose(x[0, 1, 2].numpy(), video[2, :, :, 1] / 127.5 - 1, atol=1e-6)
+    with pytest.raises(ValueError, match="uint8 frames"):
+        M.video_from_uint8(video.astype(np.float32))
+
+
+def test_flicker_and_seam_error_match_frame_loops():
+    video, truth = _u8_videos(1, frames=9)
+    x, y = M.video_from_uint8(video), M.video_from_uint8(truth)
+    expected = np.mean([_jump(video, s) for s in range(1, 9)]) - np.mean(
+        [_jump(truth, s) for s in range(1, 9)]
+    )
+    assert M.flicker(x, y).item() == pytest.approx(expected, abs=1e-6)
+    windows = [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 0]]  # the last wraps around to frame 0
+    assert M.seam_frames(windows) == [3, 6]  # frame 0 ends a wrapped window but begins the video
+    seams = [3, 6]
+    expected = np.mean([_jump(video, s) - _jump(truth, s) for s in seams])
+    assert M.seam_error(x, y, windows).item() == pytest.approx(expected, abs=1e-6)
+    assert M.seam_error(x, y, [list(range(9))]).item() == 0.0
+    assert M.flicker(y, y).item() == 0.0
+
+
+def test_identity_top1_matches_a_nearest_neighbour_loop():
+    g = torch.Generator().manual_seed(3)
+    gallery = torch.randn(5, 16, generator=g)
+    queries = gallery[[0, 1, 2, 3]] + 1.2 * torch.randn(4, 16, generator=g)
+    labels = torch.tensor([0, 1, 2, 3])
+    hits = []
+    for q, label in zip(queries, labels, strict=True):
+        cos = [float(q @ r / (q.norm() * r.norm())) for r in gallery]
+        hits.append(int(np.argmax(cos)) == int(label))
+    assert M.identity_top1(queries, gallery) == pytest.approx(np.mean(hits))
+    # several queries per identity, labelled
+    many = torch.cat([gallery * 3.0, gallery])  # scaled copies: cosine-nearest to themselves
+    assert M.identity_top1(many, gallery, torch.arange(5).repeat(2)) == 1.0
+    with pytest.raises(ValueError, match="labels"):
+        M.identity_top1(queries, gallery, torch.tensor([0, 1, 2, 7]))

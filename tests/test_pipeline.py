@@ -1,6 +1,8 @@
 """Pose2VideoPipeline: the same computation as the reference loop (a plain implementation in
 tests/pose2video_plain.py), windows, outputs, callbacks, determinism, errors, save/load round trip."""
 
+import contextlib
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -13,11 +15,11 @@ from anim_lab.configs import POSE_GUIDER_MULTISCALE_TINY, TINY
 from anim_lab.files import OutputError
 from anim_lab.guidance import build_scheduler
 from anim_lab.motion import MOTION_TINY
-from anim_lab.pipelines import Pose2VideoPipeline, Pose2VideoPipelineOutput, save_video
+from anim_lab.pipelines import Pose2VideoPipeline, Pose2VideoPipelineOutput
 from anim_lab.pose_guider import PoseGuider, PoseGuiderMultiScale
 from anim_lab.unet import ReferenceUNet, VideoUNet
 from anim_lab.vae import build_vae
-from anim_lab.video import read_video
+from anim_lab.video import read_video, save_video
 
 SIZE = 64
 
@@ -188,6 +190,83 @@ def test_reference_attention_changes_cond_rows_only(pipe):
     for name, module in pipe.denoising_unet.named_modules():
         if name.endswith("attn1") and "motion" not in name:
             assert type(module.processor).__name__.startswith("AttnProcessor"), name
+
+
+# --- the ablation switches: each component off for one call ------------------------------------------------
+ABLATE = dict(
+    num_inference_steps=2, guidance_scale=2.0, context_frames=4, context_overlap=1, output_type="pt"
+)
+
+
+def _run(pipe, ref, poses, **kwargs):
+    return pipe(ref, poses, generator=torch.Generator().manual_seed(5), **ABLATE, **kwargs).frames
+
+
+@contextlib.contextmanager
+def _changed(module: torch.nn.Module, change):
+    """Apply ``change`` to ``module``'s parameters in place for the block, then restore them exactly."""
+    saved = {k: v.clone() for k, v in module.state_dict().items()}
+    with torch.no_grad():
+        change(module)
+    try:
+        yield
+    finally:
+        module.load_state_dict(saved)
+
+
+def test_no_pose_guider_equals_a_guider_whose_output_is_zero(pipe):
+    ref, poses = inputs(6)
+    ablated = _run(pipe, ref, poses, use_pose_guider=False)
+
+    def zero_output(guider):
+        guider.conv_out.weight.zero_(), guider.conv_out.bias.zero_()
+
+    with _changed(pipe.pose_guider, zero_output):
+        zeroed = _run(pipe, ref, poses)
+    torch.testing.assert_close(ablated, zeroed, rtol=0, atol=0)
+    assert (ablated - _run(pipe, ref, poses)).abs().max() > 1e-3  # the guider matters otherwise
+
+
+def test_no_pose_guider_works_for_the_multi_scale_guider(pipe_multi_scale):
+    ref, poses = inputs(6)
+    _, other_poses = inputs(6, seed=9)
+    ablated = _run(pipe_multi_scale, ref, poses, use_pose_guider=False)
+    # no pose reaches the denoiser: other poses give the same video, while with the guider they do not
+    torch.testing.assert_close(ablated, _run(pipe_multi_scale, ref, other_poses, use_pose_guider=False))
+    with_guider = _run(pipe_multi_scale, ref, poses)
+    assert (with_guider - _run(pipe_multi_scale, ref, other_poses)).abs().max() > 1e-3
+    assert (with_guider - ablated).abs().max() > 1e-3
+
+
+def test_no_motion_modules_equals_motion_modules_that_add_nothing(pipe):
+    ref, poses = inputs(6)
+    ablated = _run(pipe, ref, poses, use_motion_modules=False)
+
+    def identity(unet):  # AnimateDiff's zero proj_out: every motion module returns its input
+        for _, module in unet.motion_modules():
+            module.temporal_transformer.proj_out.weight.zero_()
+            module.temporal_transformer.proj_out.bias.zero_()
+
+    with _changed(pipe.denoising_unet, identity):
+        at_identity = _run(pipe, ref, poses)
+    torch.testing.assert_close(ablated, at_identity, rtol=0, atol=1e-6)
+    assert (ablated - _run(pipe, ref, poses)).abs().max() > 1e-3
+
+
+def test_no_reference_attention_never_reads_the_referencenet(pipe):
+    ref, poses = inputs(6)
+    ablated = _run(pipe, ref, poses, use_reference_attention=False)
+
+    def other(unet):
+        for p in unet.parameters():
+            p.mul_(-1.5)
+
+    with _changed(pipe.reference_unet, other):
+        ablated_other = _run(pipe, ref, poses, use_reference_attention=False)
+        with_other = _run(pipe, ref, poses)
+    torch.testing.assert_close(ablated, ablated_other, rtol=0, atol=0)  # another ReferenceNet: ignored
+    assert (with_other - _run(pipe, ref, poses)).abs().max() > 1e-3  # read when the switch is on
+    assert (ablated - _run(pipe, ref, poses)).abs().max() > 1e-3
 
 
 # --- determinism, outputs, callbacks ------------------------------------------------------------------------

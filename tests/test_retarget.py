@@ -47,7 +47,7 @@ def _random_rotation(rng):
 def test_toy_landmarks_3d_are_the_rendered_landmarks(pose, expression):
     identity = toy.identity_from_seed(HELD_OUT[0])
     _, rendered = toy.render(identity, pose, expression, size=96, supersample=1)
-    xyz = R.toy_landmarks_3d(identity, pose, expression, size=96)
+    xyz = toy.toy_landmarks_3d(identity, pose, expression, size=96)
     assert xyz.shape == (478, 3)
     np.testing.assert_allclose(xyz[:, :2], rendered, atol=1e-4)
     assert xyz[L.NOSE_TIP, 2] < np.median(xyz[:468, 2])  # mediapipe's sign: the nose is the closest point
@@ -84,7 +84,7 @@ def test_euler_angles_invert_the_renderers_rotation():
 @pytest.mark.parametrize("yaw, pitch, roll", [(0, 0, 0), (30, 10, -12), (-28, -14, 15)])
 def test_fit_of_the_template_face_is_exact(yaw, pitch, roll):
     pose = toy.HeadPose(yaw=yaw, pitch=pitch, roll=roll, tx=0.03, ty=-0.02, scale=0.95)
-    xyz = R.toy_landmarks_3d(toy.Identity(), pose, toy.Expression(), size=128)
+    xyz = toy.toy_landmarks_3d(toy.Identity(), pose, toy.Expression(), size=128)
     fit = R.fit_head_pose(xyz)
     np.testing.assert_allclose(fit.euler, [yaw, pitch, roll], atol=1e-3)
     assert fit.scale == pytest.approx(0.2 * 128 * 0.95, rel=1e-5)  # FACE_FRACTION · size · scale
@@ -100,13 +100,13 @@ def test_fit_on_held_out_toy_faces_is_within_a_degree():
     for seed in HELD_OUT[:20]:
         pose = toy.HeadPose(yaw=rng.uniform(-30, 30), pitch=rng.uniform(-15, 15), roll=rng.uniform(-15, 15))
         expression = toy.Expression(mouth_open=rng.uniform(0, 1), smile=rng.uniform(0, 1))
-        xyz = R.toy_landmarks_3d(toy.identity_from_seed(seed), pose, expression, size=128)
+        xyz = toy.toy_landmarks_3d(toy.identity_from_seed(seed), pose, expression, size=128)
         errors.append(np.abs(R.fit_head_pose(xyz).euler - [pose.yaw, pose.pitch, pose.roll]))
     assert np.mean(errors) < 0.5 and np.max(errors) < 2.0
 
 
 def test_bad_landmarks_give_clear_errors():
-    xyz = R.toy_landmarks_3d(toy.Identity(), toy.HeadPose(), toy.Expression(), size=128)
+    xyz = toy.toy_landmarks_3d(toy.Identity(), toy.HeadPose(), toy.Expression(), size=128)
     nan = xyz.copy()
     nan[5, 1] = np.nan
     with pytest.raises(ValueError, match="contain NaN or inf"):
@@ -139,7 +139,7 @@ def test_expression_measure_and_neutral_frame():
     ]
     canonical = []
     for e in expressions:
-        xyz = R.toy_landmarks_3d(identity, pose, e, size=128)
+        xyz = toy.toy_landmarks_3d(identity, pose, e, size=128)
         canonical.append(R.fit_head_pose(xyz).to_canonical(xyz))
     measure = R.expression_measure(np.stack(canonical))
     assert R.expression_measure(R.template_landmarks()) == pytest.approx(0.0, abs=1e-6)
@@ -177,7 +177,7 @@ def test_perspective_projection_by_hand():
 
 
 def test_retargeting_a_clip_onto_its_first_frame_gives_the_clip_back():
-    case = R.toy_case(HELD_OUT[10], HELD_OUT[11], seed=4, num_frames=8, size=128)
+    case = toy.toy_case(HELD_OUT[10], HELD_OUT[11], seed=4, num_frames=8, size=128)
     drv = case.driving_xyz()
     out = R.retarget(drv[0], drv, 128, smooth=1, neutral=0)
     np.testing.assert_allclose(out.landmarks, drv[:, :, :2], atol=1e-3)
@@ -190,7 +190,9 @@ def test_retargeting_a_clip_onto_its_first_frame_gives_the_clip_back():
 def test_retargeting_beats_the_naive_baseline_against_ground_truth(framing, ratio):
     retargeted, naive = [], []
     for k in range(3):
-        case = R.toy_case(HELD_OUT[20 + 2 * k], HELD_OUT[21 + 2 * k], seed=k, num_frames=16, framing=framing)
+        case = toy.toy_case(
+            HELD_OUT[20 + 2 * k], HELD_OUT[21 + 2 * k], seed=k, num_frames=16, framing=framing
+        )
         target = case.target_landmarks()
         out = R.retarget(case.reference_xyz(), case.driving_xyz(), case.size)
         assert out.landmarks.shape == (16, 478, 2)
@@ -201,7 +203,7 @@ def test_retargeting_beats_the_naive_baseline_against_ground_truth(framing, rati
 
 
 def test_pose_images_are_the_retargeted_landmarks_drawn():
-    case = R.toy_case(HELD_OUT[30], HELD_OUT[31], seed=5, num_frames=3, size=128)
+    case = toy.toy_case(HELD_OUT[30], HELD_OUT[31], seed=5, num_frames=3, size=128)
     out = R.retarget(case.reference_xyz(), case.driving_xyz(), 128)
     images = R.pose_images(out.landmarks, 128)
     assert images.shape == (3, 128, 128, 3) and images.dtype == np.uint8
@@ -352,7 +354,7 @@ def test_animation_feeds_the_three_pose_sources_and_scores_them(ER, tiny_pipe):
         tiny_pipe, 1, frames, size=size, seed=3, framing="own", steps=2, cfg=2.0, noise_seed=5, first_pair=40
     )
     # the case, built independently: A = HELD_OUT[40] driven by B = HELD_OUT[41], B's motion from seed 3
-    case = R.toy_case(HELD_OUT[40], HELD_OUT[41], seed=3, num_frames=frames, size=size, framing="own")
+    case = toy.toy_case(HELD_OUT[40], HELD_OUT[41], seed=3, num_frames=frames, size=size, framing="own")
     assert (out.case.reference, out.case.driver) == (case.reference, case.driver)
     reference, _ = toy.render(case.reference, case.reference_pose, toy.Expression(), size)
     np.testing.assert_array_equal(out.reference, reference)
@@ -417,7 +419,7 @@ def test_animation_feeds_the_three_pose_sources_and_scores_them(ER, tiny_pipe):
 
 
 def test_face_errors_of_the_ground_truth_renders_are_small(ER):
-    case = R.toy_case(HELD_OUT[42], HELD_OUT[43], seed=1, num_frames=3, size=128)
+    case = toy.toy_case(HELD_OUT[42], HELD_OUT[43], seed=1, num_frames=3, size=128)
     with L.FaceLandmarker(video=False) as landmarker:
         errors = ER.face_errors(case.target_frames(), case.target_landmarks(), landmarker)
         blank = ER.face_errors(np.zeros((1, 128, 128, 3), np.uint8), case.target_landmarks()[:1], landmarker)

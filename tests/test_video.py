@@ -183,14 +183,22 @@ def test_writer_honours_the_umask(tmp_path, umask, suffix):
 def test_destination_under_a_regular_file_is_a_clear_error(tmp_path):
     (tmp_path / "taken").write_text("a file, not a folder")
     for dest in (tmp_path / "taken" / "out.mp4", tmp_path / "taken" / "deeper" / "out.gif"):
-        with pytest.raises(NotADirectoryError, match=r"taken is a file, not a folder"):
+        with pytest.raises(OutputError, match=r"taken is a file, not a folder"):
             V.write_video(dest, _frames(n=2), fps=5)
-        with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        with pytest.raises(OutputError, match="is a file, not a folder"):
             V.VideoWriter(dest, fps=5)
     (tmp_path / "dir.mp4").mkdir()
-    with pytest.raises(IsADirectoryError, match="is a directory"):
+    with pytest.raises(OutputError, match="is a folder"):
         V.VideoWriter(tmp_path / "dir.mp4", fps=5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.mp4", "taken"]
+
+
+def test_a_video_is_never_written_over_its_own_audio_source(tmp_path):
+    source = V.write_video(tmp_path / "talk.mp4", _frames(n=3), fps=5)
+    before = source.read_bytes()
+    with pytest.raises(OutputError, match="is the input audio_from"):
+        V.write_video(source, _frames(n=3), fps=5, audio_from=source)
+    assert source.read_bytes() == before
 
 
 def _ffmpeg_children() -> list:

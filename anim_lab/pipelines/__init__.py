@@ -1,5 +1,5 @@
 """Pipelines: each one file, its denoising loop written out."""
 
-from .pose2video import NonFiniteError, Pose2VideoPipeline, Pose2VideoPipelineOutput, save_video
+from .pose2video import NonFiniteError, Pose2VideoPipeline, Pose2VideoPipelineOutput
 
-__all__ = ["NonFiniteError", "Pose2VideoPipeline", "Pose2VideoPipelineOutput", "save_video"]
+__all__ = ["NonFiniteError", "Pose2VideoPipeline", "Pose2VideoPipelineOutput"]

@@ -93,7 +93,6 @@ from ..weights import (
 __all__ = [
     "Pose2VideoPipeline",
     "Pose2VideoPipelineOutput",
-    "save_video",
     "NonFiniteError",
     "SAVED_FILES",
 ]
@@ -124,40 +123,6 @@ class Pose2VideoPipelineOutput(BaseOutput):
     "pt" (B, F, 3, H, W) float in [0, 1]; "latent" (B, 4, F, h, w)."""
 
     frames: list | np.ndarray | torch.Tensor
-
-
-def _frames_to_uint8(frames) -> np.ndarray:
-    """Any pipeline output (or one video of it) -> (F, H, W, 3) uint8."""
-    if isinstance(frames, Pose2VideoPipelineOutput):
-        frames = frames.frames
-    if isinstance(frames, list) and frames and isinstance(frames[0], list):
-        frames = frames[0]  # the first video of a batch
-    if isinstance(frames, list):
-        if not frames or not all(isinstance(f, PIL.Image.Image) for f in frames):
-            raise ValueError("frames must be PIL images, an (F, H, W, 3) array or an (F, 3, H, W) tensor")
-        return np.stack([np.asarray(f.convert("RGB")) for f in frames])
-    if isinstance(frames, torch.Tensor):
-        if frames.ndim == 5:
-            frames = frames[0]
-        frames = rearrange(frames.detach().float().cpu(), "f c h w -> f h w c").numpy()  # (F, H, W, 3)
-    frames = np.asarray(frames)
-    if frames.ndim == 5:
-        frames = frames[0]
-    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
-        raise ValueError(f"frames must be (F, H, W, 3) with F >= 1, got shape {frames.shape}")
-    if frames.dtype != np.uint8:
-        frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
-    return frames
-
-
-def save_video(frames, path: str | os.PathLike, fps: float = 8.0, audio_from=None) -> Path:
-    """Write pipeline output (any output type; the first video of a batch) to ``.mp4`` or ``.gif``.
-
-    Written to a temporary file and renamed at the end, so a failure leaves nothing at ``path``;
-    ``audio_from``: a media file whose audio is muxed into an mp4."""
-    from ..video import write_video
-
-    return write_video(path, _frames_to_uint8(frames), fps, audio_from=audio_from)
 
 
 def _read_json(path: Path) -> dict:
@@ -462,6 +427,9 @@ class Pose2VideoPipeline(DiffusionPipeline):
         decode_chunk_size: int = 8,
         ref_pose_image=None,
         faithful: bool = False,
+        use_reference_attention: bool = True,
+        use_pose_guider: bool = True,
+        use_motion_modules: bool = True,
     ):
         """Animate ``ref_image`` with ``pose_images`` (PIL images or (H, W, 3) uint8 arrays).
 
@@ -472,6 +440,12 @@ class Pose2VideoPipeline(DiffusionPipeline):
         averaged) without CFG, the bank rounded to fp16, and (AniPortrait's guider) the [-1, 509] pose
         range. ``callback_on_step_end(pipe, i, t, {"latents": ...})`` may return new latents. Output types:
         "pil", "np", "pt", "latent".
+
+        Ablations, each switching one component off for this call (the chapters' and ``eval_animator``'s
+        experiments): ``use_reference_attention=False`` runs no ReferenceNet and every ``attn1`` is plain
+        self-attention (the reference image still gives the CLIP token); ``use_pose_guider=False`` adds no
+        pose features (as a guider whose output is zero); ``use_motion_modules=False`` skips the motion
+        modules (the stage-1 image denoiser, frame by frame, with the same 2D weights).
         """
         ref_image = self._as_pil(ref_image, "ref_image")
         sample_size = self.denoising_unet.unet_kwargs.get("sample_size", 64)
@@ -495,10 +469,12 @@ class Pose2VideoPipeline(DiffusionPipeline):
         clip_tokens, ref_latents = self.encode_reference(ref_image, height, width, dtype, device)
         clip_tokens = clip_tokens.to(dtype)
 
-        # 2. pose features for the whole sequence (1, C0, F, h, w) or a list of five
-        pose_fea = self.encode_poses(
-            pose_images[:video_length], height, width, dtype, device, ref_pose_image, faithful=faithful
-        )
+        # 2. pose features for the whole sequence (1, C0, F, h, w) or a list of five; None: no guider
+        pose_fea = None
+        if use_pose_guider:
+            pose_fea = self.encode_poses(
+                pose_images[:video_length], height, width, dtype, device, ref_pose_image, faithful=faithful
+            )
 
         # 3. initial noise (1, 4, F, h, w)
         timesteps = set_timesteps(self.scheduler, num_inference_steps, device=device)
@@ -507,44 +483,58 @@ class Pose2VideoPipeline(DiffusionPipeline):
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         latents = latents * self.scheduler.init_noise_sigma
 
-        with reference_attention(
-            self.reference_unet, self.denoising_unet, do_classifier_free_guidance=do_cfg, faithful=faithful
-        ) as bank:
+        readers = contextlib.nullcontext()  # no bank: every attn1 stays plain self-attention
+        if use_reference_attention:
+            readers = reference_attention(
+                self.reference_unet,
+                self.denoising_unet,
+                do_classifier_free_guidance=do_cfg,
+                faithful=faithful,
+            )
+        with readers as bank:
             # 4. the ReferenceNet, once, at t = 0: fills the bank. On the cond row only (the uncond rows never
             # read it); faithful=True runs it on the CFG-doubled batch [zero tokens; CLIP tokens] as the
             # reference does, so the fp16-rounded bank matches it bit for bit.
-            if faithful and do_cfg:
-                context = cfg_encoder_hidden_states(
-                    clip_tokens
-                )  # (2, 1, D): zero tokens, then the CLIP token
+            if bank is not None and faithful and do_cfg:
+                context = cfg_encoder_hidden_states(clip_tokens)  # (2, 1, D): zero tokens, the CLIP token
                 bank.write(cfg_batch(ref_latents), t=0, encoder_hidden_states=context)
-            else:
+            elif bank is not None:
                 bank.write(ref_latents, t=0, encoder_hidden_states=clip_tokens)
-            one_reference = {k: v[-1:] for k, v in bank.entries.items()}  # the cond row (1, HW, C)
+            # the cond row of every bank entry, (1, HW, C)
+            one_reference = {k: v[-1:] for k, v in bank.entries.items()} if bank is not None else {}
             bank_videos = [1]  # how many videos (windows) the bank's rows serve now
 
             def predict(x: torch.Tensor, batch: list[list[int]], t: torch.Tensor) -> torch.Tensor:
                 """x (n, 4, f, h, w): latents of n windows at timestep t -> their prediction, the CFG batch
                 (2n, ...)."""
                 n = len(batch)
-                if bank_videos[0] != n:  # one bank row per window in the call: expanded views
+                if bank is not None and bank_videos[0] != n:  # one bank row per window: expanded views
                     bank.load({k: v.expand(n, -1, -1) for k, v in one_reference.items()})
                     bank_videos[0] = n
                 # the same frames of the pose features as of the latents: (n, C, f, h, w), or a list of them
-                pose = (
-                    [gather_windows(p, batch) for p in pose_fea]
-                    if multi_scale
-                    else gather_windows(pose_fea, batch)
-                )
+                pose = None
+                if pose_fea is not None:
+                    pose = (
+                        [gather_windows(p, batch) for p in pose_fea]
+                        if multi_scale
+                        else gather_windows(pose_fea, batch)
+                    )
                 context = clip_tokens.expand(n, -1, -1)  # (n, 1, D)
                 if do_cfg:  # (2n, ...): every window's uncond rows first, then the cond rows
                     x = cfg_batch(x)
-                    pose = [cfg_batch(p) for p in pose] if multi_scale else cfg_batch(pose)
+                    if pose is not None:
+                        pose = [cfg_batch(p) for p in pose] if multi_scale else cfg_batch(pose)
                     context = cfg_encoder_hidden_states(context)  # zero CLIP tokens for the uncond rows
                 x = self.scheduler.scale_model_input(x, t)
-                return self.denoising_unet(x, t, encoder_hidden_states=context, pose_cond_fea=pose)
+                return self.denoising_unet(
+                    x,
+                    t,
+                    encoder_hidden_states=context,
+                    pose_cond_fea=pose,
+                    use_motion_modules=use_motion_modules,
+                )
 
-            multi_scale = not isinstance(pose_fea, torch.Tensor)
+            multi_scale = pose_fea is not None and not isinstance(pose_fea, torch.Tensor)
 
             with self.progress_bar(total=len(timesteps)) as progress_bar:
                 for i, t in enumerate(timesteps):

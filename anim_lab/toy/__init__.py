@@ -9,11 +9,13 @@ everything.
 
 Modules: ``template`` (the 3D face and expression bases), ``renderer`` (identity/pose/expression -> image and
 landmarks), ``clips`` (talking-head motion), ``dataset`` (torch datasets, identity splits), ``captions`` (the
-attribute phrases the toy CLIP is trained on), ``animator`` (the trained toy animator, :func:`load_animator`).
+attribute phrases the toy CLIP is trained on), ``animator`` (the trained toy animator, :func:`load_animator`),
+``cases`` (retargeting problems with their answers, :class:`ToyCase`).
 """
 
 from anim_lab.toy.animator import TOY_ANIMATOR_DIR, load_animator
 from anim_lab.toy.captions import TOY_PHRASES, toy_caption_attributes, toy_phrase, toy_vocabulary
+from anim_lab.toy.cases import ToyCase, toy_case, toy_landmarks_3d
 from anim_lab.toy.clips import Clip, make_clip, sample_motion
 from anim_lab.toy.dataset import ToyPortraitDataset, identity_split, images_to_tensor, poses_to_tensor
 from anim_lab.toy.renderer import (
@@ -31,6 +33,7 @@ __all__ = [
     "ATTRIBUTES",
     "TOY_ANIMATOR_DIR",
     "TOY_PHRASES",
+    "ToyCase",
     "Clip",
     "Expression",
     "HeadPose",
@@ -46,7 +49,9 @@ __all__ = [
     "rotation_matrix",
     "sample_identity",
     "sample_motion",
+    "toy_case",
     "toy_caption_attributes",
+    "toy_landmarks_3d",
     "toy_phrase",
     "toy_vocabulary",
 ]
