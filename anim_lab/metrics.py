@@ -9,7 +9,8 @@ frames. Every function takes a reconstruction (or generation) first and the grou
   reconstruction / ground truth, per frame, then averaged. 1 means as much fine detail (edges, texture,
   grain) as the ground truth; a blurry autoencoder scores well below 1 and a noisy one above.
 - :func:`ssim`: the structural similarity of Wang et al. (2004) with their Gaussian window (11 taps, sigma
-  1.5), K1 = 0.01, K2 = 0.03, on each RGB channel, averaged over the valid part of the map and the channels.
+  1.5), K1 = 0.01, K2 = 0.03, on each RGB channel of the pictures in [0, 1] (SSIM is not shift-invariant:
+  on [-1, 1] values it would be another number), averaged over the valid part of the map and the channels.
 - :func:`colour_error`: how far the mean colour drifts, in 8-bit levels (the largest channel error of the
   per-frame mean colour), averaged over frames.
 
@@ -128,7 +129,6 @@ def gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float64) -> 
 def ssim(
     images: torch.Tensor,
     targets: torch.Tensor,
-    data_range: float = 2.0,
     window: int = 11,
     sigma: float = 1.5,
     k1: float = 0.01,
@@ -138,8 +138,13 @@ def ssim(
 
     Local statistics under a Gaussian window (separable, no padding), population (co)variances:
     ``SSIM = (2 mu_x mu_y + C1)(2 cov_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(var_x + var_y + C2))`` with
-    ``C_i = (k_i * data_range)^2``; the map is averaged over valid positions and the 3 channels."""
+    ``C_i = k_i^2``; the map is averaged over valid positions and the 3 channels.
+
+    SSIM is defined on intensities that start at 0 (its luminance term compares means, and is not the same
+    after a shift), so the [-1, 1] frames are mapped to [0, 1] first: the value is that of the 8-bit
+    pictures, as scikit-image and torchmetrics compute it on them."""
     x, y = _pair(images, targets)
+    x, y = (x + 1) / 2, (y + 1) / 2  # [-1, 1] -> [0, 1], peak-to-peak 1
     n, c, h, w = x.shape
     if h < window or w < window:
         raise ValueError(f"frames {h}x{w} are smaller than the SSIM window {window}")
@@ -153,7 +158,7 @@ def ssim(
     var_x = blur(x * x) - mu_x**2
     var_y = blur(y * y) - mu_y**2
     cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    c1, c2 = k1**2, k2**2  # (k_i * data_range)^2 with data_range 1
     s = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return s.flatten(1).mean(1).float()  # (N, C, h', w') -> (N,)
 

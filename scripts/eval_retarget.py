@@ -29,16 +29,17 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import sys
 
 import numpy as np
 import PIL.Image
 import torch
-from skimage.metrics import structural_similarity
 
 from anim_lab import landmarks as L
+from anim_lab import metrics as M
 from anim_lab import retarget as R
 from anim_lab import toy
-from anim_lab.vae import images_from_uint8, psnr
+from anim_lab.files import check_output_file, write_result
 
 ANIMATE_SOURCES = ("raw B landmarks", "retargeted", "true landmarks")  # where the pose images come from
 ANIMATE_METRICS = ("psnr", "ssim", "pose_px", "detect", "face_px")
@@ -188,14 +189,13 @@ class AnimatedCase:
 
 
 def frame_psnr(video: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """(F, H, W, 3) uint8 pair -> (F,) dB, the project's definition (anim_lab.vae.psnr, as eval_animator)."""
-    return psnr(images_from_uint8(video), images_from_uint8(truth)).numpy()
+    """(F, H, W, 3) uint8 pair -> (F,) dB (``anim_lab.metrics.psnr``)."""
+    return M.psnr(M.video_from_uint8(video), M.video_from_uint8(truth)).numpy()
 
 
 def frame_ssim(video: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """(F, H, W, 3) uint8 pair -> (F,) SSIM (skimage, over the colour channels, as eval_animator)."""
-    pairs = zip(video, truth, strict=True)
-    return np.array([structural_similarity(a, b, channel_axis=2, data_range=255) for a, b in pairs])
+    """(F, H, W, 3) uint8 pair -> (F,) SSIM (``anim_lab.metrics.ssim``)."""
+    return M.ssim(M.video_from_uint8(video), M.video_from_uint8(truth)).numpy()
 
 
 def face_errors(video: np.ndarray, landmarks: np.ndarray, landmarker: L.FaceLandmarker) -> np.ndarray:
@@ -384,6 +384,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--animate-frames", type=int, default=16, help="frames per animated clip")
     parser.add_argument("--steps", type=int, default=10, help="the toy animator's denoising steps")
     args = parser.parse_args(argv)
+    if args.json:
+        check_output_file(args.json, (".json",), what="--json file")  # before minutes of work
 
     animate = lambda: animate_results(  # noqa: E731
         args.weights, args.animate_pairs, args.animate_frames, args.steps, args.seed
@@ -422,8 +424,7 @@ def main(argv=None) -> dict:
 
 def _write_json(results: dict, path: str | None) -> None:
     if path:
-        with open(path, "w") as f:
-            json.dump(results, f, indent=2)
+        write_result(path, {"command": " ".join(["scripts/eval_retarget.py", *sys.argv[1:]]), **results})
 
 
 if __name__ == "__main__":

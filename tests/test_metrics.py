@@ -83,22 +83,30 @@ def test_flat_ground_truth_is_refused():
         M.sharpness_ratio(torch.rand(1, 3, 8, 8), flat)
 
 
-def test_ssim_matches_scikit_image(pair):
+def test_ssim_matches_scikit_image_on_8_bit_pictures(pair):
     x, y = pair
+    to_u8 = lambda t: ((t.double().numpy() + 1) * 127.5).round().astype(np.uint8)  # noqa: E731
+    u8x, u8y = to_u8(x), to_u8(y)  # (B, 3, H, W) uint8
     expected = [
         structural_similarity(
             a,
             b,
-            data_range=2.0,
+            data_range=255,
             channel_axis=0,
             gaussian_weights=True,
             sigma=1.5,
             use_sample_covariance=False,
         )
-        for a, b in zip(x.double().numpy(), y.double().numpy(), strict=True)
+        for a, b in zip(u8x, u8y, strict=True)
     ]
-    np.testing.assert_allclose(M.ssim(x, y).numpy(), expected, rtol=1e-5)
+    back = lambda u: torch.from_numpy(u).double() / 127.5 - 1  # noqa: E731
+    np.testing.assert_allclose(M.ssim(back(u8x), back(u8y)).numpy(), expected, rtol=1e-5)
     assert M.ssim(y, y) == pytest.approx(torch.ones(3))
+    # SSIM is not shift-invariant: scikit-image on the [-1, 1] values themselves gives another number
+    shifted = structural_similarity(
+        x[0].double().numpy(), y[0].double().numpy(), data_range=2.0, channel_axis=0, gaussian_weights=True
+    )
+    assert abs(shifted - M.ssim(x[:1], y[:1]).item()) > 0.01
 
 
 def test_colour_error_in_levels():

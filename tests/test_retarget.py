@@ -395,11 +395,19 @@ def test_animation_feeds_the_three_pose_sources_and_scores_them(ER, tiny_pipe):
         assert video.shape == (frames, size, size, 3) and video.dtype == np.uint8
         mse = ((video.astype(np.float64) - out.truth) ** 2).reshape(frames, -1).mean(1)
         np.testing.assert_allclose(out.psnr[name], 10 * np.log10(255.0**2 / mse), rtol=1e-5)
-        ssim = [
-            structural_similarity(v, t, channel_axis=2, data_range=255)
+        ssim = [  # Wang et al.'s SSIM as anim_lab.metrics computes it: Gaussian window, sigma 1.5
+            structural_similarity(
+                v,
+                t,
+                channel_axis=2,
+                data_range=255,
+                gaussian_weights=True,
+                sigma=1.5,
+                use_sample_covariance=False,
+            )
             for v, t in zip(video, out.truth, strict=True)
         ]
-        np.testing.assert_allclose(out.ssim[name], ssim)
+        np.testing.assert_allclose(out.ssim[name], ssim, rtol=1e-5)
         assert out.face_px[name].shape == (frames,)  # NaN where mediapipe finds no face (random weights)
 
     table = ER.animate_table([out])
