@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .configs import SD15, TINY, TOY
+from .errors import InputError
 from .tiling import TileSettings, tiled_decode, tiled_encode
 from .weights import DIFFUSERS_WEIGHTS, load_checkpoint, load_into
 
@@ -92,7 +93,7 @@ def check_num_frames(num_frames: int, temporal_compression_ratio: int = 4) -> No
     r = temporal_compression_ratio
     if num_frames < 1 or (num_frames - 1) % r != 0:
         lower = max(1, (num_frames - 1) // r * r + 1)
-        raise ValueError(
+        raise InputError(
             f"the causal VAE needs {r}k+1 frames (1, {r + 1}, {2 * r + 1}, {4 * r + 1}, ...), "
             f"got {num_frames}: the first frame is encoded alone and each later latent covers {r} frames. "
             f"Trim the clip to {lower} frames or pad it to {lower + r} (e.g. repeat the last frame)."
@@ -308,11 +309,11 @@ def _block_factors(
     time in the log2(r) blocks just before the last one (so time is compressed late, at low resolution)."""
     n_space, n_time = int(math.log2(spatial_ratio)), int(math.log2(temporal_ratio))
     if 2**n_space != spatial_ratio or 2**n_time != temporal_ratio:
-        raise ValueError(
+        raise InputError(
             f"compression ratios must be powers of 2, got spatial {spatial_ratio}, temporal {temporal_ratio}"
         )
     if n_space > num_blocks or n_time > num_blocks - 1:
-        raise ValueError(
+        raise InputError(
             f"{num_blocks} blocks cannot give spatial x{spatial_ratio} and temporal x{temporal_ratio}: "
             f"add entries to block_out_channels"
         )
@@ -461,9 +462,9 @@ class CausalVAE(nn.Module):
     ):
         super().__init__()
         if act_fn not in ("silu", "swish"):
-            raise ValueError(f"only act_fn='silu' is implemented, got {act_fn!r}")
+            raise InputError(f"only act_fn='silu' is implemented, got {act_fn!r}")
         if any(c % norm_num_groups for c in block_out_channels):
-            raise ValueError(
+            raise InputError(
                 f"every block_out_channels entry {tuple(block_out_channels)} must be divisible by "
                 f"norm_num_groups={norm_num_groups}"
             )
@@ -505,11 +506,11 @@ class CausalVAE(nn.Module):
             raise TypeError(f"{what} must be a torch.Tensor of shape (B, C, F, H, W), got {type(x).__name__}")
         if x.ndim != 5:
             hint = " (a batch of images? add a frame axis: x.unsqueeze(2))" if x.ndim == 4 else ""
-            raise ValueError(
+            raise InputError(
                 f"{what} must have 5 dimensions (B, C, F, H, W), got shape {tuple(x.shape)}{hint}"
             )
         if x.shape[1] != channels:
-            raise ValueError(
+            raise InputError(
                 f"{what} must have {channels} channels in dim 1 (B, C, F, H, W), got shape "
                 f"{tuple(x.shape)}; is the channel axis in the right place?"
             )
@@ -517,7 +518,7 @@ class CausalVAE(nn.Module):
             check_num_frames(x.shape[2], self.temporal_compression_ratio)
         h, w = x.shape[-2:]
         if h % spatial_multiple or w % spatial_multiple:
-            raise ValueError(
+            raise InputError(
                 f"{what} height and width must be multiples of {spatial_multiple}, got {h}x{w}; "
                 f"resize or crop the frames"
             )
@@ -531,7 +532,7 @@ class CausalVAE(nn.Module):
             raise TypeError(f"{what} must be a floating-point tensor, got {x.dtype}{hint}")
         if x.device.type != "meta" and x.numel() and not torch.isfinite(x).all():
             bad = int((~torch.isfinite(x)).sum())
-            raise ValueError(
+            raise InputError(
                 f"{what} contain {bad} NaN or infinite values; one such value spreads through every "
                 f"convolution and normalisation to the whole output: find where they come from (a division "
                 f"by zero, an overflow in float16) or replace them (torch.nan_to_num)"
@@ -550,7 +551,7 @@ class CausalVAE(nn.Module):
                 if hi > 2.0 and lo >= -0.001
                 else ""
             )
-            raise ValueError(
+            raise InputError(
                 f"video must be in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]{hint}; map [0, 1] data with "
                 f"2 * x - 1"
             )

@@ -28,6 +28,7 @@ import torch
 from einops import rearrange
 
 from . import landmarks, video
+from .errors import AnimLabError, InputError
 from .files import OutputError, check_output_file, check_output_folder, publish_folder, staging_folder
 from .pipelines import Pose2VideoPipeline
 from .retarget import video2video_command
@@ -54,7 +55,7 @@ MAX_MISSING_SHARE = 0.25  # driving frames without a face held on the last pose:
 HIGH_CFG = 20.0  # guidance scales above this saturate colours: a notice says so
 
 
-class CliError(Exception):
+class CliError(AnimLabError):
     """A problem with the command's input that the user can fix; printed without a traceback."""
 
 
@@ -144,14 +145,12 @@ def video2pose(args: argparse.Namespace) -> Path:
     size = _parse_size(args.size)
     try:
         reader = video.VideoReader(source)
-    except ValueError as err:
+    except InputError as err:
         raise CliError(f"{source}: {err}") from None
     _check_frame_size(reader.height, reader.width, f"the video {source}")
     try:
         points = landmarks.video_to_pose(source, out, size=size, audio=not args.no_audio)
-    except landmarks.NoFaceError as err:
-        raise CliError(f"{source}: {err}") from None
-    except ValueError as err:
+    except InputError as err:  # no face, no frames, frames of mixed sizes
         raise CliError(f"{source}: {err}") from None
     _notice(f"wrote {len(points)} pose frames to {out}")
     return out
@@ -306,7 +305,7 @@ def _load_pipeline(folder: Path, layout: str, dtype: torch.dtype) -> Pose2VideoP
         if layout == "anim_lab":
             return Pose2VideoPipeline.from_pretrained(folder, torch_dtype=dtype)
         return load_official_pipeline(folder, layout=layout, torch_dtype=dtype)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, InputError) as err:
         if layout == "toy":
             raise CliError(f"--weights toy: {err}") from None
         hint = ""
@@ -414,9 +413,7 @@ def _driving_poses(
                 poses.append(landmarks.draw_pose_image((points + 0.5) * scale - 0.5, size[0], size[1]))
         finally:
             decoded.close()
-    except landmarks.NoFaceError as err:
-        raise CliError(f"--driving {path}: {err}") from None
-    except ValueError as err:  # unreadable video, no frames, frames of mixed sizes
+    except InputError as err:  # no face, an unreadable video, no frames, frames of mixed sizes
         raise CliError(f"--driving {path}: {err}") from None
     if frames is not None and len(poses) < frames:
         raise CliError(
@@ -631,10 +628,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# what the user can fix: the message names the file or the option (NoFaceError, OutputError, NonFiniteError,
-# KeyMismatchError are ValueErrors; a missing, unreadable or unwritable file an OSError, PIL's
-# UnidentifiedImageError included)
-USER_ERRORS = (CliError, ValueError, OSError, ImportError)
+# what the user can fix: the project's own errors (anim_lab.errors: CliError, OutputError, NoFaceError,
+# NonFiniteError, KeyMismatchError, every InputError), whose messages name the file or the option; a missing,
+# unreadable or unwritable file (OSError, PIL's UnidentifiedImageError included); a missing extra. Any other
+# exception, a ValueError from a library included, is a bug.
+USER_ERRORS = (AnimLabError, OSError, ImportError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,8 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
+from .errors import InputError
+
 try:  # transformers >= 5 names the PIL implementation apart
     from transformers import CLIPImageProcessorPil as _ImageProcessor
 except ImportError:  # pragma: no cover - transformers 4
@@ -96,7 +98,7 @@ class ClipPreprocess:
         """Read the sizes and statistics of a transformers ``CLIPImageProcessor``."""
         crop = processor.crop_size
         if crop["height"] != crop["width"]:
-            raise ValueError(f"only square crops are supported, got {crop}")
+            raise InputError(f"only square crops are supported, got {crop}")
         return cls(
             processor.size["shortest_edge"],
             crop["height"],
@@ -114,17 +116,17 @@ class ClipPreprocess:
         """(B, 3, H, W) in [-1, 1] -> pixel_values (B, 3, crop_size, crop_size), normalised."""
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must be (B, 3, H, W) in [-1, 1], got {shape}")
+            raise InputError(f"images must be (B, 3, H, W) in [-1, 1], got {shape}")
         if not images.is_floating_point():
             raise TypeError(f"images must be float in [-1, 1], got {images.dtype}; use x.float() / 127.5 - 1")
         lo, hi = images.min().item(), images.max().item()
         if lo < -1.001 or hi > 1.001:
-            raise ValueError(
+            raise InputError(
                 f"images must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; use x / 127.5 - 1"
             )
         h, w = images.shape[-2:]
         if min(h, w) < 2:
-            raise ValueError(f"images are too small to preprocess: {h}x{w}")
+            raise InputError(f"images are too small to preprocess: {h}x{w}")
         x = (images.float() + 1) / 2  # [-1, 1] -> [0, 1]
         # shortest edge -> size, the long edge keeps the aspect ratio (truncated, as transformers does)
         short, long = (h, w) if h <= w else (w, h)
@@ -135,7 +137,7 @@ class ClipPreprocess:
             x = F.interpolate(x, size=new_hw, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
         top, left = (new_hw[0] - self.crop_size) // 2, (new_hw[1] - self.crop_size) // 2
         if top < 0 or left < 0:
-            raise ValueError(f"crop_size {self.crop_size} is larger than the resized image {new_hw}")
+            raise InputError(f"crop_size {self.crop_size} is larger than the resized image {new_hw}")
         x = x[:, :, top : top + self.crop_size, left : left + self.crop_size]  # (B, 3, crop, crop)
         mean = torch.tensor(self.mean, dtype=x.dtype)[None, :, None, None]
         std = torch.tensor(self.std, dtype=x.dtype)[None, :, None, None]
@@ -222,7 +224,7 @@ def vision_tower_of(clip: CLIPModel) -> CLIPVisionModelWithProjection:
 def image_embeds_to_tokens(image_embeds: torch.Tensor) -> torch.Tensor:
     """(B, D) projected embeddings -> (B, 1, D): one token for the UNet's cross-attention."""
     if image_embeds.ndim != 2:
-        raise ValueError(f"image_embeds must be (B, D), got {tuple(image_embeds.shape)}")
+        raise InputError(f"image_embeds must be (B, D), got {tuple(image_embeds.shape)}")
     return rearrange(image_embeds, "b d -> b 1 d")
 
 
@@ -257,7 +259,7 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def cosine_similarity_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """All pairs: (N, D) x (M, D) -> (N, M) cosine similarities."""
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"need (N, D) and (M, D), got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise InputError(f"need (N, D) and (M, D), got {tuple(a.shape)} and {tuple(b.shape)}")
     return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
 
 
@@ -273,7 +275,7 @@ def build_word_tokenizer(words: list[str], model_max_length: int = 16):
     """
     words = [w.lower() for w in words]
     if len(set(words)) != len(words) or set(words) & set(SPECIAL_TOKENS):
-        raise ValueError("words must be unique and must not repeat the special tokens")
+        raise InputError("words must be unique and must not repeat the special tokens")
     vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()

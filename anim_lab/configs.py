@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+from .errors import InputError
+
 __all__ = ["Preset", "SD15", "TINY", "TOY", "PRESETS", "get_preset"]
 
 
@@ -51,7 +53,7 @@ class Preset:
     def __post_init__(self):
         clash = set(self.extra) & set(self.COMPONENTS)
         if clash:
-            raise ValueError(f"preset {self.name!r}: {sorted(clash)} are Preset fields, not extra entries")
+            raise InputError(f"preset {self.name!r}: {sorted(clash)} are Preset fields, not extra entries")
 
     @property
     def vae_scale_factor(self) -> int:

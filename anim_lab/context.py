@@ -31,6 +31,8 @@ from collections.abc import Callable
 import torch
 from einops import rearrange
 
+from .errors import InputError
+
 __all__ = ["context_windows", "window_counter", "batch_windows", "gather_windows", "predict_in_windows"]
 
 
@@ -45,14 +47,14 @@ def context_windows(
     """
     for name, value in (("num_frames", num_frames), ("context_frames", context_frames)):
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise InputError(f"{name} must be >= 1, got {value}")
     if not 0 <= context_overlap < context_frames:
-        raise ValueError(
+        raise InputError(
             f"context_overlap must be in [0, context_frames) so that windows advance; got "
             f"context_overlap={context_overlap} with context_frames={context_frames}"
         )
     if max_len is not None and context_frames > max_len:
-        raise ValueError(
+        raise InputError(
             f"context_frames={context_frames} is longer than the motion module's position encoding "
             f"(max_len={max_len} frames): use context_frames <= {max_len} (the official configs use 16 or 24)"
         )
@@ -66,23 +68,23 @@ def window_counter(windows: list[list[int]], num_frames: int) -> torch.Tensor:
     """(F,) how many windows cover each frame; raises if a window names a frame outside [0, F) or a frame is
     in no window (its average would divide by zero)."""
     if not windows or any(len(w) == 0 for w in windows):
-        raise ValueError("windows must be a non-empty list of non-empty lists of frame indices")
+        raise InputError("windows must be a non-empty list of non-empty lists of frame indices")
     flat = torch.tensor([f for w in windows for f in w], dtype=torch.long)
     if int(flat.min()) < 0 or int(flat.max()) >= num_frames:
-        raise ValueError(
+        raise InputError(
             f"window frame indices must lie in [0, {num_frames}); got {flat.min()}..{flat.max()}"
         )
     counter = torch.bincount(flat, minlength=num_frames)  # (F,)
     missing = (counter == 0).nonzero().flatten().tolist()
     if missing:
-        raise ValueError(f"frames {missing} are in no window; every frame needs at least one")
+        raise InputError(f"frames {missing} are in no window; every frame needs at least one")
     return counter
 
 
 def batch_windows(windows: list[list[int]], context_batch_size: int = 1) -> list[list[list[int]]]:
     """Consecutive groups of ``context_batch_size`` windows (the last group may be shorter)."""
     if context_batch_size < 1:
-        raise ValueError(f"context_batch_size must be >= 1, got {context_batch_size}")
+        raise InputError(f"context_batch_size must be >= 1, got {context_batch_size}")
     return [windows[i : i + context_batch_size] for i in range(0, len(windows), context_batch_size)]
 
 
@@ -91,9 +93,9 @@ def gather_windows(video: torch.Tensor, batch: list[list[int]]) -> torch.Tensor:
     window-major order ``(n b)``. What :func:`predict_in_windows` hands its callable; use it on anything else
     per frame (pose features) to get the same layout."""
     if video.ndim != 5:
-        raise ValueError(f"expected a video (B, C, F, H, W), got shape {tuple(video.shape)}")
+        raise InputError(f"expected a video (B, C, F, H, W), got shape {tuple(video.shape)}")
     if len({len(w) for w in batch}) != 1:
-        raise ValueError(f"windows batched together must have one length, got {[len(w) for w in batch]}")
+        raise InputError(f"windows batched together must have one length, got {[len(w) for w in batch]}")
     index = torch.tensor(batch, device=video.device).flatten()  # (n*f,) the frame of each window position
     # (B, C, n*f, H, W) -> (n*B, C, f, H, W): each window becomes B rows of an f-frame video
     return rearrange(video[:, :, index], "b c (n f) h w -> (n b) c f h w", n=len(batch))
@@ -121,7 +123,7 @@ def predict_in_windows(
     ``anim_lab.guidance.cfg_combine``). ``faithful=True`` without CFG returns the reference's sum instead.
     """
     if latents.ndim != 5:
-        raise ValueError(f"latents must be a video (B, C, F, H, W), got shape {tuple(latents.shape)}")
+        raise InputError(f"latents must be a video (B, C, F, H, W), got shape {tuple(latents.shape)}")
     B, C, F, H, W = latents.shape
     counter = window_counter(windows, F).to(latents.device)  # (F,)
     groups = 2 if do_classifier_free_guidance else 1
@@ -132,7 +134,7 @@ def predict_in_windows(
         pred = predict(x, batch)
         expected = (groups * n * B, C, f, H, W)
         if tuple(pred.shape) != expected:
-            raise ValueError(
+            raise InputError(
                 f"predict returned {tuple(pred.shape)} for {n} window(s) of {f} frames; expected {expected}"
                 + (" (the CFG batch: uncond rows of every window first)" if groups == 2 else "")
             )

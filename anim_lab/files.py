@@ -34,6 +34,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import InputError
+
 __all__ = [
     "OutputError",
     "current_umask",
@@ -51,7 +53,7 @@ __all__ = [
 ]
 
 
-class OutputError(ValueError):
+class OutputError(InputError):
     """An output the program refuses to write (it would destroy an input or a file it did not write, or it
     cannot be created). The message names the path and what to do."""
 
@@ -333,17 +335,17 @@ def load_state(path: str | os.PathLike):
     meta = path.with_suffix(".json")
     for p in (path, meta):
         if not p.is_file():
-            raise ValueError(f"{p} is missing: a training state is a .safetensors file and a .json beside it")
+            raise InputError(f"{p} is missing: a training state is a .safetensors file and a .json beside it")
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError) as err:
-        raise ValueError(
+        raise InputError(
             f"{path} is not a readable safetensors file ({err}); delete it and start again"
         ) from None
     try:
         return _join(json.loads(meta.read_text()), tensors)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{meta} is not a training state written by anim_lab ({err!r}); delete it") from None
+        raise InputError(f"{meta} is not a training state written by anim_lab ({err!r}); delete it") from None
 
 
 # --- measured results ---------------------------------------------------------------------------------------

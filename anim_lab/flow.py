@@ -42,6 +42,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3D
 from einops import repeat
 
 from .causal_vae import CausalVAE, check_num_frames
+from .errors import InputError
 
 __all__ = [
     "IMAGE_CONDITION_TYPES",
@@ -108,7 +109,7 @@ TINY_I2V = dict(
 # --- checks -------------------------------------------------------------------------------------------------
 def check_image_condition_type(image_condition_type: str) -> str:
     if image_condition_type not in IMAGE_CONDITION_TYPES:
-        raise ValueError(
+        raise InputError(
             f"image_condition_type must be one of {IMAGE_CONDITION_TYPES}, got {image_condition_type!r}"
         )
     return image_condition_type
@@ -116,7 +117,7 @@ def check_image_condition_type(image_condition_type: str) -> str:
 
 def check_shift(shift: float) -> float:
     if not (math.isfinite(shift) and shift > 0):
-        raise ValueError(
+        raise InputError(
             f"shift must be a finite number > 0 (1 = no shift, > 1 = more steps at high noise), got {shift!r}"
         )
     return float(shift)
@@ -131,7 +132,7 @@ def latent_frames_for(num_frames: int) -> int:
 def _check_latents(latents: torch.Tensor, what: str = "latents") -> None:
     if not isinstance(latents, torch.Tensor) or latents.ndim != 5:
         shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-        raise ValueError(f"{what} must be a (B, C, F, H, W) tensor, got {shape}")
+        raise InputError(f"{what} must be a (B, C, F, H, W) tensor, got {shape}")
 
 
 def _check_condition(latents: torch.Tensor, image_latents: torch.Tensor) -> None:
@@ -140,7 +141,7 @@ def _check_condition(latents: torch.Tensor, image_latents: torch.Tensor) -> None
     _check_latents(image_latents, "image_latents")
     b, c, _, h, w = latents.shape
     if image_latents.shape[2] != 1 or image_latents.shape[:2] != (b, c) or image_latents.shape[-2:] != (h, w):
-        raise ValueError(
+        raise InputError(
             f"image_latents must be (B, C, 1, h, w) = {(b, c, 1, h, w)} to condition latents of shape "
             f"{tuple(latents.shape)}, got {tuple(image_latents.shape)}; encode the condition image at the "
             f"video's frame size (one latent frame)"
@@ -222,9 +223,9 @@ def encode_condition_image(vae: CausalVAE, image: torch.Tensor, size: tuple[int,
     (H, W): the image must match it."""
     if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != 3:
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"the condition image must be a (B, 3, H, W) tensor in [-1, 1], got {shape}")
+        raise InputError(f"the condition image must be a (B, 3, H, W) tensor in [-1, 1], got {shape}")
     if size is not None and tuple(image.shape[-2:]) != tuple(size):
-        raise ValueError(
+        raise InputError(
             f"the condition image is {tuple(image.shape[-2:])} pixels but the video is {tuple(size)}; "
             f"resize the image to the video's frame size first"
         )
@@ -297,14 +298,14 @@ def sample_i2v(
     f = latent_frames_for(num_frames)
     check_shift(shift)
     if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        raise InputError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     _check_latents(image_latents, "image_latents")
     b, c, _, h, w = image_latents.shape
     if latents is None:
         latents = torch.randn((b, c, f, h, w), generator=generator, dtype=image_latents.dtype)
     _check_latents(latents)
     if latents.shape[2] != f:
-        raise ValueError(
+        raise InputError(
             f"latents have {latents.shape[2]} latent frames but num_frames={num_frames} needs {f} "
             f"((num_frames - 1) // 4 + 1); pass num_frames = 4 * (latent frames - 1) + 1"
         )

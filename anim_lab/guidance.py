@@ -52,6 +52,8 @@ from diffusers import DDIMScheduler
 from diffusers.guiders.guider_utils import rescale_noise_cfg
 from einops import repeat
 
+from .errors import InputError
+
 __all__ = [
     "DDIM_OFFICIAL",
     "DDIM_INFERENCE_V1",
@@ -80,7 +82,7 @@ def do_classifier_free_guidance(guidance_scale: float) -> bool:
     A scale in [0, 1] is legal and means one conditional pass; a negative or non-finite scale is an error.
     """
     if not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(
+        raise InputError(
             f"guidance_scale must be a finite number >= 0 (1 or less turns guidance off; the official "
             f"configs use 3.5), got {guidance_scale}"
         )
@@ -103,7 +105,7 @@ def cfg_encoder_hidden_states(
     if uncond is None:
         uncond = torch.zeros_like(encoder_hidden_states)
     if uncond.shape != encoder_hidden_states.shape:
-        raise ValueError(
+        raise InputError(
             f"uncond tokens {tuple(uncond.shape)} must have the shape of the cond tokens "
             f"{tuple(encoder_hidden_states.shape)}"
         )
@@ -117,7 +119,7 @@ def uncond_rows(batch_size: int, device: torch.device | str | None = None) -> to
     guides the reference appearance and the CLIP token together.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     return torch.arange(2 * batch_size, device=device) < batch_size  # (2B,)
 
 
@@ -132,9 +134,9 @@ def cfg_combine(
     """
     do_classifier_free_guidance(guidance_scale)  # validates the scale
     if not 0.0 <= guidance_rescale <= 1.0:
-        raise ValueError(f"guidance_rescale must be in [0, 1] (0 turns it off), got {guidance_rescale}")
+        raise InputError(f"guidance_rescale must be in [0, 1] (0 turns it off), got {guidance_rescale}")
     if noise_pred.shape[0] % 2:
-        raise ValueError(
+        raise InputError(
             f"the CFG batch has an even number of rows (uncond rows first, then cond rows); got "
             f"{noise_pred.shape[0]}"
         )
@@ -148,7 +150,7 @@ def cfg_combine(
 # --- condition dropout (training) and unconditional inputs (inference) --------------------------------------
 def _check_ratio(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} is a probability and must be in [0, 1], got {value}")
+        raise InputError(f"{name} is a probability and must be in [0, 1], got {value}")
 
 
 def draw_uncond(rng: random.Random, uncond_ratio: float = 0.1) -> bool:
@@ -193,7 +195,7 @@ def draw_hallo_uncond(
         return drop_image, drop_audio
     total = uncond_img_ratio + uncond_audio_ratio + uncond_ia_ratio
     if total > 1.0:
-        raise ValueError(f"the three exclusive dropout ratios sum to {total} > 1")
+        raise InputError(f"the three exclusive dropout ratios sum to {total} > 1")
     u = rng.random()
     if u < uncond_img_ratio:
         return True, False
@@ -268,17 +270,17 @@ def build_scheduler(
     cannot be recovered from noise at SNR 0.
     """
     if beta_schedule not in _BETA_SCHEDULES:
-        raise ValueError(f"beta_schedule must be one of {_BETA_SCHEDULES}, got {beta_schedule!r}")
+        raise InputError(f"beta_schedule must be one of {_BETA_SCHEDULES}, got {beta_schedule!r}")
     unknown = sorted(set(overrides) - _DDIM_ARGUMENTS)
     if unknown:
-        raise ValueError(f"unknown DDIMScheduler arguments {unknown}; known: {sorted(_DDIM_ARGUMENTS)}")
+        raise InputError(f"unknown DDIMScheduler arguments {unknown}; known: {sorted(_DDIM_ARGUMENTS)}")
     kwargs = {**DDIM_OFFICIAL, **overrides, "beta_schedule": beta_schedule}
     if kwargs["prediction_type"] not in PREDICTION_TYPES:
-        raise ValueError(
+        raise InputError(
             f"prediction_type must be one of {PREDICTION_TYPES}, got {kwargs['prediction_type']!r}"
         )
     if kwargs["prediction_type"] == "epsilon" and kwargs["rescale_betas_zero_snr"]:
-        raise ValueError(
+        raise InputError(
             "epsilon prediction cannot sample a zero-terminal-SNR schedule: at t = 999 the latent is pure "
             "noise and x0 = (x_t - sqrt(1 - a) * eps) / sqrt(a) divides by sqrt(a) = 0; use "
             "prediction_type='v_prediction' (the official configs) or rescale_betas_zero_snr=False"
@@ -295,9 +297,9 @@ def set_timesteps(
     try:
         steps = operator.index(num_inference_steps)
     except TypeError:
-        raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}") from None
+        raise InputError(f"num_inference_steps must be an integer, got {num_inference_steps!r}") from None
     if isinstance(num_inference_steps, bool) or not 1 <= steps <= num_train:
-        raise ValueError(
+        raise InputError(
             f"num_inference_steps must be between 1 and the {num_train} training timesteps, got "
             f"{num_inference_steps!r} (the official configs use 20-40)"
         )
@@ -309,9 +311,9 @@ def check_prediction_type(scheduler: DDIMScheduler, prediction_type: str) -> Non
     """Raise unless the scheduler was built for ``prediction_type`` (what the model outputs)."""
     built_for = scheduler.config.prediction_type
     if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        raise InputError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     if prediction_type != built_for:
-        raise ValueError(
+        raise InputError(
             f"the scheduler was built for {built_for!r} but the model predicts {prediction_type!r}: its step "
             f"would read the output as the wrong quantity; build it with "
             f"build_scheduler(prediction_type={prediction_type!r}) (and check the schedule the model was "
@@ -335,11 +337,11 @@ def convert_prediction(
     """
     source = scheduler.config.prediction_type
     if to not in PREDICTION_TYPES:
-        raise ValueError(f"to must be one of {PREDICTION_TYPES}, got {to!r}")
+        raise InputError(f"to must be one of {PREDICTION_TYPES}, got {to!r}")
     if source not in PREDICTION_TYPES:
-        raise ValueError(f"the scheduler's prediction_type {source!r} is not one of {PREDICTION_TYPES}")
+        raise InputError(f"the scheduler's prediction_type {source!r} is not one of {PREDICTION_TYPES}")
     if model_output.shape != sample.shape:
-        raise ValueError(
+        raise InputError(
             f"model_output {tuple(model_output.shape)} and sample {tuple(sample.shape)} must have one shape"
         )
     timesteps = torch.as_tensor(timesteps, device=sample.device)
@@ -353,7 +355,7 @@ def convert_prediction(
         eps = sqrt_a * model_output + sqrt_1ma * sample
     elif source == "epsilon":
         if to != "epsilon" and bool((a == 0).any()):
-            raise ValueError(
+            raise InputError(
                 "x0 cannot be recovered from an epsilon prediction at zero SNR (alphas_cumprod[t] = 0, e.g. "
                 "t = 999 with rescale_betas_zero_snr): it divides by sqrt(alphas_cumprod) = 0"
             )

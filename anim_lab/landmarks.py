@@ -36,6 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import video as vio
+from .errors import InputError
 from .files import check_output_file
 
 logger = logging.getLogger(__name__)  # "anim_lab.landmarks": what the library reports goes through logging
@@ -147,12 +148,12 @@ def pose_thickness(height: int, width: int) -> int:
 def _check_landmarks(landmarks, what: str = "landmarks") -> np.ndarray:
     arr = np.asarray(landmarks, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[1] not in (2, 3) or arr.shape[0] < NUM_MESH_POINTS:
-        raise ValueError(
+        raise InputError(
             f"{what} must have shape (478, 2) or (468, 2) (x, y per face-mesh point; a third z column is "
             f"ignored), got {arr.shape}"
         )
     if not np.isfinite(arr[:, :2]).all():
-        raise ValueError(
+        raise InputError(
             f"{what} contain NaN or inf; drop the frame or fill it (e.g. hold the last good landmarks)"
         )
     return arr[:, :2]
@@ -163,12 +164,12 @@ def _image_size(value, name: str) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a whole number of pixels, got {type(value).__name__} {value!r}")
     if not float(value).is_integer():
-        raise ValueError(
+        raise InputError(
             f"{name} must be a whole number of pixels, got {value}; round it yourself "
             f"(e.g. round({value}) = {round(value)}) so that nothing is truncated silently"
         )
     if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+        raise InputError(f"{name} must be positive, got {value}")
     return int(value)
 
 
@@ -186,13 +187,13 @@ def _check_pose_coordinates(xy: np.ndarray, height: int, width: int, normalized:
     span = f"x {lo[0]:.4g}..{hi[0]:.4g}, y {lo[1]:.4g}..{hi[1]:.4g}"
     looks_normalized = lo.min() >= -POSE_MAX_OUTSIDE and hi.max() <= 1 + POSE_MAX_OUTSIDE
     if normalized and not looks_normalized:
-        raise ValueError(
+        raise InputError(
             f"normalized=True, but the landmarks span {span}, not [0, 1]: they look like pixel "
             f"coordinates; pass them without normalized=True (in pixels of the {width}x{height} output), or "
             f"divide them by the size of the image they came from"
         )
     if not normalized and looks_normalized and min(height, width) > 2 * (1 + POSE_MAX_OUTSIDE):
-        raise ValueError(
+        raise InputError(
             f"the landmarks span {span}: that is a face about one pixel wide on a {width}x{height} image; "
             f"they look like normalized [0, 1] coordinates (mediapipe's landmark.x, .y): pass normalized=True"
         )
@@ -202,7 +203,7 @@ def _check_pose_coordinates(xy: np.ndarray, height: int, width: int, normalized:
     outside = (pixels < -0.5 - margin) | (pixels > size - 0.5 + margin)  # (N, 2)
     if outside.any():
         i, n = int(np.flatnonzero(outside.any(1))[0]), int(outside.any(1).sum())
-        raise ValueError(
+        raise InputError(
             f"landmark {i} is at ({pixels[i, 0]:.4g}, {pixels[i, 1]:.4g}) px, far outside the "
             f"{width}x{height} image ({n} points more than {POSE_MAX_OUTSIDE:.0%} of the size out): "
             f"are they pixels of an image of another size (scale them by output/input size, as video_to_pose "
@@ -260,7 +261,7 @@ MEDIAPIPE_HINT = (
 )
 
 
-class NoFaceError(ValueError):
+class NoFaceError(InputError):
     """mediapipe found no face in an image or video frame."""
 
 
@@ -365,9 +366,9 @@ def as_rgb_uint8(image, name: str = "image") -> np.ndarray:
     elif arr.ndim == 3 and arr.shape[2] == 4:
         arr = arr[:, :, :3]  # RGBA -> RGB (alpha dropped)
     if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"{name} must be (H, W), (H, W, 3) RGB or (H, W, 4) RGBA, got shape {arr.shape}")
+        raise InputError(f"{name} must be (H, W), (H, W, 3) RGB or (H, W, 4) RGBA, got shape {arr.shape}")
     if min(arr.shape[:2]) < 32:
-        raise ValueError(
+        raise InputError(
             f"{name} is {arr.shape[1]}x{arr.shape[0]} px; face mesh needs at least 32 px per side"
         )
     return np.ascontiguousarray(arr)
@@ -459,7 +460,7 @@ def _frames_in(source, fps):
         )
     total = len(source) if hasattr(source, "__len__") else None
     if total == 0:
-        raise ValueError("source has no frames")
+        raise InputError("source has no frames")
     return iter(source), fps, total, None  # checked frame by frame in landmark_stream
 
 
@@ -480,7 +481,7 @@ def landmark_stream(
     receives the index of every frame without a face (so a caller can report how many were held).
     """
     if on_missing not in ("hold", "error"):
-        raise ValueError(f'on_missing must be "hold" or "error", got {on_missing!r}')
+        raise InputError(f'on_missing must be "hold" or "error", got {on_missing!r}')
     if progress:
         frames = tqdm(frames, total=total, desc="landmarks", unit="frame")
     pending: list[np.ndarray] = []  # frames before the first face
@@ -492,7 +493,7 @@ def landmark_stream(
             if size is None:
                 size = frame.shape[:2]
             elif frame.shape[:2] != size:
-                raise ValueError(
+                raise InputError(
                     f"frame {i} is {frame.shape[1]}x{frame.shape[0]} but frame 0 is "
                     f"{size[1]}x{size[0]}; all frames must have the same size"
                 )
@@ -513,7 +514,7 @@ def landmark_stream(
             last = points
             yield frame, points
     if count == 0:
-        raise ValueError("the video has no frames")
+        raise InputError("the video has no frames")
     if last is None:
         raise NoFaceError(f"no face found in any of the {count} frames")
 
@@ -570,7 +571,7 @@ def video_to_pose(
     closing = contextlib.closing(frames) if hasattr(frames, "close") else contextlib.nullcontext()
     with closing:
         if fps is None:
-            raise ValueError("fps is required when source is frames rather than a file")
+            raise InputError("fps is required when source is frames rather than a file")
         audio_from = (
             src_path if (audio and src_path is not None and output.suffix.lower() == ".mp4") else None
         )

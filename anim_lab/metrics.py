@@ -33,6 +33,8 @@ import torch
 from einops import rearrange
 from torch.nn import functional as F
 
+from .errors import InputError
+
 __all__ = [
     "BT601_WEIGHTS",
     "LAPLACIAN_3X3",
@@ -69,13 +71,13 @@ def frames_of(x: torch.Tensor) -> torch.Tensor:
     if x.ndim == 5:
         return rearrange(x, "b c f h w -> (b f) c h w")  # (B, 3, F, H, W) -> (B*F, 3, H, W)
     if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"expected images (B, 3, H, W) or videos (B, 3, F, H, W), got {tuple(x.shape)}")
+        raise InputError(f"expected images (B, 3, H, W) or videos (B, 3, F, H, W), got {tuple(x.shape)}")
     return x
 
 
 def _pair(images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if images.shape != targets.shape:
-        raise ValueError(f"shapes differ: {tuple(images.shape)} vs {tuple(targets.shape)}")
+        raise InputError(f"shapes differ: {tuple(images.shape)} vs {tuple(targets.shape)}")
     return frames_of(images).double(), frames_of(targets).double()  # float64: exact enough for any size
 
 
@@ -107,10 +109,10 @@ def laplacian_variance(images: torch.Tensor) -> torch.Tensor:
 def sharpness_ratios(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-frame Laplacian-variance ratio, reconstruction / ground truth: -> (N,) float32."""
     if images.shape != targets.shape:
-        raise ValueError(f"shapes differ: {tuple(images.shape)} vs {tuple(targets.shape)}")
+        raise InputError(f"shapes differ: {tuple(images.shape)} vs {tuple(targets.shape)}")
     ref = laplacian_variance(targets)  # (N,)
     if (ref <= 0).any():
-        raise ValueError("a ground-truth frame is flat (its Laplacian has zero variance): no ratio exists")
+        raise InputError("a ground-truth frame is flat (its Laplacian has zero variance): no ratio exists")
     return (laplacian_variance(images) / ref).float()
 
 
@@ -147,7 +149,7 @@ def ssim(
     x, y = (x + 1) / 2, (y + 1) / 2  # [-1, 1] -> [0, 1], peak-to-peak 1
     n, c, h, w = x.shape
     if h < window or w < window:
-        raise ValueError(f"frames {h}x{w} are smaller than the SSIM window {window}")
+        raise InputError(f"frames {h}x{w} are smaller than the SSIM window {window}")
     g = gaussian_window(window, sigma).to(x.device)
     gy, gx = g.view(1, 1, window, 1).repeat(c, 1, 1, 1), g.view(1, 1, 1, window).repeat(c, 1, 1, 1)
 
@@ -176,13 +178,13 @@ def video_from_uint8(frames) -> torch.Tensor:
     """One video as uint8 frames (F, H, W, 3) (numpy or torch) -> (1, 3, F, H, W) float32 in [-1, 1]."""
     x = torch.as_tensor(frames)
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"a video as uint8 frames (F, H, W, 3), got {x.dtype} {tuple(x.shape)}")
+        raise InputError(f"a video as uint8 frames (F, H, W, 3), got {x.dtype} {tuple(x.shape)}")
     return rearrange(x.float() / 127.5 - 1.0, "f h w c -> 1 c f h w")
 
 
 def _video_pair(videos: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if videos.ndim != 5 or videos.shape != targets.shape:
-        raise ValueError(
+        raise InputError(
             f"videos and ground truth must be (B, 3, F, H, W) of one shape, got {tuple(videos.shape)} and "
             f"{tuple(targets.shape)}"
         )
@@ -226,12 +228,12 @@ def identity_top1(queries: torch.Tensor, gallery: torch.Tensor, labels: torch.Te
     """Share of ``queries`` (n, D) whose most cosine-similar row of ``gallery`` (N, D) is their own identity:
     ``labels[i]`` (n,) indexes query i's row of the gallery (default: row i). Chance is 1 / N."""
     if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
-        raise ValueError(
+        raise InputError(
             "queries (n, D) and gallery (N, D) embeddings of one width, got "
             f"{tuple(queries.shape)} and {tuple(gallery.shape)}"
         )
     labels = torch.arange(len(queries)) if labels is None else torch.as_tensor(labels)
     if labels.shape != (len(queries),) or int(labels.max()) >= len(gallery):
-        raise ValueError(f"labels must be (n={len(queries)},) rows of the gallery (N={len(gallery)})")
+        raise InputError(f"labels must be (n={len(queries)},) rows of the gallery (N={len(gallery)})")
     sim = F.normalize(queries.double(), dim=-1) @ F.normalize(gallery.double(), dim=-1).T  # (n, N)
     return float((sim.argmax(1) == labels).double().mean())

@@ -43,6 +43,7 @@ from einops import rearrange
 from torch import nn
 
 from .configs import SD15, TINY
+from .errors import InputError
 
 __all__ = [
     "MOTION_SD15",
@@ -77,7 +78,7 @@ def motion_module_kwargs(motion: dict) -> dict:
 def sinusoidal_position_encoding(max_len: int, dim: int) -> torch.Tensor:
     """pe[pos, 2i] = sin(pos / 10000^(2i/dim)), pe[pos, 2i+1] = cos(same); shape (1, max_len, dim)."""
     if dim % 2:
-        raise ValueError(f"the sinusoidal position encoding needs an even channel count, got {dim}")
+        raise InputError(f"the sinusoidal position encoding needs an even channel count, got {dim}")
     position = torch.arange(max_len, dtype=torch.float32)[:, None]  # (max_len, 1)
     inv_freq = torch.exp(
         torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim)
@@ -99,7 +100,7 @@ class PositionalEncoding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         num_frames = x.shape[1]
         if num_frames > self.max_len:
-            raise ValueError(
+            raise InputError(
                 f"{num_frames} frames exceed the motion module's position encoding (max_len={self.max_len}); "
                 "run longer videos in context windows of at most max_len frames (anim_lab.context)"
             )
@@ -127,7 +128,7 @@ class TemporalAttnProcessor:
         num_frames: int | None = None,
     ) -> torch.Tensor:
         if num_frames is None or encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError(
+            raise InputError(
                 "a temporal attention is self-attention over frames: call it as attn(hidden_states, "
                 "num_frames=F), without encoder_hidden_states or attention_mask"
             )
@@ -164,7 +165,7 @@ class TemporalTransformerBlock(nn.Module):
         super().__init__()
         for t in attention_block_types:
             if t != "Temporal_Self":
-                raise ValueError(
+                raise InputError(
                     f"only 'Temporal_Self' attention blocks are supported (as in all AA configs), got {t!r}"
                 )
         self.attention_blocks = nn.ModuleList(
@@ -196,7 +197,7 @@ class TemporalTransformer(nn.Module):
     ):
         super().__init__()
         if in_channels % num_attention_heads:
-            raise ValueError(f"{in_channels} channels do not split into {num_attention_heads} heads")
+            raise InputError(f"{in_channels} channels do not split into {num_attention_heads} heads")
         self.norm = nn.GroupNorm(num_groups=norm_num_groups, num_channels=in_channels, eps=1e-6, affine=True)
         self.proj_in = nn.Linear(in_channels, in_channels)
         self.transformer_blocks = nn.ModuleList(
@@ -254,7 +255,7 @@ class MotionModule(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
         if hidden_states.ndim != 4 or hidden_states.shape[0] % num_frames:
-            raise ValueError(
+            raise InputError(
                 f"the motion module takes per-frame features (B*F, C, H, W) with B*F a multiple of "
                 f"num_frames={num_frames}; got shape {tuple(hidden_states.shape)}"
             )

@@ -59,6 +59,7 @@ from einops import rearrange, repeat
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import InputError
 from .landmarks import FACE_OVAL, FaceLandmarks
 from .weights import load_into
 
@@ -87,22 +88,22 @@ def check_pose(
             "uint8 frames with prepare_pose_images(frames) (or pose.float() / 255)"
         )
     if pose.ndim not in (4, 5):
-        raise ValueError(f"{name} must be (B, C, H, W) or (B, C, F, H, W), got shape {tuple(pose.shape)}")
+        raise InputError(f"{name} must be (B, C, H, W) or (B, C, F, H, W), got shape {tuple(pose.shape)}")
     if pose.shape[1] != channels:
-        raise ValueError(
+        raise InputError(
             f"{name} has {pose.shape[1]} channels, the guider expects {channels} (RGB pose images, channels "
             "second): repeat a 1-channel mask to 3 channels, drop an alpha channel"
         )
     h, w = pose.shape[-2:]
     if h % multiple or w % multiple:
-        raise ValueError(
+        raise InputError(
             f"{name} height and width must be multiples of {multiple} (the guider's deepest feature map is "
             f"1/{multiple} of the image), got {h}x{w}; resize or pad the pose images"
         )
     if not faithful and pose.device.type != "meta":  # a meta tensor has shapes but no values to check
         lo, hi = torch.aminmax(pose.detach())
         if lo < 0 or hi > 1:
-            raise ValueError(
+            raise InputError(
                 f"{name} values must lie in [0, 1], found [{lo.item():.4g}, {hi.item():.4g}]: divide uint8 "
                 "images by 255 (prepare_pose_images does), map [-1, 1] images with (x + 1) / 2; "
                 "AniPortrait's [-1, 509] inference tensors need faithful=True"
@@ -128,7 +129,7 @@ def prepare_pose_images(frames, *, faithful: bool = False) -> torch.Tensor:
     if arr.ndim == 3:
         arr = arr[None]  # (H, W, 3) -> (1, H, W, 3)
     if arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"pose frames must be (F, H, W, 3) or (H, W, 3), got shape {tuple(arr.shape)}")
+        raise InputError(f"pose frames must be (F, H, W, 3) or (H, W, 3), got shape {tuple(arr.shape)}")
     x = rearrange(arr.float(), "f h w c -> 1 c f h w")  # (F, H, W, 3) -> (1, 3, F, H, W)
     return x * 2 - 1 if faithful else x / 255
 
@@ -212,7 +213,7 @@ class PoseGuiderMultiScale(ModelMixin, ConfigMixin):
     ):
         super().__init__()
         if len(trunk_channels) != 4 or len(block_out_channels) != 4:
-            raise ValueError(
+            raise InputError(
                 "AniPortrait's guider has 4 trunk widths and serves a UNet with 4 down blocks; got "
                 f"trunk_channels={trunk_channels}, block_out_channels={block_out_channels}"
             )
@@ -293,14 +294,14 @@ class PoseGuiderMultiScale(ModelMixin, ConfigMixin):
                 or ref_pose.shape[0] not in (1, batch)
                 or ref_pose.shape[-2:] != pose.shape[-2:]
             ):
-                raise ValueError(
+                raise InputError(
                     f"ref_pose must be one pose image per video, (B or 1, 3, H, W) = ({batch} or 1, 3, "
                     f"{pose.shape[-2]}, {pose.shape[-1]}) like the target poses, got "
                     f"{tuple(ref_pose.shape)}; "
                     "draw the reference landmarks at the size of the pose video"
                 )
         elif self.reference_attention:
-            raise ValueError("reference_attention=True attends to the reference pose: pass ref_pose")
+            raise InputError("reference_attention=True attends to the reference pose: pass ref_pose")
 
         x = rearrange(pose, "b c f h w -> (b f) c h w") if video else pose  # -> (B*F, 3, H, W)
         # The reference computes the reference pose's features only to ignore them; they matter only for the
@@ -368,9 +369,9 @@ def face_region_bbox(
         landmarks = landmarks.pixels
     xy = np.asarray(landmarks, dtype=np.float64)
     if xy.ndim != 2 or xy.shape[0] < 468 or xy.shape[1] < 2:
-        raise ValueError(f"landmarks must be (478, 2) face-mesh pixel coordinates, got shape {xy.shape}")
+        raise InputError(f"landmarks must be (478, 2) face-mesh pixel coordinates, got shape {xy.shape}")
     if expand_ratio <= 0:
-        raise ValueError(f"expand_ratio must be positive, got {expand_ratio}")
+        raise InputError(f"expand_ratio must be positive, got {expand_ratio}")
     oval = xy[list(_SILHOUETTE), :2] + 0.5  # (36, 2) pixel centres -> Hallo's x * width coordinates
     lo, hi = np.round(oval.min(0)), np.round(oval.max(0))  # (2,) each, x then y
     x0, x1 = _expand(lo[0], hi[0], expand_ratio, width)

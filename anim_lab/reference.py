@@ -55,6 +55,7 @@ from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import InputError
 from .unet import MOTION_KEY, ReferenceUNet, VideoUNet
 
 __all__ = [
@@ -75,7 +76,7 @@ def self_attention_names(unet: nn.Module, fusion_blocks: str = "full") -> dict[s
     order. ``fusion_blocks="full"``: all of them (what AnimateAnyone trains and runs); ``"midup"``: those of
     ``mid_block`` and ``up_blocks`` only. Motion modules' temporal attentions are never included."""
     if fusion_blocks not in FUSION_BLOCKS:
-        raise ValueError(f"fusion_blocks must be one of {FUSION_BLOCKS}, got {fusion_blocks!r}")
+        raise InputError(f"fusion_blocks must be one of {FUSION_BLOCKS}, got {fusion_blocks!r}")
     names = {}
     for name, module in unet.named_modules():
         if not (isinstance(module, Attention) and name.endswith(".attn1")) or MOTION_KEY in name:
@@ -101,14 +102,14 @@ def pair_blocks(
         f"{n} ({writers[n]} vs {readers[n]})" for n in writers if n in readers and writers[n] != readers[n]
     ]
     if only_ref or only_den or widths:
-        raise ValueError(
+        raise InputError(
             "the ReferenceNet and the denoising UNet must have the same transformer blocks (same names and "
             f"widths) to pair writers with readers; only in the ReferenceNet: {only_ref}; only in the "
             f"denoising UNet: {only_den}; widths differ (reference vs denoising): {widths}. Build both from "
             "the same UNet config."
         )
     if not writers:
-        raise ValueError("no spatial self-attention (transformer_blocks.k.attn1) found to pair")
+        raise InputError("no spatial self-attention (transformer_blocks.k.attn1) found to pair")
     return list(writers)
 
 
@@ -148,7 +149,7 @@ class ReferenceBank:
         B_ref is B (one reference per conditional video) or, as the reference code does under CFG, 2B.
         The previous content is replaced only once the ReferenceNet has run; on an error nothing changes."""
         if encoder_hidden_states is None:
-            raise ValueError("bank.write needs the ReferenceNet's encoder_hidden_states (B_ref, N, D)")
+            raise InputError("bank.write needs the ReferenceNet's encoder_hidden_states (B_ref, N, D)")
         self._pending = {}
         self._writing = True
         try:
@@ -169,7 +170,7 @@ class ReferenceBank:
         """Fill the bank with entries kept from an earlier ``write`` (e.g. reused across context windows)."""
         missing = [n for n in self.names if n not in entries]
         if missing:
-            raise ValueError(f"the entries lack the blocks {missing}; keep a whole bank.entries from a write")
+            raise InputError(f"the entries lack the blocks {missing}; keep a whole bank.entries from a write")
         self.entries = {n: entries[n] for n in self.names}
         self._kv = {}
 
@@ -197,7 +198,7 @@ class ReferenceBank:
         videos, frames = sample.shape[0], sample.shape[2]
         cond = videos // 2 if self.do_classifier_free_guidance else videos
         if self.do_classifier_free_guidance and videos % 2:
-            raise ValueError(
+            raise InputError(
                 f"with do_classifier_free_guidance the denoising UNet takes [uncond ; cond] videos, an even "
                 f"number; got {videos}"
             )
@@ -206,7 +207,7 @@ class ReferenceBank:
         if rows not in allowed:
             how = f"CFG: {cond} conditional" if self.do_classifier_free_guidance else "no CFG"
             also = f" (or 2B = {2 * cond}, the CFG-doubled batch)" if self.do_classifier_free_guidance else ""
-            raise ValueError(
+            raise InputError(
                 f"the bank holds {rows} reference rows but the denoising UNet runs {videos} videos ({how}); "
                 f"write the ReferenceNet with B = {cond} rows{also}"
             )
@@ -264,12 +265,12 @@ class ReferenceReaderProcessor:
                 "tells the bank its videos and frames"
             )
         if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError(f"{self.name}: reference attention reads in self-attention (attn1) only")
+            raise InputError(f"{self.name}: reference attention reads in self-attention (attn1) only")
         videos, frames = bank._call
         rows, _, width = hidden_states.shape  # (N*F, HW, C)
         ref_width = bank.entries[self.name].shape[-1]
         if ref_width != width or rows != videos * frames:
-            raise ValueError(
+            raise InputError(
                 f"{self.name}: the bank entry has width {ref_width} (shape "
                 f"{tuple(bank.entries[self.name].shape)}) but this block works on {width} channels and "
                 f"{videos} videos x {frames} frames = {videos * frames} rows, got {rows}: the bank was "

@@ -61,6 +61,8 @@ from anim_lab.toy.renderer import (
 )
 from anim_lab.toy.template import load_template
 
+from .errors import InputError
+
 FOV_DEGREES = 63.0  # AniPortrait's perspective camera (vertical field of view)
 # The point the head turns about, in template units (x right, y up, z toward the camera): behind the face,
 # where the neck is. Translations are transferred at this point, so a turning head does not drift sideways.
@@ -85,13 +87,13 @@ def template_landmarks() -> np.ndarray:
 def _check_points(points, what: str) -> np.ndarray:
     arr = np.asarray(points, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[1] != 3 or arr.shape[0] < L.NUM_MESH_POINTS:
-        raise ValueError(
+        raise InputError(
             f"{what} must be (478, 3) or (468, 3) face-mesh points (x, y, z; e.g. FaceLandmarks.xyz), "
             f"got shape {arr.shape}"
         )
     if not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).any(1).sum())
-        raise ValueError(
+        raise InputError(
             f"{what} contain NaN or inf ({bad} points); detect the face again or hold the last good landmarks"
         )
     return arr
@@ -117,7 +119,7 @@ def umeyama(source: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray, 
     for name, pts in (("target", dst_c), ("source", src_c)):
         sv = np.linalg.svd(pts, compute_uv=False)  # (3,)
         if sv[0] <= 1e-12 or sv[1] <= 1e-6 * sv[0]:
-            raise ValueError(
+            raise InputError(
                 f"degenerate fit: the {name} points are collinear (or all equal), so the head rotation is "
                 f"undetermined; pass real face-mesh landmarks"
             )
@@ -232,7 +234,7 @@ def neutral_frame(canonical: np.ndarray) -> int:
     :func:`expression_measure`; the first one on ties)."""
     c = np.asarray(canonical, np.float64)
     if c.ndim != 3 or len(c) == 0:
-        raise ValueError(f"canonical landmarks must be (F, 478, 3) with F >= 1, got shape {c.shape}")
+        raise InputError(f"canonical landmarks must be (F, 478, 3) with F >= 1, got shape {c.shape}")
     return int(np.argmin(expression_measure(c)))
 
 
@@ -245,7 +247,7 @@ def smooth_track(track: np.ndarray, window: int = SMOOTH_WINDOW) -> np.ndarray:
     """Centred moving mean along axis 0 (the window shrinks at both ends), as AniPortrait smooths poses."""
     x = np.asarray(track, np.float64)
     if int(window) != window or window < 1:
-        raise ValueError(f"window must be a positive integer, got {window}")
+        raise InputError(f"window must be a positive integer, got {window}")
     half = int(window) // 2
     out = np.empty_like(x)
     for i in range(len(x)):
@@ -267,14 +269,14 @@ def project(points: np.ndarray, height: int, width: int, camera: str = "orthogra
     if camera == "orthographic":
         return xy
     if camera != "perspective":
-        raise ValueError(f'camera must be "orthographic" or "perspective", got {camera!r}')
+        raise InputError(f'camera must be "orthographic" or "perspective", got {camera!r}')
     if not 0.0 < fov < 180.0:
-        raise ValueError(f"fov must be in (0, 180) degrees, got {fov}")
+        raise InputError(f"fov must be in (0, 180) degrees, got {fov}")
     focal = 0.5 * height / np.tan(np.deg2rad(fov) / 2)  # pixels
     centre = np.array([(width - 1) / 2, (height - 1) / 2])  # pixel centres
     nearer = p[:, 2] - p[:, 2].mean()  # (N,) pixels toward the camera from the mean depth
     if (nearer >= focal).any():
-        raise ValueError(f"points reach the camera (field of view {fov}° is too wide for this face size)")
+        raise InputError(f"points reach the camera (field of view {fov}° is too wide for this face size)")
     return centre + (xy - centre) * (focal / (focal - nearer))[:, None]  # (N, 2)
 
 
@@ -336,9 +338,9 @@ def retarget(
     ref = _check_points(reference_xyz, "reference landmarks")
     drv = np.asarray(driving_xyz, np.float64)
     if drv.ndim != 3 or len(drv) == 0:
-        raise ValueError(f"driving landmarks must be (F, 478, 3) with F >= 1, got shape {drv.shape}")
+        raise InputError(f"driving landmarks must be (F, 478, 3) with F >= 1, got shape {drv.shape}")
     if drv.shape[1] != len(ref):
-        raise ValueError(
+        raise InputError(
             f"the reference has {len(ref)} landmarks but the driving frames have {drv.shape[1]}; give both "
             "with the irises (478, refine_landmarks) or both without (468)"
         )
@@ -349,7 +351,7 @@ def retarget(
     canon = np.stack([fit.to_canonical(f) for fit, f in zip(fits, drv, strict=True)])  # (F, 478, 3)
     n = neutral_frame(canon) if neutral is None else int(neutral)
     if not 0 <= n < len(drv):
-        raise ValueError(f"neutral must index one of the {len(drv)} driving frames, got {neutral}")
+        raise InputError(f"neutral must index one of the {len(drv)} driving frames, got {neutral}")
     expressive = canon_ref + (canon - canon[n])  # (F, 478, 3) the reference face with the driver's expression
 
     driving_euler = np.stack([fit.euler for fit in fits])  # (F, 3)
@@ -397,7 +399,7 @@ def track_landmarks_3d(
     frame. No face anywhere: :class:`~anim_lab.landmarks.NoFaceError`.
     """
     if on_missing not in ("hold", "error"):
-        raise ValueError(f'on_missing must be "hold" or "error", got {on_missing!r}')
+        raise InputError(f'on_missing must be "hold" or "error", got {on_missing!r}')
     if progress:
         from tqdm.auto import tqdm
 
@@ -410,7 +412,7 @@ def track_landmarks_3d(
             if size is None:
                 size = frame.shape[:2]
             elif frame.shape[:2] != size:
-                raise ValueError(
+                raise InputError(
                     f"driving frame {i} is {frame.shape[1]}x{frame.shape[0]} but frame 0 is "
                     f"{size[1]}x{size[0]}; all frames must have the same size"
                 )
@@ -421,7 +423,7 @@ def track_landmarks_3d(
                     raise
                 found.append(None)
     if not found:
-        raise ValueError("the driving video has no frames")
+        raise InputError("the driving video has no frames")
     good = [i for i, f in enumerate(found) if f is not None]
     if not good:
         raise L.NoFaceError(f"no face found in any of the {len(found)} driving frames")
@@ -455,7 +457,7 @@ def _driving_frames(driving):
         reader = vio.VideoReader(driving)
         return reader, reader.fps, reader.num_frames
     if len(driving) == 0:
-        raise ValueError("the driving video has no frames")
+        raise InputError("the driving video has no frames")
     return driving, None, len(driving)
 
 
@@ -507,7 +509,7 @@ def _read_image(path) -> np.ndarray:
     try:
         image = iio.imread(path)
     except Exception as err:  # imageio raises many types for a file it cannot decode
-        raise ValueError(f"{path} is not a readable image ({type(err).__name__}: {str(err)[:200]})") from err
+        raise InputError(f"{path} is not a readable image ({type(err).__name__}: {str(err)[:200]})") from err
     if image.ndim == 4:  # an animated image: its first frame
         image = image[0]
     return L.as_rgb_uint8(image, f"reference image {path.name}")

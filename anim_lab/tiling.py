@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InputError
 from .inspect import PeakMemory  # measures the working memory tiling saves; defined with the other meters
 
 __all__ = [
@@ -103,17 +104,17 @@ class TileSettings:
         boundaries)."""
         for name, size, stride, ratio, unit in self._pairs(spatial_ratio, temporal_ratio):
             if stride <= 0 or size <= 0:
-                raise ValueError(
+                raise InputError(
                     f"tile_sample_min_{name}={size} and tile_sample_stride_{name}={stride} must be > 0"
                 )
             if stride > size:
-                raise ValueError(
+                raise InputError(
                     f"tile_sample_min_{name}={size} is smaller than its stride {stride} "
                     f"(overlap {size - stride} < 0): tiles would leave gaps; "
                     f"use a stride <= the tile size (overlap = size - stride >= 0)"
                 )
             if size % ratio or stride % ratio:
-                raise ValueError(
+                raise InputError(
                     f"tile_sample_min_{name}={size} and tile_sample_stride_{name}={stride} "
                     f"must be multiples of the VAE's compression ratio {ratio} ({unit}), "
                     f"so tiles start on latent boundaries"

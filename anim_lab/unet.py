@@ -40,6 +40,7 @@ from diffusers.models.attention_processor import Attention
 from einops import rearrange, repeat
 from torch import nn
 
+from .errors import InputError
 from .motion import MotionModule, motion_module_kwargs
 
 __all__ = ["build_unet2d", "VideoUNet", "ReferenceUNet", "MOTION_KEY"]
@@ -69,7 +70,7 @@ class _UNetBody(ModelMixin, ConfigMixin):
             if getattr(unet, n, None) is not None
         ]
         if unsupported or unet.mid_block is None or unet.config.time_cond_proj_dim is not None:
-            raise ValueError(
+            raise InputError(
                 "anim_lab's UNets cover the SD1.5 family (no class/added/hidden-projection embeddings, "
                 f"a mid block); this config has {unsupported or 'no mid block or a time_cond_proj'}"
             )
@@ -138,7 +139,7 @@ class _UNetBody(ModelMixin, ConfigMixin):
             chosen = {name.removesuffix(".processor"): p for name, p in processor.items()}
             unknown = sorted(set(chosen) - set(attentions))
             if unknown:
-                raise ValueError(
+                raise InputError(
                     f"no attention named {unknown[:3]}{' ...' if len(unknown) > 3 else ''} in this UNet; "
                     "see .attn_processors for the names (e.g. "
                     f"{next(iter(attentions), '')!r})"
@@ -160,7 +161,7 @@ class _UNetBody(ModelMixin, ConfigMixin):
         if t.ndim == 0:
             t = t.expand(batch_size)  # () -> (B,)
         if t.shape != (batch_size,):
-            raise ValueError(f"timestep must be a number or have shape ({batch_size},), got {tuple(t.shape)}")
+            raise InputError(f"timestep must be a number or have shape ({batch_size},), got {tuple(t.shape)}")
         t = repeat(t, "b -> (b f)", f=num_frames)  # (B,) -> (B*F,)
         t_emb = self.time_proj(t).to(sample.dtype)  # (B*F,) -> (B*F, C0) sinusoidal features
         return self.time_embedding(t_emb)  # (B*F, C0) -> (B*F, 4*C0)
@@ -269,7 +270,7 @@ class VideoUNet(_UNetBody):
         ablation; the 2D weights are the same).
         """
         if sample.ndim != 5:
-            raise ValueError(
+            raise InputError(
                 f"VideoUNet takes a video latent (B, C, F, H, W), got shape {tuple(sample.shape)}; "
                 "for a single image use F=1 (sample[:, :, None])"
             )
@@ -282,7 +283,7 @@ class VideoUNet(_UNetBody):
         # CLIP tokens: one set per video, repeated for its frames, unless already given per frame.
         n_rows = encoder_hidden_states.shape[0]
         if encoder_hidden_states.ndim != 3 or n_rows not in (batch, batch * num_frames):
-            raise ValueError(
+            raise InputError(
                 f"encoder_hidden_states must be (B, N, D) or (B*F, N, D) with B={batch}, F={num_frames}; "
                 f"got {tuple(encoder_hidden_states.shape)}"
             )
@@ -337,7 +338,7 @@ class VideoUNet(_UNetBody):
         multi = not isinstance(pose_cond_fea, torch.Tensor)
         features = list(pose_cond_fea) if multi else [pose_cond_fea]
         if multi and len(features) != len(expected):
-            raise ValueError(
+            raise InputError(
                 f"pose_cond_fea as a list needs {len(expected)} tensors (one after conv_in, one after "
                 f"each of the {len(expected) - 1} down blocks) with shapes {expected}; got {len(features)}"
             )
@@ -345,7 +346,7 @@ class VideoUNet(_UNetBody):
         got = [tuple(f.shape) for f in features]
         if got != wanted:
             what = "pose_cond_fea (multi-scale)" if multi else "pose_cond_fea (B, C0, F, H, W)"
-            raise ValueError(
+            raise InputError(
                 f"{what} must have shapes {wanted if multi else wanted[0]} (the pose guider's output for "
                 f"this latent); got {got if multi else got[0]}"
             )
@@ -366,7 +367,7 @@ class VideoUNet(_UNetBody):
         from .weights import fill_position_encodings, load_into
 
         if not self.has_motion_modules:
-            raise ValueError("this VideoUNet was built without motion modules (motion_kwargs=None)")
+            raise InputError("this VideoUNet was built without motion modules (motion_kwargs=None)")
         own = {k for k in self.state_dict() if MOTION_KEY in k}
         state_dict = fill_position_encodings(
             state_dict, self.motion_kwargs["temporal_position_encoding_max_len"], own
@@ -391,12 +392,12 @@ class ReferenceUNet(_UNetBody):
         self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, cross_attention_kwargs=None
     ) -> torch.Tensor:
         if sample.ndim != 4:
-            raise ValueError(
+            raise InputError(
                 f"ReferenceUNet takes an image latent (B, C, H, W), got shape {tuple(sample.shape)}"
             )
         batch = sample.shape[0]
         if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch:
-            raise ValueError(
+            raise InputError(
                 f"encoder_hidden_states must be (B={batch}, N, D), got {tuple(encoder_hidden_states.shape)}"
             )
         temb = self._time_embedding(timestep, batch, sample)  # (B, 4*C0)

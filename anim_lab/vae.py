@@ -27,6 +27,7 @@ import torch
 from diffusers import AutoencoderKL
 from einops import rearrange
 
+from .errors import InputError
 from .weights import DIFFUSERS_WEIGHTS, resolve_pretrained
 
 __all__ = [
@@ -90,7 +91,7 @@ def images_from_uint8(images) -> torch.Tensor:
     The one place the [0, 255] -> [-1, 1] map is written: x / 127.5 - 1."""
     x = torch.as_tensor(images)
     if x.dtype != torch.uint8 or x.ndim < 3 or x.shape[-1] != 3:
-        raise ValueError(
+        raise InputError(
             f"images_from_uint8 takes uint8 pictures (..., H, W, 3), got {x.dtype} {tuple(x.shape)}; "
             "float images are already model input (check their range with check_images)"
         )
@@ -114,7 +115,7 @@ def check_finite(x: torch.Tensor, name: str) -> None:
     convolutions and GroupNorms to every output value)."""
     if x.device.type != "meta" and x.numel() and not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(
+        raise InputError(
             f"{name} contain {bad} NaN or infinite values out of {x.numel()}; one of them makes every latent "
             f"(or pixel) NaN: find where they come from (a division by zero, a float16 overflow) or replace "
             f"them (torch.nan_to_num)"
@@ -134,9 +135,9 @@ def check_images(images: torch.Tensor, vae: AutoencoderKL | None = None, name: s
         raise TypeError(f"{name} must be a torch.Tensor (B, 3, H, W) in [-1, 1], got {type(images).__name__}")
     if images.ndim != 4:
         hint = "; for a video (B, C, F, H, W) use encode_video" if images.ndim == 5 else ""
-        raise ValueError(f"{name} must be (B, 3, H, W), got shape {tuple(images.shape)}{hint}")
+        raise InputError(f"{name} must be (B, 3, H, W), got shape {tuple(images.shape)}{hint}")
     if images.shape[1] != 3:
-        raise ValueError(f"{name} must have 3 (RGB) channels in dim 1, got shape {tuple(images.shape)}")
+        raise InputError(f"{name} must have 3 (RGB) channels in dim 1, got shape {tuple(images.shape)}")
     if not images.is_floating_point():
         raise TypeError(
             f"{name} must be floating point in [-1, 1], got {images.dtype}; "
@@ -147,7 +148,7 @@ def check_images(images: torch.Tensor, vae: AutoencoderKL | None = None, name: s
         lo, hi = images.min().item(), images.max().item()
         if lo < -1.001 or hi > 1.001:
             hint = " (they look like [0, 255] pixels)" if hi > 2.0 and lo >= -0.001 else ""
-            raise ValueError(
+            raise InputError(
                 f"{name} must be in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]{hint}; "
                 f"map [0, 255] with x / 127.5 - 1 (images_from_uint8) and [0, 1] with 2 * x - 1"
             )
@@ -155,7 +156,7 @@ def check_images(images: torch.Tensor, vae: AutoencoderKL | None = None, name: s
         f = _downsample_factor(vae)
         h, w = images.shape[-2:]
         if h % f or w % f:
-            raise ValueError(
+            raise InputError(
                 f"{name} height and width must be multiples of {f} (the VAE downsamples {f}x), got {h}x{w}; "
                 f"resize or crop them"
             )
@@ -167,9 +168,9 @@ def check_video(video: torch.Tensor, channels: int | None = None, name: str = "v
         raise TypeError(f"{name} must be a torch.Tensor (B, C, F, H, W), got {type(video).__name__}")
     if video.ndim != 5:
         hint = "; for single images (B, C, H, W) use encode/decode" if video.ndim == 4 else ""
-        raise ValueError(f"{name} must be (B, C, F, H, W), got {video.ndim} dims: {tuple(video.shape)}{hint}")
+        raise InputError(f"{name} must be (B, C, F, H, W), got {video.ndim} dims: {tuple(video.shape)}{hint}")
     if channels is not None and video.shape[1] != channels:
-        raise ValueError(
+        raise InputError(
             f"{name} must have {channels} channels in dim 1 (B, C, F, H, W), got shape {tuple(video.shape)}"
         )
 
@@ -206,9 +207,9 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, scaling_factor: float | No
     """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [-1, 1] (clamped)."""
     if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
         shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-        raise ValueError(f"latents must be (B, C, h, w), got {shape}; for video latents use decode_video")
+        raise InputError(f"latents must be (B, C, h, w), got {shape}; for video latents use decode_video")
     if latents.shape[1] != vae.config.latent_channels:
-        raise ValueError(
+        raise InputError(
             f"latents have {latents.shape[1]} channels, "
             f"this VAE has {vae.config.latent_channels} latent channels"
         )
@@ -235,7 +236,7 @@ def encode_video(
     """
     check_video(video, channels=3)
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
     b = video.shape[0]
     frames = rearrange(video, "b c f h w -> (b f) c h w")  # (B, 3, F, H, W) -> (B*F, 3, H, W)
     latents = torch.cat(
@@ -254,7 +255,7 @@ def decode_video(vae: AutoencoderKL, latents: torch.Tensor, chunk_size: int = 8)
     """
     check_video(latents, channels=vae.config.latent_channels, name="latents")
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
     b = latents.shape[0]
     frames = rearrange(latents, "b c f h w -> (b f) c h w")  # (B, 4, F, h, w) -> (B*F, 4, h, w)
     images = torch.cat([decode(vae, frames[i : i + chunk_size]) for i in range(0, len(frames), chunk_size)])
@@ -268,14 +269,14 @@ def scaling_factor_from_latents(latents: torch.Tensor) -> float:
     Multiplying by it gives latents of unit standard deviation, the scale of the noise the scheduler adds.
     """
     if latents.numel() < 2:
-        raise ValueError("need more than one latent value to measure a standard deviation")
+        raise InputError("need more than one latent value to measure a standard deviation")
     return float(1.0 / latents.float().flatten().std())
 
 
 def psnr(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2): (B, ...) -> (B,)."""
     if images.shape != targets.shape:
-        raise ValueError(f"shapes differ: {tuple(images.shape)} vs {tuple(targets.shape)}")
+        raise InputError(f"shapes differ: {tuple(images.shape)} vs {tuple(targets.shape)}")
     mse = (images.float() - targets.float()).pow(2).flatten(1).mean(1)  # (B,)
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
 
@@ -296,7 +297,7 @@ class LatentPreview:
     def fit(cls, latents: torch.Tensor, images: torch.Tensor) -> LatentPreview:
         """latents (B, C, h, w) and images (B, 3, H, W) in [-1, 1] (H = k*h) -> the least-squares map."""
         if latents.ndim != 4 or images.ndim != 4 or latents.shape[0] != images.shape[0]:
-            raise ValueError(
+            raise InputError(
                 f"need latents (B, C, h, w) and images (B, 3, H, W) with the same B, got "
                 f"{tuple(latents.shape)} and {tuple(images.shape)}"
             )

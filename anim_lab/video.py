@@ -22,6 +22,7 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageSequence
 
+from .errors import InputError
 from .files import check_output_file, current_umask
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
@@ -79,7 +80,7 @@ class VideoReader:
             meta = next(reader)
             reader.close()
         except (OSError, RuntimeError, StopIteration, KeyError) as err:
-            raise ValueError(
+            raise InputError(
                 f"{self.path} is not a readable video file ({type(err).__name__}: {str(err)[:200]})"
             ) from err
         self.width, self.height = meta["size"]
@@ -111,7 +112,7 @@ def read_video(path) -> tuple[np.ndarray, float]:
     reader = VideoReader(path)
     frames = list(reader)
     if not frames:
-        raise ValueError(f"{reader.path} has no video frames")
+        raise InputError(f"{reader.path} has no video frames")
     return np.stack(frames), reader.fps  # (F, H, W, 3)
 
 
@@ -121,7 +122,7 @@ def _read_gif(path: Path) -> tuple[np.ndarray, float]:
             frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
             duration_ms = im.info.get("duration", 100) or 100
     except OSError as err:
-        raise ValueError(f"{path} is not a readable gif ({err})") from err
+        raise InputError(f"{path} is not a readable gif ({err})") from err
     return np.stack(frames), 1000.0 / float(duration_ms)  # (F, H, W, 3), fps
 
 
@@ -143,7 +144,7 @@ def _check_frame(frame, index: int) -> np.ndarray:
             f"convert with (x * 255).round().astype(np.uint8)"
         )
     if arr.ndim != 3 or arr.shape[-1] != 3:
-        raise ValueError(f"frame {index} must have shape (H, W, 3), got {arr.shape}")
+        raise InputError(f"frame {index} must have shape (H, W, 3), got {arr.shape}")
     return np.ascontiguousarray(arr)
 
 
@@ -173,15 +174,15 @@ class VideoWriter:
         self.path = Path(path)
         self.format = self.path.suffix.lower()
         if self.format not in VIDEO_SUFFIXES:
-            raise ValueError(f"video path must end in .mp4 or .gif, got {self.path.name!r}")
+            raise InputError(f"video path must end in .mp4 or .gif, got {self.path.name!r}")
         if not fps or not fps > 0:
-            raise ValueError(f"fps must be positive, got {fps}")
+            raise InputError(f"fps must be positive, got {fps}")
         # before any work: not a folder, not the audio source, really writable
         check_output_file(self.path, VIDEO_SUFFIXES, {"audio_from": audio_from}, what="video path")
         if audio_from is not None:
             audio_from = _existing(audio_from)
             if self.format == ".gif":
-                raise ValueError("a gif cannot carry audio; write an .mp4 or pass audio_from=None")
+                raise InputError("a gif cannot carry audio; write an .mp4 or pass audio_from=None")
             if not has_audio(audio_from):
                 audio_from = None
         self.fps, self.audio_from, self.quality = float(fps), audio_from, quality
@@ -197,7 +198,7 @@ class VideoWriter:
             self._size = frame.shape[:2]
             self._start()
         elif frame.shape[:2] != self._size:
-            raise ValueError(
+            raise InputError(
                 f"frame {self.num_frames} is {frame.shape[1]}x{frame.shape[0]} but the first frame was "
                 f"{self._size[1]}x{self._size[0]}; all frames of a video must have the same size"
             )
@@ -238,7 +239,7 @@ class VideoWriter:
         """Finish the file and move it into place; returns the path."""
         try:
             if self.num_frames == 0:
-                raise ValueError(f"no frames were written to {self.path}")
+                raise InputError(f"no frames were written to {self.path}")
             if self.format == ".gif":
                 images = [Image.fromarray(f) for f in self._gif]
                 images[0].save(
@@ -325,7 +326,7 @@ def write_video(path, frames, fps: float, *, audio_from=None, quality: float = 8
             f"frames must be uint8 (0-255), got {arr.dtype}; convert with (x * 255).round().astype(np.uint8)"
         )
     if arr.ndim != 4 or arr.shape[-1] != 3 or len(arr) == 0:
-        raise ValueError(f"frames must have shape (F, H, W, 3) with F ≥ 1, got {arr.shape}")
+        raise InputError(f"frames must have shape (F, H, W, 3) with F ≥ 1, got {arr.shape}")
     with VideoWriter(path, fps, audio_from=audio_from, quality=quality) as writer:
         for frame in arr:
             writer.write(frame)
@@ -339,7 +340,7 @@ def _frames_to_uint8(frames) -> np.ndarray:
         frames = frames[0]  # the first video of a batch
     if isinstance(frames, list):
         if not frames or not all(isinstance(f, Image.Image) for f in frames):
-            raise ValueError("frames must be PIL images, an (F, H, W, 3) array or an (F, 3, H, W) tensor")
+            raise InputError("frames must be PIL images, an (F, H, W, 3) array or an (F, 3, H, W) tensor")
         return np.stack([np.asarray(f.convert("RGB")) for f in frames])
     if hasattr(frames, "detach"):  # a torch tensor (F, 3, H, W) or (B, F, 3, H, W)
         frames = frames.detach().float().cpu().numpy()
@@ -348,7 +349,7 @@ def _frames_to_uint8(frames) -> np.ndarray:
     if frames.ndim == 5:
         frames = frames[0]
     if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
-        raise ValueError(f"frames must be (F, H, W, 3) with F >= 1, got shape {frames.shape}")
+        raise InputError(f"frames must be (F, H, W, 3) with F >= 1, got shape {frames.shape}")
     if frames.dtype != np.uint8:
         frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
     return frames
@@ -365,5 +366,5 @@ def save_video(frames, path, fps: float = 8.0, audio_from=None) -> Path:
 def write_gif(path, frames, fps: float) -> Path:
     """Write frames to an animated, looping gif."""
     if Path(path).suffix.lower() != ".gif":
-        raise ValueError(f"gif path must end in .gif, got {Path(path).name!r}")
+        raise InputError(f"gif path must end in .gif, got {Path(path).name!r}")
     return write_video(path, frames, fps)

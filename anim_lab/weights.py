@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from .errors import InputError
 from .motion import sinusoidal_position_encoding
 
 __all__ = [
@@ -76,7 +77,7 @@ TRANSFORMERS_WEIGHTS = tuple(n for n in WEIGHT_NAMES if n not in DIFFUSERS_WEIGH
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
-class CorruptWeightsError(ValueError):
+class CorruptWeightsError(InputError):
     """A weight file that cannot be read: truncated (an interrupted download or copy), empty, or not a weight
     file at all. The message names the file."""
 
@@ -87,7 +88,7 @@ class CorruptWeightsError(ValueError):
         )
 
 
-class UnsafeWeightsError(ValueError):
+class UnsafeWeightsError(InputError):
     """A pickle-based weight file (``.pth``/``.bin``/``.ckpt``) that holds more than tensors: unpickling it
     could run code, so it is refused (every torch file is read with ``torch.load(weights_only=True)``)."""
 
@@ -114,7 +115,7 @@ def _torch_load(path: Path, device, mmap: bool = False) -> dict:
         raise CorruptWeightsError(path, f"{type(err).__name__}: {str(err)[:120]}") from err
 
 
-class KeyMismatchError(ValueError):
+class KeyMismatchError(InputError):
     """A checkpoint's keys do not fit the model. ``.report`` holds the lists."""
 
     def __init__(self, report: KeyReport, what: str = "checkpoint"):
@@ -185,7 +186,7 @@ def _shards(index: Path) -> list[Path]:
     for name in names:
         shard = (index.parent / str(name)).resolve()
         if not isinstance(name, str) or Path(name).is_absolute() or not shard.is_relative_to(folder):
-            raise ValueError(
+            raise InputError(
                 f"refused to read {index}: it names the shard {name!r}, which lies outside {index.parent}; "
                 "a shard must be a file in the same folder"
             )
@@ -225,7 +226,7 @@ def _read_file(path: Path, device) -> dict:
             raise CorruptWeightsError(path, str(err)) from err
     if path.suffix in TORCH_SUFFIXES:
         return _torch_load(path, device)
-    raise ValueError(
+    raise InputError(
         f"{path.name}: unknown weight file type {path.suffix!r}; "
         f"expected .safetensors or one of {TORCH_SUFFIXES}"
     )
@@ -267,11 +268,11 @@ def load_checkpoint(
             state_dict = state_dict[wrapper]
     bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise ValueError(f"{path}: not a state dict; entries that are not tensors: {bad[:5]}")
+        raise InputError(f"{path}: not a state dict; entries that are not tensors: {bad[:5]}")
     if strip_prefix:
         without = [k for k in state_dict if not k.startswith(strip_prefix)]
         if without:
-            raise ValueError(f"{path}: strip_prefix={strip_prefix!r}, but keys like {without[0]!r} lack it")
+            raise InputError(f"{path}: strip_prefix={strip_prefix!r}, but keys like {without[0]!r} lack it")
         state_dict = {k[len(strip_prefix) :]: v for k, v in state_dict.items()}
     return state_dict
 
@@ -563,7 +564,7 @@ def load_official_pose_guider(
     if prefix:
         state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if not state_dict:
-            raise ValueError(f"{path}: no key starts with prefix {prefix!r}")
+            raise InputError(f"{path}: no key starts with prefix {prefix!r}")
     with torch.device("meta"):
         model = PoseGuider(**kwargs)
     load_into(model, state_dict, what="pose guider checkpoint", assign=True)
@@ -592,7 +593,7 @@ def _official_pose_guider(
 
     if layout == "aniportrait":
         if "scale" not in state_dict:
-            raise ValueError(
+            raise InputError(
                 f"{path.name} is a single-scale AnimateAnyone pose guider ({len(state_dict)} keys, no "
                 "'scale'), not AniPortrait's multi-scale one: is this an animate_anyone folder? "
                 "Pass layout='animate_anyone'"
@@ -607,7 +608,7 @@ def _official_pose_guider(
             raise KeyMismatchError(err.report, f"{path.name} (layout 'aniportrait')") from None
         return guider
     if "conv_in.weight" not in state_dict or "scale" in state_dict:
-        raise ValueError(
+        raise InputError(
             f"{path.name} is not an AnimateAnyone single-scale pose guider (keys like "
             f"{sorted(state_dict)[:3]}); for AniPortrait weights pass layout='aniportrait'"
         )
@@ -630,7 +631,7 @@ def _official_files(folder: Path, layout: str) -> dict[str, Path]:
     """The files of an official weights folder (see ``_LAYOUT_TREE``); a FileNotFoundError lists every one
     that is missing, with the expected tree."""
     if layout not in OFFICIAL_LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(OFFICIAL_LAYOUTS)}")
+        raise InputError(f"unknown layout {layout!r}; choose one of {sorted(OFFICIAL_LAYOUTS)}")
     guider_name = "AniPortrait multi-scale" if layout == "aniportrait" else "AnimateAnyone single-scale"
     tree = _LAYOUT_TREE.format(root=f"{folder}/", guider=guider_name)
     if not folder.is_dir():

@@ -25,6 +25,7 @@ from test_pipeline import tiny_pipeline
 
 from anim_lab import cli, retarget
 from anim_lab import video as V
+from anim_lab.errors import AnimLabError, InputError
 from anim_lab.pipelines import NonFiniteError, Pose2VideoPipeline
 
 
@@ -91,6 +92,36 @@ def test_unknown_failures_are_one_line_and_debug_shows_the_traceback(data, tmp_p
     _error(argv, capsys, "internal error: RuntimeError: something inside broke\n.*--debug", code=1)
     with pytest.raises(RuntimeError, match="something inside broke"):
         cli.main(["--debug", *argv])
+
+
+@pytest.mark.parametrize(
+    "error, code, shown",
+    [
+        (
+            ValueError("a library's own ValueError"),
+            1,
+            "internal error: ValueError: a library's own ValueError",
+        ),
+        (InputError("--reference: this is why, and what to do"), 2, "error: --reference: this is why"),
+    ],
+)
+def test_only_the_projects_own_errors_are_user_errors(
+    data,  # noqa: F811
+    tmp_path,
+    capsys,
+    monkeypatch,
+    error,
+    code,
+    shown,
+):
+    """A ValueError from somewhere inside is a bug, shown as one; an anim_lab error is the user's to fix."""
+
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(cli, "_read_reference", failing)
+    _error(animate_args(data, tmp_path / "o.mp4"), capsys, shown, code=code)
+    assert issubclass(InputError, ValueError) and issubclass(InputError, AnimLabError)
 
 
 def test_an_unreadable_pose_image_is_named(data, tmp_path, capsys):  # noqa: F811

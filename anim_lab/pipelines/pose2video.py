@@ -66,6 +66,7 @@ from transformers import CLIPVisionModelWithProjection
 
 from ..clip import ClipPreprocess, encode_image
 from ..context import batch_windows, context_windows, gather_windows, predict_in_windows
+from ..errors import AnimLabError, InputError
 from ..files import OutputError, check_output_folder, publish_folder, staging_folder
 from ..guidance import (
     DDIM_ETA,
@@ -130,11 +131,11 @@ def _read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(
+        raise InputError(
             f"{path} is not valid JSON ({err}); restore the file or save the folder again"
         ) from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
+        raise InputError(f"{path} must hold a JSON object, got {type(value).__name__}")
     return value
 
 
@@ -145,7 +146,7 @@ def _image_size(image) -> tuple[int, int]:
     return tuple(np.shape(image)[:2])
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(AnimLabError, ValueError):
     """NaN or inf appeared while generating; the message names the first component whose weights hold
     them (or the step where they appeared)."""
 
@@ -201,7 +202,7 @@ def _check_saved_folder(cls, folder: Path) -> None:
         )
     index = _read_json(folder / _MODEL_INDEX)
     if index.get("_class_name") != cls.__name__:
-        raise ValueError(
+        raise InputError(
             f"{folder / _MODEL_INDEX} names the pipeline {index.get('_class_name')!r}, not "
             f"{cls.__name__}; this folder holds another pipeline"
         )
@@ -210,7 +211,7 @@ def _check_saved_folder(cls, folder: Path) -> None:
         entry = index.get(name)
         library = entry[0] if isinstance(entry, list) and len(entry) == 2 else ""
         if not (library in ("diffusers", "transformers") or library.startswith("anim_lab.")):
-            raise ValueError(
+            raise InputError(
                 f"{folder / _MODEL_INDEX}: the component {name!r} is {entry!r}; a Pose2VideoPipeline folder "
                 "names [library, class] pairs from diffusers, transformers or anim_lab only"
             )
@@ -237,7 +238,7 @@ def _check_saved_folder(cls, folder: Path) -> None:
     for name in ("reference_unet", "denoising_unet", "pose_guider"):
         model_cls = _OWN_COMPONENTS.get(index[name][1])
         if model_cls is None:
-            raise ValueError(f"{folder / _MODEL_INDEX}: unknown anim_lab class {index[name][1]!r} for {name}")
+            raise InputError(f"{folder / _MODEL_INDEX}: unknown anim_lab class {index[name][1]!r} for {name}")
         weights = folder / name / _WEIGHTS
         if not weights.is_file():
             raise FileNotFoundError(f"{weights} is missing; save the pipeline again or restore the file")
@@ -300,7 +301,7 @@ class Pose2VideoPipeline(DiffusionPipeline):
             return image.convert("RGB")
         arr = np.asarray(image)
         if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
-            raise ValueError(
+            raise InputError(
                 f"{what} must be a PIL image or an (H, W, 3) uint8 array, got {arr.dtype} {arr.shape}"
             )
         return PIL.Image.fromarray(arr)
@@ -309,30 +310,30 @@ class Pose2VideoPipeline(DiffusionPipeline):
         self, pose_images, video_length, height, width, num_inference_steps, guidance_scale, generator=None
     ):
         if len(pose_images) == 0:
-            raise ValueError("pose_images is empty: give at least one driving pose image")
+            raise InputError("pose_images is empty: give at least one driving pose image")
         if video_length < 1 or video_length > len(pose_images):
-            raise ValueError(
+            raise InputError(
                 f"video_length must be between 1 and the number of pose images ({len(pose_images)}), "
                 f"got {video_length}"
             )
         multiple = self.vae_scale_factor
         if height % multiple or width % multiple or height < multiple or width < multiple:
-            raise ValueError(
+            raise InputError(
                 f"height and width must be positive multiples of {multiple}, got {height}x{width}"
             )
         if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+            raise InputError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if not guidance_scale >= 0 or guidance_scale == float("inf"):
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+            raise InputError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
         sizes = [_image_size(p) for p in pose_images[:video_length]]
         odd = next((i for i, size in enumerate(sizes) if size != sizes[0]), None)
         if odd is not None:  # one stretched frame would jump: the same size for all, as the CLI asks
-            raise ValueError(
+            raise InputError(
                 f"pose image {odd} is {sizes[odd][1]}x{sizes[odd][0]} but pose image 0 is "
                 f"{sizes[0][1]}x{sizes[0][0]}; all pose images must have the same size"
             )
         if isinstance(generator, list) and len(generator) != 1:
-            raise ValueError(
+            raise InputError(
                 f"generator: a list of {len(generator)} generators for a batch of 1 video; pass one "
                 "torch.Generator (or a list of exactly one)"
             )
@@ -456,9 +457,9 @@ class Pose2VideoPipeline(DiffusionPipeline):
             pose_images, video_length, height, width, num_inference_steps, guidance_scale, generator
         )
         if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+            raise InputError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         if decode_chunk_size < 1:
-            raise ValueError(f"decode_chunk_size must be >= 1, got {decode_chunk_size}")
+            raise InputError(f"decode_chunk_size must be >= 1, got {decode_chunk_size}")
         device, dtype = self._execution_device, _dtype_of(self.denoising_unet)
         do_cfg = do_classifier_free_guidance(guidance_scale)
         max_len = (self.denoising_unet.motion_kwargs or {}).get("temporal_position_encoding_max_len")
@@ -586,7 +587,7 @@ class Pose2VideoPipeline(DiffusionPipeline):
         save); a folder with anything else (notes, samples, another pipeline's model_index.json) is refused,
         naming what is there, and ``force=True`` replaces only the files this method writes."""
         if not safe_serialization:
-            raise ValueError("save_pretrained writes safetensors only (a pickle could run code when loaded)")
+            raise InputError("save_pretrained writes safetensors only (a pickle could run code when loaded)")
         target = Path(save_directory)
         index = target / _MODEL_INDEX
         if index.is_file():  # even with force: that file is not ours to replace

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from anim_lab.errors import InputError
+
 TOY_ANIMATOR_DIR = Path(__file__).resolve().parents[1] / "assets" / "toy_animator"
 SCHEDULERS = ("scaled_linear", "linear")
 
@@ -26,7 +28,7 @@ def load_animator(folder: str | os.PathLike = TOY_ANIMATOR_DIR, scheduler: str =
     from ..pipelines import Pose2VideoPipeline
 
     if scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        raise InputError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
     folder = Path(folder)
     hint = (
         f"; train it with scripts/train_animator.py (see {TOY_ANIMATOR_DIR.name}/COMMANDS.md) or restore the "
@@ -39,7 +41,7 @@ def load_animator(folder: str | os.PathLike = TOY_ANIMATOR_DIR, scheduler: str =
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{err}{hint}") from None
     except ValueError as err:  # another pipeline, keys that do not fit a config, a truncated file: all named
-        raise ValueError(f"{err}{hint}") from None
+        raise InputError(f"{err}{hint}") from None
     if scheduler == "linear":
         pipe.scheduler = build_scheduler("linear")
     for module in pipe.components.values():

@@ -8,6 +8,7 @@ phrase (:func:`toy_vocabulary`).
 
 from __future__ import annotations
 
+from anim_lab.errors import InputError
 from anim_lab.toy.renderer import ATTRIBUTES
 
 __all__ = ["TOY_PHRASES", "toy_caption_attributes", "toy_phrase", "toy_vocabulary"]
@@ -38,7 +39,7 @@ def toy_caption_attributes() -> dict[str, tuple[str, ...]]:
 def toy_phrase(attribute: str, value: str) -> str:
     """``("hair", "red")`` -> ``"red hair"``; ``("mouth", "open")`` -> ``"mouth open"``."""
     if attribute not in TOY_PHRASES:
-        raise ValueError(f"unknown toy attribute {attribute!r}; known: {sorted(TOY_PHRASES)}")
+        raise InputError(f"unknown toy attribute {attribute!r}; known: {sorted(TOY_PHRASES)}")
     return TOY_PHRASES[attribute].format(value)
 
 

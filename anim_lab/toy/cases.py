@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from anim_lab.errors import InputError
 from anim_lab.toy.clips import sample_motion
 from anim_lab.toy.renderer import (
     FACE_FRACTION,
@@ -133,7 +134,7 @@ def toy_case(
     ±25°, pitch ±10°, roll ±8°) with a neutral expression, standing where B's first frame stands
     (``framing="same"``) or at its own random place and size (``framing="own"``)."""
     if framing not in ("same", "own"):
-        raise ValueError(f'framing must be "same" or "own", got {framing!r}')
+        raise InputError(f'framing must be "same" or "own", got {framing!r}')
     poses, expressions = sample_motion(num_frames, fps, seed)
     rng = np.random.default_rng([int(seed), 15])
     rotation = dict(yaw=rng.uniform(-25, 25), pitch=rng.uniform(-10, 10), roll=rng.uniform(-8, 8))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from anim_lab.errors import InputError
 from anim_lab.landmarks import draw_pose_image
 from anim_lab.toy.renderer import Expression, HeadPose, Identity, render
 
@@ -73,9 +74,9 @@ def sample_motion(
     smile).
     """
     if int(num_frames) != num_frames or num_frames < 1:
-        raise ValueError(f"num_frames must be a positive integer, got {num_frames}")
+        raise InputError(f"num_frames must be a positive integer, got {num_frames}")
     if not fps > 0:
-        raise ValueError(f"fps must be positive, got {fps}")
+        raise InputError(f"fps must be positive, got {fps}")
     rng = np.random.default_rng([int(seed), 7])
     t = start + np.arange(int(num_frames)) / float(fps)  # (F,) seconds
 

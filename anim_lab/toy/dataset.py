@@ -26,6 +26,7 @@ import torch
 from einops import rearrange
 from torch.utils.data import Dataset
 
+from anim_lab.errors import InputError
 from anim_lab.landmarks import draw_pose_image
 from anim_lab.toy.clips import make_clip, sample_motion
 from anim_lab.toy.renderer import ATTRIBUTES, identity_from_seed, render
@@ -37,7 +38,7 @@ def identity_split(split: str) -> range:
     """The fixed identity seeds of a split: ``"train"`` (10,000) or ``"test"`` (500); the two never
     overlap."""
     if split not in _SPLITS:
-        raise ValueError(f'split must be "train" or "test", got {split!r}')
+        raise InputError(f'split must be "train" or "test", got {split!r}')
     return _SPLITS[split]
 
 
@@ -80,9 +81,9 @@ class ToyPortraitDataset(Dataset):
     ):
         self.identities = identity_split(split)
         if int(length) != length or length < 1:
-            raise ValueError(f"length must be a positive integer, got {length}")
+            raise InputError(f"length must be a positive integer, got {length}")
         if int(num_frames) != num_frames or num_frames < 1:
-            raise ValueError(f"num_frames must be a positive integer, got {num_frames}")
+            raise InputError(f"num_frames must be a positive integer, got {num_frames}")
         self.split, self.size, self.num_frames, self.length = split, int(size), int(num_frames), int(length)
         self.seed, self.fps, self.texture, self.grain = int(seed), float(fps), texture, float(grain)
 

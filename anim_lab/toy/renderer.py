@@ -30,6 +30,7 @@ import numpy as np
 from matplotlib.path import Path as PolygonPath
 
 from anim_lab import landmarks as L
+from anim_lab.errors import InputError
 from anim_lab.toy.template import apply_blink, expression_bases, load_template
 
 # ------------------------------------------------------------------------------------------------------------
@@ -95,11 +96,11 @@ class Identity:
     def __post_init__(self):
         for name, values in ATTRIBUTES.items():
             if getattr(self, name) not in values:
-                raise ValueError(f"Identity.{name} must be one of {values}, got {getattr(self, name)!r}")
+                raise InputError(f"Identity.{name} must be one of {values}, got {getattr(self, name)!r}")
         if self.skin_rgb is None:
             object.__setattr__(self, "skin_rgb", SKIN_TONES[self.skin])  # frozen dataclass: set once, here
         if not (0.5 <= self.face_width <= 1.5 and 0.5 <= self.face_height <= 1.5):
-            raise ValueError(
+            raise InputError(
                 f"face_width and face_height must be in [0.5, 1.5], got {self.face_width}, {self.face_height}"
             )
 
@@ -122,7 +123,7 @@ class HeadPose:
 
     def __post_init__(self):
         if not self.scale > 0:
-            raise ValueError(f"HeadPose.scale must be positive, got {self.scale}")
+            raise InputError(f"HeadPose.scale must be positive, got {self.scale}")
 
     def as_array(self) -> np.ndarray:
         return np.array([self.yaw, self.pitch, self.roll, self.tx, self.ty, self.scale], np.float32)
@@ -139,7 +140,7 @@ class Expression:
     def __post_init__(self):
         for name, value in asdict(self).items():
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"Expression.{name} must be in [0, 1], got {value}")
+                raise InputError(f"Expression.{name} must be in [0, 1], got {value}")
 
     def as_array(self) -> np.ndarray:
         return np.array([self.mouth_open, self.blink, self.smile], np.float32)
@@ -282,9 +283,9 @@ def render(
     if not isinstance(pose, HeadPose) or not isinstance(expression, Expression):
         raise TypeError("pose must be a toy.HeadPose and expression a toy.Expression")
     if int(size) != size or size < 32:
-        raise ValueError(f"size must be an integer ≥ 32, got {size}")
+        raise InputError(f"size must be an integer ≥ 32, got {size}")
     if int(supersample) != supersample or supersample < 1:
-        raise ValueError(f"supersample must be a positive integer, got {supersample}")
+        raise InputError(f"supersample must be a positive integer, got {supersample}")
     size, ss = int(size), int(supersample)
     g = _geometry()
     cam = _Camera(identity, pose, size)
