@@ -26,12 +26,12 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 from einops import rearrange
+from tqdm.auto import tqdm
 
-from . import landmarks, video
+from . import landmarks, retarget, video
 from .errors import AnimLabError, InputError
 from .files import OutputError, check_output_file, check_output_folder, publish_folder, staging_folder
 from .pipelines import Pose2VideoPipeline
-from .retarget import video2video_command
 from .toy.animator import TOY_ANIMATOR_DIR, load_animator
 from .vae import images_to_uint8
 from .video import save_video
@@ -190,7 +190,7 @@ def add_video2video(subparsers) -> None:
 
 
 def video2video(args: argparse.Namespace) -> int:
-    _check_output(args.out, inputs={"--ref": args.ref, "--driving": args.driving})
+    out = _check_output(args.out, inputs={"--ref": args.ref, "--driving": args.driving})
     if args.smooth < 1:
         raise CliError(f"--smooth must be at least 1 frame (1 = no smoothing), got {args.smooth}")
     if not 0 < args.fov < 180:
@@ -198,7 +198,7 @@ def video2video(args: argparse.Namespace) -> int:
     out = video2video_command(
         args.ref,
         args.driving,
-        args.out,
+        out,
         on_missing=args.on_missing,
         smooth=args.smooth,
         camera=args.camera,
@@ -208,6 +208,43 @@ def video2video(args: argparse.Namespace) -> int:
     )
     print(f"wrote {out}")
     return 0
+
+
+def video2video_command(
+    ref,
+    driving,
+    out,
+    *,
+    on_missing: str = "hold",
+    smooth: int = retarget.SMOOTH_WINDOW,
+    camera: str = "orthographic",
+    fov: float = retarget.FOV_DEGREES,
+    progress: bool = True,
+    audio: bool = True,
+) -> Path:
+    """``anim-lab video2video``: a reference image + a driving video -> the retargeted pose video
+    (:func:`anim_lab.retarget.video_to_video_poses`), drawn frame by frame into ``out``.
+
+    The output has the driving video's fps and (mp4) audio and the reference image's size. It is written to a
+    temporary file and renamed at the end, so a failure leaves nothing at ``out``. (The pose video is what
+    the pose2video pipeline animates the reference with.)
+    """
+    # an output equal to an input, a folder, a wrong suffix, an unwritable place: refused before any work
+    out = check_output_file(
+        out, video.VIDEO_SUFFIXES, inputs={"--ref": ref, "--driving": driving}, what="--out"
+    )
+    image = _open_image(ref, "--ref")
+    poses = retarget.video_to_video_poses(
+        image, driving, on_missing=on_missing, smooth=smooth, camera=camera, fov=fov, progress=progress
+    )
+    audio_from = driving if audio and out.suffix.lower() == ".mp4" else None
+    frames = poses.landmarks  # (F, 478, 2)
+    if progress:
+        frames = tqdm(frames, desc="pose frames", unit="frame")
+    with video.VideoWriter(out, poses.fps, audio_from=audio_from) as writer:
+        for points in frames:
+            writer.write(landmarks.draw_pose_image(points, *poses.size))
+    return out
 
 
 # --- animate ------------------------------------------------------------------------------------------------
@@ -330,15 +367,22 @@ def _image_to_rgb(im: PIL.Image.Image, name: str) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
+def _open_image(path, option: str) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB as it is shown (see :func:`_image_to_rgb`); a missing or
+    unreadable file is a CliError naming ``option``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CliError(f"{option} {path}: no such image file")
+    try:
+        with PIL.Image.open(path) as im:
+            return _image_to_rgb(im, f"{option} {path.name}")
+    except (OSError, PIL.UnidentifiedImageError) as err:
+        raise CliError(f"{option} {path} is not a readable image ({err})") from None
+
+
 def _read_reference(path: str, size: tuple[int, int]) -> np.ndarray:
     ref_path = Path(path)
-    if not ref_path.is_file():
-        raise CliError(f"--ref {ref_path}: no such image file")
-    try:
-        with PIL.Image.open(ref_path) as im:
-            ref = _image_to_rgb(im, f"--ref {ref_path.name}")
-    except (OSError, PIL.UnidentifiedImageError) as err:
-        raise CliError(f"--ref {ref_path} is not a readable image ({err})") from None
+    ref = _open_image(ref_path, "--ref")
     _check_frame_size(*ref.shape[:2], f"--ref {ref_path.name}")
     try:
         with landmarks.FaceLandmarker(max_num_faces=4) as lm:

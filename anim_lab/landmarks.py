@@ -471,8 +471,10 @@ def landmark_stream(
     progress: bool = True,
     total: int | None = None,
     missing: list | None = None,
+    xyz: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(frame, landmarks (478, 2))`` for every frame of a video, in order, in tracking mode.
+    """Yield ``(frame, landmarks (478, 2))`` for every frame of a video, in order, in tracking mode
+    (``xyz=True``: the image-space 3D landmarks (478, 3), :attr:`FaceLandmarks.xyz`).
 
     Frames with no face follow ``on_missing``: ``"hold"`` gives them the last good landmarks (AniPortrait's
     vid2pose policy) — frames before the first detection get the first good ones, so they are yielded once it
@@ -498,7 +500,8 @@ def landmark_stream(
                     f"{size[1]}x{size[0]}; all frames must have the same size"
                 )
             try:
-                points = lm.detect(frame, name=f"frame {i}").pixels
+                face = lm.detect(frame, name=f"frame {i}")
+                points = face.xyz if xyz else face.pixels
             except NoFaceError:
                 if on_missing == "error":
                     raise
@@ -520,15 +523,21 @@ def landmark_stream(
 
 
 def track_landmarks(
-    frames: Iterable, *, on_missing: str = "hold", progress: bool = True, total: int | None = None
+    frames: Iterable,
+    *,
+    on_missing: str = "hold",
+    progress: bool = True,
+    total: int | None = None,
+    xyz: bool = False,
 ) -> np.ndarray:
-    """Landmarks for every frame of a video (tracking mode): ``(F, 478, 2)`` float32 pixels.
+    """Landmarks for every frame of a video (tracking mode): ``(F, 478, 2)`` float32 pixels, or with
+    ``xyz=True`` ``(F, 478, 3)`` image-space 3D landmarks (what retargeting fits a head pose to).
 
     ``frames``: ``(H, W, 3)`` uint8 frames in order, all the same size. Frames without a face: see
     :func:`landmark_stream` (``on_missing="hold"`` or ``"error"``). ``progress``: a tqdm bar.
     """
-    points = [p for _, p in landmark_stream(frames, on_missing=on_missing, progress=progress, total=total)]
-    return np.stack(points).astype(np.float32)  # (F, 478, 2)
+    stream = landmark_stream(frames, on_missing=on_missing, progress=progress, total=total, xyz=xyz)
+    return np.stack([p for _, p in stream]).astype(np.float32)  # (F, 478, 2) or (F, 478, 3)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -48,9 +48,7 @@ down, roll > 0 is counter-clockwise.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -389,64 +387,21 @@ def pose_images(landmarks: np.ndarray, height: int, width: int | None = None) ->
 # ------------------------------------------------------------------------------------------------------------
 
 
-def track_landmarks_3d(
-    frames: Iterable, *, on_missing: str = "hold", progress: bool = False, total: int | None = None
-) -> np.ndarray:
-    """Image-space landmarks ``(F, 478, 3)`` (pixel x, y, z) of every frame, mediapipe in tracking mode.
-
-    Frames with no face: ``"hold"`` the last good landmarks (frames before the first face get the first
-    good ones), as Video2Pose does; ``"error"`` raises :class:`anim_lab.landmarks.NoFaceError` naming the
-    frame. No face anywhere: :class:`~anim_lab.landmarks.NoFaceError`.
-    """
-    if on_missing not in ("hold", "error"):
-        raise InputError(f'on_missing must be "hold" or "error", got {on_missing!r}')
-    if progress:
-        from tqdm.auto import tqdm
-
-        frames = tqdm(frames, total=total, desc="driving landmarks", unit="frame")
-    found: list[np.ndarray | None] = []
-    size = None
-    with L.FaceLandmarker(video=True) as lm:
-        for i, frame in enumerate(frames):
-            frame = L.as_rgb_uint8(frame, f"driving frame {i}")
-            if size is None:
-                size = frame.shape[:2]
-            elif frame.shape[:2] != size:
-                raise InputError(
-                    f"driving frame {i} is {frame.shape[1]}x{frame.shape[0]} but frame 0 is "
-                    f"{size[1]}x{size[0]}; all frames must have the same size"
-                )
-            try:
-                found.append(lm.detect(frame, name=f"driving frame {i}").xyz)
-            except L.NoFaceError:
-                if on_missing == "error":
-                    raise
-                found.append(None)
-    if not found:
-        raise InputError("the driving video has no frames")
-    good = [i for i, f in enumerate(found) if f is not None]
-    if not good:
-        raise L.NoFaceError(f"no face found in any of the {len(found)} driving frames")
-    last = found[good[0]]
-    out = []
-    for (
-        f
-    ) in found:  # hold: a missing frame repeats the last good landmarks (the first good ones at the start)
-        last = last if f is None else f
-        out.append(last)
-    return np.stack(out).astype(np.float32)  # (F, 478, 3)
-
-
 @dataclass
 class Video2VideoPoses:
-    """Pose frames for the pose2video pipeline: ``images`` ``(F, H, W, 3)`` uint8 at the reference's size,
-    ``landmarks`` ``(F, 478, 2)``, the driving ``fps`` (None for frames given as arrays) and the
-    :class:`Retarget` details."""
+    """Video2Video's result: ``landmarks`` ``(F, 478, 2)`` of the reference face in the driving poses, at the
+    reference image's ``size`` (height, width); the driving ``fps`` (None for frames given as arrays); the
+    :class:`Retarget` details. ``images`` draws the pose frames, ``(F, H, W, 3)`` uint8 (all at once; a
+    long video is better drawn one frame at a time with :func:`anim_lab.landmarks.draw_pose_image`)."""
 
-    images: np.ndarray
     landmarks: np.ndarray
+    size: tuple[int, int]
     fps: float | None
     retarget: Retarget
+
+    @property
+    def images(self) -> np.ndarray:
+        return pose_images(self.landmarks, *self.size)
 
 
 def _driving_frames(driving):
@@ -492,67 +447,10 @@ def video_to_video_poses(
     ref = L.as_rgb_uint8(ref_image, "the reference image")
     ref_xyz = reference_landmarks(ref)
     frames, fps, total = _driving_frames(driving_video)
-    drv_xyz = track_landmarks_3d(frames, on_missing=on_missing, progress=progress, total=total)
+    try:
+        drv_xyz = L.track_landmarks(frames, on_missing=on_missing, progress=progress, total=total, xyz=True)
+    except L.NoFaceError as err:
+        raise L.NoFaceError(f"the driving video: {err}") from None
     h, w = ref.shape[:2]
     result = retarget(ref_xyz, drv_xyz, h, w, smooth=smooth, camera=camera, fov=fov)
-    return Video2VideoPoses(
-        images=pose_images(result.landmarks, h, w), landmarks=result.landmarks, fps=fps, retarget=result
-    )
-
-
-def _read_image(path) -> np.ndarray:
-    import imageio.v3 as iio
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"reference image {path} does not exist")
-    try:
-        image = iio.imread(path)
-    except Exception as err:  # imageio raises many types for a file it cannot decode
-        raise InputError(f"{path} is not a readable image ({type(err).__name__}: {str(err)[:200]})") from err
-    if image.ndim == 4:  # an animated image: its first frame
-        image = image[0]
-    return L.as_rgb_uint8(image, f"reference image {path.name}")
-
-
-def video2video_command(
-    ref,
-    driving,
-    out,
-    *,
-    on_missing: str = "hold",
-    smooth: int = SMOOTH_WINDOW,
-    camera: str = "orthographic",
-    fov: float = FOV_DEGREES,
-    progress: bool = True,
-    audio: bool = True,
-) -> Path:
-    """``anim-lab video2video``: a reference image + a driving video -> the retargeted pose video.
-
-    The output has the driving video's fps and (mp4) audio and the reference image's size. It is written to a
-    temporary file and renamed at the end, so a failure leaves nothing at ``out``. (The pose video is what
-    the pose2video pipeline animates the reference with.)
-    """
-    from anim_lab import video as vio
-    from anim_lab.files import check_output_file
-
-    # an output equal to an input, a folder, a wrong suffix, an unwritable place: refused before any work
-    out = check_output_file(
-        out, vio.VIDEO_SUFFIXES, inputs={"--ref": ref, "--driving": driving}, what="--out"
-    )
-    image = _read_image(ref)
-    reader = vio.VideoReader(driving)  # FileNotFoundError / ValueError for a missing or unreadable video
-    ref_xyz = reference_landmarks(image)
-    drv_xyz = track_landmarks_3d(reader, on_missing=on_missing, progress=progress, total=reader.num_frames)
-    h, w = image.shape[:2]
-    result = retarget(ref_xyz, drv_xyz, h, w, smooth=smooth, camera=camera, fov=fov)
-    audio_from = reader.path if audio and out.suffix.lower() == ".mp4" else None
-    frames = result.landmarks
-    if progress:
-        from tqdm.auto import tqdm
-
-        frames = tqdm(frames, desc="pose frames", unit="frame")
-    with vio.VideoWriter(out, reader.fps, audio_from=audio_from) as writer:
-        for points in frames:
-            writer.write(L.draw_pose_image(points, h, w))
-    return out
+    return Video2VideoPoses(landmarks=result.landmarks, size=(h, w), fps=fps, retarget=result)

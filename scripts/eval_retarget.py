@@ -150,12 +150,12 @@ def retarget_errors(pairs: int, frames: int, size: int, seed: int, framing: str,
             )
         if mediapipe:
             ref_det = R.reference_landmarks(case.reference_image(seed=k))
-            drv_det = R.track_landmarks_3d(case.driving_frames(seed=k))
+            drv_det = L.track_landmarks(case.driving_frames(seed=k), xyz=True, progress=False)
             result = R.retarget(ref_det, drv_det, size)
             rows.setdefault("mediapipe_retarget", []).append(mean_px(result.landmarks, target))
             rows.setdefault("mediapipe_naive", []).append(mean_px(drv_det[:, :, :2], target))
             # how close mediapipe itself gets to the ground truth on the ground-truth renders (a floor)
-            truth_det = R.track_landmarks_3d(case.target_frames(seed=k))
+            truth_det = L.track_landmarks(case.target_frames(seed=k), xyz=True, progress=False)
             rows.setdefault("mediapipe_on_truth", []).append(mean_px(truth_det[:, :, :2], target))
     return {name: round(float(np.mean(v)), 3) for name, v in rows.items()}
 

@@ -167,7 +167,7 @@ def test_video2video_out_equal_to_driving_is_refused(data, tmp_path, capsys):  #
     _cli_error(argv, capsys, "is the input --driving")
     assert video.read_bytes() == before
     # the API refuses it too
-    from anim_lab.retarget import video2video_command
+    from anim_lab.cli import video2video_command
 
     with pytest.raises(OutputError, match="is the input"):
         video2video_command(data / "ref.png", video, video, progress=False)
