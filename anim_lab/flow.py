@@ -282,15 +282,16 @@ def sample_i2v(
     uncond_text: dict | None = None,
     generator: torch.Generator | None = None,
     latents: torch.Tensor | None = None,
-    faithful: bool = True,
+    faithful: bool = False,
     return_trajectory: bool = False,
 ):
     """Image-to-video sampling: Euler steps of ``FlowMatchEulerDiscreteScheduler`` from noise (sigma 1) to
     data (sigma 0), on ``num_inference_steps`` uniform sigmas shifted by ``shift`` (the pipeline's grid
     ``linspace(1, 0, N + 1)[:-1]``). Returns scaled latents (B, C, (num_frames - 1)//4 + 1, h, w).
 
-    ``faithful=True`` starts, as the diffusers HunyuanVideo-I2V pipeline does, from 0.999 noise + 0.001 image
-    latent (repeated over frames); ``False`` starts from pure noise. With token_replace, frame 0 is the image
+    ``faithful=False`` (default) starts from pure noise, as flow matching is defined; ``faithful=True`` keeps
+    the reference's deviation: the diffusers HunyuanVideo-I2V pipeline starts from 0.999 noise + 0.001 image
+    latent (repeated over frames). With token_replace, frame 0 is the image
     latent throughout and only frames 1.. are stepped. ``return_trajectory``: also the list of latents after
     each step.
     """

@@ -169,19 +169,21 @@ def draw_hallo_uncond(
     uncond_img_ratio: float = 0.05,
     uncond_audio_ratio: float = 0.05,
     uncond_ia_ratio: float = 0.05,
-    faithful: bool = True,
+    faithful: bool = False,
 ) -> tuple[bool, bool]:
     """Hallo stage 2's dropout for one step -> ``(drop_image, drop_audio)``.
 
     ``drop_image`` skips the ReferenceNet (the face embedding is kept); ``drop_audio`` zeroes the audio tokens
     after ``audio_proj``.
 
-    - ``faithful=True`` (default), what Hallo's ``train_stage2.py`` does: two independent coins,
+    - ``faithful=False`` (default), what the three config names describe: one draw, exclusive events --
+      image only with probability ``uncond_img_ratio``, audio only with ``uncond_audio_ratio``, both with
+      ``uncond_ia_ratio``.
+    - ``faithful=True`` reproduces what Hallo's ``train_stage2.py`` does instead (``faithful`` means that
+      everywhere in anim_lab: the reference code's known deviations, kept): two independent coins,
       ``rng.random() < uncond_img_ratio`` then ``rng.random() < uncond_audio_ratio``. Both are dropped
       together with probability ``uncond_img_ratio * uncond_audio_ratio`` (0.0025); the config's
       ``uncond_ia_ratio`` is never read.
-    - ``faithful=False``, what the three config names describe: one draw, exclusive events -- image only with
-      probability ``uncond_img_ratio``, audio only with ``uncond_audio_ratio``, both with ``uncond_ia_ratio``.
     """
     for name, value in (
         ("uncond_img_ratio", uncond_img_ratio),

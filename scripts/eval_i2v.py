@@ -100,7 +100,9 @@ def generate(model, vae, image_latents, text, uncond, steps, shift, cfg, seed, b
         sl = slice(i, i + batch)
         tx = {k: v[sl] for k, v in text.items()}
         un = {k: v.expand(len(image_latents[sl]), *v.shape[1:]) for k, v in uncond.items()}
-        lat = flow.sample_i2v(model, image_latents[sl], tx, 17, steps, shift, cfg, un, generator=g)
+        lat = flow.sample_i2v(
+            model, image_latents[sl], tx, 17, steps, shift, cfg, un, generator=g, faithful=True
+        )
         videos.append(flow.decode_latents(vae, lat))  # (B, 3, 17, 64, 64)
     return torch.cat(videos)
 

@@ -160,7 +160,9 @@ def test_token_replace_input_and_sampler_match_diffusers_pipeline():
         torch.testing.assert_close(hidden[:, :, :1], img_lat, atol=1e-5, rtol=1e-5)
     # our written-out loop from the same starting noise gives the pipeline's latents
     noise = torch.randn((1, C, 3, 4, 4), generator=torch.Generator().manual_seed(3))
-    ours = flow.sample_i2v(model, img_lat, tx, num_frames=9, num_inference_steps=3, shift=3.0, latents=noise)
+    ours = flow.sample_i2v(  # the diffusers pipeline's start: faithful=True
+        model, img_lat, tx, num_frames=9, num_inference_steps=3, shift=3.0, latents=noise, faithful=True
+    )
     torch.testing.assert_close(ours, out, atol=1e-4, rtol=1e-4)
 
 
@@ -168,7 +170,9 @@ def test_latent_concat_sampler_matches_diffusers_pipeline():
     _, out, image, vae, model, tx = _run_pipeline("latent_concat", steps=3)
     img_lat = flow.encode_condition_image(vae, image)
     noise = torch.randn((1, C, 3, 4, 4), generator=torch.Generator().manual_seed(3))
-    ours = flow.sample_i2v(model, img_lat, tx, num_frames=9, num_inference_steps=3, shift=3.0, latents=noise)
+    ours = flow.sample_i2v(  # the diffusers pipeline's start: faithful=True
+        model, img_lat, tx, num_frames=9, num_inference_steps=3, shift=3.0, latents=noise, faithful=True
+    )
     torch.testing.assert_close(ours[:, :, 1:], out, atol=1e-4, rtol=1e-4)  # the pipeline drops latent frame 0
 
 

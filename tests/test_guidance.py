@@ -257,7 +257,7 @@ def test_draw_uncond_is_one_coin_per_step():
 
 def test_hallo_dropout_faithful_is_two_independent_coins():
     rng, twin = random.Random(3), random.Random(3)
-    draws = [draw_hallo_uncond(rng) for _ in range(40000)]
+    draws = [draw_hallo_uncond(rng, faithful=True) for _ in range(40000)]
     assert draws == [(twin.random() < 0.05, twin.random() < 0.05) for _ in range(40000)]
     image, audio = np.array(draws).T
     assert abs(image.mean() - 0.05) < 0.005 and abs(audio.mean() - 0.05) < 0.005
