@@ -7,8 +7,8 @@ Classifier-free guidance (CFG) runs the denoising UNet on two copies of the batc
 - **The CFG batch** (:func:`cfg_batch`, :func:`cfg_encoder_hidden_states`): rows ``[0, B)`` are the
   unconditional copy and rows ``[B, 2B)`` the conditional one, in that order, as in the reference pipelines
   (``torch.cat([uncond, cond])``). The uncond rows get zero CLIP tokens and, in the denoising UNet, **no
-  reference attention** (:func:`uncond_rows` is that row mask); the cond rows get the CLIP token and the
-  ReferenceNet's bank. One UNet call on 2B rows: twice the work of a call without CFG.
+  reference attention** (``anim_lab.reference`` splits the rows at B); the cond rows get the CLIP token and
+  the ReferenceNet's bank. One UNet call on 2B rows: twice the work of a call without CFG.
 - **The combine** (:func:`cfg_combine`) with an optional guidance rescale (Lin et al. 2023, "Common Diffusion
   Noise Schedules and Sample Steps are Flawed", §3.4), done by diffusers' ``rescale_noise_cfg``.
 - **Guidance on or off** (:func:`do_classifier_free_guidance`): the reference runs CFG only when
@@ -62,7 +62,6 @@ __all__ = [
     "do_classifier_free_guidance",
     "cfg_batch",
     "cfg_encoder_hidden_states",
-    "uncond_rows",
     "cfg_combine",
     "draw_uncond",
     "draw_hallo_uncond",
@@ -110,17 +109,6 @@ def cfg_encoder_hidden_states(
             f"{tuple(encoder_hidden_states.shape)}"
         )
     return torch.cat([uncond, encoder_hidden_states])  # 2 x (B, N, D) -> (2B, N, D)
-
-
-def uncond_rows(batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Boolean row mask (2B,) of the CFG batch: True for the unconditional rows ``[0, B)``.
-
-    These rows see no reference features in the denoising UNet (the reference's ``uc_mask``): CFG therefore
-    guides the reference appearance and the CLIP token together.
-    """
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    return torch.arange(2 * batch_size, device=device) < batch_size  # (2B,)
 
 
 def cfg_combine(

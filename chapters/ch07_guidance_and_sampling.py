@@ -22,7 +22,7 @@
 #   schedules, the windows of a 64-frame video with their counter, the averaging bug measured, and the CFG
 #   sweep (1 / 2 / 3.5 / 5 / 7) on the trained toy animator as pictures and a metric table
 # - **Library modules**: `anim_lab.guidance` (`cfg_batch`, `cfg_encoder_hidden_states`, `cfg_combine`,
-#   `uncond_rows`, `draw_uncond`, `draw_hallo_uncond`, `build_scheduler`, `set_timesteps`,
+#   `draw_uncond`, `draw_hallo_uncond`, `build_scheduler`, `set_timesteps`,
 #   `convert_prediction`), `anim_lab.context` (`context_windows`, `window_counter`, `predict_in_windows`),
 #   `anim_lab.unet`, `anim_lab.clip`, `anim_lab.inspect`, `anim_lab.toy`
 #   (`load_animator`); `scripts/eval_animator.py` (held-out cases, `score`, the metric table)
@@ -76,7 +76,6 @@ from anim_lab.guidance import (
     drop_condition,
     hallo_uncond_tokens,
     set_timesteps,
-    uncond_rows,
 )
 from anim_lab.inspect import count_flops, format_table
 from anim_lab.motion import MOTION_TINY
@@ -301,13 +300,13 @@ print(format_table(rows, ["Hallo stage 2", "image only", "audio only", "both"]))
 # **and** the ReferenceNet's bank; the unconditional rows (`uc_mask`, the first half of the batch) attend to
 # their own tokens only. So the uncond rows lose both the CLIP token and the reference appearance, and CFG
 # guides the two together. Chapter 05 builds the real processors; here the rule on one attention layer, with
-# `uncond_rows` as the mask:
+# the first half of the batch as the mask:
 
 # %%
 torch.manual_seed(0)
 attn1 = Attention(query_dim=32, heads=4, dim_head=8).eval()
 hidden = torch.randn(2 * B, 64, 32)  # (2B, h*w, C) the CFG batch's features
-mask = uncond_rows(B)  # (2B,) True for the unconditional rows
+mask = torch.arange(2 * B) < B  # (2B,) True for the unconditional rows, the first half
 
 
 def reference_self_attention(hidden, bank):

@@ -72,11 +72,12 @@ from anim_lab.clip import load_image_encoder
 from anim_lab.guidance import DDIM_OFFICIAL, build_scheduler, draw_uncond
 from anim_lab.landmarks import draw_pose_image
 from anim_lab.pipelines import Pose2VideoPipeline
-from anim_lab.pipelines.pose2video import SAVED_FILES
+from anim_lab.pipelines.pose2video import SAVED_FILES, encode_reference
 from anim_lab.pose_guider import PoseGuider
 from anim_lab.reference import reference_attention
 from anim_lab.toy import ToyPortraitDataset
 from anim_lab.unet import MOTION_KEY, ReferenceUNet, VideoUNet
+from anim_lab.vae import encode as vae_encode
 from anim_lab.vae import images_to_uint8, load_vae
 from anim_lab.weights import load_checkpoint, load_into
 
@@ -193,18 +194,16 @@ def build_cache(
     condition)."""
     vae = load_vae(TOY_VAE_DIR)
     encoder = load_image_encoder(encoder_dir)
-    # a pipeline only for its encode_reference (the same preprocessing at training and at inference)
-    pipe = Pose2VideoPipeline(vae, encoder, None, None, None, build_scheduler())
     dataset = ToyPortraitDataset("train", 128, num_frames, num_items, seed, fps=fps)
     ref_latents, tokens, latents, landmarks, identities = [], [], [], [], []
     with torch.no_grad():
         for item in tqdm(dataset, desc=f"pre-encoding {num_items} clips", mininterval=10):
             ref_u8 = images_to_uint8(item["reference"])  # (3, H, W) -> (H, W, 3)
-            token, ref_lat = pipe.encode_reference(
-                PIL.Image.fromarray(ref_u8), 128, 128, torch.float32, "cpu"
-            )  # (1, 1, D), (1, 4, h, w)
+            # the pipeline's own reference encoding: the same preprocessing at training and at inference
+            token, ref_lat = encode_reference(vae, encoder, PIL.Image.fromarray(ref_u8), 128, 128)
+            # -> (1, 1, D), (1, 4, h, w)
             frames = rearrange(item["frames"], "c f h w -> f c h w")  # (3, F, H, W) -> (F, 3, H, W)
-            lat = vae.encode(frames).latent_dist.mean * vae.config.scaling_factor  # (F, 4, h, w)
+            lat = vae_encode(vae, frames)  # (F, 4, h, w): posterior mean x scaling factor
             ref_latents.append(ref_lat[0])
             tokens.append(token[0])
             latents.append(lat)

@@ -93,6 +93,7 @@ from ..weights import (
 
 __all__ = [
     "Pose2VideoPipeline",
+    "encode_reference",
     "Pose2VideoPipelineOutput",
     "NonFiniteError",
     "SAVED_FILES",
@@ -124,6 +125,31 @@ class Pose2VideoPipelineOutput(BaseOutput):
     "pt" (B, F, 3, H, W) float in [0, 1]; "latent" (B, 4, F, h, w)."""
 
     frames: list | np.ndarray | torch.Tensor
+
+
+def encode_reference(
+    vae: AutoencoderKL,
+    image_encoder: CLIPVisionModelWithProjection,
+    ref_image: PIL.Image.Image,
+    height: int,
+    width: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference image as the pipeline (and the toy animator's training) sees it: CLIP tokens (1, 1, D)
+    of the image squashed to the encoder's square size, and the reference latents (1, 4, h, w) = the VAE's
+    posterior mean x scaling factor, of the image resized to (height, width)."""
+    processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
+    size = image_encoder.config.image_size
+    # squashed to the encoder's square (PIL's default bicubic, as the reference), then CLIP-normalised
+    clip_input = processor.pil_to_numpy(ref_image.resize((size, size)))  # (1, S, S, 3) in [0, 1]
+    clip_input = rearrange(torch.from_numpy(clip_input), "b h w c -> b c h w") * 2 - 1  # -> [-1, 1]
+    clip_tokens = encode_image(
+        image_encoder, clip_input.to(device), ClipPreprocess(size=size, crop_size=size)
+    )  # (1, 1, D): one token
+    ref = processor.preprocess(ref_image, height=height, width=width)  # (1, 3, H, W) in [-1, 1]
+    ref_latents = vae_encode(vae, ref.to(device))  # (1, 4, h, w): the posterior mean, scaled
+    return clip_tokens, ref_latents.to(dtype)
 
 
 def _read_json(path: Path) -> dict:
@@ -339,18 +365,9 @@ class Pose2VideoPipeline(DiffusionPipeline):
             )
 
     def encode_reference(self, ref_image: PIL.Image.Image, height: int, width: int, dtype, device):
-        """CLIP tokens (1, 1, D) of the reference squashed to the encoder's square size, and the reference
-        latents (1, 4, h, w) = VAE mean x scaling factor."""
-        size = self.image_encoder.config.image_size
-        # squashed to the encoder's square (PIL's default bicubic, as the reference), then CLIP-normalised
-        clip_input = self.image_processor.pil_to_numpy(ref_image.resize((size, size)))  # (1, S, S, 3) [0, 1]
-        clip_input = rearrange(torch.from_numpy(clip_input), "b h w c -> b c h w") * 2 - 1  # -> [-1, 1]
-        clip_tokens = encode_image(
-            self.image_encoder, clip_input.to(device), ClipPreprocess(size=size, crop_size=size)
-        )  # (1, 1, D): one token
-        ref = self.image_processor.preprocess(ref_image, height=height, width=width)  # (1, 3, H, W) [-1, 1]
-        ref_latents = vae_encode(self.vae, ref.to(device))  # (1, 4, h, w): the posterior mean, scaled
-        return clip_tokens, ref_latents.to(dtype)
+        """CLIP tokens (1, 1, D) and reference latents (1, 4, h, w): :func:`encode_reference` with this
+        pipeline's VAE and image encoder."""
+        return encode_reference(self.vae, self.image_encoder, ref_image, height, width, dtype, device)
 
     def encode_poses(
         self,

@@ -24,7 +24,7 @@ def load_animator(folder: str | os.PathLike = TOY_ANIMATOR_DIR, scheduler: str =
     ``scheduler``: the DDIM betas, "scaled_linear" (what the training used, as saved in the folder) or
     "linear" (the official inference configs). A missing or mismatched file is named, with how to get it
     back."""
-    from ..guidance import build_scheduler
+    from ..guidance import build_scheduler, check_prediction_type
     from ..pipelines import Pose2VideoPipeline
 
     if scheduler not in SCHEDULERS:
@@ -43,7 +43,9 @@ def load_animator(folder: str | os.PathLike = TOY_ANIMATOR_DIR, scheduler: str =
     except ValueError as err:  # another pipeline, keys that do not fit a config, a truncated file: all named
         raise InputError(f"{err}{hint}") from None
     if scheduler == "linear":
+        trained_for = pipe.scheduler.config.prediction_type  # what the denoiser outputs (v, at training)
         pipe.scheduler = build_scheduler("linear")
+        check_prediction_type(pipe.scheduler, trained_for)  # the new betas must read the output as the same
     for module in pipe.components.values():
         if hasattr(module, "requires_grad_"):
             module.requires_grad_(False)
