@@ -393,6 +393,13 @@ def test_save_pretrained_from_pretrained_round_trip(pipe, tmp_path):
     assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.parametrize("kwargs", [{"variant": "fp16"}, {"max_shard_size": "1MB"}, {"push_to_hub": True}])
+def test_save_pretrained_refuses_diffusers_keywords_by_name(pipe, tmp_path, kwargs):
+    with pytest.raises(ValueError, match=f"does not take {next(iter(kwargs))}"):
+        pipe.save_pretrained(tmp_path / "saved", **kwargs)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 def test_from_pretrained_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="load_official_pipeline"):
         Pose2VideoPipeline.from_pretrained(tmp_path)

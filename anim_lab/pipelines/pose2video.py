@@ -594,7 +594,12 @@ class Pose2VideoPipeline(DiffusionPipeline):
 
     # --- anim_lab's own folder layout ---------------------------------------------------------------
     def save_pretrained(
-        self, save_directory: str | os.PathLike, *, force: bool = False, safe_serialization: bool = True
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        force: bool = False,
+        safe_serialization: bool = True,
+        **kwargs,
     ) -> None:
         """Write the pipeline as a standard diffusers folder (``model_index.json``, one subfolder per
         component, each saved by its own ``save_pretrained``; safetensors only), with the umask's permissions.
@@ -603,6 +608,12 @@ class Pose2VideoPipeline(DiffusionPipeline):
         An existing folder is replaced only when it holds nothing but what this method writes (an earlier
         save); a folder with anything else (notes, samples, another pipeline's model_index.json) is refused,
         naming what is there, and ``force=True`` replaces only the files this method writes."""
+        if kwargs:  # diffusers' other keywords would change which files are written: refused, by name
+            raise InputError(
+                f"save_pretrained does not take {', '.join(sorted(kwargs))}: it writes the whole pipeline, "
+                "unsharded safetensors with no variant, to a local folder; its options are force= and "
+                "safe_serialization=True"
+            )
         if not safe_serialization:
             raise InputError("save_pretrained writes safetensors only (a pickle could run code when loaded)")
         target = Path(save_directory)
