@@ -250,6 +250,19 @@ def draw_pose_image(
     return canvas
 
 
+def face_mask(landmarks, height: int, width: int | None = None) -> np.ndarray:
+    """``(H, W)`` bool: the pixels inside the face oval (:data:`FACE_OVAL`) of ``landmarks`` ``(478, 2)`` in
+    pixels of the image (pixel centres at integers). The region where a face's colour and detail are scored,
+    drawn from the ground truth's own landmarks so that it follows the head (not a fixed crop)."""
+    height = _image_size(height, "height")
+    width = height if width is None else _image_size(width, "width")
+    xy = _check_landmarks(landmarks)[list(FACE_OVAL[:-1])]  # (36, 2): the closed loop's points
+    fixed = np.round(xy * (1 << _SHIFT)).astype(np.int32)
+    mask = np.zeros((height, width), np.uint8)
+    cv2.fillPoly(mask, [fixed], 1, cv2.LINE_8, _SHIFT)
+    return mask.astype(bool)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # 3. Detection with mediapipe face mesh.
 # ------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,10 @@ frames. Every function takes a reconstruction (or generation) first and the grou
   1.5), K1 = 0.01, K2 = 0.03, on each RGB channel of the pictures in [0, 1] (SSIM is not shift-invariant:
   on [-1, 1] values it would be another number), averaged over the valid part of the map and the channels.
 - :func:`colour_error`: how far the mean colour drifts, in 8-bit levels (the largest channel error of the
-  per-frame mean colour), averaged over frames.
+  per-frame mean colour, over the frame or inside a mask such as the face oval), averaged over frames.
+- :func:`kid`: the kernel inception distance between two sets of pictures, on an image encoder's
+  features: how far the generated pictures are, as a distribution, from real ones (blur and wrong colours
+  both raise it).
 
 Over time (videos ``(B, 3, F, H, W)``, in [0, 1] units of the picture's range):
 
@@ -47,6 +50,8 @@ __all__ = [
     "gaussian_window",
     "ssim",
     "colour_error",
+    "kid_subset",
+    "kid",
     "video_from_uint8",
     "frame_changes",
     "flicker",
@@ -165,12 +170,74 @@ def ssim(
     return s.flatten(1).mean(1).float()  # (N, C, h', w') -> (N,)
 
 
-def colour_error(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def colour_error(
+    images: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-frame colour drift in 8-bit levels: max over RGB of |mean(reconstruction) - mean(ground truth)|,
-    each mean over the frame's pixels; (B, 3, H, W) or (B, 3, F, H, W) in [-1, 1] -> (N,) float32."""
+    each mean over the frame's pixels, or over the pixels of ``masks`` (N, H, W) bool, one per frame (e.g. the
+    face oval of the ground truth's landmarks, :func:`anim_lab.landmarks.face_mask`); (B, 3, H, W) or
+    (B, 3, F, H, W) in [-1, 1] -> (N,) float32."""
     x, y = _pair(images, targets)
-    diff = (x.mean((2, 3)) - y.mean((2, 3))).abs() * 127.5  # (N, 3), [-1, 1] -> levels
-    return diff.amax(1).float()
+    if masks is None:
+        diff = (x.mean((2, 3)) - y.mean((2, 3))).abs()  # (N, 3)
+    else:
+        m = torch.as_tensor(masks, device=x.device)
+        if m.shape != (x.shape[0], *x.shape[2:]) or m.dtype != torch.bool:
+            raise InputError(f"masks must be bool (N={x.shape[0]}, H, W), got {m.dtype} {tuple(m.shape)}")
+        if not m.flatten(1).any(1).all():
+            raise InputError("a mask is empty: there is no region to compare")
+        w = m[:, None].double()  # (N, 1, H, W)
+        mean = lambda t: (t * w).sum((2, 3)) / w.sum((2, 3))  # noqa: E731  (N, 3) mean inside the mask
+        diff = (mean(x) - mean(y)).abs()
+    return (diff * 127.5).amax(1).float()  # [-1, 1] -> levels
+
+
+# --- distributions ------------------------------------------------------------------------------------------
+def kid_subset(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """The unbiased estimate of the squared MMD between two feature sets, real (m, D) and fake (m, D), with
+    the polynomial kernel k(x, y) = (x . y / D + 1)^3 of Binkowski et al. (2018): the kernel inception
+    distance of one subset."""
+    x, y = real.double(), fake.double()
+    m, d = x.shape
+    if y.shape != (m, d) or m < 2:
+        raise InputError(
+            f"KID needs two feature sets of one shape (m >= 2, D), got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    k = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    off = lambda kk: (kk.sum() - kk.diagonal().sum()) / (m * (m - 1))  # noqa: E731  mean over i != j
+    return off(kxx) + off(kyy) - 2 * kxy.mean()
+
+
+def kid(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    subset_size: int | None = None,
+    subsets: int = 100,
+    generator: torch.Generator | None = None,
+) -> tuple[float, float]:
+    """Kernel inception distance between features of real (N, D) and generated (M, D) pictures: the mean and
+    standard deviation over ``subsets`` random subsets of ``subset_size`` rows each (drawn without
+    replacement within a subset, as torchmetrics does) of :func:`kid_subset`. With ``subset_size=None`` one
+    subset of all rows (N = M). Lower is closer; 0 in expectation for one distribution. The features are any
+    image encoder's (anim_lab uses the frozen toy image encoder, which needs no download)."""
+    n, m = len(real), len(fake)
+    if subset_size is None:
+        if n != m:
+            raise InputError(f"without subset_size the two sets must be equally large, got {n} and {m}")
+        value = kid_subset(real, fake).item()
+        return value, 0.0
+    if not 2 <= subset_size <= min(n, m):
+        raise InputError(
+            f"subset_size must be between 2 and the smaller set's {min(n, m)} rows, got {subset_size}"
+        )
+    values = []
+    for _ in range(subsets):
+        r = real[torch.randperm(n, generator=generator)[:subset_size]]
+        f = fake[torch.randperm(m, generator=generator)[:subset_size]]
+        values.append(kid_subset(r, f))
+    values = torch.stack(values)
+    return values.mean().item(), values.std(unbiased=False).item()
 
 
 # --- over time --------------------------------------------------------------------------------------------

@@ -180,3 +180,62 @@ def test_identity_top1_matches_a_nearest_neighbour_loop():
     assert M.identity_top1(many, gallery, torch.arange(5).repeat(2)) == 1.0
     with pytest.raises(ValueError, match="labels"):
         M.identity_top1(queries, gallery, torch.tensor([0, 1, 2, 7]))
+
+
+# --- face-region colour and KID ----------------------------------------------------------------------------
+def test_colour_error_inside_a_mask_matches_a_loop():
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.rand(2, 3, 10, 12, generator=g) * 2 - 1, torch.rand(2, 3, 10, 12, generator=g) * 2 - 1
+    masks = torch.zeros(2, 10, 12, dtype=torch.bool)
+    masks[0, 2:6, 3:9], masks[1, 5:, :4] = True, True
+    for i in range(2):
+        inside = masks[i].numpy()
+        a, b = x[i].numpy()[:, inside], y[i].numpy()[:, inside]  # (3, n)
+        expected = np.abs(a.mean(1) - b.mean(1)).max() * 127.5
+        assert M.colour_error(x, y, masks)[i].item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="empty"):
+        M.colour_error(x, y, torch.zeros(2, 10, 12, dtype=torch.bool))
+
+
+def test_face_mask_is_the_filled_face_oval():
+    from anim_lab import landmarks as L
+    from anim_lab import toy
+
+    image, points = toy.render(toy.identity_from_seed(3), toy.HeadPose(yaw=10), toy.Expression(), size=128)
+    mask = L.face_mask(points, 128)
+    assert mask.shape == (128, 128) and 0.1 < mask.mean() < 0.6
+    oval = points[list(L.FACE_OVAL[:-1])]  # (36, 2)
+    centre = np.round(oval.mean(0)).astype(int)
+    assert mask[centre[1], centre[0]] and not mask[0, 0]  # the nose is inside, a corner is not
+    from matplotlib.path import Path as Polygon
+
+    ys, xs = np.mgrid[:128, :128]
+    inside = Polygon(oval).contains_points(np.stack([xs.ravel(), ys.ravel()], 1)).reshape(128, 128)
+    assert (mask != inside).mean() < 0.03  # the same region up to the rasterised border
+
+
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")
+def test_kid_matches_torchmetrics():
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    torch.manual_seed(0)
+    project = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 16)).double().eval()
+    real = torch.rand(40, 3, 8, 8, dtype=torch.float64)
+    fake = real * 0.3  # darker pictures: another distribution
+
+    class Features(torch.nn.Module):
+        def forward(self, images):
+            return project(images)
+
+    metric = KernelInceptionDistance(feature=Features(), subsets=1, subset_size=40, normalize=True)  # noqa: E501
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    theirs, _ = metric.compute()
+    with torch.no_grad():
+        ours, spread = M.kid(project(real), project(fake))  # one subset: every row, no sampling
+    assert ours == pytest.approx(theirs.item(), rel=1e-6) and spread == 0.0
+    with torch.no_grad():
+        same, _ = M.kid(project(real[:20]), project(real[20:]))
+    assert abs(same) < ours  # two halves of one set are closer than real vs fake
+    mean, std = M.kid(project(real).detach(), project(fake).detach(), subset_size=10, subsets=50)
+    assert std > 0 and abs(mean - ours) < 4 * std
