@@ -291,16 +291,27 @@ def seam_error(videos: torch.Tensor, targets: torch.Tensor, windows) -> torch.Te
 
 
 # --- identity ---------------------------------------------------------------------------------------------
-def identity_top1(queries: torch.Tensor, gallery: torch.Tensor, labels: torch.Tensor | None = None) -> float:
-    """Share of ``queries`` (n, D) whose most cosine-similar row of ``gallery`` (N, D) is their own identity:
-    ``labels[i]`` (n,) indexes query i's row of the gallery (default: row i). Chance is 1 / N."""
+def identity_top1(
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    gallery_labels: torch.Tensor | None = None,
+) -> float:
+    """Share of ``queries`` (n, D) whose most cosine-similar row of ``gallery`` (N, D) shows their own
+    identity: ``labels`` (n,) names each query's identity and ``gallery_labels`` (N,) each gallery row's
+    (default: query i is identity i, gallery row j is identity j). Chance is about 1 / (identities in the
+    gallery)."""
     if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
         raise InputError(
             "queries (n, D) and gallery (N, D) embeddings of one width, got "
             f"{tuple(queries.shape)} and {tuple(gallery.shape)}"
         )
     labels = torch.arange(len(queries)) if labels is None else torch.as_tensor(labels)
-    if labels.shape != (len(queries),) or int(labels.max()) >= len(gallery):
-        raise InputError(f"labels must be (n={len(queries)},) rows of the gallery (N={len(gallery)})")
+    gallery_labels = torch.arange(len(gallery)) if gallery_labels is None else torch.as_tensor(gallery_labels)
+    if labels.shape != (len(queries),) or gallery_labels.shape != (len(gallery),):
+        raise InputError(
+            f"labels must be (n={len(queries)},) and gallery_labels (N={len(gallery)},), got "
+            f"{tuple(labels.shape)} and {tuple(gallery_labels.shape)}"
+        )
     sim = F.normalize(queries.double(), dim=-1) @ F.normalize(gallery.double(), dim=-1).T  # (n, N)
-    return float((sim.argmax(1) == labels).double().mean())
+    return float((gallery_labels[sim.argmax(1)] == labels).double().mean())

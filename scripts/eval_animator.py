@@ -10,13 +10,21 @@ clip's pose images, and the ground truth is the identity rendered in the driving
 
 Metrics (one row of the table per variant):
 - ``psnr`` / ``ssim``: each generated frame against its ground-truth render (mean over frames and cases);
+- ``sharpness``: the variance of the luminance Laplacian, generated / ground truth (1 = as much fine detail;
+  PSNR rewards blur, this does not);
+- ``face_colour``: the mean colour's drift inside the face oval of the ground truth's landmarks (levels);
 - ``detect`` / ``pose_px``: mediapipe face mesh on the generated frames upscaled to 256 px (bicubic): the
   share of frames with a face, and the mean distance (256-px pixels) of its 478 landmarks to the driving
   landmarks, over the detected frames;
 - ``id_top1``: the toy image encoder's embedding of each generated frame against the ground-truth frames (same
-  index) of every case: the share whose nearest (cosine) is its own identity;
+  index) of a gallery of at least 32 held-out identities (the evaluated cases and further ones): the share
+  whose nearest (cosine) shows its own identity;
+- ``kid``: the kernel inception distance between the generated and the ground-truth frames, on the toy image
+  encoder's features (lower is closer; about 0 for the ground truth's own distribution);
 - ``flicker``: mean |frame difference| of the generated video minus that of the ground truth ([0, 1] units).
-The ``copy reference`` row is the baseline of showing the reference image for every frame.
+The ``copy reference`` row is the baseline of showing the reference image for every frame; the ``VAE
+reconstruction`` row is the ceiling: the ground truth through the animator's own VAE (encode, decode), as
+good as any model that decodes with it can be.
 
 Every metric is computed by ``anim_lab.metrics``. The ablations are the pipeline's own switches
 (:data:`ABLATIONS`: ``use_reference_attention`` / ``use_pose_guider`` / ``use_motion_modules``, which a user
@@ -43,22 +51,27 @@ from anim_lab import metrics as M
 from anim_lab.clip import ClipPreprocess, load_image_encoder
 from anim_lab.context import context_windows
 from anim_lab.files import OutputError, check_output_file, write_result
-from anim_lab.landmarks import FaceLandmarker, NoFaceError
+from anim_lab.landmarks import FaceLandmarker, NoFaceError, face_mask
 from anim_lab.toy import TOY_ANIMATOR_DIR, ToyPortraitDataset, load_animator
+from anim_lab.vae import decode as vae_decode
+from anim_lab.vae import encode as vae_encode
 from anim_lab.vae import images_from_uint8, images_to_uint8
 
 EVAL_SEED = 2027  # the held-out cases (test identities, motion seeds of their own)
-METRICS = ("psnr", "ssim", "detect", "pose_px", "id_top1", "flicker")
+METRICS = ("psnr", "ssim", "sharpness", "face_colour", "detect", "pose_px", "id_top1", "kid", "flicker")
+GALLERY = 32  # identities the identity metric ranks among (at least)
 
 
 @dataclass
 class Case:
-    """A held-out identity: reference (H, W, 3), poses / truth (F, H, W, 3) uint8, landmarks (F, 478, 2)."""
+    """A held-out identity: reference (H, W, 3), poses / truth (F, H, W, 3) uint8, landmarks (F, 478, 2), and
+    the identity's seed."""
 
     reference: np.ndarray
     poses: np.ndarray
     truth: np.ndarray
     landmarks: np.ndarray
+    identity: int = -1
 
 
 def make_cases(num_cases: int = 4, num_frames: int = 24, seed: int = EVAL_SEED) -> list[Case]:
@@ -71,6 +84,7 @@ def make_cases(num_cases: int = 4, num_frames: int = 24, seed: int = EVAL_SEED) 
                 poses=(item["poses"].permute(1, 2, 3, 0) * 255).round().byte().numpy(),  # -> (F, H, W, 3)
                 truth=images_to_uint8(rearrange(item["frames"], "c f h w -> f c h w")),  # (F, H, W, 3)
                 landmarks=item["landmarks"].numpy(),
+                identity=int(item["identity"]),
             )
         )
     return cases
@@ -118,28 +132,54 @@ class IdentityProbe:
         self.size, self.preprocess = size, ClipPreprocess(size=size, crop_size=size)
 
     @torch.no_grad()
-    def __call__(self, images: np.ndarray) -> torch.Tensor:
-        """(N, H, W, 3) uint8 -> (N, D) unit vectors."""
+    def features(self, images: np.ndarray) -> torch.Tensor:
+        """(N, H, W, 3) uint8 -> (N, D) the encoder's projected embeddings (what KID compares)."""
         x = images_from_uint8(images)  # (N, H, W, 3) uint8 -> (N, 3, H, W) in [-1, 1]
         x = torch.nn.functional.interpolate(
             x, size=(self.size, self.size), mode="bicubic", align_corners=False
         )
-        emb = self.encoder(pixel_values=self.preprocess(x.clamp(-1, 1))).image_embeds  # (N, D)
-        return torch.nn.functional.normalize(emb, dim=-1)
+        return self.encoder(pixel_values=self.preprocess(x.clamp(-1, 1))).image_embeds  # (N, D)
+
+    def __call__(self, images: np.ndarray) -> torch.Tensor:
+        """(N, H, W, 3) uint8 -> (N, D) unit vectors."""
+        return torch.nn.functional.normalize(self.features(images), dim=-1)
 
 
-def identity_top1(videos: list[np.ndarray], cases: list[Case], probe: IdentityProbe) -> float:
-    """Share of generated frames whose nearest ground-truth frame (same index, every case) is their own."""
+def identity_top1(
+    videos: list[np.ndarray], cases: list[Case], probe: IdentityProbe, gallery: list[Case] | None = None
+) -> float:
+    """Share of generated frames whose nearest ground-truth frame (same index) among the ``gallery`` cases
+    (default: the evaluated cases) shows their own identity."""
+    gallery = cases if gallery is None else gallery
+    own = torch.tensor([c.identity for c in cases])
+    ids = torch.tensor([g.identity for g in gallery])
     hits = []
     for f in range(len(cases[0].truth)):
-        gallery = probe(np.stack([c.truth[f] for c in cases]))  # (N, D)
-        queries = probe(np.stack([v[f] for v in videos]))  # (N, D)
-        hits.append(M.identity_top1(queries, gallery))
+        keys = probe(np.stack([g.truth[f] for g in gallery]))  # (N, D)
+        queries = probe(np.stack([v[f] for v in videos]))  # (n, D)
+        hits.append(M.identity_top1(queries, keys, own, ids))
     return float(np.mean(hits))
 
 
-def score(videos: list[np.ndarray], cases: list[Case], probe: IdentityProbe | None = None) -> dict:
-    """The table's metrics for one variant (videos[i] generated for cases[i])."""
+def kid(videos: list[np.ndarray], cases: list[Case], probe: IdentityProbe) -> float:
+    """KID between every generated frame and every ground-truth frame (toy image encoder features): the mean
+    over 50 subsets of up to 100 frames, a fixed generator. Negative values are the unbiased estimate's noise
+    around 0 (no measurable difference)."""
+    fake = probe.features(np.concatenate(videos))  # (n*F, D)
+    real = probe.features(np.concatenate([c.truth for c in cases]))  # (n*F, D)
+    size = min(100, len(fake))
+    mean, _ = M.kid(real, fake, subset_size=size, subsets=50, generator=torch.Generator().manual_seed(0))
+    return mean
+
+
+def score(
+    videos: list[np.ndarray],
+    cases: list[Case],
+    probe: IdentityProbe | None = None,
+    gallery: list[Case] | None = None,
+) -> dict:
+    """The table's metrics for one variant (videos[i] generated for cases[i]); ``gallery``: the cases the
+    identity metric ranks among (default: ``cases``)."""
     probe = probe or IdentityProbe()
     errors = []
     with FaceLandmarker(video=False) as landmarker:
@@ -147,14 +187,33 @@ def score(videos: list[np.ndarray], cases: list[Case], probe: IdentityProbe | No
             errors += pose_errors(v, c.landmarks, landmarker)
     found = [e for e in errors if e is not None]
     pairs = [(M.video_from_uint8(v), M.video_from_uint8(c.truth)) for v, c in zip(videos, cases, strict=True)]
+    masks = [
+        torch.from_numpy(np.stack([face_mask(p, *c.truth.shape[1:3]) for p in c.landmarks])) for c in cases
+    ]
     return {
         "psnr": float(np.mean([M.psnr(v, t).mean() for v, t in pairs])),
         "ssim": float(np.mean([M.ssim(v, t).mean() for v, t in pairs])),
+        "sharpness": float(np.mean([M.sharpness_ratio(v, t) for v, t in pairs])),
+        "face_colour": float(
+            np.mean([M.colour_error(v, t, m).mean() for (v, t), m in zip(pairs, masks, strict=True)])
+        ),
         "detect": len(found) / len(errors),
         "pose_px": float(np.mean(found)) if found else float("nan"),
-        "id_top1": identity_top1(videos, cases, probe),
+        "id_top1": identity_top1(videos, cases, probe, gallery),
+        "kid": kid(videos, cases, probe),
         "flicker": float(np.mean([M.flicker(v, t).item() for v, t in pairs])),
     }
+
+
+@torch.no_grad()
+def reconstruct(pipe, cases: list[Case]) -> list[np.ndarray]:
+    """The ceiling: each case's ground truth encoded and decoded by the pipeline's VAE (posterior mean)."""
+    out = []
+    for c in cases:
+        frames = images_from_uint8(c.truth)  # (F, 3, H, W) in [-1, 1]
+        latents = vae_encode(pipe.vae, frames)  # (F, 4, h, w), scaled
+        out.append(images_to_uint8(vae_decode(pipe.vae, latents)))  # (F, H, W, 3) uint8
+    return out
 
 
 def copy_reference(cases: list[Case]) -> list[np.ndarray]:
@@ -171,24 +230,24 @@ ABLATIONS = {
 }
 
 
-def run_variant(pipe, cases, probe=None, name: str = "toy animator", **gen) -> dict:
+def run_variant(pipe, cases, probe=None, name: str = "toy animator", gallery=None, **gen) -> dict:
     """Generate every case (a progress bar over the cases on stderr) and score the videos."""
     videos = [generate(pipe, c, **gen) for c in tqdm(cases, desc=name, unit="case", leave=False)]
-    return score(videos, cases, probe)
+    return score(videos, cases, probe, gallery)
 
 
-def ablate(pipe, cases, name: str, probe=None, **gen) -> dict:
+def ablate(pipe, cases, name: str, probe=None, gallery=None, **gen) -> dict:
     """The table row of one of :data:`ABLATIONS`."""
-    return run_variant(pipe, cases, probe, name, **ABLATIONS[name], **gen)
+    return run_variant(pipe, cases, probe, name, gallery, **ABLATIONS[name], **gen)
 
 
-def sweep_cfg(pipe, cases, scales=(1.0, 2.0, 3.5, 5.0, 7.0), probe=None, **gen) -> dict[float, dict]:
-    return {s: run_variant(pipe, cases, probe, f"cfg {s:g}", **{**gen, "cfg": s}) for s in scales}
+def sweep_cfg(pipe, cases, scales=(1.0, 2.0, 3.5, 5.0, 7.0), probe=None, gallery=None, **gen) -> dict:
+    return {s: run_variant(pipe, cases, probe, f"cfg {s:g}", gallery, **{**gen, "cfg": s}) for s in scales}
 
 
-def sweep_steps(pipe, cases, counts=(5, 10, 25, 50), probe=None, **gen) -> dict[int, dict]:
+def sweep_steps(pipe, cases, counts=(5, 10, 25, 50), probe=None, gallery=None, **gen) -> dict[int, dict]:
     """The table for each number of denoising steps in ``counts`` (``gen`` may carry a "steps": replaced)."""
-    return {n: run_variant(pipe, cases, probe, f"{n} steps", **{**gen, "steps": n}) for n in counts}
+    return {n: run_variant(pipe, cases, probe, f"{n} steps", gallery, **{**gen, "steps": n}) for n in counts}
 
 
 def context_seams(pipe, overlaps=(0, 4), num_frames: int = 64, context_frames: int = 16, **gen) -> dict:
@@ -207,11 +266,15 @@ def context_seams(pipe, overlaps=(0, 4), num_frames: int = 64, context_frames: i
 
 
 # --- the table -------------------------------------------------------------------------------------------
+DECIMALS = {"psnr": 2, "ssim": 3, "sharpness": 3, "face_colour": 2, "detect": 3, "pose_px": 2, "id_top1": 3}
+DECIMALS |= {"kid": 3, "flicker": 4}
+
+
 def format_table(rows: dict[str, dict]) -> str:
-    head = f"{'variant':<28}" + "".join(f"{m:>10}" for m in METRICS)
+    head = f"{'variant':<30}" + "".join(f"{m:>12}" for m in METRICS)
     lines = [head, "-" * len(head)]
     for name, r in rows.items():
-        lines.append(f"{name:<28}" + "".join(f"{r[m]:>10.3f}" for m in METRICS))
+        lines.append(f"{name:<30}" + "".join(f"{r[m]:>12.{DECIMALS[m]}f}" for m in METRICS))
     return "\n".join(lines)
 
 
@@ -257,25 +320,29 @@ def main(argv=None) -> int:
         print(f"eval_animator: error: {err}", file=sys.stderr)
         return 2
     pipe.set_progress_bar_config(disable=True)
-    cases, probe = (
-        make_cases(args.cases, args.frames, args.case_seed),
-        IdentityProbe(Path(args.weights) / "image_encoder"),
-    )
+    # the evaluated cases are the first of a gallery of at least 32 held-out ones (identity among 32)
+    gallery = make_cases(max(GALLERY, args.cases), args.frames, args.case_seed)
+    cases, probe = gallery[: args.cases], IdentityProbe(Path(args.weights) / "image_encoder")
     gen = {"steps": args.steps, "cfg": args.cfg}
-    rows = {"copy reference (baseline)": score(copy_reference(cases), cases, probe)}
-    rows["toy animator"] = run_variant(pipe, cases, probe, "toy animator", **gen)
+    rows = {
+        "VAE reconstruction (ceiling)": score(reconstruct(pipe, cases), cases, probe, gallery),
+        "copy reference (baseline)": score(copy_reference(cases), cases, probe, gallery),
+    }
+    rows["toy animator"] = run_variant(pipe, cases, probe, "toy animator", gallery, **gen)
     wanted = set(args.ablations.split(",")) if args.ablations else set()
     if "all" in wanted:
         wanted = {"reference", "pose", "motion", "cfg", "steps", "context"}
     for key, name in (("reference", "no reference attention"), ("pose", "no pose guider")):
         if key in wanted:
-            rows[name] = ablate(pipe, cases, name, probe, **gen)
+            rows[name] = ablate(pipe, cases, name, probe, gallery, **gen)
     if "motion" in wanted and pipe.denoising_unet.motion_kwargs:
-        rows["no motion modules"] = ablate(pipe, cases, "no motion modules", probe, **gen)
+        rows["no motion modules"] = ablate(pipe, cases, "no motion modules", probe, gallery, **gen)
     if "cfg" in wanted:
-        rows.update({f"cfg {s:g}": r for s, r in sweep_cfg(pipe, cases, scales, probe=probe, **gen).items()})
+        sweep = sweep_cfg(pipe, cases, scales, probe=probe, gallery=gallery, **gen)
+        rows.update({f"cfg {s:g}": r for s, r in sweep.items()})
     if "steps" in wanted:
-        rows.update({f"{n} steps": r for n, r in sweep_steps(pipe, cases, probe=probe, **gen).items()})
+        sweep = sweep_steps(pipe, cases, probe=probe, gallery=gallery, **gen)
+        rows.update({f"{n} steps": r for n, r in sweep.items()})
     print(
         f"{args.cases} held-out cases (case seed {args.case_seed}) x {args.frames} frames at 128 px, "
         f"{args.steps} steps, cfg {args.cfg}"

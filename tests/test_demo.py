@@ -93,6 +93,11 @@ def test_metrics_of_the_ground_truth_itself(E):
     truths = [c.truth for c in cases]
     probe = E.IdentityProbe()
     assert E.identity_top1(truths, cases, probe) == 1.0
+    gallery = E.make_cases(4, 3)  # the two cases and two more identities
+    assert [g.identity for g in gallery[:2]] == [c.identity for c in cases]
+    assert E.identity_top1(truths, cases, probe, gallery) == 1.0
+    swapped = [truths[1], truths[0]]  # each video shows the other identity: no hit
+    assert E.identity_top1(swapped, cases, probe, gallery) == 0.0
     with E.FaceLandmarker() as landmarker:
         errors = E.pose_errors(truths[0], cases[0].landmarks, landmarker)
     assert all(e is not None and e < 4.0 for e in errors)
@@ -163,7 +168,9 @@ def test_eval_script_writes_its_table_as_json(E, tiny_weights, tmp_path, capsys)
     ]
     assert E.main(argv) == 0
     record = json.loads(out.read_text())
-    assert record["cases"] == 1 and set(record["rows"]) == {"copy reference (baseline)", "toy animator"}
+    rows = {"VAE reconstruction (ceiling)", "copy reference (baseline)", "toy animator"}
+    assert record["cases"] == 1 and set(record["rows"]) == rows
+    assert record["environment"]["cpu_count"] >= 1 and "torch" in record["environment"]["versions"]
     # the baseline's PSNR from the formula: the reference image shown for every ground-truth frame
     case = E.make_cases(1, 2)[0]
     mse = ((case.truth.astype(np.float64) - case.reference[None].astype(np.float64)) ** 2).mean(
@@ -172,7 +179,17 @@ def test_eval_script_writes_its_table_as_json(E, tiny_weights, tmp_path, capsys)
     expected = np.mean(10 * np.log10(255.0**2 / mse))
     assert record["rows"]["copy reference (baseline)"]["psnr"] == pytest.approx(expected, abs=1e-3)
     printed = capsys.readouterr().out
-    assert f"{record['rows']['toy animator']['psnr']:.3f}" in printed  # the file holds what was printed
+    assert f"{record['rows']['toy animator']['psnr']:.2f}" in printed  # the file holds what was printed
+    # the ceiling: the ground truth through the animator's VAE, by hand (posterior mean, scaled, decoded)
+    vae = load_animator(tiny_weights).vae
+    with torch.no_grad():
+        x = torch.from_numpy(case.truth).permute(0, 3, 1, 2).float() / 127.5 - 1
+        z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        y = vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1)
+    rec = ((y + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
+    mse = ((rec - case.truth.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
+    ceiling = record["rows"]["VAE reconstruction (ceiling)"]["psnr"]
+    assert ceiling == pytest.approx(np.mean(10 * np.log10(255.0**2 / mse)), abs=1e-3)
     assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]  # no temporary file left
 
 
@@ -201,7 +218,11 @@ def test_eval_script_case_seed_and_cfg_scales(E, tiny_weights, tmp_path, capsys)
     assert E.main(argv) == 0
     record = json.loads(out.read_text())
     assert record["case_seed"] == 7
-    assert set(record["rows"]) == {"copy reference (baseline)", "toy animator", "cfg 1", "cfg 2.5"}
+    assert set(record["rows"]) - {"VAE reconstruction (ceiling)", "copy reference (baseline)"} == {
+        "toy animator",
+        "cfg 1",
+        "cfg 2.5",
+    }
     val, default = E.make_cases(1, 2, seed=7)[0], E.make_cases(1, 2)[0]
     assert not np.array_equal(val.truth, default.truth)
     mse = ((val.truth.astype(np.float64) - val.reference[None].astype(np.float64)) ** 2).mean(axis=(1, 2, 3))

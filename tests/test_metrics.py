@@ -178,8 +178,13 @@ def test_identity_top1_matches_a_nearest_neighbour_loop():
     # several queries per identity, labelled
     many = torch.cat([gallery * 3.0, gallery])  # scaled copies: cosine-nearest to themselves
     assert M.identity_top1(many, gallery, torch.arange(5).repeat(2)) == 1.0
+    # two gallery rows of one identity: the nearest of either counts as a hit
+    other_view = gallery[:1] + 0.3 * torch.randn(1, 16, generator=g)  # identity 0 seen again
+    twins = torch.cat([gallery, other_view])  # row 5 is identity 0 again, and the query's nearest
+    assert M.identity_top1(other_view, twins, [0], [0, 1, 2, 3, 4, 0]) == 1.0
+    assert M.identity_top1(other_view, twins) == 0.0  # without gallery labels row 5 is another identity
     with pytest.raises(ValueError, match="labels"):
-        M.identity_top1(queries, gallery, torch.tensor([0, 1, 2, 7]))
+        M.identity_top1(queries, gallery, torch.tensor([0, 1, 2]))
 
 
 # --- face-region colour and KID ----------------------------------------------------------------------------
