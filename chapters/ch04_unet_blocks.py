@@ -28,7 +28,7 @@
 #   does the temporal reshape do, what happens to frame order without the position encoding, and what does a
 #   motion module do with `encoder_hidden_states` (nothing)? (How the ReferenceNet's blocks pair with the
 #   denoiser's: chapter 05.)
-# - **CPU runtime**: about 45 s of CPU time
+# - **CPU runtime**: about 12 s (chapters/README.md)
 #
 # Full-size shapes come from the `meta` device (shapes, no numbers); every numerical experiment runs on the
 # TINY preset — the same structure with small widths — on the CPU.
@@ -52,6 +52,7 @@ from anim_lab.unet import ReferenceUNet, VideoUNet, build_unet2d
 from anim_lab.viz import save
 
 torch.manual_seed(0)
+torch.set_num_threads(1)  # small tensors: one thread is as fast, and steady on a busy machine
 torch.set_grad_enabled(False)  # inference only: no autograd graph
 torch.set_printoptions(precision=3, sci_mode=False)
 print(
