@@ -29,7 +29,7 @@
 #   "no condition"? How was the toy CLIP trained? What do the embeddings carry
 #   (colours, identity, expression) and what do they lose (small details such as eye colour) — the argument
 #   for a ReferenceNet?
-# - **CPU runtime**: about 15 s of CPU time
+# - **CPU runtime**: about 14 s (chapters/README.md)
 #
 # The toy CLIP was trained by `scripts/train_toy_clip.py` (seed 0, four stages run by
 # `scripts/retrain_toy_clip.sh`, about 80 minutes on one core of a shared CPU; section 8 prints them): a

@@ -35,7 +35,7 @@
 #   goes to the reference? What is lost without reference attention, in pictures and in errors against the
 #   ground truth (whole frame and face)? What changes when the ReferenceNet sees a noised reference at
 #   t = 500 instead of the clean one at t = 0? What is the reference code's `attn_weight` for?
-# - **CPU runtime**: about 25 s
+# - **CPU runtime**: about 30 s (chapters/README.md)
 #
 # Full-size shapes and FLOPs come from the `meta` device; sections 1–7 run on the TINY preset with random
 # weights; section 8 uses the trained toy animator shipped in `anim_lab/assets/toy_animator`.

@@ -28,7 +28,7 @@
 #   read from 468 3D points, and what do yaw, pitch and roll mean as matrices? What is the neutral frame for?
 #   Which camera projects the retargeted face back, and what does the choice cost? How close does retargeting
 #   get to the truth, compared with drawing the driver's landmarks? Does it show in the animated frames?
-# - **CPU runtime**: about 28 s (chapters/README.md)
+# - **CPU runtime**: about 40 s (chapters/README.md)
 #
 # In AniPortrait's `vid2vid.py`, each driving frame gives mediapipe's 3D mesh and a 4×4 transform. The mesh,
 # minus the mesh of the most neutral frame, plus the reference's mesh, is posed with the driver's rotation and

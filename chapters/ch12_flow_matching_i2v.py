@@ -216,11 +216,12 @@ for n in (2, 4):
 # %% [markdown]
 # Two things follow. First, `linspace(999, 0, n)` ends at DDPM's $t = 0$, which is not clean data
 # ($t_f \approx 0.01$): its last step barely moves, so of $n = 2$ steps one is wasted. Spaced as
-# `linspace(999, 0, n + 1)[:-1]`, the last step lands on clean data (diffusers' "trailing" spacing does the
-# same). Second, a fair comparison of *paths* keeps the noise levels and changes only the path: plain Euler
-# along the circle, in the angle $\theta$ ($\alpha = \cos\theta$, $\sigma = \sin\theta$), steps along the
-# tangent $x + \Delta\theta\,(-\sin\theta\,\hat x_0 + \cos\theta\,\hat\varepsilon)$ at the noise levels of the
-# uniform flow grid. Three samplers, the same network and noise, each measured against a 64-step flow answer:
+# `linspace(999, 0, n + 1)[:-1]`, the last step lands on clean data (diffusers' "trailing" spacing is nearly
+# the same grid). Second, a fair comparison of *paths* keeps the noise levels and changes only the path:
+# plain Euler along the circle, in the angle $\theta$ ($\alpha = \cos\theta$, $\sigma = \sin\theta$), steps
+# along the tangent $x + \Delta\theta\,(-\sin\theta\,\hat x_0 + \cos\theta\,\hat\varepsilon)$ at the noise
+# levels of the uniform flow grid. Three samplers, the same network and noise, each measured against a
+# 64-step flow answer:
 
 
 # %%
