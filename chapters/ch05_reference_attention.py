@@ -696,8 +696,8 @@ print(
 # - The copy-the-reference row is the yardstick: the right identity in the wrong pose, what a still image
 #   scores against the ground truth.
 # - The identity metric does not discriminate here: every row, the copy baseline included, scores the same
-#   top-1 (the toy identities differ in colours the probe sees even in a blurred frame). The other columns
-#   do.
+#   top-1 (8 identities that differ in their colours are told apart even in a blurred frame in the wrong
+#   pose). The other columns do.
 # - Without reference attention the reference still reaches the denoiser through its CLIP token in every
 #   `attn2`. Whole-frame PSNR and SSIM drop, and so does the face PSNR; the face colour error shows where:
 #   in the second case the face loses its colour (see the picture below), in the first it keeps it. Two
@@ -839,8 +839,8 @@ print(format_table(rows, ["attention_auto_machine_weight", "readers"] + columns[
 
 # %% [markdown]
 # On this toy model the dial's first seven readers, all the blocks below full resolution, give back little of
-# what the bank adds: the three full-resolution readers do most of the work. The order the dial follows is
-# not the order of importance here, and AnimateAnyone has no dial: its `attn_weight` is set and never read.
+# what the bank adds: most of it needs the three full-resolution readers, which the dial switches on last.
+# AnimateAnyone has no dial: its `attn_weight` is set and never read, and every block reads.
 
 # %% [markdown]
 # ## Summary
