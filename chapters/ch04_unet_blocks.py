@@ -28,7 +28,7 @@
 #   does the temporal reshape do, what happens to frame order without the position encoding, and what does a
 #   motion module do with `encoder_hidden_states` (nothing)? (How the ReferenceNet's blocks pair with the
 #   denoiser's: chapter 05.)
-# - **CPU runtime**: about 45 s of CPU time
+# - **CPU runtime**: about 12 s (chapters/README.md)
 #
 # Full-size shapes come from the `meta` device (shapes, no numbers); every numerical experiment runs on the
 # TINY preset — the same structure with small widths — on the CPU.
@@ -40,6 +40,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import torch
 from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
 from einops import rearrange, repeat
 from torch import nn
 
@@ -51,6 +52,7 @@ from anim_lab.unet import ReferenceUNet, VideoUNet, build_unet2d
 from anim_lab.viz import save
 
 torch.manual_seed(0)
+torch.set_num_threads(1)  # small tensors: one thread is as fast, and steady on a busy machine
 torch.set_grad_enabled(False)  # inference only: no autograd graph
 torch.set_printoptions(precision=3, sci_mode=False)
 print(
@@ -223,19 +225,45 @@ print(
 )
 
 # %% [markdown]
-# Why concatenate rather than add? A convolution of the concatenation `[h, s]` has separate weights for `h`
-# and for the skip `s`; adding is the special case where both halves share the weights. Checked on random
-# tensors:
+# Why concatenate rather than add? An up resnet sends its input `[h, s]` (decoder features `h`, skip `s`)
+# down two paths (section 3 re-derives the block). The 1×1 `conv_shortcut` sees it raw: with the same weights
+# for both halves it computes `W(h + s)`, so on that path concatenation can add. The main path first
+# normalises and activates, `conv1(SiLU(GroupNorm([h, s])))`: each GroupNorm group holds channels of one half
+# (at SD1.5's 1280 + 640 inputs one group straddles the seam), so each half is normalised with its own
+# statistics and bent by SiLU on its own. Tied weights there give `W SiLU(GN(h)) + W SiLU(GN(s))`, not
+# `W SiLU(GN(h + s))`. So the concatenating block does not contain the adding one: it is a different function,
+# in which the skip keeps its own scale and its own weights instead of being mixed into the decoder's
+# features before the normalisation. Checked with diffusers' `ResnetBlock2D`, weights tied as far as they can
+# be:
 
 # %%
-h, s = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)
-conv_add = nn.Conv2d(8, 5, 3, padding=1)
-conv_cat = nn.Conv2d(16, 5, 3, padding=1)
-conv_cat.weight.copy_(torch.cat([conv_add.weight, conv_add.weight], dim=1))  # the same kernel for both halves
-conv_cat.bias.copy_(conv_add.bias)
-torch.testing.assert_close(conv_cat(torch.cat([h, s], dim=1)), conv_add(h + s), atol=1e-5, rtol=1e-5)
-print("conv(concat) with tied halves == conv(sum): True")
-print("concatenation can learn all addition can, and weigh encoder detail apart from decoder context")
+h, s = torch.randn(2, 8, 6, 6), 3 * torch.randn(2, 8, 6, 6) + 1  # decoder features; a skip of another scale
+add = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=None, groups=4)  # input h + s, 2 ch/group
+cat = ResnetBlock2D(in_channels=16, out_channels=8, temb_channels=None, groups=8, groups_out=4)  # [h, s]
+cat.norm1.weight.copy_(torch.cat([add.norm1.weight] * 2))  # the same affine GroupNorm for both halves
+cat.norm1.bias.copy_(torch.cat([add.norm1.bias] * 2))
+cat.conv1.weight.copy_(torch.cat([add.conv1.weight] * 2, dim=1))  # the same 3x3 kernel for both halves
+cat.conv1.bias.copy_(add.conv1.bias)
+for name in ("norm2", "conv2"):
+    getattr(cat, name).load_state_dict(getattr(add, name).state_dict())
+cat.conv_shortcut.weight.copy_(torch.cat([torch.eye(8)[:, :, None, None]] * 2, dim=1))  # W [h, s] = h + s
+cat.conv_shortcut.bias.zero_()
+x_cat, x_add = torch.cat([h, s], dim=1), h + s
+gn, silu = nn.GroupNorm(4, 8), nn.SiLU()
+print(
+    "shortcut path, tied identity halves: W [h, s] == h + s:", torch.allclose(cat.conv_shortcut(x_cat), x_add)
+)
+print(
+    "main path, conv1's input: SiLU(GN(h)) + SiLU(GN(s)) == SiLU(GN(h + s)):",
+    torch.allclose(silu(gn(h)) + silu(gn(s)), silu(gn(h + s)), atol=1e-4),
+)
+y_cat, y_add = cat(x_cat, None), add(x_add, None)
+main_cat, main_add = y_cat - cat.conv_shortcut(x_cat), y_add - x_add  # the residual branches alone
+print(
+    "whole resnet: concatenating block == adding block:",
+    torch.allclose(y_cat, y_add, atol=1e-4),
+    f"| their main paths differ by {float((main_cat - main_add).norm() / main_add.norm()):.2f} of its norm",
+)
 
 # %% [markdown]
 # The whole UNet as one picture: height = resolution level, width ∝ channels, arrows = skips. Where are the
@@ -618,8 +646,9 @@ print(
 #   (batch-independent) around convolutions and LayerNorm inside transformer blocks. A motion module's
 #   GroupNorm must be **per frame**, as in the checkpoints; pooling over frames (diffusers' AnimateDiff block)
 #   is another function on the same weights.
-# - SD1.5's UNet goes 320→1280 channels while 64→8 pixels and back; skips are concatenated, which contains
-#   addition as a special case.
+# - SD1.5's UNet goes 320→1280 channels while 64→8 pixels and back; skips are concatenated. Only the 1×1
+#   shortcut could add the two halves; the main path normalises and activates each half apart, so a
+#   concatenating block is a different function from an adding one, not a superset of it.
 # - One time embedding per sample becomes a per-channel shift in all 22 resnets. One CLIP image token gives
 #   the same cross-attention output at every position. The 16 cross-attention sites are the 16 spatial
 #   transformers (6 down, 1 mid, 9 up); the motion modules have none and ignore the tokens.
@@ -634,9 +663,10 @@ print(
 #    and what share of the motion-module FLOPs do they carry?
 # 3. Feed 77 random tokens instead of one CLIP token to `attn2`. Is the output still the same at every
 #    position?
-# 4. Move the position encoding before the LayerNorm (add it to the residual stream) and repeat the
-#    frame-order experiment. Does the module still see the order? What would change for a pretrained
-#    checkpoint?
+# 4. The reference (AnimateDiff's `VersatileAttention`) adds the position encoding inside the temporal
+#    transformer block, to each attention's LayerNorm'd input. Move it before the LayerNorm: add it once to
+#    the block's input, its residual stream (after `proj_in`). Repeat the frame-order experiment. Does the
+#    module still see the order? What changes for a freshly initialised module, and for trained weights?
 #
 # ## Solutions
 #
@@ -695,31 +725,47 @@ print(
 )
 
 # %% [markdown]
-# **4.** Add the encoding to the module's *input* (the residual stream) of a module built without its own
-# encoding. It still sees the order, but the encoding now also flows through the residual into the UNet, and
-# through the GroupNorm and `proj_in` that a pretrained checkpoint never saw it pass: its outputs would shift
-# even where `proj_out` is zero.
+# **4.** A forward pre-hook adds the encoding to the transformer block's input, in a module built without its
+# own. The order is still seen. A fresh module is still the identity (its `proj_out` is zero, whatever flows
+# in the residual stream). With the same trained-like weights, though, the output changes: the encoding now
+# goes through the LayerNorm, which rescales it together with the features, and stays in the residual
+# stream, so the feed-forward and `proj_out` see it too. A checkpoint trained with the reference's placement
+# gets inputs it never saw.
 
 
 # %%
-def shuffles_with_input_pe() -> bool:
+def trained_like(with_pe: bool) -> MotionModule:
     torch.manual_seed(1)
-    m = MotionModule(32, num_attention_heads=4, norm_num_groups=8, temporal_position_encoding=False)
-    for name, p in m.named_parameters():
+    m = MotionModule(32, num_attention_heads=4, norm_num_groups=8, temporal_position_encoding=with_pe)
+    for name, p in m.named_parameters():  # the same draws with and without the PE (a buffer, not a parameter)
         p.copy_(torch.randn_like(p) * 0.3 + float("norm" in name and name.endswith("weight")))
-    feats = torch.randn(F, 32, 4, 4)  # (F, C, H, W)
-    pe = sinusoidal_position_encoding(32, 32)[0, :F, :, None, None]  # (F, C, 1, 1): by slot, not by content
-    order = torch.tensor([2, 0, 3, 1])
-    return torch.allclose(m(feats + pe, F)[order], m(feats[order] + pe, F), rtol=1e-4, atol=1e-4)
+    return m
 
 
-print("PE before the module: shuffling the input frames just shuffles the output:", shuffles_with_input_pe())
-fresh = MotionModule(
-    32, num_attention_heads=4, norm_num_groups=8, temporal_position_encoding=False
-)  # proj_out 0
-plain = torch.randn(F, 32, 4, 4)
-pe_in = sinusoidal_position_encoding(32, 32)[0, :F, :, None, None]
+def pe_before_layernorm(m: MotionModule) -> MotionModule:
+    """m (built without its own PE) with pe[:F] added to the temporal transformer block's input."""
+    pe = sinusoidal_position_encoding(32, m.temporal_transformer.proj_in.in_features)[0]  # (32, C)
+
+    def add_pe(block, args):
+        h, frames = args  # (B*F, HW, C), F
+        return h + repeat(pe[:frames], "f c -> (b f) 1 c", b=len(h) // frames), frames
+
+    m.temporal_transformer.transformer_blocks[0].register_forward_pre_hook(add_pe)
+    return m
+
+
+feats, order = torch.randn(F, 32, 4, 4), torch.tensor([2, 0, 3, 1])  # one video (F, C, H, W), a shuffle
+moved = pe_before_layernorm(trained_like(False))
 print(
-    "a fresh (identity) module: output moved by the input PE:",
-    not torch.allclose(fresh(plain + pe_in, F), fresh(plain, F)),
+    "PE before the LayerNorm: shuffling the input frames just shuffles the output:",
+    torch.allclose(moved(feats, F)[order], moved(feats[order], F), rtol=1e-4, atol=1e-4),
+)
+fresh = pe_before_layernorm(
+    MotionModule(32, num_attention_heads=4, norm_num_groups=8, temporal_position_encoding=False)
+)
+print("a fresh module (proj_out = 0) is still the identity:", torch.equal(fresh(feats, F), feats))
+reference = trained_like(True)  # the reference's placement, same weights
+print(
+    "same weights, PE before vs after the LayerNorm: same output:",
+    torch.allclose(moved(feats, F), reference(feats, F), rtol=1e-4, atol=1e-4),
 )

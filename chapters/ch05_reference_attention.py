@@ -21,7 +21,8 @@
 #   the library, the unconditional rows under CFG, the proof that the ReferenceNet's output is never used,
 #   the attention work the reference code wastes; then, on the trained toy animator, the share of each
 #   reader's attention that goes to the bank during a real generation (measured by hooks, the reader
-#   re-derived), generation with and without reference attention, and the bank written at t = 0 vs t = 500
+#   re-derived), generation with and without reference attention, the bank written at t = 0 vs t = 500,
+#   and what the reference code's unused `attn_weight` would select
 # - **Library modules**: `anim_lab.reference` (`reference_attention`, `ReferenceBank`, the writer/reader
 #   processors), `anim_lab.unet` (`ReferenceUNet`, `VideoUNet`, `attn_processors`), `anim_lab.inspect`,
 #   `anim_lab.toy` (`load_animator`), `anim_lab.pipelines.pose2video`; `scripts/eval_animator.py`
@@ -31,9 +32,10 @@
 #   with exactly one reader, and does the reference code's sort by width pair them by name? Why does the
 #   ReferenceNet need no `conv_out`? What do the unconditional rows see? How much attention work does the
 #   reference code waste, and what does anim_lab save? In a trained model, how much of each block's attention
-#   goes to the reference? What is lost without reference attention, in pictures and in an identity metric?
-#   What changes when the ReferenceNet sees a noised reference at t = 500 instead of the clean one at t = 0?
-# - **CPU runtime**: about 25 s
+#   goes to the reference? What is lost without reference attention, in pictures and in errors against the
+#   ground truth (whole frame and face)? What changes when the ReferenceNet sees a noised reference at
+#   t = 500 instead of the clean one at t = 0? What is the reference code's `attn_weight` for?
+# - **CPU runtime**: about 30 s (chapters/README.md)
 #
 # Full-size shapes and FLOPs come from the `meta` device; sections 1–7 run on the TINY preset with random
 # weights; section 8 uses the trained toy animator shipped in `anim_lab/assets/toy_animator`.
@@ -51,19 +53,23 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
 import torch
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import AttnProcessor2_0
 from einops import rearrange, repeat
 
 import anim_lab
+from anim_lab import metrics
 from anim_lab.configs import SD15, TINY
 from anim_lab.inspect import count_flops, format_table, human
+from anim_lab.landmarks import FACE_OVAL
 from anim_lab.motion import MOTION_SD15, MOTION_TINY
 from anim_lab.pipelines import pose2video
 from anim_lab.reference import pair_blocks, reference_attention
 from anim_lab.toy import load_animator
 from anim_lab.unet import ReferenceUNet, VideoUNet, build_unet2d
+from anim_lab.vae import images_from_uint8
 from anim_lab.viz import image_grid, save
 
 torch.manual_seed(0)
@@ -353,12 +359,21 @@ print(
 print(
     "  ", sorted({n.removeprefix(prefix).removeprefix("transformer_blocks.0.").split(".")[0] for n in unused})
 )
+block3 = {n: p.numel() for n, p in reference_unet.named_parameters() if n.startswith("up_blocks.3.")}
+reached = sum(size for n, size in block3.items() if n not in unused)
+print(f"up_blocks.3: {reached / sum(block3.values()):.0%} of its parameters get a gradient")
 reference_unet.zero_grad(set_to_none=True)
 
 # %% [markdown]
-# A `conv_out` would only add FLOPs and weights that never receive a gradient — and in distributed
-# training, parameters without a gradient make DDP fail unless `find_unused_parameters=True`. In stage-1
-# training the tensors above are frozen or dropped for the same reason.
+# A `conv_out` would only add FLOPs and weights that never receive a gradient, so the reference code drops
+# it. The dead tensors listed above stay, and the reference's stage-1 script does not single them out: it
+# freezes the ReferenceNet's **whole** `up_blocks.3` ("some top layer params don't need grad"), although
+# most of that block does get a gradient (the share printed above; chapter 10 measures it on the trained toy
+# model), because its resnets and first writers shape bank entries the denoiser reads. And it builds its
+# accelerator with `find_unused_parameters=True`, the DDP setting for parameters without a gradient, which
+# it needs anyway: on its unconditional steps (`uncond_ratio` 0.1) the ReferenceNet does not run at all.
+# So the freeze is a choice that saves the backward pass through the largest block, not a consequence of
+# the dead tail.
 #
 # ## 7. The attention work the reference code wastes
 #
@@ -569,10 +584,12 @@ plt.show()
 # **With and without reading the bank.** `without_reference_attention()` (from the evaluation script) runs
 # the same pipeline with `bank.enabled = False`: every reader is plain self-attention. The second variant
 # writes the bank from a **noised** reference at t = 500 instead of the clean latent at t = 0 — what the
-# ReferenceNet would see if it shared the denoiser's timestep. The identity metric: the toy image encoder's
-# embedding of each generated frame against the ground-truth frames (same index) of 8 held-out identities:
-# `id top-1 of 8` is the share whose nearest is its own identity (chance 1/8), the script's `id_top1` with a
-# larger gallery; `cos to own truth` is the mean cosine to its own ground-truth frame.
+# ReferenceNet would see if it shared the denoiser's timestep. Each generated frame is compared with its
+# ground-truth render: PSNR and SSIM of the whole frame (`anim_lab.metrics`), and, inside the face oval of the
+# ground-truth landmarks, the face PSNR and the face colour error (`metrics.colour_error`'s definition, the
+# largest RGB error of the mean colour in 8-bit levels, restricted to the face). `id top-1 of 8` is the
+# evaluation script's identity metric: the toy image encoder's embedding of each frame against the
+# ground-truth frames (same index) of 8 held-out identities, the share whose nearest is its own (chance 1/8).
 
 
 # %%
@@ -622,33 +639,87 @@ print(
     "by hand == eval_animator.identity_top1 (gallery = the 2 cases):",
     abs(identity_top1_among(check, cases) - E.identity_top1(check, cases, probe)) < 1e-6,
 )
-rows = []
+
+
+def face_masks(case):
+    """(F, 1, H, W) float: 1 inside the face oval of the ground-truth landmarks, 0 outside."""
+    masks = []
+    for points in case.landmarks[:, list(FACE_OVAL)]:  # (F, 36, 2) pixel (x, y)
+        canvas = PIL.Image.new("L", case.truth.shape[2:0:-1])  # (W, H)
+        PIL.ImageDraw.Draw(canvas).polygon([tuple(xy) for xy in points.tolist()], fill=1)
+        masks.append(np.asarray(canvas))
+    return torch.from_numpy(np.stack(masks)).float()[:, None]
+
+
+def masked_colour_error(v, t, mask):
+    """Per frame: max over RGB of |mean(v) - mean(t)| over the pixels in mask, in 8-bit levels."""
+    mean = lambda x: (x * mask).sum((2, 3)) / mask.sum((2, 3))  # noqa: E731  (F, 3, H, W) -> (F, 3)
+    return (mean(v) - mean(t)).abs().amax(1) * 127.5
+
+
+def scores(video, case):
+    v, t = images_from_uint8(video), images_from_uint8(case.truth)  # (F, 3, H, W) in [-1, 1]
+    mask = face_masks(case)
+    face_mse = ((v - t) ** 2 * mask).sum((1, 2, 3)) / (3 * mask.sum((1, 2, 3)))  # (F,)
+    return {
+        "PSNR dB": metrics.psnr(v, t).mean().item(),
+        "SSIM": metrics.ssim(v, t).mean().item(),
+        "face PSNR": (10 * torch.log10(2**2 / face_mse)).mean().item(),  # peak-to-peak 2 in [-1, 1]
+        "face colour": masked_colour_error(v, t, mask).mean().item(),
+    }
+
+
+v, t = images_from_uint8(check[0]), images_from_uint8(cases[0].truth)
+torch.testing.assert_close(masked_colour_error(v, t, torch.ones_like(v[:, :1])), metrics.colour_error(v, t))
+print("masked colour error with the whole frame as mask == metrics.colour_error")
+table = {}
 for name, vs in {"copy the reference (baseline)": E.copy_reference(cases), **videos}.items():
-    psnr_db = np.mean([E.frame_psnr(v, c.truth).mean() for v, c in zip(vs, cases, strict=True)])
-    own = np.mean([(probe(v) * probe(c.truth)).sum(-1).mean().item() for v, c in zip(vs, cases, strict=True)])
-    rows.append([name, f"{psnr_db:.1f}", f"{identity_top1_among(vs, gallery):.2f}", f"{own:.2f}"])
-print(format_table(rows, ["variant (2 cases x 8 frames)", "PSNR dB", "id top-1 of 8", "cos to own truth"]))
+    per_case = [scores(v, c) for v, c in zip(vs, cases, strict=True)]
+    table[name] = {k: np.mean([s[k] for s in per_case]) for k in per_case[0]}
+    table[name]["face colour per case"] = [round(s["face colour"], 1) for s in per_case]
+    table[name]["id top-1 of 8"] = identity_top1_among(vs, gallery)
+columns = ["PSNR dB", "SSIM", "face PSNR", "face colour", "id top-1 of 8"]
+rows = [
+    [name] + [f"{r[k]:.2f}" if k in ("SSIM", "id top-1 of 8") else f"{r[k]:.1f}" for k in columns]
+    for name, r in table.items()
+]
+print(format_table(rows, ["variant (2 cases x 8 frames)"] + columns))
+for name in ("bank at t = 0", "no reference attention"):
+    print(f"face colour error per case, {name}: {table[name]['face colour per case']}")
+change = {k: abs(table["bank at t = 500 (noised)"][k] - table["bank at t = 0"][k]) for k in columns[:4]}
+print(
+    f"|t = 500 - t = 0|: PSNR {change['PSNR dB']:.1f} dB, SSIM {change['SSIM']:.2f}, "
+    f"face PSNR {change['face PSNR']:.1f} dB, face colour {change['face colour']:.1f} levels"
+)
 
 # %% [markdown]
-# - The copy-the-reference row is the yardstick: it has the identity by construction but the wrong pose, so
-#   its PSNR against the ground truth is what a still image gets.
+# - The copy-the-reference row is the yardstick: the right identity in the wrong pose, what a still image
+#   scores against the ground truth.
+# - The identity metric does not discriminate here: every row, the copy baseline included, scores the same
+#   top-1 (8 identities that differ in their colours are told apart even in a blurred frame in the wrong
+#   pose). The other columns do.
 # - Without reference attention the reference still reaches the denoiser through its CLIP token in every
-#   `attn2`, so the identity need not vanish; the table shows how much of it is left, and the pictures below
-#   what the bank adds on top of the CLIP token (detail, colours, background).
+#   `attn2`. Whole-frame PSNR and SSIM drop, and so does the face PSNR; the face colour error shows where:
+#   in the second case the face loses its colour (see the picture below), in the first it keeps it. Two
+#   cases show that the bank carries colour and detail, not how often the CLIP token alone would do.
+# - Writing the bank from the noised reference at t = 500 changes no column by more than the printed
+#   amounts, far less than the gaps between the other rows, although the bank entries themselves change a
+#   lot (below). So this experiment does not show that the t = 0 choice matters for this toy model.
 
 # %%
-picks = [0, 4, 7]
-c = cases[0]
+picks = [(0, 0), (0, 7), (1, 0), (1, 7)]  # (case, frame)
 tiles, titles = [], []
-for f in picks:
-    tiles += [c.reference, c.poses[f], c.truth[f]] + [vs[0][f] for vs in videos.values()]
-    titles += ["reference", f"pose {f}", "ground truth"] + list(videos)
+for i, f in picks:
+    c = cases[i]
+    tiles += [c.reference, c.poses[f], c.truth[f]] + [vs[i][f] for vs in videos.values()]
+    titles += ["reference", f"case {i + 1}, pose {f}", "ground truth"] + list(videos)
+c = cases[0]
 fig = image_grid(
     tiles,
     titles,
     ncols=6,
-    figsize=(10.5, 5.6),
-    suptitle="held-out identity: the trained toy animator with and without the bank",
+    figsize=(10.5, 7.4),
+    suptitle="two held-out identities: the trained toy animator with and without the bank",
 )
 _ = save(fig, "ch05_trained_with_without_reference")
 plt.show()
@@ -709,6 +780,69 @@ _ = save(fig, "ch05_bank_t0_t500")
 plt.show()
 
 # %% [markdown]
+# **What is the reference code's `attn_weight` for?** (a question of the seed notes)
+# `ReferenceAttentionControl` gives every hooked block `attn_weight = i / n`, its rank in the list of blocks
+# sorted by width (widest first), and never reads it. It is a leftover of the "reference-only" code in
+# diffusers' community pipelines (`stable_diffusion_reference.py`,
+# `stable_diffusion_controlnet_reference.py`): there a block reads the reference only if
+# `attention_auto_machine_weight > attn_weight`, a dial from 0 (no block reads) to 1 (every block reads) that
+# turns the widest, lowest-resolution blocks on first. MagicAnimate, whose file Moore-AnimateAnyone adapted,
+# dropped that test and set the dial's default to infinity, which would admit every block anyway; so in
+# AnimateAnyone every block reads, always. What the dial would do, on the toy animator (the blocks in the
+# reference code's order: depth-first down, up, mid, then the width sort):
+
+
+# %%
+order = width_sort(transformer_blocks(pipe.denoising_unet))
+attn_weight = {f"{n}.attn1": i / len(order) for i, (n, _) in enumerate(order)}
+print(
+    format_table(
+        [[n, w, f"{i / len(order):.1f}"] for i, (n, w) in enumerate(order)], ["block", "width", "attn_weight"]
+    )
+)
+
+
+@contextlib.contextmanager
+def reference_only_dial(w):
+    """The pipeline with reference-only's rule: a block reads the bank only if w > its attn_weight."""
+    real = pose2video.reference_attention
+
+    @contextlib.contextmanager
+    def dial(reference_unet, denoising_unet, **kwargs):
+        with real(reference_unet, denoising_unet, **kwargs) as bank:
+            off = {f"{n}.processor" for n, a in attn_weight.items() if not w > a}  # plain self-attention
+            processors = denoising_unet.attn_processors  # "<module name>.processor" -> processor
+            denoising_unet.set_attn_processor(
+                {k: AttnProcessor2_0() if k in off else p for k, p in processors.items()}
+            )
+            yield bank
+
+    with mock.patch.object(pose2video, "reference_attention", dial):
+        yield
+
+
+with reference_only_dial(0.7):
+    coarse = [E.generate(pipe, c, **GEN) for c in cases]
+per_case = [scores(v, c) for v, c in zip(coarse, cases, strict=True)]
+dial_rows = {
+    "0: no block (the row above)": table["no reference attention"],
+    "0.7: the widest blocks": {k: np.mean([s[k] for s in per_case]) for k in per_case[0]},
+    "1: every block (the row above)": table["bank at t = 0"],
+}
+counts = {"0": 0, "0.7": sum(a < 0.7 for a in attn_weight.values()), "1": len(attn_weight)}
+rows = [
+    [name, counts[name.split(":")[0]]]
+    + [f"{r[k]:.2f}" if k == "SSIM" else f"{r[k]:.1f}" for k in columns[:4]]
+    for name, r in dial_rows.items()
+]
+print(format_table(rows, ["attention_auto_machine_weight", "readers"] + columns[:4]))
+
+# %% [markdown]
+# On this toy model the dial's first seven readers, all the blocks below full resolution, give back little of
+# what the bank adds: most of it needs the three full-resolution readers, which the dial switches on last.
+# AnimateAnyone has no dial: its `attn_weight` is set and never read, and every block reads.
+
+# %% [markdown]
 # ## Summary
 # - The ReferenceNet runs once per generation at t = 0 on the clean reference latent; its blocks' `attn1`
 #   inputs form the bank (16 entries at SD1.5; its size at 512² is printed in section 2). Its output is never
@@ -721,8 +855,11 @@ plt.show()
 # - The reference K/V depend only on the bank and the weights: projected once, they serve every frame and
 #   step; the unconditional rows need one plain `attn1`, not two.
 # - In the trained toy animator, hooks on the readers measure how much of each block's softmax lands on the
-#   bank; switching the readers off (`bank.enabled = False`) shows what the bank adds beyond the CLIP token,
-#   and a bank written from a noised reference shows what the t = 0 choice is about.
+#   bank; switching the readers off (`bank.enabled = False`) shows what the bank adds beyond the CLIP token
+#   (colour and detail, measured against the ground truth, in the face and around it); on this toy model a
+#   bank written from a noised reference at t = 500 measures no different from t = 0.
+# - `attn_weight` is a leftover of reference-only's dial, which let only the widest blocks read; the
+#   reference code sets it and never reads it, so every block reads.
 #
 # ## Exercises
 # 1. With `fusion_blocks="midup"`, which blocks read the reference, and how large is the bank at 512²?

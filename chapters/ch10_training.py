@@ -34,7 +34,7 @@
 #   reach the ReferenceNet block that the reference freezes? How long did training take, and how did the loss
 #   and the learning rate go? How does the same script run on N processes, and why are its batches a function
 #   of (seed, step)?
-# - **CPU runtime**: about 12 s (wall clock, one strict nbval run on the idle machine; chapters/README.md)
+# - **CPU runtime**: about 14 s (chapters/README.md)
 #
 # The script is Moore-AnimateAnyone's `train_stage_1.py` / `train_stage_2.py` rewritten for a tiny model
 # trained from scratch (`implementations.md` §1.10 lists the reference's settings). The final weights are in
@@ -74,6 +74,7 @@ from anim_lab.weights import load_checkpoint, load_into
 diffusers_logging.set_verbosity_error()
 transformers_logging.disable_progress_bar()  # no "Loading weights" bars on stderr
 torch.manual_seed(0)
+torch.set_num_threads(1)  # small tensors: one thread is as fast, and steady on a busy machine
 torch.set_printoptions(precision=4, sci_mode=False)
 np.set_printoptions(precision=4, suppress=True)
 T = anim_lab.load_script("train_animator")  # scripts/train_animator.py as a module
