@@ -71,25 +71,41 @@ __all__ = [
 FUSION_BLOCKS = ("full", "midup")
 
 
-def self_attention_names(unet: nn.Module, fusion_blocks: str = "full") -> dict[str, int]:
+def self_attention_names(unet: nn.Module, fusion_blocks="full") -> dict[str, int]:
     """The spatial self-attentions (``...transformer_blocks.k.attn1``) of a UNet -> their width C, in module
     order. ``fusion_blocks="full"``: all of them (what AnimateAnyone trains and runs); ``"midup"``: those of
-    ``mid_block`` and ``up_blocks`` only. Motion modules' temporal attentions are never included."""
-    if fusion_blocks not in FUSION_BLOCKS:
-        raise InputError(f"fusion_blocks must be one of {FUSION_BLOCKS}, got {fusion_blocks!r}")
+    ``mid_block`` and ``up_blocks`` only; a collection of ``attn1`` module names: those (an experiment, e.g.
+    reference-only's ``attn_weight`` dial in chapter 05). Motion modules' temporal attentions are never
+    included."""
+    chosen = None
+    if not isinstance(fusion_blocks, str):
+        chosen = set(fusion_blocks)
+        if not chosen:
+            raise InputError("fusion_blocks names no block; to switch reference attention off, leave it out")
+    elif fusion_blocks not in FUSION_BLOCKS:
+        raise InputError(
+            f"fusion_blocks must be one of {FUSION_BLOCKS} or a collection of attn1 names, "
+            f"got {fusion_blocks!r}"
+        )
     names = {}
     for name, module in unet.named_modules():
         if not (isinstance(module, Attention) and name.endswith(".attn1")) or MOTION_KEY in name:
             continue
         if fusion_blocks == "midup" and not name.startswith(("mid_block.", "up_blocks.")):
             continue
+        if chosen is not None and name not in chosen:
+            continue
         names[name] = module.to_q.in_features
+    if chosen is not None and chosen - set(names):
+        unknown = sorted(chosen - set(names))
+        raise InputError(
+            f"fusion_blocks names {unknown[:3]}, which are not spatial attn1 modules of this UNet "
+            "(see reference.self_attention_names(unet))"
+        )
     return names
 
 
-def pair_blocks(
-    reference_unet: nn.Module, denoising_unet: nn.Module, fusion_blocks: str = "full"
-) -> list[str]:
+def pair_blocks(reference_unet: nn.Module, denoising_unet: nn.Module, fusion_blocks="full") -> list[str]:
     """The names shared by the ReferenceNet's writers and the denoising UNet's readers, in module order.
 
     Every writer must have its reader under the same name and width, and the reverse; otherwise the error
@@ -310,7 +326,7 @@ class ReferenceReaderProcessor:
 def reference_attention(
     reference_unet: ReferenceUNet,
     denoising_unet: VideoUNet,
-    fusion_blocks: str = "full",
+    fusion_blocks="full",
     do_classifier_free_guidance: bool = False,
     faithful: bool = False,
 ) -> Iterator[ReferenceBank]:

@@ -42,9 +42,7 @@
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-import contextlib
 import warnings
-from unittest import mock
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets: no stderr
 
@@ -65,7 +63,6 @@ from anim_lab.configs import SD15, TINY
 from anim_lab.inspect import count_flops, format_table, human
 from anim_lab.landmarks import FACE_OVAL
 from anim_lab.motion import MOTION_SD15, MOTION_TINY
-from anim_lab.pipelines import pose2video
 from anim_lab.reference import pair_blocks, reference_attention
 from anim_lab.toy import load_animator
 from anim_lab.unet import ReferenceUNet, VideoUNet, build_unet2d
@@ -472,19 +469,13 @@ GEN = {"steps": 8, "cfg": 3.5, "seed": 42}  # few steps: enough on this toy worl
 
 
 # %%
-@contextlib.contextmanager
-def keep_bank(store):
-    """The pipeline's reference_attention, with the bank it yields kept in ``store["bank"]``."""
-    real = pose2video.reference_attention
+def keep_entries(store, name):
+    """A forward pre-hook on the ReferenceNet's writer ``name``: what its attn1 receives is the bank entry."""
 
-    @contextlib.contextmanager
-    def keeping(*args, **kwargs):
-        with real(*args, **kwargs) as bank:
-            store["bank"] = bank
-            yield bank
+    def hook(attn, args):
+        store.setdefault("entries", {})[name] = args[0].detach()  # (1, L_ref, C): the reference, cond row
 
-    with mock.patch.object(pose2video, "reference_attention", keeping):
-        yield
+    return hook
 
 
 def reference_share(attn, x_cond, x_ref):
@@ -510,7 +501,7 @@ def on_attn1(name):
     def hook(attn, args, output):
         x = args[0]  # (2F, L, C): [uncond frames ; cond frames]
         half = len(x) // 2
-        entry = state["bank"].entries[name][-1:]  # (1, L_ref, C): the conditional reference row
+        entry = state["entries"][name][-1:]  # (1, L_ref, C): the conditional reference row
         by_hand, share = reference_share(attn, x[half:], entry)
         tokens[name] = entry.shape[1]
         worst.append((by_hand - output[half:]).abs().max().item())
@@ -521,8 +512,10 @@ def on_attn1(name):
 
 handles = [pipe.denoising_unet.register_forward_pre_hook(on_call)]
 handles += [pipe.denoising_unet.get_submodule(n).register_forward_hook(on_attn1(n)) for n in readers]
-with keep_bank(state):
-    videos = {"bank at t = 0": [E.generate(pipe, cases[0], **GEN)]}  # (F, H, W, 3) uint8
+handles += [
+    pipe.reference_unet.get_submodule(n).register_forward_pre_hook(keep_entries(state, n)) for n in readers
+]
+videos = {"bank at t = 0": [E.generate(pipe, cases[0], **GEN)]}  # (F, H, W, 3) uint8
 for h in handles:
     h.remove()
 print(
@@ -581,9 +574,9 @@ plt.show()
 #   be close to its own frame's. What the bank is worth shows only when it is taken away:
 
 # %% [markdown]
-# **With and without reading the bank.** `without_reference_attention()` (from the evaluation script) runs
-# the same pipeline with `bank.enabled = False`: every reader is plain self-attention. The second variant
-# writes the bank from a **noised** reference at t = 500 instead of the clean latent at t = 0 — what the
+# **With and without reading the bank.** The pipeline's switch `use_reference_attention=False` runs no
+# ReferenceNet: every reader is plain self-attention. The second variant, `reference_timestep=500`, writes
+# the bank from a **noised** reference at t = 500 instead of the clean latent at t = 0 — what the
 # ReferenceNet would see if it shared the denoiser's timestep. Each generated frame is compared with its
 # ground-truth render: PSNR and SSIM of the whole frame (`anim_lab.metrics`), and, inside the face oval of the
 # ground-truth landmarks, the face PSNR and the face colour error (`metrics.colour_error`'s definition, the
@@ -593,33 +586,10 @@ plt.show()
 
 
 # %%
-@contextlib.contextmanager
-def bank_written_at(t_ref, seed=0):
-    """The pipeline's bank written from the reference latent noised to t_ref (DDPM forward), at t_ref."""
-    real = pose2video.reference_attention
-
-    @contextlib.contextmanager
-    def noised(*args, **kwargs):
-        with real(*args, **kwargs) as bank:
-            clean_write = bank.write
-
-            def write(ref_latents, t=0, encoder_hidden_states=None):
-                noise = torch.randn(ref_latents.shape, generator=torch.Generator().manual_seed(seed))
-                noisy = pipe.scheduler.add_noise(ref_latents, noise, torch.tensor([t_ref]))
-                clean_write(noisy, t=t_ref, encoder_hidden_states=encoder_hidden_states)
-
-            bank.write = write
-            yield bank
-
-    with mock.patch.object(pose2video, "reference_attention", noised):
-        yield
-
-
 videos["bank at t = 0"].append(E.generate(pipe, cases[1], **GEN))
-with E.without_reference_attention():
-    videos["no reference attention"] = [E.generate(pipe, c, **GEN) for c in cases]
-with bank_written_at(500):
-    videos["bank at t = 500 (noised)"] = [E.generate(pipe, c, **GEN) for c in cases]
+videos["no reference attention"] = [E.generate(pipe, c, use_reference_attention=False, **GEN) for c in cases]
+noised = [E.generate(pipe, c, reference_timestep=500, **GEN) for c in cases]
+videos["bank at t = 500 (noised)"] = noised
 probe = E.IdentityProbe()
 
 
@@ -802,27 +772,13 @@ print(
 )
 
 
-@contextlib.contextmanager
 def reference_only_dial(w):
-    """The pipeline with reference-only's rule: a block reads the bank only if w > its attn_weight."""
-    real = pose2video.reference_attention
-
-    @contextlib.contextmanager
-    def dial(reference_unet, denoising_unet, **kwargs):
-        with real(reference_unet, denoising_unet, **kwargs) as bank:
-            off = {f"{n}.processor" for n, a in attn_weight.items() if not w > a}  # plain self-attention
-            processors = denoising_unet.attn_processors  # "<module name>.processor" -> processor
-            denoising_unet.set_attn_processor(
-                {k: AttnProcessor2_0() if k in off else p for k, p in processors.items()}
-            )
-            yield bank
-
-    with mock.patch.object(pose2video, "reference_attention", dial):
-        yield
+    """reference-only's rule: the blocks whose attn_weight is below w read the bank (the pipeline's
+    ``fusion_blocks``, given by name)."""
+    return [n for n, a in attn_weight.items() if w > a]
 
 
-with reference_only_dial(0.7):
-    coarse = [E.generate(pipe, c, **GEN) for c in cases]
+coarse = [E.generate(pipe, c, fusion_blocks=reference_only_dial(0.7), **GEN) for c in cases]
 per_case = [scores(v, c) for v, c in zip(coarse, cases, strict=True)]
 dial_rows = {
     "0: no block (the row above)": table["no reference attention"],
@@ -855,9 +811,10 @@ print(format_table(rows, ["attention_auto_machine_weight", "readers"] + columns[
 # - The reference K/V depend only on the bank and the weights: projected once, they serve every frame and
 #   step; the unconditional rows need one plain `attn1`, not two.
 # - In the trained toy animator, hooks on the readers measure how much of each block's softmax lands on the
-#   bank; switching the readers off (`bank.enabled = False`) shows what the bank adds beyond the CLIP token
-#   (colour and detail, measured against the ground truth, in the face and around it); on this toy model a
-#   bank written from a noised reference at t = 500 measures no different from t = 0.
+#   bank; switching the readers off (`use_reference_attention=False`) shows what the bank adds beyond the CLIP
+#   token (colour and detail, measured against the ground truth, in the face and around it); on this toy
+#   model a bank written from a noised reference at t = 500 (`reference_timestep=500`) measures no different
+#   from t = 0.
 # - `attn_weight` is a leftover of reference-only's dial, which let only the widest blocks read; the
 #   reference code sets it and never reads it, so every block reads.
 #

@@ -47,14 +47,12 @@ import mediapipe
 import numpy as np
 import skimage.data
 import torch
-from skimage.metrics import structural_similarity
 
 import anim_lab
 from anim_lab import landmarks as L
+from anim_lab import metrics, toy, viz
 from anim_lab import retarget as R
-from anim_lab import toy, viz
 from anim_lab.toy import load_animator
-from anim_lab.vae import images_from_uint8, psnr
 
 np.random.seed(0)
 torch.manual_seed(0)
@@ -81,14 +79,14 @@ def native_stderr_silenced():
 # %% [markdown]
 # ## 1. Raw driving landmarks carry the driver's face
 #
-# Take two held-out toy identities: A (the reference portrait) and B (the driver). `R.toy_case` builds B's
+# Take two held-out toy identities: A (the reference portrait) and B (the driver). `toy.toy_case` builds B's
 # talking-head clip and the ground truth: **A rendered in B's pose and expression**. The reference is a
 # neutral A, here standing where B's first frame stands (`framing="same"`), so the only thing that differs
 # between B's landmarks and the truth is the face itself: B's proportions and B's expression calibration.
 
 # %%
 held_out = toy.identity_split("test")
-case = R.toy_case(held_out[7], held_out[8], seed=2, num_frames=32, size=256)  # a clip that talks and blinks
+case = toy.toy_case(held_out[7], held_out[8], seed=2, num_frames=32, size=256)  # a clip that talks and blinks
 print("A face width/height:", round(case.reference.face_width, 3), round(case.reference.face_height, 3))
 print("B face width/height:", round(case.driver.face_width, 3), round(case.driver.face_height, 3))
 target = case.target_landmarks()  # (F, 478, 2) ground truth: A in B's pose and expression
@@ -429,7 +427,7 @@ def animate(reference, poses, seed=42):
 # %%
 runs = {}
 for framing in ("same", "own"):
-    small = R.toy_case(held_out[7], held_out[8], seed=2, num_frames=16, size=128, framing=framing)
+    small = toy.toy_case(held_out[7], held_out[8], seed=2, num_frames=16, size=128, framing=framing)
     points = {
         "raw B landmarks": small.naive_landmarks(),  # (F, 478, 2)
         "retargeted": R.retarget(small.reference_xyz(), small.driving_xyz(), 128).landmarks,
@@ -442,8 +440,8 @@ print("generated:", videos["retargeted"].shape, videos["retargeted"].dtype)
 
 # %% [markdown]
 # PSNR, by hand: for frames in $[-1, 1]$ (peak-to-peak 2), $\mathrm{PSNR} = 10 \log_{10}(2^2 / \mathrm{MSE})$,
-# per frame, then the mean over frames. Against the library's `anim_lab.vae.psnr` (what
-# `scripts/eval_animator.py` uses):
+# per frame, then the mean over frames. Against the library's `anim_lab.metrics.psnr` (what
+# `scripts/eval_animator.py` and `scripts/eval_retarget.py` use):
 
 # %%
 small, points, poses, videos = runs["own"]
@@ -451,17 +449,18 @@ truth = small.target_frames()  # (F, 128, 128, 3) uint8: A in B's pose and expre
 x = videos["retargeted"].astype(np.float64) / 127.5 - 1  # (F, H, W, 3) in [-1, 1]
 y = truth.astype(np.float64) / 127.5 - 1
 by_hand = 10 * np.log10(4.0 / ((x - y) ** 2).reshape(len(x), -1).mean(1))  # (F,) dB
-library = psnr(images_from_uint8(videos["retargeted"]), images_from_uint8(truth))  # (F,)
+library = metrics.psnr(
+    metrics.video_from_uint8(videos["retargeted"]), metrics.video_from_uint8(truth)
+)  # (F,)
 torch.testing.assert_close(torch.as_tensor(by_hand, dtype=torch.float32), library, rtol=1e-5, atol=1e-4)
-print("PSNR by hand matches anim_lab.vae.psnr: True")
+print("PSNR by hand matches anim_lab.metrics.psnr: True")
 
 
 # %%
 def scores(video, truth):
-    """Mean PSNR (dB) and SSIM over the frames."""
-    p = psnr(images_from_uint8(video), images_from_uint8(truth)).mean().item()
-    pairs = zip(video, truth, strict=True)
-    return p, np.mean([structural_similarity(a, b, channel_axis=2, data_range=255) for a, b in pairs])
+    """Mean PSNR (dB) and SSIM over the frames (anim_lab.metrics)."""
+    v, t = metrics.video_from_uint8(video), metrics.video_from_uint8(truth)  # (1, 3, F, H, W) in [-1, 1]
+    return metrics.psnr(v, t).mean().item(), metrics.ssim(v, t).mean().item()
 
 
 for framing, (small, points, _poses, videos) in runs.items():
@@ -554,7 +553,7 @@ rng = np.random.default_rng(0)
 errors = {"468 points": [], "upper face": []}
 for seed in held_out[300:340]:
     pose = toy.HeadPose(yaw=rng.uniform(-30, 30), pitch=rng.uniform(-15, 15), roll=rng.uniform(-15, 15))
-    p = R.toy_landmarks_3d(toy.identity_from_seed(seed), pose, toy.Expression(mouth_open=1.0), 256)
+    p = toy.toy_landmarks_3d(toy.identity_from_seed(seed), pose, toy.Expression(mouth_open=1.0), 256)
     errors["468 points"].append(abs(R.fit_head_pose(p).euler[1] - pose.pitch))
     _, rot_u, _ = R.umeyama(T[upper], p[upper] * [1, -1, -1])
     errors["upper face"].append(abs(R.euler_from_rotation(rot_u)[1] - pose.pitch))

@@ -269,6 +269,51 @@ def test_no_reference_attention_never_reads_the_referencenet(pipe):
     assert (ablated - _run(pipe, ref, poses)).abs().max() > 1e-3
 
 
+def test_fusion_blocks_as_names_select_the_readers(pipe):
+    from anim_lab.reference import self_attention_names
+
+    ref, poses = inputs(5)
+    every = list(self_attention_names(pipe.denoising_unet))
+    midup = list(self_attention_names(pipe.denoising_unet, "midup"))
+    assert 0 < len(midup) < len(every)
+    torch.testing.assert_close(
+        _run(pipe, ref, poses, fusion_blocks=every), _run(pipe, ref, poses), rtol=0, atol=0
+    )
+    by_name = _run(pipe, ref, poses, fusion_blocks=midup)
+    torch.testing.assert_close(by_name, _run(pipe, ref, poses, fusion_blocks="midup"), rtol=0, atol=0)
+    none = _run(pipe, ref, poses, use_reference_attention=False)
+    assert (by_name - none).abs().max() > 1e-3 and (by_name - _run(pipe, ref, poses)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="names no block"):
+        _run(pipe, ref, poses, fusion_blocks=[])
+    with pytest.raises(ValueError, match="not spatial attn1"):
+        _run(pipe, ref, poses, fusion_blocks=["down_blocks.9.attn1"])
+
+
+def test_reference_timestep_writes_the_bank_from_the_noised_latent(pipe):
+    """reference_timestep=t: the ReferenceNet gets add_noise(ref_latents, noise, t) and the timestep t; the
+    noise is the generator's next draw after the starting latents. Checked with a ReferenceNet spy."""
+    ref, poses = inputs(3)
+    seen = []
+    hook = pipe.reference_unet.register_forward_pre_hook(
+        lambda module, args: seen.append((args[0].clone(), args[1])), with_kwargs=False
+    )
+    try:
+        kw = dict(num_inference_steps=1, guidance_scale=1.0, output_type="latent")
+        pipe(ref, poses, generator=torch.Generator().manual_seed(4), **kw)
+        pipe(ref, poses, generator=torch.Generator().manual_seed(4), reference_timestep=500, **kw)
+    finally:
+        hook.remove()
+    (clean, t0), (noisy, t500) = seen
+    assert int(torch.as_tensor(t0)) == 0 and int(torch.as_tensor(t500)) == 500
+    g = torch.Generator().manual_seed(4)
+    torch.randn((1, 4, 3, 8, 8), generator=g)  # the starting latents are drawn first
+    noise = torch.randn(clean.shape, generator=g)
+    expected = pipe.scheduler.add_noise(clean, noise, torch.tensor([500]))
+    torch.testing.assert_close(noisy, expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="reference_timestep"):
+        pipe(ref, poses, reference_timestep=1000, **kw)
+
+
 # --- determinism, outputs, callbacks ------------------------------------------------------------------------
 def test_cpu_fp32_is_bit_identical_for_the_same_generator(pipe):
     ref, poses = inputs(5)

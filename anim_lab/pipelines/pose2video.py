@@ -448,6 +448,8 @@ class Pose2VideoPipeline(DiffusionPipeline):
         use_reference_attention: bool = True,
         use_pose_guider: bool = True,
         use_motion_modules: bool = True,
+        reference_timestep: int = 0,
+        fusion_blocks="full",
     ):
         """Animate ``ref_image`` with ``pose_images`` (PIL images or (H, W, 3) uint8 arrays).
 
@@ -463,7 +465,12 @@ class Pose2VideoPipeline(DiffusionPipeline):
         experiments): ``use_reference_attention=False`` runs no ReferenceNet and every ``attn1`` is plain
         self-attention (the reference image still gives the CLIP token); ``use_pose_guider=False`` adds no
         pose features (as a guider whose output is zero); ``use_motion_modules=False`` skips the motion
-        modules (the stage-1 image denoiser, frame by frame, with the same 2D weights).
+        modules (the stage-1 image denoiser, frame by frame, with the same 2D weights). ``reference_timestep``
+        (default 0, as the reference): the ReferenceNet sees the reference latent noised to this timestep
+        (DDPM forward, noise from ``generator``) and is told that timestep; chapter 05 asks what that changes.
+        ``fusion_blocks``: which self-attentions read the bank, as the reference's
+        ``ReferenceAttentionControl`` takes it ("full", AnimateAnyone's; "midup"), or a collection of
+        ``attn1`` names.
         """
         ref_image = self._as_pil(ref_image, "ref_image")
         sample_size = self.denoising_unet.unet_kwargs.get("sample_size", 64)
@@ -477,6 +484,11 @@ class Pose2VideoPipeline(DiffusionPipeline):
             raise InputError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         if decode_chunk_size < 1:
             raise InputError(f"decode_chunk_size must be >= 1, got {decode_chunk_size}")
+        n_train = self.scheduler.config.num_train_timesteps
+        if reference_timestep != int(reference_timestep) or not 0 <= reference_timestep < n_train:
+            raise InputError(
+                f"reference_timestep must be a whole number in [0, {n_train}), got {reference_timestep}"
+            )
         device, dtype = self._execution_device, _dtype_of(self.denoising_unet)
         do_cfg = do_classifier_free_guidance(guidance_scale)
         max_len = (self.denoising_unet.motion_kwargs or {}).get("temporal_position_encoding_max_len")
@@ -506,6 +518,7 @@ class Pose2VideoPipeline(DiffusionPipeline):
             readers = reference_attention(
                 self.reference_unet,
                 self.denoising_unet,
+                fusion_blocks=fusion_blocks,
                 do_classifier_free_guidance=do_cfg,
                 faithful=faithful,
             )
@@ -513,11 +526,17 @@ class Pose2VideoPipeline(DiffusionPipeline):
             # 4. the ReferenceNet, once, at t = 0: fills the bank. On the cond row only (the uncond rows never
             # read it); faithful=True runs it on the CFG-doubled batch [zero tokens; CLIP tokens] as the
             # reference does, so the fp16-rounded bank matches it bit for bit.
+            t_ref = int(reference_timestep)
+            if bank is not None and t_ref:  # an experiment: the ReferenceNet sees a noised reference
+                noise = randn_tensor(ref_latents.shape, generator=generator, device=device, dtype=dtype)
+                ref_latents = self.scheduler.add_noise(
+                    ref_latents, noise, torch.tensor([t_ref], device=device)
+                )
             if bank is not None and faithful and do_cfg:
                 context = cfg_encoder_hidden_states(clip_tokens)  # (2, 1, D): zero tokens, the CLIP token
-                bank.write(cfg_batch(ref_latents), t=0, encoder_hidden_states=context)
+                bank.write(cfg_batch(ref_latents), t=t_ref, encoder_hidden_states=context)
             elif bank is not None:
-                bank.write(ref_latents, t=0, encoder_hidden_states=clip_tokens)
+                bank.write(ref_latents, t=t_ref, encoder_hidden_states=clip_tokens)
             # the cond row of every bank entry, (1, HW, C)
             one_reference = {k: v[-1:] for k, v in bank.entries.items()} if bank is not None else {}
             bank_videos = [1]  # how many videos (windows) the bank's rows serve now
