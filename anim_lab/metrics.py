@@ -43,6 +43,7 @@ __all__ = [
     "LAPLACIAN_3X3",
     "frames_of",
     "psnr",
+    "video_psnr",
     "luminance",
     "laplacian_variance",
     "sharpness_ratios",
@@ -93,6 +94,17 @@ def psnr(images: torch.Tensor, targets: torch.Tensor, data_range: float = 2.0) -
     x, y = _pair(images, targets)
     mse = (x - y).pow(2).flatten(1).mean(1)  # (N,)
     return (10 * torch.log10(data_range**2 / mse.clamp_min(1e-20))).float()
+
+
+def video_psnr(videos: torch.Tensor, targets: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """Per-video PSNR in dB, one mean squared error over the whole clip: (B, 3, F, H, W) -> (B,) float32.
+    (:func:`psnr` of a video is per frame; the two differ when the error varies from frame to frame.)"""
+    if videos.ndim != 5:
+        raise InputError(
+            f"videos must be (B, 3, F, H, W), got shape {tuple(videos.shape)}; for images use psnr"
+        )
+    flat = lambda v: rearrange(v, "b c f h w -> b c (f h) w")  # noqa: E731  one tall picture per clip
+    return psnr(flat(videos), flat(targets), data_range)
 
 
 def luminance(images: torch.Tensor) -> torch.Tensor:

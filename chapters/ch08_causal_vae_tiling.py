@@ -49,10 +49,9 @@ from torch.nn import functional as F
 
 import anim_lab
 from anim_lab import causal_vae as CV
-from anim_lab import toy, viz
+from anim_lab import metrics, toy, viz
 from anim_lab.inspect import PeakMemory
 from anim_lab.tiling import TileSettings, tiled_decode
-from anim_lab.vae import psnr as image_psnr
 
 torch.manual_seed(0)
 torch.set_num_threads(1)
@@ -151,8 +150,9 @@ print(
 
 
 # %%
-def psnr(a, b):  # videos, clamped to [-1, 1] as a display would -> dB per clip (anim_lab.vae.psnr)
-    return image_psnr(a.clamp(-1, 1), b.clamp(-1, 1))
+def psnr(a, b):  # clamped to [-1, 1] as a display would -> dB per clip (or per image), anim_lab.metrics
+    a, b = a.clamp(-1, 1), b.clamp(-1, 1)
+    return metrics.video_psnr(a, b) if a.ndim == 5 else metrics.psnr(a, b)
 
 
 clips = torch.cat(

@@ -57,10 +57,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers.utils import logging as transformers_logging
 
 import anim_lab
-from anim_lab import flow, toy, viz
+from anim_lab import flow, metrics, toy, viz
 from anim_lab.causal_vae import CausalVAE
+from anim_lab.metrics import psnr
 from anim_lab.tiling import TileSettings
-from anim_lab.vae import psnr
 
 torch.manual_seed(0)
 torch.set_num_threads(1)
@@ -390,7 +390,7 @@ print(f"one block's linear layers alone: {block_linear / 1e12:.0f} TFLOPs")
 # (`token_replace_emb`) while the other tokens get the current $t$. The Euler step then moves frames 1.. only.
 # In HunyuanVideo-I2V the seed notes also ask about `i2v_stability`: the diffusers pipeline starts from
 # $0.999\,\varepsilon + 0.001 \cdot$ image latent (every frame), a tiny nudge of the start toward the image;
-# `flow.sample_i2v(faithful=True)` (the default) does the same.
+# `flow.sample_i2v(faithful=True)` does the same (its default, `faithful=False`, starts from pure noise).
 
 # %%
 with torch.no_grad():
@@ -459,8 +459,8 @@ videos, lats = {}, {}
 own = float(psnr(flow.decode_latents(vae, image_latents)[:, :, 0], image))
 for kind, m in models.items():
     lats[kind] = flow.sample_i2v(
-        m, image_latents, text, 17, 20, shift=3.0, generator=torch.Generator().manual_seed(0)
-    )
+        m, image_latents, text, 17, 20, shift=3.0, generator=torch.Generator().manual_seed(0), faithful=True
+    )  # as scripts/eval_i2v.py samples
     videos[kind] = flow.decode_latents(vae, lats[kind])  # (1, 3, 17, 64, 64)
     print(
         f"{kind:14s} frame-0 PSNR {float(psnr(videos[kind][:, :, 0], image)):.1f} dB "
@@ -498,7 +498,7 @@ tiled = flow.decode_latents(vae, lats["latent_concat"], tiling=tiles)
 print(
     "tiled decode:",
     tuple(tiled.shape),
-    f"| PSNR vs untiled {float(psnr(tiled, videos['latent_concat']).mean()):.0f} dB",
+    f"| PSNR vs untiled {float(metrics.video_psnr(tiled, videos['latent_concat']).mean()):.0f} dB",
 )
 
 

@@ -244,3 +244,16 @@ def test_kid_matches_torchmetrics():
     assert abs(same) < ours  # two halves of one set are closer than real vs fake
     mean, std = M.kid(project(real).detach(), project(fake).detach(), subset_size=10, subsets=50)
     assert std > 0 and abs(mean - ours) < 4 * std
+
+
+def test_video_psnr_is_one_mse_per_clip():
+    g = torch.Generator().manual_seed(6)
+    truth = torch.rand(2, 3, 4, 8, 8, generator=g) * 2 - 1
+    video = truth + torch.randn(truth.shape, generator=g) * torch.tensor([0.01, 0.1, 0.2, 0.4]).view(
+        1, 1, 4, 1, 1
+    )
+    mse = ((video.double() - truth.double()) ** 2).flatten(1).mean(1)
+    np.testing.assert_allclose(M.video_psnr(video, truth).numpy(), 10 * np.log10(4 / mse.numpy()), rtol=1e-5)
+    assert (
+        M.video_psnr(video, truth) < M.psnr(video, truth).view(2, 4).mean(1)
+    ).all()  # errors differ by frame
