@@ -35,16 +35,15 @@ import numpy as np
 import torch
 from einops import rearrange
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import anim_lab
+from anim_lab import clip as C
+from anim_lab import flow, toy
+from anim_lab.causal_vae import CausalVAE
+from anim_lab.landmarks import FaceLandmarker, NoFaceError
+from anim_lab.metrics import psnr
+from anim_lab.vae import images_from_uint8, images_to_uint8
 
-from anim_lab import clip as C  # noqa: E402
-from anim_lab import flow, toy  # noqa: E402
-from anim_lab.causal_vae import CausalVAE  # noqa: E402
-from anim_lab.landmarks import FaceLandmarker, NoFaceError  # noqa: E402
-from anim_lab.vae import images_from_uint8, images_to_uint8, psnr  # noqa: E402
-from scripts.train_toy_i2v import render_clip  # noqa: E402
+render_clip = anim_lab.load_script("train_toy_i2v").render_clip  # the clips the models trained on
 
 
 def to_video(frames_u8: np.ndarray) -> torch.Tensor:

@@ -14,21 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from anim_lab import clip as C  # noqa: E402
-from anim_lab import toy  # noqa: E402
-from anim_lab import vae as V  # noqa: E402
-from anim_lab.toy import renderer as R  # noqa: E402
+from anim_lab import clip as C
+from anim_lab import metrics as M
+from anim_lab import toy
+from anim_lab import vae as V
+from anim_lab.toy import renderer as R
 
 # The expression states the captions name, and the ranges they are drawn from (clearly apart, so labels are
 # clean).
@@ -97,7 +92,7 @@ def evaluate_vae(vae=None, n: int = 64, seed: int = 123) -> dict:
     images = V.images_from_uint8(render_stills("test", n, seed=seed)["images"])
     values = torch.cat(
         [
-            V.psnr(V.decode(vae, V.encode(vae, images[i : i + 32])), images[i : i + 32])
+            M.psnr(V.decode(vae, V.encode(vae, images[i : i + 32])), images[i : i + 32])
             for i in range(0, n, 32)
         ]
     )

@@ -33,19 +33,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import anim_lab  # noqa: E402
-from anim_lab.clip import load_image_encoder  # noqa: E402
-from anim_lab.guidance import build_scheduler  # noqa: E402
-from anim_lab.pipelines import Pose2VideoPipeline  # noqa: E402
-from anim_lab.pose_guider import PoseGuider  # noqa: E402
-from anim_lab.toy import TOY_ANIMATOR_DIR, load_animator  # noqa: E402
-from anim_lab.unet import ReferenceUNet, VideoUNet  # noqa: E402
-from anim_lab.vae import load_vae  # noqa: E402
-from anim_lab.weights import load_checkpoint, load_into, realign  # noqa: E402
+import anim_lab
+from anim_lab import metrics as M
+from anim_lab.clip import load_image_encoder
+from anim_lab.guidance import build_scheduler
+from anim_lab.pipelines import Pose2VideoPipeline
+from anim_lab.pose_guider import PoseGuider
+from anim_lab.toy import TOY_ANIMATOR_DIR, load_animator
+from anim_lab.unet import ReferenceUNet, VideoUNet
+from anim_lab.vae import load_vae
+from anim_lab.weights import load_checkpoint, load_into, realign
 
 PICK = [0, 7, 15, 23]  # frames of the 24-frame case
 SETTINGS = {"steps": 8, "cfg": 3.5, "seed": 42}
@@ -71,7 +68,7 @@ def legacy_animator(folder: Path, image_encoder: Path) -> Pose2VideoPipeline:
     load_into(guider, load_checkpoint(folder / "pose_guider" / "diffusion_pytorch_model.safetensors"))
     own = folder / "image_encoder"  # an early folder without one borrows the frozen encoder
     pipe = Pose2VideoPipeline(
-        vae=load_vae(ROOT / "anim_lab" / "assets" / "toy_vae"),
+        vae=load_vae(TOY_ANIMATOR_DIR / "vae"),  # the VAE the toy animator was trained with (v1)
         image_encoder=load_image_encoder(own if own.is_dir() else image_encoder),
         reference_unet=ReferenceUNet.from_pretrained(folder / "reference_unet"),
         denoising_unet=VideoUNet.from_pretrained(folder / "denoising_unet"),
@@ -135,7 +132,7 @@ def main(argv=None) -> int:
         except (OSError, ValueError) as err:
             print(f"sample_checkpoints: error: {label}: {err}", file=sys.stderr)
             return 2
-        psnr = float(E.frame_psnr(frames[-1], case.truth).mean())
+        psnr = float(M.psnr(M.video_from_uint8(frames[-1]), M.video_from_uint8(case.truth)).mean())
         print(f"{label:40s} PSNR against the ground truth {psnr:.2f} dB")
     settings = dict(SETTINGS, frames=PICK, case="eval_animator.make_cases(1, 24)[0]")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,6 @@ import argparse
 import json
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -67,14 +66,14 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import eval_toy_models as E  # noqa: E402
+import anim_lab
+from anim_lab import clip as C
+from anim_lab import files, repo_relative, toy
+from anim_lab import vae as V
+from anim_lab.configs import TOY
 
-from anim_lab import clip as C  # noqa: E402
-from anim_lab import files, repo_relative, toy  # noqa: E402
-from anim_lab import vae as V  # noqa: E402
-from anim_lab.configs import TOY  # noqa: E402
+E = anim_lab.load_script("eval_toy_models")  # the shared toy-data helper
+ROOT = anim_lab.REPO_DIR
 
 DEFAULT_OUT = ROOT / "anim_lab" / "assets" / "toy_clip"
 DEFAULT_ENCODER_OUT = ROOT / "anim_lab" / "assets" / "toy_image_encoder"

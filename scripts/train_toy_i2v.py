@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -49,13 +48,12 @@ from accelerate import Accelerator
 from einops import rearrange
 from tqdm.auto import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import anim_lab
+from anim_lab import files, flow, toy
+from anim_lab.causal_vae import CausalVAE
+from anim_lab.vae import images_from_uint8
 
-from anim_lab import files, flow, toy  # noqa: E402
-from anim_lab.causal_vae import CausalVAE  # noqa: E402
-from anim_lab.vae import images_from_uint8  # noqa: E402
+ROOT = anim_lab.REPO_DIR
 
 SIZE, NUM_FRAMES = 64, 17
 

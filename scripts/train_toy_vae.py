@@ -34,10 +34,11 @@ Two recipes (``--recipe``):
 Every ``--eval-every`` seconds: PSNR, sharpness ratio (:func:`anim_lab.metrics.sharpness_ratio`), SSIM and
 colour error on full 128-px frames of 64 held-out identities (for the EMA and the raw weights), logged to
 ``train_log.json``, and a checkpoint written to ``--out``: the diffusers folder (``config.json`` +
-``diffusion_pytorch_model.safetensors``, the EMA weights), the log, and ``train_state.safetensors`` (the VAE,
-its EMA, the discriminator, both Adam states and the random-generator states as tensors; step, elapsed time,
-settings and the log as JSON in its header). No pickle anywhere. Each file is written to a temporary sibling
-folder and moved in with ``os.replace``. ``--resume`` continues from it, exactly (tested: 3 + 3 steps give
+``diffusion_pytorch_model.safetensors``, the EMA weights), the log, and the training state
+(``train_state.safetensors`` + ``train_state.json`` by ``anim_lab.files.save_state``: the VAE, its EMA, the
+discriminator, both Adam states and the random-generator states as tensors, the rest as JSON). No pickle
+anywhere. The folder is built beside ``--out`` and moved into place (``anim_lab.files.publish_folder``), so a
+checkpoint is never half-written. ``--resume`` continues from it, exactly (tested: 3 + 3 steps give
 the weights of 6); the budget ``--minutes``/``--max-steps`` may be raised on resume, every other setting
 must match. SIGINT/SIGTERM write a checkpoint and stop. At the end the scaling factor 1 / std(latents) is
 measured on training frames and stored in config.json.
@@ -76,8 +77,6 @@ import argparse
 import copy
 import json
 import math
-import os
-import shutil
 import signal
 import sys
 import time
@@ -85,25 +84,25 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_toy_models import render_stills  # noqa: E402  (the shared toy-data helper)
+import anim_lab
+from anim_lab import configs, files
+from anim_lab import metrics as M
+from anim_lab import vae as V
 
-from anim_lab import configs, files  # noqa: E402
-from anim_lab import metrics as M  # noqa: E402
-from anim_lab import vae as V  # noqa: E402
+render_stills = anim_lab.load_script("eval_toy_models").render_stills  # the shared toy-data helper
 
+ROOT = anim_lab.REPO_DIR
 DEFAULT_OUT = ROOT / "anim_lab" / "assets" / "toy_vae"
-STATE_FILE = "train_state.safetensors"
+STATE_FILE = "train_state.safetensors"  # files.save_state's tensors, with train_state.json beside it
 # everything this script writes into --out; a folder holding anything else is never replaced
-OWN_FILES = frozenset({"config.json", "diffusion_pytorch_model.safetensors", "train_log.json", STATE_FILE})
-STATE_FORMAT = "anim_lab/train_toy_vae/2"
+OWN_FILES = frozenset(
+    {"config.json", "diffusion_pytorch_model.safetensors", "train_log.json", STATE_FILE, "train_state.json"}
+)
+STATE_FORMAT = "anim_lab/train_toy_vae/3"
 # settings that may change when a run is resumed (the budget, how often to evaluate, threads)
 RESUMABLE_CHANGES = frozenset({"minutes", "max_steps", "eval_every_s", "threads"})
 _STOP = {"signal": None}  # set by the SIGINT/SIGTERM handler of main(); the loop checkpoints and stops
@@ -289,115 +288,63 @@ def measure_scaling_factor(vae: AutoencoderKL, images: torch.Tensor, seed: int =
 
 
 # --- files --------------------------------------------------------------------------------------------------
-def _tmp_sibling(out: Path) -> Path:
-    return out.with_name(f".{out.name}.tmp")
-
-
 def check_out_folder(out: Path, init: Path | None = None) -> None:
-    """Refuse an ``out`` that is not a folder, that is the ``init`` folder, or that holds anything this
-    script does not write; a leftover temporary sibling is removed only if it holds only our files."""
-    out = Path(out)
-    if init is not None and out.exists() and Path(init).exists() and os.path.samefile(out, init):
-        raise TrainError(f"--out {out} is the --init folder; write the new model elsewhere")
-    for folder in (out, _tmp_sibling(out)):
-        if not folder.exists():
-            continue
-        if not folder.is_dir():
-            raise TrainError(f"{folder} exists and is not a folder; choose another --out")
-        foreign = sorted(p.name for p in folder.iterdir() if p.name not in OWN_FILES or not p.is_file())
-        if foreign:
-            raise TrainError(
-                f"refusing to write into {folder}: it holds {', '.join(foreign)}, which this script did "
-                f"not write (it writes only {', '.join(sorted(OWN_FILES))}); move them away or choose "
-                "another --out"
-            )
+    """Refuse an ``out`` that is a file, that is (or holds) the ``init`` folder, that cannot be written, or
+    that holds anything this script does not write (:data:`OWN_FILES`): ``files.check_output_folder``."""
     try:
-        files.check_writable(out, what="--out")  # a real probe: os.access says yes to root on /sys
+        files.check_output_folder(out, OWN_FILES, inputs={"--init": init}, what="--out")
     except files.OutputError as err:
         raise TrainError(str(err)) from None
 
 
-def _flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
-    """An optimizer's state dict -> (tensors {prefix.param_index.name: tensor}, JSON-able rest)."""
-    sd = opt.state_dict()
-    tensors, plain = {}, {}
-    for index, state in sd["state"].items():
-        for name, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{prefix}.{index}.{name}"] = value.detach().clone().contiguous()
-            else:
-                plain[f"{index}.{name}"] = value
-    return tensors, dict(param_groups=sd["param_groups"], plain=plain)
-
-
-def _unflatten_optimizer(tensors: dict, meta: dict, prefix: str) -> dict:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith(prefix + "."):
-            index, name = key[len(prefix) + 1 :].split(".", 1)
-            state.setdefault(int(index), {})[name] = value
-    for key, value in meta["plain"].items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
-    return dict(state=state, param_groups=groups)
-
-
-def write_checkpoint(out: Path, vae: AutoencoderKL, log: dict, state: dict | None = None) -> None:
-    """Write the diffusers folder of ``vae`` (the EMA model when there is one), the log and (with ``state``:
-    the trained ``vae``, its ``ema`` or None, ``disc``, ``opt_g``, ``opt_d``, ``generator``, ``step``,
-    ``elapsed_s``, ``settings``) the training state into ``out``: each file
-    goes to a temporary sibling folder first and is moved in with ``os.replace`` (atomic per file; the state
-    file alone is enough to resume, so a reader never mixes two checkpoints)."""
+def write_checkpoint(out: Path, vae: AutoencoderKL, log: dict, state: dict) -> None:
+    """Write the diffusers folder of ``vae`` (the EMA model when there is one), the log and the training
+    ``state`` (:func:`training_state`, through ``files.save_state``: safetensors + JSON, no pickle) into
+    ``out``, built in a staging folder beside it and moved into place by ``files.publish_folder``: a reader
+    (or a resume) sees the old checkpoint or the new one, never a mix."""
     out = Path(out)
     check_out_folder(out)  # a file planted since the start is still never replaced
-    tmp = _tmp_sibling(out)
-    shutil.rmtree(tmp, ignore_errors=True)  # only our files (checked above)
-    tmp.mkdir(parents=True)
+    tmp = files.staging_folder(out)
     try:
-        names = []
-        if state is not None:
-            tensors = {f"vae.{k}": v.detach().contiguous() for k, v in state["vae"].state_dict().items()}
-            if state.get("ema") is not None:
-                tensors |= {f"ema.{k}": v.detach().contiguous() for k, v in state["ema"].state_dict().items()}
-            tensors |= {f"disc.{k}": v.detach().contiguous() for k, v in state["disc"].state_dict().items()}
-            meta = dict(format=STATE_FORMAT, step=state["step"], elapsed_s=state["elapsed_s"])
-            meta["settings"], meta["log"] = state["settings"], log
-            for name in ("opt_g", "opt_d"):
-                t, m = _flatten_optimizer(state[name], name)
-                tensors |= t
-                meta[name] = m
-            tensors["rng.generator"] = state["generator"].get_state()
-            tensors["rng.torch"] = torch.get_rng_state()
-            save_file(tensors, tmp / STATE_FILE, metadata={"state": json.dumps(meta)})
-            names.append(STATE_FILE)
+        files.save_state(state, tmp / STATE_FILE)
         vae.save_pretrained(tmp)  # config.json + diffusion_pytorch_model.safetensors
         (tmp / "train_log.json").write_text(json.dumps(log, indent=1))
-        names += ["diffusion_pytorch_model.safetensors", "config.json", "train_log.json"]
-        out.mkdir(parents=True, exist_ok=True)
-        mode = 0o666 & ~files.current_umask()  # files follow the umask (safetensors writes 0600)
-        for name in names:
-            os.chmod(tmp / name, mode)
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        files.publish_folder(tmp, out, OWN_FILES)  # removes tmp, whatever happens
+    except files.OutputError as err:
+        raise TrainError(str(err)) from None
 
 
-def read_state(path: Path) -> tuple[dict, dict]:
-    """(tensors, metadata) of a ``train_state.safetensors``; anything else (a pickle under that name, a
-    truncated file) raises a TrainError naming the file, and is never unpickled."""
+def training_state(vae, ema, disc, opt_g, opt_d, generator, step, elapsed_s, settings, log) -> dict:
+    """Everything a resume needs, as plain data: weights, optimiser states, random states, counters."""
+    return dict(
+        format=STATE_FORMAT,
+        step=step,
+        elapsed_s=elapsed_s,
+        settings=settings,
+        log=log,
+        vae=vae.state_dict(),
+        ema=None if ema is None else ema.state_dict(),
+        disc=disc.state_dict(),
+        opt_g=opt_g.state_dict(),
+        opt_d=opt_d.state_dict(),
+        rng=dict(generator=generator.get_state(), torch=torch.get_rng_state()),
+    )
+
+
+def read_state(path: Path) -> dict:
+    """A ``train_state`` written by :func:`write_checkpoint` (``files.load_state``); anything else (a pickle
+    under that name, a truncated file, another script's state) raises a TrainError naming the file, and is
+    never unpickled."""
     try:
-        with safe_open(path, framework="pt") as f:
-            meta = json.loads(f.metadata()["state"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open has no iterator)
-    except Exception as err:  # safetensors' own errors, a missing header key, bad JSON
+        state = files.load_state(path)
+    except ValueError as err:
         raise TrainError(
-            f"{path} is not a training state written by this script ({type(err).__name__}: {err}); "
-            "start a new run in another --out"
-        ) from err
-    if meta.get("format") != STATE_FORMAT:
-        raise TrainError(f"{path} has format {meta.get('format')!r}, expected {STATE_FORMAT!r}")
-    return tensors, meta
+            f"{path} is not a training state written by this script ({err}); start a new run in another --out"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise TrainError(f"{path} has format {found!r}, expected {STATE_FORMAT!r}")
+    return state
 
 
 # --- training -----------------------------------------------------------------------------------------------
@@ -552,22 +499,24 @@ def train(
     log = dict(settings, curve=[], losses=[], d_losses=[], terms=[])
     step, elapsed_before = 0, 0.0
     if resumed is not None:
-        tensors, meta = resumed
+        meta = resumed
         settings["init"] = meta["settings"].get("init")  # where the run started, whatever --init says now
-        changed = {k for k in settings if meta["settings"].get(k) != settings[k]} - RESUMABLE_CHANGES
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["settings"].items()}
+        now = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+        changed = {k for k in now if saved.get(k) != now[k]} - RESUMABLE_CHANGES
         if changed:
             detail = ", ".join(
                 f"{k}: {meta['settings'].get(k)!r} -> {settings[k]!r}" for k in sorted(changed)
             )
             raise TrainError(f"{out / STATE_FILE} was written with other settings ({detail}); use them")
-        vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
+        vae.load_state_dict(meta["vae"])
         if ema is not None:
-            ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
-        opt.load_state_dict(_unflatten_optimizer(tensors, meta["opt_g"], "opt_g"))
-        opt_d.load_state_dict(_unflatten_optimizer(tensors, meta["opt_d"], "opt_d"))
-        g.set_state(tensors["rng.generator"])
-        torch.set_rng_state(tensors["rng.torch"])
+            ema.load_state_dict(meta["ema"])
+        disc.load_state_dict(meta["disc"])
+        opt.load_state_dict(meta["opt_g"])
+        opt_d.load_state_dict(meta["opt_d"])
+        g.set_state(meta["rng"]["generator"])
+        torch.set_rng_state(meta["rng"]["torch"])
         step, elapsed_before = meta["step"], meta["elapsed_s"]
         log = meta["log"] | {k: settings[k] for k in RESUMABLE_CHANGES}
         log.setdefault("resumed_at", []).append(step)
@@ -579,18 +528,9 @@ def train(
     def checkpoint(final_log: dict | None = None) -> None:
         if out is None:
             return
-        state = dict(
-            vae=vae,
-            ema=ema,
-            disc=disc,
-            opt_g=opt,
-            opt_d=opt_d,
-            generator=g,
-            step=step,
-            elapsed_s=clock(),
-            settings=settings,
-        )
-        write_checkpoint(out, model, final_log or log, state)
+        log_now = final_log or log
+        state = training_state(vae, ema, disc, opt, opt_d, g, step, clock(), settings, log_now)
+        write_checkpoint(out, model, log_now, state)
 
     def run_eval() -> None:
         t_eval = clock()

@@ -115,24 +115,24 @@ def test_ema_of_the_weights(T, data, tmp_path):
     """Two steps with decay 0.9: ema = 0.81 init + 0.09 w1 + 0.1 w2 (w_k the weights after step k)."""
     run(T, data, tmp_path / "one", max_steps=1, final=False)
     run(T, data, tmp_path / "two", max_steps=2, final=False)
-    w1, s2 = load_file(tmp_path / "one" / T.STATE_FILE), load_file(tmp_path / "two" / T.STATE_FILE)
+    w1, s2 = T.read_state(tmp_path / "one" / T.STATE_FILE), T.read_state(tmp_path / "two" / T.STATE_FILE)
     torch.manual_seed(0)
     init = T.AutoencoderKL(**TINY_VAE).state_dict()
     key = "decoder.conv_out.weight"
-    expected = 0.81 * init[key] + 0.09 * w1[f"vae.{key}"] + 0.1 * s2[f"vae.{key}"]
-    torch.testing.assert_close(s2[f"ema.{key}"], expected)
-    assert not torch.allclose(s2[f"ema.{key}"], s2[f"vae.{key}"])
+    expected = 0.81 * init[key] + 0.09 * w1["vae"][key] + 0.1 * s2["vae"][key]
+    torch.testing.assert_close(s2["ema"][key], expected)
+    assert not torch.allclose(s2["ema"][key], s2["vae"][key])
 
 
 def test_discriminator_is_unchanged_before_its_start(T, data, tmp_path):
     """With disc_start beyond the run, the saved discriminator is still its seeded initialisation."""
     run(T, data, tmp_path / "vae", max_steps=3, disc_start=10, final=False)
-    saved = load_file(tmp_path / "vae" / T.STATE_FILE)
+    saved = T.read_state(tmp_path / "vae" / T.STATE_FILE)["disc"]
     torch.manual_seed(0)
     T.AutoencoderKL(**TINY_VAE)  # train() seeds, builds the VAE, then the discriminator
     fresh = T.PatchDiscriminator(8, 1).state_dict()
     for k, v in fresh.items():
-        assert torch.equal(saved[f"disc.{k}"], v), k
+        assert torch.equal(saved[k], v), k
 
 
 def test_adaptive_weight_is_the_ratio_of_gradient_norms(T, data):
@@ -168,17 +168,20 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(T, data, tmp_path):
     resumed = run(T, data, tmp_path / "b", resume=True, init=tmp_path / "a")
     assert resumed["init"] is None
     assert resumed["steps"] == 6 and resumed["resumed_at"] == [3]
-    a, b = load_file(tmp_path / "a" / T.STATE_FILE), load_file(tmp_path / "b" / T.STATE_FILE)
-    assert a.keys() == b.keys() and any(k.startswith("opt_d.") for k in a)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    a, b = T.read_state(tmp_path / "a" / T.STATE_FILE), T.read_state(tmp_path / "b" / T.STATE_FILE)
+    flat_a = load_file(tmp_path / "a" / T.STATE_FILE)  # every tensor of the state, keyed by its path
+    flat_b = load_file(tmp_path / "b" / T.STATE_FILE)
+    assert flat_a.keys() == flat_b.keys() and any(k.startswith("/opt_d/") for k in flat_a)
+    for k in flat_a:  # every tensor: weights, EMA, discriminator, both Adam states, random states
+        assert torch.equal(flat_a[k], flat_b[k]), k
+    assert a["opt_g"]["param_groups"] == b["opt_g"]["param_groups"]
     log_a = json.loads((tmp_path / "a" / "train_log.json").read_text())
     assert log_a["losses"] == resumed["losses"] and log_a["d_losses"] == resumed["d_losses"]
     assert log_a["scaling_factor"] == resumed["scaling_factor"]
     # the diffusers folder holds the EMA weights; the state keeps both
     saved = load_file(tmp_path / "b" / "diffusion_pytorch_model.safetensors")
-    assert saved.keys() == {k[4:] for k in b if k.startswith("ema.")}
-    assert all(torch.equal(v, b[f"ema.{k}"]) for k, v in saved.items())
+    assert saved.keys() == b["ema"].keys()
+    assert all(torch.equal(v, b["ema"][k]) for k, v in saved.items())
     with pytest.raises(T.TrainError, match="lr: 0.001 -> 0.002"):  # other settings are refused
         run(T, data, tmp_path / "b", resume=True, lr=2e-3)
 
@@ -219,7 +222,7 @@ def test_foreign_folders_are_refused(T, data, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     (out / "config.json").write_text("{}")
-    with pytest.raises(T.TrainError, match=r"holds notes.txt, which this script did not write"):
+    with pytest.raises(T.TrainError, match=r"holds files this program did not write: notes.txt"):
         run(T, data, out, max_steps=1)
     assert (out / "notes.txt").read_text() == "mine" and (out / "config.json").read_text() == "{}"
     (out / "notes.txt").unlink()  # only our files left: replaced
@@ -229,8 +232,8 @@ def test_foreign_folders_are_refused(T, data, tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~mask}  # the umask, not 0600
-    assert not T._tmp_sibling(out).exists()
-    with pytest.raises(T.TrainError, match="is the --init folder"):
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vae"]  # no staging folder left beside it
+    with pytest.raises(T.TrainError, match="holds the input --init"):
         run(T, data, out, max_steps=1, init=out, restart=True)
     with pytest.raises(SystemExit, match="error: .*holds a training state"):  # the CLI says it in one line
         T.main(["--out", str(out), "--max-steps", "1"])
