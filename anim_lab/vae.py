@@ -46,7 +46,6 @@ __all__ = [
     "encode_video",
     "decode_video",
     "scaling_factor_from_latents",
-    "psnr",
     "LatentPreview",
 ]
 
@@ -271,14 +270,6 @@ def scaling_factor_from_latents(latents: torch.Tensor) -> float:
     if latents.numel() < 2:
         raise InputError("need more than one latent value to measure a standard deviation")
     return float(1.0 / latents.float().flatten().std())
-
-
-def psnr(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2): (B, ...) -> (B,)."""
-    if images.shape != targets.shape:
-        raise InputError(f"shapes differ: {tuple(images.shape)} vs {tuple(targets.shape)}")
-    mse = (images.float() - targets.float()).pow(2).flatten(1).mean(1)  # (B,)
-    return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
 
 
 # --- looking at latents -------------------------------------------------------------------------------------

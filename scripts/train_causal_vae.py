@@ -45,7 +45,8 @@ from torch.nn import functional as F
 
 from anim_lab import files, toy
 from anim_lab.causal_vae import CAUSAL_VAE_TOY, TOY_ASSET_DIR, CausalVAE
-from anim_lab.vae import images_from_uint8, psnr  # psnr: per image (here per clip), [-1, 1] data
+from anim_lab.metrics import video_psnr  # one MSE per clip, [-1, 1] data
+from anim_lab.vae import images_from_uint8
 
 SIZE, CLIP_FRAMES, WINDOW = 64, 17, 9
 
@@ -101,7 +102,7 @@ def evaluate(vae: CausalVAE, clips_uint8: torch.Tensor, batch: int = 8) -> float
     scores = []
     for i in range(0, len(clips_uint8), batch):
         x = to_float(clips_uint8[i : i + batch])
-        scores.append(psnr(vae(x).clamp(-1, 1), x))  # per clip
+        scores.append(video_psnr(vae(x).clamp(-1, 1), x))  # per clip
     vae.train()
     return float(torch.cat(scores).mean())
 

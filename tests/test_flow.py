@@ -9,8 +9,8 @@ from torch.nn import functional as F
 
 from anim_lab import flow
 from anim_lab.causal_vae import CAUSAL_VAE_TINY, CausalVAE
+from anim_lab.metrics import psnr
 from anim_lab.tiling import TileSettings
-from anim_lab.vae import psnr
 
 C = 4  # TINY latent channels
 
