@@ -23,7 +23,7 @@ ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: demo test lint unit chapters notebook figures lab clean-venv
 test: $(STAMP) lint
-	$(PY) -m pytest -m "not slow and not gpu" tests chapters --nbval --nbval-current-env --nbval-sanitize-with chapters/sanitize.cfg -p no:cacheprovider
+	$(PY) -m pytest -m "not slow and not gpu" tests chapters --nbval --nbval-current-env --nbval-sanitize-with chapters/sanitize.cfg -p no:cacheprovider --durations=25
 
 # the main job on the embedded toy animator (anim_lab/assets/toy_animator): nothing is downloaded
 demo: $(STAMP)

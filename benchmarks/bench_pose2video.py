@@ -4,8 +4,8 @@ Side by side in one run, on the CPU (one thread), with random weights; each timi
 interleaved runs (the machine may be shared):
 
 1. overhead: the pipeline's wall time against the sum of its networks' forward times (target <= 5%);
-2. speed-up: the plain step-by-step loop of the reference (tests/pose2video_plain.py: ReferenceNet on the CFG
-   batch, bank repeated per frame, attention with the reference for every row, one window per UNet call,
+2. speed-up: the plain step-by-step loop of the reference (anim_lab/plain/pose2video.py: ReferenceNet on the
+   CFG batch, bank repeated per frame, attention with the reference for every row, one window per UNet call,
    one frame per VAE decode) against the pipeline at the same output (target >= 1.5x), and where each spends
    its time: the denoising UNet's self-attention (where the reference enters), the rest of the UNet (the
    same work in both), everything else;
@@ -32,19 +32,18 @@ import numpy as np
 import PIL.Image
 import torch
 
+from anim_lab.clip import build_image_encoder
+from anim_lab.configs import TINY
+from anim_lab.guidance import build_scheduler
+from anim_lab.motion import MOTION_TINY
+from anim_lab.pipelines import Pose2VideoPipeline
+from anim_lab.plain import randomize
+from anim_lab.plain.pose2video import plain_pose2video
+from anim_lab.pose_guider import PoseGuider
+from anim_lab.unet import ReferenceUNet, VideoUNet
+from anim_lab.vae import build_vae
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the plain reference loop lives with the tests
-
-from pose2video_plain import plain_pose2video  # noqa: E402
-
-from anim_lab.clip import build_image_encoder  # noqa: E402
-from anim_lab.configs import TINY  # noqa: E402
-from anim_lab.guidance import build_scheduler  # noqa: E402
-from anim_lab.motion import MOTION_TINY  # noqa: E402
-from anim_lab.pipelines import Pose2VideoPipeline  # noqa: E402
-from anim_lab.pose_guider import PoseGuider  # noqa: E402
-from anim_lab.unet import ReferenceUNet, VideoUNet  # noqa: E402
-from anim_lab.vae import build_vae  # noqa: E402
 
 # Two mid sizes, seconds per denoising step on one core: "MID" is TINY's structure with wider blocks and two
 # layers per block at 128 px (convolutions dominate); "MID256" is TINY's widths at 256 px, 1024 tokens per
@@ -70,11 +69,8 @@ def build(name: str) -> Pose2VideoPipeline:
         ),
         scheduler=build_scheduler(),
     )
-    with torch.no_grad():  # no path switched off: zero-init layers get random values
-        for module in (pipe.denoising_unet, pipe.pose_guider):
-            for p in module.parameters():
-                if not p.count_nonzero():
-                    p.normal_(0, 0.05)
+    for i, name in enumerate(("vae", "image_encoder", "reference_unet", "denoising_unet", "pose_guider")):
+        randomize(getattr(pipe, name), seed=i)  # no path switched off: every weight random and nonzero
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

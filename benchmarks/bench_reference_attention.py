@@ -1,5 +1,5 @@
 """Benchmark reference attention: anim_lab's reader against the reference code's way (the plain implementation
-of tests/test_reference.py), side by side in one run, at SD1.5 widths, 32x32 latents, 16 frames, CFG on.
+in anim_lab/plain/reference.py), side by side in one run, at SD1.5 widths, 32x32 latents, 16 frames, CFG on.
 
 1. The reference-attention part: every spatial self-attention (attn1) of the denoising UNet, 16 blocks at
    the widths and token counts of SD1.5 on a 32x32 latent (320 ch x 1024 tokens ... 1280 ch x 16 tokens),
@@ -19,9 +19,7 @@ other jobs on a shared machine do not distort the comparison; on CUDA, wall time
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -31,11 +29,10 @@ from torch.profiler import ProfilerActivity, profile
 from anim_lab.configs import SD15
 from anim_lab.inspect import count_flops, human
 from anim_lab.motion import MOTION_SD15
+from anim_lab.plain import randomize
+from anim_lab.plain.reference import PlainReader, PlainReferenceControl  # the reference code's way
 from anim_lab.reference import ReferenceBank, ReferenceReaderProcessor, reference_attention
 from anim_lab.unet import ReferenceUNet, VideoUNet
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_reference import PlainReader, PlainReferenceControl  # noqa: E402  the plain implementation
 
 # (name, width C, downsampling factor of the latent) of SD1.5's 16 transformer blocks
 SD15_BLOCKS = (
@@ -95,12 +92,9 @@ class Blocks:
         g = torch.Generator().manual_seed(0)
         self.frames, self.videos = frames, 2  # CFG: [uncond ; cond] of one video
         self.attn, self.x, self.ref = {}, {}, {}
-        for name, c, factor in SD15_BLOCKS:
+        for i, (name, c, factor) in enumerate(SD15_BLOCKS):
             hw = (size // factor) ** 2
-            attn = Attention(query_dim=c, heads=8, dim_head=c // 8).eval()
-            with torch.no_grad():
-                for p in attn.parameters():
-                    p.copy_(torch.randn(p.shape, generator=g) * c**-0.5)
+            attn = randomize(Attention(query_dim=c, heads=8, dim_head=c // 8), seed=i).eval()
             self.attn[name] = attn.to(device)
             self.x[name] = torch.randn(self.videos * frames, hw, c, generator=g).to(device)  # (2F, HW, C)
             self.ref[name] = torch.randn(1, hw, c, generator=g).to(device)  # (B=1, HW, C)
@@ -141,7 +135,7 @@ def bench_attention(frames: int, size: int, repeats: int, device: torch.device) 
     )
     print(f"  {'':34s} {'time/step':>10s} {'peak memory':>12s} {'FLOPs/step':>11s}")
     print(
-        f"  {'reference code (plain, tests)':34s} {t_plain * 1e3:8.1f}ms {human(mem_plain, 'B'):>12s} "
+        f"  {'reference code (anim_lab.plain)':34s} {t_plain * 1e3:8.1f}ms {human(mem_plain, 'B'):>12s} "
         f"{human(flops_plain):>11s}"
     )
     print(
@@ -180,14 +174,9 @@ def count_attention_flops(frames: int, size: int) -> tuple[int, int, int]:
 
 
 def bench_unet(frames: int, size: int, device: torch.device) -> None:
-    torch.manual_seed(0)
-    reference = ReferenceUNet(SD15.unet).eval().to(device)
-    denoiser = VideoUNet(SD15.unet, MOTION_SD15).eval().to(device)
+    reference = randomize(ReferenceUNet(SD15.unet), seed=0).eval().to(device)
+    denoiser = randomize(VideoUNet(SD15.unet, MOTION_SD15), seed=1).eval().to(device)  # motion modules on
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, m in denoiser.motion_modules():  # zero-init proj_out made random: the modules do something
-            proj = m.temporal_transformer.proj_out
-            proj.weight.copy_(torch.randn(proj.weight.shape, generator=g) * 0.02)
     latents = torch.randn(1, 4, frames, size, size, generator=g).to(device)
     ref_latents = torch.randn(1, 4, size, size, generator=g).to(device)
     clip = torch.randn(1, 1, 768, generator=g).to(device)

@@ -37,8 +37,8 @@
 #
 # Facts about the reference code come from Moore-AnimateAnyone's `pipeline_pose2vid_long.py` and
 # animatediff-cli-prompt-travel's `uniform` context scheduler (implementations.md §1.7 and §1.10 of the
-# shared reference notes); the test suite keeps a plain transcription of that loop in
-# `tests/pose2video_plain.py`. The model is the toy animator trained by `scripts/train_animator.py`
+# shared reference notes); the tests compare the pipeline with a plain transcription of that loop,
+# `anim_lab/plain/pose2video.py`. The model is the toy animator trained by `scripts/train_animator.py`
 # (`anim_lab/assets/toy_animator`): 128-px portraits of the toy world, 4×16×16 latents. Its quality is
 # measured by `scripts/eval_animator.py`; this chapter is about what the pipeline does, and prints the
 # numbers of the weights it loads.

@@ -55,15 +55,16 @@ def pair():
 def tiny_animator_weights(tmp_path_factory):
     """A tiny animator with motion modules, every weight random and nonzero, written by train_animator.py in
     the toy_animator layout (with the frozen image_encoder/). Shared by the demo, eval and retarget tests."""
-    from test_train_animator import TINY, _randomize
+    from test_train_animator import TINY
 
     import anim_lab
+    from anim_lab.plain import randomize
 
     T = anim_lab.load_script("train_animator")
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     animator = T.Animator(TINY, stage=2)
-    _randomize(animator, 1)
+    randomize(animator, 1)
     folder = tmp_path_factory.mktemp("tiny") / "toy_animator"
     T.write_weights(animator, folder)
     return folder

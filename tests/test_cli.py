@@ -2,29 +2,19 @@
 (each with its message, and nothing written)."""
 
 import os
-import wave
 
 import numpy as np
 import PIL.Image
 import pytest
 import skimage.data
 import torch
+from helpers import tone
 from test_pipeline import tiny_pipeline
 
 from anim_lab import cli
 from anim_lab import video as V
 
 SIZE = 64
-
-
-def _tone(path, seconds=2.0, rate=16000):
-    t = np.arange(int(seconds * rate)) / rate
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2").tobytes())
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +28,7 @@ def data(tmp_path_factory):
     frames = np.stack(
         [img[30 + i : 286 + i, 100 + 2 * i : 356 + 2 * i] for i in range(5)]
     )  # (5, 256, 256, 3)
-    V.write_video(d / "driving.mp4", frames, fps=12.5, audio_from=_tone(d / "tone.wav"), quality=9)
+    V.write_video(d / "driving.mp4", frames, fps=12.5, audio_from=tone(d / "tone.wav"), quality=9)
     (d / "poses").mkdir()
     rng = np.random.default_rng(0)
     for i in range(3):

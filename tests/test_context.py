@@ -17,6 +17,7 @@ from anim_lab.context import (
 )
 from anim_lab.guidance import cfg_batch
 from anim_lab.motion import MotionModule
+from anim_lab.plain import randomize
 
 
 # --- the reference's scheduler, written out from §1.6 -------------------------------------------------------
@@ -91,13 +92,7 @@ def test_counter_and_batches():
 def motion():
     """A motion module with every weight random and nonzero (proj_out re-initialised), so each window's
     prediction depends on all of its frames."""
-    torch.manual_seed(0)
-    module = MotionModule(8, num_attention_heads=2, norm_num_groups=4, zero_initialize=False).eval()
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.abs().max() == 0:
-                p.normal_(0, 0.2)
-    return module
+    return randomize(MotionModule(8, num_attention_heads=2, norm_num_groups=4).eval())
 
 
 def _video_model(motion, x):

@@ -4,7 +4,6 @@ ablation switches against independent computations."""
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,6 @@ from anim_lab import cli
 from anim_lab.toy import load_animator
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _load(name):

@@ -5,6 +5,7 @@ import torch
 
 import anim_lab
 from anim_lab.causal_vae import CAUSAL_VAE_TINY, CausalVAE
+from anim_lab.plain import randomize
 
 
 @pytest.fixture(scope="module")
@@ -14,10 +15,7 @@ def E():
 
 def test_reconstruct_equals_encoding_and_decoding_each_clip_alone(E):
     torch.manual_seed(0)
-    vae = CausalVAE(**CAUSAL_VAE_TINY).double().eval()  # fp64: batching cannot hide behind rounding
-    with torch.no_grad():  # every weight random and nonzero
-        for p in vae.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    vae = randomize(CausalVAE(**CAUSAL_VAE_TINY)).double().eval()  # fp64: batching cannot hide in rounding
     clips = torch.rand(3, 3, 5, 16, 16, dtype=torch.float64) * 2 - 1  # (N, 3, F, H, W) in [-1, 1]
     batched = E.reconstruct(vae, clips, batch=2)  # batches of 2 and 1
     with torch.no_grad():

@@ -10,22 +10,14 @@ from torch.nn import functional as F
 from anim_lab import flow
 from anim_lab.causal_vae import CAUSAL_VAE_TINY, CausalVAE
 from anim_lab.metrics import psnr
+from anim_lab.plain import randomize
 from anim_lab.tiling import TileSettings
 
 C = 4  # TINY latent channels
 
 
-def randomize(model: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
-    """Every weight random and nonzero (diffusers zero-inits some output layers)."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale + 0.01)
-    return model.eval()
-
-
 def tiny(kind: str, latent_channels: int = C) -> torch.nn.Module:
-    return randomize(flow.build_transformer(kind, flow.TINY_I2V, latent_channels=latent_channels))
+    return randomize(flow.build_transformer(kind, flow.TINY_I2V, latent_channels=latent_channels)).eval()
 
 
 def text(batch: int = 1, length: int = 3, seed: int = 0) -> dict:

@@ -9,11 +9,11 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
-from test_train_animator import _randomize
 
 from anim_lab.configs import POSE_GUIDER_MULTISCALE_TINY, TINY
 from anim_lab.motion import MOTION_TINY
 from anim_lab.pipelines import Pose2VideoPipeline
+from anim_lab.plain import randomize
 from anim_lab.pose_guider import PoseGuider, PoseGuiderMultiScale
 from anim_lab.toy import TOY_ANIMATOR_DIR, load_animator
 from anim_lab.unet import ReferenceUNet, VideoUNet
@@ -43,7 +43,7 @@ def _inputs(name, model):
 @pytest.mark.parametrize("name", ["reference_unet", "denoising_unet", "pose_guider", "multiscale"])
 def test_each_network_saves_and_loads_as_a_diffusers_model(name, tmp_path):
     model = _models()[name]
-    _randomize(model, 2)  # every weight nonzero, the zero-initialised output convs too
+    randomize(model, 2)  # every weight nonzero, the zero-initialised output convs too
     model.eval()
     model.save_pretrained(tmp_path / name)
     config = json.loads((tmp_path / name / "config.json").read_text())

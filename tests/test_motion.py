@@ -17,21 +17,11 @@ from anim_lab.motion import (
     motion_module_kwargs,
     sinusoidal_position_encoding,
 )
+from anim_lab.plain import randomize
 from anim_lab.weights import motion_keys_to_diffusers
 
 C, HEADS, GROUPS, MAX_LEN = 16, 4, 4, 32
 B, F, H, W = 2, 5, 3, 4
-
-
-def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Every parameter random (proj_out included, so the module does something); buffers (pe) kept."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            # norm scales around 1, the rest around 0
-            scale_param = "norm" in name and name.endswith("weight")
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + float(scale_param))
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from anim_lab.configs import (
 from anim_lab.inspect import build, count_parameters
 from anim_lab.landmarks import FACE_OVAL, FaceLandmarker
 from anim_lab.motion import MOTION_TINY
+from anim_lab.plain import randomize
 from anim_lab.pose_guider import (
     PoseGuider,
     PoseGuiderMultiScale,
@@ -199,30 +200,11 @@ def plain_multiscale(p, pose, ref_pose=None, *, training=False, cross=False, cfg
     return [f.transpose(0, 1) for f in fea]  # (F, C, h, w) -> (C, F, h, w)
 
 
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every weight random and nonzero (final_proj and the extension's zero output included); BatchNorm with
-    random running statistics."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if name.endswith("num_batches_tracked"):
-                t.fill_(7)
-            elif name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif name.endswith("running_mean"):
-                t.copy_(torch.randn(t.shape, generator=g) * 0.3)
-            elif "conv_layers" in name and name.endswith("weight") and t.ndim == 1:  # BN gamma
-                t.copy_(1 + 0.2 * torch.randn(t.shape, generator=g))
-            elif t.ndim >= 2:  # weights: fan-in scaled, so activations stay O(1) through the levels
-                t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(t[0].numel()))
-            else:
-                t.copy_(0.2 * torch.randn(t.shape, generator=g))
-    return model
-
-
 @pytest.fixture(scope="module")
 def guider():
-    return randomize(PoseGuiderMultiScale(**MS_TINY)).double().eval()
+    # seed 38: every level carries O(0.1) signal and a drawn line adds >= 100x more in the [-1, 509] range at
+    # every level, with margin (most seeds give fea[0] ~0.05: eight ReLU convolutions at 1/fan_in variance)
+    return randomize(PoseGuiderMultiScale(**MS_TINY), seed=38).double().eval()
 
 
 def test_multiscale_equals_a_plain_implementation(guider):

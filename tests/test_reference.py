@@ -1,20 +1,18 @@
-"""Reference attention against a plain implementation written here the way the reference code does it
-(Moore-AnimateAnyone's ReferenceAttentionControl, implementations.md §1.2): lists filled during the
+"""Reference attention against the plain implementation of the reference code (anim_lab/plain/reference.py:
+Moore-AnimateAnyone's ReferenceAttentionControl, implementations.md §1.2): lists filled during the
 ReferenceNet forward, writers and readers paired by a stable sort on width, the bank repeated over frames and
-concatenated to the tokens, the uncond rows computed with the reference and then recomputed without it.
-
-``PlainReferenceControl`` is also what benchmarks/bench_reference_attention.py measures against."""
+concatenated to the tokens, the uncond rows computed with the reference and then recomputed without it."""
 
 from collections import Counter
 
 import pytest
 import torch
 from diffusers.models.attention import BasicTransformerBlock
-from diffusers.models.attention_processor import AttnProcessor2_0
-from einops import rearrange
 
 from anim_lab.configs import SD15, TINY
 from anim_lab.motion import MOTION_SD15, MOTION_TINY
+from anim_lab.plain import randomize
+from anim_lab.plain.reference import PlainReferenceControl, torch_dfs
 from anim_lab.reference import (
     ReferenceReaderProcessor,
     ReferenceWriterProcessor,
@@ -27,98 +25,12 @@ B, F, S = 2, 3, 8  # 2 videos of 3 frames (not 16: the frame count must come fro
 D = TINY.unet["cross_attention_dim"]
 
 
-# --- the plain reference-style implementation ------------------------------------------------------------
-def torch_dfs(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Depth-first list of modules, the reference's helper."""
-    result = [model]
-    for child in model.children():
-        result += torch_dfs(child)
-    return result
-
-
-class PlainWriter(AttnProcessor2_0):
-    def __init__(self, block):
-        super().__init__()
-        self.block = block
-
-    def __call__(self, attn, hidden_states, *args, **kwargs):
-        self.block.bank.append(hidden_states.clone())  # norm1's output, (B_ref, HW, C)
-        return super().__call__(attn, hidden_states, *args, **kwargs)
-
-
-class PlainReader(AttnProcessor2_0):
-    def __init__(self, block, control):
-        super().__init__()
-        self.block, self.control = block, control
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
-        c = self.control
-        if not self.block.bank:
-            return super().__call__(attn, hidden_states)
-        # every reference entry repeated for all frames, then concatenated along the tokens
-        bank_fea = [
-            rearrange(d.unsqueeze(1).repeat(1, c.video_length, 1, 1), "b t l c -> (b t) l c")
-            for d in self.block.bank
-        ]
-        modify = torch.cat([hidden_states] + bank_fea, dim=1)  # (N*F, HW + HW, C)
-        out = super().__call__(attn, hidden_states, encoder_hidden_states=modify)
-        if c.do_classifier_free_guidance:  # the uncond rows (first half) again, without the reference
-            rows = hidden_states.shape[0]
-            uc_mask = torch.tensor([1] * (rows // 2) + [0] * (rows // 2), dtype=torch.bool)
-            out[uc_mask] = super().__call__(
-                attn, hidden_states[uc_mask], encoder_hidden_states=hidden_states[uc_mask]
-            )
-        return out
-
-
-class PlainReferenceControl:
-    """Reference attention as the reference code does it, on diffusers' own processors (no anim_lab code)."""
-
-    def __init__(self, reference_unet, denoising_unet, video_length, do_classifier_free_guidance, dtype=None):
-        self.video_length = video_length
-        self.do_classifier_free_guidance = do_classifier_free_guidance
-        self.dtype = dtype  # the reference's update() casts to float16 by default; None keeps the dtype
-        self.writers = [m for m in torch_dfs(reference_unet) if isinstance(m, BasicTransformerBlock)]
-        self.readers = [m for m in torch_dfs(denoising_unet) if isinstance(m, BasicTransformerBlock)]
-        self.writers.sort(key=lambda m: -m.norm1.normalized_shape[0])  # stable: ties keep the DFS order
-        self.readers.sort(key=lambda m: -m.norm1.normalized_shape[0])
-        for w in self.writers:
-            w.bank = []
-            w.attn1.set_processor(PlainWriter(w))
-        for r in self.readers:
-            r.bank = []
-            r.attn1.set_processor(PlainReader(r, self))
-
-    def update(self):
-        for r, w in zip(self.readers, self.writers, strict=True):
-            r.bank = [v.clone().to(self.dtype or v.dtype) for v in w.bank]
-
-    def clear(self):
-        for m in self.readers + self.writers:
-            m.bank = []
-            m.attn1.set_processor(AttnProcessor2_0())
-
-
 # --- fixtures ----------------------------------------------------------------------------------------------
-def wake(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random nonzero weights everywhere: zero-initialised motion proj_out and the constant norm scales and
-    biases (ones / zeros at init) get random values too."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "motion_modules" in name and "proj_out" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-            elif (p == p.flatten()[0]).all():  # a constant tensor: norm weight (1) or bias (0)
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    assert all((p != 0).any() for p in model.parameters())
-    return model
-
-
 @pytest.fixture(scope="module")
 def unets():
     torch.manual_seed(0)
-    reference = wake(ReferenceUNet(TINY.unet).eval(), seed=3)
-    denoiser = wake(VideoUNet(TINY.unet, MOTION_TINY).eval(), seed=1)
+    reference = randomize(ReferenceUNet(TINY.unet).eval(), seed=3)
+    denoiser = randomize(VideoUNet(TINY.unet, MOTION_TINY).eval(), seed=1)
     return reference, denoiser
 
 

@@ -2,8 +2,6 @@
 scripts/eval_retarget.py's animation experiment on a tiny random animator."""
 
 import re
-import sys
-import wave
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -11,6 +9,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from helpers import tone
 from scipy.spatial.transform import Rotation
 from skimage.metrics import structural_similarity
 
@@ -23,7 +22,6 @@ from anim_lab.cli import main
 
 HELD_OUT = toy.identity_split("test")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _random_rotation(rng):
@@ -262,22 +260,13 @@ def test_reference_without_a_face_fails_clearly(toy_driving):
         R.video_to_video_poses(np.full((256, 256, 3), 128, np.uint8), toy_driving[:2])
 
 
-def _tone(path, seconds=1.0, rate=16000):
-    t = np.arange(int(seconds * rate)) / rate
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2").tobytes())
-    return path
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, toy_driving):
     d = tmp_path_factory.mktemp("v2v")
     iio.imwrite(d / "ref.png", skimage.data.astronaut()[:384, 32:416])  # 384 x 384
     iio.imwrite(d / "blank.png", np.full((256, 256, 3), 90, np.uint8))
-    V.write_video(d / "driving.mp4", toy_driving, fps=20, audio_from=_tone(d / "tone.wav"), quality=9)
+    wav = tone(d / "tone.wav", seconds=1.0)
+    V.write_video(d / "driving.mp4", toy_driving, fps=20, audio_from=wav, quality=9)
     return d
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from anim_lab import configs
 from anim_lab.landmarks import draw_pose_image
 from anim_lab.pipelines import Pose2VideoPipeline
+from anim_lab.plain import randomize
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_animator.py"
@@ -66,14 +67,6 @@ def _args(files, out, steps, *extra):
     ]  # fmt: skip
 
 
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    """Every weight random and nonzero (the zero-initialised guider conv_out and motion proj_out too)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-
-
 def _state(folder: Path) -> dict:
     return {
         f"{name}.{k}": v
@@ -96,7 +89,7 @@ def test_loss_equals_the_written_out_v_prediction_min_snr_loss(T, files):
     cache = T.files.load_state(files / "cache.safetensors")
     torch.manual_seed(0)
     animator = T.Animator(TINY, stage=1)
-    _randomize(animator, 1)
+    randomize(animator, 1)
     batch = T.step_batch(cache, 1, step=3, seed=0, batch_size=4, uncond_ratio=0.1)
     batch["timesteps"] = torch.tensor([0, 999, 250, 600])  # both ends: SNR 0 at t = 999
     scheduler = T.training_scheduler()

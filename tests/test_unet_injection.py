@@ -8,20 +8,11 @@ from einops import rearrange, repeat
 
 from anim_lab.configs import TINY
 from anim_lab.motion import MOTION_TINY
+from anim_lab.plain import randomize
 from anim_lab.unet import VideoUNet, build_unet2d
 
 B, F, S = 2, 2, 16
 D = TINY.unet["cross_attention_dim"]
-
-
-def randomize_motion(model: VideoUNet, seed: int = 0) -> VideoUNet:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, m in model.motion_modules():  # zero-init proj_out made random: the modules do something
-            proj = m.temporal_transformer.proj_out
-            proj.weight.copy_(torch.randn(proj.weight.shape, generator=g) * 0.2)
-            proj.bias.copy_(torch.randn(proj.bias.shape, generator=g) * 0.2)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +90,7 @@ def test_multi_scale_injection_equals_aniportraits_walk(inputs, size):
 
 def test_each_level_enters_the_main_path_not_the_skips(inputs):
     """Adding fea[k] after down block k equals adding it by hand to the input of the next stage."""
-    model = randomize_motion(VideoUNet(TINY.unet, MOTION_TINY).eval())
+    model = randomize(VideoUNet(TINY.unet, MOTION_TINY).eval())
     sample, timestep, tokens = inputs
     features = multi_scale_features(model, B, F, S, S)
     per_frame = [rearrange(f, "b c f h w -> (b f) c h w") for f in features]
@@ -122,7 +113,7 @@ def test_each_level_enters_the_main_path_not_the_skips(inputs):
 
 
 def test_zero_features_are_bit_identical_to_none(inputs):
-    model = randomize_motion(VideoUNet(TINY.unet, MOTION_TINY).eval(), seed=4)
+    model = randomize(VideoUNet(TINY.unet, MOTION_TINY).eval(), seed=4)
     sample, timestep, tokens = inputs
     zeros = [torch.zeros(s) for s in model.pose_feature_shapes(B, F, S, S)]
     with torch.no_grad():
@@ -132,7 +123,7 @@ def test_zero_features_are_bit_identical_to_none(inputs):
 
 
 def test_one_tensor_equals_a_list_with_zero_deeper_levels(inputs):
-    model = randomize_motion(VideoUNet(TINY.unet, MOTION_TINY).eval(), seed=5)
+    model = randomize(VideoUNet(TINY.unet, MOTION_TINY).eval(), seed=5)
     sample, timestep, tokens = inputs
     features = multi_scale_features(model, B, F, S, S)
     zeros = [torch.zeros_like(f) for f in features[1:]]

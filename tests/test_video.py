@@ -2,12 +2,12 @@
 
 import os
 import stat
-import wave
 
 import numpy as np
 import psutil
 import pytest
 import skimage.data
+from helpers import tone
 
 from anim_lab import landmarks as L
 from anim_lab import video as V
@@ -23,16 +23,6 @@ def _frames(n=6, h=48, w=64):
             for i in range(n)
         ]
     ).astype(np.uint8)
-
-
-def _tone(path, seconds=2.0, rate=16000):
-    t = np.arange(int(seconds * rate)) / rate
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2").tobytes())
-    return path
 
 
 def test_mp4_round_trip(tmp_path):
@@ -59,7 +49,7 @@ def test_gif_round_trip(tmp_path):
 
 
 def test_audio_is_muxed_without_dropping_frames(tmp_path):
-    wav = _tone(tmp_path / "tone.wav", seconds=2.0)
+    wav = tone(tmp_path / "tone.wav", seconds=2.0)
     frames = _frames(n=10)
     V.write_video(tmp_path / "talk.mp4", frames, fps=25, audio_from=wav)  # 0.4 s of video, 2 s of audio
     assert V.has_audio(tmp_path / "talk.mp4")
@@ -99,7 +89,7 @@ def face_video(tmp_path_factory):
     frames = np.stack(
         [img[30 + i : 286 + i, 100 + 2 * i : 356 + 2 * i] for i in range(12)]
     )  # (12, 256, 256, 3)
-    V.write_video(d / "face.mp4", frames, fps=25, audio_from=_tone(d / "tone.wav"), quality=9)
+    V.write_video(d / "face.mp4", frames, fps=25, audio_from=tone(d / "tone.wav"), quality=9)
     return d, frames
 
 

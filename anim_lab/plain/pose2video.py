@@ -8,8 +8,9 @@ self-attention; the windows come from the ``uniform`` context scheduler (wrap-ar
 own UNet call; the prediction is averaged by a counter; every frame is decoded on its own.
 
 ``faithful=True`` keeps the reference's two bugs (bank rounded to fp16; without CFG the windows are summed);
-``faithful=False`` is the corrected semantics anim_lab's pipeline uses by default. Shared by the tests and
-benchmarks/bench_pose2video.py.
+``faithful=False`` is the corrected semantics anim_lab's pipeline uses by default. What tests/test_pipeline.py
+checks ``anim_lab.pipelines.Pose2VideoPipeline`` against, and benchmarks/bench_pose2video.py measures it
+against.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange, repeat
 from transformers import CLIPImageProcessor
 
+from anim_lab.plain.reference import torch_dfs
 from anim_lab.pose_guider import PoseGuiderMultiScale
 
 try:  # transformers >= 5 names the PIL implementation apart
@@ -55,13 +57,6 @@ def uniform(step, num_steps, num_frames, context_size, context_stride, context_o
 
 
 # --- ReferenceAttentionControl, write and read --------------------------------------------------------------
-def torch_dfs(model: torch.nn.Module) -> list[torch.nn.Module]:
-    result = [model]
-    for child in model.children():
-        result += torch_dfs(child)
-    return result
-
-
 def _hacked_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, **kwargs):
     norm_hidden_states = self.norm1(hidden_states)
     if self.plain_mode == "write":
