@@ -25,8 +25,8 @@
 # - **Library modules**: `anim_lab.pipelines.pose2video` (`Pose2VideoPipeline`), `anim_lab.toy`
 #   (`load_animator`), `anim_lab.cli` (`demo_strip`), `anim_lab.reference` (`reference_attention`),
 #   `anim_lab.context` (`context_windows`, `window_counter`), `anim_lab.guidance` (`cfg_batch`,
-#   `cfg_combine`), `anim_lab.clip`, `anim_lab.viz`; `scripts/eval_animator.py` (`make_cases`, `generate`,
-#   `seam_error`, `frame_psnr`)
+#   `cfg_combine`), `anim_lab.clip`, `anim_lab.viz`; `scripts/eval_animator.py` (`make_cases`, `generate`);
+#   `anim_lab.metrics` (`psnr`, `seam_error`, `flicker`)
 # - **Questions answered**: In which order does the pipeline run its networks, and what shape does each
 #   stage hand on? Why does the ReferenceNet run only once, on a clean latent at t = 0, and what happens to
 #   its prediction? Does the reader add the reference features or concatenate them? Do the pose images go
@@ -62,6 +62,7 @@ from IPython.display import Image, display
 from transformers.utils import logging as transformers_logging
 
 import anim_lab
+from anim_lab import metrics as M
 from anim_lab.cli import demo_strip
 from anim_lab.clip import CLIP_MEAN, CLIP_STD
 from anim_lab.context import context_windows, window_counter
@@ -367,8 +368,9 @@ def to_u8(frames_01):
 
 short = to_u8(video)
 copy = np.repeat(case.reference[None], F, axis=0)  # the baseline: the reference as every frame
-print(f"PSNR vs ground truth: {ev.frame_psnr(short, case.truth[:F]).mean():.1f} dB")
-print(f"copying the reference: {ev.frame_psnr(copy, case.truth[:F]).mean():.1f} dB")
+truth_short = M.video_from_uint8(case.truth[:F])  # (1, 3, F, H, W) in [-1, 1]
+print(f"PSNR vs ground truth: {M.psnr(M.video_from_uint8(short), truth_short).mean():.1f} dB")
+print(f"copying the reference: {M.psnr(M.video_from_uint8(copy), truth_short).mean():.1f} dB")
 
 # %% [markdown]
 # The PSNR of the generated frames is printed next to the copy-the-reference baseline; at 6 steps on a toy
@@ -495,10 +497,12 @@ long_videos = {
     for ov in (0, 4)
 }  # (64, H, W, 3) uint8 each
 print(f"{'video':11s}{'seams of overlap 0':>20s}{'seams of overlap 4':>20s}{'all frames':>12s}{'PSNR':>9s}")
+truth_long = M.video_from_uint8(case.truth)
 for ov, vid in long_videos.items():
-    at = [ev.seam_error(vid, case.truth, long_windows[o]) for o in (0, 4)]
-    every = ev.flicker(vid, case.truth)  # the same jump difference, over all frames
-    psnr_db = ev.frame_psnr(vid, case.truth).mean()
+    x = M.video_from_uint8(vid)  # (1, 3, 64, H, W) in [-1, 1]
+    at = [M.seam_error(x, truth_long, long_windows[o]).item() for o in (0, 4)]
+    every = M.flicker(x, truth_long).item()  # the same jump difference, over all frames
+    psnr_db = M.psnr(x, truth_long).mean()
     print(f"overlap {ov:<3d}{at[0]:20.3f}{at[1]:20.3f}{every:12.3f}{psnr_db:6.1f} dB")
 diff = np.abs(long_videos[0].astype(int) - long_videos[4].astype(int)).max()
 print("motion modules:", has_motion)

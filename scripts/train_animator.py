@@ -187,12 +187,13 @@ def build_cache(
     fps: float,
     seed: int,
     encoder_dir: Path = ANIMATOR_ENCODER_DIR,
+    vae_dir: Path = TOY_VAE_DIR,
 ) -> dict:
     """Render ``num_items`` toy clips (train identities) and encode them once: reference latents and CLIP
     token (exactly as the pipeline encodes a reference), the frames' latents (VAE mean x scaling),
     landmarks (to draw the pose images at training time) and the CLIP token of zero pixels (the dropped
     condition)."""
-    vae = load_vae(TOY_VAE_DIR)
+    vae = load_vae(vae_dir)
     encoder = load_image_encoder(encoder_dir)
     dataset = ToyPortraitDataset("train", 128, num_frames, num_items, seed, fps=fps)
     ref_latents, tokens, latents, landmarks, identities = [], [], [], [], []
@@ -218,21 +219,25 @@ def build_cache(
         "landmarks": torch.stack(landmarks),  # (N, F, 478, 2)
         "identities": torch.tensor(identities),  # (N,)
         "uncond_token": uncond[0],  # (1, D)
-        "meta": _cache_meta(num_items, num_frames, fps, seed, encoder_dir),
+        "meta": _cache_meta(num_items, num_frames, fps, seed, encoder_dir, vae_dir),
     }
     files.save_state(cache, path)
     return cache
 
 
-def _cache_meta(num_items: int, num_frames: int, fps: float, seed: int, encoder_dir: Path) -> dict:
-    digest = hashlib.sha256((Path(encoder_dir) / "model.safetensors").read_bytes()).hexdigest()[:16]
+def _cache_meta(
+    num_items: int, num_frames: int, fps: float, seed: int, encoder_dir: Path, vae_dir: Path = TOY_VAE_DIR
+) -> dict:
+    """What a cache was built from: a cache whose meta differs is rebuilt (another VAE: other latents)."""
+    sha = lambda path: hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]  # noqa: E731
     return {
         "num_items": num_items,
         "num_frames": num_frames,
         "fps": fps,
         "seed": seed,
         "size": 128,
-        "image_encoder_sha256": digest,
+        "image_encoder_sha256": sha(Path(encoder_dir) / "model.safetensors"),
+        "vae_sha256": sha(Path(vae_dir) / "diffusion_pytorch_model.safetensors"),
     }
 
 
@@ -243,8 +248,9 @@ def load_cache(
     fps: float,
     seed: int,
     encoder_dir: Path = ANIMATOR_ENCODER_DIR,
+    vae_dir: Path = TOY_VAE_DIR,
 ) -> dict:
-    meta = _cache_meta(num_items, num_frames, fps, seed, encoder_dir)
+    meta = _cache_meta(num_items, num_frames, fps, seed, encoder_dir, vae_dir)
     if path.with_suffix(".safetensors").is_file():
         try:
             cache = files.load_state(path)  # safetensors + JSON: reading it runs no code
@@ -253,7 +259,7 @@ def load_cache(
         if cache["meta"] == meta:
             return cache
         LOG.info("the cache %s was built with %s; rebuilding for %s", path, cache["meta"], meta)
-    return build_cache(path, num_items, num_frames, fps, seed, encoder_dir)
+    return build_cache(path, num_items, num_frames, fps, seed, encoder_dir, vae_dir)
 
 
 def pose_batch(landmarks: torch.Tensor, size: int = 128) -> torch.Tensor:

@@ -391,3 +391,19 @@ def test_motion_from_is_named_when_wrong(T, files, tmp_path, capsys):
         T.load_motion_modules(animator, tmp_path / "s1" / "toy_animator")
     with pytest.raises(T.TrainError, match=r"denoising_unet/diffusion_pytorch_model.safetensors is missing"):
         T.load_motion_modules(animator, tmp_path / "nowhere")
+
+
+def test_the_cache_is_rebuilt_for_another_vae(T, tmp_path):
+    """Latents of one VAE are meaningless to a model of another: a cache records the VAE's digest, and a
+    cache built with another VAE is rebuilt, not reused."""
+    from anim_lab.toy import TOY_ANIMATOR_DIR
+    from anim_lab.vae import TOY_VAE_DIR
+
+    path = tmp_path / "cache.safetensors"
+    args = dict(num_items=1, num_frames=2, fps=2.0, seed=0)
+    old = T.build_cache(path, **args, vae_dir=TOY_ANIMATOR_DIR / "vae")  # v1, the committed animator's
+    again = T.load_cache(path, **args, vae_dir=TOY_ANIMATOR_DIR / "vae")
+    assert torch.equal(again["latents"], old["latents"])  # reused
+    new = T.load_cache(path, **args, vae_dir=TOY_VAE_DIR)  # v2: rebuilt
+    assert new["meta"]["vae_sha256"] != old["meta"]["vae_sha256"]
+    assert not torch.allclose(new["latents"], old["latents"])
