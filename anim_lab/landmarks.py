@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import PIL.Image
 from tqdm.auto import tqdm
 
 from . import video as vio
@@ -533,6 +534,37 @@ def landmark_stream(
         raise InputError("the video has no frames")
     if last is None:
         raise NoFaceError(f"no face found in any of the {count} frames")
+
+
+def landmark_errors(
+    frames, landmarks, *, size: int = 256, landmarker: FaceLandmarker | None = None
+) -> np.ndarray:
+    """How well mediapipe reads generated (or reconstructed) faces: each ``(H, W, 3)`` uint8 frame, upscaled
+    to ``size`` px (bicubic: small faces are found more reliably), against its true ``landmarks`` (F, 478, 2)
+    in the frame's pixels -> (F,) the mean distance of the 478 landmarks in ``size``-px pixels, NaN where no
+    face is found. Static mode, one frame at a time (``landmarker``: an open static one to reuse)."""
+    frames = np.asarray(frames)
+    truth = np.asarray(landmarks, dtype=np.float64)
+    if frames.ndim != 4 or truth.shape != (len(frames), NUM_LANDMARKS, 2):
+        raise InputError(
+            f"frames (F, H, W, 3) and landmarks (F, 478, 2), got {frames.shape} and {truth.shape}"
+        )
+    own = landmarker is None
+    landmarker = FaceLandmarker(video=False) if own else landmarker
+    out = np.full(len(frames), np.nan)
+    try:
+        for i, frame in enumerate(frames):
+            big = np.asarray(PIL.Image.fromarray(frame).resize((size, size), PIL.Image.BICUBIC))
+            try:
+                found = landmarker.detect(big, name=f"frame {i}").pixels  # (478, 2) at size px
+            except NoFaceError:
+                continue
+            scale = np.array([size / frame.shape[1], size / frame.shape[0]])
+            out[i] = np.linalg.norm(found - ((truth[i] + 0.5) * scale - 0.5), axis=1).mean()
+    finally:
+        if own:
+            landmarker.close()
+    return out
 
 
 def track_landmarks(

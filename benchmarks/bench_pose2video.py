@@ -34,6 +34,7 @@ import torch
 
 from anim_lab.clip import build_image_encoder
 from anim_lab.configs import TINY
+from anim_lab.files import check_output_file, write_result
 from anim_lab.guidance import build_scheduler
 from anim_lab.motion import MOTION_TINY
 from anim_lab.pipelines import Pose2VideoPipeline
@@ -108,7 +109,7 @@ class ForwardTimer:
             h.remove()
 
 
-def speed(name: str, frames: int, steps: int, context: tuple[int, int], batch: int, repeats: int = 3) -> None:
+def speed(name: str, frames: int, steps: int, context: tuple[int, int], batch: int, repeats: int = 3) -> dict:
     pipe = build(name)
     size = SIZES[name]["size"]
     ref, poses = inputs(frames, size)
@@ -185,6 +186,16 @@ def speed(name: str, frames: int, steps: int, context: tuple[int, int], batch: i
             f"{'':6s} {key:8s}: UNet self-attention {t['attn']:.2f} s, the rest of the UNet "
             f"{t['unet']:.2f} s, everything else {t['rest']:.2f} s"
         )
+    return dict(
+        size=size,
+        frames=frames,
+        steps=steps,
+        context=list(context),
+        overhead=overhead,
+        speedup=t_plain / t_pipe,
+        max_abs_difference=diff,
+        seconds={key: dict(best[key]) for key in ("pipeline", "plain")},
+    )
 
 
 def rss_bytes() -> int:
@@ -224,7 +235,7 @@ def memory_child(frames: int) -> None:
     print(json.dumps(dict(frames=frames, base=rss.base, peak=rss.peak, out_bytes=int(out.nbytes))))
 
 
-def memory(lengths) -> None:
+def memory(lengths) -> list[dict]:
     rows = []
     for frames in lengths:
         result = subprocess.run(
@@ -243,6 +254,10 @@ def memory(lengths) -> None:
             f"TINY {r['frames']:4d} frames: call peak {growth:6.1f} MB above the idle pipeline; "
             f"its frame data (poses, video, output) {frame_data:6.1f} MB; ratio {growth / frame_data:.2f}"
         )
+    return [
+        dict(r, peak_above_idle_mb=(r["peak"] - r["base"]) / 2**20, frame_data_mb=3 * r["out_bytes"] / 2**20)
+        for r in rows
+    ]
 
 
 # dense bf16 tensor-core peaks (TFLOP/s, without sparsity) of the GPUs this may run on
@@ -335,7 +350,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="TINY only, short runs")
     parser.add_argument("--cuda", action="store_true", help="only the SD15-size fp16 run on a CUDA GPU")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="also write the results here (e.g. results/bench_pose2video.json)")
     args = parser.parse_args()
+    if args.json:
+        check_output_file(args.json, (".json",), what="--json file")
     torch.set_num_threads(1)
     if args.memory_child:
         memory_child(args.memory_child)
@@ -343,11 +361,15 @@ def main() -> None:
     if args.cuda:
         cuda_sd15()
         return
-    speed("TINY", frames=24, steps=3, context=(8, 2), batch=4)
+    result = {"speed": {"TINY": speed("TINY", frames=24, steps=3, context=(8, 2), batch=4)}}
     if not args.quick:
-        speed("MID", frames=16, steps=2, context=(8, 2), batch=2, repeats=2)
-        speed("MID256", frames=16, steps=2, context=(8, 2), batch=2, repeats=2)
-    memory([24, 120] if args.quick else [24, 120, 600])
+        result["speed"]["MID"] = speed("MID", frames=16, steps=2, context=(8, 2), batch=2, repeats=2)
+        result["speed"]["MID256"] = speed("MID256", frames=16, steps=2, context=(8, 2), batch=2, repeats=2)
+    result["memory"] = memory([24, 120] if args.quick else [24, 120, 600])
+    if args.json:
+        write_result(
+            args.json, {"command": " ".join(["benchmarks/bench_pose2video.py", *sys.argv[1:]])} | result
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ other jobs on a shared machine do not distort the comparison; on CUDA, wall time
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from types import SimpleNamespace
 
@@ -27,6 +28,7 @@ from diffusers.models.attention_processor import Attention
 from torch.profiler import ProfilerActivity, profile
 
 from anim_lab.configs import SD15
+from anim_lab.files import check_output_file, write_result
 from anim_lab.inspect import count_flops, human
 from anim_lab.motion import MOTION_SD15
 from anim_lab.plain import randomize
@@ -115,7 +117,7 @@ class Blocks:
         return {n: processors[n](self.attn[n], self.x[n]) for n in self.attn}
 
 
-def bench_attention(frames: int, size: int, repeats: int, device: torch.device) -> None:
+def bench_attention(frames: int, size: int, repeats: int, device: torch.device) -> dict:
     blocks = Blocks(frames, size, device)
     with torch.no_grad():
         blocks.bank._kv = {}
@@ -151,6 +153,13 @@ def bench_attention(frames: int, size: int, repeats: int, device: torch.device) 
         f"(first step {t_first * 1e3:.1f} ms)"
     )
     print(f"  largest difference of the outputs: {diff:.1e}")
+    return dict(
+        time_s=dict(reference_code=t_plain, anim_lab=t_ours, first_step_anim_lab=t_first),
+        peak_bytes=dict(reference_code=mem_plain, anim_lab=mem_ours),
+        flops=dict(reference_code=flops_plain, anim_lab=flops_ours, reference_kv_once=flops_kv),
+        ratio=dict(time=t_plain / t_ours, memory=mem_plain / mem_ours, flops=flops_plain / flops_ours),
+        max_abs_difference=diff,
+    )
 
 
 def count_attention_flops(frames: int, size: int) -> tuple[int, int, int]:
@@ -173,7 +182,7 @@ def count_attention_flops(frames: int, size: int) -> tuple[int, int, int]:
     return steady, count_flops(lambda: Blocks.run(blocks, plain)), first - steady
 
 
-def bench_unet(frames: int, size: int, device: torch.device) -> None:
+def bench_unet(frames: int, size: int, device: torch.device) -> dict:
     reference = randomize(ReferenceUNet(SD15.unet), seed=0).eval().to(device)
     denoiser = randomize(VideoUNet(SD15.unet, MOTION_SD15), seed=1).eval().to(device)  # motion modules on
     g = torch.Generator().manual_seed(1)
@@ -207,6 +216,11 @@ def bench_unet(frames: int, size: int, device: torch.device) -> None:
         f"largest difference {(ours - plain).abs().max().item():.1e} (outputs of size "
         f"{plain.abs().mean().item():.2f} on average)"
     )
+    return dict(
+        time_s=dict(reference_code=t_plain, anim_lab=t_ours),
+        ratio=t_plain / t_ours,
+        max_abs_difference=(ours - plain).abs().max().item(),
+    )
 
 
 def main() -> None:
@@ -220,14 +234,25 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-unet", action="store_true", help="only the reference-attention part")
     parser.add_argument("--skip-attention", action="store_true", help="only the whole-UNet step")
+    parser.add_argument(
+        "--json", help="also write the results here (e.g. results/bench_reference_attention.json)"
+    )
     args = parser.parse_args()
+    if args.json:
+        check_output_file(args.json, (".json",), what="--json file")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    result = dict(frames=args.frames, latent_size=args.size, repeats=args.repeats, device=device.type)
     if not args.skip_attention:
-        bench_attention(args.frames, args.size, args.repeats, device)
+        result["reference_attention"] = bench_attention(args.frames, args.size, args.repeats, device)
     if not args.skip_unet:
-        bench_unet(args.frames, args.size, device)
+        result["unet_step"] = bench_unet(args.frames, args.size, device)
+    if args.json:
+        write_result(
+            args.json,
+            {"command": " ".join(["benchmarks/bench_reference_attention.py", *sys.argv[1:]])} | result,
+        )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import torch
 from einops import rearrange
 from tqdm.auto import tqdm
@@ -51,7 +50,7 @@ from anim_lab import metrics as M
 from anim_lab.clip import ClipPreprocess, load_image_encoder
 from anim_lab.context import context_windows
 from anim_lab.files import OutputError, check_output_file, write_result
-from anim_lab.landmarks import FaceLandmarker, NoFaceError, face_mask
+from anim_lab.landmarks import FaceLandmarker, face_mask, landmark_errors
 from anim_lab.toy import TOY_ANIMATOR_DIR, ToyPortraitDataset, load_animator
 from anim_lab.vae import decode as vae_decode
 from anim_lab.vae import encode as vae_encode
@@ -107,18 +106,10 @@ def generate(pipe, case: Case, steps: int = 10, cfg: float = 3.5, seed: int = 42
 
 # --- metrics ---------------------------------------------------------------------------------------------
 def pose_errors(video: np.ndarray, landmarks: np.ndarray, landmarker: FaceLandmarker) -> list[float | None]:
-    """Per frame: the mean landmark distance in 256-px pixels, or None where mediapipe finds no face."""
-    out = []
-    for i, frame in enumerate(video):
-        big = np.asarray(PIL.Image.fromarray(frame).resize((256, 256), PIL.Image.BICUBIC))
-        try:
-            found = landmarker.detect(big, name=f"frame {i}").pixels  # (478, 2) at 256 px
-        except NoFaceError:
-            out.append(None)
-            continue
-        truth = (landmarks[i] + 0.5) * 2 - 0.5  # 128-px pixel centres -> 256-px
-        out.append(float(np.linalg.norm(found - truth, axis=1).mean()))
-    return out
+    """Per frame: the mean landmark distance in 256-px pixels, or None where mediapipe finds no face
+    (``anim_lab.landmarks.landmark_errors``)."""
+    errors = landmark_errors(video, landmarks, landmarker=landmarker)
+    return [None if np.isnan(e) else float(e) for e in errors]
 
 
 class IdentityProbe:

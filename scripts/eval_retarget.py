@@ -32,7 +32,6 @@ import json
 import sys
 
 import numpy as np
-import PIL.Image
 import torch
 
 from anim_lab import landmarks as L
@@ -200,19 +199,9 @@ def frame_ssim(video: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 def face_errors(video: np.ndarray, landmarks: np.ndarray, landmarker: L.FaceLandmarker) -> np.ndarray:
     """(F, H, W, 3) uint8 frames, (F, 478, 2) true landmarks -> (F,) mean distance in the frames' pixels of
-    mediapipe's landmarks on each frame to the true ones (detected on the frame upscaled to 256 px, bicubic,
-    as eval_animator does); NaN where no face is found."""
-    factor = 256 / video.shape[1]
-    out = np.full(len(video), np.nan)
-    for i, frame in enumerate(video):
-        big = np.asarray(PIL.Image.fromarray(frame).resize((256, 256), PIL.Image.BICUBIC))
-        try:
-            found = landmarker.detect(big, name=f"frame {i}").pixels  # (478, 2) at 256 px
-        except L.NoFaceError:
-            continue
-        points = (found + 0.5) / factor - 0.5  # 256-px pixel centres -> the frame's
-        out[i] = np.linalg.norm(points - landmarks[i], axis=1).mean()
-    return out
+    mediapipe's landmarks on each frame to the true ones (``anim_lab.landmarks.landmark_errors``: detected on
+    the frame upscaled to 256 px, as eval_animator does); NaN where no face is found."""
+    return L.landmark_errors(video, landmarks, landmarker=landmarker) * (video.shape[1] / 256)
 
 
 def animate_poses(pipe, reference: np.ndarray, poses: np.ndarray, *, steps: int, cfg: float, seed: int):

@@ -22,14 +22,13 @@ import argparse
 import sys
 
 import numpy as np
-import PIL.Image
 import torch
 
 import anim_lab
 from anim_lab import metrics as M
 from anim_lab import vae as V
 from anim_lab.files import check_output_file, write_result
-from anim_lab.landmarks import FaceLandmarker, NoFaceError, face_mask
+from anim_lab.landmarks import face_mask, landmark_errors
 
 COLUMNS = ("psnr", "ssim", "sharpness", "colour", "face_colour", "detect", "face_px")
 
@@ -48,27 +47,11 @@ def reconstruct(vae, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor
     return torch.cat(parts).clamp(-1, 1)
 
 
-def face_errors(images_u8: np.ndarray, landmarks: np.ndarray) -> list[float | None]:
-    """Per image: mediapipe's mean landmark distance at 256 px to the true landmarks, or None (no face)."""
-    out = []
-    with FaceLandmarker(video=False) as lm:
-        for i, (image, truth) in enumerate(zip(images_u8, landmarks, strict=True)):
-            big = np.asarray(PIL.Image.fromarray(image).resize((256, 256), PIL.Image.BICUBIC))
-            try:
-                found = lm.detect(big, name=f"image {i}").pixels  # (478, 2) at 256 px
-            except NoFaceError:
-                out.append(None)
-                continue
-            scaled = (truth + 0.5) * (256 / image.shape[0]) - 0.5  # pixel centres at 128 px -> at 256 px
-            out.append(float(np.linalg.norm(found - scaled, axis=1).mean()))
-    return out
-
-
 def score(recon: torch.Tensor, images: torch.Tensor, landmarks: np.ndarray) -> dict:
     """The row of one VAE (or, with recon = images, of the ground truth)."""
     masks = torch.from_numpy(np.stack([face_mask(p, images.shape[-2], images.shape[-1]) for p in landmarks]))
-    errors = face_errors(V.images_to_uint8(recon), landmarks)
-    found = [e for e in errors if e is not None]
+    errors = landmark_errors(V.images_to_uint8(recon), landmarks)  # (N,) 256-px pixels, NaN: no face
+    found = errors[~np.isnan(errors)]
     same = torch.equal(recon, images)
     return {
         "psnr": None if same else float(M.psnr(recon, images).mean()),
@@ -77,7 +60,7 @@ def score(recon: torch.Tensor, images: torch.Tensor, landmarks: np.ndarray) -> d
         "colour": float(M.colour_error(recon, images).mean()),
         "face_colour": float(M.colour_error(recon, images, masks).mean()),
         "detect": len(found) / len(errors),
-        "face_px": float(np.mean(found)) if found else None,
+        "face_px": float(np.mean(found)) if len(found) else None,
     }
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import PIL.Image
 import pytest
 import skimage.color
 import skimage.data
@@ -209,3 +210,20 @@ def test_held_native_output_that_is_not_chatter_is_passed_on(capfd, caplog):
         "mediapipe: E0000 00:00:1796191511.344288    6765 some_calculator.cc:10] a real error",
         "something else",
     ]
+
+
+def test_landmark_errors_on_renders_blanks_and_the_scale():
+    from anim_lab import toy
+
+    image, points = toy.render(toy.identity_from_seed(11), toy.HeadPose(yaw=8), toy.Expression(), size=128)
+    frames = np.stack([image, np.zeros_like(image)])
+    errors = L.landmark_errors(frames, np.stack([points, points]))
+    assert errors.shape == (2,) and 0 < errors[0] < 4.0 and np.isnan(errors[1])  # a blank frame: no face
+    # by hand: the 256-px detection against the true points moved to 256-px pixel centres
+    with L.FaceLandmarker(video=False) as lm:
+        big = np.asarray(PIL.Image.fromarray(image).resize((256, 256), PIL.Image.BICUBIC))
+        found = lm.detect(big).pixels
+    expected = np.linalg.norm(found - ((points + 0.5) * 2 - 0.5), axis=1).mean()
+    assert errors[0] == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="landmarks"):
+        L.landmark_errors(frames, points)
