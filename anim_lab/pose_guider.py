@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from einops import rearrange, repeat
 from torch import nn
@@ -135,7 +136,7 @@ def prepare_pose_images(frames, *, faithful: bool = False) -> torch.Tensor:
 
 
 # --- AnimateAnyone (and Hallo's FaceLocator) ------------------------------------------------------
-class PoseGuider(ModelMixin, ConfigMixin):
+class PoseGuider(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """AnimateAnyone's single-scale guider; with ``configs.FACE_LOCATOR_SD15`` Hallo's FaceLocator."""
 
     @register_to_config
@@ -161,7 +162,7 @@ class PoseGuider(ModelMixin, ConfigMixin):
     def forward(self, pose: torch.Tensor) -> torch.Tensor:
         """pose: (B, 3, F, H, W) video or (B, 3, H, W) image in [0, 1] -> (B, 320, F, H/8, W/8) or
         (B, 320, H/8, W/8)."""
-        check_pose(pose, channels=self.conv_in.in_channels, multiple=self.downsample_factor)
+        check_pose(pose, channels=self.config.conditioning_channels, multiple=self.downsample_factor)
         video = pose.ndim == 5
         if video:
             num_frames = pose.shape[2]
@@ -184,7 +185,7 @@ def _conv_bn_relu(c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1) 
     ]
 
 
-class PoseGuiderMultiScale(ModelMixin, ConfigMixin):
+class PoseGuiderMultiScale(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """AniPortrait's multi-scale PoseGuider as released (its ``pose_guider.pth`` keys: 184 with BN buffers).
 
     Args:

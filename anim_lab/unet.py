@@ -36,6 +36,7 @@ from collections.abc import Sequence
 import torch
 from diffusers import ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention_processor import Attention
 from einops import rearrange, repeat
 from torch import nn
@@ -54,7 +55,7 @@ def build_unet2d(unet_kwargs: dict) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_config(kwargs)
 
 
-class _UNetBody(ModelMixin, ConfigMixin):
+class _UNetBody(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """conv_in, time embedding, down/mid/up blocks of a diffusers UNet2DConditionModel, walked in order.
 
     A diffusers model: its constructor arguments are its config, so ``save_pretrained(folder)`` writes
@@ -315,7 +316,7 @@ class VideoUNet(_UNetBody):
         """The shapes of the multi-scale pose features for a latent (B, 4, F, H, W): [0] ``conv_in``'s output
         (B, C0, F, H, W), [k] the output of down block k-1 (its last resnet's width, after its downsampler).
         SD1.5 at 64x64: 320@64, 320@32, 640@16, 1280@8, 1280@8 -- AniPortrait's fea[0..4]."""
-        shapes = [(batch, self.conv_in.out_channels, num_frames, height, width)]
+        shapes = [(batch, self.conv_in.weight.shape[0], num_frames, height, width)]  # C0 (a LoRA wrapper too)
         for block in self.down_blocks:
             if block.downsamplers is not None:  # stride-2 conv, padding 1: ceil(h / 2)
                 height, width = (height + 1) // 2, (width + 1) // 2

@@ -113,3 +113,37 @@ def test_a_pipeline_folder_is_checked_before_diffusers_reads_it(tmp_path):
         KeyMismatchError, match=r"(?s)denoising_unet/diffusion_pytorch_model.safetensors.*shapes"
     ):
         Pose2VideoPipeline.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "name, targets",
+    [
+        ("reference_unet", ["to_q", "to_k", "to_v"]),
+        ("denoising_unet", ["to_q", "to_k", "to_v"]),
+        ("pose_guider", ["conv_in"]),
+        ("multiscale", ["proj_in"]),
+    ],
+)
+def test_each_network_takes_a_peft_lora_adapter(name, targets):
+    """add_adapter, as on diffusers' own UNets: the adapted output is the base output plus the LoRA update
+    B A x on the targeted layers; disabling the adapter gives the base output back exactly."""
+    from peft import LoraConfig
+
+    model = randomize(_models()[name], 2).eval().requires_grad_(False)  # frozen, as add_adapter leaves it
+    x = _inputs(name, model)
+    with torch.no_grad():
+        base = model(*x)
+    model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=targets, init_lora_weights=True))
+    layers = [m for n, m in model.named_modules() if n.endswith(tuple(targets)) and hasattr(m, "lora_B")]
+    assert layers, "no layer was adapted"
+    flat = lambda out: torch.cat([o.flatten() for o in (out if isinstance(out, list) else [out])])  # noqa: E731
+    with torch.no_grad():
+        torch.testing.assert_close(flat(model(*x)), flat(base), rtol=0, atol=0)  # B = 0 at init: no change
+        for layer in layers:
+            layer.lora_B["default"].weight.normal_(0, 0.1)
+        adapted = model(*x)
+        assert (flat(adapted) - flat(base)).abs().max() > 1e-4
+        model.disable_adapters()
+        torch.testing.assert_close(flat(model(*x)), flat(base), rtol=0, atol=0)
+        model.enable_adapters()
+        torch.testing.assert_close(flat(model(*x)), flat(adapted), rtol=0, atol=0)

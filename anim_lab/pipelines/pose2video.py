@@ -508,7 +508,7 @@ class Pose2VideoPipeline(DiffusionPipeline):
 
         # 3. initial noise (1, 4, F, h, w)
         timesteps = set_timesteps(self.scheduler, num_inference_steps, device=device)
-        channels = self.denoising_unet.conv_in.in_channels
+        channels = self.denoising_unet.conv_in.weight.shape[1]  # latent channels (LoRA-wrapped or not)
         shape = (1, channels, video_length, height // self.vae_scale_factor, width // self.vae_scale_factor)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         latents = latents * self.scheduler.init_noise_sigma
