@@ -25,8 +25,9 @@
 #   and what the reference code's unused `attn_weight` would select
 # - **Library modules**: `anim_lab.reference` (`reference_attention`, `ReferenceBank`, the writer/reader
 #   processors), `anim_lab.unet` (`ReferenceUNet`, `VideoUNet`, `attn_processors`), `anim_lab.inspect`,
-#   `anim_lab.toy` (`load_animator`), `anim_lab.pipelines.pose2video`; `scripts/eval_animator.py`
-#   (held-out cases, the identity probe, `without_reference_attention`)
+#   `anim_lab.toy` (`load_animator`), `anim_lab.pipelines.pose2video` (the switches
+#   `use_reference_attention`, `reference_timestep`, `fusion_blocks`); `scripts/eval_animator.py` (held-out
+#   cases, the identity probe)
 # - **Questions answered**: Why run the ReferenceNet on clean reference latents (t = 0), and what is stored?
 #   What does the bank hold at every block, and how much memory at 512² with CFG? Why does each writer pair
 #   with exactly one reader, and does the reference code's sort by width pair them by name? Why does the
