@@ -59,6 +59,16 @@ def files(tmp_path_factory, T):
     return folder
 
 
+@pytest.fixture(scope="module")
+def runs(T, files, tmp_path_factory):
+    """Stage-1 runs of 2 steps (with its step-2 checkpoint) and of 4 steps, made once: the tests that start
+    from them or compare with them take a copy (``shutil.copytree(runs / "steps2", ...)``)."""
+    root = tmp_path_factory.mktemp("runs")
+    for steps in (2, 4):
+        assert T.main(_args(files, root / f"steps{steps}", steps)) == 0
+    return root
+
+
 def _args(files, out, steps, *extra):
     return [
         "--stage", "1", "--out", str(out), "--model-config", str(files / "tiny.json"), "--cache",
@@ -134,11 +144,13 @@ def test_condition_dropout_zeroes_the_clip_pixels_and_skips_the_referencenet(T, 
 
 def test_stage2_trains_the_motion_modules_only(T):
     animator = T.Animator(TINY, stage=2)
-    trainable = {n for n, p in animator.named_parameters() if p in set(animator.set_trainable())}
+    trainable2 = {id(p) for p in animator.set_trainable()}
+    trainable = {n for n, p in animator.named_parameters() if id(p) in trainable2}
     assert trainable and all("motion_modules" in n for n in trainable)
     assert {n for n, _ in animator.named_parameters() if "motion_modules" in n} == trainable
     stage1 = T.Animator(TINY, stage=1)
-    names = {n for n, p in stage1.named_parameters() if any(p is q for q in stage1.set_trainable())}
+    trainable1 = {id(p) for p in stage1.set_trainable()}  # once: it walks the whole model
+    names = {n for n, p in stage1.named_parameters() if id(p) in trainable1}
     assert not any(n.startswith("reference_unet.up_blocks.1") for n in names)  # the last up block: frozen
     assert any(n.startswith("pose_guider") for n in names) and any(
         n.startswith("denoising_unet") for n in names
@@ -152,7 +164,7 @@ def _run(cmd):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_two_processes_equal_one_process_on_the_combined_batch(files, tmp_path):
+def test_two_processes_equal_one_process_on_the_combined_batch(T, files, tmp_path):
     """3 steps under ``accelerate launch --multi_gpu --num_processes 2`` on the CPU (2 gloo processes, 2
     samples each) against 1 process on the 4-sample batch; seed 1 makes step 1 unconditional (no ReferenceNet:
     unused parameters in DDP). (accelerate 1.15's ``--cpu`` flag starts one process unless given an MPI
@@ -167,13 +179,8 @@ def test_two_processes_equal_one_process_on_the_combined_batch(files, tmp_path):
             *_args(files, tmp_path / "two", 3, "--rank-weights", str(tmp_path / "w2"), *extra),
         ]
     )
-    _run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            *_args(files, tmp_path / "one", 3, "--rank-weights", str(tmp_path / "w1"), *extra),
-        ]
-    )
+    # the one process in this one: the same script, without a second interpreter start
+    assert T.main(_args(files, tmp_path / "one", 3, "--rank-weights", str(tmp_path / "w1"), *extra)) == 0
     r0, r1 = (
         load_file(tmp_path / "w2" / "rank0.safetensors"),
         load_file(tmp_path / "w2" / "rank1.safetensors"),
@@ -206,9 +213,9 @@ def _initial(tmp_path) -> dict:
     return animator.state_dict()
 
 
-def test_resume_equals_an_uninterrupted_run(T, files, tmp_path):
-    assert T.main(_args(files, tmp_path / "straight", 4)) == 0
-    assert T.main(_args(files, tmp_path / "resumed", 2)) == 0
+def test_resume_equals_an_uninterrupted_run(T, files, runs, tmp_path):
+    shutil.copytree(runs / "steps4", tmp_path / "straight")
+    shutil.copytree(runs / "steps2", tmp_path / "resumed")
     assert T.main(_args(files, tmp_path / "resumed", 4)) == 0  # picks up the checkpoint at step 2
     a, b = _state(tmp_path / "straight" / "toy_animator"), _state(tmp_path / "resumed" / "toy_animator")
     for k in a:
@@ -220,11 +227,11 @@ def test_resume_equals_an_uninterrupted_run(T, files, tmp_path):
     assert "resumed from" in (tmp_path / "resumed" / "train.log").read_text()
 
 
-def test_stage1_continues_from_written_weights_at_their_step(T, files, tmp_path):
+def test_stage1_continues_from_written_weights_at_their_step(T, files, runs, tmp_path):
     """--init-from W --start-step 2: the weights are W's, and the draws go on from step 2, so the first loss
     of the continuation is the loss an uninterrupted run logged at step 3 (before its own update)."""
-    assert T.main(_args(files, tmp_path / "straight", 4)) == 0
-    assert T.main(_args(files, tmp_path / "first", 2)) == 0
+    shutil.copytree(runs / "steps4", tmp_path / "straight")
+    shutil.copytree(runs / "steps2", tmp_path / "first")
     weights = tmp_path / "first" / "toy_animator"
     extra = ["--init-from", str(weights), "--start-step", "2", "--min-lr-ratio", "0.5"]
     assert T.main(_args(files, tmp_path / "more", 4, *extra)) == 0
@@ -293,8 +300,8 @@ def test_stage2_names_missing_and_mismatched_weights(T, files, tmp_path):
     assert not (tmp_path / "s2").exists()  # nothing written
 
 
-def test_resume_refuses_a_checkpoint_of_another_config(T, files, tmp_path):
-    assert T.main(_args(files, tmp_path / "run", 2)) == 0
+def test_resume_refuses_a_checkpoint_of_another_config(T, files, runs, tmp_path):
+    shutil.copytree(runs / "steps2", tmp_path / "run")
     before = _state(tmp_path / "run" / "checkpoint")
     other = dict(TINY, pose_guider=dict(TINY["pose_guider"], block_out_channels=[4, 8, 16, 8]))
     (tmp_path / "other.json").write_text(json.dumps(other))
@@ -307,8 +314,8 @@ def test_resume_refuses_a_checkpoint_of_another_config(T, files, tmp_path):
     shutil.rmtree(tmp_path / "run")
 
 
-def test_stage2_moves_the_motion_modules_and_nothing_else(T, files, tmp_path):
-    assert T.main(_args(files, tmp_path / "s1", 2)) == 0
+def test_stage2_moves_the_motion_modules_and_nothing_else(T, files, runs, tmp_path):
+    shutil.copytree(runs / "steps2", tmp_path / "s1")
     stage2 = ["--stage", "2", "--out", str(tmp_path / "s2"), "--model-config", str(files / "tiny.json")]
     stage2 += ["--init-from", str(tmp_path / "s1" / "toy_animator"), "--cache", str(tmp_path / "clips.pt")]
     stage2 += [
@@ -333,10 +340,10 @@ def test_stage2_moves_the_motion_modules_and_nothing_else(T, files, tmp_path):
     assert log["stage"] == 2 and log["data"]["num_frames"] == 4
 
 
-def test_the_chain_stage2_to_stage1_to_stage2_with_motion_from(T, files, tmp_path):
+def test_the_chain_stage2_to_stage1_to_stage2_with_motion_from(T, files, runs, tmp_path):
     """Stage 1 may continue from a stage-2 folder (its motion modules are dropped: stage 1 has none), and
     stage 2 on the new weights may start its motion modules from the earlier stage-2 run's (--motion-from)."""
-    assert T.main(_args(files, tmp_path / "s1", 2)) == 0
+    shutil.copytree(runs / "steps2", tmp_path / "s1")
     clips = [
         "--cache",
         str(tmp_path / "clips.pt"),
@@ -381,11 +388,11 @@ def test_the_chain_stage2_to_stage1_to_stage2_with_motion_from(T, files, tmp_pat
     assert fresh["log"]["loss"][0] != pytest.approx(warm["log"]["loss"][0], abs=1e-6)
 
 
-def test_motion_from_is_named_when_wrong(T, files, tmp_path, capsys):
+def test_motion_from_is_named_when_wrong(T, files, runs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         T.parse_args(["--stage", "1", "--out", str(tmp_path / "run"), "--motion-from", str(tmp_path)])
     assert "--motion-from is for stage 2" in capsys.readouterr().err
-    assert T.main(_args(files, tmp_path / "s1", 2)) == 0
+    shutil.copytree(runs / "steps2", tmp_path / "s1")
     animator = T.Animator(TINY, stage=2)
     with pytest.raises(T.TrainError, match="holds no motion modules"):
         T.load_motion_modules(animator, tmp_path / "s1" / "toy_animator")
