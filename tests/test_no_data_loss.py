@@ -132,12 +132,6 @@ def test_save_pretrained_refuses_a_stable_diffusion_folder(pipe, tmp_path):
     assert snapshot(sd) == before
 
 
-def test_save_pretrained_refuses_unknown_keywords(pipe, tmp_path):
-    with pytest.raises(TypeError, match="unexpected keyword argument 'push_to_hub'"):
-        pipe.save_pretrained(tmp_path / "x", push_to_hub=True)
-    assert not (tmp_path / "x").exists()
-
-
 # --- an output equal to an input ----------------------------------------------------------------------------
 def test_animate_out_equal_to_driving_is_refused(data, tmp_path, capsys):  # noqa: F811
     driving = tmp_path / "driving.mp4"
