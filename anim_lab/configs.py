@@ -229,14 +229,14 @@ TOY = Preset(
         cross_attention_dim=64,
         norm_num_groups=16,
     ),
-    # trained by scripts/train_toy_vae.py; 0.93411 = 1 / std of its latents (assets/toy_vae/config.json)
+    # trained by scripts/train_toy_vae.py; 0.82084 = 1 / std of its latents (assets/toy_vae/config.json)
     vae=dict(
         _SD15_VAE,
         block_out_channels=(16, 32, 64, 64),
         layers_per_block=1,
         norm_num_groups=8,
         sample_size=128,
-        scaling_factor=0.93411,
+        scaling_factor=0.82084,  # v2; v1 (kept in the toy animator's folder) had 0.93411
     ),
     # trained by scripts/train_toy_clip.py on 96-px face crops (resize 160, centre crop 96), 8x8 patches of 12
     # px
