@@ -73,6 +73,7 @@ from anim_lab.viz import image_grid, save
 
 torch.manual_seed(0)
 torch.set_grad_enabled(False)  # inference only
+torch.set_num_threads(1)  # small tensors: one thread is as fast, and steady on a busy machine
 diffusers_logging.set_verbosity_error()
 transformers_logging.disable_progress_bar()
 torch.set_printoptions(precision=3, sci_mode=False)
