@@ -18,12 +18,16 @@ LAB_STAMP := $(VENV)/.installed-lab
 CHAPTERS  := $(sort $(wildcard chapters/ch[0-9][0-9]_*.py))
 # Options passed to `jupyter lab` (port, --no-browser, --ip=0.0.0.0 in a container, ...).
 LAB_OPTS ?=
+# make test runs in pytest-xdist workers, one torch thread each (tests/conftest.py, chapters/conftest.py), a whole
+# file per worker (--dist loadfile: a notebook's cells run in order in one kernel). On the 2-core machine (beside
+# another single-thread job) 2 workers took 382 s where one process took 687 s; more cores: TEST_WORKERS=4.
+TEST_WORKERS ?= 2
 # Jupyter refuses to start as root (how it runs in Docker) unless told --allow-root; only then is it added.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: demo test lint unit chapters notebook figures lab clean-venv
 test: $(STAMP) lint
-	$(PY) -m pytest -m "not slow and not gpu" tests chapters --nbval --nbval-current-env --nbval-sanitize-with chapters/sanitize.cfg -p no:cacheprovider --durations=25
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow and not gpu" tests chapters --nbval --nbval-current-env --nbval-sanitize-with chapters/sanitize.cfg -p no:cacheprovider --durations=25
 
 # the main job on the embedded toy animator (anim_lab/assets/toy_animator): nothing is downloaded
 demo: $(STAMP)

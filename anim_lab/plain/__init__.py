@@ -25,7 +25,8 @@ __all__ = ["randomize"]
 
 
 def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every parameter of ``module`` random, nonzero values (in place) and return the module.
+    """Give every parameter of ``module`` random values, in place (no all-zero or constant tensor left), and
+    return the module.
 
     The values depend only on the architecture and ``seed`` (a generator of their own, not the global RNG):
     two models built alike and randomised with one seed are equal, whatever their initialisation.
@@ -40,8 +41,8 @@ def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
     """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        # one pass in state-dict order (each module's parameters, then its buffers), so that the values do not
-        # depend on whether a tensor is a parameter or a buffer
+        # one generator, drawn in state-dict order (each module's parameters, then its buffers; a tied weight
+        # once per name, the last draw kept); non-persistent buffers are not in the state dict and are kept
         params = {id(p) for p in module.parameters()}
         for name, t in module.state_dict(keep_vars=True).items():
             leaf = name.rsplit(".", 1)[-1]
