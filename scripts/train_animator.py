@@ -445,6 +445,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument(
+        "--mixed-precision",
+        choices=("no", "bf16"),
+        default="no",
+        help="bf16: autocast the forward passes (benchmarks/bench_train_animator.py measures speed and loss)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "--rank-weights",
@@ -495,6 +501,7 @@ def train(args: argparse.Namespace) -> dict:
     # (accelerate's --cpu flag starts a single process unless given an MPI hostfile)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
+        mixed_precision=args.mixed_precision,  # "bf16": the forward under autocast (CPU: AVX-512 BF16)
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -586,6 +593,7 @@ def train(args: argparse.Namespace) -> dict:
             "step": step,
             "batch_size": args.batch_size,
             "processes": world,
+            "mixed_precision": args.mixed_precision,
             "trainable_parameters": n_params,
             "seconds": round(elapsed, 1),
             "args": {k: repo_relative(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
