@@ -419,7 +419,8 @@ def test_the_cache_is_rebuilt_for_another_vae(T, tmp_path):
 def test_bf16_autocast_trains_close_to_fp32(T, files, runs, tmp_path):
     """--mixed-precision bf16: the same 4 steps under autocast give a loss curve near fp32's (bf16 keeps 8
     bits of mantissa, so not equal) and the setting is recorded in the log."""
-    assert T.main(_args(files, tmp_path / "bf16", 4, "--mixed-precision", "bf16")) == 0
+    # its own process: accelerate's state (the precision) is fixed once per process
+    _run([sys.executable, str(SCRIPT), *_args(files, tmp_path / "bf16", 4, "--mixed-precision", "bf16")])
     bf16 = json.loads((tmp_path / "bf16" / "toy_animator" / "train_log.json").read_text())
     fp32 = json.loads((runs / "steps4" / "toy_animator" / "train_log.json").read_text())
     assert bf16["mixed_precision"] == "bf16" and fp32["mixed_precision"] == "no"
