@@ -298,6 +298,20 @@ def test_reference_timestep_writes_the_bank_from_the_noised_latent(pipe):
         pipe(ref, poses, reference_timestep=1000, **kw)
 
 
+def test_latents_are_the_starting_noise(pipe):
+    """latents=: the same noise the generator would draw gives the same video; another noise another one; a
+    wrong shape is refused before any work."""
+    ref, poses = inputs(4)
+    kw = dict(num_inference_steps=2, guidance_scale=2.0, context_frames=4, context_overlap=1)
+    kw["output_type"] = "pt"
+    drawn = pipe(ref, poses, generator=torch.Generator().manual_seed(9), **kw).frames
+    noise = torch.randn((1, 4, 4, 8, 8), generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(pipe(ref, poses, latents=noise, **kw).frames, drawn, rtol=0, atol=0)
+    assert (pipe(ref, poses, latents=-noise, **kw).frames - drawn).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"latents must be a float tensor of shape \(1, 4, 4, 8, 8\)"):
+        pipe(ref, poses, latents=noise[:, :, :3], **kw)
+
+
 # --- determinism, outputs, callbacks ------------------------------------------------------------------------
 def test_cpu_fp32_is_bit_identical_for_the_same_generator(pipe):
     ref, poses = inputs(5)

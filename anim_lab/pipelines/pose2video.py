@@ -450,6 +450,7 @@ class Pose2VideoPipeline(DiffusionPipeline):
         use_motion_modules: bool = True,
         reference_timestep: int = 0,
         fusion_blocks="full",
+        latents: torch.Tensor | None = None,
     ):
         """Animate ``ref_image`` with ``pose_images`` (PIL images or (H, W, 3) uint8 arrays).
 
@@ -470,7 +471,9 @@ class Pose2VideoPipeline(DiffusionPipeline):
         (DDPM forward, noise from ``generator``) and is told that timestep; chapter 05 asks what that changes.
         ``fusion_blocks``: which self-attentions read the bank, as the reference's
         ``ReferenceAttentionControl`` takes it ("full", AnimateAnyone's; "midup"), or a collection of
-        ``attn1`` names.
+        ``attn1`` names. ``latents``: the starting noise, (1, C, F, h, w) in the latent shape, as diffusers
+        pipelines take it (scaled by the scheduler's ``init_noise_sigma`` as drawn noise is); by default it is
+        drawn from ``generator``.
         """
         ref_image = self._as_pil(ref_image, "ref_image")
         sample_size = self.denoising_unet.unet_kwargs.get("sample_size", 64)
@@ -484,6 +487,13 @@ class Pose2VideoPipeline(DiffusionPipeline):
             raise InputError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         if decode_chunk_size < 1:
             raise InputError(f"decode_chunk_size must be >= 1, got {decode_chunk_size}")
+        channels = self.denoising_unet.conv_in.weight.shape[1]  # latent channels (LoRA-wrapped or not)
+        shape = (1, channels, video_length, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is not None and (
+            not isinstance(latents, torch.Tensor) or not latents.is_floating_point() or latents.shape != shape
+        ):
+            got = f"{latents.dtype} {tuple(latents.shape)}" if isinstance(latents, torch.Tensor) else latents
+            raise InputError(f"latents must be a float tensor of shape {shape} (1, C, F, h, w), got {got}")
         n_train = self.scheduler.config.num_train_timesteps
         if reference_timestep != int(reference_timestep) or not 0 <= reference_timestep < n_train:
             raise InputError(
@@ -508,10 +518,9 @@ class Pose2VideoPipeline(DiffusionPipeline):
 
         # 3. initial noise (1, 4, F, h, w)
         timesteps = set_timesteps(self.scheduler, num_inference_steps, device=device)
-        channels = self.denoising_unet.conv_in.weight.shape[1]  # latent channels (LoRA-wrapped or not)
-        shape = (1, channels, video_length, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        latents = latents * self.scheduler.init_noise_sigma
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
 
         readers = contextlib.nullcontext()  # no bank: every attn1 stays plain self-attention
         if use_reference_attention:
