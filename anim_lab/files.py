@@ -312,20 +312,23 @@ def save_state(state, path: str | os.PathLike) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split(state, tensors, "")
     path.parent.mkdir(parents=True, exist_ok=True)
-    for dest, write in (
-        (path, lambda p: save_file(tensors, p)),
-        (path.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(skeleton))),
-    ):
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-        os.close(fd)
-        try:
-            write(tmp)
-            os.chmod(tmp, 0o666 & ~current_umask())
-            os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    _write_atomic(path, lambda p: save_file(tensors, p))
+    _write_atomic(path.with_suffix(".json"), lambda p: Path(p).write_text(json.dumps(skeleton)))
     return path
+
+
+def _write_atomic(dest: Path, write) -> None:
+    """``write(tmp)`` into a temporary sibling of ``dest``, give it the umask's modes, and move it into place:
+    a reader sees the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def load_state(path: str | os.PathLike):
@@ -388,13 +391,5 @@ def write_result(path: str | os.PathLike, record: Mapping) -> Path:
         return obj
 
     text = json.dumps(finite({**record, "environment": environment()}), indent=1, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        apply_umask(tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _write_atomic(out, lambda p: Path(p).write_text(text))
     return out

@@ -37,6 +37,7 @@ from einops import rearrange
 from torch.nn import functional as F
 
 from .errors import InputError
+from .vae import images_from_uint8
 
 __all__ = [
     "BT601_WEIGHTS",
@@ -258,7 +259,7 @@ def video_from_uint8(frames) -> torch.Tensor:
     x = torch.as_tensor(frames)
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise InputError(f"a video as uint8 frames (F, H, W, 3), got {x.dtype} {tuple(x.shape)}")
-    return rearrange(x.float() / 127.5 - 1.0, "f h w c -> 1 c f h w")
+    return rearrange(images_from_uint8(x), "f c h w -> 1 c f h w")  # the one [0, 255] -> [-1, 1] map
 
 
 def _video_pair(videos: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
