@@ -15,7 +15,10 @@ result is the same as an uninterrupted run (every step's data, noise and timeste
 ``(seed, step)``, and the optimizer state is saved). Background-friendly: ``nohup ... > runs/x.out 2>&1 &``;
 the log is also written to ``--out/train.log``, and ``--out/toy_animator/`` always holds the latest weights
 in the layout of ``anim_lab/assets/toy_animator`` (config.json + diffusion_pytorch_model.safetensors per
-component, ``train_log.json`` written by this script).
+component, ``train_log.json`` written by this script). With ``--ema-decay`` (0.999 for the published
+weights) it keeps an exponential moving average of the trained weights (diffusers' ``EMAModel``, its warm-up
+included): ``toy_animator/`` then holds the EMA weights, the ones to sample with, and ``checkpoint/`` the raw
+ones, in the same layout.
 
 What each step computes (Moore-AnimateAnyone's ``train_stage_1.py`` / ``train_stage_2.py``, implementations.md
 §1.10):
@@ -44,6 +47,7 @@ The reference UNet's ``up_blocks.3`` is frozen, as the reference does (its outpu
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import logging
@@ -60,7 +64,7 @@ import PIL.Image
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from diffusers import DDPMScheduler
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import EMAModel, compute_snr
 from einops import rearrange
 from safetensors.torch import save_file
 from torch import nn
@@ -451,6 +455,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="no",
         help="bf16: autocast the forward passes (benchmarks/bench_train_animator.py measures speed and loss)",
     )
+    p.add_argument(
+        "--ema-decay",
+        type=float,
+        default=0.0,
+        help="keep an EMA of the trained weights (diffusers' EMAModel: decay min(d, (1 + s) / (10 + s)) at "
+        "update s); --out/toy_animator then holds the EMA weights and --out/checkpoint the raw ones; 0: none",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "--rank-weights",
@@ -464,6 +475,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--motion-from is for stage 2 (stage 1 has no motion modules)")
     if args.start_step and (args.init_from is None or args.stage != 1):
         p.error("--start-step continues a stage-1 run: give it with --stage 1 and --init-from")
+    if not 0 <= args.ema_decay < 1:
+        p.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if not 0 < args.min_lr_ratio <= 1:
         p.error(f"--min-lr-ratio must be in (0, 1], got {args.min_lr_ratio}")
     if not (args.image_encoder / "model.safetensors").is_file():
@@ -533,6 +546,7 @@ def train(args: argparse.Namespace) -> dict:
     earlier = args.init_from / "train_log.json" if args.init_from else None
     earlier = json.loads(earlier.read_text()) if earlier and earlier.is_file() else None
     params = animator.set_trainable()
+    ema = EMAModel(params, decay=args.ema_decay) if args.ema_decay else None
 
     out = args.out
     if accelerator.is_main_process:
@@ -559,15 +573,17 @@ def train(args: argparse.Namespace) -> dict:
             state = files.load_state(ckpt / "state.safetensors")
         except ValueError as err:
             raise TrainError(f"cannot resume from {ckpt}: {err}") from None
-        if state["stage"] != args.stage or state["config"] != config:
+        if state["stage"] != args.stage or state["config"] != config or ("ema" in state) != (ema is not None):
             raise TrainError(
-                f"{ckpt} holds a stage-{state['stage']} run of another model config; use a new --out or the "
-                "same --stage and --model-config"
+                f"{ckpt} holds a stage-{state['stage']} run of another model config or EMA setting; use a "
+                "new --out or the same --stage, --model-config and --ema-decay (0 or not)"
             )
         load_weights(animator, ckpt)
         optimizer.load_state_dict(state["optimizer"])
         scheduler_lr.load_state_dict(state["lr_scheduler"])
         start, elapsed, log = state["step"], state["seconds"], state["log"]
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         LOG.info("resumed from %s at step %d", ckpt, start)
 
     model, optimizer = accelerator.prepare(animator, optimizer)
@@ -594,6 +610,7 @@ def train(args: argparse.Namespace) -> dict:
             "batch_size": args.batch_size,
             "processes": world,
             "mixed_precision": args.mixed_precision,
+            "ema_decay": args.ema_decay,  # > 0: these are the EMA weights; the raw ones are in checkpoint/
             "trainable_parameters": n_params,
             "seconds": round(elapsed, 1),
             "args": {k: repo_relative(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -617,8 +634,12 @@ def train(args: argparse.Namespace) -> dict:
                 if hasattr(optimizer, "optimizer")
                 else optimizer.state_dict(),
                 "lr_scheduler": scheduler_lr.state_dict(),
+                **({} if ema is None else {"ema": ema.state_dict()}),
             },
         )
+        if ema is not None:  # the same networks with the averaged trainable weights
+            net = copy.deepcopy(net)
+            ema.copy_to([p for p in net.parameters() if p.requires_grad])
         write_weights(
             net,
             out / "toy_animator",
@@ -650,6 +671,8 @@ def train(args: argparse.Namespace) -> dict:
             accelerator.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
         scheduler_lr.step()
+        if ema is not None:
+            ema.step(params)
         window.append(accelerator.gather(loss.detach()[None]).mean().item())
         now = time.time()
         elapsed, tick = elapsed + now - tick, now

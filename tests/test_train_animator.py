@@ -279,6 +279,7 @@ def test_unwritable_output_folder_fails_before_any_work(T, files, tmp_path, caps
         (["--start-step", "5"], "--start-step continues a stage-1 run"),
         (["--min-lr-ratio", "0"], r"--min-lr-ratio must be in \(0, 1\]"),
         (["--image-encoder", "nowhere"], "--image-encoder nowhere has no model.safetensors"),
+        (["--ema-decay", "1"], r"--ema-decay must be in \[0, 1\)"),
     ],
 )
 def test_bad_continuation_arguments_are_named(T, tmp_path, capsys, argv, message):
@@ -426,3 +427,32 @@ def test_bf16_autocast_trains_close_to_fp32(T, files, runs, tmp_path):
     assert bf16["mixed_precision"] == "bf16" and fp32["mixed_precision"] == "no"
     np.testing.assert_allclose(bf16["log"]["loss"], fp32["log"]["loss"], rtol=0.05)
     assert bf16["log"]["loss"] != fp32["log"]["loss"]  # autocast really ran in bf16
+
+
+def test_ema_weights_follow_the_written_out_average_across_resumes(T, files, tmp_path):
+    """--ema-decay 0.5, run one step at a time (each a resume): toy_animator/ holds e_k = d_k e_(k-1) +
+    (1 - d_k) w_k over the raw weights w_k of checkpoint/, with diffusers' warm-up d_k = min(0.5, k / (9 + k))
+    (d_1 = 0: the average starts at the first update); frozen weights are the raw ones."""
+    out, raw, ema = tmp_path / "ema", [], None
+    for k in range(1, 5):
+        assert T.main(_args(files, out, k, "--ema-decay", "0.5", "--checkpoint-every", "1")) == 0
+        w = _state(out / "checkpoint")
+        d = 0.0 if k == 1 else min(0.5, k / (9 + k))
+        ema = dict(w) if ema is None else {n: d * ema[n] + (1 - d) * w[n] for n in w}
+        raw.append(w)
+    got = _state(out / "toy_animator")
+    frozen = [n for n in got if n.startswith("reference_unet.up_blocks.1.")]  # the last up block: frozen
+    assert frozen and all(torch.equal(got[n], raw[-1][n]) for n in frozen)
+    moved = [n for n in got if not torch.equal(raw[-1][n], raw[0][n])]
+    assert len(moved) > len(got) // 2  # the average is over weights that moved
+    for n in got:
+        torch.testing.assert_close(got[n], ema[n], rtol=0, atol=1e-6)
+    assert any(not torch.allclose(got[n], raw[-1][n]) for n in moved)  # not the raw weights
+    log = json.loads((out / "toy_animator" / "train_log.json").read_text())
+    assert log["ema_decay"] == 0.5 and log["log"]["steps"] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_to_switch_the_ema_on(T, files, runs, tmp_path, capsys):
+    shutil.copytree(runs / "steps2", tmp_path / "run")
+    assert T.main(_args(files, tmp_path / "run", 4, "--ema-decay", "0.9")) == 2
+    assert "EMA setting" in capsys.readouterr().err
