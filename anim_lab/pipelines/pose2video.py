@@ -64,7 +64,7 @@ from einops import rearrange
 from safetensors import safe_open
 from transformers import CLIPVisionModelWithProjection
 
-from ..clip import ClipPreprocess, encode_image
+from ..clip import ClipPreprocess, image_embeds_to_tokens
 from ..context import batch_windows, context_windows, gather_windows, predict_in_windows
 from ..errors import AnimLabError, InputError
 from ..files import OutputError, check_output_folder, publish_folder, staging_folder
@@ -141,12 +141,12 @@ def encode_reference(
     posterior mean x scaling factor, of the image resized to (height, width)."""
     processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
     size = image_encoder.config.image_size
-    # squashed to the encoder's square (PIL's default bicubic, as the reference), then CLIP-normalised
-    clip_input = processor.pil_to_numpy(ref_image.resize((size, size)))  # (1, S, S, 3) in [0, 1]
-    clip_input = rearrange(torch.from_numpy(clip_input), "b h w c -> b c h w") * 2 - 1  # -> [-1, 1]
-    clip_tokens = encode_image(
-        image_encoder, clip_input.to(device), ClipPreprocess(size=size, crop_size=size)
-    )  # (1, 1, D): one token
+    # squashed to the encoder's square (PIL's default bicubic, as the reference), then CLIP-normalised from
+    # the uint8 pixels, as CLIPImageProcessor does (u / 255: bit for bit its pixel values)
+    square = torch.from_numpy(np.asarray(ref_image.convert("RGB").resize((size, size))).copy())  # (S, S, 3)
+    pixels = ClipPreprocess(size=size, crop_size=size).from_uint8(rearrange(square, "h w c -> 1 c h w"))
+    embeds = image_encoder(pixel_values=pixels.to(device, image_encoder.dtype)).image_embeds  # (1, D)
+    clip_tokens = image_embeds_to_tokens(embeds)  # (1, 1, D): one token
     ref = processor.preprocess(ref_image, height=height, width=width)  # (1, 3, H, W) in [-1, 1]
     ref_latents = vae_encode(vae, ref.to(device))  # (1, 4, h, w): the posterior mean, scaled
     return clip_tokens, ref_latents.to(dtype)
