@@ -165,6 +165,33 @@ def test_encode_reference_feeds_the_processors_pixel_values(pipe):
     assert torch.equal(tokens, expected)
 
 
+def test_precomputed_conditions_give_the_same_video_and_the_latents_come_back(pipe):
+    """image_embeds / ref_latents from encode_reference reproduce the call that encodes the reference, bit for
+    bit, without the reference image; other conditions change it; the output's latents are the ones the
+    frames were decoded from."""
+    ref, poses = inputs(4)
+    kw = dict(height=SIZE, width=SIZE, num_inference_steps=2, guidance_scale=2.0, output_type="pt")
+    seed = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    full = pipe(ref, poses, generator=seed(), **kw)
+    tokens, ref_latents = pipe.encode_reference(ref, SIZE, SIZE, torch.float32, "cpu")
+    given = pipe(None, poses, image_embeds=tokens, ref_latents=ref_latents, generator=seed(), **kw)
+    assert torch.equal(given.frames, full.frames)
+    other = pipe(ref, poses, image_embeds=tokens.flip(-1), generator=seed(), **kw)  # the token only
+    assert (other.frames - full.frames).abs().max() > 1e-3
+    latent = pipe(ref, poses, generator=seed(), **{**kw, "output_type": "latent"})
+    assert torch.equal(full.latents, latent.frames) and torch.equal(latent.latents, latent.frames)
+    decoded = pipe.video_processor.postprocess_video(pipe.decode_latents(full.latents, 8), output_type="pt")
+    assert torch.equal(decoded, full.frames)
+    for name, value, message in [
+        ("image_embeds", tokens[0], r"image_embeds must be a float tensor of shape \(1, 1, \d+\)"),
+        ("ref_latents", ref_latents[..., :4], r"ref_latents must be a float tensor of shape \(1, 4, 8, 8\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            pipe(ref, poses, **{name: value}, **kw)
+    with pytest.raises(ValueError, match="ref_image must be a PIL image"):
+        pipe(None, poses, image_embeds=tokens, **kw)  # the latents still need the image
+
+
 def test_the_faithful_switch_changes_the_output_without_cfg(pipe):
     # summing overlapping windows is not averaging them: the two modes must differ (else the test above is
     # not testing the switch)
