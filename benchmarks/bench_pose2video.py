@@ -15,6 +15,9 @@ interleaved runs (the machine may be shared):
     python benchmarks/bench_pose2video.py            # TINY and MID
     python benchmarks/bench_pose2video.py --quick    # TINY only, fewer frames
     python benchmarks/bench_pose2video.py --cuda     # SD15 size, fp16, 512x512, 24 frames, 25 steps (a GPU)
+    python benchmarks/bench_pose2video.py --cuda --offload   # the same under enable_model_cpu_offload()
+
+benchmarks/gpu_check.sh runs both CUDA calls and the gpu-marked tests on a lent GPU.
 """
 
 from __future__ import annotations
@@ -264,8 +267,10 @@ def memory(lengths) -> list[dict]:
 BF16_PEAK = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
 
 
-def cuda_sd15(frames: int = 24, steps: int = 25, size: int = 512) -> None:
-    """SD15-size pipeline, random weights, fp16 on CUDA: s/step, peak memory, the UNet's achieved TFLOP/s."""
+def cuda_sd15(frames: int = 24, steps: int = 25, size: int = 512, offload: bool = False) -> dict:
+    """SD15-size pipeline, random weights, fp16 on CUDA: s/step, peak memory, the UNet's achieved TFLOP/s;
+    ``offload``: under diffusers' ``enable_model_cpu_offload()`` (each network on the GPU only while it
+    runs)."""
     from anim_lab.configs import SD15
     from anim_lab.inspect import count_flops
     from anim_lab.motion import MOTION_SD15
@@ -283,6 +288,9 @@ def cuda_sd15(frames: int = 24, steps: int = 25, size: int = 512) -> None:
             scheduler=build_scheduler(),
         )
     pipe.to(dev, dtype)
+    if offload:
+        pipe.to("cpu")
+        pipe.enable_model_cpu_offload()  # accelerate hooks; _execution_device reads them
     ref, poses = inputs(frames, size)
     kw = dict(height=size, width=size, guidance_scale=3.5, output_type="np")
     pipe(ref, poses[:8], num_inference_steps=1, **kw)  # warm-up
@@ -338,20 +346,37 @@ def cuda_sd15(frames: int = 24, steps: int = 25, size: int = 512) -> None:
     peak = next((v for k, v in BF16_PEAK.items() if k in name), None)
     share = f"{100 * tflops / peak:.1f}% of the {peak:.0f} TFLOP/s bf16 peak" if peak else "peak unknown"
     print(
-        f"SD15 fp16 on {name}: {size}x{size}, {frames} frames, {steps} steps, CFG 3.5: "
-        f"{total / steps:.2f} s/step ({total:.1f} s in all), peak memory {peak_gb:.1f} GiB; denoising UNet "
-        f"{flops / 1e12:.1f} TFLOP per call, {calls[0]} calls in {spent[0]:.1f} s -> {tflops:.0f} TFLOP/s "
-        f"({share})"
+        f"SD15 fp16 on {name}{' with model CPU offload' if offload else ''}: {size}x{size}, {frames} frames, "
+        f"{steps} steps, CFG 3.5: {total / steps:.2f} s/step ({total:.1f} s in all), peak memory "
+        f"{peak_gb:.1f} GiB; denoising UNet {flops / 1e12:.1f} TFLOP per call, {calls[0]} calls in "
+        f"{spent[0]:.1f} s -> {tflops:.0f} TFLOP/s ({share})"
     )
+    return {
+        "device": name,
+        "offload": offload,
+        "size": size,
+        "frames": frames,
+        "steps": steps,
+        "s_per_step": round(total / steps, 3),
+        "peak_memory_gib": round(peak_gb, 2),
+        "unet_tflop_per_call": round(flops / 1e12, 2),
+        "unet_tflops_achieved": round(tflops, 1),
+        "bf16_peak_tflops": peak,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="TINY only, short runs")
     parser.add_argument("--cuda", action="store_true", help="only the SD15-size fp16 run on a CUDA GPU")
+    parser.add_argument("--offload", action="store_true", help="with --cuda: enable_model_cpu_offload()")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results here (e.g. results/bench_pose2video.json)")
     args = parser.parse_args()
+    if args.offload and not args.cuda:
+        parser.error("--offload is for the --cuda run")
+    if args.cuda and not torch.cuda.is_available():
+        parser.error("--cuda needs a CUDA GPU, and torch sees none (benchmarks/gpu_check.sh skips it then)")
     if args.json:
         check_output_file(args.json, (".json",), what="--json file")
     torch.set_num_threads(1)
@@ -359,7 +384,10 @@ def main() -> None:
         memory_child(args.memory_child)
         return
     if args.cuda:
-        cuda_sd15()
+        result = cuda_sd15(offload=args.offload)
+        if args.json:
+            command = " ".join(["benchmarks/bench_pose2video.py", *sys.argv[1:]])
+            write_result(args.json, {"command": command, "cuda": result})
         return
     result = {"speed": {"TINY": speed("TINY", frames=24, steps=3, context=(8, 2), batch=4)}}
     if not args.quick:
