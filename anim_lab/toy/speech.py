@@ -159,10 +159,12 @@ class Speech:
         return len(self.audio) / self.sample_rate
 
     def audio_16k(self) -> np.ndarray:
-        """``(M,)`` float32 in [-1, 1] resampled to 16 kHz (soxr), M = round(N · 16000 / 22050)."""
-        from anim_lab.audio import resample
+        """``(M,)`` float32 in [-1, 1] resampled to 16 kHz (soxr, as ``anim_lab.audio.resample``, without
+        importing transformers), M = round(N · 16000 / 22050)."""
+        import soxr
 
-        return resample(self.audio.astype(np.float32) / 32768.0, self.sample_rate, 16000)
+        x = self.audio.astype(np.float32) / 32768.0
+        return soxr.resample(x, self.sample_rate, 16000, quality="HQ").astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -190,7 +192,7 @@ class _Event(ctypes.Structure):  # espeak_EVENT
 _CALLBACK = ctypes.CFUNCTYPE(  # int callback(short *wav, int num_samples, espeak_EVENT *events)
     ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_Event)
 )
-_LOCK = threading.Lock()  # eSpeak NG keeps global state: one synthesis at a time per process
+_LOCK = threading.Lock()
 
 
 def _data_path() -> Path:
@@ -215,7 +217,13 @@ def _variants() -> frozenset[str]:
 
 
 class _Engine:
-    """The loaded library, initialised once, with a callback that appends to the current buffers."""
+    """The library, loaded and initialised, with a callback that appends to the current buffers.
+
+    One engine speaks one utterance (:func:`_speak`): eSpeak NG carries state from one utterance to the next
+    (the same text twice in a row differs from the 400th sample on, by a few samples in length), so each
+    utterance gets a freshly loaded library. Then a (text, voice) pair is always the same audio, whatever was
+    spoken before; loading costs about 15 ms.
+    """
 
     def __init__(self):
         import espeakng_loader
@@ -275,10 +283,22 @@ class _Engine:
         audio = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.int16)
         return audio.astype(np.int16), list(self.events)
 
+    def close(self) -> None:
+        """Free eSpeak's memory and unload the library (its static state goes with it)."""
+        import _ctypes
 
-@lru_cache(maxsize=1)
-def _engine() -> _Engine:
-    return _Engine()
+        self.lib.espeak_Terminate()
+        if hasattr(_ctypes, "dlclose"):  # POSIX
+            _ctypes.dlclose(self.lib._handle)
+
+
+def _speak(text: str, voice: Voice) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    with _LOCK:  # eSpeak NG keeps global state: one utterance at a time per process
+        engine = _Engine()
+        try:
+            return engine.synth(text, voice)
+        finally:
+            engine.close()
 
 
 def synthesize(text: str, voice: Voice = Voice()) -> Speech:
@@ -291,8 +311,7 @@ def synthesize(text: str, voice: Voice = Voice()) -> Speech:
         raise InputError(f"text must be a non-empty string, got {text!r}")
     if not isinstance(voice, Voice):
         raise TypeError(f"voice must be a toy.Voice, got {type(voice).__name__}")
-    with _LOCK:
-        audio, events = _engine().synth(text, voice)
+    audio, events = _speak(text, voice)
     if len(audio) == 0:
         raise InputError(f"eSpeak NG produced no audio for {text!r}")
     ms = 1000.0 / ESPEAK_SAMPLE_RATE

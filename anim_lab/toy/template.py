@@ -102,9 +102,9 @@ def expression_bases() -> dict[str, np.ndarray]:
     # speech's lip shapes (anim_lab.toy.visemes), each a displacement at 1:
     mouth = v[list(L.LIPS_OUTER_UPPER + L.LIPS_OUTER_LOWER)].mean(0)  # (3,) the mouth's centre
     d2 = ((v[:, :2] - mouth[:2]) ** 2).sum(1)  # (478,)
-    near = np.exp(-d2 / (2 * 0.2**2))  # (478,) 1 at the mouth, fading over its surroundings
+    near = np.exp(-d2 / (2 * 0.3**2))  # (478,) 1 at the mouth, fading over its surroundings
     round_ = np.zeros_like(v)
-    round_[:, 0] = -0.45 * (v[:, 0] - mouth[0]) * near  # rounding: the lips gather toward the midline ...
+    round_[:, 0] = -0.5 * (v[:, 0] - mouth[0]) * near  # rounding: the lips gather toward the midline ...
     round_[:, 2] = 0.12 * near  # ... and push forward
     spread = np.zeros_like(v)
     for corner in (L.LIPS_OUTER_UPPER[0], L.LIPS_OUTER_UPPER[-1]):

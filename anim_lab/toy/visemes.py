@@ -31,8 +31,8 @@ VISEME_PARAMS = ("jaw", "round", "close", "spread")
 # class -> (target (jaw, round, close, spread), alpha, theta in 1/s)
 VISEME_TABLE: dict[str, tuple[tuple[float, float, float, float], float, float]] = {
     "rest": ((0.0, 0.0, 0.0, 0.0), 1.0, 15.0),  # pauses
-    "PBM": ((0.0, 0.0, 1.0, 0.0), 4.0, 50.0),  # bilabial closure
-    "FV": ((0.08, 0.0, 0.55, 0.2), 2.0, 40.0),  # lower lip to the upper teeth
+    "PBM": ((0.0, 0.0, 1.0, 0.0), 10.0, 70.0),  # bilabial closure: strong and sharp, the lips must meet
+    "FV": ((0.08, 0.0, 0.55, 0.2), 4.0, 60.0),  # lower lip to the upper teeth
     "TH": ((0.2, 0.0, 0.0, 0.25), 1.0, 30.0),  # tongue between the teeth
     "TDNL": ((0.2, 0.0, 0.0, 0.3), 0.7, 30.0),  # alveolar stops, nasal, lateral
     "SZ": ((0.1, 0.0, 0.0, 0.55), 1.0, 30.0),  # sibilants: teeth together, lips spread
