@@ -1,7 +1,12 @@
 """The toy world that speaks: eSpeak NG speech with its phoneme timeline, visemes with coarticulation, the lip
 shapes on the toy face, and talking clips with their audio."""
 
+import hashlib
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,6 +79,22 @@ def test_rate_and_pitch_change_the_speaker():
         return np.mean(np.abs(np.diff(np.sign(x[np.abs(x) > 300])))) / 2
 
     assert zero_crossings(high) > zero_crossings(slow)
+
+
+def test_an_utterance_is_the_same_audio_whatever_came_before_and_in_any_process(spoken):
+    """eSpeak NG keeps state between utterances and seeds its generator with the clock; the synthesiser
+    reloads and reseeds it, so a (text, voice) pair is one waveform."""
+    voice = toy.Voice("en-us+m3", rate=160, pitch=50)
+    toy.synthesize("Something else first.", toy.Voice("en+f2", rate=130, pitch=30))
+    np.testing.assert_array_equal(toy.synthesize(SENTENCE, voice).audio, spoken.audio)
+    code = (
+        "import hashlib; from anim_lab import toy; "
+        f"print(hashlib.md5(toy.synthesize({SENTENCE!r}, toy.Voice('en-us+m3', 160, 50)).audio.tobytes())"
+        ".hexdigest())"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == hashlib.md5(spoken.audio.tobytes()).hexdigest()
 
 
 def test_voice_and_sentence_splits_are_disjoint_and_fixed():

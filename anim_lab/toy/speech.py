@@ -219,10 +219,11 @@ def _variants() -> frozenset[str]:
 class _Engine:
     """The library, loaded and initialised, with a callback that appends to the current buffers.
 
-    One engine speaks one utterance (:func:`_speak`): eSpeak NG carries state from one utterance to the next
-    (the same text twice in a row differs from the 400th sample on, by a few samples in length), so each
-    utterance gets a freshly loaded library. Then a (text, voice) pair is always the same audio, whatever was
-    spoken before; loading costs about 15 ms.
+    One engine speaks one utterance (:func:`_speak`). eSpeak NG carries state from one utterance to the next
+    (the same text twice in a row differed from the 400th sample on, by a few samples in length), and it seeds
+    its random generator with the clock when it starts (two processes differed). So each utterance gets a
+    freshly loaded library whose generator is seeded with 1: a (text, voice) pair is always the same audio,
+    whatever was spoken before and in whichever process. Loading costs about 15 ms.
     """
 
     def __init__(self):
@@ -246,6 +247,8 @@ class _Engine:
         rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, str(_data_path()).encode(), options)
         if rate != ESPEAK_SAMPLE_RATE:
             raise RuntimeError(f"eSpeak NG did not start (espeak_Initialize returned {rate})")
+        lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+        lib.espeak_ng_SetRandSeed(1)  # eSpeak NG seeds its own generator with the time when it starts
         self.lib = lib
         self.chunks: list[np.ndarray] = []
         self.events: list[tuple[int, str]] = []  # (sample, phoneme symbol); symbol "" for the end
