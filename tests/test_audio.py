@@ -292,3 +292,28 @@ def test_load_wav2vec2_names_a_missing_or_incomplete_folder(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(FileNotFoundError, match="missing config.json"):
         A.load_wav2vec2(tmp_path / "half")
+
+
+def test_load_wav2vec2_from_the_original_pytorch_model_bin_layout(tmp_path):
+    """base-960h as first published: pytorch_model.bin (a torch pickle, written here by the test), no
+    safetensors; read by transformers with weights_only loading."""
+    ctc = _write_base960h_layout(tmp_path / "w2v", TINY)
+    (tmp_path / "w2v" / "model.safetensors").unlink()
+    torch.save(ctc.state_dict(), tmp_path / "w2v" / "pytorch_model.bin")
+    model, _ = A.load_wav2vec2(tmp_path / "w2v")
+    expected = ctc.wav2vec2.state_dict()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+
+
+def test_a_hub_id_goes_to_from_pretrained_as_it_is(monkeypatch):
+    seen = []
+
+    def fake(cls, where, **kwargs):
+        seen.append(where)
+        raise OSError("offline")
+
+    monkeypatch.setattr(Wav2Vec2Model, "from_pretrained", classmethod(fake))
+    with pytest.raises(OSError, match="offline"):
+        A.load_wav2vec2("facebook/wav2vec2-base-960h")
+    assert seen == ["facebook/wav2vec2-base-960h"]
