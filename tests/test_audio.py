@@ -170,6 +170,8 @@ def test_wav2vec2_interpolates_the_cnn_features_before_the_transformer(tiny):
 def test_too_short_input_values_are_refused(tiny):
     with pytest.raises(InputError, match="needs ≥ 400"):
         A.wav2vec2_features(tiny, torch.randn(1, 300), 1)
+    with pytest.raises(InputError, match="the log-mel needs ≥ 400"):
+        A.log_mel(np.ones(300, np.float32))
 
 
 def test_aniportrait_features_are_the_last_layer_at_30_fps(tiny):
@@ -317,3 +319,20 @@ def test_a_hub_id_goes_to_from_pretrained_as_it_is(monkeypatch):
     with pytest.raises(OSError, match="offline"):
         A.load_wav2vec2("facebook/wav2vec2-base-960h")
     assert seen == ["facebook/wav2vec2-base-960h"]
+
+
+def test_load_wav2vec2_refuses_a_planted_pickle_without_running_it(tmp_path):
+    """A pytorch_model.bin whose pickle would run code is refused (named) before transformers opens it."""
+    from anim_lab.weights import UnsafeWeightsError
+
+    class Payload:  # unpickling it would create the marker file (it stands for an attacker's code)
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    _write_base960h_layout(tmp_path / "w2v", TINY)
+    (tmp_path / "w2v" / "model.safetensors").unlink()
+    marker = tmp_path / "PWNED"
+    torch.save({"lm_head.bias": torch.ones(1), "payload": Payload()}, tmp_path / "w2v" / "pytorch_model.bin")
+    with pytest.raises(UnsafeWeightsError, match="pytorch_model.bin"):
+        A.load_wav2vec2(tmp_path / "w2v")
+    assert not marker.exists()
