@@ -188,7 +188,9 @@ def test_lip_shapes_move_the_lips_as_named():
     assert width(rounded) < 0.85 * width(rest) and rounded[13, 2] < rest[13, 2] - 1  # narrower, forward
     assert width(spread) > 1.1 * width(rest)
     assert upper_lip(pressed) < 0.6 * upper_lip(rest)
-    # zero leaves the face exactly as it was
+    # zero leaves the face exactly as it was, and reads as it did
+    assert repr(toy.Expression(mouth_open=1.0)) == "Expression(mouth_open=1.0, blink=0.0, smile=0.0)"
+    assert repr(toy.Expression(lip_press=0.5)).endswith("smile=0.0, lip_press=0.5)")
     np.testing.assert_array_equal(_lips(toy.Expression(lip_round=0, lip_press=0, lip_spread=0)), rest)
 
 

@@ -129,7 +129,7 @@ class HeadPose:
         return np.array([self.yaw, self.pitch, self.roll, self.tx, self.ty, self.scale], np.float32)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Expression:
     """Non-rigid face motion, each in [0, 1].
 
@@ -158,6 +158,14 @@ class Expression:
     def lips_array(self) -> np.ndarray:
         """``(3,)`` float32: lip_round, lip_press, lip_spread."""
         return np.array([self.lip_round, self.lip_press, self.lip_spread], np.float32)
+
+    def __repr__(self) -> str:
+        # the three motion fields always, a lip shape only when it is used (a face without speech reads as
+        # it did before the lip shapes existed)
+        shown = ["mouth_open", "blink", "smile"] + [
+            n for n in ("lip_round", "lip_press", "lip_spread") if getattr(self, n)
+        ]
+        return f"Expression({', '.join(f'{n}={getattr(self, n)!r}' for n in shown)})"
 
 
 def sample_identity(rng: np.random.Generator, seed: int | None = None) -> Identity:
