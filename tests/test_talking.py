@@ -4,12 +4,14 @@ shapes on the toy face, and talking clips with their audio."""
 import hashlib
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.signal
 import soundfile
 
 from anim_lab import toy
@@ -231,11 +233,22 @@ def test_talking_clip_from_a_seed_uses_the_split():
 
 
 def test_talking_clip_writes_an_mp4_with_its_audio(clip, tmp_path):
-    from anim_lab.video import has_audio, read_video
+    from anim_lab.video import ffmpeg_exe, has_audio, read_video
 
     path = clip.write(tmp_path / "talk.mp4")
     frames, fps = read_video(path)
     assert has_audio(path) and fps == 25 and len(frames) == clip.num_frames
+    # the audio track, decoded again, is the clip's audio, in sync (AAC's encoder delay is compensated)
+    decoded = tmp_path / "decoded" / "x.wav"
+    decoded.parent.mkdir()
+    cmd = [ffmpeg_exe(), "-loglevel", "error", "-i", str(path), "-ac", "1", "-ar", "16000", str(decoded)]
+    subprocess.run(cmd, check=True)
+    y = soundfile.read(decoded, dtype="float32")[0]
+    n = min(len(y), len(clip.audio))
+    assert abs(len(y) - len(clip.audio)) <= 160  # within 10 ms
+    lag = int(scipy.signal.correlate(y[:n], clip.audio[:n], method="fft").argmax()) - (n - 1)
+    assert lag == 0
+    shutil.rmtree(decoded.parent)
     wav = clip.write_wav(tmp_path / "talk.wav")
     info = soundfile.info(wav)
     assert info.samplerate == 16000 and info.frames == len(clip.audio)
