@@ -244,7 +244,10 @@ def test_log_mel_frames_fall_on_the_wav2vec2_grid_and_align_the_same_way(tiny):
 
 def test_wav2vec2_base_960h_at_full_size_on_meta():
     model = A.build_wav2vec2()
-    assert sum(p.numel() for p in model.parameters()) == 94_371_712  # wav2vec2 base: "95M"
+    assert sum(p.numel() for p in model.parameters()) == 94_371_712  # the encoder Audio2Mesh and Hallo load
+    with torch.device("meta"):  # + the CTC head (768 -> 32 characters): the published checkpoint's 94.4M
+        ctc = Wav2Vec2ForCTC(Wav2Vec2Config(**A.WAV2VEC2_BASE_960H_CONFIG))
+    assert sum(p.numel() for p in ctc.parameters()) == 94_371_712 + 768 * 32 + 32 == 94_396_320
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.conv_dim[-1]) == (12, 768, 512)
     x = torch.empty(1, 16000, device="meta")  # one second
