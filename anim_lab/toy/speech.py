@@ -247,8 +247,9 @@ class _Engine:
         rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, str(_data_path()).encode(), options)
         if rate != ESPEAK_SAMPLE_RATE:
             raise RuntimeError(f"eSpeak NG did not start (espeak_Initialize returned {rate})")
-        lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
-        lib.espeak_ng_SetRandSeed(1)  # eSpeak NG seeds its own generator with the time when it starts
+        if hasattr(lib, "espeak_ng_SetRandSeed"):  # eSpeak NG ≥ 1.52 seeds its generator with the clock
+            lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+            lib.espeak_ng_SetRandSeed(1)
         self.lib = lib
         self.chunks: list[np.ndarray] = []
         self.events: list[tuple[int, str]] = []  # (sample, phoneme symbol); symbol "" for the end
@@ -304,14 +305,16 @@ def _speak(text: str, voice: Voice) -> tuple[np.ndarray, list[tuple[int, str]]]:
             engine.close()
 
 
-def synthesize(text: str, voice: Voice = Voice()) -> Speech:
-    """Speak ``text`` with ``voice``: eSpeak NG's audio (int16, 22,050 Hz) and its phoneme timeline.
+def synthesize(text: str, voice: Voice | None = None) -> Speech:
+    """Speak ``text`` with ``voice`` (default ``Voice()``): eSpeak NG's audio (int16, 22,050 Hz) and its
+    phoneme timeline.
 
     The timeline covers the audio from 0 to its end without gaps: each phoneme runs from its event's sample
     to the next one's, and the silence before the first phoneme is a pause (``"_"``).
     """
     if not isinstance(text, str) or not text.strip():
         raise InputError(f"text must be a non-empty string, got {text!r}")
+    voice = Voice() if voice is None else voice
     if not isinstance(voice, Voice):
         raise TypeError(f"voice must be a toy.Voice, got {type(voice).__name__}")
     audio, events = _speak(text, voice)
