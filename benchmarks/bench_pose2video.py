@@ -23,6 +23,7 @@ benchmarks/gpu_check.sh runs both CUDA calls and the gpu-marked tests on a lent 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -199,6 +200,85 @@ def speed(name: str, frames: int, steps: int, context: tuple[int, int], batch: i
         max_abs_difference=diff,
         seconds={key: dict(best[key]) for key in ("pipeline", "plain")},
     )
+
+
+# --- 4. means that keep the math (or state their cost), each alone and together ----------------------------
+CONV_NETS = ("vae", "reference_unet", "denoising_unet", "pose_guider")
+
+
+def _channels_last(pipe: Pose2VideoPipeline) -> None:
+    """The convolutional networks' 4D weights in channels_last (NHWC, oneDNN's preferred layout)."""
+    for name in CONV_NETS:
+        getattr(pipe, name).to(memory_format=torch.channels_last)
+
+
+def _compile(pipe: Pose2VideoPipeline) -> None:
+    """inductor (the CPU's C++/OpenMP backend) on the denoising UNet and the VAE decoder, in place."""
+    pipe.denoising_unet.compile()
+    pipe.vae.decoder.compile()
+
+
+MEANS = {
+    # name: (set-up on a fresh pipeline, keyword arguments of the call, autocast dtype)
+    "eager (the pipeline as shipped)": (None, {}, None),
+    "decode 1 frame per VAE call": (None, {"decode_chunk_size": 1}, None),
+    "channels_last": (_channels_last, {}, None),
+    "torch.compile (UNet + VAE decoder)": (_compile, {}, None),
+    "channels_last + compile": (lambda pipe: (_channels_last(pipe), _compile(pipe)), {}, None),
+    "bf16 autocast (changes the numbers)": (None, {}, torch.bfloat16),
+}
+
+
+def means(name: str, frames: int, steps: int, context: tuple[int, int], repeats: int = 2, only=None) -> dict:
+    """Each means on a freshly built pipeline (the same random weights), timed against the eager pipeline
+    and the plain reference loop in the same run: the fastest of ``repeats`` calls after one warm-up call,
+    whose time is reported apart (for compile: the compilation, paid once per process and shape)."""
+    size = SIZES[name]["size"]
+    ref, poses = inputs(frames, size)
+    kw = dict(height=size, width=size, num_inference_steps=steps, guidance_scale=3.5, output_type="pt")
+    kw.update(context_frames=context[0], context_overlap=context[1])
+    base_pipe = build(name)
+    t0 = time.perf_counter()
+    plain_pose2video(base_pipe, ref, poses, video_length=frames, generator=torch.Generator().manual_seed(0),
+                     **{k: v for k, v in kw.items() if k != "output_type"})  # fmt: skip
+    t_plain = time.perf_counter() - t0
+    rows, eager = {}, None
+    for label, (setup, extra, autocast) in MEANS.items():
+        if only and label not in only and eager is not None:
+            continue
+        pipe = build(name)
+        if setup is not None:
+            setup(pipe)
+        ctx = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+
+        def run():
+            with ctx:
+                return pipe(ref, poses, generator=torch.Generator().manual_seed(0), **kw, **extra).frames
+
+        t0 = time.perf_counter()
+        out = run()  # warm-up (and compilation)
+        first = time.perf_counter() - t0
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = run()
+            best = min(best, time.perf_counter() - t0)
+        if eager is None:
+            eager, t_eager = out, best
+        diff = (out.float() - eager).abs().max().item()
+        rows[label] = dict(
+            seconds=best,
+            first_call_seconds=first,
+            speedup_vs_eager=t_eager / best,
+            speedup_vs_plain=t_plain / best,
+            max_abs_difference=diff,
+        )
+        print(
+            f"{name:6s} {label:38s} {best:7.2f} s  x{t_eager / best:5.2f} vs eager  x{t_plain / best:5.2f} vs "
+            f"plain  first call {first:6.1f} s  max |diff| {diff:.1e}",
+            flush=True,
+        )
+    return dict(size=size, frames=frames, steps=steps, context=list(context), plain_seconds=t_plain, rows=rows)
 
 
 def rss_bytes() -> int:
