@@ -16,6 +16,12 @@ interleaved runs (the machine may be shared):
     python benchmarks/bench_pose2video.py --quick    # TINY only, fewer frames
     python benchmarks/bench_pose2video.py --cuda     # SD15 size, fp16, 512x512, 24 frames, 25 steps (a GPU)
     python benchmarks/bench_pose2video.py --cuda --offload   # the same under enable_model_cpu_offload()
+    python benchmarks/bench_pose2video.py --means    # 4. each means alone and together, at every size
+
+4. means (``--means``): channels_last, torch.compile (inductor) of the denoising UNet and the VAE decoder
+   (its compile time reported apart, as the first call), both, one frame per VAE decode, and bf16 autocast
+   (which changes the numbers: its quality cost on the trained animator is ``scripts/eval_animator.py
+   --ablations bf16``), each against the eager pipeline and the plain loop, with the output difference.
 
 benchmarks/gpu_check.sh runs both CUDA calls and the gpu-marked tests on a lent GPU.
 """
@@ -450,6 +456,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="TINY only, short runs")
     parser.add_argument("--cuda", action="store_true", help="only the SD15-size fp16 run on a CUDA GPU")
     parser.add_argument("--offload", action="store_true", help="with --cuda: enable_model_cpu_offload()")
+    parser.add_argument(
+        "--means",
+        action="store_true",
+        help="only the table of means (channels_last, compile, decode chunking, bf16) at every size",
+    )
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results here (e.g. results/bench_pose2video.json)")
     args = parser.parse_args()
@@ -468,6 +479,14 @@ def main() -> None:
         if args.json:
             command = " ".join(["benchmarks/bench_pose2video.py", *sys.argv[1:]])
             write_result(args.json, {"command": command, "cuda": result})
+        return
+    if args.means:
+        plan = {"TINY": (24, 3), "MID": (16, 2), "MID256": (16, 2)}
+        sizes = ["TINY"] if args.quick else list(plan)
+        result = {"means": {n: means(n, *plan[n], context=(8, 2)) for n in sizes}}
+        if args.json:
+            command = " ".join(["benchmarks/bench_pose2video.py", *sys.argv[1:]])
+            write_result(args.json, {"command": command} | result)
         return
     result = {"speed": {"TINY": speed("TINY", frames=24, steps=3, context=(8, 2), batch=4)}}
     if not args.quick:
