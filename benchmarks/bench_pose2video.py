@@ -255,10 +255,9 @@ def means(name: str, frames: int, steps: int, context: tuple[int, int], repeats:
         pipe = build(name)
         if setup is not None:
             setup(pipe)
-        ctx = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
 
-        def run():
-            with ctx:
+        def run(pipe=pipe, extra=extra, autocast=autocast):
+            with torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext():
                 return pipe(ref, poses, generator=torch.Generator().manual_seed(0), **kw, **extra).frames
 
         t0 = time.perf_counter()
@@ -280,11 +279,13 @@ def means(name: str, frames: int, steps: int, context: tuple[int, int], repeats:
             max_abs_difference=diff,
         )
         print(
-            f"{name:6s} {label:38s} {best:7.2f} s  x{t_eager / best:5.2f} vs eager  x{t_plain / best:5.2f} vs "
-            f"plain  first call {first:6.1f} s  max |diff| {diff:.1e}",
+            f"{name:6s} {label:38s} {best:7.2f} s  x{t_eager / best:5.2f} vs eager  "
+            f"x{t_plain / best:5.2f} vs plain  first call {first:6.1f} s  max |diff| {diff:.1e}",
             flush=True,
         )
-    return dict(size=size, frames=frames, steps=steps, context=list(context), plain_seconds=t_plain, rows=rows)
+    return dict(
+        size=size, frames=frames, steps=steps, context=list(context), plain_seconds=t_plain, rows=rows
+    )
 
 
 def rss_bytes() -> int:
