@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import anim_lab
 from anim_lab import audio as A
 from anim_lab import files, metrics, toy
 from anim_lab.audio2mesh import Audio2Mesh, encoder_states
@@ -197,6 +198,16 @@ def train(a, stop_after: int | None = None) -> dict:
     """Train, evaluate, save; returns the log. ``stop_after``: leave after that many steps with the state
     written, as an interrupted run would (tests of resuming)."""
     check_args(a)
+    state_path = a.out.parent / f"{a.out.name}.state.safetensors"
+    state = None
+    if state_path.exists():  # an interrupted run: resumed only by the same command
+        state = files.load_state(state_path)  # safetensors + JSON: reading it runs no code
+        before = {k: v for k, v in state["log"]["args"].items() if k != "force"}
+        if before != {k: v for k, v in logged_args(a).items() if k != "force"}:
+            raise InputError(
+                f"{state_path} is the state of a run with other arguments ({before}); rerun that command to "
+                "finish it, or delete the state (and its .json) to start this one"
+            )
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     encoder = A.load_wav2vec2(a.wav2vec2)[0] if a.features == "wav2vec2" else None
@@ -212,7 +223,7 @@ def train(a, stop_after: int | None = None) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.01)
     mean = torch.from_numpy(mean_offsets([dict_item(x) for x in data]))
     log = dict(
-        args={k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+        args=logged_args(a),
         mode=mode,
         n_params=sum(p.numel() for p in model.parameters()),
         n_trained=sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -224,9 +235,7 @@ def train(a, stop_after: int | None = None) -> dict:
         evals=[],
     )
     step = 0
-    state_path = a.out.parent / f"{a.out.name}.state.safetensors"
-    if state_path.exists():
-        state = files.load_state(state_path)  # safetensors + JSON: reading it runs no code
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, log = state["step"], state["log"]
@@ -261,6 +270,11 @@ def train(a, stop_after: int | None = None) -> dict:
     for p in (state_path, state_path.with_suffix(".json")):
         p.unlink(missing_ok=True)
     return log
+
+
+def logged_args(a) -> dict:
+    """The arguments as the log records them: paths relative to the repository (no machine's path)."""
+    return {k: anim_lab.repo_relative(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
 
 
 def dict_item(x: dict):

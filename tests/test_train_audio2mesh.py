@@ -55,12 +55,15 @@ def test_log_mel_smoke_run_saves_a_loadable_model(tmp_path):
     assert T.evaluate(model, items, "log-mel")["lve"] == pytest.approx(last["heldout"]["lve"], rel=1e-5)
 
 
-def test_wav2vec2_run_resumes_to_the_same_weights(tmp_path, micro_wav2vec2):
+def test_wav2vec2_run_resumes_to_the_same_weights(tmp_path, micro_wav2vec2, monkeypatch):
     extra = ("--features", "wav2vec2", "--wav2vec2", str(micro_wav2vec2))
     log = T.train(args(tmp_path, *extra, out="a"))
     assert log["mode"] == "finetune" and log["n_trained"] < log["n_params"]  # the CNN stays frozen
     T.train(args(tmp_path, *extra, out="b"), stop_after=2)  # interrupted after the first evaluation
     assert (tmp_path / "b.state.safetensors").exists() and not (tmp_path / "b").exists()
+    with monkeypatch.context() as m, pytest.raises(InputError, match="other arguments"):
+        m.setattr(T, "make_set", lambda *a, **k: pytest.fail("data were made before the check"))
+        T.train(args(tmp_path, *extra, "--lr", "0.01", out="b"))  # a state is resumed by its own command only
     T.train(args(tmp_path, *extra, out="b"))
     a, b = (Audio2Mesh.from_pretrained(tmp_path / x).state_dict() for x in ("a", "b"))
     for key in a:
