@@ -288,3 +288,15 @@ def test_official_audio2pose_loads_by_key(tmp_path):
     assert shapes["transformer_decoder.layers.7.multihead_attn.in_proj_weight"] == (1536, 512)
     assert shapes["transformer_decoder.layers.7.linear1.weight"] == (1024, 512)
     assert "biased_mask" not in shapes
+
+
+def test_audio2pose_round_trips_through_a_diffusers_folder(tmp_path):
+    model = randomize(Audio2Pose(**POSE), seed=11)
+    model.save_pretrained(tmp_path / "a2p")
+    loaded = Audio2Pose.from_pretrained(tmp_path / "a2p").eval()
+    torch.testing.assert_close(loaded.biased_mask, alibi_mask(2, 64))
+    memory = torch.randn(1, 9, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.decode(memory, torch.tensor([2])), model.decode(memory, torch.tensor([2]))
+        )
