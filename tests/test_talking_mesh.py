@@ -57,6 +57,7 @@ def test_the_mesh_is_the_talking_clips_face_before_its_pose():
     np.testing.assert_array_equal(full.audio, clip.audio)
     want = np.stack([face_vertices(identity, e) for e in clip.expressions])  # (F, 478, 3)
     np.testing.assert_allclose(full.vertices, want, atol=1e-6)
+    np.testing.assert_array_equal(full.head_pose, clip.pose_array)
     # "speech": the jaw and lips only, no blinks or smile
     only = toy.talking_mesh(identity, speech, fps=25)
     no_motion = [

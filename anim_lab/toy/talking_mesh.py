@@ -51,7 +51,10 @@ SPEECH_SPLITS = {"train": ("train", "train"), "heldout": ("heldout", "test")}
 @dataclass
 class TalkingMesh:
     """One utterance and the mesh it moves: ``audio`` (N,) float32 at 16 kHz, ``neutral`` (V, 3) float32,
-    ``offsets`` (F, V, 3) float32, ``visemes`` (F, 4), the :class:`~anim_lab.toy.Speech`, ``fps``."""
+    ``offsets`` (F, V, 3) float32, ``visemes`` (F, 4), the :class:`~anim_lab.toy.Speech`, ``fps``, and
+    ``head_pose`` (F, 6): the talking clip's head motion with the same motion seed (yaw, pitch, roll in
+    degrees, tx, ty, scale; ``Clip.pose_array``), which the audio does not drive: Audio2Pose's ground truth.
+    """
 
     audio: np.ndarray
     neutral: np.ndarray
@@ -60,6 +63,7 @@ class TalkingMesh:
     speech: Speech
     fps: float
     identity: Identity
+    head_pose: np.ndarray
 
     @property
     def num_frames(self) -> int:
@@ -83,10 +87,9 @@ def talking_mesh(
     audio = speech.audio_16k()  # (N,)
     num_frames = math.ceil(len(audio) / AUDIO_SAMPLE_RATE * fps)  # as make_talking_clip
     visemes = viseme_track(speech.phonemes, np.arange(num_frames) / float(fps))  # (F, 4)
-    if expression == "full":
-        blink_smile = [(e.blink, e.smile) for e in sample_motion(num_frames, fps, seed)[1]]
-    else:
-        blink_smile = [(0.0, 0.0)] * num_frames
+    poses, motion = sample_motion(num_frames, fps, seed)  # the talking clip's head motion, blinks, smile
+    head_pose = np.stack([p.as_array() for p in poses])  # (F, 6)
+    blink_smile = [(e.blink, e.smile) if expression == "full" else (0.0, 0.0) for e in motion]  # speech: none
     neutral = face_vertices(identity, Expression()).astype(np.float32)  # (V, 3)
     meshes = [
         face_vertices(
@@ -103,7 +106,7 @@ def talking_mesh(
         for (jaw, rnd, close, spread), (b, s) in zip(visemes, blink_smile, strict=True)
     ]
     offsets = (np.stack(meshes) - neutral[None]).astype(np.float32)  # (F, V, 3)
-    return TalkingMesh(audio, neutral, offsets, visemes, speech, float(fps), identity)
+    return TalkingMesh(audio, neutral, offsets, visemes, speech, float(fps), identity, head_pose)
 
 
 class TalkingMeshDataset(Dataset):
