@@ -18,14 +18,16 @@ The model (AniPortrait ``src/audio_models/pose_model.py``, ``Audio2PoseModel``):
   a linear penalty ``-m_h · (i - j)`` on looking ``i - j`` frames back, with head slopes ``m_h = 2^(-8h/H)``
   (1/2, 1/4, … 1/256 for 8 heads). Built for 600 frames, so a pass cannot be longer.
 - **Cross-attention mask** (:func:`alignment_mask`): pose step i sees audio frame i only.
-- **Identity embedding**: 100 learned "speaking styles"; AniPortrait's app picks ``id_seed`` at random in
-  0..99 (its script uses 42).
+- **Identity embedding**: 100 learned "speaking styles"; AniPortrait's gradio app (``scripts/app.py``) picks
+  ``id_seed`` at random in 0..99 (``audio_pose_sequence`` takes it as an argument, default 42).
 - **Chunks** (:func:`pose_chunks`, :func:`audio_pose_sequence`): the audio is cut into 5-s pieces (80,000
-  samples, 150 frames at 30 fps), the last two merged (so every piece has 150..299 frames, under the mask's
-  600), each decoded on its own with the same id; then rotations × 0.5 and a centred moving average over 7
-  frames (:func:`smooth_poses`, the window cut at the ends).
+  samples, 150 frames at 30 fps), the last two merged (so no piece is longer than 10 s, 300 frames: under the
+  mask's 600), each decoded on its own with the same id; then rotations × 0.5 and a centred moving average
+  over 7 frames (:func:`smooth_poses`, the window cut at the ends).
 - **Template fallback** (:func:`tile_pose_template`): a recorded pose sequence (``pose_temp.npy``, (T, 6)) is
-  played forward then backward (without repeating its ends) and tiled to the length needed.
+  played forward then backward (without repeating its ends) and tiled to the length needed. AniPortrait's
+  ``scripts/audio2vid.py`` always uses the template; its app uses Audio2Pose unless a head-pose video is given
+  (whose poses, relative to its first frame, are then mirrored and tiled the same way).
 
 Where the reference breaks, this code does the right thing (``faithful`` is not needed: no reference output
 depends on it). Audio of 5 s or less is one chunk (the reference's merge of the last two chunks raises an
