@@ -109,6 +109,10 @@ def test_full_size_audio2mesh_builds_on_meta():
     assert sum(p.numel() for p in model.parameters()) - 94_371_712 == 768 * 512 + 512 + 512 * 1404 + 1404
 
 
+class Planted:
+    """An object a pickle would rebuild (and could run code for)."""
+
+
 class ReferenceAudio2Mesh(nn.Module):
     """The layout of AniPortrait's Audio2MeshModel: attribute names and shapes only."""
 
@@ -133,6 +137,9 @@ def test_official_audio2mesh_loads_by_key_from_a_reference_layout_file(tmp_path)
         want = reference.out_fn(reference.in_fn(plain_wav2vec2_states(reference.audio_encoder, values, 15)))
         torch.testing.assert_close(model(values, 15), want.reshape(1, 15, 468, 3), rtol=1e-5, atol=1e-6)
     # a file of another model is refused with the keys named, the model untouched
+    torch.save({"in_fn.weight": torch.zeros(12, 16), "note": Planted()}, tmp_path / "planted.pt")
+    with pytest.raises(weights.UnsafeWeightsError, match="planted.pt"):  # read with weights_only=True
+        weights.load_official_audio2mesh(tmp_path / "planted.pt", latent_dim=12, encoder_config=MICRO_W2V)
     torch.save({"in_fn.weight": torch.zeros(12, 16)}, tmp_path / "wrong.pt")
     with pytest.raises(weights.KeyMismatchError, match="missing keys"):
         weights.load_official_audio2mesh(tmp_path / "wrong.pt", latent_dim=12, encoder_config=MICRO_W2V)
