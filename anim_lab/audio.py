@@ -230,6 +230,13 @@ def wav2vec2_features(model: Wav2Vec2Model, input_values: torch.Tensor, num_fram
     ``(B, F, 768)`` and ``hidden_states``, a tuple of 13 ``(B, F, 768)``: the transformer's input (after the
     positional convolution and layer norm) and each of the 12 layers' outputs, F = ``num_frames``.
     """
+    return wav2vec2_encode(model, wav2vec2_extract(model, input_values, num_frames))
+
+
+def wav2vec2_extract(model: Wav2Vec2Model, input_values: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """The first half of :func:`wav2vec2_features`: the CNN's features, interpolated to the frame rate.
+    ``(B, N)`` normalised 16-kHz audio -> ``(B, F, 512)``. (AniPortrait freezes this CNN; a training script
+    can compute it once per utterance and train what :func:`wav2vec2_encode` runs.)"""
     if model.config.do_stable_layer_norm:
         raise InputError("only wav2vec2 models with do_stable_layer_norm=False (the base ones) are supported")
     if input_values.ndim != 2:
@@ -238,7 +245,12 @@ def wav2vec2_features(model: Wav2Vec2Model, input_values: torch.Tensor, num_fram
         raise InputError(f"input_values has {input_values.shape[1]} samples; wav2vec2 needs ≥ {MIN_SAMPLES}")
     extract = model.feature_extractor(input_values)  # (B, N) -> (B, 512, T), T ≈ N / 320 (50 per second)
     extract = rearrange(extract, "b c t -> b t c")
-    extract = interpolate_frames(extract, num_frames)  # (B, T, 512) -> (B, F, 512): now at the frame rate
+    return interpolate_frames(extract, num_frames)  # (B, T, 512) -> (B, F, 512): now at the frame rate
+
+
+def wav2vec2_encode(model: Wav2Vec2Model, extract: torch.Tensor) -> BaseModelOutput:
+    """The second half of :func:`wav2vec2_features`: ``(B, F, 512)`` CNN features at the frame rate -> the
+    feature projection and the transformer (``last_hidden_state`` and the 13 ``hidden_states``)."""
     hidden, _ = model.feature_projection(extract)  # (B, F, 512) -> (B, F, 768)
     encoder = model.encoder
     hidden = hidden + encoder.pos_conv_embed(hidden)

@@ -13,7 +13,8 @@ landmarks), ``clips`` (talking-head motion), ``dataset`` (torch datasets, identi
 attribute phrases the toy CLIP is trained on), ``animator`` (the trained toy animator, :func:`load_animator`),
 ``cases`` (retargeting problems with their answers, :class:`ToyCase`), ``speech`` (eSpeak NG speech with
 its phoneme timeline), ``visemes`` (phonemes -> lip shapes, with coarticulation), ``talking``
-(:func:`make_talking_clip`: a face that speaks, with its audio).
+(:func:`make_talking_clip`: a face that speaks, with its audio), ``talking_mesh`` (the mesh speech moves,
+without rendering: Audio2Mesh's data, :class:`TalkingMeshDataset`).
 """
 
 from anim_lab.toy.animator import TOY_ANIMATOR_DIR, load_animator
@@ -43,6 +44,7 @@ from anim_lab.toy.speech import (
     synthesize,
 )
 from anim_lab.toy.talking import TalkingClip, make_talking_clip
+from anim_lab.toy.talking_mesh import TalkingMesh, TalkingMeshDataset, talking_mesh
 from anim_lab.toy.visemes import VISEME_PARAMS, VISEME_TABLE, viseme_class, viseme_track
 
 __all__ = [
@@ -55,6 +57,9 @@ __all__ = [
     "Phoneme",
     "Speech",
     "TalkingClip",
+    "TalkingMesh",
+    "TalkingMeshDataset",
+    "talking_mesh",
     "Voice",
     "make_talking_clip",
     "sample_speech",
