@@ -26,6 +26,7 @@ networks is refused before anything is loaded, with the keys named (:func:`check
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -91,9 +92,9 @@ def lora_layers(model: nn.Module, adapter_name: str = "default") -> tuple[dict[s
 
 
 def lora_parameter_count(model: nn.Module, rank: int, target_modules=LORA_TARGETS) -> int:
-    """How many parameters LoRA at ``rank`` trains on ``model``: peft adds the adapter to a copy-free
-    model (works on the ``meta`` device) and the ``lora_`` parameters are counted. The sum equals
-    ``rank * sum(in + out)`` over the targeted linear layers (tests/test_lora.py checks it)."""
+    """How many parameters LoRA at ``rank`` trains on ``model``: an adapter named ``count`` is added (on
+    the ``meta`` device too), its ``lora_`` parameters counted, and deleted again (peft's wrappers stay). The
+    sum equals ``rank * sum(in + out)`` over the targeted linear layers (tests/test_lora.py checks it)."""
     model.add_adapter(lora_config(rank, target_modules=target_modules), adapter_name="count")
     try:
         return sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n and ".count" in n)
@@ -236,6 +237,40 @@ class Pose2VideoLoraLoaderMixin(LoraBaseMixin):
             safe_serialization=True,
         )
         return Path(save_directory) / (weight_name or LORA_WEIGHT_NAME)
+
+    @staticmethod
+    def write_lora_layers(
+        state_dict: dict[str, torch.Tensor],
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        weight_name: str | None = None,
+        save_function=None,
+        safe_serialization: bool = True,
+        lora_adapter_metadata: dict | None = None,
+    ) -> None:
+        """diffusers' file (safetensors, the LoRA config as JSON in the header under diffusers' key),
+        written as the project writes files: checked first, then atomically, with the umask's modes."""
+        from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+        from .files import _write_atomic, check_output_file
+
+        if not safe_serialization or save_function is not None:
+            raise InputError(
+                "LoRA weights are written as safetensors only (no pickle, no custom save function)"
+            )
+        if not is_main_process:
+            return
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        dest = check_output_file(
+            folder / (weight_name or LORA_WEIGHT_NAME), (".safetensors",), what="LoRA file"
+        )
+        header = {"format": "pt"}
+        if lora_adapter_metadata:
+            plain = {k: sorted(v) if isinstance(v, set) else v for k, v in lora_adapter_metadata.items()}
+            header[LORA_ADAPTER_METADATA_KEY] = json.dumps(plain, indent=2, sort_keys=True)
+        tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+        _write_atomic(dest, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=header))
 
     def _with_adapters(self, components) -> list[str]:
         if components is not None:

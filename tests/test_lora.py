@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from anim_lab.clip import build_image_encoder
 from anim_lab.configs import TINY
 from anim_lab.errors import InputError
+from anim_lab.files import current_umask
 from anim_lab.guidance import build_scheduler
 from anim_lab.lora import (
     LORA_TARGETS,
@@ -98,6 +99,7 @@ def test_a_lora_saved_and_loaded_in_diffusers_format_is_bit_exact(tmp_path):
     assert "reference_unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0.lora.up.weight" in keys
     assert len(keys) == len(den) + len(ref) and all(".lora.down." in k or ".lora.up." in k for k in keys)
     assert header["denoising_unet.lora_alpha"] == 3 and header["reference_unet.r"] == 4
+    assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # written as every output is (atomically)
 
     fresh = tiny_pipeline()
     torch.testing.assert_close(outputs(fresh), base, rtol=0, atol=0)
