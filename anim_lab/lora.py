@@ -43,6 +43,7 @@ __all__ = [
     "LORA_WEIGHT_NAME",
     "lora_config",
     "lora_layers",
+    "set_lora_weights",
     "lora_parameter_count",
     "sd15_lora_parameter_counts",
     "check_lora_keys",
@@ -89,6 +90,37 @@ def lora_layers(model: nn.Module, adapter_name: str = "default") -> tuple[dict[s
         else metadata["target_modules"]
     )
     return convert_state_dict_to_diffusers(state), metadata
+
+
+def set_lora_weights(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str = "default", prefix: str = ""
+) -> None:
+    """Load diffusers-format LoRA weights into an adapter ``model`` already has (the notes' "the UNet has a
+    LoRA of that name; load the saved weights as its weights"), with peft's ``set_peft_model_state_dict``.
+
+    ``prefix``: the component name the keys carry in a pipeline file (``"denoising_unet"``); keys under other
+    prefixes are ignored. Every key of the adapter must be given, and no other: else the keys are named."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    if adapter_name not in getattr(model, "peft_config", {}):
+        have = sorted(getattr(model, "peft_config", {}))
+        raise InputError(f"{type(model).__name__} has no adapter {adapter_name!r} to fill (adapters: {have})")
+    if prefix:
+        state_dict = {
+            k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")
+        }
+    check_lora_keys({"model": model}, {f"model.{k}": v for k, v in state_dict.items()}, "the LoRA weights")
+    peft_state = convert_unet_state_dict_to_peft(state_dict)  # lora.down/up -> lora_A/B
+    wanted = set(get_peft_model_state_dict(model, adapter_name=adapter_name))
+    if set(peft_state) != wanted:
+        missing, extra = sorted(wanted - set(peft_state)), sorted(set(peft_state) - wanted)
+        raise InputError(
+            f"the LoRA weights do not match adapter {adapter_name!r}: missing {missing[:4]} "
+            f"({len(missing)} in all), not in the adapter {extra[:4]} ({len(extra)} in all); was it saved "
+            "from an adapter with the same target_modules?"
+        )
+    set_peft_model_state_dict(model, peft_state, adapter_name=adapter_name)
 
 
 def lora_parameter_count(model: nn.Module, rank: int, target_modules=LORA_TARGETS) -> int:

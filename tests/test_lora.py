@@ -21,6 +21,7 @@ from anim_lab.lora import (
     lora_layers,
     lora_parameter_count,
     sd15_lora_parameter_counts,
+    set_lora_weights,
 )
 from anim_lab.motion import MOTION_TINY
 from anim_lab.pipelines import Pose2VideoPipeline
@@ -117,6 +118,28 @@ def test_a_lora_saved_and_loaded_in_diffusers_format_is_bit_exact(tmp_path):
     torch.testing.assert_close(outputs(fresh), adapted, rtol=0, atol=0)
     fresh.disable_lora()
     torch.testing.assert_close(outputs(fresh), base, rtol=0, atol=0)
+
+
+def test_saved_weights_fill_an_adapter_the_model_already_has(tmp_path):
+    """The notes' second way: the UNet has the adapter; the file's weights become its weights (peft's
+    set_peft_model_state_dict on the diffusers keys)."""
+    pipe = tiny_pipeline()
+    add_random_lora(pipe.denoising_unet, "y_lora", rank=2, alpha=3, seed=5)
+    layers, meta = lora_layers(pipe.denoising_unet, "y_lora")
+    path = Pose2VideoPipeline.save_lora_weights(tmp_path, layers, denoising_unet_lora_adapter_metadata=meta)
+    fresh = tiny_pipeline()
+    fresh.denoising_unet.add_adapter(lora_config(2, 3), adapter_name="y_lora")  # B = 0: no change yet
+    state, _ = Pose2VideoPipeline.lora_state_dict(path)
+    set_lora_weights(fresh.denoising_unet, state, "y_lora", prefix="denoising_unet")
+    torch.testing.assert_close(outputs(fresh), outputs(pipe), rtol=0, atol=0)
+    other = tiny_pipeline()
+    other.denoising_unet.add_adapter(lora_config(2, 3, target_modules=["to_q"]), adapter_name="y_lora")
+    with pytest.raises(
+        InputError, match=r"do not match adapter 'y_lora': missing \[\] .*not in the adapter \['down"
+    ):
+        set_lora_weights(other.denoising_unet, state, "y_lora", prefix="denoising_unet")
+    with pytest.raises(InputError, match="has no adapter 'z'"):
+        set_lora_weights(other.denoising_unet, state, "z", prefix="denoising_unet")
 
 
 def test_fuse_then_unfuse_gives_the_base_weights_back():
