@@ -42,8 +42,10 @@ Usage::
         joint.set_pairs(is_x=[1, 0], lora_masks={"y": [0, 1], "xy": [1, 0], "yx": [0, 1]})
         noise_pred = unet(torch.cat([x_latents, y_latents]), t, tokens)
 
-The processors run every spatial attention (``attn1`` with its joint copy, and ``attn2``); a masked adapter
-found anywhere else (a motion module, a feed-forward) is refused, since its mask could not be applied there.
+Outside the ``with`` block the UNet's own processors are back: the joint layers sit idle (the UNet is the
+plain UNet, its adapters applied to every sample, as peft applies them). Inside it, the processors run every
+spatial attention (``attn1`` with its joint copy, and ``attn2``); a masked adapter found anywhere else (a
+motion module, a feed-forward) is refused, since its mask could not be applied there.
 Reference attention (``anim_lab.reference``) also uses ``attn1``'s processor: the two do not combine.
 """
 
