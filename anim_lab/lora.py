@@ -134,14 +134,16 @@ def lora_parameter_count(model: nn.Module, rank: int, target_modules=LORA_TARGET
         model.delete_adapters("count")
 
 
-def sd15_lora_parameter_counts(ranks=(4, 64)) -> dict[int, int]:
+def sd15_lora_parameter_counts(ranks=(4, 64), motion: bool = False) -> dict[int, int]:
     """{rank: trainable LoRA parameters} on Stable Diffusion 1.5's 2D UNet (the attention projections of
-    every attn1 and attn2), built on the ``meta`` device: no weights, no memory."""
+    every attn1 and attn2), built on the ``meta`` device: no weights, no memory. ``motion=True``: the
+    AnimateDiff denoising UNet (``VideoUNet`` with SD1.5's motion modules), whose temporal attentions have
+    the same projection names and so get adapters too."""
     from .configs import SD15
-    from .unet import build_unet2d
+    from .unet import VideoUNet, build_unet2d
 
     with torch.device("meta"):
-        unet = build_unet2d(SD15.unet)
+        unet = VideoUNet(SD15.unet, SD15.motion) if motion else build_unet2d(SD15.unet)
     return {r: lora_parameter_count(unet, r) for r in ranks}
 
 

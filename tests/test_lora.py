@@ -4,6 +4,7 @@ wrong file refused, parameter counts at SD1.5 size."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -225,3 +226,42 @@ def test_lora_parameter_counts_at_sd15_size_on_meta():
     assert counts[4] == 797_184  # the size of diffusers' SD1.5 rank-4 LoRA files (3.2 MB in float32)
     assert counts[64] == 12_754_944
     assert lora_parameter_count(unet, 4) == counts[4] and not getattr(unet, "peft_config", {})
+    # with AnimateDiff's motion modules: each has 2 temporal attentions of 4 projections C -> C, 2C per rank
+    widths = (
+        2 * (320 + 640 + 1280 + 1280) + 1280 + 3 * (1280 + 1280 + 640 + 320)
+    )  # down (2 per block), mid, up (3)
+    assert sd15_lora_parameter_counts((4,), motion=True) == {
+        4: counts[4] + 4 * 2 * 4 * 2 * widths
+    }  # 2,005,504
+
+
+def test_a_loaded_lora_acts_in_the_pipelines_generation(tmp_path):
+    """Through reference attention and the whole loop: the LoRA changes the video; disabled it is the base
+    video bit for bit; fused it is the adapted video to float rounding."""
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    poses = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+
+    def generate(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        kw = dict(num_inference_steps=2, guidance_scale=2.0, output_type="pt", generator=torch.manual_seed(0))
+        return pipe(ref, poses, **kw).frames  # (1, F, 3, H, W) in [0, 1]
+
+    base = generate(tiny_pipeline())
+    source = tiny_pipeline()
+    add_random_lora(source.denoising_unet, "default", rank=2, alpha=2, seed=3)
+    add_random_lora(source.reference_unet, "default", rank=2, alpha=2, seed=4)
+    (den, den_meta), (ref_layers, ref_meta) = (
+        lora_layers(source.denoising_unet),
+        lora_layers(source.reference_unet),
+    )
+    Pose2VideoPipeline.save_lora_weights(tmp_path, den, ref_layers, den_meta, ref_meta)
+    pipe = tiny_pipeline()
+    pipe.load_lora_weights(tmp_path, adapter_name="toy")
+    adapted = generate(pipe)
+    assert (adapted - base).abs().max() > 1e-3
+    pipe.disable_lora()
+    torch.testing.assert_close(generate(pipe), base, rtol=0, atol=0)
+    pipe.enable_lora()
+    pipe.fuse_lora()
+    torch.testing.assert_close(generate(pipe), adapted, rtol=0, atol=1e-5)
