@@ -22,6 +22,11 @@ Objective: the project's DDPM schedule and prediction type (``anim_lab.guidance.
 zero terminal SNR); one timestep per pair, independent noise per member; MSE over both members. AdamW, batch
 ``--batch`` pairs, fp32. A checkpoint (trainable weights, optimizer, step, log; safetensors + JSON) every
 ``--ckpt-every`` steps and at the end; ``train_log.json`` beside it.
+
+Sampling: :func:`sample_pairs` (DDIM from noise, both members together), with ``joint=False`` for the
+baseline of two models run independently (the joint path off: base for the portrait, base + LoRA ``y`` for
+the pose image). What is left of the experiment: train, then detect landmarks in the generated portraits
+and compare them with the generated pose images, joint against independent.
 """
 
 from __future__ import annotations
@@ -36,12 +41,12 @@ from torch.nn import functional as F
 from anim_lab import files
 from anim_lab.configs import TINY, TOY
 from anim_lab.errors import InputError
-from anim_lab.guidance import build_scheduler
+from anim_lab.guidance import build_scheduler, set_timesteps
 from anim_lab.joint import add_joint_layers, joint_attention, joint_lora_targets, own_lora_targets
 from anim_lab.lora import lora_config
 from anim_lab.toy import ToyPortraitDataset
 from anim_lab.unet import MOTION_KEY, build_unet2d
-from anim_lab.vae import encode, load_toy_vae
+from anim_lab.vae import decode, encode, load_toy_vae
 
 ADAPTERS = ("y", "xy", "yx")
 
@@ -82,6 +87,29 @@ def pair_latents(vae, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     y = batch["poses"][:, :, 0] * 2 - 1  # (B, 3, H, W): [0, 1] -> [-1, 1], what the VAE takes
     with torch.no_grad():
         return encode(vae, x), encode(vae, y)  # posterior mean x scaling factor
+
+
+@torch.no_grad()
+def sample_pairs(
+    unet, vae, num_pairs: int, size: int, num_inference_steps: int = 20, joint: bool = True, generator=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generate ``num_pairs`` (portrait, pose image) pairs from noise with DDIM: (B, 3, H, W) in [-1, 1] and
+    (B, 3, H, W) in [0, 1]. ``joint=False`` runs the same UNet with the joint path off: the portrait from the
+    base model, the pose image from the base + LoRA ``y``, each alone -- the "two models run independently"
+    baseline of the consistency measurement."""
+    scheduler = build_scheduler()
+    timesteps = set_timesteps(scheduler, num_inference_steps)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    shape = (2 * num_pairs, vae.config.latent_channels, size // factor, size // factor)
+    latents = torch.randn(shape, generator=generator)  # (2B, 4, h, w): [portraits ; pose images]
+    tokens = torch.zeros(2 * num_pairs, 1, unet.config.cross_attention_dim)
+    is_x = torch.tensor([1] * num_pairs + [0] * num_pairs).bool()
+    with joint_attention(unet, is_x, {"y": ~is_x, "xy": is_x, "yx": ~is_x}) as state:
+        state.enabled = joint
+        for t in timesteps:
+            latents = scheduler.step(unet(latents, t, tokens).sample, t, latents).prev_sample
+    images = decode(vae, latents)  # (2B, 3, H, W) in [-1, 1]
+    return images[:num_pairs], (images[num_pairs:] + 1) / 2  # pose images back to [0, 1]
 
 
 def main(argv=None) -> dict:

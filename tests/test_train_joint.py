@@ -8,6 +8,8 @@ import torch
 
 import anim_lab
 from anim_lab.files import OutputError, load_state
+from anim_lab.plain import randomize
+from anim_lab.vae import load_toy_vae
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # peft's note on adapter 2+
@@ -36,3 +38,17 @@ def test_the_joint_training_skeleton_runs_checkpoints_and_resumes(tmp_path):
     record = script.main([*args, "--steps", "3", "--resume"])
     assert [e["step"] for e in record["log"]] == [1, 2, 3]
     assert json.loads((tmp_path / "train_log.json").read_text())["log"][-1]["step"] == 3
+
+
+def test_sample_pairs_generates_both_members_and_the_independent_baseline():
+    script = anim_lab.load_script("train_joint")
+    unet = script.build_joint_unet(smoke=True, rank=2)
+
+    randomize(unet, 0).eval()  # the joint convs nonzero: the joint path changes the pairs
+    vae = load_toy_vae()
+    kw = dict(num_pairs=2, size=64, num_inference_steps=2)
+    x, y = script.sample_pairs(unet, vae, generator=torch.Generator().manual_seed(0), **kw)
+    assert x.shape == y.shape == (2, 3, 64, 64)
+    assert x.min() >= -1 and x.max() <= 1 and y.min() >= 0 and y.max() <= 1
+    x2, y2 = script.sample_pairs(unet, vae, joint=False, generator=torch.Generator().manual_seed(0), **kw)
+    assert (x - x2).abs().max() > 1e-3 and (y - y2).abs().max() > 1e-3
