@@ -232,7 +232,7 @@ class Pose2VideoLoraLoaderMixin(LoraBaseMixin):
         source = "the LoRA state dict"
         if not isinstance(pretrained_model_name_or_path_or_dict, dict):
             source = Path(pretrained_model_name_or_path_or_dict)
-            source = str(source / kw.get("weight_name", LORA_WEIGHT_NAME) if source.is_dir() else source)
+            source = str(source / (kw.get("weight_name") or LORA_WEIGHT_NAME) if source.is_dir() else source)
         components = {c: getattr(self, c) for c in self._lora_loadable_modules}
         check_lora_keys(components, state_dict, source)
         for name, model in components.items():
