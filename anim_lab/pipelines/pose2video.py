@@ -76,6 +76,7 @@ from ..guidance import (
     do_classifier_free_guidance,
     set_timesteps,
 )
+from ..lora import Pose2VideoLoraLoaderMixin
 from ..pose_guider import PoseGuider, PoseGuiderMultiScale, prepare_pose_images
 from ..reference import reference_attention
 from ..unet import ReferenceUNet, VideoUNet
@@ -285,13 +286,16 @@ def _dtype_of(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-class Pose2VideoPipeline(DiffusionPipeline):
+class Pose2VideoPipeline(DiffusionPipeline, Pose2VideoLoraLoaderMixin):
     """Reference image + pose images -> video, with AnimateAnyone's ReferenceNet, PoseGuider and motion
     modules (see the module docstring for the order of the loop and what differs from the reference).
 
     Components: ``vae`` (AutoencoderKL), ``image_encoder`` (CLIPVisionModelWithProjection), ``reference_unet``
     (ReferenceUNet), ``denoising_unet`` (VideoUNet), ``pose_guider`` (PoseGuider, or AniPortrait's
     PoseGuiderMultiScale), ``scheduler`` (DDIM as the official inference config builds it).
+
+    LoRA (``anim_lab.lora.Pose2VideoLoraLoaderMixin``): ``load_lora_weights`` / ``save_lora_weights`` in
+    diffusers' format for the two UNets, ``fuse_lora`` / ``unfuse_lora``, ``set_adapters``.
     """
 
     model_cpu_offload_seq = "image_encoder->reference_unet->pose_guider->denoising_unet->vae"
