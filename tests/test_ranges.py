@@ -12,8 +12,8 @@ Type*: float [0, 255] raises InputError (the VAE's message says they "look like 
 raises TypeError with the conversion to use.
 (1) A [0, 1] image where [-1, 1] is expected cannot be caught from its values: it is a legal, bright [-1, 1]
 image (documented in anim_lab.vae.check_images).
-(2) save_video clips float frames to [0, 1]: [-1, 1] frames lose their dark half, [0, 255] floats turn white.
-These two rows are xfail (strict): a fix turns them into failures, to be unmarked.
+(2) save_video used to clip float frames to [0, 1] unchecked ([-1, 1] frames lost their dark half, [0, 255]
+floats turned white); it now refuses them, naming the map.
 """
 
 import numpy as np
@@ -97,8 +97,8 @@ def test_save_video_takes_zero_to_one_floats_and_uint8(tmp_path):
     save_video(frames("[0, 255] uint8"), tmp_path / "b.gif", fps=4)
 
 
-@pytest.mark.xfail(strict=True, reason="save_video clips float frames to [0, 1] without a check (a gap)")
 @pytest.mark.parametrize("name", ["[-1, 1]", "[0, 255] float"])
 def test_save_video_refuses_float_frames_out_of_zero_to_one(name, tmp_path):
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match=r"float frames must be in \[0, 1\].*\(x \+ 1\) / 2"):
         save_video(frames(name), tmp_path / "a.gif", fps=4)
+    assert not (tmp_path / "a.gif").exists()
