@@ -352,10 +352,10 @@ def _frames_to_uint8(frames) -> np.ndarray:
         raise InputError(f"frames must be (F, H, W, 3) with F >= 1, got shape {frames.shape}")
     if frames.dtype != np.uint8:
         lo, hi = float(np.min(frames)), float(np.max(frames))
-        if not (-1e-3 <= lo and hi <= 1 + 1e-3):  # NaN fails too
+        if not (lo >= -1e-3 and hi <= 1 + 1e-3):  # NaN fails too
             raise InputError(
-                f"float frames must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; map [-1, 1] frames with "
-                "(x + 1) / 2, and give [0, 255] pixels as uint8 (or divide them by 255)"
+                f"float frames must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; map [-1, 1] frames "
+                "with (x + 1) / 2, and give [0, 255] pixels as uint8 (or divide them by 255)"
             )
         frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
     return frames
