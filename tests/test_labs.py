@@ -7,8 +7,8 @@ they are self-contained, so the chapter's other cells and their runtime are not 
 - the student version as nbgrader releases it: 0 on every "implement it" exercise, each check failing on the
   stub's NotImplementedError, no cell failing before the first check (so the check calls the student's
   function, never the library's);
-- the student version with the first exercise's solution put back and a deliberately wrong answer in another:
-  exactly the first exercise's points.
+- the student version with one exercise's solution put back and a deliberately wrong answer (WRONG) in
+  another: exactly the first exercise's points, none for the wrong one.
 The whole student version (what `make labs` writes) holds no line of any solution block and no hidden test.
 """
 
@@ -32,7 +32,24 @@ HIDDEN_BEGIN, HIDDEN_END = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
 
 # A deliberately wrong answer per chapter: (solution's grade_id, text in the solution, its wrong version).
 WRONG = {
-    "ch07": ("ch07_context_windows", "% num_frames", "% (num_frames + 1)"),
+    "ch00": ("ch00_conv2d_flops", "return 2 * out.numel()", "return out.numel()"),  # a multiply-add is 2
+    "ch01": ("ch01_path_edges", "tuple(sorted(pair))", "tuple(pair)"),  # ordered pairs
+    "ch02": ("ch02_sample_latents", "torch.exp(0.5 * ", "torch.exp("),  # the variance as the std
+    "ch03": ("ch03_cosine_similarity_matrix", "F.normalize(b.float(), dim=-1).T", "b.float().T"),
+    "ch04": ("ch04_position_encoding", "torch.sin(position * inv_freq)", "torch.cos(position * inv_freq)"),
+    "ch05": ("ch05_self_attention_names", '("mid_block.", "up_blocks.")', '("up_blocks.",)'),
+    "ch06": ("ch06_prepare_pose_images", "x * 2 - 1 if faithful", "x / 255 * 2 - 1 if faithful"),
+    # the issue's example: guidance with the sign of (cond - uncond) flipped
+    "ch07": ("ch07_cfg_combine", "guidance_scale * (cond - uncond)", "guidance_scale * (uncond - cond)"),
+    "ch08": ("ch08_causal_conv3d", "kt - 1, 0)", "0, kt - 1)"),  # padded behind: it sees the future
+    "ch09": ("ch09_x0_from_v", "a.sqrt() * x_t - (1 - a).sqrt()", "a.sqrt() * x_t + (1 - a).sqrt()"),
+    "ch10": (  # min-SNR without the +1 of v-prediction (0 / 0 at the zero-SNR step)
+        "ch10_diffusion_loss",
+        "torch.clamp(snr_plus_one, max=snr_gamma) / snr_plus_one",
+        "torch.clamp(snr_plus_one - 1, max=snr_gamma) / (snr_plus_one - 1)",
+    ),
+    "ch11": ("ch11_euler", "np.arctan2(-rotation[2, 0]", "np.arctan2(rotation[2, 0]"),  # yaw's sign
+    "ch12": ("ch12_flow_euler", "(sigma_next - sigma)", "(sigma - sigma_next)"),  # steps away from the data
 }
 
 
@@ -95,11 +112,10 @@ class Lab:
         lab_student = labs.lab_cells_only(self.student)
         self.graded_solved = course.autograde(labs.lab_cells_only(self.solved), "solved")
         self.graded_student = course.autograde(lab_student, "stub")
-        first = next(iter(self.solutions))
-        wrong_id, old, new = WRONG.get(self.key, (None, None, None))
+        wrong_id, old, new = WRONG[self.key]
+        first = next(gid for gid in self.solutions if gid != wrong_id)
         mixed = _put_back(lab_student, self.solved, first)
-        if wrong_id is not None:
-            mixed = _put_back(mixed, self.solved, wrong_id, (old, new))
+        mixed = _put_back(mixed, self.solved, wrong_id, (old, new))
         self.put_back, self.wrong = first, wrong_id
         self.graded_mixed = course.autograde(mixed, "mixed")
 
@@ -175,8 +191,7 @@ def test_one_solution_put_back_scores_its_points_and_a_wrong_answer_none(lab):
     points = lab.checks[f"{lab.put_back}_check"]["points"]
     assert scores[f"{lab.put_back}_check"] == points
     assert sum(scores.values()) == points, scores
-    if lab.wrong is not None:
-        assert scores[f"{lab.wrong}_check"] == 0
+    assert scores[f"{lab.wrong}_check"] == 0
 
 
 def test_every_chapter_has_a_wrong_answer():
