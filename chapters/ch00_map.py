@@ -566,9 +566,9 @@ print(
 # %% [markdown] tags=["core"]
 # ## Lab (graded)
 #
-# Three exercises, graded by nbgrader (`chapters/LABS.md`). Each builds its own inputs, so this section runs on
-# its own after the cell below; the checks compare *your* function with the library's on random inputs and
-# shapes. Write your code where it says `YOUR CODE HERE`, then run the check under it.
+# Three exercises, graded by nbgrader (`chapters/LABS.md`). Each builds its own inputs, so this section runs
+# on its own after the cell below; the checks compare *your* function with the library's on random inputs
+# and shapes. Write your code where it says `YOUR CODE HERE`, then run the check under it.
 
 # %% tags=["core"]
 import torch
@@ -614,8 +614,8 @@ print("my_count_parameters matches inspect.count_parameters on 4 random networks
 # %% [markdown] tags=["core"]
 # ### Exercise 2 (3 points): the FLOPs of a convolution
 # Write `my_conv2d_flops(conv, x)`: the FLOPs of `conv(x)` for a `torch.nn.Conv2d` (any stride, padding and
-# groups) as `FlopCounterMode` counts them: a multiply-add is 2 FLOPs, the bias is not counted. Compute it from
-# the shapes alone (you may run `conv` on `x` to get the output shape, or derive it).
+# groups) as `FlopCounterMode` counts them: a multiply-add is 2 FLOPs, the bias is not counted. Compute it
+# from the shapes alone (you may run `conv` on `x` to get the output shape, or derive it).
 
 
 # %% nbgrader={"grade": false, "grade_id": "ch00_conv2d_flops", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]

@@ -706,8 +706,8 @@ from anim_lab import vae as lab_vae
 # Write `my_clip_preprocess(images, size, crop_size, mean, std)`: `(B, 3, H, W)` in [-1, 1] to
 # `(B, 3, crop_size, crop_size)`. Map to [0, 1]; resize so that the shortest edge is `size` and the long edge
 # `int(size * long / short)` (bicubic, antialiased, clamped to [0, 1]; skip the resize when the size does not
-# change); centre-crop with the top-left corner at `((H' - crop) // 2, (W' - crop) // 2)`; normalise per channel
-# with `mean` and `std`.
+# change); centre-crop with the top-left corner at `((H' - crop) // 2, (W' - crop) // 2)`; normalise per
+# channel with `mean` and `std`.
 
 
 # %% nbgrader={"grade": false, "grade_id": "ch03_clip_preprocess", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]

@@ -730,8 +730,8 @@ from anim_lab import pose_guider as lab_pose_guider
 
 # %% [markdown] tags=["core"]
 # ### Exercise 1 (3 points): AnimateAnyone's guider, forward by hand
-# Write `my_pose_guider_forward(guider, pose)` for a `PoseGuider` and a pose video `(B, 3, F, H, W)`: run every
-# frame through `guider.conv_in`, then each conv of `guider.blocks`, each followed by SiLU (SiLU after
+# Write `my_pose_guider_forward(guider, pose)` for a `PoseGuider` and a pose video `(B, 3, F, H, W)`: run
+# every frame through `guider.conv_in`, then each conv of `guider.blocks`, each followed by SiLU (SiLU after
 # `conv_in` too), then `guider.conv_out` (no activation); return `(B, C_out, F, H/8, W/8)`.
 
 
@@ -760,9 +760,9 @@ print("my_pose_guider_forward matches PoseGuider on 2 sizes")
 
 # %% [markdown] tags=["core"]
 # ### Exercise 2 (2 points): pose frames to the guider's input
-# Write `my_prepare_pose_images(frames, faithful=False)`: uint8 pose frames `(F, H, W, 3)` (numpy) to a float32
-# tensor `(1, 3, F, H, W)`, divided by 255; with `faithful=True` AniPortrait's inference tensor instead,
-# $2x - 1$ on the raw 0–255 values (the [-1, 509] slip of section 8).
+# Write `my_prepare_pose_images(frames, faithful=False)`: uint8 pose frames `(F, H, W, 3)` (numpy) to a
+# float32 tensor `(1, 3, F, H, W)`, divided by 255; with `faithful=True` AniPortrait's inference tensor
+# instead, $2x - 1$ on the raw 0–255 values (the [-1, 509] slip of section 8).
 
 
 # %% nbgrader={"grade": false, "grade_id": "ch06_prepare_pose_images", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]

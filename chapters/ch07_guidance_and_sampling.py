@@ -809,9 +809,9 @@ for num_frames in (64, 70):
 # %% [markdown] tags=["core"]
 # ## Lab (graded)
 #
-# Three exercises, graded by nbgrader (`chapters/LABS.md`). Each builds its own inputs, so this section runs on
-# its own after the cell below; the checks compare *your* function with the library's on random inputs and
-# shapes. Write your code where it says `YOUR CODE HERE`, then run the check under it.
+# Three exercises, graded by nbgrader (`chapters/LABS.md`). Each builds its own inputs, so this section runs
+# on its own after the cell below; the checks compare *your* function with the library's on random inputs
+# and shapes. Write your code where it says `YOUR CODE HERE`, then run the check under it.
 
 # %% tags=["core"]
 import torch

@@ -766,9 +766,9 @@ from anim_lab import tiling as lab_tiling
 # %% [markdown] tags=["core"]
 # ### Exercise 1 (3 points): causal padding
 # Write `my_causal_conv3d(conv, x)`: the output of a `CausalConv3d` module `conv` on a video
-# `x` `(B, C, T, H, W)`, from its inner `conv.conv` (an `nn.Conv3d` with no padding of its own: use its weight,
-# bias and stride with `F.conv3d`). Pad by *replication*: $k_t - 1$ copies of the first frame in front and
-# none behind; $\lfloor k_h/2 \rfloor$ and $\lfloor k_w/2 \rfloor$ on both sides in space.
+# `x` `(B, C, T, H, W)`, from its inner `conv.conv` (an `nn.Conv3d` with no padding of its own: use its
+# weight, bias and stride with `F.conv3d`). Pad by *replication*: $k_t - 1$ copies of the first frame in
+# front and none behind; $\lfloor k_h/2 \rfloor$ and $\lfloor k_w/2 \rfloor$ on both sides in space.
 
 
 # %% nbgrader={"grade": false, "grade_id": "ch08_causal_conv3d", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]

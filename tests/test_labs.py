@@ -15,6 +15,8 @@ The whole student version (what `make labs` writes) holds no line of any solutio
 import json
 import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import nbformat
@@ -235,3 +237,35 @@ def test_release_never_overwrites_an_edited_copy(tmp_path):
     assert "kept your edited" in again and target.read_bytes() == edited
     beside = out / f"{CHAPTERS[0].stem}.new.ipynb"
     assert beside.exists() and re.search(r"raise NotImplementedError", beside.read_text())
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_labs_and_grade_call_the_script(tmp_path):
+    """`make labs` / `make grade` (dry runs in a scratch copy with fresh install stamps: nothing runs)."""
+    for name in ("Makefile", "pyproject.toml", "constraints.txt"):
+        shutil.copy(labs.REPO / name, tmp_path / name)
+    (tmp_path / ".venv").mkdir()
+    later = os.stat(tmp_path / "Makefile").st_mtime + 10
+    (tmp_path / ".venv" / ".installed").touch()
+    os.utime(tmp_path / ".venv" / ".installed", (later, later))
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+
+    def make_n(*args):
+        out = subprocess.run(
+            ["make", "-n", "--no-print-directory", *args],
+            cwd=tmp_path,
+            env=env,
+            text=True,
+            capture_output=True,
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip().splitlines()
+
+    assert make_n("labs") == [".venv/bin/python scripts/labs.py release --out labs"]
+    assert make_n("labs", "CORE=1", "LABS=ch07") == [
+        ".venv/bin/python scripts/labs.py release --out labs --core ch07"
+    ]
+    assert (
+        make_n("grade", "LAB=ch07", "SUBMISSION=a b.ipynb")[-1]
+        == '.venv/bin/python scripts/labs.py grade ch07 "a b.ipynb"'
+    )
