@@ -29,6 +29,7 @@ import logging
 import os
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +112,8 @@ def _api(root: Path):
     if not hasattr(nbgrader_api.get_alembic_version, "cache_info"):
         nbgrader_api.get_alembic_version = functools.cache(nbgrader_api.get_alembic_version)
     logging.getLogger("traitlets").setLevel(logging.ERROR)
+    # SQLAlchemy 2 warns inside nbgrader's gradebook on every autograde (nbgrader 0.9.6); the grades are saved
+    warnings.filterwarnings("ignore", message=r"Object of type <Submitted\w+> not in session")
     return NbGraderAPI(config=_config(root))
 
 
