@@ -199,6 +199,8 @@ def release(names: list[str], out: Path, core: bool = False) -> list[str]:
     """Write the student version of each chapter into ``out``; returns one line per chapter saying what was
     written. A copy the student edited (it differs from what this command last wrote there) is kept, and the
     new version goes beside it as ``<stem>.new.ipynb``."""
+    if out.exists() and out.resolve() == CHAPTERS.resolve():
+        raise SystemExit(f"--out {out} is the chapters' own folder: give another folder (default: labs/)")
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
