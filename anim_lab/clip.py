@@ -124,10 +124,24 @@ class ClipPreprocess:
             raise InputError(
                 f"images must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; use x / 127.5 - 1"
             )
-        h, w = images.shape[-2:]
+        return self._from_unit((images.float() + 1) / 2)  # [-1, 1] -> [0, 1]
+
+    def from_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 pixels -> pixel_values, as ``CLIPImageProcessor`` computes them: ``u / 255`` in
+        float32 (bit for bit equal to the processor's rescale, where going through [-1, 1] and back moves
+        some levels by one float32 step), then resize, crop and normalise."""
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
+            got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else images
+            raise InputError(f"from_uint8 takes uint8 pixels (B, 3, H, W), got {got}")
+        if images.shape[1] != 3:
+            raise InputError(f"from_uint8 takes (B, 3, H, W) pixels, got {tuple(images.shape)}")
+        return self._from_unit(images.float() / 255)
+
+    def _from_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float in [0, 1] -> resized, centre-cropped, normalised (B, 3, crop, crop)."""
+        h, w = x.shape[-2:]
         if min(h, w) < 2:
             raise InputError(f"images are too small to preprocess: {h}x{w}")
-        x = (images.float() + 1) / 2  # [-1, 1] -> [0, 1]
         # shortest edge -> size, the long edge keeps the aspect ratio (truncated, as transformers does)
         short, long = (h, w) if h <= w else (w, h)
         new_short, new_long = self.size, int(self.size * long / short)

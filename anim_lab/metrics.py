@@ -28,10 +28,21 @@ Identity (on embeddings, from any image encoder):
 
 - :func:`identity_top1`: the share of generated frames whose most similar (cosine) ground-truth picture in a
   gallery of identities is their own.
+
+Lip sync on 3D face meshes (``(F, V, 3)``, mediapipe's point order; prediction first, ground truth second):
+
+- :func:`lip_vertex_error`: FaceFormer's LVE. Per frame, the largest error over the lip vertices
+  (:func:`lip_vertices`, the 40 points of mediapipe's lip contours), then the mean over frames. As in the
+  evaluation code of FaceFormer and CodeTalker (and torchmetrics' ``lip_vertex_error``), the per-vertex error
+  is the *squared* L2 distance (``squared=False`` gives the distance itself), in the mesh's units squared.
+- :func:`mouth_opening`: the inner-lip gap (points 13-14) over the face height (points 10-152), per frame.
+- :func:`mouth_opening_correlation`: the Pearson correlation of two mouth-opening tracks (NaN when one of
+  them never moves, as the mean face's).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from einops import rearrange
 from torch.nn import functional as F
@@ -60,6 +71,10 @@ __all__ = [
     "seam_frames",
     "seam_error",
     "identity_top1",
+    "lip_vertices",
+    "lip_vertex_error",
+    "mouth_opening",
+    "mouth_opening_correlation",
 ]
 
 # ITU-R BT.601 luma: Y = 0.299 R + 0.587 G + 0.114 B
@@ -328,3 +343,52 @@ def identity_top1(
         )
     sim = F.normalize(queries.double(), dim=-1) @ F.normalize(gallery.double(), dim=-1).T  # (n, N)
     return float((gallery_labels[sim.argmax(1)] == labels).double().mean())
+
+
+# --- lip sync on 3D meshes ----------------------------------------------------------------------------------
+def lip_vertices() -> tuple[int, ...]:
+    """The 40 mediapipe face-mesh points on the lip contours (outer and inner, upper and lower), sorted."""
+    from .landmarks import LIPS_INNER_LOWER, LIPS_INNER_UPPER, LIPS_OUTER_LOWER, LIPS_OUTER_UPPER
+
+    return tuple(sorted(set(LIPS_OUTER_UPPER + LIPS_OUTER_LOWER + LIPS_INNER_UPPER + LIPS_INNER_LOWER)))
+
+
+def _as_double(x) -> torch.Tensor:
+    return x.double() if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x, np.float64))
+
+
+def _meshes(pred, target) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = _as_double(pred), _as_double(target)
+    if x.shape != y.shape or x.ndim != 3 or x.shape[-1] != 3:
+        raise InputError(f"meshes must be (F, V, 3) of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    return x, y
+
+
+def lip_vertex_error(pred, target, lip_indices=None, *, squared: bool = True) -> float:
+    """FaceFormer's lip vertex error of ``(F, V, 3)`` meshes: per frame the largest (squared, by default)
+    L2 error over ``lip_indices`` (default :func:`lip_vertices`), then the mean over the F frames."""
+    x, y = _meshes(pred, target)
+    index = torch.as_tensor(lip_vertices() if lip_indices is None else lip_indices)
+    error = (x[:, index] - y[:, index]).pow(2).sum(-1)  # (F, L) squared distances
+    if not squared:
+        error = error.sqrt()
+    return float(error.max(1).values.mean())
+
+
+def mouth_opening(vertices) -> torch.Tensor:
+    """``(F, V, 3)`` -> ``(F,)`` float64: the inner-lip gap (13-14) over the face height (10-152)."""
+    v = _as_double(vertices)
+    if v.ndim != 3 or v.shape[1] < 153 or v.shape[2] != 3:
+        raise InputError(f"vertices must be (F, V ≥ 153, 3) in mediapipe's order, got {tuple(v.shape)}")
+    return (v[:, 13] - v[:, 14]).norm(dim=-1) / (v[:, 10] - v[:, 152]).norm(dim=-1)
+
+
+def mouth_opening_correlation(pred, target) -> float:
+    """Pearson correlation of the mouth openings of two ``(F, V, 3)`` mesh sequences; NaN when either
+    opening is constant (a correlation is then undefined)."""
+    a, b = mouth_opening(pred), mouth_opening(target)
+    if len(a) != len(b) or len(a) < 2:
+        raise InputError(f"two tracks of one length ≥ 2 are needed, got {len(a)} and {len(b)} frames")
+    a, b = a - a.mean(), b - b.mean()
+    norm = a.norm() * b.norm()
+    return float((a * b).sum() / norm) if norm > 0 else float("nan")

@@ -62,6 +62,9 @@ __all__ = [
     "load_official_pose_guider",
     "load_official_pose_guider_multiscale",
     "load_official_pipeline",
+    "weight_norm_keys",
+    "load_official_audio2mesh",
+    "load_official_audio2pose",
 ]
 
 # The one list of weight-file names of a model folder, in order of preference: diffusers' names, then
@@ -724,3 +727,70 @@ def load_official_pipeline(
         pose_guider=pose_guider.to(torch_dtype).eval(),
         scheduler=build_scheduler(),
     )
+
+
+# --- AniPortrait's audio models: audio2mesh.pt, audio2pose.pt ----------------------------------------------
+# wav2vec2's positional convolution is weight-normalised. PyTorch's old ``nn.utils.weight_norm`` (torch < 2.1,
+# as AniPortrait pins torch 2.0.1) stores it as ``weight_g`` / ``weight_v``; the parametrization that
+# transformers uses on newer torch stores the same two tensors as ``parametrizations.weight.original0`` /
+# ``original1``.
+_WEIGHT_NORM_NAMES = (
+    ("weight_g", "parametrizations.weight.original0"),
+    ("weight_v", "parametrizations.weight.original1"),
+)
+
+
+def weight_norm_keys(
+    state_dict: dict[str, torch.Tensor], model_keys: Iterable[str]
+) -> dict[str, torch.Tensor]:
+    """Rename weight-norm keys (``conv.weight_g``/``weight_v`` <-> ``conv.parametrizations.weight.original0``/
+    ``original1``) to the form the model has; every other key is left as it is."""
+    model_keys = set(model_keys)
+    out = {}
+    for key, value in state_dict.items():
+        new = key
+        if key not in model_keys:
+            for old_name, new_name in _WEIGHT_NORM_NAMES:
+                for a, b in ((old_name, new_name), (new_name, old_name)):
+                    if key.endswith("." + a) and key[: -len(a)] + b in model_keys:
+                        new = key[: -len(a)] + b
+        out[new] = value
+    return out
+
+
+def _load_audio_model(cls, path, device, what: str, kwargs: dict) -> nn.Module:
+    state_dict = load_checkpoint(path, device=device)
+    with torch.device("meta"):
+        model = cls(**kwargs)
+    state_dict = weight_norm_keys(state_dict, model.state_dict().keys())
+    load_into(model, state_dict, assign=True, what=f"{Path(path).name} ({what})")
+    return model
+
+
+def load_official_audio2mesh(path: str | Path, *, device: str | torch.device = "cpu", **kwargs):
+    """AniPortrait's ``audio2mesh.pt`` as an :class:`~anim_lab.audio2mesh.Audio2Mesh`, strictly by key.
+
+    Keys (``Audio2MeshModel``): ``audio_encoder.*`` (a whole ``Wav2Vec2Model``: ``masked_spec_embed``,
+    ``feature_extractor.conv_layers.{0..6}``, ``feature_projection``, ``encoder.pos_conv_embed``,
+    ``encoder.layer_norm``, ``encoder.layers.{0..11}``), ``in_fn.{weight (512, 768), bias}``,
+    ``out_fn.{weight (1404, 512), bias (1404,)}``. ``kwargs`` go to ``Audio2Mesh`` (default: the released
+    size). The file is read with ``torch.load(weights_only=True)`` (or as safetensors)."""
+    from .audio2mesh import Audio2Mesh
+
+    return _load_audio_model(Audio2Mesh, path, device, "AniPortrait Audio2Mesh", kwargs).eval()
+
+
+def load_official_audio2pose(path: str | Path, *, device: str | torch.device = "cpu", **kwargs):
+    """AniPortrait's ``audio2pose.pt`` as an :class:`~anim_lab.audio2pose.Audio2Pose`, strictly by key.
+
+    Keys (``Audio2PoseModel``): ``audio_encoder.*``, ``pose_map`` (6 -> 512), ``in_fn`` (768 -> 512),
+    ``PPE.pe`` (1, 600, 512), ``transformer_decoder.layers.{0..7}.{self_attn, multihead_attn}.{in_proj_weight
+    (1536, 512), in_proj_bias, out_proj.*}``, ``.linear1`` (1024, 512), ``.linear2`` (512, 1024),
+    ``.norm{1,2,3}``, ``pose_map_r`` (512 -> 6), ``id_embed.weight`` (100, 512). The ALiBi mask is not in
+    the file (a plain attribute in the reference): it is computed."""
+    from .audio2pose import Audio2Pose, alibi_mask
+
+    model = _load_audio_model(Audio2Pose, path, device, "AniPortrait Audio2Pose", kwargs)
+    mask = alibi_mask(model.config.num_heads, model.config.max_len).to(device)
+    model.register_buffer("biased_mask", mask, persistent=False)  # built on meta: computed here
+    return model.eval()

@@ -15,11 +15,21 @@ interleaved runs (the machine may be shared):
     python benchmarks/bench_pose2video.py            # TINY and MID
     python benchmarks/bench_pose2video.py --quick    # TINY only, fewer frames
     python benchmarks/bench_pose2video.py --cuda     # SD15 size, fp16, 512x512, 24 frames, 25 steps (a GPU)
+    python benchmarks/bench_pose2video.py --cuda --offload   # the same under enable_model_cpu_offload()
+    python benchmarks/bench_pose2video.py --means    # 4. each means alone and together, at every size
+
+4. means (``--means``): channels_last, torch.compile (inductor) of the denoising UNet and the VAE decoder
+   (its compile time reported apart, as the first call), both, one frame per VAE decode, and bf16 autocast
+   (which changes the numbers: its quality cost on the trained animator is ``scripts/eval_animator.py
+   --ablations bf16``), each against the eager pipeline and the plain loop, with the output difference.
+
+benchmarks/gpu_check.sh runs both CUDA calls and the gpu-marked tests on a lent GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -198,6 +208,86 @@ def speed(name: str, frames: int, steps: int, context: tuple[int, int], batch: i
     )
 
 
+# --- 4. means that keep the math (or state their cost), each alone and together ----------------------------
+CONV_NETS = ("vae", "reference_unet", "denoising_unet", "pose_guider")
+
+
+def _channels_last(pipe: Pose2VideoPipeline) -> None:
+    """The convolutional networks' 4D weights in channels_last (NHWC, oneDNN's preferred layout)."""
+    for name in CONV_NETS:
+        getattr(pipe, name).to(memory_format=torch.channels_last)
+
+
+def _compile(pipe: Pose2VideoPipeline) -> None:
+    """inductor (the CPU's C++/OpenMP backend) on the denoising UNet and the VAE decoder, in place."""
+    pipe.denoising_unet.compile()
+    pipe.vae.decoder.compile()
+
+
+MEANS = {
+    # name: (set-up on a fresh pipeline, keyword arguments of the call, autocast dtype)
+    "eager (the pipeline as shipped)": (None, {}, None),
+    "decode 1 frame per VAE call": (None, {"decode_chunk_size": 1}, None),
+    "channels_last": (_channels_last, {}, None),
+    "torch.compile (UNet + VAE decoder)": (_compile, {}, None),
+    "channels_last + compile": (lambda pipe: (_channels_last(pipe), _compile(pipe)), {}, None),
+    "bf16 autocast (changes the numbers)": (None, {}, torch.bfloat16),
+}
+
+
+def means(name: str, frames: int, steps: int, context: tuple[int, int], repeats: int = 2, only=None) -> dict:
+    """Each means on a freshly built pipeline (the same random weights), timed against the eager pipeline
+    and the plain reference loop in the same run: the fastest of ``repeats`` calls after one warm-up call,
+    whose time is reported apart (for compile: the compilation, paid once per process and shape)."""
+    size = SIZES[name]["size"]
+    ref, poses = inputs(frames, size)
+    kw = dict(height=size, width=size, num_inference_steps=steps, guidance_scale=3.5, output_type="pt")
+    kw.update(context_frames=context[0], context_overlap=context[1])
+    base_pipe = build(name)
+    t0 = time.perf_counter()
+    plain_pose2video(base_pipe, ref, poses, video_length=frames, generator=torch.Generator().manual_seed(0),
+                     **{k: v for k, v in kw.items() if k != "output_type"})  # fmt: skip
+    t_plain = time.perf_counter() - t0
+    rows, eager = {}, None
+    for label, (setup, extra, autocast) in MEANS.items():
+        if only and label not in only and eager is not None:
+            continue
+        pipe = build(name)
+        if setup is not None:
+            setup(pipe)
+
+        def run(pipe=pipe, extra=extra, autocast=autocast):
+            with torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext():
+                return pipe(ref, poses, generator=torch.Generator().manual_seed(0), **kw, **extra).frames
+
+        t0 = time.perf_counter()
+        out = run()  # warm-up (and compilation)
+        first = time.perf_counter() - t0
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = run()
+            best = min(best, time.perf_counter() - t0)
+        if eager is None:
+            eager, t_eager = out, best
+        diff = (out.float() - eager).abs().max().item()
+        rows[label] = dict(
+            seconds=best,
+            first_call_seconds=first,
+            speedup_vs_eager=t_eager / best,
+            speedup_vs_plain=t_plain / best,
+            max_abs_difference=diff,
+        )
+        print(
+            f"{name:6s} {label:38s} {best:7.2f} s  x{t_eager / best:5.2f} vs eager  "
+            f"x{t_plain / best:5.2f} vs plain  first call {first:6.1f} s  max |diff| {diff:.1e}",
+            flush=True,
+        )
+    return dict(
+        size=size, frames=frames, steps=steps, context=list(context), plain_seconds=t_plain, rows=rows
+    )
+
+
 def rss_bytes() -> int:
     """Resident memory of this process now (Linux /proc)."""
     with open("/proc/self/statm") as f:
@@ -264,8 +354,10 @@ def memory(lengths) -> list[dict]:
 BF16_PEAK = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
 
 
-def cuda_sd15(frames: int = 24, steps: int = 25, size: int = 512) -> None:
-    """SD15-size pipeline, random weights, fp16 on CUDA: s/step, peak memory, the UNet's achieved TFLOP/s."""
+def cuda_sd15(frames: int = 24, steps: int = 25, size: int = 512, offload: bool = False) -> dict:
+    """SD15-size pipeline, random weights, fp16 on CUDA: s/step, peak memory, the UNet's achieved TFLOP/s;
+    ``offload``: under diffusers' ``enable_model_cpu_offload()`` (each network on the GPU only while it
+    runs)."""
     from anim_lab.configs import SD15
     from anim_lab.inspect import count_flops
     from anim_lab.motion import MOTION_SD15
@@ -283,6 +375,9 @@ def cuda_sd15(frames: int = 24, steps: int = 25, size: int = 512) -> None:
             scheduler=build_scheduler(),
         )
     pipe.to(dev, dtype)
+    if offload:
+        pipe.to("cpu")
+        pipe.enable_model_cpu_offload()  # accelerate hooks; _execution_device reads them
     ref, poses = inputs(frames, size)
     kw = dict(height=size, width=size, guidance_scale=3.5, output_type="np")
     pipe(ref, poses[:8], num_inference_steps=1, **kw)  # warm-up
@@ -338,20 +433,42 @@ def cuda_sd15(frames: int = 24, steps: int = 25, size: int = 512) -> None:
     peak = next((v for k, v in BF16_PEAK.items() if k in name), None)
     share = f"{100 * tflops / peak:.1f}% of the {peak:.0f} TFLOP/s bf16 peak" if peak else "peak unknown"
     print(
-        f"SD15 fp16 on {name}: {size}x{size}, {frames} frames, {steps} steps, CFG 3.5: "
-        f"{total / steps:.2f} s/step ({total:.1f} s in all), peak memory {peak_gb:.1f} GiB; denoising UNet "
-        f"{flops / 1e12:.1f} TFLOP per call, {calls[0]} calls in {spent[0]:.1f} s -> {tflops:.0f} TFLOP/s "
-        f"({share})"
+        f"SD15 fp16 on {name}{' with model CPU offload' if offload else ''}: {size}x{size}, {frames} frames, "
+        f"{steps} steps, CFG 3.5: {total / steps:.2f} s/step ({total:.1f} s in all), peak memory "
+        f"{peak_gb:.1f} GiB; denoising UNet {flops / 1e12:.1f} TFLOP per call, {calls[0]} calls in "
+        f"{spent[0]:.1f} s -> {tflops:.0f} TFLOP/s ({share})"
     )
+    return {
+        "device": name,
+        "offload": offload,
+        "size": size,
+        "frames": frames,
+        "steps": steps,
+        "s_per_step": round(total / steps, 3),
+        "peak_memory_gib": round(peak_gb, 2),
+        "unet_tflop_per_call": round(flops / 1e12, 2),
+        "unet_tflops_achieved": round(tflops, 1),
+        "bf16_peak_tflops": peak,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="TINY only, short runs")
     parser.add_argument("--cuda", action="store_true", help="only the SD15-size fp16 run on a CUDA GPU")
+    parser.add_argument("--offload", action="store_true", help="with --cuda: enable_model_cpu_offload()")
+    parser.add_argument(
+        "--means",
+        action="store_true",
+        help="only the table of means (channels_last, compile, decode chunking, bf16) at every size",
+    )
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results here (e.g. results/bench_pose2video.json)")
     args = parser.parse_args()
+    if args.offload and not args.cuda:
+        parser.error("--offload is for the --cuda run")
+    if args.cuda and not torch.cuda.is_available():
+        parser.error("--cuda needs a CUDA GPU, and torch sees none (benchmarks/gpu_check.sh skips it then)")
     if args.json:
         check_output_file(args.json, (".json",), what="--json file")
     torch.set_num_threads(1)
@@ -359,7 +476,18 @@ def main() -> None:
         memory_child(args.memory_child)
         return
     if args.cuda:
-        cuda_sd15()
+        result = cuda_sd15(offload=args.offload)
+        if args.json:
+            command = " ".join(["benchmarks/bench_pose2video.py", *sys.argv[1:]])
+            write_result(args.json, {"command": command, "cuda": result})
+        return
+    if args.means:
+        plan = {"TINY": (24, 3), "MID": (16, 2), "MID256": (16, 2)}
+        sizes = ["TINY"] if args.quick else list(plan)
+        result = {"means": {n: means(n, *plan[n], context=(8, 2)) for n in sizes}}
+        if args.json:
+            command = " ".join(["benchmarks/bench_pose2video.py", *sys.argv[1:]])
+            write_result(args.json, {"command": command} | result)
         return
     result = {"speed": {"TINY": speed("TINY", frames=24, steps=3, context=(8, 2), batch=4)}}
     if not args.quick:

@@ -28,8 +28,10 @@ good as any model that decodes with it can be.
 
 Every metric is computed by ``anim_lab.metrics``. The ablations are the pipeline's own switches
 (:data:`ABLATIONS`: ``use_reference_attention`` / ``use_pose_guider`` / ``use_motion_modules``, which a user
-can pass too), plus :func:`sweep_cfg`, :func:`sweep_steps` and :func:`context_seams` (a 64-frame video in
-windows of 16, overlap 0 vs 4: the jump at the window seams beyond the ground truth's motion). Progress over
+can pass too), plus :func:`sweep_cfg`, :func:`sweep_steps`, :func:`context_seams` (a 64-frame video in
+windows of 16, overlap 0 vs 4: the jump at the window seams beyond the ground truth's motion) and
+:func:`bf16_cost` (the same calls under bf16 autocast: the row, and the PSNR / sharpness against fp32; its
+speed is measured by ``benchmarks/bench_pose2video.py``). Progress over
 the cases goes to stderr; ``--json results/eval_animator.json`` writes the table with the date, the machine
 and the library versions.
 """
@@ -37,6 +39,7 @@ and the library versions.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,18 +92,22 @@ def make_cases(num_cases: int = 4, num_frames: int = 24, seed: int = EVAL_SEED) 
     return cases
 
 
-def generate(pipe, case: Case, steps: int = 10, cfg: float = 3.5, seed: int = 42, **kwargs) -> np.ndarray:
-    """The pipeline on one case -> (F, H, W, 3) uint8."""
+def generate(
+    pipe, case: Case, steps: int = 10, cfg: float = 3.5, seed: int = 42, autocast=None, **kwargs
+) -> np.ndarray:
+    """The pipeline on one case -> (F, H, W, 3) uint8; ``autocast`` (torch.bfloat16): the call under
+    ``torch.autocast`` (the pipeline's lossy fast mode on a CPU with AVX-512 BF16)."""
     kwargs = {"context_frames": 16, "context_overlap": 4, **kwargs}
-    frames = pipe(
-        case.reference,
-        list(case.poses),
-        num_inference_steps=steps,
-        guidance_scale=cfg,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        output_type="np",
-        **kwargs,
-    ).frames[0]  # (F, H, W, 3) in [0, 1]
+    with torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext():
+        frames = pipe(
+            case.reference,
+            list(case.poses),
+            num_inference_steps=steps,
+            guidance_scale=cfg,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="np",
+            **kwargs,
+        ).frames[0]  # (F, H, W, 3) in [0, 1]
     return (frames * 255).round().astype(np.uint8)
 
 
@@ -232,6 +239,19 @@ def ablate(pipe, cases, name: str, probe=None, gallery=None, **gen) -> dict:
     return run_variant(pipe, cases, probe, name, gallery, **ABLATIONS[name], **gen)
 
 
+def bf16_cost(pipe, cases, probe=None, gallery=None, **gen) -> tuple[dict, dict]:
+    """bf16 autocast against the same call in fp32: its table row (against the ground truth) and how far its
+    videos are from the fp32 ones (PSNR, sharpness ratio)."""
+    fp32 = [generate(pipe, c, **gen) for c in tqdm(cases, desc="fp32", unit="case", leave=False)]
+    bf16 = [generate(pipe, c, autocast=torch.bfloat16, **gen) for c in tqdm(cases, desc="bf16", leave=False)]
+    pairs = [(M.video_from_uint8(b), M.video_from_uint8(f)) for b, f in zip(bf16, fp32, strict=True)]
+    against_fp32 = {
+        "psnr": float(np.mean([M.psnr(b, f).mean() for b, f in pairs])),
+        "sharpness": float(np.mean([M.sharpness_ratio(b, f) for b, f in pairs])),
+    }
+    return score(bf16, cases, probe, gallery), against_fp32
+
+
 def sweep_cfg(pipe, cases, scales=(1.0, 2.0, 3.5, 5.0, 7.0), probe=None, gallery=None, **gen) -> dict:
     return {s: run_variant(pipe, cases, probe, f"cfg {s:g}", gallery, **{**gen, "cfg": s}) for s in scales}
 
@@ -290,7 +310,9 @@ def main(argv=None) -> int:
     )
     p.add_argument("--scheduler", default="scaled_linear", choices=("scaled_linear", "linear"))
     p.add_argument(
-        "--ablations", default="", help="comma list of reference,pose,motion,cfg,steps,context or 'all'"
+        "--ablations",
+        default="",
+        help="comma list of reference,pose,motion,cfg,steps,context,bf16 or 'all'",
     )
     p.add_argument("--json", type=Path, help="also write the table (and the seam errors) to this JSON file")
     args = p.parse_args(argv)
@@ -322,12 +344,15 @@ def main(argv=None) -> int:
     rows["toy animator"] = run_variant(pipe, cases, probe, "toy animator", gallery, **gen)
     wanted = set(args.ablations.split(",")) if args.ablations else set()
     if "all" in wanted:
-        wanted = {"reference", "pose", "motion", "cfg", "steps", "context"}
+        wanted = {"reference", "pose", "motion", "cfg", "steps", "context", "bf16"}
     for key, name in (("reference", "no reference attention"), ("pose", "no pose guider")):
         if key in wanted:
             rows[name] = ablate(pipe, cases, name, probe, gallery, **gen)
     if "motion" in wanted and pipe.denoising_unet.motion_kwargs:
         rows["no motion modules"] = ablate(pipe, cases, "no motion modules", probe, gallery, **gen)
+    bf16 = None
+    if "bf16" in wanted:
+        rows["bf16 autocast"], bf16 = bf16_cost(pipe, cases, probe, gallery, **gen)
     if "cfg" in wanted:
         sweep = sweep_cfg(pipe, cases, scales, probe=probe, gallery=gallery, **gen)
         rows.update({f"cfg {s:g}": r for s, r in sweep.items()})
@@ -339,6 +364,9 @@ def main(argv=None) -> int:
         f"{args.steps} steps, cfg {args.cfg}"
     )
     print(format_table(rows))
+    if bf16 is not None:
+        psnr, sharp = bf16["psnr"], bf16["sharpness"]
+        print(f"bf16 autocast against fp32: PSNR {psnr:.2f} dB, sharpness ratio {sharp:.3f}")
     seams = {}
     if "context" in wanted:
         seams = context_seams(pipe, **gen)
@@ -355,6 +383,7 @@ def main(argv=None) -> int:
             "cfg": args.cfg,
             "rows": {name: {m: float(r[m]) for m in METRICS} for name, r in rows.items()},
             "context_seams": {str(k): {m: float(v) for m, v in r.items()} for k, r in seams.items()},
+            **({} if bf16 is None else {"bf16_against_fp32": bf16}),
         }
         write_result(args.json, record)
     return 0

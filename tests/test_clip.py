@@ -74,6 +74,24 @@ def test_preprocess_matches_transformers(h, w, size, crop):
     assert (ours - expected).abs().mean() < 0.008
 
 
+def test_from_uint8_is_bit_exact_with_transformers_on_every_level():
+    """u / 255 in float32 gives CLIPImageProcessor's pixel values bit for bit on all 256 levels; going through
+    [-1, 1] and back (x / 127.5 - 1, then (x + 1) / 2) moves some of them by a float32 step."""
+    u8 = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(1, 3, 16, 16)  # every level
+    proc = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    expected = proc([u8[0].permute(1, 2, 0).numpy()], return_tensors="pt").pixel_values
+    ours = C.ClipPreprocess.from_processor(proc).from_uint8(u8)
+    assert ours.dtype == expected.dtype == torch.float32
+    assert torch.equal(ours, expected)
+    round_trip = C.ClipPreprocess.from_processor(proc)(u8.float() / 127.5 - 1)
+    moved = (round_trip != expected).any(dim=1).sum().item()  # levels moved in any channel
+    assert 0 < moved < 256 and (round_trip - expected).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="uint8 pixels"):
+        C.ClipPreprocess().from_uint8(u8.float())
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        C.ClipPreprocess().from_uint8(u8[:, :2])
+
+
 def test_preprocess_bad_inputs():
     p = C.ClipPreprocess()
     x = _uint8_images(1, 32, 32).float() / 127.5 - 1

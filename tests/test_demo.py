@@ -231,3 +231,27 @@ def test_eval_script_case_seed_and_cfg_scales(E, tiny_weights, tmp_path, capsys)
         E.main(["--cfg-scales", "1,two", "--json", str(tmp_path / "bad.json")])
     assert "--cfg-scales must be a comma list of numbers" in capsys.readouterr().err
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_bf16_cost_is_the_pipeline_under_autocast_against_fp32(E, tiny_pipe, case):
+    """The bf16 row's videos are the pipeline's call under torch.autocast(bfloat16); its distance to fp32 is
+    the PSNR between the two videos (finite: bf16 changes the numbers; not tiny: it is not fp32)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explicit = tiny_pipe(
+            case.reference,
+            list(case.poses),
+            num_inference_steps=2,
+            guidance_scale=2.0,
+            generator=torch.Generator("cpu").manual_seed(42),
+            output_type="np",
+            context_frames=16,
+            context_overlap=4,
+        ).frames[0]
+    bf16 = E.generate(tiny_pipe, case, steps=2, cfg=2.0, autocast=torch.bfloat16)
+    np.testing.assert_array_equal(bf16, (explicit * 255).round().astype(np.uint8))
+    fp32 = _gen(E, tiny_pipe, case)
+    assert not np.array_equal(bf16, fp32)
+    row, against = E.bf16_cost(tiny_pipe, [case], steps=2, cfg=2.0)
+    expected = E.M.psnr(E.M.video_from_uint8(bf16), E.M.video_from_uint8(fp32)).mean().item()
+    assert against["psnr"] == pytest.approx(expected) and 10 < against["psnr"] < 100
+    assert set(row) >= {"psnr", "sharpness", "kid", "id_top1"}

@@ -16,7 +16,7 @@ from anim_lab.guidance import build_scheduler
 from anim_lab.motion import MOTION_TINY
 from anim_lab.pipelines import Pose2VideoPipeline, Pose2VideoPipelineOutput
 from anim_lab.plain import randomize
-from anim_lab.plain.pose2video import plain_pose2video
+from anim_lab.plain.pose2video import CLIPImageProcessorPil, plain_pose2video
 from anim_lab.pose_guider import PoseGuider, PoseGuiderMultiScale
 from anim_lab.unet import ReferenceUNet, VideoUNet
 from anim_lab.vae import build_vae
@@ -134,6 +134,62 @@ def _compare_with_plain(pipe, case, ref_pose=False):
     assert ours.shape == (1, frames, 3, SIZE, SIZE)
     assert plain.std() > 0.05  # a real video, not a constant
     torch.testing.assert_close(ours, plain, atol=1e-5, rtol=0)
+
+
+def test_float64_pipeline_equals_the_plain_loop_to_float64_rounding():
+    """In float64 the only difference left is the order of float64 operations: the CLIP pixel values are the
+    processor's own, bit for bit (u / 255, not a trip through [-1, 1])."""
+    pipe64 = tiny_pipeline(seed=3).to(torch.float64)
+    frames = 9
+    ref, poses = inputs(frames, seed=2)
+    kwargs = dict(height=SIZE, width=SIZE, video_length=frames, num_inference_steps=2, guidance_scale=3.5)
+    run = dict(generator=torch.Generator().manual_seed(7), context_frames=4, context_overlap=1)
+    ours = pipe64(ref, poses, **kwargs, **run, output_type="latent").frames  # (1, 4, F, h, w)
+    run["generator"] = torch.Generator().manual_seed(7)
+    plain = plain_pose2video(pipe64, ref, poses, **kwargs, **run, return_latents=True)
+    assert ours.dtype == plain.dtype == torch.float64 and plain.std() > 0.5
+    # before the fix (CLIP pixels through [-1, 1] in float32) the latents differed by 2e-8 here
+    torch.testing.assert_close(ours, plain, atol=1e-12, rtol=0)
+
+
+def test_encode_reference_feeds_the_processors_pixel_values(pipe):
+    """The CLIP token is the encoder's output on CLIPImageProcessor's pixel values of the squashed image,
+    exactly."""
+    ref, _ = inputs(1)
+    size = pipe.image_encoder.config.image_size
+    tokens, _ = pipe.encode_reference(ref, SIZE, SIZE, torch.float32, "cpu")
+    proc = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    pixels = proc(ref.resize((size, size)), return_tensors="pt").pixel_values
+    with torch.no_grad():
+        expected = pipe.image_encoder(pixel_values=pixels).image_embeds[:, None]  # (1, 1, D)
+    assert torch.equal(tokens, expected)
+
+
+def test_precomputed_conditions_give_the_same_video_and_the_latents_come_back(pipe):
+    """image_embeds / ref_latents from encode_reference reproduce the call that encodes the reference, bit for
+    bit, without the reference image; other conditions change it; the output's latents are the ones the
+    frames were decoded from."""
+    ref, poses = inputs(4)
+    kw = dict(height=SIZE, width=SIZE, num_inference_steps=2, guidance_scale=2.0, output_type="pt")
+    seed = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    full = pipe(ref, poses, generator=seed(), **kw)
+    tokens, ref_latents = pipe.encode_reference(ref, SIZE, SIZE, torch.float32, "cpu")
+    given = pipe(None, poses, image_embeds=tokens, ref_latents=ref_latents, generator=seed(), **kw)
+    assert torch.equal(given.frames, full.frames)
+    other = pipe(ref, poses, image_embeds=tokens.flip(-1), generator=seed(), **kw)  # the token only
+    assert (other.frames - full.frames).abs().max() > 1e-3
+    latent = pipe(ref, poses, generator=seed(), **{**kw, "output_type": "latent"})
+    assert torch.equal(full.latents, latent.frames) and torch.equal(latent.latents, latent.frames)
+    decoded = pipe.video_processor.postprocess_video(pipe.decode_latents(full.latents, 8), output_type="pt")
+    assert torch.equal(decoded, full.frames)
+    for name, value, message in [
+        ("image_embeds", tokens[0], r"image_embeds must be a float tensor of shape \(1, 1, \d+\)"),
+        ("ref_latents", ref_latents[..., :4], r"ref_latents must be a float tensor of shape \(1, 4, 8, 8\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            pipe(ref, poses, **{name: value}, **kw)
+    with pytest.raises(ValueError, match="ref_image must be a PIL image"):
+        pipe(None, poses, image_embeds=tokens, **kw)  # the latents still need the image
 
 
 def test_the_faithful_switch_changes_the_output_without_cfg(pipe):

@@ -64,7 +64,7 @@ from einops import rearrange
 from safetensors import safe_open
 from transformers import CLIPVisionModelWithProjection
 
-from ..clip import ClipPreprocess, encode_image
+from ..clip import ClipPreprocess, image_embeds_to_tokens
 from ..context import batch_windows, context_windows, gather_windows, predict_in_windows
 from ..errors import AnimLabError, InputError
 from ..files import OutputError, check_output_folder, publish_folder, staging_folder
@@ -122,9 +122,11 @@ SAVED_FILES = (
 @dataclass
 class Pose2VideoPipelineOutput(BaseOutput):
     """``frames``: "pil" a list (batch) of lists of PIL images; "np" (B, F, H, W, 3) float in [0, 1];
-    "pt" (B, F, 3, H, W) float in [0, 1]; "latent" (B, 4, F, h, w)."""
+    "pt" (B, F, 3, H, W) float in [0, 1]; "latent" (B, 4, F, h, w). ``latents``: the final latents
+    (B, 4, F, h, w) the frames were decoded from, whatever the output type (no copy: the same tensor)."""
 
     frames: list | np.ndarray | torch.Tensor
+    latents: torch.Tensor | None = None
 
 
 def encode_reference(
@@ -141,12 +143,12 @@ def encode_reference(
     posterior mean x scaling factor, of the image resized to (height, width)."""
     processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
     size = image_encoder.config.image_size
-    # squashed to the encoder's square (PIL's default bicubic, as the reference), then CLIP-normalised
-    clip_input = processor.pil_to_numpy(ref_image.resize((size, size)))  # (1, S, S, 3) in [0, 1]
-    clip_input = rearrange(torch.from_numpy(clip_input), "b h w c -> b c h w") * 2 - 1  # -> [-1, 1]
-    clip_tokens = encode_image(
-        image_encoder, clip_input.to(device), ClipPreprocess(size=size, crop_size=size)
-    )  # (1, 1, D): one token
+    # squashed to the encoder's square (PIL's default bicubic, as the reference), then CLIP-normalised from
+    # the uint8 pixels, as CLIPImageProcessor does (u / 255: bit for bit its pixel values)
+    square = torch.from_numpy(np.asarray(ref_image.convert("RGB").resize((size, size))).copy())  # (S, S, 3)
+    pixels = ClipPreprocess(size=size, crop_size=size).from_uint8(rearrange(square, "h w c -> 1 c h w"))
+    embeds = image_encoder(pixel_values=pixels.to(device, image_encoder.dtype)).image_embeds  # (1, D)
+    clip_tokens = image_embeds_to_tokens(embeds)  # (1, 1, D): one token
     ref = processor.preprocess(ref_image, height=height, width=width)  # (1, 3, H, W) in [-1, 1]
     ref_latents = vae_encode(vae, ref.to(device))  # (1, 4, h, w): the posterior mean, scaled
     return clip_tokens, ref_latents.to(dtype)
@@ -364,6 +366,23 @@ class Pose2VideoPipeline(DiffusionPipeline):
                 "torch.Generator (or a list of exactly one)"
             )
 
+    def _check_conditions(self, image_embeds, ref_latents, shape: tuple) -> None:
+        """Precomputed conditions: float tensors of the shapes :meth:`encode_reference` returns."""
+        dim = self.image_encoder.config.projection_dim  # the token encode_reference makes
+        wanted = {
+            "image_embeds": (image_embeds, (1, 1, dim), "(1, 1, D), the CLIP token"),
+            "ref_latents": (ref_latents, (1, shape[1], *shape[3:]), "(1, C, h, w), the reference latents"),
+        }
+        for name, (value, size, what) in wanted.items():
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.shape != size:
+                got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else value
+                raise InputError(
+                    f"{name} must be a float tensor of shape {size} {what}, as encode_reference returns it "
+                    f"for this height and width; got {got}"
+                )
+
     def encode_reference(self, ref_image: PIL.Image.Image, height: int, width: int, dtype, device):
         """CLIP tokens (1, 1, D) and reference latents (1, 4, h, w): :func:`encode_reference` with this
         pipeline's VAE and image encoder."""
@@ -451,6 +470,8 @@ class Pose2VideoPipeline(DiffusionPipeline):
         reference_timestep: int = 0,
         fusion_blocks="full",
         latents: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        ref_latents: torch.Tensor | None = None,
     ):
         """Animate ``ref_image`` with ``pose_images`` (PIL images or (H, W, 3) uint8 arrays).
 
@@ -474,8 +495,14 @@ class Pose2VideoPipeline(DiffusionPipeline):
         ``attn1`` names. ``latents``: the starting noise, (1, C, F, h, w) in the latent shape, as diffusers
         pipelines take it (scaled by the scheduler's ``init_noise_sigma`` as drawn noise is); by default it is
         drawn from ``generator``.
+
+        Precomputed conditions, as diffusers' pipelines take ``ip_adapter_image_embeds``: ``image_embeds``
+        (1, 1, D), the CLIP token, and ``ref_latents`` (1, 4, h, w), the reference latents, both as
+        :meth:`encode_reference` returns them. Reuse them across calls, or feed known ones; when both are
+        given, ``ref_image`` may be None (it is not read).
         """
-        ref_image = self._as_pil(ref_image, "ref_image")
+        if ref_image is not None or image_embeds is None or ref_latents is None:
+            ref_image = self._as_pil(ref_image, "ref_image")
         sample_size = self.denoising_unet.unet_kwargs.get("sample_size", 64)
         height = height or sample_size * self.vae_scale_factor
         width = width or sample_size * self.vae_scale_factor
@@ -494,6 +521,7 @@ class Pose2VideoPipeline(DiffusionPipeline):
         ):
             got = f"{latents.dtype} {tuple(latents.shape)}" if isinstance(latents, torch.Tensor) else latents
             raise InputError(f"latents must be a float tensor of shape {shape} (1, C, F, h, w), got {got}")
+        self._check_conditions(image_embeds, ref_latents, shape)
         n_train = self.scheduler.config.num_train_timesteps
         if reference_timestep != int(reference_timestep) or not 0 <= reference_timestep < n_train:
             raise InputError(
@@ -505,9 +533,12 @@ class Pose2VideoPipeline(DiffusionPipeline):
         windows = context_windows(video_length, context_frames, context_overlap, max_len=max_len)
         batch_windows(windows, context_batch_size)  # checks context_batch_size before any network runs
 
-        # 1. CLIP tokens (1, 1, D) and reference latents (1, 4, h, w)
-        clip_tokens, ref_latents = self.encode_reference(ref_image, height, width, dtype, device)
-        clip_tokens = clip_tokens.to(dtype)
+        # 1. CLIP tokens (1, 1, D) and reference latents (1, 4, h, w), unless given
+        if image_embeds is None or ref_latents is None:
+            clip_tokens, encoded = self.encode_reference(ref_image, height, width, dtype, device)
+            ref_latents = encoded if ref_latents is None else ref_latents
+        clip_tokens = (clip_tokens if image_embeds is None else image_embeds).to(device, dtype)
+        ref_latents = ref_latents.to(device, dtype)
 
         # 2. pose features for the whole sequence (1, C0, F, h, w) or a list of five; None: no guider
         pose_fea = None
@@ -618,7 +649,7 @@ class Pose2VideoPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return (frames,)
-        return Pose2VideoPipelineOutput(frames=frames)
+        return Pose2VideoPipelineOutput(frames=frames, latents=latents)
 
     # --- anim_lab's own folder layout ---------------------------------------------------------------
     def save_pretrained(

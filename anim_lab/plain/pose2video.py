@@ -130,8 +130,10 @@ def plain_pose2video(
     context_overlap=4,
     faithful=False,
     ref_pose_image=None,
+    return_latents=False,
 ):
-    """The reference loop on ``pipe``'s components; returns the video (1, 3, F, H, W) in [0, 1]."""
+    """The reference loop on ``pipe``'s components; returns the video (1, 3, F, H, W) in [0, 1] (or, with
+    ``return_latents``, the final latents (1, 4, F, h, w) before decoding)."""
     vae, image_encoder = pipe.vae, pipe.image_encoder
     reference_unet, denoising_unet, pose_guider, scheduler = (
         pipe.reference_unet,
@@ -225,6 +227,8 @@ def plain_pose2video(
                 noise_pred = noise_pred / counter  # the fix; the reference sums
             latents = scheduler.step(noise_pred, t, latents, eta=0.0, generator=generator).prev_sample
 
+    if return_latents:
+        return latents
     # decode one frame at a time
     latents = latents / vae.config.scaling_factor
     video = torch.cat(

@@ -129,13 +129,22 @@ class HeadPose:
         return np.array([self.yaw, self.pitch, self.roll, self.tx, self.ty, self.scale], np.float32)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Expression:
-    """Non-rigid face motion, each in [0, 1]."""
+    """Non-rigid face motion, each in [0, 1].
+
+    ``mouth_open``, ``blink`` and ``smile`` are what the clip motion model moves (:meth:`as_array`); the lip
+    shapes ``lip_round`` (rounded, pushed-out lips), ``lip_press`` (lips pressed together, thinner) and
+    ``lip_spread`` (lips pulled sideways) are what speech adds (:mod:`anim_lab.toy.visemes`,
+    :meth:`lips_array`). At 0 they leave the face exactly as it was.
+    """
 
     mouth_open: float = 0.0
     blink: float = 0.0
     smile: float = 0.0
+    lip_round: float = 0.0
+    lip_press: float = 0.0
+    lip_spread: float = 0.0
 
     def __post_init__(self):
         for name, value in asdict(self).items():
@@ -143,7 +152,20 @@ class Expression:
                 raise InputError(f"Expression.{name} must be in [0, 1], got {value}")
 
     def as_array(self) -> np.ndarray:
+        """``(3,)`` float32: mouth_open, blink, smile."""
         return np.array([self.mouth_open, self.blink, self.smile], np.float32)
+
+    def lips_array(self) -> np.ndarray:
+        """``(3,)`` float32: lip_round, lip_press, lip_spread."""
+        return np.array([self.lip_round, self.lip_press, self.lip_spread], np.float32)
+
+    def __repr__(self) -> str:
+        # the three motion fields always, a lip shape only when it is used (a face without speech reads as
+        # it did before the lip shapes existed)
+        shown = ["mouth_open", "blink", "smile"] + [
+            n for n in ("lip_round", "lip_press", "lip_spread") if getattr(self, n)
+        ]
+        return f"Expression({', '.join(f'{n}={getattr(self, n)!r}' for n in shown)})"
 
 
 def sample_identity(rng: np.random.Generator, seed: int | None = None) -> Identity:
@@ -220,6 +242,9 @@ def face_vertices(identity: Identity, expression: Expression) -> np.ndarray:
     g = _geometry()
     bases = expression_bases()
     v = g["vertices"] + expression.mouth_open * bases["mouth_open"] + expression.smile * bases["smile"]
+    for name in ("lip_round", "lip_press", "lip_spread"):  # speech's lip shapes (skipped at 0: bit-exact)
+        if getattr(expression, name):
+            v = v + getattr(expression, name) * bases[name]
     v = apply_blink(v, expression.blink)
     return v * np.array([identity.face_width, identity.face_height, 1.0], np.float32)
 

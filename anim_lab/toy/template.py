@@ -15,7 +15,9 @@ Expressions move the template with fixed per-vertex bases computed here:
 - mouth open: a jaw weight (1 on the lower lip and chin, fading to 0 above the mouth and toward the ears)
   times a downward shift;
 - smile: two Gaussian bumps at the mouth corners, up and outward;
-- blink: the upper lid contours slide onto the lower lids (the lid ring above follows half way).
+- blink: the upper lid contours slide onto the lower lids (the lid ring above follows half way);
+- lip round / press / spread (speech's lip shapes): lips gathered to the midline and pushed forward; the outer
+  lip contours drawn toward the inner ones; the mouth corners pulled outward.
 """
 
 from __future__ import annotations
@@ -77,8 +79,8 @@ def jaw_weights(vertices: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=1)
 def expression_bases() -> dict[str, np.ndarray]:
-    """Per-vertex displacements ``(478, 3)`` float32 for mouth_open = 1 and smile = 1
-    (blink is a lid snap)."""
+    """Per-vertex displacements ``(478, 3)`` float32 for mouth_open, smile, lip_round, lip_press and
+    lip_spread = 1 (blink is a lid snap)."""
     v, _ = load_template()
     jaw = np.zeros_like(v)
     jaw[:, 1] = -0.28 * jaw_weights(
@@ -96,7 +98,32 @@ def expression_bases() -> dict[str, np.ndarray]:
         smile[:, 0] += np.sign(c[0]) * 0.07 * bump  # outward
         smile[:, 1] += 0.09 * bump  # up
     smile[L.NUM_MESH_POINTS :] = 0.0
-    return {"mouth_open": jaw.astype(np.float32), "smile": smile.astype(np.float32)}
+
+    # speech's lip shapes (anim_lab.toy.visemes), each a displacement at 1:
+    mouth = v[list(L.LIPS_OUTER_UPPER + L.LIPS_OUTER_LOWER)].mean(0)  # (3,) the mouth's centre
+    d2 = ((v[:, :2] - mouth[:2]) ** 2).sum(1)  # (478,)
+    near = np.exp(-d2 / (2 * 0.3**2))  # (478,) 1 at the mouth, fading over its surroundings
+    round_ = np.zeros_like(v)
+    round_[:, 0] = -0.5 * (v[:, 0] - mouth[0]) * near  # rounding: the lips gather toward the midline ...
+    round_[:, 2] = 0.12 * near  # ... and push forward
+    spread = np.zeros_like(v)
+    for corner in (L.LIPS_OUTER_UPPER[0], L.LIPS_OUTER_UPPER[-1]):
+        bump = np.exp(-((v[:, :2] - v[corner, :2]) ** 2).sum(1) / (2 * 0.14**2))  # (478,)
+        spread[:, 0] += np.sign(v[corner, 0]) * 0.09 * bump  # the corners pulled outward, level
+    press = np.zeros_like(v)  # pressed lips: each outer lip point moves 60% of the way to its inner point
+    for outer, inner in ((L.LIPS_OUTER_UPPER, L.LIPS_INNER_UPPER), (L.LIPS_OUTER_LOWER, L.LIPS_INNER_LOWER)):
+        o, i = list(outer[1:-1]), list(inner[1:-1])  # the corners stay
+        press[o, 1] = 0.6 * (v[i, 1] - v[o, 1])
+        press[o, 2] = -0.02  # rolled in a little
+    for basis in (round_, spread, press):
+        basis[L.NUM_MESH_POINTS :] = 0.0
+    return {
+        "mouth_open": jaw.astype(np.float32),
+        "smile": smile.astype(np.float32),
+        "lip_round": round_.astype(np.float32),
+        "lip_press": press.astype(np.float32),
+        "lip_spread": spread.astype(np.float32),
+    }
 
 
 # The lid ring just above each upper lid follows a blink half way (indices of mediapipe's second eye ring).

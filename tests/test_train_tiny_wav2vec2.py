@@ -1,0 +1,74 @@
+"""scripts/train_tiny_wav2vec2.py: phoneme CTC on the toy world's speech (a smoke run at a micro size,
+resuming, and its decoding and scoring pieces against hand-worked cases)."""
+
+import json
+
+import pytest
+import torch
+
+import anim_lab
+from anim_lab import audio as A
+from anim_lab import toy
+
+T = anim_lab.load_script("train_tiny_wav2vec2")
+MICRO = dict(
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=24,
+    conv_dim=(8,) * 7,
+    num_conv_pos_embeddings=8,
+    num_conv_pos_embedding_groups=2,
+)
+RUN = dict(
+    max_steps=4, n_utterances=6, batch_size=3, warmup_steps=2, eval_every=2, eval_utterances=2, config=MICRO
+)
+
+
+def test_greedy_decoding_merges_repeats_and_drops_blanks():
+    ids = [0, 3, 3, 0, 3, 5, 5, 5, 0, 0, 2]
+    logits = torch.nn.functional.one_hot(torch.tensor(ids), 6).float()  # (T, V)
+    assert T.greedy_decode(logits) == [3, 3, 5, 2]  # a blank between two 3s keeps both
+
+
+def test_edit_distance_counts_insertions_deletions_substitutions():
+    assert T.edit_distance([1, 2, 3], [1, 2, 3]) == 0
+    assert T.edit_distance([1, 3], [1, 2, 3]) == 1  # one deletion
+    assert T.edit_distance([1, 2, 4, 3], [1, 2, 3]) == 1  # one insertion
+    assert T.edit_distance([7, 8, 9], [1, 2, 3]) == 3
+    assert T.edit_distance([], [1, 2]) == 2
+
+
+def test_targets_are_the_phonemes_without_pauses_or_stress():
+    speech = toy.synthesize("Bob spoke.")
+    ids = T.phoneme_ids(speech)
+    assert [T.VOCAB[i] for i in ids] == [p.base for p in speech.phonemes if not p.base.startswith("_")]
+    assert T.VOCAB[0] == "<pad>" and 0 not in ids
+
+
+def test_a_smoke_run_trains_saves_and_resumes_to_the_same_weights(tmp_path):
+    log = T.train(tmp_path / "a", **RUN)
+    assert len(log["losses"]) == 4 and all(torch.isfinite(torch.tensor(log["losses"])))
+    assert [e["step"] for e in log["evals"]] == [2, 4]
+    assert set(log["evals"][-1]["per"]) == {"train", "heldout"}
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(T.OWN_FILES) and not list(tmp_path.glob("*.state.*"))  # the state is gone
+    assert json.loads((tmp_path / "a" / "train_log.json").read_text())["losses"] == log["losses"]
+    # the encoder loads as wav2vec2 features do
+    model, _ = A.load_wav2vec2(tmp_path / "a")
+    feats, _ = A.hallo_audio_features(toy.synthesize("Bob.").audio_16k(), model)
+    assert feats.shape[1:] == (1, 16)
+    # interrupted after 2 steps, then rerun: the same weights as the uninterrupted run
+    T.train(tmp_path / "b", **RUN, stop_after=2)
+    assert (tmp_path / "b.state.safetensors").exists() and not (tmp_path / "b").exists()
+    T.train(tmp_path / "b", **RUN)
+    a, b = (A.load_wav2vec2(tmp_path / x)[0].state_dict() for x in ("a", "b"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_a_foreign_output_folder_is_refused_before_training(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="notes.txt"):
+        T.train(tmp_path / "out", **RUN)
