@@ -493,7 +493,7 @@ _ = save(fig, "ch00_pipeline")
 # runs *context windows*: Moore-AnimateAnyone uses 24 frames with an overlap of 4 and wraps around, giving
 # windows starting at 0, 20, 40, 60, i.e. 4 windows of 24 frames per step.
 
-# %% tags=["core"]
+# %%
 try:
     denoiser_step_flops(768, 512, 64)
 except ValueError as err:
@@ -507,7 +507,7 @@ print(
     f"attention scores per layer grow with area^2: x{(768 / 512) ** 2:.2f}"
 )
 
-# %% [markdown] tags=["core"]
+# %% [markdown]
 # Everything per frame (convolutions, linear layers, decoding) scales with area × frames; the spatial
 # attention's score matrices with area² per frame; the motion modules' attention with frames² per position.
 # With context windows the compute grows with the number of windows, while the activation memory is set by
@@ -516,7 +516,7 @@ print(
 # **2.** Count the temporal attention's matrix products apart: per attention and position, $QK^\top$ and the
 # weighted sum of values each cost $2 F^2 C$ FLOPs.
 
-# %% tags=["core"]
+# %%
 levels = [r.inputs[0] for r in mm]  # (2*h*w, F, C) queries of every motion module
 matmuls = sum(2 * 2 * 2 * n * frames * frames * c for n, frames, c in levels)  # 2 attentions x (QK^T, AV)
 print(
@@ -525,21 +525,21 @@ print(
 )
 print(f"motion modules: {motion_share:.0%} of a step")
 
-# %% [markdown] tags=["core"]
+# %% [markdown]
 # Almost all of a motion module's cost is its linear layers; the attention over 24 frames is about 1%.
 # Spatial self-attention is the opposite: 4096 keys per query at the first level.
 #
 # **3.** With guidance on every second step, half the steps run 2 rows and half 1 row: 1.5 instead of 2
 # UNet evaluations per step on average.
 
-# %% tags=["core"]
+# %%
 every_other = (steps // 2 + steps % 2) * step + (steps // 2) * half  # 13 steps with CFG, 12 without
 print(f"25 steps, CFG on every second step: x{every_other / (steps * step):.2f} of full CFG")
 
-# %% [markdown] tags=["core"]
+# %% [markdown]
 # **4.** The same five networks at TINY size, on the CPU with random weights: the same calls, real numbers.
 
-# %% tags=["core"]
+# %%
 tiny_models = {name: build(TINY, name, "cpu") for name in CHAPTER}
 Ht, Wt, Ft = TINY.height, TINY.width, 4
 torch.manual_seed(0)

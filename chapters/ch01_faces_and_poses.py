@@ -549,17 +549,17 @@ print("largest error is on the face oval:", max(region, key=region.get) == "face
 # part's colour (and mixtures where parts meet). A PoseGuider that learned "this exact green is the face oval"
 # sees colours it never saw; keep training and inference drawings the same.
 
-# %% tags=["core"]
+# %%
 for aa in (False, True):
     img = L.draw_pose_image(face.normalized, 128, normalized=True, antialias=aa)
     print(f"antialias={aa!s:5s}: distinct colours {len({tuple(c) for c in img.reshape(-1, 3)})}")
 
-# %% [markdown] tags=["core"]
+# %% [markdown]
 # **2.** With `"error"` the first frame without a face stops the run and is named; with `"hold"` it gets the
 # last good landmarks. For training data a silent hold teaches the model a wrong pose, so prefer to find and
 # drop such frames (`"error"`, then clean); at inference a held pose keeps the video going.
 
-# %% tags=["core"]
+# %%
 faulty = list(src_frames[:6])
 coffee = cv2.resize(skimage.data.coffee(), faulty[0].shape[1::-1])  # same size as the clip
 faulty[3] = coffee  # frame 3: no face
@@ -570,13 +570,13 @@ except L.NoFaceError as e:
 held = L.track_landmarks(faulty, on_missing="hold", progress=False)
 print("hold policy: frame 3 repeats frame 2:", bool(np.array_equal(held[3], held[2])), held.shape)
 
-# %% [markdown] tags=["core"]
+# %% [markdown]
 # **3.** Stretch by the identity, rotate about the pivot, drop z and flip y, scale by the pixels per unit:
 # $$p = c + \big[(R\,(s \odot v - q) + q)_{x}, -(R\,(s \odot v - q) + q)_{y}\big]\; u$$
 # with $s$ the face stretch, $q$ the pivot, $u = 0.2 \cdot \text{size}$ and $c$ the head position minus half a
 # pixel.
 
-# %% tags=["core"]
+# %%
 R = toy.rotation_matrix(30, 0, 0)
 v = vertices * np.array([1.05, 0.97, 1.0])  # the identity's proportions (ident above)
 turned = (v - toy.renderer.PIVOT) @ R.T + toy.renderer.PIVOT  # (478, 3) about the pivot
@@ -587,10 +587,10 @@ torch.testing.assert_close(
 )
 print("yaw 30 re-derived: matches toy.render")
 
-# %% [markdown] tags=["core"]
+# %% [markdown]
 # **4.** The renderer draws supersampled (smooth edges); without it the edges are jagged:
 
-# %% tags=["core"]
+# %%
 rng4 = np.random.default_rng(4)
 people4 = [(toy.sample_identity(rng4), toy.HeadPose(yaw=rng4.uniform(-30, 30))) for _ in range(8)]
 with L.FaceLandmarker() as landmarker:
@@ -608,10 +608,10 @@ with L.FaceLandmarker() as landmarker:
         label = "default" if ss is None else f"supersample={ss}"
         print(f"{label:14s}: detected {hits}/8, mean error {np.mean(errs):.1f} px")
 
-# %% [markdown] tags=["core"]
+# %% [markdown]
 # **5.** Six random people per yaw (pitch and roll 0, mouth closed), at 256 px:
 
-# %% tags=["core"]
+# %%
 rng5 = np.random.default_rng(5)
 people5 = [toy.sample_identity(rng5) for _ in range(6)]
 with L.FaceLandmarker() as landmarker:

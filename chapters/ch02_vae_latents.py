@@ -506,17 +506,17 @@ plt.show()
 # **1.** $\mathrm{Var}(z) = \mathrm{Var}(\mu) + \mathbb E[\sigma^2]$, and $\sigma$ is tiny next to the spread
 # of $\mu$ (section 2), so the two factors almost agree:
 
-# %% tags=["core"]
+# %%
 with torch.no_grad():
     z_means = V.encode_latent_dist(vae, train_images).mean
 print(f"factor from samples {factor:.3f}, from means {1 / z_means.std():.3f}")
 
-# %% [markdown] tags=["core"]
+# %% [markdown]
 # **2.** One latent pixel is 8 image pixels: the decoded face moves by 8 px (the best-matching shift of the
 # decoded image). `torch.roll` wraps around, so the latent column that leaves on the right comes back on the
 # left; the comparison leaves out 16 px at each side.
 
-# %% tags=["core"]
+# %%
 with torch.no_grad():
     lat0 = latents[:1]  # (1, 4, 16, 16)
     moved = V.decode(vae, torch.roll(lat0, shifts=1, dims=-1))  # one latent pixel to the right
@@ -527,11 +527,11 @@ errors = {
 }
 print("best-matching image shift (px):", min(errors, key=errors.get))
 
-# %% [markdown] tags=["core"]
+# %% [markdown]
 # **3.** The midpoint of two identities' latents decodes to something between a face and a cross-fade:
 # compare it with the pixel average of the two images and with each of the two.
 
-# %% tags=["core"]
+# %%
 with torch.no_grad():
     a, b = latents[0:1], latents[1:2]
     mids = torch.cat([V.decode(vae, (1 - w) * a + w * b) for w in (0.0, 0.25, 0.5, 0.75, 1.0)])
@@ -547,7 +547,7 @@ print(
 fig = viz.image_grid(to_01(mids), titles=["A", "0.25", "0.5", "0.75", "B"], figsize=(10, 2.4))
 plt.show()
 
-# %% [markdown] tags=["core"]
+# %% [markdown]
 # Latent interpolation of such a small VAE is close to a cross-fade (double contours where the two heads
 # differ): the latent is a blurred, recoloured image (section 4), so mixing latents mixes pictures. A
 # generative model is needed to make the in-between a single plausible face.
@@ -555,7 +555,7 @@ plt.show()
 # **4.** The factor is a statistic of the data: 16 training frames give it to within 0.004 of 128 frames,
 # but 6 frames of one held-out clip (one identity, one background, strongly correlated) are about 5% off:
 
-# %% tags=["core"]
+# %%
 with torch.no_grad():
     z16 = V.encode_latent_dist(vae, train_images[:16]).sample(generator=torch.Generator().manual_seed(0))
     z_test = V.encode_latent_dist(vae, images).sample(generator=torch.Generator().manual_seed(0))
@@ -564,10 +564,10 @@ print(
     f"6 held-out frames {V.scaling_factor_from_latents(z_test):.3f}"
 )
 
-# %% [markdown] tags=["core"]
+# %% [markdown]
 # **5.** On the meta device the whole video path runs without memory:
 
-# %% tags=["core"]
+# %%
 sd_vae = V.build_vae(configs.SD15.vae, "meta")
 sd_video = torch.empty(1, 3, 24, 512, 512, device="meta")  # (B, 3, F, H, W)
 sd_latents = V.encode_video(sd_vae, sd_video, chunk_size=8)  # 3 calls of 8 frames

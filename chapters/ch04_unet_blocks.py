@@ -673,7 +673,7 @@ print(
 # **1.** Per-frame statistics only look at one frame, so splitting the window changes nothing; across-frame
 # statistics depend on which frames share the window.
 
-# %% tags=["core"]
+# %%
 clip16 = torch.randn(1, C, 16, H, W) + torch.linspace(-1, 1, 16)[None, None, :, None, None]  # drifting
 gn = nn.GroupNorm(G, C, eps=1e-6, affine=False)
 
@@ -688,11 +688,11 @@ for name, fn in (("per frame", gn_per_frame), ("across frames", gn)):
     halves = torch.cat([fn(clip16[:, :, :8]), fn(clip16[:, :, 8:])], dim=2)
     print(f"{name:13s}: 16-frame window == two 8-frame windows:", torch.allclose(whole, halves, atol=1e-5))
 
-# %% [markdown] tags=["core"]
+# %% [markdown]
 # **2.** Motion modules only at the first level (resolution factor 1): 2 in `down_blocks.0`, 3 in
 # `up_blocks.3`, plus the mid block's (kept by `motion_module_mid_block`).
 
-# %% tags=["core"]
+# %%
 with torch.device("meta"):
     first_only = VideoUNet(SD15.unet, MOTION_SD15 | {"motion_module_resolutions": (1,)})
     clip_sd2 = torch.empty(2, 4, 24, 64, 64)  # (2B, C, F, h, w): CFG rows, 24 frames
@@ -708,7 +708,7 @@ kept = len(first_only.motion_modules())
 share = motion_flops(first_only) / motion_flops(denoiser)
 print(f"modules left: {kept} of 21, carrying {share:.0%} of the motion-module FLOPs")
 
-# %% [markdown] tags=["core"]
+# %% [markdown]
 # A motion module costs about $22C^2$ multiply-adds per token (position × frame), and positions × $C^2$ is the
 # same at the first three levels ($4096 \cdot 320^2 = 1024 \cdot 640^2 = 256 \cdot 1280^2$): a module costs
 # about the same wherever it sits (a quarter at 8×8), so the share follows the number of modules kept.
@@ -716,7 +716,7 @@ print(f"modules left: {kept} of 21, carrying {share:.0%} of the motion-module FL
 # **3.** With 77 different keys the softmax weights depend on the query, so positions receive different
 # mixtures of the values:
 
-# %% tags=["core"]
+# %%
 many = torch.randn(2, 77, TINY.unet["cross_attention_dim"])  # (B, 77 tokens, D)
 out77 = block.attn2(queries, encoder_hidden_states=many)  # (B, HW, C)
 print(
@@ -724,7 +724,7 @@ print(
     torch.allclose(out77, out77[:, :1].expand_as(out77), atol=1e-6),
 )
 
-# %% [markdown] tags=["core"]
+# %% [markdown]
 # **4.** A forward pre-hook adds the encoding to the transformer block's input, in a module built without its
 # own. The order is still seen. A fresh module is still the identity (its `proj_out` is zero, whatever flows
 # in the residual stream). With the same trained-like weights, though, the output changes: the encoding now
@@ -733,7 +733,7 @@ print(
 # gets inputs it never saw.
 
 
-# %% tags=["core"]
+# %%
 def trained_like(with_pe: bool) -> MotionModule:
     torch.manual_seed(1)
     m = MotionModule(32, num_attention_heads=4, norm_num_groups=8, temporal_position_encoding=with_pe)

@@ -830,7 +830,7 @@ print(format_table(rows, ["attention_auto_machine_weight", "readers"] + columns[
 #
 # ## Solutions
 
-# %% tags=["core"]
+# %%
 # 1. midup: the mid block and the 9 up-block transformers
 with torch.device("meta"):
     midup = pair_blocks(ref_sd15, den_sd15, fusion_blocks="midup")
@@ -843,7 +843,7 @@ print(
     human(midup_bytes, "B"),
 )
 
-# %% tags=["core"]
+# %%
 # 2. t enters every resnet as a per-channel shift of the time embedding; the first writer already sits after
 #    one resnet, so every entry changes -- and the ReferenceNet was trained only at t = 0.
 with reference_attention(reference_unet, denoising_unet) as bank:
@@ -855,7 +855,7 @@ for n in (bank.names[0], bank.names[-1]):
     change = ((at999[n] - at0[n]).norm() / at0[n].norm()).item()
     print(f"{n.split('.transformer')[0]:24s} relative change {change:.2f}")
 
-# %% tags=["core"]
+# %%
 # 3. a 6x6 reference for 8x8 frames: at full resolution 36 reference tokens next to 64 own tokens
 small_ref = torch.randn(B, 4, 6, 6)
 top = "up_blocks.3.attentions.0.transformer_blocks.0.attn1"

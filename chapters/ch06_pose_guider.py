@@ -667,7 +667,7 @@ plt.show()
 #
 # ## Solutions
 
-# %% tags=["core"]
+# %%
 # 1. 3x3 stride-2 convolutions in the trunk
 print(
     "1. receptive field with k3 s2:",

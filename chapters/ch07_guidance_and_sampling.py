@@ -757,7 +757,7 @@ plt.show()
 #
 # ## Solutions
 
-# %% tags=["core"]
+# %%
 # 1. softmax over one key is 1 whatever the key: the output is to_out(to_v(token)); to_v(0) = 0 without bias.
 #    With a to_v bias b the zero token would give to_out(b): still one constant for every image.
 other = Attention(query_dim=32, cross_attention_dim=64, heads=4, dim_head=8).eval()
@@ -767,7 +767,7 @@ print(
     torch.allclose(other(queries, encoder_hidden_states=inference_uncond), attend(inference_uncond)),
 )
 
-# %% tags=["core"]
+# %%
 # 2. the two possible previous timesteps of one step from 966
 scheduler = build_scheduler()
 set_timesteps(scheduler, 30)
@@ -782,7 +782,7 @@ print(
 )
 print("   of the latent's norm: a sub-timestep offset, harmless, but it is why 'prev' is not 'next'")
 
-# %% tags=["core"]
+# %%
 # 3. overlap 12: a window every 12 frames
 w12 = context_windows(64, 24, 12)
 c12 = window_counter(w12, 64)
@@ -791,7 +791,7 @@ print(
     f"{len(w12) / len(windows):.2f}x the UNet calls per step"
 )
 
-# %% tags=["core"]
+# %%
 # 4. the open-loop variant: window starts range(0, num_frames - overlap, 20)
 for num_frames in (64, 70):
     open_loop = [[f % num_frames for f in range(s, s + 24)] for s in range(0, num_frames - 4, 20)]

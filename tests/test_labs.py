@@ -221,6 +221,16 @@ def test_core_path_is_tagged():
         lab_section = labs.lab_cells_only(nb).cells
         assert all(c in core.cells for c in lab_section), f"{path.name}: the lab section is not all core"
         assert len(core.cells) < len(nb.cells), f"{path.name}: everything is core"
+        # the chapter's own (ungraded) exercises and their solutions are not on the core path
+        after_exercises = False
+        for cell in nb.cells:
+            if labs.is_lab_heading(cell):
+                break
+            if after_exercises:
+                assert cell not in core.cells, f"{path.name}: a cell after '## Exercises' is tagged core"
+            after_exercises = after_exercises or (
+                cell.cell_type == "markdown" and "\n## Exercises" in "\n" + cell.source
+            )
 
 
 def test_release_never_overwrites_an_edited_copy(tmp_path):
