@@ -5,6 +5,9 @@
 #                  make lab LAB_OPTS="--port 8890 --no-browser"
 #   make notebook  re-execute one chapter into its .ipynb:  make notebook CH=ch00_map
 #   make figures   re-execute every chapter, writing figures/ (ANIM_LAB_SAVE_FIGURES=1), and the demo's strip
+#   make labs      the course labs: every chapter's student version into labs/ (nbgrader; chapters/LABS.md);
+#                  make labs CORE=1 keeps only the cells tagged `core` (a 45-minute lab); LABS=ch07 picks chapters
+#   make grade     autograde one submission with nbgrader: make grade LAB=ch07 SUBMISSION=path/to/ch07.ipynb
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -25,7 +28,7 @@ TEST_WORKERS ?= 2
 # Jupyter refuses to start as root (how it runs in Docker) unless told --allow-root; only then is it added.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: demo test lint unit chapters notebook figures lab clean-venv
+.PHONY: demo test lint unit chapters notebook figures lab labs grade clean-venv
 test: $(STAMP) lint
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow and not gpu" tests chapters --nbval --nbval-current-env --nbval-sanitize-with chapters/sanitize.cfg -p no:cacheprovider --durations=25
 
@@ -60,17 +63,28 @@ figures: $(STAMP)
 	done
 	$(VENV)/bin/anim-lab demo --out-dir out/demo && cp out/demo/strip.png figures/demo_strip.png
 
+# Student versions (nbgrader's generate_assignment) into labs/, which git ignores. A copy the student edited is
+# never overwritten: the new version goes beside it as chNN_topic.new.ipynb.
+LABS_OUT ?= labs
+labs: $(STAMP)
+	$(PY) scripts/labs.py release --out $(LABS_OUT) $(if $(CORE),--core,) $(LABS)
+
+# Autograde one submission (nbgrader's autograde in a temporary course with its own SQLite gradebook).
+grade: $(STAMP)
+	@test -n "$(LAB)" -a -n "$(SUBMISSION)" || { echo "usage: make grade LAB=ch07 SUBMISSION=path/to/ch07.ipynb"; exit 2; }
+	$(PY) scripts/labs.py grade $(LAB) "$(SUBMISSION)"
+
 lab: $(LAB_STAMP)
 	$(VENV)/bin/jupyter lab --notebook-dir=chapters $(ALLOW_ROOT) $(LAB_OPTS)
 
 $(LAB_STAMP): $(STAMP)
-	$(PIP) install -q -c constraints.txt -e ".[faces,test,lab]"
+	$(PIP) install -q -c constraints.txt -e ".[faces,test,labs,lab]"
 	touch $(LAB_STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt torch
-	$(PIP) install -q -c constraints.txt -e ".[faces,test]"
+	$(PIP) install -q -c constraints.txt -e ".[faces,test,labs]"
 	$(PIP) install -q --no-deps $(MEDIAPIPE)
 	$(PY) -c "import mediapipe as mp; mp.solutions.face_mesh"
 	touch $(STAMP)

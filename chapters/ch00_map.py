@@ -10,7 +10,7 @@
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # # Chapter 00 — The map: AnimateAnyone at real size, with no weights
 #
 # *Every component of a portrait-animation pipeline, built at full size on PyTorch's `meta` device: what each
@@ -30,7 +30,7 @@
 # nothing, and a forward pass on meta tensors computes every shape and no number — exactly what a map needs.
 # Later chapters build each part for real (the chapter names are in the last column of every table).
 
-# %%
+# %% tags=["core"]
 # NBVAL_IGNORE_OUTPUT
 import diffusers
 import torch
@@ -56,7 +56,7 @@ print(
     f"transformers {transformers.__version__}"
 )
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 1. The five networks
 #
 # AnimateAnyone animates one reference image with a sequence of pose images:
@@ -68,7 +68,7 @@ print(
 # - the **denoising UNet** — SD1.5's UNet applied to every frame, plus 21 *motion modules* that attend across
 #   frames — predicts the noise at each step (chapter 04).
 
-# %%
+# %% tags=["core"]
 CHAPTER = {
     "vae": "ch02_vae_latents",
     "image_encoder": "ch03_clip_embeddings",
@@ -95,14 +95,14 @@ print(
     any(p.device.type != "meta" for m in models.values() for p in m.parameters()),
 )
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # - The two UNets dominate: together 2.2 of the 2.6 billion parameters.
 # - The ReferenceNet is SD1.5's UNet minus `conv_norm_out`/`conv_out` (it never has to predict noise, only to
 #   produce features), so it has 12,164 parameters fewer: 859,508,800 in the table against SD1.5's
 #   859,520,964.
 # - The denoiser is SD1.5's UNet plus the motion modules. How much do the 21 motion modules add?
 
-# %%
+# %% tags=["core"]
 denoiser = models["denoising_unet"]
 motion = {n: m for n, m in denoiser.named_modules() if n.endswith("motion_modules")}
 motion_params = sum(count_parameters(m) for m in motion.values())
@@ -114,13 +114,13 @@ print(
 unet2d_params = count_parameters(denoiser) - motion_params
 print(f"2D part of the denoiser: {unet2d_params:,} parameters, SD1.5's UNet:", unet2d_params == 859_520_964)
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # Re-derive the motion-module count by hand. A module of width C has: GroupNorm (2C), `proj_in` and `proj_out`
 # (C² + C each), two temporal attentions (Q, K, V without bias: 3C²; output projection C² + C; a LayerNorm 2C
 # each), and a GEGLU feed-forward (C → 8C with bias, 4C → C with bias, LayerNorm 2C). That is 22C² + 21C.
 
 
-# %%
+# %% tags=["core"]
 def motion_module_params(c: int) -> int:
     norm_and_projections = 2 * c + 2 * (c * c + c)
     attentions = 2 * (3 * c * c + c * c + c + 2 * c)
@@ -133,7 +133,7 @@ print("module widths:", {c: widths.count(c) for c in sorted(set(widths))})
 print("hand count == library count:", sum(motion_module_params(c) for c in widths) == motion_params)
 print("22C^2 + 21C at C=320:", motion_module_params(320) == 22 * 320**2 + 21 * 320)
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 2. A 512×512, 24-frame request, stage by stage
 #
 # Our example request: one reference image, 24 pose frames, 512×512, 25 DDIM steps, guidance scale 3.5. This
@@ -142,7 +142,7 @@ print("22C^2 + 21C at C=320:", motion_module_params(320) == 22 * 320**2 + 21 * 3
 # Section 3 prices the real default too. We push meta tensors through each network and print the shapes.
 # Images are `(B, C, H, W)` in [-1, 1]; videos and latents `(B, C, F, H, W)`.
 
-# %%
+# %% tags=["core"]
 B, F, H, W = 1, 24, SD15.height, SD15.width
 f = SD15.vae_scale_factor  # 8
 meta = dict(device="meta")
@@ -167,7 +167,7 @@ for name, t in [
 ]:
     print(f"{name:42s} {tuple(t.shape)}")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # - The VAE shrinks 512×512×3 to 64×64×4: 48× fewer numbers, and the whole diffusion runs on that grid.
 # - The reference image reaches the denoiser twice: as one CLIP token (global appearance) and through the
 #   ReferenceNet (spatial detail).
@@ -178,7 +178,7 @@ for name, t in [
 # Its job is to fill a *bank*: the input of every self-attention (the output of `norm1` of each transformer
 # block). With CFG it runs on two rows (the unconditional row is later ignored by the denoiser).
 
-# %%
+# %% tags=["core"]
 reference_unet = models["reference_unet"]
 bank = trace_shapes(
     reference_unet,
@@ -191,7 +191,7 @@ print(f"{len(bank)} bank entries (B*2 rows, tokens = h*w, channels):")
 for r in bank:
     print(f"  {r.name.replace('.transformer_blocks.0.norm1', ''):28s} {r.outputs[0]}")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # Two questions readers of the reference code ask here:
 # - *Why does the ReferenceNet lack `conv_out`?* Its output is never used — only the bank is — so the head
 #   that would turn features into a noise prediction is dead weight and is left out of `reference_unet.pth`.
@@ -200,7 +200,7 @@ for r in bank:
 #   wrote one. (The reference code does not pair them by name: it sorts both lists by width with a stable
 #   sort and zips them. Chapter 05 runs that sort and shows it gives the same pairs as the names.)
 
-# %%
+# %% tags=["core"]
 reader_blocks = [
     n for n, m in denoiser.named_modules() if n.endswith("transformer_blocks.0") and "motion_modules" not in n
 ]
@@ -216,13 +216,13 @@ print(
     sorted(writer_blocks) == sorted(reader_blocks),
 )
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ### 2.2 The denoising UNet, every step
 # The latents of all 24 frames, doubled for CFG, go through SD1.5's blocks as a batch of 48 images; each
 # motion module then regroups the features so that attention runs across the 24 frames at each of the h×w
 # positions.
 
-# %%
+# %% tags=["core"]
 t = torch.full((2 * B,), 999, **meta)
 x = latents.repeat(2, 1, 1, 1, 1)  # (2B, 4, F, 64, 64): uncond + cond
 
@@ -251,11 +251,11 @@ print(
     tuple(noise_pred[:1].shape),
 )
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # Inside a motion module the per-frame layout `(B·F, C, h, w)` becomes a set of short sequences `(B·h·w, F,
 # C)`:
 
-# %%
+# %% tags=["core"]
 mm = [
     r
     for r in trace_shapes(
@@ -269,15 +269,15 @@ mm = [
 for r in mm[:1] + mm[-1:]:
     print(f"{r.name.split('.temporal')[0]:32s} queries {r.inputs[0]} = (2 rows x h x w, frames, channels)")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ### 2.3 Back to pixels
 # After the last step the latents are divided by 0.18215 and decoded one frame at a time.
 
-# %%
+# %% tags=["core"]
 frames = models["vae"].decode(latents[0].permute(1, 0, 2, 3) / SD15.vae_scaling_factor).sample
 print("decoded frames:", tuple(frames.shape), "-> video", (B, 3, F, H, W))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 3. Where the compute goes
 #
 # `FlopCounterMode` counts the FLOPs (2 per multiply-add) of every matrix multiplication and convolution that
@@ -285,7 +285,7 @@ print("decoded frames:", tuple(frames.shape), "-> video", (B, 3, F, H, W))
 # decomposed into matrix products that are counted, while on the CPU torch runs a fused attention kernel that
 # the counter has no formula for, and its FLOPs would go missing (`inspect.count_flops`).
 
-# %%
+# %% tags=["core"]
 step = count_flops(
     denoiser, x, t, encoder_hidden_states=clip_tokens_cfg, pose_cond_fea=pose_fea.repeat(2, 1, 1, 1, 1)
 )
@@ -316,12 +316,12 @@ print(
     f"whole run: {human(steps * step + sum(once.values()), 'FLOP')}"
 )
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # - The denoising loop is the bill; of what runs once only the VAE decoder (24 frames at full resolution)
 #   shows up.
 # - CFG doubles it: the unconditional rows cost exactly as much as the conditional ones.
 
-# %%
+# %% tags=["core"]
 half = count_flops(denoiser, latents, t[:1], encoder_hidden_states=clip_tokens, pose_cond_fea=pose_fea)
 print("one step without CFG:", human(half, "FLOP"), "| with CFG / without:", round(step / half, 3))
 by_part = flops_by_module(
@@ -333,12 +333,12 @@ print(
     )
 )
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # Where inside the blocks? Split the same step one level deeper and add up the three kinds of layer: the
 # ResNet blocks, the spatial transformers (`attentions`: self-attention, cross-attention, feed-forward) and
 # the motion modules.
 
-# %%
+# %% tags=["core"]
 deeper = flops_by_module(
     denoiser,
     x,
@@ -365,7 +365,7 @@ print(
 )
 motion_share = kinds["motion_modules"] / step
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # The 21 motion modules cost more than a quarter of every step: they are not cheap. Their attention matrices
 # are tiny (24 × 24 per position), but every one of the $2 \cdot F \cdot hw$ tokens still goes through
 # `proj_in`, Q/K/V/out of two attentions, the feed-forward and `proj_out`: about $22C^2$ weights per token,
@@ -375,7 +375,7 @@ motion_share = kinds["motion_modules"] / step
 # A convolution costs $2 \cdot N \cdot H W \cdot C_\text{out} \cdot C_\text{in} k^2$ FLOPs (one multiply and
 # one add per weight and output pixel).
 
-# %%
+# %% tags=["core"]
 conv_in_by_hand = 2 * (2 * F * 64 * 64) * 320 * (4 * 3 * 3)
 print(
     "conv_in by hand:",
@@ -384,13 +384,13 @@ print(
     conv_in_by_hand == by_part["conv_in"],
 )
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # **Moore-AnimateAnyone's real default** (`pose2vid.py`: W 512 × H 784, 24 frames, 30 steps, cfg 3.5): 784 is
 # not a multiple of 64, so the latent grid is 98 × 64 and the downsampling goes 98 → 49 → 25 → 13 (the up path
 # uses the skips' sizes to come back). Price one step and the 30-step loop:
 
 
-# %%
+# %% tags=["core"]
 def denoiser_step_flops(height, width, frames, rows=2):
     """FLOPs of one denoiser call on meta tensors: `rows` = 2 with CFG."""
     lat = torch.empty(rows, 4, frames, height // f, width // f, **meta)  # (2B, 4, F, h, w)
@@ -465,7 +465,7 @@ fig = pipeline_diagram(
 )
 _ = save(fig, "ch00_pipeline")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## Summary
 # - AnimateAnyone runs five networks; the two SD1.5-sized UNets hold 2.2 of the 2.6 B parameters, and the
 #   21 motion modules add about half a UNet on top of SD1.5.
@@ -562,3 +562,105 @@ print(
     "| parameters:",
     f"{sum(count_parameters(m) for m in tiny_models.values()):,}",
 )
+
+# %% [markdown] tags=["core"]
+# ## Lab (graded)
+#
+# Three exercises, graded by nbgrader (`chapters/LABS.md`). Each builds its own inputs, so this section runs
+# on its own after the cell below; the checks compare *your* function with the library's on random inputs
+# and shapes. Write your code where it says `YOUR CODE HERE`, then run the check under it.
+
+# %% tags=["core"]
+import torch
+from diffusers.models.attention_processor import Attention
+
+from anim_lab import inspect as lab_inspect
+from anim_lab.configs import SD15 as LAB_SD15
+
+# %% [markdown] tags=["core"]
+# ### Exercise 1 (2 points): count parameters
+# Write `my_count_parameters(module, trainable_only=False)`: the number of parameters of `module` (buffers are
+# not parameters), only those with `requires_grad` when `trainable_only`. It must work on the meta device.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch00_count_parameters", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_count_parameters(module, trainable_only=False):
+    ### BEGIN SOLUTION
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch00_count_parameters_check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert my_count_parameters is not lab_inspect.count_parameters
+gen = torch.Generator().manual_seed(0)
+for trial in range(4):
+    widths = torch.randint(1, 40, (4,), generator=gen).tolist()
+    with torch.device("meta" if trial % 2 else "cpu"):
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(widths[0], widths[1], 3),
+            torch.nn.GroupNorm(1, widths[1]),
+            torch.nn.Linear(widths[1], widths[2], bias=trial > 1),
+            torch.nn.LayerNorm(widths[2]),
+            torch.nn.Linear(widths[2], widths[3]),
+        )
+    net.register_buffer("table", torch.zeros(7, 9))  # a buffer, not a parameter
+    net[int(torch.randint(0, 5, (1,), generator=gen))].requires_grad_(False)
+    for trainable_only in (False, True):
+        assert my_count_parameters(net, trainable_only) == lab_inspect.count_parameters(net, trainable_only)
+guider = lab_inspect.build(LAB_SD15, "pose_guider")  # on the meta device
+assert my_count_parameters(guider) == lab_inspect.count_parameters(guider)
+print("my_count_parameters matches inspect.count_parameters on 4 random networks and the SD1.5 pose guider")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 2 (3 points): the FLOPs of a convolution
+# Write `my_conv2d_flops(conv, x)`: the FLOPs of `conv(x)` for a `torch.nn.Conv2d` (any stride, padding and
+# groups) as `FlopCounterMode` counts them: a multiply-add is 2 FLOPs, the bias is not counted. Compute it
+# from the shapes alone (you may run `conv` on `x` to get the output shape, or derive it).
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch00_conv2d_flops", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_conv2d_flops(conv, x):
+    ### BEGIN SOLUTION
+    out = conv(x)  # (B, C_out, H', W'): every output element is a dot product of C_in/groups * kh * kw terms
+    kh, kw = conv.kernel_size
+    return 2 * out.numel() * (conv.in_channels // conv.groups) * kh * kw
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch00_conv2d_flops_check", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+gen = torch.Generator().manual_seed(1)
+for _ in range(6):
+    groups = int(torch.randint(1, 4, (1,), generator=gen))
+    c_in, c_out = (groups * int(torch.randint(1, 6, (1,), generator=gen)) for _ in range(2))
+    kernel, stride, padding = (
+        int(torch.randint(lo, hi, (1,), generator=gen)) for lo, hi in [(1, 6), (1, 3), (0, 3)]
+    )
+    conv = torch.nn.Conv2d(c_in, c_out, kernel, stride, padding, groups=groups)
+    x = torch.randn(int(torch.randint(1, 3, (1,), generator=gen)), c_in, 11, 9, generator=gen)
+    assert my_conv2d_flops(conv, x) == lab_inspect.count_flops(conv, x), (c_in, c_out, kernel, stride, groups)
+print("my_conv2d_flops matches inspect.count_flops on 6 random convolutions")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 3 (2 points): a measured question
+# What fraction of the SD1.5-size denoising UNet's parameters sit in attention layers (the modules of class
+# `diffusers.models.attention_processor.Attention`: spatial self-, cross- and the motion modules' temporal
+# attention)? Build it on the meta device and store the fraction, a float in [0, 1], in `attention_share`.
+
+# %% nbgrader={"grade": false, "grade_id": "ch00_attention_share", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core"]
+### BEGIN SOLUTION
+lab_unet = lab_inspect.build(LAB_SD15, "denoising_unet")
+attention_params = sum(
+    p.numel() for m in lab_unet.modules() if isinstance(m, Attention) for p in m.parameters()
+)
+attention_share = attention_params / lab_inspect.count_parameters(lab_unet)
+### END SOLUTION
+print(f"attention layers: {attention_share:.1%} of the denoising UNet's parameters")
+
+# %% nbgrader={"grade": true, "grade_id": "ch00_attention_share_check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert isinstance(attention_share, float) and 0 <= attention_share <= 1
+### BEGIN HIDDEN TESTS
+_unet = lab_inspect.build(LAB_SD15, "denoising_unet")
+_share = sum(p.numel() for m in _unet.modules() if isinstance(m, Attention) for p in m.parameters())
+assert abs(attention_share - _share / lab_inspect.count_parameters(_unet)) < 0.005
+### END HIDDEN TESTS
+print("attention_share is a fraction")

@@ -10,7 +10,7 @@
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # # Chapter 01 — Faces and poses
 #
 # *Face landmarks on a real photo, the pose images that AniPortrait feeds its PoseGuider, a pose video from a
@@ -33,7 +33,7 @@
 # landmarks as coloured lines. This chapter builds that input end to end, and a synthetic world in which we
 # know the true pose of every frame.
 
-# %%
+# %% tags=["core"]
 # NBVAL_IGNORE_OUTPUT
 import tempfile
 import wave
@@ -61,7 +61,7 @@ print(
     f"numpy {np.__version__}, torch {torch.__version__}"
 )
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 1. 478 points on a real face
 #
 # - mediapipe's face mesh (0.10.21, the last release with `mp.solutions`) finds **468 surface points** plus,
@@ -70,7 +70,7 @@ print(
 #   three: `.normalized` (478, 3), `.pixels` (478, 2) and `.xyz` (478, 3).
 # - One static image: `FaceLandmarker(video=False)`; the frames of a video: `video=True` (tracking).
 
-# %%
+# %% tags=["core"]
 astronaut = skimage.data.astronaut()  # (512, 512, 3) uint8
 with L.FaceLandmarker(video=False) as landmarker:
     face = landmarker.detect(astronaut, name="astronaut")
@@ -78,17 +78,17 @@ print("image:", astronaut.shape, astronaut.dtype)
 print("normalized:", face.normalized.shape, "pixels:", face.pixels.shape, "xyz:", face.xyz.shape)
 print("nose tip is the point nearest the camera:", bool(face.xyz[:468, 2].argmin() in (1, 4, 5, 19)))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # The points come in named groups: the face oval, eyes, eyebrows, lips and irises (the subject's left and
 # right: the subject's right eye is on the image's left). A pose image draws most of them, not all: the eyes,
 # eyebrows, lips and the face oval without its forehead arc, as 17 parts in 13 colours; the irises and the
 # full oval are left out (`landmarks.POSE_PARTS`).
 
-# %%
+# %% tags=["core"]
 for name, idx in L.GROUPS.items():
     print(f"{name:14s} {len(idx):3d} points, e.g. {idx[:4]}")
 
-# %%
+# %% tags=["core"]
 colours = plt.cm.tab10(np.linspace(0, 1, 10))
 fig, axes = plt.subplots(1, 2, figsize=(11, 5.5))
 axes[0].imshow(astronaut[40:220, 130:320])
@@ -105,20 +105,20 @@ for ax in axes:
 fig.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # **Re-derive:** `.pixels` is `.normalized` scaled to pixels with integer values at pixel *centres*
 # (mediapipe's 0 and 1 are the image's outer edges, so subtract half a pixel).
 
-# %%
+# %% tags=["core"]
 mine = face.normalized[:, :2] * np.float32(512) - np.float32(0.5)  # [0, 1] edges -> pixel centres
 torch.testing.assert_close(torch.from_numpy(mine), torch.from_numpy(face.pixels))
 print("pixels = normalized * size - 0.5: matches")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # Rotate the photo by 20° about the nose tip: the detected landmarks should move exactly as the image did.
 # This is how the tests check detection without hand-labelled data.
 
-# %%
+# %% tags=["core"]
 M = cv2.getRotationMatrix2D(tuple(float(c) for c in face.pixels[4]), 20, 1.0)  # (2, 3) affine
 rotated = cv2.warpAffine(astronaut, M, (512, 512), borderMode=cv2.BORDER_REFLECT)
 with L.FaceLandmarker() as landmarker:
@@ -127,17 +127,17 @@ expected = face.pixels @ M[:, :2].T + M[:, 2]  # the original landmarks, moved l
 err = np.linalg.norm(face_rot.pixels - expected, axis=1)
 print("landmarks moved with the image (mean error < 3 px):", bool(err.mean() < 3))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # No face, no landmarks: a clear error that names the image.
 
-# %%
+# %% tags=["core"]
 try:
     with L.FaceLandmarker() as landmarker:
         landmarker.detect(skimage.data.chelsea(), name="chelsea the cat")
 except L.NoFaceError as e:
     print("NoFaceError:", e)
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 2. The pose image
 #
 # AniPortrait (`src/utils/draw_util.py`) draws landmarks as **lines only** on black: a face oval without the
@@ -149,12 +149,12 @@ except L.NoFaceError as e:
 #   the frame size. `anim_lab` draws at the frame size directly, with the thickness scaled
 #   (`pose_thickness`: 2 px at 512, at least 1). Both ways are compared below.
 
-# %%
+# %% tags=["core"]
 for name, path, colour in L.POSE_PARTS:
     print(f"{name:24s} {len(path) - 1:2d} edges  colour {colour}")
 print("thickness at 128 / 512 / 1024 px:", [L.pose_thickness(s, s) for s in (128, 512, 1024)])
 
-# %%
+# %% tags=["core"]
 pose_img = L.draw_pose_image(face.pixels, 512, 512)  # (512, 512, 3) uint8
 print("pose image:", pose_img.shape, pose_img.dtype)
 print("distinct colours (incl. black):", len({tuple(c) for c in pose_img.reshape(-1, 3)}))
@@ -165,13 +165,13 @@ fig = viz.image_grid(
 )
 plt.show()
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # **Two ways to draw at another size.** AniPortrait's way (512×512 canvas, 2 px, then `cv2.resize` with its
 # default bilinear interpolation) against the library's (draw at the target size, thickness scaled), at
 # 128×128 and at a non-square 256×384 (H × W) frame, from the same normalized landmarks:
 
 
-# %%
+# %% tags=["core"]
 def aniportrait_way(normalized, height, width):
     canvas = L.draw_pose_image(normalized, 512, 512, normalized=True, thickness=2)  # always 512 x 512
     return cv2.resize(canvas, (width, height))  # (512, 512, 3) -> (H, W, 3), bilinear
@@ -212,7 +212,7 @@ crops = [
 fig = viz.image_grid(crops, list(drawn), ncols=4, figsize=(13, 3.6))
 plt.show()
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # - Resizing the canvas **blends colours**: the bilinear filter mixes each line with black and with its
 #   neighbours, so most lit pixels are no longer one of the 13 part colours; a PoseGuider trained on images
 #   drawn this way for frames other than 512×512 (at 512 nothing is resized) has learned soft, dimmer lines.
@@ -227,7 +227,7 @@ plt.show()
 # line width. We check it for the 8 lip arcs with a point-to-segment distance written here.
 
 
-# %%
+# %% tags=["core"]
 def distance_to_segments(points, segments):
     """(N, 2) points, list of (a, b) -> (N,) distance to the nearest segment."""
     best = np.full(len(points), np.inf)
@@ -514,7 +514,7 @@ print("largest error is on the face oval:", max(region, key=region.get) == "face
 # the detector's idea of where a jaw should be wins. How far does detection go as the head turns? Solution 5
 # below measures it from 0° to 75° of yaw.
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## Summary
 #
 # - mediapipe's face mesh gives 478 points (468 + 10 iris) as normalized x, y and relative z;
@@ -626,3 +626,85 @@ with L.FaceLandmarker() as landmarker:
             errs.append(np.linalg.norm(detected - truth, axis=1).mean())
         mean_err = f"{np.mean(errs):.1f} px" if errs else "-"
         print(f"yaw {yaw:2d}: detected {len(errs)}/6, mean error {mean_err}")
+
+# %% [markdown] tags=["core"]
+# ## Lab (graded)
+#
+# Three exercises, graded by nbgrader (`chapters/LABS.md`). Each builds its own inputs, so this section runs
+# on its own after the cell below; the checks compare *your* function with the library's on random inputs
+# and shapes. Write your code where it says `YOUR CODE HERE`, then run the check under it.
+
+# %% tags=["core"]
+import numpy as np
+
+from anim_lab import landmarks as lab_landmarks
+from anim_lab import toy as lab_toy
+
+# %% [markdown] tags=["core"]
+# ### Exercise 1 (3 points): the toy world's head rotation
+# Write `my_rotation_matrix(yaw, pitch, roll)`, angles in degrees: the `(3, 3)` rotation
+# $R = R_z(\text{roll})\,R_x(\text{pitch})\,R_y(\text{yaw})$ in the template frame (x right, y up, z towards
+# the camera), each factor the usual right-handed rotation about its axis.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch01_rotation_matrix", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_rotation_matrix(yaw, pitch, roll):
+    ### BEGIN SOLUTION
+    y, p, r = np.deg2rad([yaw, pitch, roll])
+    ry = np.array([[np.cos(y), 0, np.sin(y)], [0, 1, 0], [-np.sin(y), 0, np.cos(y)]])
+    rx = np.array([[1, 0, 0], [0, np.cos(p), -np.sin(p)], [0, np.sin(p), np.cos(p)]])
+    rz = np.array([[np.cos(r), -np.sin(r), 0], [np.sin(r), np.cos(r), 0], [0, 0, 1]])
+    return rz @ rx @ ry
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch01_rotation_matrix_check", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert my_rotation_matrix is not lab_toy.rotation_matrix
+rng = np.random.default_rng(1)
+for yaw, pitch, roll in [(30, 0, 0), (0, -20, 0), (0, 0, 15), *rng.uniform(-60, 60, (5, 3))]:
+    np.testing.assert_allclose(
+        my_rotation_matrix(yaw, pitch, roll), lab_toy.rotation_matrix(yaw, pitch, roll), atol=1e-12
+    )
+print("my_rotation_matrix matches toy.rotation_matrix on 3 single-axis and 5 random poses")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 2 (2 points): the edges of a landmark path
+# A pose image draws each landmark group as a path through its points. Write `my_path_edges(path)`: the set of
+# the path's edges, each an unordered pair written as a sorted tuple: `(5, 2, 9) -> {(2, 5), (2, 9)}`.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch01_path_edges", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_path_edges(path):
+    ### BEGIN SOLUTION
+    return {tuple(sorted(pair)) for pair in zip(path[:-1], path[1:], strict=True)}
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch01_path_edges_check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert my_path_edges is not lab_landmarks.path_edges
+rng = np.random.default_rng(2)
+paths = [(5, 2, 9), (1,), tuple(range(10)), *(tuple(rng.integers(0, 478, n).tolist()) for n in (2, 7, 40))]
+for path in paths:
+    assert set(my_path_edges(path)) == lab_landmarks.path_edges(path), path
+print(f"my_path_edges matches landmarks.path_edges on {len(paths)} paths")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 3 (2 points): a measured question
+# Render `toy.identity_from_seed(5)` in the neutral pose at 128 px (`toy.render`). What fraction of the image
+# lies inside the face oval of the landmarks the renderer returns (`landmarks.face_mask`)? Store it, a float,
+# in `oval_fraction`.
+
+# %% nbgrader={"grade": false, "grade_id": "ch01_oval_fraction", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core"]
+### BEGIN SOLUTION
+image, landmarks_128 = lab_toy.render(lab_toy.identity_from_seed(5), size=128)
+oval_fraction = float(lab_landmarks.face_mask(landmarks_128, 128).mean())
+### END SOLUTION
+print(f"the face oval covers {oval_fraction:.1%} of the frame")
+
+# %% nbgrader={"grade": true, "grade_id": "ch01_oval_fraction_check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert isinstance(oval_fraction, float) and 0 < oval_fraction < 1
+### BEGIN HIDDEN TESTS
+_, _lmk = lab_toy.render(lab_toy.identity_from_seed(5), size=128)
+assert abs(oval_fraction - lab_landmarks.face_mask(_lmk, 128).mean()) < 0.01
+### END HIDDEN TESTS
+print("oval_fraction is a fraction")

@@ -10,7 +10,7 @@
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # # Chapter 02 — VAE latents
 #
 # *Where the denoising happens: an 8× smaller, 4-channel picture of each frame, made by a variational
@@ -31,7 +31,7 @@
 # weights ship with the package in `anim_lab/assets/toy_vae/` (diffusers layout) and load with
 # `from_pretrained`.
 
-# %%
+# %% tags=["core"]
 # NBVAL_IGNORE_OUTPUT
 import copy
 import json
@@ -57,7 +57,7 @@ np.set_printoptions(precision=3, suppress=True)
 torch.set_printoptions(precision=3, sci_mode=False)
 print(f"anim_lab {anim_lab.__version__}, torch {torch.__version__}, diffusers {diffusers.__version__}")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 1. Pixels in, latents out
 #
 # - `AutoencoderKL` (diffusers) is the VAE of Stable Diffusion: an encoder with 3 stride-2 downsamplings (8×)
@@ -66,7 +66,7 @@ print(f"anim_lab {anim_lab.__version__}, torch {torch.__version__}, diffusers {d
 # - Images are `(B, 3, H, W)` in [-1, 1]; latents are `(B, 4, H/8, W/8)`. A 128-px portrait becomes 4 × 16 ×
 #   16 = 1024 numbers, 48× fewer than its 49,152 pixel values.
 
-# %%
+# %% tags=["core"]
 vae = V.load_toy_vae()
 print("block_out_channels:", vae.config.block_out_channels, " latent_channels:", vae.config.latent_channels)
 print(
@@ -101,7 +101,7 @@ print(
 print("PSNR per image (dB):", metrics.psnr(recon, images).numpy().round(0))
 
 
-# %%
+# %% tags=["core"]
 def to_01(x):  # (B, 3, H, W) in [-1, 1] -> list of (H, W, 3) in [0, 1]
     return list(rearrange((x.clamp(-1, 1) + 1) / 2, "b c h w -> b h w c").numpy())
 
@@ -117,7 +117,7 @@ fig = viz.image_grid(
 viz.save(fig, "ch02_reconstructions")
 plt.show()
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # Colours, pose, hair, eyes and mouth come back. What error remains sits on edges and in textures: there the
 # decoder draws detail that is plausible rather than pixel-exact, which is what it was trained for (section 6
 # shows why a decoder trained on a pixel loss alone blurs instead).
@@ -132,7 +132,7 @@ plt.show()
 #   and runs on mean ones. How far apart are the two? Measured below.
 # - Re-derive a sample by hand and check it against the library:
 
-# %%
+# %% tags=["core"]
 with torch.no_grad():
     dist = V.encode_latent_dist(vae, images[:1])  # unscaled N(mean, std^2) over (1, 4, 16, 16)
     s = vae.config.scaling_factor
@@ -152,7 +152,7 @@ with torch.no_grad():
     psnr_sample = metrics.psnr(V.decode(vae, sample), images[:1]).item()
 print(f"PSNR decoding the mean: {psnr_mean:.0f} dB, decoding a sample: {psnr_sample:.0f} dB")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # The posterior is narrow: the KL weight in training is tiny (1e-6: SD's VAE uses the same coefficient, but
 # on a reconstruction loss summed over each image's pixels, where the toy's loss (L1, section 6) is a mean
 # over them, so relative to reconstruction the toy's KL weighs about 10⁴ times more: 3 × 64 × 64 = 12,288
@@ -173,7 +173,7 @@ print(f"PSNR decoding the mean: {psnr_mean:.0f} dB, decoding a sample: {psnr_sam
 #   `scaling_factor`).
 # - The recipe works for any VAE: encode a dataset, take `1 / std`. Here on 128 training frames:
 
-# %%
+# %% tags=["core"]
 train_ids = list(toy.identity_split("train"))[:128]
 poses = [toy.HeadPose(yaw=rng.uniform(-25, 25), pitch=rng.uniform(-10, 10)) for _ in train_ids]
 batch = np.stack(
@@ -194,7 +194,7 @@ print(
 print(f"std after scaling: {(z * vae.config.scaling_factor).std():.2f}")
 print(f"SD: 1 / 0.18215 = {1 / 0.18215:.2f} is the std that was measured for SD's VAE")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # The toy VAE's latents have a std of about 1.2 already, so scaling shrinks them by only a sixth. To see the
 # recipe at work, build a VAE whose latents are far from unit scale: the same weights, with the encoder's
 # output (`quant_conv`) changed so that the mean is multiplied by 5.49, SD's std, and the log-variance is
@@ -202,7 +202,7 @@ print(f"SD: 1 / 0.18215 = {1 / 0.18215:.2f} is the std that was measured for SD'
 # divided by 5.49. It is the same autoencoder (the decoded images do not change), but its
 # raw latents are 5.49× larger, as SD's are.
 
-# %%
+# %% tags=["core"]
 k = 5.49
 big = copy.deepcopy(vae)
 with torch.no_grad():
@@ -220,7 +220,7 @@ print("same decoded images: True")
 print(f"std of its unscaled latents: {z_big.std():.2f} -> factor {big.config.scaling_factor:.3f}")
 print(f"std after scaling: {(z_big * big.config.scaling_factor).std():.2f}")
 
-# %%
+# %% tags=["core"]
 fig, axes = plt.subplots(2, 2, figsize=(10, 5.6))
 grid = np.linspace(-12, 12, 400)
 for row, (latent, factor_k, name) in enumerate(
@@ -241,7 +241,7 @@ axes[0, 1].legend(fontsize=7)
 fig.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # The channels differ in centre and shape, but after scaling their overall spread matches the noise; for the
 # 5.49× VAE the unscaled latents are far wider than the N(0, 1) the sampler starts from. What goes wrong
 # without scaling: the signal-to-noise ratio at step t is
@@ -250,7 +250,7 @@ plt.show()
 # sampler's starting point assumes; unscaled SD latents (std 5.49) would still be 30× stronger there, so
 # "pure noise" at inference would never match what the UNet saw in training:
 
-# %%
+# %% tags=["core"]
 sched = DDPMScheduler(
     beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000
 )
@@ -475,7 +475,7 @@ fig.tight_layout()
 viz.save(fig, "ch02_training_curve")
 plt.show()
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## Summary
 #
 # - A VAE turns `(B, 3, H, W)` images in [-1, 1] into `(B, 4, H/8, W/8)` latents; videos go through it frame
@@ -573,3 +573,102 @@ sd_video = torch.empty(1, 3, 24, 512, 512, device="meta")  # (B, 3, F, H, W)
 sd_latents = V.encode_video(sd_vae, sd_video, chunk_size=8)  # 3 calls of 8 frames
 print("video", tuple(sd_video.shape), "-> latents", tuple(sd_latents.shape))
 print("decoded back:", tuple(V.decode_video(sd_vae, sd_latents, chunk_size=1).shape))
+
+# %% [markdown] tags=["core"]
+# ## Lab (graded)
+#
+# Three exercises, graded by nbgrader (`chapters/LABS.md`). Each builds its own inputs, so this section runs
+# on its own after the cell below; the checks compare *your* function with the library's on random inputs
+# and shapes. Write your code where it says `YOUR CODE HERE`, then run the check under it.
+
+# %% tags=["core"]
+import numpy as np
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from anim_lab import toy as lab_toy
+from anim_lab import vae as lab_vae
+
+# %% [markdown] tags=["core"]
+# ### Exercise 1 (2 points): model output back to pictures
+# Write `my_images_to_uint8(images)`: model output `(..., 3, H, W)` in [-1, 1] (values outside are clamped) to
+# uint8 pictures `(..., H, W, 3)`, a numpy array, rounded to the nearest integer: the inverse of
+# $x / 127.5 - 1$.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch02_images_to_uint8", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_images_to_uint8(images):
+    ### BEGIN SOLUTION
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.movedim(-3, -1).numpy()  # (..., 3, H, W) -> (..., H, W, 3)
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch02_images_to_uint8_check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert my_images_to_uint8 is not lab_vae.images_to_uint8
+gen = torch.Generator().manual_seed(2)
+for shape in [(1, 3, 8, 8), (2, 3, 5, 7), (3, 5, 3, 4, 6), (3, 16, 16)]:
+    images = torch.randn(shape, generator=gen) * 0.7  # some values outside [-1, 1]
+    mine = my_images_to_uint8(images)
+    assert isinstance(mine, np.ndarray) and mine.dtype == np.uint8, type(mine)
+    np.testing.assert_array_equal(mine, lab_vae.images_to_uint8(images))
+print("my_images_to_uint8 matches vae.images_to_uint8 on 4 shapes")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 2 (3 points): a sample of the latent distribution
+# The encoder outputs `parameters` `(B, 2C, h, w)`: the mean on the first C channels, the log-variance on the
+# last C. Write `my_sample_latents(parameters, generator)`: the log-variance clamped to [-30, 20], then
+# mean + std · ε with ε ~ N(0, I) drawn by `torch.randn(mean.shape, generator=generator)` (that exact call,
+# so that the draw is the library's).
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch02_sample_latents", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_sample_latents(parameters, generator):
+    ### BEGIN SOLUTION
+    mean, logvar = parameters.chunk(2, dim=1)  # (B, 2C, h, w) -> 2 x (B, C, h, w)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    return mean + std * torch.randn(mean.shape, generator=generator)
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch02_sample_latents_check", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+gen = torch.Generator().manual_seed(3)
+for shape in [(1, 8, 4, 4), (2, 8, 3, 5), (4, 2, 6, 6)]:
+    parameters = torch.randn(shape, generator=gen) * 3
+    expected = DiagonalGaussianDistribution(parameters).sample(generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(my_sample_latents(parameters, torch.Generator().manual_seed(9)), expected)
+print("my_sample_latents matches diffusers' DiagonalGaussianDistribution.sample on 3 shapes")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 3 (2 points): a measured question
+# Section 3 measured the scaling factor on latent *samples*. Measure it on the latent *means* instead: render
+# the first 8 training identities (`toy.identity_split("train")`) in the neutral pose at 128 px, encode them
+# with the toy VAE (`vae.load_toy_vae()`, `vae.encode_latent_dist(...).mean`, unscaled) and store
+# $1/\text{std}$ in `factor_from_means` (a float).
+
+# %% nbgrader={"grade": false, "grade_id": "ch02_factor_from_means", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core"]
+### BEGIN SOLUTION
+lab_toy_vae = lab_vae.load_toy_vae()
+ids = list(lab_toy.identity_split("train"))[:8]
+frames = np.stack([lab_toy.render(lab_toy.identity_from_seed(i), size=128)[0] for i in ids])
+with torch.no_grad():
+    means = lab_vae.encode_latent_dist(lab_toy_vae, lab_vae.images_from_uint8(frames)).mean
+factor_from_means = lab_vae.scaling_factor_from_latents(means)
+### END SOLUTION
+print(f"scaling factor from the latent means: {factor_from_means:.3f}")
+
+# %% nbgrader={"grade": true, "grade_id": "ch02_factor_from_means_check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert isinstance(factor_from_means, float) and factor_from_means > 0
+### BEGIN HIDDEN TESTS
+_vae = lab_vae.load_toy_vae()
+_frames = np.stack(
+    [
+        lab_toy.render(lab_toy.identity_from_seed(i), size=128)[0]
+        for i in list(lab_toy.identity_split("train"))[:8]
+    ]
+)
+with torch.no_grad():
+    _means = lab_vae.encode_latent_dist(_vae, lab_vae.images_from_uint8(_frames)).mean
+assert abs(factor_from_means / lab_vae.scaling_factor_from_latents(_means) - 1) < 0.01
+### END HIDDEN TESTS
+print("factor_from_means is a positive float")

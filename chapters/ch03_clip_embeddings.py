@@ -10,7 +10,7 @@
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # # Chapter 03 — CLIP image embeddings
 #
 # *AnimateAnyone has no text prompt: the UNet's cross-attention reads one CLIP embedding of the reference
@@ -37,7 +37,7 @@
 # vocabulary. Its image tower is saved apart as a `CLIPVisionModelWithProjection` — the image encoder of the
 # toy animation models.
 
-# %%
+# %% tags=["core"]
 # NBVAL_IGNORE_OUTPUT
 import json
 from collections import Counter
@@ -64,7 +64,7 @@ np.set_printoptions(precision=3, suppress=True)
 torch.set_printoptions(precision=3, sci_mode=False)
 print(f"anim_lab {anim_lab.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 1. CLIP's preprocessing, in torch
 #
 # `CLIPImageProcessor` does three things: resize the **shortest edge** (bicubic), **centre crop** a square,
@@ -74,7 +74,7 @@ print(f"anim_lab {anim_lab.__version__}, torch {torch.__version__}, transformers
 # background and collar stay in view. `ClipPreprocess` is the same in torch, on `(B, 3, H, W)` images in
 # [-1, 1]:
 
-# %%
+# %% tags=["core"]
 rng = np.random.default_rng(0)
 test_ids = list(toy.identity_split("test"))
 u8 = np.stack(
@@ -101,7 +101,7 @@ print(
 sd = C.ClipPreprocess()  # SD's image encoder: 224 / 224
 print("SD-size pixel_values:", tuple(sd(images).shape))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 2. From image to one cross-attention token
 #
 # - The vision transformer cuts the image into patches (toy: 96 px / 12 = 8 × 8 = 64 patches; ViT-L/14: 224 /
@@ -110,7 +110,7 @@ print("SD-size pixel_values:", tuple(sd(images).shape))
 #   `encoder_hidden_states`.
 # - At real size nothing changes but the numbers — here on the meta device (no weights, no memory):
 
-# %%
+# %% tags=["core"]
 image_encoder = C.load_toy_image_encoder()
 with torch.no_grad():
     tokens = C.encode_image(image_encoder, images, preprocess)  # (4, 3, 128, 128) -> (4, 1, 64)
@@ -129,14 +129,14 @@ print(
 )
 print(f"ViT-L/14 image encoder: {sum(p.numel() for p in vit_l.parameters()) / 1e6:.1f}M parameters")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # Inside the UNet, each cross-attention layer (`attn2` in diffusers) projects the feature map to queries and
 # the tokens to keys and values. SD1.5's first block: 320 channels, 64 × 64 positions at 512 px, 8 heads,
 # context 768. With **one** token, the softmax over keys has a single entry, equal to 1 — every position
 # receives the same vector `to_out(to_v(token))`. The image embedding acts as a global, position-independent
 # signal:
 
-# %%
+# %% tags=["core"]
 with torch.device("meta"):
     attn = Attention(query_dim=320, cross_attention_dim=768, heads=8, dim_head=40)
 feature_map = torch.empty(2, 64 * 64, 320, device="meta")  # (B, h*w, C): the flattened 64 x 64 feature map
@@ -156,7 +156,7 @@ with torch.no_grad():
 torch.testing.assert_close(attended, by_hand.expand_as(attended), atol=1e-5, rtol=1e-5)
 print("one token: every query position gets to_out(to_v(token)) — matches the attention layer")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 3. Zeros as the unconditional input
 #
 # Classifier-free guidance runs the UNet twice, with and without the condition. Moore-AnimateAnyone makes the
@@ -165,7 +165,7 @@ print("one token: every query position gets to_out(to_v(token)) — matches the 
 # information. The embedding of a *blank* image would not: it is a real point in embedding space, with content
 # of its own.
 
-# %%
+# %% tags=["core"]
 uncond = C.uncond_tokens_like(tokens)  # (4, 1, 64) zeros
 blank = torch.zeros(1, 3, 128, 128)  # a mid-grey image
 with torch.no_grad():
@@ -182,7 +182,7 @@ cfg_context = torch.cat(
 )  # (2B, 1, D): unconditional rows first, as in the reference pipeline
 print("encoder_hidden_states under CFG:", tuple(cfg_context.shape))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # **Training drops the condition differently.** Moore-AnimateAnyone's training scripts, with probability
 # `uncond_ratio = 0.1`, replace the reference's CLIP *input* by zeros (`torch.zeros_like(clip_img)`, i.e. an
 # all-zero `pixel_values`: after normalisation, an image of CLIP's mean colour) and run it **through the image
@@ -190,7 +190,7 @@ print("encoder_hidden_states under CFG:", tuple(cfg_context.shape))
 # for the unconditional rows (and reads no bank for them). The bank side matches; the token does not. What
 # the UNet learned as "no condition" is the embedding of a zero image, not the zero vector. How far apart?
 
-# %%
+# %% tags=["core"]
 with torch.no_grad():
     train_uncond = C.image_embeds_to_tokens(
         image_encoder(pixel_values=torch.zeros(1, 3, 96, 96)).image_embeds
@@ -219,7 +219,7 @@ print(
     [round(gap(out_portraits[0], out_portraits[i]), 2) for i in (1, 2, 3)],
 )
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # The zero-image token is a full-size embedding, as long as a portrait's. Through a (random, toy-sized)
 # cross-attention layer, its output is almost as far from the zero token's output (the `to_out` bias) as two
 # different portraits' outputs are from each other. So at inference the unconditional branch gets an input the
@@ -684,3 +684,113 @@ print(
     f"1 token: {human(flops[1], 'FLOP')}, 77 tokens: {human(flops[77], 'FLOP')}, ratio "
     f"{flops[77] / flops[1]:.2f}"
 )
+
+# %% [markdown] tags=["core"]
+# ## Lab (graded)
+#
+# Three exercises, graded by nbgrader (`chapters/LABS.md`). Each builds its own inputs, so this section runs
+# on its own after the cell below; the checks compare *your* function with the library's on random inputs
+# and shapes. Write your code where it says `YOUR CODE HERE`, then run the check under it.
+
+# %% tags=["core"]
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from anim_lab import clip as lab_clip
+from anim_lab import toy as lab_toy
+from anim_lab import vae as lab_vae
+
+# %% [markdown] tags=["core"]
+# ### Exercise 1 (3 points): CLIP's preprocessing, in torch
+# Write `my_clip_preprocess(images, size, crop_size, mean, std)`: `(B, 3, H, W)` in [-1, 1] to
+# `(B, 3, crop_size, crop_size)`. Map to [0, 1]; resize so that the shortest edge is `size` and the long edge
+# `int(size * long / short)` (bicubic, antialiased, clamped to [0, 1]; skip the resize when the size does not
+# change); centre-crop with the top-left corner at `((H' - crop) // 2, (W' - crop) // 2)`; normalise per
+# channel with `mean` and `std`.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch03_clip_preprocess", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_clip_preprocess(images, size, crop_size, mean, std):
+    ### BEGIN SOLUTION
+    x = (images.float() + 1) / 2  # [-1, 1] -> [0, 1]
+    h, w = images.shape[-2:]
+    short, long = min(h, w), max(h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_hw = (new_short, new_long) if h <= w else (new_long, new_short)
+    if new_hw != (h, w):
+        x = F.interpolate(x, size=new_hw, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    top, left = (new_hw[0] - crop_size) // 2, (new_hw[1] - crop_size) // 2
+    x = x[:, :, top : top + crop_size, left : left + crop_size]
+    return (x - torch.tensor(mean)[None, :, None, None]) / torch.tensor(std)[None, :, None, None]
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch03_clip_preprocess_check", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+gen = torch.Generator().manual_seed(3)
+cases = [
+    ((2, 3, 64, 64), 32, 32),
+    ((1, 3, 48, 80), 40, 36),
+    ((2, 3, 90, 50), 24, 20),
+    ((1, 3, 28, 28), 28, 28),
+]
+for shape, size, crop in cases:
+    images = torch.rand(shape, generator=gen) * 2 - 1
+    mean, std = (
+        tuple(torch.rand(3, generator=gen).tolist()),
+        tuple((torch.rand(3, generator=gen) + 0.2).tolist()),
+    )
+    expected = lab_clip.ClipPreprocess(size, crop, mean, std)(images)
+    torch.testing.assert_close(my_clip_preprocess(images, size, crop, mean, std), expected)
+print(f"my_clip_preprocess matches clip.ClipPreprocess on {len(cases)} image sizes")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 2 (2 points): all-pairs cosine similarity
+# Write `my_cosine_similarity_matrix(a, b)`: `(N, D)` and `(M, D)` to the `(N, M)` matrix of cosine
+# similarities (in float32).
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch03_cosine_similarity_matrix", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_cosine_similarity_matrix(a, b):
+    ### BEGIN SOLUTION
+    return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch03_cosine_similarity_matrix_check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert my_cosine_similarity_matrix is not lab_clip.cosine_similarity_matrix
+gen = torch.Generator().manual_seed(4)
+for n, m, d in [(3, 5, 8), (1, 1, 64), (7, 2, 3)]:
+    a, b = torch.randn(n, d, generator=gen), torch.randn(m, d, generator=gen) * 10
+    torch.testing.assert_close(my_cosine_similarity_matrix(a, b), lab_clip.cosine_similarity_matrix(a, b))
+print("my_cosine_similarity_matrix matches clip.cosine_similarity_matrix on 3 shapes")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 3 (2 points): a measured question
+# How much does the toy CLIP's token change when the head turns? Render `toy.identity_from_seed(3)` at 128 px
+# with `toy.HeadPose(yaw=-25)` and with `toy.HeadPose(yaw=25)`, encode both with the toy image encoder
+# (`clip.load_toy_image_encoder()`, `clip.encode_image` with its default preprocessing) and store the cosine
+# similarity of the two tokens, a float, in `pose_similarity`.
+
+# %% nbgrader={"grade": false, "grade_id": "ch03_pose_similarity", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core"]
+### BEGIN SOLUTION
+lab_encoder = lab_clip.load_toy_image_encoder()
+frames = [
+    lab_toy.render(lab_toy.identity_from_seed(3), lab_toy.HeadPose(yaw=y), size=128)[0] for y in (-25, 25)
+]
+with torch.no_grad():
+    tokens = lab_clip.encode_image(lab_encoder, lab_vae.images_from_uint8(np.stack(frames)))  # (2, 1, D)
+pose_similarity = float(lab_clip.cosine_similarity(tokens[0, 0], tokens[1, 0]))
+### END SOLUTION
+print(f"cosine similarity of the two tokens: {pose_similarity:.3f}")
+
+# %% nbgrader={"grade": true, "grade_id": "ch03_pose_similarity_check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert isinstance(pose_similarity, float) and -1 <= pose_similarity <= 1
+### BEGIN HIDDEN TESTS
+_enc = lab_clip.load_toy_image_encoder()
+_x = [lab_toy.render(lab_toy.identity_from_seed(3), lab_toy.HeadPose(yaw=y), size=128)[0] for y in (-25, 25)]
+with torch.no_grad():
+    _t = lab_clip.encode_image(_enc, lab_vae.images_from_uint8(np.stack(_x)))
+assert abs(pose_similarity - float(lab_clip.cosine_similarity(_t[0, 0], _t[1, 0]))) < 0.01
+### END HIDDEN TESTS
+print("pose_similarity is a cosine")

@@ -10,7 +10,7 @@
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # # Chapter 04 — UNet blocks, the video UNet and its motion module
 #
 # *Stable Diffusion 1.5's UNet, taken apart block by block, applied to every frame of a video, and joined
@@ -33,7 +33,7 @@
 # Full-size shapes come from the `meta` device (shapes, no numbers); every numerical experiment runs on the
 # TINY preset — the same structure with small widths — on the CPU.
 
-# %%
+# %% tags=["core"]
 # NBVAL_IGNORE_OUTPUT
 import diffusers
 import matplotlib
@@ -60,7 +60,7 @@ print(
     f"matplotlib {matplotlib.__version__}"
 )
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 1. Four normalisations, one feature tensor
 #
 # - A normalisation subtracts a mean and divides by a standard deviation; the four kinds differ only in
@@ -76,7 +76,7 @@ print(
 #   ($\gamma, \beta$ per channel; BatchNorm keeps running averages of $\mu, \sigma^2$ for inference).
 # - A real feature tensor: the output of the first resnet of a TINY video UNet, 2 videos × 4 frames.
 
-# %%
+# %% tags=["core"]
 tiny = VideoUNet(TINY.unet, MOTION_TINY).eval()  # random weights, zero-initialised motion modules
 B, F, S = 2, 4, 16
 latents = torch.randn(B, 4, F, S, S)  # (B, C, F, H, W)
@@ -89,11 +89,11 @@ x = seen["x"]  # (B*F, C, H, W): the frames of both videos as one batch
 N, C, H, W = x.shape
 print("feature tensor:", tuple(x.shape))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # Each normalisation by hand — a mean and a variance over the pooled axes — checked against `torch.nn`:
 
 
-# %%
+# %% tags=["core"]
 def normalise(v, dims, eps):
     return (v - v.mean(dims, keepdim=True)) / torch.sqrt(v.var(dims, keepdim=True, unbiased=False) + eps)
 
@@ -131,7 +131,7 @@ print(format_table(rows, ["norm", "averages over", "means", "values per mean"]))
 print("all four re-derivations match torch.nn: True")
 
 
-# %%
+# %% tags=["core"]
 def show_pooling(ax, title, colour_of):
     """An N x C grid (samples x channels); cells that share one mean have one colour."""
     grid = torch.tensor([[colour_of(n, c) for c in range(C)] for n in range(N)], dtype=torch.float32)
@@ -157,7 +157,7 @@ show_pooling(
 fig.tight_layout()
 plt.show()
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # Where each one is used in the denoising UNet (SD15 size, counted on the meta device):
 # - **GroupNorm**: in every resnet (`norm1`, `norm2`), before every spatial transformer and every motion
 #   module, and in the output head. It does not depend on the batch, so a frame's result does not depend on
@@ -165,19 +165,19 @@ plt.show()
 # - **LayerNorm**: inside every transformer block (spatial: `norm1..3`; temporal: `norms.0/1`, `ff_norm`).
 # - **BatchNorm**: nowhere in the UNet (only in AniPortrait's pose guider); **InstanceNorm**: nowhere.
 
-# %%
+# %% tags=["core"]
 with torch.device("meta"):
     denoiser = VideoUNet(SD15.unet, MOTION_SD15)
 kinds = [type(m).__name__ for m in denoiser.modules()]
 print({k: kinds.count(k) for k in ("GroupNorm", "LayerNorm", "BatchNorm2d", "InstanceNorm2d")})
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # **The per-frame trap.** A motion module sees a whole video. If its GroupNorm runs on `(B, C, F, H, W)` it
 # pools statistics over all frames (diffusers' `AnimateDiffTransformer3D` does this); the AnimateDiff
 # checkpoints were trained with a GroupNorm on `(B·F, C, H, W)`, one frame at a time. Give the frames a
 # brightness ramp and compare:
 
-# %%
+# %% tags=["core"]
 ramp = torch.tensor([-1.5, -0.5, 0.5, 1.5])  # one offset per frame, e.g. a fade-in
 video = rearrange(x, "(b f) c h w -> b c f h w", f=F) + ramp[None, None, :, None, None]  # (B, C, F, H, W)
 norm = nn.GroupNorm(G, C, eps=1e-6, affine=False)
@@ -188,7 +188,7 @@ print("per frame: every frame has mean 0:", torch.allclose(frame_means, torch.ze
 print("across frames: frame means", [round(v, 1) for v in across.mean((0, 1, 3, 4)).tolist()])
 print("largest difference between the two:", round((per_frame - across).abs().max().item(), 1))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 2. Channels and resolution through SD1.5's UNet
 #
 # - A shape trace on the meta device (one 512×512 frame → 64×64 latents): every resnet, downsampler and
@@ -198,7 +198,7 @@ print("largest difference between the two:", round((per_frame - across).abs().ma
 #   skip, so its input width is `C + C_skip` (e.g. 2560 = 1280 + 1280), and a 1×1 `conv_shortcut` brings the
 #   residual back.
 
-# %%
+# %% tags=["core"]
 with torch.device("meta"):
     unet2d_sd = VideoUNet(SD15.unet, None)  # the 2D part only
     frame = torch.empty(1, 4, 1, 64, 64)  # (B, C, F, H, W): one frame
@@ -224,7 +224,7 @@ print(
     )
 )
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # Why concatenate rather than add? An up resnet sends its input `[h, s]` (decoder features `h`, skip `s`)
 # down two paths (section 3 re-derives the block). The 1×1 `conv_shortcut` sees it raw: with the same weights
 # for both halves it computes `W(h + s)`, so on that path concatenation can add. The main path first
@@ -236,7 +236,7 @@ print(
 # features before the normalisation. Checked with diffusers' `ResnetBlock2D`, weights tied as far as they can
 # be:
 
-# %%
+# %% tags=["core"]
 h, s = torch.randn(2, 8, 6, 6), 3 * torch.randn(2, 8, 6, 6) + 1  # decoder features; a skip of another scale
 add = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=None, groups=4)  # input h + s, 2 ch/group
 cat = ResnetBlock2D(in_channels=16, out_channels=8, temb_channels=None, groups=8, groups_out=4)  # [h, s]
@@ -265,12 +265,12 @@ print(
     f"| their main paths differ by {float((main_cat - main_add).norm() / main_add.norm()):.2f} of its norm",
 )
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # The whole UNet as one picture: height = resolution level, width ∝ channels, arrows = skips. Where are the
 # spatial transformers (self-attention `attn1`, cross-attention `attn2`)? Each `attentions.j` of a block runs
 # right after `resnets.j`; the mid block's one sits between its two resnets. List them from the model itself:
 
-# %%
+# %% tags=["core"]
 cross_sites = [
     n.removesuffix(".transformer_blocks.0.attn2")
     for n, m in unet2d_sd.named_modules()
@@ -280,7 +280,7 @@ attention_after = {n.replace("attentions", "resnets") for n in cross_sites}  # t
 print(f"{len(cross_sites)} cross-attention sites:", ", ".join(n.replace("_blocks", "") for n in cross_sites))
 
 
-# %%
+# %% tags=["core"]
 def draw_unet(trace, figsize=(13, 5.2)):
     stages = [r for r in trace if r.kind in ("ResnetBlock2D", "Downsample2D", "Upsample2D", "Conv2d")]
     fig, ax = plt.subplots(figsize=figsize)
@@ -340,7 +340,7 @@ fig = draw_unet(trace)
 _ = save(fig, "ch04_unet_shapes")
 plt.show()
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 3. How the timestep reaches every resnet
 #
 # - `t` → sinusoidal features (`time_proj`, 320) → a 2-layer MLP (`time_embedding`, 1280): one vector `temb`
@@ -349,7 +349,7 @@ plt.show()
 #   convolution, **as a per-channel shift, the same at every pixel**.
 # - Re-derived by hand for one TINY resnet and checked against diffusers' `ResnetBlock2D`:
 
-# %%
+# %% tags=["core"]
 resnet = tiny.down_blocks[1].resnets[0]  # 32 -> 64 channels, with a 1x1 conv_shortcut
 h_in = torch.randn(3, 32, 8, 8)
 temb = tiny.time_embedding(tiny.time_proj(torch.tensor([10, 500, 990])))  # (3,) -> (3, 128)
@@ -640,7 +640,7 @@ print(
     f"on top of the 2D UNet's {human(count_parameters(unet2d_sd))}"
 )
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## Summary
 # - The four normalisations differ only in which values share a mean; the UNet uses GroupNorm
 #   (batch-independent) around convolutions and LayerNorm inside transformer blocks. A motion module's
@@ -769,3 +769,107 @@ print(
     "same weights, PE before vs after the LayerNorm: same output:",
     torch.allclose(moved(feats, F), reference(feats, F), rtol=1e-4, atol=1e-4),
 )
+
+# %% [markdown] tags=["core"]
+# ## Lab (graded)
+#
+# Three exercises, graded by nbgrader (`chapters/LABS.md`). Each builds its own inputs, so this section runs
+# on its own after the cell below; the checks compare *your* function with the library's on random inputs
+# and shapes. Write your code where it says `YOUR CODE HERE`, then run the check under it.
+
+# %% tags=["core"]
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from anim_lab import motion as lab_motion
+
+# %% [markdown] tags=["core"]
+# ### Exercise 1 (3 points): GroupNorm by hand
+# Write `my_group_norm(x, num_groups, weight, bias, eps=1e-5)` for `x` of shape `(B, C, *spatial)` (images or
+# videos): split the C channels into `num_groups` groups, normalise each (sample, group) over its channels and
+# all spatial positions with the biased variance, then scale and shift per channel. Use no normalisation
+# function of torch.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch04_group_norm", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_group_norm(x, num_groups, weight, bias, eps=1e-5):
+    ### BEGIN SOLUTION
+    b, c = x.shape[:2]
+    groups = x.reshape(b, num_groups, -1)  # (B, C, ...) -> (B, G, C/G * ...)
+    mean = groups.mean(dim=-1, keepdim=True)
+    var = groups.var(dim=-1, unbiased=False, keepdim=True)
+    normed = ((groups - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    shape = (1, c) + (1,) * (x.ndim - 2)
+    return normed * weight.reshape(shape) + bias.reshape(shape)
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch04_group_norm_check", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+gen = torch.Generator().manual_seed(4)
+for shape, groups in [((2, 8, 5, 5), 4), ((1, 32, 3, 4, 4), 32), ((3, 6, 7), 2), ((2, 12, 2, 3, 3), 1)]:
+    x = torch.randn(shape, generator=gen) * 3 + 1
+    weight, bias = torch.randn(shape[1], generator=gen), torch.randn(shape[1], generator=gen)
+    torch.testing.assert_close(my_group_norm(x, groups, weight, bias), F.group_norm(x, groups, weight, bias))
+print("my_group_norm matches torch's group_norm on images, videos and sequences")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 2 (2 points): the motion module's position encoding
+# Write `my_sinusoidal_position_encoding(max_len, dim)`: shape `(1, max_len, dim)`, float32, with
+# $pe[pos, 2i] = \sin(pos / 10000^{2i/dim})$ and $pe[pos, 2i+1] = \cos(pos / 10000^{2i/dim})$.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch04_position_encoding", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_sinusoidal_position_encoding(max_len, dim):
+    ### BEGIN SOLUTION
+    position = torch.arange(max_len, dtype=torch.float32)[:, None]  # (max_len, 1)
+    inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (dim/2,)
+    pe = torch.zeros(1, max_len, dim)
+    pe[0, :, 0::2] = torch.sin(position * inv_freq)
+    pe[0, :, 1::2] = torch.cos(position * inv_freq)
+    return pe
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch04_position_encoding_check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert my_sinusoidal_position_encoding is not lab_motion.sinusoidal_position_encoding
+for max_len, dim in [(32, 320), (24, 8), (5, 2), (64, 1280)]:
+    mine = my_sinusoidal_position_encoding(max_len, dim)
+    torch.testing.assert_close(
+        mine, lab_motion.sinusoidal_position_encoding(max_len, dim), atol=1e-5, rtol=1e-5
+    )
+print("my_sinusoidal_position_encoding matches motion.sinusoidal_position_encoding on 4 sizes")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 3 (3 points): a temporal attention by hand
+# Write `my_temporal_attention(attn, hidden_states, num_frames)`, what a motion module's attention does with
+# `hidden_states` `(B*F, HW, C)`: every spatial position becomes a sequence over the F frames
+# `(B*HW, F, C)`, plus `attn.pos_encoder.pe[:, :F]`; then multi-head self-attention with `attn.to_q`,
+# `attn.to_k`, `attn.to_v` (`attn.heads` heads, softmax scaled by $1/\sqrt{d_{head}}$) and `attn.to_out[0]`;
+# back to `(B*F, HW, C)`.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch04_temporal_attention", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_temporal_attention(attn, hidden_states, num_frames):
+    ### BEGIN SOLUTION
+    hw = hidden_states.shape[1]
+    x = rearrange(hidden_states, "(b f) d c -> (b d) f c", f=num_frames)
+    x = x + attn.pos_encoder.pe[:, :num_frames]
+    q, k, v = (
+        rearrange(proj(x), "n f (h e) -> n h f e", h=attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v)
+    )
+    weights = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(dim=-1)  # (B*HW, heads, F, F)
+    out = attn.to_out[0](rearrange(weights @ v, "n h f e -> n f (h e)"))
+    return rearrange(out, "(b d) f c -> (b f) d c", d=hw)
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch04_temporal_attention_check", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+torch.manual_seed(5)
+gen = torch.Generator().manual_seed(5)
+for batch, frames, hw, dim, heads in [(1, 4, 6, 16, 2), (2, 3, 4, 32, 8), (1, 8, 1, 8, 1)]:
+    attn = lab_motion.temporal_attention(dim, heads, max_len=32).eval()
+    x = torch.randn(batch * frames, hw, dim, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(my_temporal_attention(attn, x, frames), attn(x, num_frames=frames))
+print("my_temporal_attention matches the motion module's attention on 3 shapes")

@@ -10,7 +10,7 @@
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # # Chapter 05 — Reference attention: the ReferenceNet's bank
 #
 # *How AnimateAnyone keeps the reference portrait's appearance: a second UNet encodes the portrait once, and
@@ -41,7 +41,7 @@
 # Full-size shapes and FLOPs come from the `meta` device; sections 1–7 run on the TINY preset with random
 # weights; section 8 uses the trained toy animator shipped in `anim_lab/assets/toy_animator`.
 
-# %%
+# %% tags=["core"]
 # NBVAL_IGNORE_OUTPUT
 import warnings
 
@@ -79,7 +79,7 @@ print(
     f"matplotlib {matplotlib.__version__}"
 )
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 1. The idea in one formula
 #
 # - The ReferenceNet (`reference_unet`) is SD1.5's 2D UNet with its own weights. It runs **once per
@@ -97,7 +97,7 @@ print(
 #
 # anim_lab does it with attention processors and a bank keyed by module name:
 
-# %%
+# %% tags=["core"]
 reference_unet = ReferenceUNet(TINY.unet).eval()
 denoising_unet = VideoUNet(TINY.unet, MOTION_TINY).eval()
 for module in (reference_unet, denoising_unet):  # random nonzero weights everywhere, as after training
@@ -121,14 +121,14 @@ print(
     sorted({type(p).__name__ for p in denoising_unet.attn_processors.values()}),
 )
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 2. What the bank holds, at SD1.5 size
 #
 # - One entry per spatial transformer block: 16 in SD1.5 (down 0–2 × 2, mid × 1, up 1–3 × 3), each
 #   `(B, HW, C)` at that block's resolution and width. Built on the `meta` device: shapes, no memory.
 # - 512×512 pixels → 64×64 latents → 4096 tokens at width 320, 1024 at 640, 256 at 1280 (64 in the mid block).
 
-# %%
+# %% tags=["core"]
 with torch.device("meta"):
     ref_sd15 = ReferenceUNet(SD15.unet)
     den_sd15 = VideoUNet(SD15.unet, MOTION_SD15)
@@ -143,7 +143,7 @@ print(format_table(rows, ["block", "entry (B, HW, C)", "fp16"]))
 bank_bytes = sum(2 * s[0] * s[1] * s[2] for s in entries.values())  # fp16: 2 bytes per value
 print(f"the whole bank, one reference, fp16: {human(bank_bytes, 'B')}")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # With CFG at 512² and a 16-frame window, what each way keeps and builds (fp16):
 #
 # - the reference code runs the ReferenceNet on the CFG-doubled batch (2 rows), keeps the writers' lists and
@@ -151,7 +151,7 @@ print(f"the whole bank, one reference, fp16: {human(bank_bytes, 'B')}")
 #   2 × 16 rows** and concatenated to the tokens, then projects that to K and V;
 # - anim_lab keeps 1 row, and its projected K, V (1 row each), reused for all frames and steps.
 
-# %%
+# %% tags=["core"]
 frames, cfg_rows = 16, 2
 largest = max(entries.values(), key=lambda s: s[1] * s[2])  # the 320-wide blocks: 4096 tokens
 per_call_ref = 2 * cfg_rows * frames * largest[1] * largest[2]  # the repeated bank, fp16
@@ -165,7 +165,7 @@ print(
     f"reference code, built again at each call of a 320-wide attn1: repeated bank {human(per_call_ref, 'B')}"
 )
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 3. Why each writer pairs with exactly one reader
 #
 # - Both UNets are built from **the same SD1.5 config**: same blocks, same names, same widths. The
@@ -177,7 +177,7 @@ print(
 #   down_blocks, up_blocks, mid_block; its `UNet3DConditionModel` registers them in the same order.
 
 
-# %%
+# %% tags=["core"]
 def transformer_blocks(unet, order=("down_blocks", "up_blocks", "mid_block")):
     """(name, width) of the BasicTransformerBlocks, depth-first over the parts in the given order."""
     return [
@@ -208,19 +208,19 @@ print(
 by_name = [n.removesuffix(".attn1") for n in pair_blocks(ref_sd15, den_sd15)]
 print("and those are exactly anim_lab's name pairs:", sorted(by_name) == sorted(w for w, _ in writers))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # The sort works only because both UNets list their blocks in the same order. anim_lab's `VideoUNet`
 # registers its parts down, **mid**, up; if the reference code's sort were applied to such a reader list
 # against diffusers' writer order, the 1280-wide group would shift by one:
 
-# %%
+# %% tags=["core"]
 readers_other_order = width_sort(transformer_blocks(den_sd15, ("down_blocks", "mid_block", "up_blocks")))
 wrong = [(w, r) for (w, _), (r, _) in zip(writers, readers_other_order, strict=True) if w != r]
 print(f"{len(wrong)} of 16 pairs wrong, e.g.:")
 for w, r in wrong[:3]:
     print(f"  writer {w:38s} -> reader {r}")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # A wrong pair is not an error in the reference code: the shapes still match (same width), so the reader
 # would silently attend to the features of another block at another depth (here, the mid block reads up
 # block 1's). Pairing by name cannot go wrong this way, and a mismatch of names or widths is an error that
@@ -231,7 +231,7 @@ for w, r in wrong[:3]:
 # Capture one block's `attn1` input, the bank entry and the library's output, then recompute the output
 # from the formula above with explicit heads and softmax.
 
-# %%
+# %% tags=["core"]
 name = "up_blocks.3.attentions.0.transformer_blocks.0.attn1"  # full resolution: 8x8 tokens
 attn = denoising_unet.get_submodule(name)
 seen = {}
@@ -246,7 +246,7 @@ hook.remove()
 x, library = seen["x"], seen["out"]  # (2*B*F, HW, C): uncond frames, then cond frames
 print("attn1 input", tuple(x.shape), "| bank entry", tuple(x_ref.shape))
 
-# %%
+# %% tags=["core"]
 heads = attn.heads
 
 
@@ -801,7 +801,7 @@ print(format_table(rows, ["attention_auto_machine_weight", "readers"] + columns[
 # what the bank adds: most of it needs the three full-resolution readers, which the dial switches on last.
 # AnimateAnyone has no dial: its `attn_weight` is set and never read, and every block reads.
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## Summary
 # - The ReferenceNet runs once per generation at t = 0 on the clean reference latent; its blocks' `attn1`
 #   inputs form the bank (16 entries at SD1.5; its size at 512² is printed in section 2). Its output is never
@@ -868,3 +868,119 @@ with reference_attention(reference_unet, denoising_unet) as bank:
 hook.remove()
 print("entry", tuple(entry.shape), "| own tokens", tuple(seen["x"].shape), "| output", tuple(out.shape))
 print("keys per query:", seen["x"].shape[1], "own +", entry.shape[1], "reference")
+
+# %% [markdown] tags=["core"]
+# ## Lab (graded)
+#
+# Three exercises, graded by nbgrader (`chapters/LABS.md`). Each builds its own inputs, so this section runs
+# on its own after the cell below; the checks compare *your* function with the library's on random inputs
+# and shapes. Write your code where it says `YOUR CODE HERE`, then run the check under it.
+
+# %% tags=["core"]
+import torch
+from diffusers.models.attention_processor import Attention
+from einops import rearrange, repeat
+
+from anim_lab import inspect as lab_inspect
+from anim_lab import reference as lab_reference
+from anim_lab.configs import TINY as LAB_TINY
+
+# %% [markdown] tags=["core"]
+# ### Exercise 1 (3 points): the reader's attention
+# Write `my_reader_attention(attn, x, reference, num_frames)`: `x` `(B*F, HW, C)` holds the `attn1` inputs of
+# B videos of F frames, `reference` `(B, HW_ref, C)` the bank entry of each video. Every frame's queries
+# attend over its own tokens *and* its video's reference tokens (keys and values concatenated along the token
+# axis; `attn.to_q`, `attn.to_k`, `attn.to_v`, `attn.heads` heads, softmax scaled by $1/\sqrt{d_{head}}$),
+# then `attn.to_out[0]`. Return `(B*F, HW, C)`.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch05_reader_attention", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_reader_attention(attn, x, reference, num_frames):
+    ### BEGIN SOLUTION
+    keys_values = torch.cat([x, repeat(reference, "b l c -> (b f) l c", f=num_frames)], dim=1)
+    q = rearrange(attn.to_q(x), "n l (h d) -> n h l d", h=attn.heads)
+    k = rearrange(attn.to_k(keys_values), "n l (h d) -> n h l d", h=attn.heads)
+    v = rearrange(attn.to_v(keys_values), "n l (h d) -> n h l d", h=attn.heads)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    return attn.to_out[0](rearrange(weights @ v, "n h l d -> n l (h d)"))
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch05_reader_attention_check", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+torch.manual_seed(5)
+gen = torch.Generator().manual_seed(5)
+for videos, frames, hw, hw_ref, dim, heads in [
+    (1, 3, 16, 16, 32, 4),
+    (2, 2, 9, 4, 16, 2),
+    (1, 1, 5, 7, 8, 1),
+]:
+    attn = Attention(query_dim=dim, heads=heads, dim_head=dim // heads).eval()
+    x = torch.randn(videos * frames, hw, dim, generator=gen)
+    reference = torch.randn(videos, hw_ref, dim, generator=gen)
+    with torch.no_grad():
+        expected = lab_reference.ReferenceReaderProcessor._attend_with_reference(
+            attn, x, attn.to_k(reference), attn.to_v(reference), frames
+        )
+        torch.testing.assert_close(
+            my_reader_attention(attn, x, reference, frames), expected, atol=1e-5, rtol=1e-5
+        )
+print("my_reader_attention matches the library's reader on 3 shapes")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 2 (2 points): which attentions read the bank
+# Write `my_self_attention_names(unet, fusion_blocks)`: a dict from the name of every spatial self-attention
+# of `unet` (a diffusers `Attention` whose name ends in `.attn1`, motion modules excluded: their names contain
+# `motion_modules`) to its width (`to_q.in_features`), in module order. With `fusion_blocks="midup"` keep only
+# those under `mid_block.` and `up_blocks.`; with `"full"` all of them.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch05_self_attention_names", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_self_attention_names(unet, fusion_blocks="full"):
+    ### BEGIN SOLUTION
+    names = {}
+    for name, module in unet.named_modules():
+        if not (isinstance(module, Attention) and name.endswith(".attn1")) or "motion_modules" in name:
+            continue
+        if fusion_blocks == "midup" and not name.startswith(("mid_block.", "up_blocks.")):
+            continue
+        names[name] = module.to_q.in_features
+    return names
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch05_self_attention_names_check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert my_self_attention_names is not lab_reference.self_attention_names
+for component in ("denoising_unet", "reference_unet"):
+    unet = lab_inspect.build(LAB_TINY, component)  # meta device: names and shapes only
+    for fusion in ("full", "midup"):
+        mine = my_self_attention_names(unet, fusion)
+        assert list(mine.items()) == list(lab_reference.self_attention_names(unet, fusion).items()), fusion
+print("my_self_attention_names matches reference.self_attention_names on both TINY UNets, full and midup")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 3 (2 points): a measured question
+# Build `Attention(query_dim=32, heads=4, dim_head=8)` with `torch.manual_seed(0)` and one frame
+# `x = torch.randn(1, 16, 32)` (same seed, drawn after the module). Let the reference be the frame itself
+# (`reference = x`). What share of the attention weight, averaged over heads and queries, falls on the
+# reference tokens? Store it, a float, in `self_copy_share`. (Why that value?)
+
+# %% nbgrader={"grade": false, "grade_id": "ch05_self_copy_share", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core"]
+### BEGIN SOLUTION
+torch.manual_seed(0)
+lab_attn = Attention(query_dim=32, heads=4, dim_head=8).eval()
+x_one = torch.randn(1, 16, 32)
+with torch.no_grad():
+    both = torch.cat([x_one, x_one], dim=1)  # own tokens ; reference tokens (the same)
+    q = rearrange(lab_attn.to_q(x_one), "n l (h d) -> n h l d", h=4)
+    k = rearrange(lab_attn.to_k(both), "n l (h d) -> n h l d", h=4)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1)  # (1, 4, 16, 32)
+self_copy_share = float(weights[..., 16:].sum(-1).mean())
+### END SOLUTION
+print(f"share of attention on the reference tokens: {self_copy_share:.3f}")
+
+# %% nbgrader={"grade": true, "grade_id": "ch05_self_copy_share_check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert isinstance(self_copy_share, float) and 0 <= self_copy_share <= 1
+### BEGIN HIDDEN TESTS
+assert abs(self_copy_share - 0.5) < 1e-3  # every key appears twice: own copy and reference copy
+### END HIDDEN TESTS
+print("self_copy_share is a share")

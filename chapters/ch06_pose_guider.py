@@ -10,7 +10,7 @@
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # # Chapter 06 — Pose guiders
 #
 # *How a pose image becomes features inside the denoising UNet: AnimateAnyone's small single-scale guider,
@@ -38,7 +38,7 @@
 # Sections 1–9 use random weights, so they are about structure (shapes, what reaches what, what is zero, what
 # changes), not about good poses. Section 10 uses the trained toy animator in `anim_lab/assets/toy_animator`.
 
-# %%
+# %% tags=["core"]
 # NBVAL_IGNORE_OUTPUT
 import warnings
 
@@ -89,7 +89,7 @@ astronaut = skimage.data.astronaut()  # (512, 512, 3) uint8
 with FaceLandmarker() as landmarker:
     face = landmarker.detect(astronaut, "astronaut")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 1. Two guiders at full size, stage by stage
 #
 # - **AnimateAnyone** (Moore-AnimateAnyone's `PoseGuider`): `conv_in`, three pairs of 3×3 convolutions (the
@@ -101,7 +101,7 @@ with FaceLandmarker() as landmarker:
 #   1/64, 1/64 of the image, added after each down block of the UNet.
 # - Both built on the `meta` device for one 512×512 frame: shapes, parameters and FLOPs, no memory.
 
-# %%
+# %% tags=["core"]
 with torch.device("meta"):
     aa = PoseGuider(**SD15.pose_guider)
     ap = PoseGuiderMultiScale(**POSE_GUIDER_MULTISCALE_SD15)
@@ -129,11 +129,11 @@ def stage_table(model, *args):
 
 print(stage_table(aa, frame))
 
-# %%
+# %% tags=["core"]
 print(stage_table(ap, frame))
 print("scale:", tuple(ap.scale.shape), "(one learnable number multiplying fea[0])")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # - 1.09M against 167.5M parameters: almost all of AniPortrait's guider is its four transformer blocks.
 #   Each widens its level to 16 × 88 = **1408** channels (`proj_in`), so even the 320-channel level pays for
 #   1408-wide attention and a 1408 → 2·5632 GEGLU feed-forward.
@@ -141,7 +141,7 @@ print("scale:", tuple(ap.scale.shape), "(one learnable number multiplying fea[0]
 #   512² frame, about 73 GFLOPs, five times the whole AnimateAnyone guider. The trunk at full resolution is
 #   cheap (2 GFLOPs).
 
-# %%
+# %% tags=["core"]
 attn_params = sum(count_parameters(getattr(ap, f"cross_attn{k}")) for k in range(1, 5))
 rows = [
     ["AnimateAnyone PoseGuider", human(count_parameters(aa)), human(count_flops(aa, frame))],
@@ -152,7 +152,7 @@ print(format_table(rows, ["guider (one 512x512 frame)", "params", "FLOPs"]))
 print(f"share of AniPortrait's parameters in the 4 transformers: {attn_params / count_parameters(ap):.1%}")
 print("state-dict keys (with BatchNorm buffers):", len(ap.state_dict()), "vs", len(aa.state_dict()))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 2. Where the five features go
 #
 # - AniPortrait's UNet adds `fea[0]` after `conv_in` and `fea[k]` to the **main path** after down block `k`
@@ -162,7 +162,7 @@ print("state-dict keys (with BatchNorm buffers):", len(ap.state_dict()), "vs", l
 #   and each feature must have exactly the shape of the feature map it joins.
 # - `VideoUNet.forward(pose_cond_fea=...)` takes one tensor (AnimateAnyone, Hallo) or this list (AniPortrait).
 
-# %%
+# %% tags=["core"]
 with torch.device("meta"):
     unet = VideoUNet(SD15.unet)
 fea = ap(torch.empty(1, 3, 2, 512, 512, device="meta"))  # 2 frames
@@ -170,7 +170,7 @@ expected = unet.pose_feature_shapes(1, 2, 64, 64)  # for the 64x64 latent of a 5
 for k, (f, shape) in enumerate(zip(fea, expected, strict=True)):
     print(f"fea[{k}] {tuple(f.shape)}  UNet at that point {shape}  equal: {tuple(f.shape) == shape}")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 3. One stage by hand: `cross_attn1` is self-attention
 #
 # - The block is built without `cross_attention_dim`, so it has no `attn2`: GroupNorm → 1×1 `proj_in` →
@@ -181,7 +181,7 @@ for k, (f, shape) in enumerate(zip(fea, expected, strict=True)):
 #   the same target-pose tokens $X$.
 # - Re-derived here on a TINY guider with random weights and checked against the library.
 
-# %%
+# %% tags=["core"]
 tiny = PoseGuiderMultiScale(**POSE_GUIDER_MULTISCALE_TINY).eval()
 with torch.no_grad():
     for p in tiny.parameters():
@@ -637,7 +637,7 @@ fig = image_grid(
 save(fig, "ch06_trained_with_without_guider")
 plt.show()
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## Summary
 # - AnimateAnyone's guider: 8 convolutions, 1.09M parameters, a 47-px receptive field, one 320-channel
 #   feature added after `conv_in`, zero-initialised so the UNet is bit-identical at step 0.
@@ -712,3 +712,107 @@ print(
     "| training: 2 x - 1 ->",
     [round(v, 3) for v in (2 * u - 1).tolist()],
 )
+
+# %% [markdown] tags=["core"]
+# ## Lab (graded)
+#
+# Three exercises, graded by nbgrader (`chapters/LABS.md`). Each builds its own inputs, so this section runs
+# on its own after the cell below; the checks compare *your* function with the library's on random inputs
+# and shapes. Write your code where it says `YOUR CODE HERE`, then run the check under it.
+
+# %% tags=["core"]
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from anim_lab import pose_guider as lab_pose_guider
+
+# %% [markdown] tags=["core"]
+# ### Exercise 1 (3 points): AnimateAnyone's guider, forward by hand
+# Write `my_pose_guider_forward(guider, pose)` for a `PoseGuider` and a pose video `(B, 3, F, H, W)`: run
+# every frame through `guider.conv_in`, then each conv of `guider.blocks`, each followed by SiLU (SiLU after
+# `conv_in` too), then `guider.conv_out` (no activation); return `(B, C_out, F, H/8, W/8)`.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch06_pose_guider_forward", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_pose_guider_forward(guider, pose):
+    ### BEGIN SOLUTION
+    frames = pose.shape[2]
+    x = rearrange(pose, "b c f h w -> (b f) c h w")  # every frame on its own
+    x = F.silu(guider.conv_in(x))
+    for conv in guider.blocks:
+        x = F.silu(conv(x))
+    return rearrange(guider.conv_out(x), "(b f) c h w -> b c f h w", f=frames)
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch06_pose_guider_forward_check", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+torch.manual_seed(6)
+gen = torch.Generator().manual_seed(6)
+for channels, out, shape in [((4, 8, 8, 16), 12, (1, 3, 2, 16, 16)), ((8, 16), 4, (2, 3, 3, 8, 12))]:
+    guider = lab_pose_guider.PoseGuider(3, channels, out).eval()
+    torch.nn.init.normal_(guider.conv_out.weight, std=0.1)  # not zero, or every output is 0
+    pose = torch.rand(shape, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(my_pose_guider_forward(guider, pose), guider(pose))
+print("my_pose_guider_forward matches PoseGuider on 2 sizes")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 2 (2 points): pose frames to the guider's input
+# Write `my_prepare_pose_images(frames, faithful=False)`: uint8 pose frames `(F, H, W, 3)` (numpy) to a
+# float32 tensor `(1, 3, F, H, W)`, divided by 255; with `faithful=True` AniPortrait's inference tensor
+# instead, $2x - 1$ on the raw 0–255 values (the [-1, 509] slip of section 8).
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch06_prepare_pose_images", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_prepare_pose_images(frames, faithful=False):
+    ### BEGIN SOLUTION
+    x = rearrange(torch.as_tensor(np.asarray(frames)).float(), "f h w c -> 1 c f h w")
+    return x * 2 - 1 if faithful else x / 255
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch06_prepare_pose_images_check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert my_prepare_pose_images is not lab_pose_guider.prepare_pose_images
+rng = np.random.default_rng(6)
+for shape in [(1, 8, 8, 3), (4, 16, 12, 3), (2, 5, 7, 3)]:
+    frames = rng.integers(0, 256, shape, dtype=np.uint8)
+    for faithful in (False, True):
+        torch.testing.assert_close(
+            my_prepare_pose_images(frames, faithful),
+            lab_pose_guider.prepare_pose_images(frames, faithful=faithful),
+        )
+print("my_prepare_pose_images matches pose_guider.prepare_pose_images on 3 shapes, both modes")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 3 (2 points): a measured question
+# A deeper guider: `PoseGuider(3, (8, 16, 32, 64, 128), 320)` downsamples 16×. Give its `conv_out` nonzero
+# weights, feed 128×128 pose images and measure, as in section 4, the height in pixels of the region of the
+# pose image that can change the centre output vector. Store it, an int, in `reach_px`.
+
+# %% nbgrader={"grade": false, "grade_id": "ch06_reach_px", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core"]
+### BEGIN SOLUTION
+torch.manual_seed(0)
+deep = lab_pose_guider.PoseGuider(3, (8, 16, 32, 64, 128), 320)
+torch.nn.init.normal_(deep.conv_out.weight, std=0.02)
+grad = torch.zeros(128, 128)
+for _ in range(2):
+    pose = torch.rand(1, 3, 128, 128, requires_grad=True)
+    out = deep(pose)  # (1, 320, 8, 8)
+    out[0, :, 4, 4].sum().backward()
+    grad += pose.grad.abs().sum(dim=(0, 1))
+rows = grad.gt(0).any(1).nonzero()
+reach_px = int(rows.max() - rows.min() + 1)
+### END SOLUTION
+print(f"one centre output sees {reach_px} pose rows")
+
+# %% nbgrader={"grade": true, "grade_id": "ch06_reach_px_check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert isinstance(reach_px, int) and 1 <= reach_px <= 128
+### BEGIN HIDDEN TESTS
+_r, _jump = 1, 1
+for _k, _s in [(3, 1)] + [(3, 1), (3, 2)] * 4 + [(3, 1)]:  # the receptive field formula of section 4
+    _r, _jump = _r + (_k - 1) * _jump, _jump * _s
+assert reach_px == _r, (reach_px, _r)
+### END HIDDEN TESTS
+print("reach_px is a pixel count")

@@ -10,7 +10,7 @@
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # # Chapter 07 — Guidance, the sampler, and context windows
 #
 # *The pieces of the denoising loop around the networks: classifier-free guidance and the dropout that trains
@@ -39,7 +39,7 @@
 # reference notes. Sections 1–8 use the TINY preset with random weights: they are about the loop, not about
 # what a trained model draws. Section 9 sweeps the guidance scale on the trained toy animator.
 
-# %%
+# %% tags=["core"]
 # NBVAL_IGNORE_OUTPUT
 import random
 import warnings
@@ -94,7 +94,7 @@ print(f"anim_lab {anim_lab.__version__}, torch {torch.__version__}, diffusers {d
 print(f"matplotlib {matplotlib.__version__}")
 
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 1. CFG is arithmetic on two predictions
 #
 # The denoising UNet predicts the same quantity twice — once with the conditions, once without — and the
@@ -109,7 +109,7 @@ print(f"matplotlib {matplotlib.__version__}")
 # - A TINY video UNet with random weights — every weight nonzero, so that the motion modules mix frames:
 
 
-# %%
+# %% tags=["core"]
 def randomise_zero_weights(module, std=0.1):
     """Give the zero-initialised weights (motion proj_out, norm biases) random values."""
     for p in module.parameters():
@@ -128,10 +128,10 @@ guided = cfg_combine(noise_pred, guidance_scale=3.5)  # (B, 4, F, h, w)
 print("CFG batch in:", tuple(cfg_batch(latents).shape), "-> predictions", tuple(noise_pred.shape))
 print("guided prediction:", tuple(guided.shape))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # The combine by hand, in both ways of writing it, against the library:
 
-# %%
+# %% tags=["core"]
 v_uncond, v_cond = noise_pred[:B], noise_pred[B:]
 torch.testing.assert_close(guided, v_uncond + 3.5 * (v_cond - v_uncond))
 torch.testing.assert_close(guided, 3.5 * v_cond + (1 - 3.5) * v_uncond)
@@ -139,11 +139,11 @@ torch.testing.assert_close(cfg_combine(noise_pred, 1.0), v_cond)
 print("combine by hand == cfg_combine: True")
 print("guidance on for s = 1.0 / 3.5:", do_classifier_free_guidance(1.0), do_classifier_free_guidance(3.5))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # **Why it doubles the cost.** The unconditional rows are full rows of the batch: every convolution and every
 # attention runs on them. Counted on the meta device (no arithmetic, exact FLOPs):
 
-# %%
+# %% tags=["core"]
 with torch.device("meta"):
     meta_unet = VideoUNet(TINY.unet, MOTION_TINY)
 x_meta = torch.empty(B, 4, F, 8, 8, device="meta")
@@ -153,7 +153,7 @@ one = count_flops(meta_unet, x_meta, t_meta, e_meta)
 two = count_flops(meta_unet, cfg_batch(x_meta), cfg_batch(t_meta), cfg_encoder_hidden_states(e_meta))
 print(f"FLOPs with CFG / without: {two / one:.3f}")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # - Exactly 2: the batch dimension multiplies every layer. Running the two halves as two calls costs the same
 #   FLOPs; batching only saves kernel launches. This is why the reference turns CFG off for
 #   `guidance_scale <= 1` (`do_classifier_free_guidance`): there the extrapolation would add nothing.
@@ -162,7 +162,7 @@ print(f"FLOPs with CFG / without: {two / one:.3f}")
 #   $\hat v \leftarrow \varphi\,\hat v\,\sigma(v_c)/\sigma(\hat v) + (1-\varphi)\,\hat v$
 #   (`guidance_rescale`; the official configs leave it at 0):
 
-# %%
+# %% tags=["core"]
 scales = np.linspace(0, 8, 17)
 std_plain = [float(cfg_combine(noise_pred, s).std()) for s in scales]
 std_rescaled = [float(cfg_combine(noise_pred, s, guidance_rescale=0.7).std()) for s in scales]
@@ -179,7 +179,7 @@ fig.tight_layout()
 save(fig, "ch07_cfg_scale")
 plt.show()
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 2. The unconditional embedding: zeros at inference, something else in training
 #
 # CFG needs a network that knows how to predict *without* the condition, so training drops it now and then.
@@ -192,7 +192,7 @@ plt.show()
 # Inference instead feeds **zero tokens** (`torch.zeros_like(clip_tokens)`). With the toy world's image
 # encoder, the two unconditional tokens side by side:
 
-# %%
+# %% tags=["core"]
 image_encoder = C.load_toy_image_encoder()
 preprocess = C.ClipPreprocess(size=160, crop_size=96)  # the toy CLIP's processor settings (chapter 03)
 rng = np.random.default_rng(0)
@@ -213,13 +213,13 @@ cosine = C.cosine_similarity(trained_uncond[0, 0], cond_tokens[:, 0]).mean()
 print("inference uncond token is all zeros:", bool((inference_uncond == 0).all()))
 print(f"training uncond token image_encoder(0 px): norm {ratio:.2f} x a portrait's, mean cosine {cosine:.2f}")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # What a cross-attention layer makes of each: with one token the softmax has a single entry, so every position
 # receives `to_out(to_v(token))` — a constant, the same for every image. SD's `to_k`/`to_v` have no bias, so a
 # zero token gives exactly `to_out`'s bias: a context that says nothing. That is why zeros serve as
 # "unconditional". But the network was trained on the *other* constant:
 
-# %%
+# %% tags=["core"]
 torch.manual_seed(0)
 attn2 = Attention(query_dim=32, cross_attention_dim=64, heads=4, dim_head=8).eval()  # a toy-sized attn2
 queries = torch.randn(1, 64, 32)  # (B, h*w, C) UNet features
@@ -241,7 +241,7 @@ torch.testing.assert_close(attend(inference_uncond), attn2.to_out[0].bias.expand
 print("zero token -> to_out bias at every position: True")
 print(f"train/inference uncond gap, relative to the gap between two portraits: {gap / between:.2f}")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # - Both unconditional contexts carry no image, so CFG still contrasts "this person" with "nobody". But at
 #   inference the unconditional rows see a context they never saw in training — a train/inference gap the
 #   reference lives with (users report colour shifts, Moore-AnimateAnyone #102). On this random attention
@@ -249,7 +249,7 @@ print(f"train/inference uncond gap, relative to the gap between two portraits: {
 # - **Hallo** is consistent: stage 1 zeroes the 512-d face embedding *before* its `image_proj`, and inference
 #   feeds `image_proj(zeros)` — the projection of zeros (Linear → 4 tokens → LayerNorm), not zero tokens:
 
-# %%
+# %% tags=["core"]
 torch.manual_seed(0)
 
 
@@ -270,12 +270,12 @@ face_emb = torch.randn(1, 512)  # an ArcFace embedding
 hallo_uncond = hallo_uncond_tokens(image_proj, face_emb)
 print("Hallo uncond tokens:", tuple(hallo_uncond.shape), "| all zero:", bool((hallo_uncond == 0).all()))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # Hallo's stage 2 drops the image (skip the ReferenceNet; the face embedding stays) and the audio (zero audio
 # tokens after `audio_proj`) with **two independent coins** at 0.05 each; its config also names an
 # `uncond_ia_ratio` of 0.05 for "both", which the code never reads. Counted over 40 000 steps:
 
-# %%
+# %% tags=["core"]
 rng_train = random.Random(0)
 moore = np.mean([draw_uncond(rng_train, 0.1) for _ in range(40_000)])
 print(f"Moore-AnimateAnyone, unconditional steps: {moore:.3f} (uncond_ratio 0.1)")
@@ -293,7 +293,7 @@ for faithful in (True, False):
     )
 print(format_table(rows, ["Hallo stage 2", "image only", "audio only", "both"]))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 3. Which rows see the reference
 #
 # In the reference's denoising UNet, self-attention of the conditional rows attends to the frame's own tokens
@@ -302,7 +302,7 @@ print(format_table(rows, ["Hallo stage 2", "image only", "audio only", "both"]))
 # guides the two together. Chapter 05 builds the real processors; here the rule on one attention layer, with
 # the first half of the batch as the mask:
 
-# %%
+# %% tags=["core"]
 torch.manual_seed(0)
 attn1 = Attention(query_dim=32, heads=4, dim_head=8).eval()
 hidden = torch.randn(2 * B, 64, 32)  # (2B, h*w, C) the CFG batch's features
@@ -322,7 +322,7 @@ changed = (out_a - out_b).flatten(1).norm(dim=1) > 1e-3
 print("row mask (True = uncond):", mask.tolist())
 print("rows whose output depends on the reference:", changed.tolist())
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # - The reference still runs the ReferenceNet on **two** copies of the reference latent
 #   (`ref_latents.repeat(2)`). The uncond half is read, then thrown away: every row's first `attn1` call
 #   attends to the bank, and the uncond rows' results are replaced by self-attention alone.
@@ -334,7 +334,7 @@ print("rows whose output depends on the reference:", changed.tolist())
 # $\bar\alpha_{999} > 0$, training never showed the network pure noise — at its last step a trace of $x_0$
 # was still there. The official inference config (`inference_v2.yaml`):
 
-# %%
+# %% tags=["core"]
 print({k: DDIM_OFFICIAL[k] for k in ("beta_schedule", "prediction_type", "rescale_betas_zero_snr")})
 print({k: DDIM_OFFICIAL[k] for k in ("timestep_spacing", "steps_offset", "clip_sample")}, "eta", DDIM_ETA)
 schedules = {}
@@ -347,12 +347,12 @@ for beta_schedule in ("linear", "scaled_linear"):
 rows = [[name, f"{float(s.alphas_cumprod[999].sqrt()):.4f}"] for name, s in schedules.items()]
 print(format_table(rows, ["schedule", "signal left at t = 999: sqrt(alpha_bar)"]))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # A few hundredths of signal sounds harmless. It is not: noise averages out over a latent's 4·64·64 values,
 # the signal does not, so the **mean** of $x_{999}$ still tells the image's mean brightness. Latents with
 # random brightness offsets, noised to t = 999 under each schedule:
 
-# %%
+# %% tags=["core"]
 g = torch.Generator().manual_seed(0)
 x0 = torch.randn(256, 4, 64, 64, generator=g) * 0.5 + torch.randn(256, 1, 1, 1, generator=g)  # bright/dark
 eps = torch.randn(256, 4, 64, 64, generator=g)
@@ -363,7 +363,7 @@ for name, s in schedules.items():
     rows.append([name, f"{corr:.2f}"])
 print(format_table(rows, ["schedule", "corr(mean of x0, mean of x_999)"]))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # - Without the rescale, "pure noise" at t = 999 still carries the brightness, and a network trained on it
 #   learns to keep it. At inference the noise has mean ≈ 0, so every video comes out mid-grey on average.
 #   `rescale_betas_zero_snr` (Lin et al., Algorithm 1) shifts the schedule so that $\bar\alpha_{999} = 0$.
@@ -371,7 +371,7 @@ print(format_table(rows, ["schedule", "corr(mean of x0, mean of x_999)"]))
 #   information about $x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\varepsilon)/\sqrt{\bar\alpha_t}$ — a
 #   division by 0:
 
-# %%
+# %% tags=["core"]
 eps_zero_snr = DDIMScheduler(**{**DDIM_OFFICIAL, "prediction_type": "epsilon"})  # the combination to avoid
 set_timesteps(eps_zero_snr, 25)
 x_t = torch.randn(1, 4, 2, 8, 8)
@@ -382,7 +382,7 @@ try:
 except ValueError as error:
     print("build_scheduler refuses it:", str(error)[:80], "...")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # **v-prediction** targets $v = \sqrt{\bar\alpha_t}\,\varepsilon - \sqrt{1-\bar\alpha_t}\,x_0$. Both ε and
 # $x_0$ come back without dividing:
 #
@@ -392,7 +392,7 @@ except ValueError as error:
 # and at SNR 0, $v = -x_0$: the network must predict the clean image from nothing, a well-posed (if hard)
 # target. The conversions, checked against diffusers' own `get_velocity`:
 
-# %%
+# %% tags=["core"]
 scheduler = build_scheduler()  # the official sampler
 x0_small, eps_small = x0[:3, :, :8, :8], eps[:3, :, :8, :8]
 ts = torch.tensor([999, 500, 20])
@@ -407,12 +407,12 @@ torch.testing.assert_close(
 torch.testing.assert_close(v[0], -x0_small[0])
 print("v -> x0 and v -> eps recover both; at t = 999, v = -x0: True")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # **Trailing timesteps.** With zero SNR, the sampler's first step must be t = 999, the only timestep whose
 # input is pure noise — and the one where the network learned to expect it. "Leading" spacing (the legacy
 # v1 config) never reaches it:
 
-# %%
+# %% tags=["core"]
 legacy = DDIMScheduler(**DDIM_INFERENCE_V1)
 configs_25 = {
     "trailing (official)": DDIMScheduler(**DDIM_OFFICIAL),
@@ -430,7 +430,7 @@ official_30 = set_timesteps(scheduler, 30)
 print("official 30 steps:", official_30[:4].tolist(), "...", official_30[-3:].tolist())
 print("legacy v1 30 steps:", set_timesteps(legacy, 30)[:3].tolist(), "...", legacy.timesteps[-2:].tolist())
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # - With leading spacing the sampler hands pure noise to a network told "t = 961", a timestep at which it
 #   always saw some signal: 1 % on the zero-SNR schedule, 5 % on the legacy one. The first step then
 #   "denoises" structure that is not there.
@@ -442,7 +442,7 @@ print("legacy v1 30 steps:", set_timesteps(legacy, 30)[:3].tolist(), "...", lega
 # Note diffusers' rule for $t'$: $t - \lfloor 1000/n \rfloor$, which with trailing spacing is not always the
 # next entry of the list (966 → 933, while the list goes on with 932):
 
-# %%
+# %% tags=["core"]
 timesteps = set_timesteps(scheduler, 30)
 t, t_next = int(timesteps[1]), int(timesteps[2])
 t_prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
@@ -725,7 +725,7 @@ plt.show()
 # - The copy-the-reference row has the identity by construction and no motion: a generated video should beat
 #   its `pose_px`; with two cases, `id_top1` separates only two identities.
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## Summary
 # - CFG is one UNet call on a doubled batch — unconditional rows first — and the extrapolation
 #   $v_\varnothing + s(v_c - v_\varnothing)$; it costs exactly twice the FLOPs, so it is off for $s \le 1$.
@@ -805,3 +805,120 @@ for num_frames in (64, 70):
         "| wraps:",
         wraps,
     )
+
+# %% [markdown] tags=["core"]
+# ## Lab (graded)
+#
+# Three exercises, graded by nbgrader (`chapters/LABS.md`). Each builds its own inputs, so this section runs
+# on its own after the cell below; the checks compare *your* function with the library's on random inputs
+# and shapes. Write your code where it says `YOUR CODE HERE`, then run the check under it.
+
+# %% tags=["core"]
+import torch
+
+from anim_lab import context as lab_context
+from anim_lab import guidance as lab_guidance
+
+# %% [markdown] tags=["core"]
+# ### Exercise 1 (3 points): the CFG combine and its rescale
+# Write `my_cfg_combine(noise_pred, guidance_scale, guidance_rescale=0.0)`. `noise_pred` is the CFG batch's
+# prediction, `(2B, ...)` with the unconditional rows first. Return `(B, ...)`:
+# $\hat\epsilon = \epsilon_u + s\,(\epsilon_c - \epsilon_u)$. When `guidance_rescale` $= \phi > 0$, mix in the
+# guided prediction rescaled to the conditional one's standard deviation, per sample (over every axis but the
+# batch): $\phi\,\hat\epsilon\,\sigma(\epsilon_c)/\sigma(\hat\epsilon) + (1 - \phi)\,\hat\epsilon$.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch07_cfg_combine", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_cfg_combine(noise_pred, guidance_scale, guidance_rescale=0.0):
+    ### BEGIN SOLUTION
+    uncond, cond = noise_pred.chunk(2)  # (2B, ...) -> 2 x (B, ...)
+    guided = uncond + guidance_scale * (cond - uncond)
+    if guidance_rescale > 0:
+        dims = list(range(1, guided.ndim))
+        rescaled = guided * cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+        guided = guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+    return guided
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch07_cfg_combine_check", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert my_cfg_combine is not lab_guidance.cfg_combine
+gen = torch.Generator().manual_seed(7)
+for shape in [(2, 4, 3, 8, 8), (4, 4, 1, 5, 7), (2, 3, 6)]:
+    for scale, rescale in [(1.0, 0.0), (3.5, 0.0), (7.0, 0.7), (2.0, 1.0)]:
+        pred = torch.randn(shape, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(
+            my_cfg_combine(pred, scale, rescale), lab_guidance.cfg_combine(pred, scale, rescale)
+        )
+print("my_cfg_combine matches guidance.cfg_combine on 3 shapes x 4 (scale, rescale) pairs")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 2 (3 points): context windows with the wrap-around
+# Write `my_context_windows(num_frames, context_frames, context_overlap)`: a list of windows, each a list of
+# `context_frames` frame indices. A new window starts every `context_frames - context_overlap` frames, from
+# frame 0 while the start is below `num_frames`; indices past the end wrap around to the start. A video no
+# longer than one window is a single window of all its frames.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch07_context_windows", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_context_windows(num_frames, context_frames, context_overlap):
+    ### BEGIN SOLUTION
+    if num_frames <= context_frames:
+        return [list(range(num_frames))]
+    step = context_frames - context_overlap
+    return [[(start + k) % num_frames for k in range(context_frames)] for start in range(0, num_frames, step)]
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch07_context_windows_check", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert my_context_windows is not lab_context.context_windows
+gen = torch.Generator().manual_seed(8)
+cases = [(64, 24, 4), (70, 16, 4), (24, 24, 4), (10, 16, 4), (33, 8, 0)]
+cases += [
+    tuple(int(v) for v in (torch.randint(1, 9, (1,), generator=gen) * n, n, o)) for n, o in [(12, 3), (5, 2)]
+]
+for num_frames, context_frames, overlap in cases:
+    mine = [list(map(int, w)) for w in my_context_windows(num_frames, context_frames, overlap)]
+    assert mine == lab_context.context_windows(num_frames, context_frames, overlap, max_len=None), (
+        num_frames,
+        context_frames,
+        overlap,
+    )
+print(f"my_context_windows matches context.context_windows on {len(cases)} videos")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 3 (2 points): one DDIM step, as the official scheduler takes it
+# Write `my_ddim_step(alphas_cumprod, v_pred, t, prev_t, x_t)`: the deterministic DDIM update ($\eta = 0$)
+# from timestep `t` to `prev_t` for a v-prediction model, with $\bar\alpha$ = `alphas_cumprod` and
+# $\bar\alpha_{\text{prev}} = 1$ when `prev_t < 0` (`set_alpha_to_one`). Recover $\hat x_0$ and
+# $\hat\epsilon$ from $v$, then step: $x_{t'} = \sqrt{\bar\alpha_{t'}}\,\hat x_0 + \sqrt{1-\bar\alpha_{t'}}\,
+# \hat\epsilon$.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch07_ddim_step", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_ddim_step(alphas_cumprod, v_pred, t, prev_t, x_t):
+    ### BEGIN SOLUTION
+    a_t = alphas_cumprod[t]
+    a_prev = alphas_cumprod[prev_t] if prev_t >= 0 else torch.tensor(1.0, dtype=alphas_cumprod.dtype)
+    x0 = a_t.sqrt() * x_t - (1 - a_t).sqrt() * v_pred
+    eps = a_t.sqrt() * v_pred + (1 - a_t).sqrt() * x_t
+    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch07_ddim_step_check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+gen = torch.Generator().manual_seed(9)
+for steps, shape in [(30, (1, 4, 2, 8, 8)), (4, (2, 4, 1, 6, 5)), (25, (1, 3, 8))]:
+    scheduler = lab_guidance.build_scheduler()
+    lab_guidance.set_timesteps(scheduler, steps)
+    timesteps = [int(t) for t in scheduler.timesteps]
+    for i in (0, len(timesteps) // 2, len(timesteps) - 1):
+        t = timesteps[i]
+        prev_t = t - scheduler.config.num_train_timesteps // steps
+        x_t, v_pred = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+        expected = scheduler.step(v_pred, t, x_t, eta=0.0).prev_sample
+        mine = my_ddim_step(scheduler.alphas_cumprod, v_pred, t, prev_t, x_t)
+        torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-5)
+print(
+    "my_ddim_step matches DDIMScheduler.step (the official settings) at the first, a middle and the last step"
+)

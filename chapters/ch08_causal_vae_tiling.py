@@ -10,7 +10,7 @@
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # # Chapter 08 — The causal 3D VAE and its tiling
 #
 # *HunyuanVideo's VAE compresses time as well as space: 17 frames become 5 latent frames. We build it from
@@ -33,7 +33,7 @@
 # CPU thread). Its weights ship in `anim_lab/assets/toy_causal_vae/` in the diffusers layout, so diffusers'
 # `AutoencoderKLHunyuanVideo.from_pretrained` loads them too.
 
-# %%
+# %% tags=["core"]
 # NBVAL_IGNORE_OUTPUT
 import json
 
@@ -60,7 +60,7 @@ np.set_printoptions(precision=3, suppress=True)
 torch.set_printoptions(precision=3, sci_mode=False)
 print(f"anim_lab {anim_lab.__version__}, torch {torch.__version__}, diffusers {diffusers.__version__}")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 1. A causal 3D convolution
 #
 # - A 3×3×3 convolution with ordinary padding mixes frames t−1, t, t+1: each output frame peeks one frame
@@ -71,7 +71,7 @@ print(f"anim_lab {anim_lab.__version__}, torch {torch.__version__}, diffusers {d
 #   $$y_t = \sum_{j=0}^{k-1} w_j\, x_{\max(t - j,\, 0)}$$
 # - Re-derive it with `F.pad` + `F.conv3d` and compare with `CV.CausalConv3d`.
 
-# %%
+# %% tags=["core"]
 conv = CV.CausalConv3d(1, 1, kernel_size=3)
 x = torch.randn(1, 1, 6, 5, 5)  # (B, C, T, H, W)
 padded = torch.cat([x[:, :, :1], x[:, :, :1], x], dim=2)  # two copies of frame 0 in front: (1, 1, 8, 5, 5)
@@ -80,10 +80,10 @@ by_hand = F.conv3d(padded, conv.conv.weight, conv.conv.bias)  # no padding left 
 torch.testing.assert_close(by_hand, conv(x))
 print("hand-made causal conv matches CV.CausalConv3d:", tuple(by_hand.shape))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # An impulse at frame 3: which output frames respond?
 
-# %%
+# %% tags=["core"]
 impulse = torch.zeros(1, 1, 6, 5, 5)
 impulse[:, :, 3, 2, 2] = 1.0
 symmetric = nn.Conv3d(1, 1, 3, padding=1)  # the usual "same" padding
@@ -98,7 +98,7 @@ print(
     "'same' conv,  frames that respond:", same_resp.nonzero().flatten().tolist(), "<- frame 2 sees the future"
 )
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 2. The causal VAE: 4n+1 frames and a first frame apart
 #
 # - The encoder halves time twice with *strided causal* convolutions, the decoder's upsamplers double it back
@@ -111,7 +111,7 @@ print(
 #   `tests/test_causal_vae.py` checks T = 1, 5, 9, 17 to 1e-5). Check it once more here on the trained
 #   weights, at 17 frames.
 
-# %%
+# %% tags=["core"]
 vae = CV.CausalVAE.from_pretrained()  # anim_lab/assets/toy_causal_vae
 print("frames T:         ", [1, 5, 9, 13, 17, 129])
 print("latent frames:    ", [CV.latent_num_frames(t) for t in (1, 5, 9, 13, 17, 129)])
@@ -145,11 +145,11 @@ print(
 )
 
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # How good is it? PSNR on 8 clips of unseen identities (17 frames, 64 px), and a strip of one of them.
 
 
-# %%
+# %% tags=["core"]
 def psnr(a, b):  # clamped to [-1, 1] as a display would -> dB per clip (or per image), anim_lab.metrics
     a, b = a.clamp(-1, 1), b.clamp(-1, 1)
     return metrics.video_psnr(a, b) if a.ndim == 5 else metrics.psnr(a, b)
@@ -171,7 +171,7 @@ print(
 print("scaling factor (1 / std of latents):", round(vae.scaling_factor, 2))
 
 
-# %%
+# %% tags=["core"]
 def frames_01(v):  # (1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) in [0, 1]
     return rearrange((v[0].clamp(-1, 1) + 1) / 2, "c t h w -> t h w c").numpy()
 
@@ -188,7 +188,7 @@ fig.tight_layout()
 viz.save(fig, "ch08_reconstruction")
 plt.show()
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # The reconstructions are blurry: 2.9M parameters, 48× compression (4 frames × 8 × 8 pixels × 3 colours into
 # 16 numbers), 45 CPU minutes of training. Colours, pose and head shape survive; eyes and mouth mostly do not.
 #
@@ -198,7 +198,7 @@ plt.show()
 # attention switched off), which isolates what the convolutions alone do.
 
 
-# %%
+# %% tags=["core"]
 def per_frame_norm(
     module, inputs, output
 ):  # GroupNorm over (C/G, H, W) of each frame instead of (C/G, T, H, W)
@@ -247,7 +247,7 @@ for name, sens in maps.items():
     future = [share[k, 4 * k + 1 :].sum().item() for k in range(5)]  # frames after latent k's last frame, 4k
     print(f"{name:38s} share from future frames, latents 0..4 (%):", np.round(100 * np.array(future), 0))
 
-# %%
+# %% tags=["core"]
 fig, axes = plt.subplots(1, 2, figsize=(10, 2.6))
 for ax, (name, sens) in zip(axes, maps.items(), strict=True):
     im = ax.imshow(
@@ -258,7 +258,7 @@ for ax, (name, sens) in zip(axes, maps.items(), strict=True):
 fig.colorbar(im, ax=axes, shrink=0.9)
 plt.show()
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # - With per-frame statistics the map is lower-triangular: latent 0 sees frame 0 only, latent k frames ≤ 4k.
 #   That is the causal wiring. As trained, gradients also flow from *future* frames, through the GroupNorm
 #   statistics (section 3 measures what that does to the latents).
@@ -270,7 +270,7 @@ plt.show()
 #   doubles the rest in time, 1 + 2(T−1). Doubling every frame would give 2T, one frame too many for 4k+1, and
 #   would put an invented frame *before* frame 0's successor.
 
-# %%
+# %% tags=["core"]
 up = CV.UpsampleCausal3D(4, (2, 2, 2))
 h = torch.randn(1, 4, 3, 4, 4)  # 3 latent frames
 naive = F.interpolate(h, scale_factor=(2, 2, 2), mode="nearest")  # every frame doubled
@@ -748,3 +748,108 @@ for stride in (64, 48, 32):
 # not monotonic here because of the slivers of solution 3: at 128 px both overlapped layouts end with thin
 # tiles. A default should pick the overlap *and* a layout without slivers; diffusers' 25% is a fair compromise
 # on large frames, where the last tile is a small part of the image.
+
+# %% [markdown] tags=["core"]
+# ## Lab (graded)
+#
+# Three exercises, graded by nbgrader (`chapters/LABS.md`). Each builds its own inputs, so this section runs
+# on its own after the cell below; the checks compare *your* function with the library's on random inputs
+# and shapes. Write your code where it says `YOUR CODE HERE`, then run the check under it.
+
+# %% tags=["core"]
+import torch
+import torch.nn.functional as F
+
+from anim_lab import causal_vae as lab_causal_vae
+from anim_lab import tiling as lab_tiling
+
+# %% [markdown] tags=["core"]
+# ### Exercise 1 (3 points): causal padding
+# Write `my_causal_conv3d(conv, x)`: the output of a `CausalConv3d` module `conv` on a video
+# `x` `(B, C, T, H, W)`, from its inner `conv.conv` (an `nn.Conv3d` with no padding of its own: use its
+# weight, bias and stride with `F.conv3d`). Pad by *replication*: $k_t - 1$ copies of the first frame in
+# front and none behind; $\lfloor k_h/2 \rfloor$ and $\lfloor k_w/2 \rfloor$ on both sides in space.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch08_causal_conv3d", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_causal_conv3d(conv, x):
+    ### BEGIN SOLUTION
+    kt, kh, kw = conv.conv.kernel_size
+    padded = F.pad(x, (kw // 2, kw // 2, kh // 2, kh // 2, kt - 1, 0), mode="replicate")
+    return F.conv3d(padded, conv.conv.weight, conv.conv.bias, stride=conv.conv.stride)
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch08_causal_conv3d_check", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+torch.manual_seed(8)
+gen = torch.Generator().manual_seed(8)
+for kernel, stride, frames in [(3, 1, 5), ((3, 1, 1), 1, 9), (3, (2, 2, 2), 9), ((2, 3, 3), 1, 4), (1, 1, 3)]:
+    conv = lab_causal_vae.CausalConv3d(3, 4, kernel, stride)
+    x = torch.randn(2, 3, frames, 6, 6, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(my_causal_conv3d(conv, x), conv(x))
+print("my_causal_conv3d matches CausalConv3d on 5 kernels and strides")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 2 (2 points): 4n + 1 frames
+# Write `my_latent_num_frames(num_frames, r=4)`, the latent frames of a causal VAE with temporal compression
+# `r` (the first frame alone, then one latent per `r` frames), and `my_sample_num_frames(latent_frames, r=4)`,
+# the video frames a latent video decodes to.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch08_num_frames", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_latent_num_frames(num_frames, r=4):
+    ### BEGIN SOLUTION
+    return (num_frames - 1) // r + 1
+    ### END SOLUTION
+
+
+def my_sample_num_frames(latent_frames, r=4):
+    ### BEGIN SOLUTION
+    return r * (latent_frames - 1) + 1
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch08_num_frames_check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert my_latent_num_frames is not lab_causal_vae.latent_num_frames
+for r in (1, 2, 4, 8):
+    for n in range(1, 40):
+        assert my_latent_num_frames(n, r) == lab_causal_vae.latent_num_frames(n, r), (n, r)
+        assert my_sample_num_frames(n, r) == lab_causal_vae.sample_num_frames(n, r), (n, r)
+print("my_latent_num_frames and my_sample_num_frames match the library for r = 1, 2, 4, 8")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 3 (3 points): the linear tile blend
+# Write `my_blend(prev_tail, tile, extent, dim)`: return a copy of `tile` whose first $E$ entries along `dim`
+# fade in over the last $E$ entries of `prev_tail`, $E = \min(\text{extent}$, both lengths along `dim`$)$:
+# `tile[y] = prev_tail[-E + y] * (1 - y/E) + tile[y] * (y/E)` for $y < E$; the rest of `tile` unchanged.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch08_blend", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_blend(prev_tail, tile, extent, dim):
+    ### BEGIN SOLUTION
+    out = tile.clone()
+    e = min(prev_tail.shape[dim], tile.shape[dim], extent)
+    if e <= 0:
+        return out
+    shape = [1] * tile.ndim
+    shape[dim] = e
+    w = (torch.arange(e, dtype=tile.dtype) / e).view(shape)
+    a = prev_tail.narrow(dim, prev_tail.shape[dim] - e, e)
+    out.narrow(dim, 0, e).copy_(a * (1 - w) + tile.narrow(dim, 0, e) * w)
+    return out
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch08_blend_check", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+gen = torch.Generator().manual_seed(9)
+for prev_shape, tile_shape, extent, dim in [
+    ((1, 4, 3, 8, 6), (1, 4, 3, 8, 10), 4, 4),
+    ((1, 4, 3, 5, 8), (1, 4, 3, 9, 8), 8, 3),
+    ((2, 3, 6, 4, 4), (2, 3, 4, 4, 4), 2, 2),
+    ((1, 2, 3, 4), (1, 2, 3, 4), 0, 3),
+]:
+    prev, tile = torch.randn(prev_shape, generator=gen), torch.randn(tile_shape, generator=gen)
+    mine = my_blend(prev, tile.clone(), extent, dim)
+    torch.testing.assert_close(mine, lab_tiling.blend(prev, tile.clone(), extent, dim))
+print("my_blend matches tiling.blend along width, height and time")

@@ -10,7 +10,7 @@
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # # Chapter 09 — Pose2Video: the whole pipeline on the trained toy animator
 #
 # *A reference portrait and a driving pose video go in, a video comes out. This chapter runs every stage of
@@ -43,7 +43,7 @@
 # measured by `scripts/eval_animator.py`; this chapter is about what the pipeline does, and prints the
 # numbers of the weights it loads.
 
-# %%
+# %% tags=["core"]
 # NBVAL_IGNORE_OUTPUT
 import warnings
 
@@ -83,7 +83,7 @@ print(
     f"matplotlib {matplotlib.__version__}"
 )
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 1. The toy animator and a held-out case
 #
 # `load_animator()` loads the embedded weights, a standard diffusers pipeline folder, with
@@ -92,7 +92,7 @@ print(
 # used. Stage 1 of the training (the paper's image stage) has no motion
 # modules; stage 2 adds them. The cell prints which of the two the loaded weights are.
 
-# %%
+# %% tags=["core"]
 pipe = load_animator()
 pipe.set_progress_bar_config(disable=True)  # no progress bars in the outputs
 
@@ -114,13 +114,13 @@ print(
     f"{sched.timestep_spacing} timesteps, zero terminal SNR: {sched.rescale_betas_zero_snr}"
 )
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # The held-out cases of `scripts/eval_animator.py`: an identity from the toy world's test split, rendered in
 # another pose as the reference, a driving clip from motion seeds never used in training, its pose images,
 # and the ground truth (the identity rendered in the driving poses). The script is not a package module, so it
 # is loaded from its file. One 64-frame case serves the whole chapter; its first 24 frames are the short run.
 
-# %%
+# %% tags=["core"]
 ev = anim_lab.load_script("eval_animator")  # scripts/eval_animator.py: held-out cases and metrics
 
 case = ev.make_cases(num_cases=1, num_frames=64)[0]
@@ -135,7 +135,7 @@ fig = image_grid(
 )
 plt.show()
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 2. The pipeline, stage by stage
 #
 # The order of `Pose2VideoPipeline.__call__` (and of the reference's `pipeline_pose2vid_long.py`):
@@ -152,7 +152,7 @@ plt.show()
 # Steps 1-5 depend only on the inputs, not on each other; the sections below take 4 and 5 in the other order.
 # The short run: 24 frames at 128 px, windows of 16 frames overlapping by 4, 6 DDIM steps, guidance 3.5.
 
-# %%
+# %% tags=["core"]
 F = 24  # frames
 H = W = 128  # pixels; the latents are H/8 x W/8
 STEPS, CFG, SEED = 6, 3.5, 0
@@ -160,7 +160,7 @@ CONTEXT, OVERLAP = 16, 4
 ref_pil = PIL.Image.fromarray(case.reference)
 poses = list(case.poses[:F])  # F images (H, W, 3) uint8
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ### 2.1 The CLIP token and the zero unconditional token
 #
 # The reference is squashed to the encoder's square input (96 px for the toy encoder, 224 for CLIP ViT-L),
@@ -168,7 +168,7 @@ poses = list(case.poses[:F])  # F images (H, W, 3) uint8
 # image. It becomes a sequence of **one token**, the `encoder_hidden_states` of every cross-attention. The
 # unconditional input of classifier-free guidance is the same shape filled with zeros.
 
-# %%
+# %% tags=["core"]
 S = pipe.image_encoder.config.image_size
 x = torch.from_numpy(np.array(ref_pil.resize((S, S))) / np.float32(255))  # (S, S, 3) in [0, 1]
 x = rearrange(x, "h w c -> 1 c h w")
@@ -179,7 +179,7 @@ uncond_tokens = torch.zeros_like(clip_tokens)  # (1, 1, D)
 print("pixel values", tuple(pixel_values.shape), "-> CLIP tokens", tuple(clip_tokens.shape))
 print("unconditional tokens", tuple(uncond_tokens.shape), "all zero:", bool((uncond_tokens == 0).all()))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ### 2.2 The reference latents
 #
 # The reference at the output size, in [-1, 1], through the VAE encoder. The pipeline takes the **mean** of
@@ -187,7 +187,7 @@ print("unconditional tokens", tuple(uncond_tokens.shape), "all zero:", bool((unc
 # VAE's scaling factor, which makes the latents of unit variance, the scale the UNets were trained at (chapter
 # 02). Both steps by hand, then against the pipeline's own `encode_reference`:
 
-# %%
+# %% tags=["core"]
 image = torch.from_numpy(case.reference / np.float32(255)) * 2 - 1  # (H, W, 3) in [-1, 1]
 image = rearrange(image, "h w c -> 1 c h w")
 posterior = pipe.vae.encode(image).latent_dist
@@ -200,7 +200,7 @@ torch.testing.assert_close(clip_tokens, lib_tokens)
 torch.testing.assert_close(ref_latents, lib_latents, atol=1e-4, rtol=1e-4)  # float rounding of the convs
 print("CLIP tokens and reference latents by hand == encode_reference: True")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ### 2.3 The pose features
 #
 # The pose images go into the pose guider **as pixels**, in [0, 1]: there is no VAE on this path (the
@@ -210,7 +210,7 @@ print("CLIP tokens and reference latents by hand == encode_reference: True")
 # It works frame by frame, so the features of a window's frames are a slice of the whole sequence's features:
 # the pipeline runs the guider once, before the loop.
 
-# %%
+# %% tags=["core"]
 pose = torch.from_numpy(np.stack(poses) / np.float32(255))  # (F, H, W, 3) in [0, 1]
 pose = rearrange(pose, "f h w c -> 1 c f h w")  # (1, 3, F, H, W)
 pose_fea = pipe.pose_guider(pose)  # (1, C0, F, h, w)
@@ -221,7 +221,7 @@ window = [20, 21, 22, 23, 0, 1, 2, 3]  # any frames, e.g. a wrap-around window
 torch.testing.assert_close(pipe.pose_guider(pose[:, :, window]), pose_fea[:, :, window])
 print("by hand == encode_poses: True | guider on a window == slice of the whole: True")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ### 2.4 The bank: the ReferenceNet, once, at t = 0
 #
 # `reference_attention` installs writer processors on the ReferenceNet's spatial self-attentions and reader
@@ -236,7 +236,7 @@ print("by hand == encode_poses: True | guider on a window == slice of the whole:
 # contrast (the timestep embedding reaches every resnet, so t matters; training used t = 0 too:
 # `scripts/train_animator.py` writes the bank with `t = zeros`).
 
-# %%
+# %% tags=["core"]
 with reference_attention(pipe.reference_unet, pipe.denoising_unet, do_classifier_free_guidance=True) as bank:
     bank.write(ref_latents, t=0, encoder_hidden_states=clip_tokens)
     first = dict(bank.entries)
@@ -251,35 +251,35 @@ print("written twice at t = 0, equal:", all(torch.equal(first[n], again[n]) for 
 print("written at t = 500, equal to t = 0:", all(torch.equal(first[n], at500[n]) for n in first))
 print("ReferenceUNet has a conv_out:", hasattr(pipe.reference_unet, "conv_out"))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ### 2.5 The initial noise and the timesteps
 #
 # One Gaussian latent per frame, `(1, 4, F, h, w)`, drawn from the generator (`randn_tensor` with a CPU
 # generator is `torch.randn` with it), times `init_noise_sigma` (1 for DDIM). The timesteps are the
 # scheduler's `trailing` spacing, so the first step starts at t = 999.
 
-# %%
+# %% tags=["core"]
 pipe.scheduler.set_timesteps(STEPS)
 timesteps = pipe.scheduler.timesteps
 generator = torch.Generator("cpu").manual_seed(SEED)
 latents = torch.randn(1, 4, F, H // 8, W // 8, generator=generator) * pipe.scheduler.init_noise_sigma
 print("initial latents", tuple(latents.shape), "| timesteps", timesteps.tolist())
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ### 2.6 The loop: windows → CFG batch → denoising UNet → average → guidance → DDIM step
 #
 # The 24 frames do not fit one window of 16, so every step runs the denoising UNet on two windows. The second
 # window runs past the last frame and **wraps around** to frames 0-3 (section 4 explains why). Each frame's
 # prediction is the mean over the windows that cover it; `window_counter` counts them.
 
-# %%
+# %% tags=["core"]
 windows = context_windows(F, CONTEXT, OVERLAP, max_len=max_len)
 counter = window_counter(windows, F)  # (F,) windows per frame
 for w in windows:
     print("window", w)
 print("windows per frame:", counter.tolist())
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # Per window, the CFG batch stacks the unconditional rows first and the conditional rows second
 # (`cfg_batch`): the same latents and pose features twice, with zero tokens for the first half and the CLIP
 # token for the second. Under CFG the bank is read by the conditional rows only; the unconditional rows get
@@ -291,7 +291,7 @@ print("windows per frame:", counter.tolist())
 # which the loop keeps at every step (re-derived against the scheduler's `pred_original_sample`) for the strip
 # of section 3. The shapes are printed once, for the first window of the first step.
 
-# %%
+# %% tags=["core"]
 x0_by_step = []  # (1, 4, F, h, w) per step
 with reference_attention(pipe.reference_unet, pipe.denoising_unet, do_classifier_free_guidance=True) as bank:
     bank.write(ref_latents, t=0, encoder_hidden_states=clip_tokens)  # once, before the loop
@@ -325,25 +325,25 @@ with reference_attention(pipe.reference_unet, pipe.denoising_unet, do_classifier
     print("ReferenceNet runs in the whole loop:", bank.writes)
 print("guidance by hand == cfg_combine, x0 by hand == pred_original_sample: True")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ### 2.7 The VAE decode
 #
 # Undo the scaling factor and decode frame by frame: the VAE is a 2D model, so the frames are just a batch
 # (the pipeline decodes `decode_chunk_size` of them per call to bound the memory).
 
-# %%
+# %% tags=["core"]
 frames = rearrange(latents, "1 c f h w -> f c h w") / pipe.vae.config.scaling_factor  # (F, 4, h, w)
 video = (pipe.vae.decode(frames).sample.clamp(-1, 1) + 1) / 2  # (F, 3, H, W) in [0, 1]
 print("latents", tuple(latents.shape), "-> video", tuple(video.shape))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ### 2.8 Against the pipeline
 #
 # The same request through `pipe(...)`, with a generator seeded the same way, and a hook that counts the
 # ReferenceNet's forward calls. The two videos agree to float rounding (the pipeline batches the same
 # operations slightly differently).
 
-# %%
+# %% tags=["core"]
 calls = []
 hook = pipe.reference_unet.register_forward_hook(lambda module, args, output: calls.append(1))
 library = pipe(
@@ -373,7 +373,7 @@ truth_short = M.video_from_uint8(case.truth[:F])  # (1, 3, F, H, W) in [-1, 1]
 print(f"PSNR vs ground truth: {M.psnr(M.video_from_uint8(short), truth_short).mean():.1f} dB")
 print(f"copying the reference: {M.psnr(M.video_from_uint8(copy), truth_short).mean():.1f} dB")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # The PSNR of the generated frames is printed next to the copy-the-reference baseline; at 6 steps on a toy
 # model it is a sanity check, not a benchmark (`scripts/eval_animator.py` has the measured table).
 #
@@ -384,7 +384,7 @@ print(f"copying the reference: {M.psnr(M.video_from_uint8(copy), truth_short).me
 # (the reference through the bank and the CLIP token, the pose through the guider); later steps refine it.
 # Two frames, one per row; the last columns are the final frame and the ground truth.
 
-# %%
+# %% tags=["core"]
 show = [0, 12]  # frames
 tiles, titles = [], []
 for f in show:
@@ -402,7 +402,7 @@ for i, t in enumerate(timesteps):
     gap = (x0_by_step[i] - final).abs().mean()
     print(f"t={int(t):3d}: mean |x0 - final latents| = {gap:.2f}")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # The printed gap between each step's $\hat x_0$ and the final latents should shrink towards the last step
 # (the last $\hat x_0$ is the output up to the final DDIM update). At t = 999 the input holds no signal (the
 # trailing schedule with zero terminal SNR), so with v-prediction the model's output there is its whole
@@ -421,7 +421,7 @@ for i, t in enumerate(timesteps):
 # `anim_lab.context.context_windows`:
 
 
-# %%
+# %% tags=["core"]
 def ordered_halving(val):
     """The bit-reversed fraction of val: 0 -> 0, 1 -> 1/2, 2 -> 1/4, 3 -> 3/4 ..."""
     return int(f"{val:064b}"[::-1], 2) / (1 << 64)
@@ -457,7 +457,7 @@ for ov in (0, 4):
     print(f"overlap {ov}: {len(ws)} windows:", ", ".join(runs(w) for w in ws))
     print("   windows per frame:", window_counter(ws, LONG).tolist())
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # - With overlap 4 the windows start every 12 frames, at 0, 12, ..., 60; the last start is still below
 #   64, so the last window takes frames 60-63 and **wraps** to 0-11. The scheduler was written for looping
 #   animations (`closed_loop=True`): the range of starts runs to the last frame, and the modulo makes the
@@ -469,14 +469,14 @@ for ov in (0, 4):
 #   fraction of the clip: 0, 1/2, 1/4, 3/4, ...), so that seams fall at different frames at every step.
 #   The pipelines always pass 0: the windows never move. What step 1 would have given:
 
-# %%
+# %% tags=["core"]
 print("step 1, overlap 4:", ", ".join(runs(w) for w in uniform(1, LONG, 16, 4)))
 work = {ov: sum(len(w) for w in context_windows(LONG, 16, ov, max_len=None)) / LONG for ov in (0, 4)}
 print(f"UNet frame-evaluations per frame per step: overlap 0 -> {work[0]:.2f}, overlap 4 -> {work[4]:.2f}")
 seed_windows = context_windows(598, 16, 4, max_len=None)
 print(f"598 frames at 16/4: {len(seed_windows)} windows, the last {runs(seed_windows[-1])}")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # Windows are not a speed-up: every frame is evaluated at least once per step either way, and the overlapped
 # frames are evaluated twice (the UNet work per frame is printed above). They bound the length of the
 # temporal attention (the position encoding, and memory that grows with the square of the window length),
@@ -490,7 +490,7 @@ print(f"598 frames at 16/4: {len(seed_windows)} windows, the last {runs(seed_win
 # starts a window, or follows a jump inside one) and averages the generated frame-to-frame change there minus
 # the ground truth's change at the same frame: the extra jump the windows add, in [0, 1] units.
 
-# %%
+# %% tags=["core"]
 LONG_STEPS = 4
 long_windows = {ov: context_windows(LONG, 16, ov, max_len=max_len) for ov in (0, 4)}
 long_videos = {
@@ -509,7 +509,7 @@ diff = np.abs(long_videos[0].astype(int) - long_videos[4].astype(int)).max()
 print("motion modules:", has_motion)
 print("overlap 0 and overlap 4 give the same video (to 1 grey level):", bool(diff <= 1))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # The two window lists put their seams at different frames (16, 32, 48 against 12, 24, ..., 60), so the
 # table measures both videos at both sets of seams, next to the same difference averaged over every pair of
 # neighbouring frames (`flicker` in the script). A seam is visible only where the error at the seams stands
@@ -533,7 +533,7 @@ print("overlap 0 and overlap 4 give the same video (to 1 grey level):", bool(dif
 # The 64-frame video (overlap 4) as a strip: reference | pose | generated | ground truth, six frames spread
 # over the clip (`anim_lab.cli.demo_strip`, the same strip `anim-lab demo` writes).
 
-# %%
+# %% tags=["core"]
 strip = demo_strip(case.reference, case.poses, long_videos[4], case.truth, columns=6)
 print("strip", strip.shape)  # (6*H, 4*W, 3)
 fig, ax = plt.subplots(figsize=(6, 9))
@@ -545,11 +545,11 @@ fig.tight_layout()
 save(fig, "ch09_pose2video_strip")
 plt.show()
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # And as an animation: pose | generated | ground truth side by side, every other frame of the 64 at 6 fps
 # (an inline GIF, so the notebook shows it without any file next to it; every other frame keeps it small).
 
-# %%
+# %% tags=["core"]
 # NBVAL_IGNORE_OUTPUT
 side_by_side = np.concatenate([case.poses, long_videos[4], case.truth], axis=2)[::2]  # (F/2, H, 3W, 3)
 gif_frames = [PIL.Image.fromarray(f) for f in side_by_side]
@@ -645,3 +645,102 @@ print("same latents: True")
 #    between the first window and the wrap-around one.
 for w in context_windows(64, 24, 4, max_len=max_len):
     print(runs(w))
+
+# %% [markdown] tags=["core"]
+# ## Lab (graded)
+#
+# Three exercises, graded by nbgrader (`chapters/LABS.md`). Each builds its own inputs, so this section runs
+# on its own after the cell below; the checks compare *your* function with the library's on random inputs
+# and shapes. Write your code where it says `YOUR CODE HERE`, then run the check under it.
+
+# %% tags=["core"]
+import torch
+
+from anim_lab import context as lab_context
+from anim_lab import guidance as lab_guidance
+
+# %% [markdown] tags=["core"]
+# ### Exercise 1 (3 points): averaging the windows' predictions
+# Write `my_average_windows(predict, latents, windows)`: `latents` `(B, C, F, H, W)`; for each window (a list
+# of frame indices) call `predict` on that window's frames, `(B, C, f, H, W)`, which returns a prediction of
+# the same shape; return `(B, C, F, H, W)`, each frame's predictions summed over the windows that cover it and
+# divided by their number.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch09_average_windows", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_average_windows(predict, latents, windows):
+    ### BEGIN SOLUTION
+    total = torch.zeros_like(latents)
+    count = torch.zeros(latents.shape[2])
+    for window in windows:
+        index = torch.tensor(window)
+        total.index_add_(2, index, predict(latents[:, :, index]))  # frames shared by windows add up
+        count.index_add_(0, index, torch.ones(len(window)))
+    return total / count.reshape(1, 1, -1, 1, 1)
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch09_average_windows_check", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+gen = torch.Generator().manual_seed(9)
+
+
+def toy_predict(x):  # depends on the whole window, as a motion module does
+    return torch.tanh(x) + x.mean(dim=2, keepdim=True)
+
+
+for frames, size, overlap, batch in [(64, 24, 4, 1), (30, 8, 3, 2), (12, 16, 4, 1), (20, 6, 5, 3)]:
+    latents = torch.randn(2, 4, frames, 3, 3, generator=gen)
+    windows = lab_context.context_windows(frames, size, overlap, max_len=None)
+    expected = lab_context.predict_in_windows(lambda x, _: toy_predict(x), latents, windows, batch)
+    torch.testing.assert_close(my_average_windows(toy_predict, latents, windows), expected)
+print("my_average_windows matches context.predict_in_windows on 4 videos (wrap-around windows included)")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 2 (2 points): the x0 prediction from v
+# Write `my_x0_from_v(alphas_cumprod, v_pred, x_t, t)`: the clean-latent estimate $\hat x_0$ of a
+# v-prediction model at timestep `t` (an int, or a tensor of one timestep per row of the batch), with
+# $\bar\alpha$ = `alphas_cumprod`.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch09_x0_from_v", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_x0_from_v(alphas_cumprod, v_pred, x_t, t):
+    ### BEGIN SOLUTION
+    a = alphas_cumprod[torch.as_tensor(t)].to(x_t.dtype)
+    if a.ndim == 1:
+        a = a.reshape(-1, *([1] * (x_t.ndim - 1)))  # one timestep per row
+    return a.sqrt() * x_t - (1 - a).sqrt() * v_pred
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch09_x0_from_v_check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+gen = torch.Generator().manual_seed(10)
+scheduler = lab_guidance.build_scheduler()
+for t, shape in [
+    (999, (1, 4, 2, 8, 8)),
+    (500, (2, 4, 3, 4, 4)),
+    (torch.tensor([10, 700, 999]), (3, 4, 1, 2, 2)),
+]:
+    x_t, v_pred = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    expected = lab_guidance.convert_prediction(scheduler, v_pred, x_t, t, "sample")
+    torch.testing.assert_close(my_x0_from_v(scheduler.alphas_cumprod, v_pred, x_t, t), expected)
+print("my_x0_from_v matches guidance.convert_prediction at t = 999, 500 and per-row timesteps")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 3 (2 points): a measured question
+# A 64-frame video in windows of 24 frames overlapping by 4, two windows per UNet call
+# (`context_batch_size=2`), 25 steps, CFG on (both halves in the same call). How many calls of the denoising
+# UNet does the whole run make? Store it, an int, in `unet_calls`.
+
+# %% nbgrader={"grade": false, "grade_id": "ch09_unet_calls", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core"]
+### BEGIN SOLUTION
+lab_windows = lab_context.context_windows(64, 24, 4)
+unet_calls = len(lab_context.batch_windows(lab_windows, 2)) * 25
+### END SOLUTION
+print(f"{unet_calls} UNet calls")
+
+# %% nbgrader={"grade": true, "grade_id": "ch09_unet_calls_check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert isinstance(unet_calls, int) and unet_calls > 0
+### BEGIN HIDDEN TESTS
+assert unet_calls == 25 * len(lab_context.batch_windows(lab_context.context_windows(64, 24, 4), 2))
+### END HIDDEN TESTS
+print("unet_calls is a count")

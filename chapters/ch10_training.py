@@ -10,7 +10,7 @@
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # # Chapter 10 — Training the animator
 #
 # *How the toy animator's weights were made: AnimateAnyone's two stages, the v-prediction loss with min-SNR
@@ -41,7 +41,7 @@
 # `anim_lab/assets/toy_animator` (earlier ones in its git history); their `train_log.json` holds the loss of
 # every run that led to them.
 
-# %%
+# %% tags=["core"]
 # NBVAL_IGNORE_OUTPUT
 import argparse
 import functools
@@ -82,7 +82,7 @@ E = anim_lab.load_script("eval_animator")
 print(f"anim_lab {anim_lab.__version__}, torch {torch.__version__}, diffusers {diffusers.__version__}")
 print(f"accelerate {accelerate.__version__}, matplotlib {matplotlib.__version__}")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 1. Two stages: what is trained, what is frozen
 #
 # AnimateAnyone (and Moore-AnimateAnyone's code) trains in two stages:
@@ -100,7 +100,7 @@ print(f"accelerate {accelerate.__version__}, matplotlib {matplotlib.__version__}
 #
 # The model's sizes come from the committed weights' own config files, and what the loaded model has:
 
-# %%
+# %% tags=["core"]
 WEIGHTS_DIR = TOY_ANIMATOR_DIR
 den_config = json.loads((WEIGHTS_DIR / "denoising_unet" / "config.json").read_text())
 guider_config = json.loads((WEIGHTS_DIR / "pose_guider" / "config.json").read_text())
@@ -115,12 +115,12 @@ print(
     "UNet block_out_channels:", config["unet"]["block_out_channels"], "| PoseGuider:", config["pose_guider"]
 )
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # `Animator(config, stage)` is the script's module that holds the three trained networks; its
 # `set_trainable()` returns the parameters the optimizer gets. Counted per component and stage, with the
 # frozen VAE and image encoder beside them:
 
-# %%
+# %% tags=["core"]
 pipe = load_animator(
     WEIGHTS_DIR
 )  # the committed weights as a pipeline, with the scaled_linear DDIM of training
@@ -159,7 +159,7 @@ rows += [
 ]
 print(format_table(rows, ["component", "parameters", "trained in stage 1", "trained in stage 2"]))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # - Stage 1 trains everything but the motion modules (which do not exist yet) and a slice of the ReferenceNet:
 #   its last up block (`up_blocks.3`, the reference freezes it too; section 6 measures what that costs).
 # - Stage 2 trains the motion modules only, a fraction of the whole network.
@@ -171,7 +171,7 @@ print(format_table(rows, ["component", "parameters", "trained in stage 1", "trai
 # the denoiser's `attn1` can match its own tokens against the ReferenceNet's from the first step. The
 # PoseGuider's last conv starts at zero (chapter 06 shows why): at step 0 the pose adds nothing.
 
-# %%
+# %% tags=["core"]
 torch.manual_seed(0)  # the script's default --seed
 at_init = T.Animator(config, 1)
 T.init_stage1(at_init)
@@ -182,7 +182,7 @@ print("equal at step 0:", all(torch.equal(ref_state[k], den_state[k]) for k in s
 conv_out_zero = all(bool((p == 0).all()) for p in at_init.pose_guider.conv_out.parameters())
 print("PoseGuider conv_out (weight and bias) all zero at step 0:", conv_out_zero)
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 2. One training batch, drawn by the script
 #
 # The script pre-encodes the toy clips once (`build_cache`): reference latents and CLIP token, every frame's
@@ -190,7 +190,7 @@ print("PoseGuider conv_out (weight and bias) all zero at step 0:", conv_out_zero
 # zero pixels (for dropped steps). Here on 2 clips × 2 frames, in a temporary folder that is deleted right
 # after (the script's pre-encoding progress bar is turned off):
 
-# %%
+# %% tags=["core"]
 with (
     tempfile.TemporaryDirectory() as tmp,
     mock.patch.object(T, "tqdm", functools.partial(T.tqdm, disable=True)),
@@ -209,17 +209,17 @@ for key, value in cache.items():
     if key != "meta":
         print(f"{key:13s}", tuple(value.shape))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # `step_batch` draws one step's whole batch from `(seed, step)` alone (section 9 says why): which clips and
 # frames, the noise and its offset, the timesteps, and the coin of condition dropout. Stage 1 takes one frame
 # per clip, so F = 1:
 
-# %%
+# %% tags=["core"]
 batch = T.step_batch(cache, stage=1, step=0, seed=0, batch_size=2, uncond_ratio=0.1)
 for key, value in batch.items():
     print(f"{key:12s}", tuple(value.shape) if isinstance(value, torch.Tensor) else value)
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 3. The loss, written out
 #
 # With $\bar\alpha_t$ the noise schedule, $x_0$ the target latent and $\varepsilon$ the noise:
@@ -242,7 +242,7 @@ for key, value in batch.items():
 #   2023, Algorithm 1): $\sqrt{\bar\alpha_t}$ is shifted so that its last value is 0 and scaled so that its
 #   first is unchanged. Written out and checked against the script's scheduler:
 
-# %%
+# %% tags=["core"]
 scheduler = T.training_scheduler()  # diffusers' DDPMScheduler with the reference's training kwargs
 betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # scaled_linear
 root = torch.cumprod(1 - betas, dim=0).sqrt()  # sqrt(alpha_bar), (1000,)
@@ -257,12 +257,12 @@ print(
     float(alphas_cumprod[999]),
 )
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # The loss of the batch above, by hand, on the committed weights, against the script's `train_step_loss`
 # (pose images, the networks and the ReferenceNet's bank as in training; only the arithmetic is ours):
 
 
-# %%
+# %% tags=["core"]
 def committed_state(name, with_motion):
     state = load_checkpoint(WEIGHTS_DIR / name / T.WEIGHTS)
     return {k: v for k, v in state.items() if with_motion or MOTION_KEY not in k}
@@ -842,3 +842,98 @@ for _ in range(len(draws)):
     p = np.concatenate([[0.1 * p.sum()], 0.9 * p[:-1]])
 print(f"3. longest run of conditional steps: {max(map(len, runs_cond))}; P(20 given steps all conditional) =")
 print(f"   0.9^20 = {0.9**20:.3f}, but P(a run of 20 or more somewhere in {len(draws)} steps) = {hit:.4f}")
+
+# %% [markdown] tags=["core"]
+# ## Lab (graded)
+#
+# Three exercises, graded by nbgrader (`chapters/LABS.md`). Each builds its own inputs, so this section runs
+# on its own after the cell below; the checks compare *your* function with the library's on random inputs
+# and shapes. Write your code where it says `YOUR CODE HERE`, then run the check under it.
+
+# %% tags=["core"]
+import torch
+from diffusers.training_utils import compute_snr
+
+import anim_lab
+
+lab_train = anim_lab.load_script("train_animator")  # scripts/train_animator.py
+
+# %% [markdown] tags=["core"]
+# ### Exercise 1 (2 points): the v-prediction target
+# Write `my_v_target(alphas_cumprod, x0, noise, timesteps)`: $v = \sqrt{\bar\alpha_t}\,\varepsilon -
+# \sqrt{1-\bar\alpha_t}\,x_0$ for a batch `x0`, `noise` `(B, C, F, h, w)` with one timestep per sample,
+# `timesteps` `(B,)`.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch10_v_target", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_v_target(alphas_cumprod, x0, noise, timesteps):
+    ### BEGIN SOLUTION
+    a = alphas_cumprod[timesteps].to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))  # (B,) -> (B, 1, ...)
+    return a.sqrt() * noise - (1 - a).sqrt() * x0
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch10_v_target_check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+gen = torch.Generator().manual_seed(10)
+scheduler = lab_train.training_scheduler()
+for batch, shape in [(3, (4, 2, 4, 4)), (1, (4, 1, 8, 8)), (5, (3, 4, 2, 2))]:
+    x0, noise = torch.randn(batch, *shape, generator=gen), torch.randn(batch, *shape, generator=gen)
+    timesteps = torch.randint(0, 1000, (batch,), generator=gen)
+    timesteps[0] = 999  # zero terminal SNR: the target is the noise itself
+    expected = scheduler.get_velocity(x0, noise, timesteps)
+    torch.testing.assert_close(my_v_target(scheduler.alphas_cumprod, x0, noise, timesteps), expected)
+print("my_v_target matches DDPMScheduler.get_velocity (the training schedule) on 3 batches")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 2 (3 points): the min-SNR-weighted loss
+# Write `my_diffusion_loss(v_pred, x0, noise, timesteps, alphas_cumprod, snr_gamma=5.0)`: per sample `(B,)`,
+# the mean squared error between `v_pred` and the v target, weighted by
+# $w(t) = \min(\mathrm{SNR}(t) + 1, \gamma) / (\mathrm{SNR}(t) + 1)$ with
+# $\mathrm{SNR}(t) = \bar\alpha_t / (1 - \bar\alpha_t)$.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch10_diffusion_loss", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_diffusion_loss(v_pred, x0, noise, timesteps, alphas_cumprod, snr_gamma=5.0):
+    ### BEGIN SOLUTION
+    a = alphas_cumprod[timesteps]  # (B,)
+    snr_plus_one = a / (1 - a) + 1
+    weights = torch.clamp(snr_plus_one, max=snr_gamma) / snr_plus_one
+    a = a.reshape(-1, *([1] * (x0.ndim - 1)))  # (B,) -> (B, 1, ...)
+    target = a.sqrt() * noise - (1 - a).sqrt() * x0
+    return ((v_pred - target) ** 2).mean(dim=tuple(range(1, x0.ndim))) * weights
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch10_diffusion_loss_check", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+gen = torch.Generator().manual_seed(11)
+scheduler = lab_train.training_scheduler()
+for batch, gamma in [(4, 5.0), (6, 1.0), (2, 20.0)]:
+    x0, noise, v_pred = (torch.randn(batch, 4, 2, 4, 4, generator=gen) for _ in range(3))
+    timesteps = torch.tensor([0, 999] + torch.randint(0, 1000, (batch - 2,), generator=gen).tolist())
+    expected = lab_train.diffusion_loss(v_pred, x0, noise, timesteps, scheduler, gamma)
+    mine = my_diffusion_loss(v_pred, x0, noise, timesteps, scheduler.alphas_cumprod, gamma)
+    torch.testing.assert_close(mine, expected)
+print("my_diffusion_loss matches the training script's diffusion_loss for gamma = 5, 1 and 20")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 3 (2 points): a measured question
+# Under the training schedule (`training_scheduler()`) and $\gamma = 5$, on how many of the 1000 training
+# timesteps is the min-SNR weight below 1 (those steps count less than the plain loss would)? Store it, an
+# int, in `capped_steps`.
+
+# %% nbgrader={"grade": false, "grade_id": "ch10_capped_steps", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core"]
+### BEGIN SOLUTION
+lab_a = lab_train.training_scheduler().alphas_cumprod
+lab_snr1 = lab_a / (1 - lab_a) + 1
+capped_steps = int((torch.clamp(lab_snr1, max=5.0) / lab_snr1 < 1).sum())
+### END SOLUTION
+print(f"{capped_steps} of 1000 timesteps have a weight below 1")
+
+# %% nbgrader={"grade": true, "grade_id": "ch10_capped_steps_check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert isinstance(capped_steps, int) and 0 <= capped_steps <= 1000
+### BEGIN HIDDEN TESTS
+_s = lab_train.training_scheduler()
+_snr = compute_snr(_s, torch.arange(1000)) + 1
+assert capped_steps == int((torch.clamp(_snr, max=5.0) / _snr < 1).sum())
+### END HIDDEN TESTS
+print("capped_steps is a count")

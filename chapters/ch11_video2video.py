@@ -10,7 +10,7 @@
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # # Chapter 11 — Video2Video: one face's motion on another face
 #
 # *AniPortrait's face reenactment does not draw the driving face's landmarks: it takes the driver's head pose
@@ -36,7 +36,7 @@
 # build the same thing from face-mesh landmarks (mediapipe 0.10.21's face mesh has no transform and no
 # blendshapes), then measure it where the answer is known.
 
-# %%
+# %% tags=["core"]
 # NBVAL_IGNORE_OUTPUT
 import contextlib
 import os
@@ -76,7 +76,7 @@ def native_stderr_silenced():
             os.close(saved)
 
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 1. Raw driving landmarks carry the driver's face
 #
 # Take two held-out toy identities: A (the reference portrait) and B (the driver). `toy.toy_case` builds B's
@@ -84,7 +84,7 @@ def native_stderr_silenced():
 # neutral A, here standing where B's first frame stands (`framing="same"`), so the only thing that differs
 # between B's landmarks and the truth is the face itself: B's proportions and B's expression calibration.
 
-# %%
+# %% tags=["core"]
 held_out = toy.identity_split("test")
 case = toy.toy_case(held_out[7], held_out[8], seed=2, num_frames=32, size=256)  # a clip that talks and blinks
 print("A face width/height:", round(case.reference.face_width, 3), round(case.reference.face_height, 3))
@@ -95,7 +95,7 @@ naive_error = np.linalg.norm(naive - target, axis=-1)  # (F, 478) pixels
 print("naive error, mean px:", round(float(naive_error.mean()), 2))
 print("naive error on the face oval, mean px:", round(float(naive_error[:, L.GROUPS["face_oval"]].mean()), 2))
 
-# %%
+# %% tags=["core"]
 frame = 12
 
 
@@ -121,7 +121,7 @@ for ax in axes[:2]:
 viz.save(fig, "ch11_raw_landmarks")
 plt.show()
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # B's points are B's face: its width, its chin. A PoseGuider conditioned on them would reshape A into B. On
 # real faces the difference is bigger than between toy identities (which differ by at most 8% in
 # proportions) — and if the portrait does not stand where the driver stands, every point is off by the
@@ -141,7 +141,7 @@ plt.show()
 # $s = \operatorname{tr}(DS) / \frac1N\sum_i \lVert\tilde X_i\rVert^2$, $t = \bar Q - s R \bar X$.
 # Re-derived here on B's frame, against the library:
 
-# %%
+# %% tags=["core"]
 xyz = case.driving_xyz()[frame]  # (478, 3) image space: pixel x, y, z (smaller = closer)
 Q = xyz[:468] * np.array([1.0, -1.0, -1.0])  # (468, 3) face frame: y up, z toward the camera
 X = R.template_landmarks()[:468]  # (468, 3) the canonical face
@@ -157,7 +157,7 @@ torch.testing.assert_close(torch.as_tensor([scale, *trans]), torch.as_tensor([fi
 print("Umeyama by hand matches fit_head_pose: True")
 print("scale (px per template unit):", round(scale, 2), " residual rms px:", round(fit.rms, 2))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # The toy renderer composes its rotation as $R = R_z(\text{roll})\,R_x(\text{pitch})\,R_y(\text{yaw})$.
 # Multiplying out, the bottom row of $R$ is $(-\cos p \sin y,\ \sin p,\ \cos p \cos y)$ and its middle column
 # is $(-\sin r \cos p,\ \cos r \cos p,\ \sin p)$, so
@@ -165,7 +165,7 @@ print("scale (px per template unit):", round(scale, 2), " residual rms px:", rou
 # $$\text{pitch} = \arcsin R_{21},\quad \text{yaw} = \operatorname{atan2}(-R_{20}, R_{22}),\quad
 # \text{roll} = \operatorname{atan2}(-R_{01}, R_{11}).$$
 
-# %%
+# %% tags=["core"]
 yaw_p_r = np.rad2deg(
     [np.arctan2(-rot[2, 0], rot[2, 2]), np.arcsin(rot[2, 1]), np.arctan2(-rot[0, 1], rot[1, 1])]
 )
@@ -176,13 +176,13 @@ print("renderer's yaw, pitch, roll:", np.round([true_pose.yaw, true_pose.pitch, 
 by_matrix = toy.rotation_matrix(*yaw_p_r)  # compose the three rotations again
 print("Rz·Rx·Ry of the angles gives the fitted matrix back:", np.allclose(by_matrix, rot))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # The fit is within a degree on this frame. Over many poses: `scripts/eval_retarget.py` (its `pose_errors`,
 # run here with the script's defaults) fits 150 random poses of held-out identities (yaw ±30°, pitch and roll
 # ±15°, random expressions), from the renderer's exact 3D points and from mediapipe's detections of the
 # renders:
 
-# %%
+# %% tags=["core"]
 T = anim_lab.load_script("eval_retarget")  # scripts/eval_retarget.py
 with native_stderr_silenced():
     pose = T.pose_errors(150, 256, 0)
@@ -199,7 +199,7 @@ print(
     f"mean signed pitch error {pose['mediapipe_signed_mean_error'][1]:+.1f} deg"
 )
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # On exact points the largest error is pitch, half a degree: expressions move points too (an open jaw swings
 # the chin down and back), which the rigid fit partly reads as pitch. mediapipe's points give a few degrees:
 # mediapipe flattens yaw (the slope printed) and sees the toy faces tilted in pitch (the signed error).
@@ -214,7 +214,7 @@ print(
 # blendshape scores; face mesh has no blendshapes, so `R.expression_measure` uses mouth opening (inner-lip gap
 # over mouth width) plus eye closure (1 − lid gap over the template's).
 
-# %%
+# %% tags=["core"]
 fits = [R.fit_head_pose(p) for p in case.driving_xyz()]
 canonical = np.stack(
     [f.to_canonical(p) for f, p in zip(fits, case.driving_xyz(), strict=True)]
@@ -244,12 +244,12 @@ ax.legend()
 viz.save(fig, "ch11_neutral_frame")
 plt.show()
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # Why it matters: the offsets are *relative to the neutral frame*, and they are added to a reference that is
 # (we assume) at rest. Pick an open-mouth frame as "neutral" and every output frame carries that frame's
 # expression with its sign flipped — the mouth closes when B's opens:
 
-# %%
+# %% tags=["core"]
 ref_xyz, drv_xyz = case.reference_xyz(), case.driving_xyz()
 good = R.retarget(ref_xyz, drv_xyz, case.size)
 worst = int(np.argmax(measure))
@@ -587,3 +587,105 @@ print(
 # On exact toy landmarks there is no jitter, so smoothing can only lag the motion (slightly worse). On real
 # detections the fitted angles jitter by a degree or two from frame to frame; the 3-frame mean removes most of
 # it at the cost of that small lag.
+
+# %% [markdown] tags=["core"]
+# ## Lab (graded)
+#
+# Three exercises, graded by nbgrader (`chapters/LABS.md`). Each builds its own inputs, so this section runs
+# on its own after the cell below; the checks compare *your* function with the library's on random inputs
+# and shapes. Write your code where it says `YOUR CODE HERE`, then run the check under it.
+
+# %% tags=["core"]
+import numpy as np
+
+from anim_lab import retarget as lab_retarget
+from anim_lab import toy as lab_toy
+
+# %% [markdown] tags=["core"]
+# ### Exercise 1 (3 points): Umeyama alignment
+# Write `my_umeyama(source, target)` for `(N, 3)` corresponding points: the similarity
+# `target ≈ s · R @ source + t` with the least squared error, returned as `(s, R, t)` with `det R = +1`.
+# Centre both point sets, take the SVD $U D V^\top$ of the cross-covariance $\frac1N \sum (t_i - \bar t)
+# (s_i - \bar s)^\top$, fix a reflection with $S = \mathrm{diag}(1, 1, \mathrm{sign}(\det U \det V^\top))$:
+# $R = U S V^\top$, $s = \mathrm{tr}(D S) / \sigma^2_{source}$, $t = \bar t - s R \bar s$.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch11_umeyama", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_umeyama(source, target):
+    ### BEGIN SOLUTION
+    mu_src, mu_dst = source.mean(0), target.mean(0)
+    src_c, dst_c = source - mu_src, target - mu_dst
+    u, d, vt = np.linalg.svd(dst_c.T @ src_c / len(source))
+    sign = np.diag([1.0, 1.0, np.sign(np.linalg.det(u) * np.linalg.det(vt))])
+    rotation = u @ sign @ vt
+    scale = float(np.trace(np.diag(d) @ sign) / (src_c**2).sum(1).mean())
+    return scale, rotation, mu_dst - scale * rotation @ mu_src
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch11_umeyama_check", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert my_umeyama is not lab_retarget.umeyama
+rng = np.random.default_rng(11)
+for n, noise in [(468, 0.0), (10, 0.05), (4, 0.2), (50, 1.0)]:
+    source = rng.normal(size=(n, 3))
+    rotation = lab_toy.rotation_matrix(*rng.uniform(-90, 90, 3))
+    target = 1.7 * source @ rotation.T + rng.normal(size=3) + noise * rng.normal(size=(n, 3))
+    for got, want in zip(my_umeyama(source, target), lab_retarget.umeyama(source, target), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-9)
+print("my_umeyama matches retarget.umeyama on 4 point sets, exact and noisy")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 2 (2 points): Euler angles from a rotation
+# Write `my_euler_from_rotation(R)`: the angles `(yaw, pitch, roll)` in degrees, a numpy array, of a rotation
+# $R = R_z(\text{roll})\,R_x(\text{pitch})\,R_y(\text{yaw})$ (the toy renderer's convention; pitch within
+# ±90°). Hint: the bottom row of $R$ is $(-\cos p \sin y, \sin p, \cos p \cos y)$ and its middle column
+# $(-\sin r \cos p, \cos r \cos p, \sin p)$.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch11_euler", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_euler_from_rotation(rotation):
+    ### BEGIN SOLUTION
+    pitch = np.arcsin(np.clip(rotation[2, 1], -1.0, 1.0))
+    yaw = np.arctan2(-rotation[2, 0], rotation[2, 2])
+    roll = np.arctan2(-rotation[0, 1], rotation[1, 1])
+    return np.rad2deg([yaw, pitch, roll])
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch11_euler_check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert my_euler_from_rotation is not lab_retarget.euler_from_rotation
+rng = np.random.default_rng(12)
+for angles in [(30, 0, 0), (0, 20, 0), (0, 0, -15), *rng.uniform(-80, 80, (6, 3))]:
+    rotation = lab_toy.rotation_matrix(*angles)
+    np.testing.assert_allclose(
+        my_euler_from_rotation(rotation), lab_retarget.euler_from_rotation(rotation), atol=1e-9
+    )
+    np.testing.assert_allclose(my_euler_from_rotation(rotation), angles, atol=1e-6)
+print("my_euler_from_rotation matches retarget.euler_from_rotation and recovers 9 poses")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 3 (2 points): a measured question
+# How well does the fit recover a head pose from noisy landmarks? Take `retarget.template_landmarks()`, rotate
+# it with `toy.rotation_matrix(30, 10, -5)`, scale it by 2, add Gaussian noise of standard deviation 0.05 from
+# `np.random.default_rng(0)` (`rng.normal(scale=0.05, size=...)`), fit the template to it with Umeyama and
+# store the recovered yaw in degrees, a float, in `fitted_yaw`.
+
+# %% nbgrader={"grade": false, "grade_id": "ch11_fitted_yaw", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core"]
+### BEGIN SOLUTION
+template = lab_retarget.template_landmarks()
+noisy = 2 * template @ lab_toy.rotation_matrix(30, 10, -5).T
+noisy = noisy + np.random.default_rng(0).normal(scale=0.05, size=noisy.shape)
+_, fitted_rotation, _ = lab_retarget.umeyama(template, noisy)
+fitted_yaw = float(lab_retarget.euler_from_rotation(fitted_rotation)[0])
+### END SOLUTION
+print(f"recovered yaw: {fitted_yaw:.2f} degrees (true: 30)")
+
+# %% nbgrader={"grade": true, "grade_id": "ch11_fitted_yaw_check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert isinstance(fitted_yaw, float)
+### BEGIN HIDDEN TESTS
+_t = lab_retarget.template_landmarks()
+_x = 2 * _t @ lab_toy.rotation_matrix(30, 10, -5).T
+_x = _x + np.random.default_rng(0).normal(scale=0.05, size=_x.shape)
+assert abs(fitted_yaw - lab_retarget.euler_from_rotation(lab_retarget.umeyama(_t, _x)[1])[0]) < 0.05
+### END HIDDEN TESTS
+print("fitted_yaw is an angle")

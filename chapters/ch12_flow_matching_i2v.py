@@ -10,7 +10,7 @@
 #     name: python3
 # ---
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # # Chapter 12 — Flow matching and image-to-video, the HunyuanVideo way
 #
 # *HunyuanVideo does not denoise along DDPM's curved noise schedule: it learns a velocity along a straight
@@ -37,7 +37,7 @@
 # causal-VAE latents 16×5×8×8), conditioned on frame 0 and on the toy caption through the toy CLIP's text
 # tower. Their weights and logs are in `anim_lab/assets/toy_i2v/`; `scripts/eval_i2v.py` measures them.
 
-# %%
+# %% tags=["core"]
 # NBVAL_IGNORE_OUTPUT
 import base64
 import copy
@@ -85,7 +85,7 @@ caption = flow.toy_caption(ident)
 text, uncond = flow.toy_text_tokens([caption]), flow.toy_text_tokens([""])
 print(f"anim_lab {anim_lab.__version__}, torch {torch.__version__}, diffusers {diffusers.__version__}")
 
-# %%
+# %% tags=["core"]
 print("caption:", caption)
 print(
     "condition latent:",
@@ -98,7 +98,7 @@ for kind, m in models.items():
         f"{kind:14s} in_channels {m.config.in_channels}, parameters {sum(p.numel() for p in m.parameters())}"
     )
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # ## 1. Rectified flow: a straight path and its velocity
 #
 # Draw a clean latent video $x_0$ and noise $\varepsilon \sim \mathcal N(0, I)$ and join them by a line:
@@ -113,7 +113,7 @@ for kind, m in models.items():
 # and that is all `FlowMatchEulerDiscreteScheduler.step` does (diffusers calls $t$ *sigma* and feeds the
 # transformer `timestep = 1000·sigma`). Re-derive one step by hand:
 
-# %%
+# %% tags=["core"]
 sched = flow.make_scheduler(shift=3.0)
 sched.set_timesteps(sigmas=np.linspace(1.0, 0.0, 5)[:-1])  # the pipeline's grid: 4 steps
 x = torch.randn(1, 16, 5, 8, 8)
@@ -124,13 +124,13 @@ torch.testing.assert_close(sched.step(v, sched.timesteps[0], x, return_dict=Fals
 print("sigmas:", sched.sigmas.numpy().round(3), "| timesteps:", sched.timesteps.numpy().round(1))
 print("one Euler step by hand == scheduler.step")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # **The x0 prediction along the path.** Since $x_t = x_0 + t\,v$ on a straight line, every velocity gives a
 # guess of the clean video, $\hat x_0 = x_t - t\,v_\theta$. If the learned paths were exactly straight,
 # $\hat x_0$ would not move from the first step on: one Euler step would land on the answer. Follow it along a
 # 32-step sample of the trained latent_concat model (same noise throughout this chapter):
 
-# %%
+# %% tags=["core"]
 noise = torch.randn((1, 16, 5, 8, 8), generator=torch.Generator().manual_seed(0))
 lc = models["latent_concat"]
 
@@ -156,7 +156,7 @@ dist = [float((h - reference).norm() / reference.norm()) for h in x0_hats]
 print("relative distance of x0_hat to the final sample, at steps 0, 4, 8, 16, 31:")
 print(np.round([dist[i] for i in (0, 4, 8, 16, 31)], 2))
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # **DDPM's curved path, same model.** DDPM mixes $x = \alpha x_0 + \sigma \varepsilon$ with
 # $\alpha^2 + \sigma^2 = 1$: a quarter circle, not a line. Divided by $\alpha + \sigma$, the same point lies
 # on our line at $t_f = \sigma/(\alpha+\sigma)$, so the trained velocity also gives DDPM's $\hat x_0$ and
@@ -166,7 +166,7 @@ print(np.round([dist[i] for i in (0, 4, 8, 16, 31)], 2))
 # $t_f$ to $t_f'$. DDIM never feels the curve: it is flow Euler on another time grid. Check it on whole
 # samplers in float64 (same noise, same network):
 
-# %%
+# %% tags=["core"]
 # linear betas 1e-4 .. 0.02, as in DDPM (SD uses scaled_linear betas 0.00085 .. 0.012)
 ddpm = DDPMScheduler(num_train_timesteps=1000)
 abar = ddpm.alphas_cumprod.double()
@@ -213,7 +213,7 @@ for n in (2, 4):
     print(f"DDIM at t = {ts.tolist()} == flow Euler at t_f = {grid.round(4)} (to 1e-12): {same}")
 
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # Two things follow. First, `linspace(999, 0, n)` ends at DDPM's $t = 0$, which is not clean data
 # ($t_f \approx 0.01$): its last step barely moves, so of $n = 2$ steps one is wasted. Spaced as
 # `linspace(999, 0, n + 1)[:-1]`, the last step lands on clean data (diffusers' "trailing" spacing is nearly
@@ -224,7 +224,7 @@ for n in (2, 4):
 # 64-step flow answer:
 
 
-# %%
+# %% tags=["core"]
 @torch.no_grad()
 def euler_on_circle(model, sigmas, x, cond):
     """Plain Euler along DDPM's quarter circle x = cos(th) x0 + sin(th) eps, at flow noise levels sigmas."""
@@ -264,7 +264,7 @@ ts4 = np.linspace(999, 0, 5)[:-1].round().astype(int)
 print(f"4 DDPM timesteps {ts4.tolist()} as flow times: {np.append(flow_time(ts4), 0).round(3)}")
 print(f"Euler on the circle / on the line: x{min(ratios):.2f} to x{max(ratios):.2f}")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # Reading it: at the same noise levels, Euler along the circle errs more than along the line (the ratio
 # column). If $\hat x_0$ and $\hat\varepsilon$ were exact, one step along the line would land on the answer,
 # while a tangent step leaves the circle. DDIM has no such penalty, because it *is* the straight step; what
@@ -286,7 +286,7 @@ print(f"Euler on the circle / on the line: x{min(ratios):.2f} to x{max(ratios):.
 # the same $\sigma$ destroys less). `flow.shift_sigmas` is the formula; the scheduler applies it inside
 # `set_timesteps`:
 
-# %%
+# %% tags=["core"]
 u = np.linspace(1.0, 0.0, 21)[:-1]
 fig, ax = plt.subplots(figsize=(6, 3.2))
 for s in (1.0, 3.0, 7.0):
@@ -303,11 +303,11 @@ plt.tight_layout()
 viz.save(fig, "ch12_shift")
 plt.show()
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # What it buys on the trained model (trained with $t$ drawn through shift 3): the error of a 4- and 8-step
 # sample against the 64-step answer, for three shifts. The ODE is the same; only where the steps land changes.
 
-# %%
+# %% tags=["core"]
 for n in (4, 8):
     with torch.no_grad():
         errs = [
@@ -321,7 +321,7 @@ for n in (4, 8):
         ]
     print(f"{n} steps: relative error with shift 1 / 3 / 7 = {np.round(errs, 2)}")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # Reading it: on this toy model the *unshifted* grid integrates the ODE most accurately for a fixed step
 # count;
 # shift 3 and 7 spend their steps at high noise and leave big steps near the data, where this model's
@@ -340,7 +340,7 @@ for n in (4, 8):
 # model, with `torch.utils.flop_counter.FlopCounterMode`:
 
 
-# %%
+# %% tags=["core"]
 def count(model, x):
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(hidden_states=x, timestep=torch.tensor([500.0]), return_dict=False, **text)
@@ -360,14 +360,14 @@ base = bill["no condition (16 ch)"][1]
 for name, (tokens, flops) in bill.items():
     print(f"{name:24s} video tokens {tokens:4d}   FLOPs x{flops / base:.3f}")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # At full size the proportions are the same but the numbers are large. 720p, 129 frames → latents
 # $16 \times 33 \times 90 \times 160$ → patch 2: $33 \times 45 \times 80 = 118{,}800$ video tokens (plus 256
 # text tokens). Appending one image frame adds $45 \times 80 = 3{,}600$ tokens (+3%); attention grows with the
 # square, so its cost grows by about 6%, in every one of the 60 blocks. latent_concat adds
 # $17 \times 2 \times 2 = 68$ inputs per token to the patch embedding only:
 
-# %%
+# %% tags=["core"]
 D, L_tok, per_frame = 3072, 33 * 45 * 80, 45 * 80  # HunyuanVideo width, video tokens, tokens per latent frame
 embed_extra = 2 * L_tok * (17 * 4) * D  # patch-embed multiply-adds for 17 more channels x (2x2) patch
 block_linear = 2 * L_tok * 12 * D * D  # ~ qkv + out + 4x MLP per token and block (2 * 12 D^2 FLOPs)
@@ -380,7 +380,7 @@ print(
 )
 print(f"one block's linear layers alone: {block_linear / 1e12:.0f} TFLOPs")
 
-# %% [markdown]
+# %% [markdown] tags=["core"]
 # So concatenation is nearly free and position-exact (the image pixel at $(h, w)$ sits in the token at
 # $(h, w)$ of *every* frame, with the mask telling which frame it belongs to); appending costs sequence length
 # and leaves the model to find, through attention, which image token matches which video token.
@@ -392,7 +392,7 @@ print(f"one block's linear layers alone: {block_linear / 1e12:.0f} TFLOPs")
 # $0.999\,\varepsilon + 0.001 \cdot$ image latent (every frame), a tiny nudge of the start toward the image;
 # `flow.sample_i2v(faithful=True)` does the same (its default, `faithful=False`, starts from pure noise).
 
-# %%
+# %% tags=["core"]
 with torch.no_grad():
     seen = []
     hook = tr.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["hidden_states"]), with_kwargs=True)
@@ -586,3 +586,100 @@ by_hand = torch.cat(
 )
 torch.testing.assert_close(flow.latent_concat_input(lat9, image_latents), by_hand)
 print("33-channel input by hand matches:", tuple(by_hand.shape))
+
+# %% [markdown] tags=["core"]
+# ## Lab (graded)
+#
+# Three exercises, graded by nbgrader (`chapters/LABS.md`). Each builds its own inputs, so this section runs
+# on its own after the cell below; the checks compare *your* function with the library's on random inputs
+# and shapes. Write your code where it says `YOUR CODE HERE`, then run the check under it.
+
+# %% tags=["core"]
+import numpy as np
+import torch
+
+from anim_lab import flow as lab_flow
+
+# %% [markdown] tags=["core"]
+# ### Exercise 1 (2 points): the time shift
+# Write `my_shift_sigmas(sigmas, shift)`: $\sigma \mapsto s\,\sigma / (1 + (s - 1)\,\sigma)$, for a tensor of
+# sigmas in [0, 1].
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch12_shift_sigmas", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_shift_sigmas(sigmas, shift):
+    ### BEGIN SOLUTION
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch12_shift_sigmas_check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert my_shift_sigmas is not lab_flow.shift_sigmas
+gen = torch.Generator().manual_seed(12)
+for shift in (1.0, 3.0, 7.0, 17.0, 0.5):
+    sigmas = torch.cat([torch.tensor([0.0, 1.0]), torch.rand(20, generator=gen, dtype=torch.float64)])
+    torch.testing.assert_close(my_shift_sigmas(sigmas, shift), lab_flow.shift_sigmas(sigmas, shift))
+print("my_shift_sigmas matches flow.shift_sigmas for 5 shifts")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 2 (3 points): the flow-matching Euler sampler with a shift
+# Write `my_flow_euler_sample(velocity_fn, noise, num_steps, shift)`: start from `noise` at $\sigma = 1$; the
+# sigmas are `num_steps` uniform values from 1 down to (not including) 0, shifted with `my_shift_sigmas`, then
+# a final 0. Each step calls `velocity_fn(x, 1000 * sigma)` (the model's timestep is $1000\,\sigma$) and takes
+# the Euler step $x \leftarrow x + (\sigma_{next} - \sigma)\,v$. Return the final `x`.
+
+
+# %% nbgrader={"grade": false, "grade_id": "ch12_flow_euler", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core", "implement"]
+def my_flow_euler_sample(velocity_fn, noise, num_steps, shift):
+    ### BEGIN SOLUTION
+    sigmas = my_shift_sigmas(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)[:-1], shift)
+    sigmas = torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)]).float()
+    x = noise
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        x = x + (sigma_next - sigma) * velocity_fn(x, 1000 * sigma)
+    return x
+    ### END SOLUTION
+
+
+# %% nbgrader={"grade": true, "grade_id": "ch12_flow_euler_check", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+gen = torch.Generator().manual_seed(13)
+target = torch.randn(1, 4, 3, 4, 4, generator=gen)
+
+
+def toy_velocity(x, t):  # a velocity field that depends on x and on t
+    return (x - target) * (1 + t / 1000) + 0.1 * torch.sin(x)
+
+
+for steps, shift in [(10, 1.0), (20, 7.0), (4, 3.0), (1, 17.0)]:
+    noise = torch.randn(1, 4, 3, 4, 4, generator=gen)
+    scheduler = lab_flow.make_scheduler(shift)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1])
+    x = noise
+    for t in scheduler.timesteps:
+        x = scheduler.step(toy_velocity(x, t), t, x, return_dict=False)[0]
+    torch.testing.assert_close(
+        my_flow_euler_sample(toy_velocity, noise, steps, shift), x, atol=1e-4, rtol=1e-4
+    )
+print("my_flow_euler_sample matches FlowMatchEulerDiscreteScheduler for 4 (steps, shift) pairs")
+
+# %% [markdown] tags=["core"]
+# ### Exercise 3 (2 points): a measured question
+# HunyuanVideo samples with a shift of 7. With 20 steps, on how many of them does the sampler stand at a noise
+# level $\sigma > 0.5$ (its step *starts* there), against 10 of 20 without the shift? Store it, an int, in
+# `high_noise_steps`.
+
+# %% nbgrader={"grade": false, "grade_id": "ch12_high_noise_steps", "locked": false, "schema_version": 3, "solution": true, "task": false} tags=["core"]
+### BEGIN SOLUTION
+lab_sigmas = lab_flow.shift_sigmas(np.linspace(1.0, 0.0, 21)[:-1], 7.0)
+high_noise_steps = int((lab_sigmas > 0.5).sum())
+### END SOLUTION
+print(f"shift 7: {high_noise_steps} of 20 steps start above sigma = 0.5")
+
+# %% nbgrader={"grade": true, "grade_id": "ch12_high_noise_steps_check", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false} tags=["core"]
+assert isinstance(high_noise_steps, int) and 0 <= high_noise_steps <= 20
+### BEGIN HIDDEN TESTS
+_s = lab_flow.make_scheduler(7.0)
+_s.set_timesteps(sigmas=np.linspace(1.0, 0.0, 21)[:-1])
+assert high_noise_steps == int((_s.sigmas[:-1] > 0.5).sum())
+### END HIDDEN TESTS
+print("high_noise_steps is a count")
