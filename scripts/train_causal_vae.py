@@ -422,6 +422,7 @@ def train(
                 else ""
             )
         )
+        sys.stdout.flush()  # a log redirected to a file shows each evaluation when it happens
 
     bar = tqdm(total=max_steps, initial=step, disable=not progress, desc="causal VAE", mininterval=30)
     if step == 0:
