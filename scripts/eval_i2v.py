@@ -85,12 +85,16 @@ CEILING, BASELINE = "VAE recon", "copy frame 0"
 
 def render_clips(seeds, size: int = _i2v.SIZE) -> tuple[np.ndarray, np.ndarray]:
     """The training script's clips of ``seeds`` at ``size`` px: frames (N, 17, size, size, 3) uint8 and their
-    landmarks (N, 17, 478, 2) in pixels."""
-    clips = [
-        toy.make_clip(toy.identity_from_seed(int(s)), num_frames=_i2v.NUM_FRAMES, size=size, seed=int(s))
-        for s in seeds
-    ]
-    return np.stack([c.frames for c in clips]), np.stack([c.landmarks for c in clips])
+    landmarks (N, 17, 478, 2) in pixels (N may be 0)."""
+    frames = [np.zeros((0, _i2v.NUM_FRAMES, size, size, 3), np.uint8)]
+    landmarks = [np.zeros((0, _i2v.NUM_FRAMES, 478, 2), np.float32)]
+    for s in seeds:
+        clip = toy.make_clip(
+            toy.identity_from_seed(int(s)), num_frames=_i2v.NUM_FRAMES, size=size, seed=int(s)
+        )
+        frames.append(clip.frames[None])
+        landmarks.append(clip.landmarks[None])
+    return np.concatenate(frames), np.concatenate(landmarks)
 
 
 def to_video(frames_u8: np.ndarray) -> torch.Tensor:

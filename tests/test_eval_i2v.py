@@ -37,6 +37,8 @@ def test_clips_are_the_ones_the_models_trained_on(E):
     train = anim_lab.load_script("train_toy_i2v")
     assert np.array_equal(frames, np.stack([train.render_clip(s, 32) for s in seeds]))
     assert frames.shape == (2, 17, 32, 32, 3) and landmarks.shape == (2, 17, 478, 2)
+    none, no_landmarks = E.render_clips([], 32)  # --n >= the gallery: no further identity to render
+    assert none.shape == (0, 17, 32, 32, 3) and no_landmarks.shape == (0, 17, 478, 2)
 
 
 def test_copy_first_frame(E):
