@@ -249,6 +249,26 @@ def load_init(init: Path | None, config: dict | None) -> CausalVAE:
         raise TrainError(f"--init: {err}") from None
 
 
+def export_raw(out: Path, dest: Path) -> None:
+    """Write the raw (not averaged) weights of ``out``'s training state as a diffusers folder ``dest``, for
+    measuring them (``scripts/eval_i2v.py --vae dest``) while the EMA still lags."""
+    state = read_state(Path(out) / STATE_FILE)
+    dest = Path(dest)
+    try:
+        files.check_output_folder(dest, OWN_FILES, inputs={"--out": out}, what="--export-raw folder")
+    except files.OutputError as err:
+        raise TrainError(str(err)) from None
+    vae = load_init(Path(out), None)  # the run's architecture (and scaling factor, once measured)
+    vae.load_state_dict(state["vae"])
+    tmp = files.staging_folder(dest)
+    vae.save_pretrained(tmp)
+    (tmp / "train_log.json").write_text(json.dumps(dict(raw_weights_of=str(out), step=state["step"])) + "\n")
+    try:
+        files.publish_folder(tmp, dest, OWN_FILES)
+    except files.OutputError as err:
+        raise TrainError(str(err)) from None
+
+
 # --- training -----------------------------------------------------------------------------------------------
 def train(
     out: Path | None,
@@ -544,7 +564,20 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-every", type=float, default=600.0, help="seconds between evaluations/checkpoints")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--export-raw",
+        type=Path,
+        default=None,
+        metavar="FOLDER",
+        help="only write the raw (not EMA) weights of --out's training state to FOLDER, and stop",
+    )
     args = p.parse_args(argv)
+    if args.export_raw is not None:
+        try:
+            export_raw(args.out, args.export_raw)
+        except TrainError as err:
+            sys.exit(f"error: {err}")
+        return
 
     def on_signal(signum, frame):  # finish the step, write a checkpoint, stop
         _STOP["signal"] = signal.Signals(signum).name

@@ -144,6 +144,13 @@ def test_the_saved_model_is_the_ema_with_its_scaling_factor(T, data, tmp_path):
     vae = anim_lab.causal_vae.CausalVAE.from_pretrained(tmp_path / "v")
     again = T.measure_scaling_factor(vae, T.to_video(data[0]), seed=0)
     assert round(again, 6) == config["scaling_factor"]
+    # --export-raw: the trained weights themselves, as a folder the evaluation loads
+    T.main(["--out", str(tmp_path / "v"), "--export-raw", str(tmp_path / "raw")])
+    raw = load_file(tmp_path / "raw" / "diffusion_pytorch_model.safetensors")
+    assert raw.keys() == state["vae"].keys() and all(torch.equal(v, state["vae"][k]) for k, v in raw.items())
+    assert json.loads((tmp_path / "raw" / "config.json").read_text()) == config
+    with pytest.raises(SystemExit, match="holds the input --out"):  # never into the run's own folder
+        T.main(["--out", str(tmp_path / "v"), "--export-raw", str(tmp_path)])
     curve = log["curve"]
     assert [c["step"] for c in curve] == [0, 6]
     assert set(curve[-1]) >= {"psnr", "sharpness", "ssim", "motion", "raw"}
