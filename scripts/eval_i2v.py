@@ -24,7 +24,8 @@ Rows of the table:
 Metrics, every one computed by ``anim_lab.metrics`` / ``anim_lab.landmarks``, each frame against the ground
 truth's frame of the same index:
 
-- ``first_frame_psnr``: frame 0 against the condition image; ``psnr``, ``ssim``: all frames;
+- ``first_frame_psnr``: frame 0 against the condition image (the baseline's is the metric's cap, 206 dB: it
+  is the condition image); ``psnr``, ``ssim``: all frames;
 - ``sharpness``: the variance of the luminance Laplacian, video / ground truth (PSNR rewards blur; this not);
 - ``face_colour``: the mean colour's drift inside the face oval of the ground truth's landmarks (levels);
 - ``detection`` / ``pose_px``: mediapipe face mesh on every frame upscaled to 256 px: the share of frames
