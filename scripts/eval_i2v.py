@@ -323,8 +323,8 @@ def main(argv=None):
 
     print(
         f"held-out identities: {args.n} (identity among {len(gallery_u8)}), {args.size} px, VAE {args.vae}; "
-        f"{args.steps} Euler steps, shift {args.shift}, CFG {args.cfg}; "
-        f"VAE reconstruction of the condition images: {own:.2f} dB"
+        + (f"{args.steps} Euler steps, shift {args.shift}, CFG {args.cfg}; " if args.kinds else "")
+        + f"VAE reconstruction of the condition images: {own:.2f} dB"
     )
     print(format_table(rows))
     print(
