@@ -1,9 +1,14 @@
 """Train the toy causal 3D VAE (anim_lab.causal_vae.CAUSAL_VAE_TOY), second version: 128-px clips, the
 latent-diffusion autoencoder recipe (L1 + KL + a patch discriminator), starting from the committed weights.
 
-    # the long run (exact commands in the log's "command" entries; continue it with --resume)
-    .venv/bin/python scripts/train_causal_vae.py --out /work/runs/causal_vae_v2 --minutes 240
-    .venv/bin/python scripts/train_causal_vae.py --out /work/runs/causal_vae_v2 --minutes 400 --resume
+    # the long run, as run (train_log.json's "commands" holds each part): its first 200 steps are the A/B arm
+    # below (--max-steps 200, so steps 160-200 ran at 0.3x the learning rate), copied and resumed
+    .venv/bin/python scripts/train_causal_vae.py --out /work/runs/cvae_ab/motion1 --max-steps 200 \
+        --minutes 60 --motion-weight 1 --eval-every 100000 --no-progress
+    cp -r /work/runs/cvae_ab/motion1 /work/runs/causal_vae_v2
+    .venv/bin/python scripts/train_causal_vae.py --out /work/runs/causal_vae_v2 --resume --minutes 300 \
+        --eval-every 600 --no-progress                     # again, to continue it (raise --minutes at will)
+    .venv/bin/python scripts/train_causal_vae.py --out /work/runs/causal_vae_v2 --export-raw /tmp/cvae_raw
     .venv/bin/python scripts/train_causal_vae.py --out /tmp/cvae_smoke --max-steps 4 --n-train 4 --n-eval 2
 
 The model is unchanged: HunyuanVideo's layout (``anim_lab.causal_vae.CausalVAE``, diffusers'
