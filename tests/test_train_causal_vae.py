@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_security import plant
 
 import anim_lab
 from anim_lab import toy
@@ -208,3 +209,8 @@ def test_foreign_folders_and_pickles_are_refused(T, data, tmp_path):
     (out / T.STATE_FILE).write_bytes(pickle.dumps({"step": 3}))  # a pickle under the state's name
     with pytest.raises(T.TrainError, match="not a training state"):
         run(T, data, out, resume=True)
+    marker = tmp_path / "PWNED"
+    plant(out / T.STATE_FILE, marker)  # a torch.save archive whose pickle would run a payload
+    with pytest.raises(T.TrainError, match="not a training state"):
+        run(T, data, out, resume=True)
+    assert not marker.exists(), "the planted pickle ran"

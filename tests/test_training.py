@@ -11,7 +11,6 @@ import anim_lab
 from anim_lab import clip as C
 from anim_lab import toy
 from anim_lab import vae as V
-from anim_lab.causal_vae import CAUSAL_VAE_TINY, CausalVAE
 
 
 def _load(name):
@@ -160,47 +159,3 @@ def test_committed_toy_clip_zero_shot_and_retrieval(E):
     assert result["retrieval_top1_clip"] > result["retrieval_top1_pixels"] + 0.2, result
     # Not asserted: eye colour (at chance; an iris is 2-3 pixels) — see scripts/eval_toy_models.py and chapter
     # 03.
-
-
-# --- the causal-VAE script's checkpoints: read back with the safe loader ------------------------------------
-def test_causal_vae_checkpoint_round_trip_and_resume(tmp_path):
-    T = _load("train_causal_vae")
-    vae = CausalVAE(**CAUSAL_VAE_TINY)
-    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
-    rng = np.random.default_rng(3)
-    rng.random(7)
-    T.save_checkpoint(tmp_path / "ckpt.pt", vae, opt, 5, [{"step": 5}], rng, [{"from_step": 0}])
-    state, back = T.load_checkpoint_state(tmp_path / "ckpt.pt")
-    assert back.random() == rng.random()  # the sampler continues where it stopped
-    assert state["step"] == 5 and state["history"] == [{"from_step": 0}]
-    for k, v in vae.state_dict().items():
-        torch.testing.assert_close(state["model"][k], v, rtol=0, atol=0)
-    # a whole run and a resumed one through main(), on 2 tiny training clips
-    common = ["--train-clips", "2", "--test-clips", "1", "--out", str(tmp_path / "out")]
-    T.main([*common, "--steps", "1", "--full-steps", "0", "--ckpt", str(tmp_path / "run.pt")])
-    T.main([*common, "--steps", "2", "--full-steps", "0", "--ckpt", str(tmp_path / "run.pt"), "--resume"])
-    log = json.loads((tmp_path / "out" / "train_log.json").read_text())
-    assert [r["from_step"] for r in log["runs"]] == [0, 1]
-
-
-def test_causal_vae_resume_refuses_pickled_objects(tmp_path):
-    """A planted pickle where the checkpoint should be is refused (named), never unpickled; so is a truncated
-    checkpoint."""
-    from test_security import plant
-
-    T = _load("train_causal_vae")
-    marker = tmp_path / "PWNED"
-    plant(tmp_path / "ckpt.safetensors", marker)
-    (tmp_path / "ckpt.json").write_text('{"__tensor__": "x"}')
-    with pytest.raises(ValueError, match="ckpt.safetensors is not a readable safetensors file"):
-        T.load_checkpoint_state(tmp_path / "ckpt.safetensors")
-    with pytest.raises(SystemExit):  # main() with --resume: the same refusal
-        T.main(["--train-clips", "1", "--test-clips", "1", "--ckpt", str(tmp_path / "ckpt"), "--resume"])
-    assert not marker.exists(), "the planted pickle ran"
-    vae = CausalVAE(**CAUSAL_VAE_TINY)
-    opt = torch.optim.Adam(vae.parameters())
-    T.save_checkpoint(tmp_path / "good", vae, opt, 1, [], np.random.default_rng(0), [])
-    cut = tmp_path / "good.safetensors"
-    cut.write_bytes(cut.read_bytes()[:50])
-    with pytest.raises(ValueError, match="good.safetensors is not a readable safetensors file"):
-        T.load_checkpoint_state(cut)
