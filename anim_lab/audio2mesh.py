@@ -37,7 +37,7 @@ from transformers import Wav2Vec2Config, Wav2Vec2Model
 from .audio import WAV2VEC2_BASE_960H_CONFIG, wav2vec2_encode, wav2vec2_extract
 from .errors import InputError
 
-__all__ = ["Audio2Mesh", "build_audio_encoder", "encoder_states"]
+__all__ = ["Audio2Mesh", "audio_input", "build_audio_encoder", "encoder_states"]
 
 
 def build_audio_encoder(config: dict | None) -> Wav2Vec2Model:
@@ -46,6 +46,17 @@ def build_audio_encoder(config: dict | None) -> Wav2Vec2Model:
     encoder = Wav2Vec2Model(Wav2Vec2Config(**(WAV2VEC2_BASE_960H_CONFIG if config is None else config)))
     encoder.feature_extractor._freeze_parameters()
     return encoder
+
+
+def audio_input(encoder_config: dict | None, feature_dim: int | None) -> tuple[Wav2Vec2Model | None, int]:
+    """What an audio model reads: its own wav2vec2 (``encoder_config``; None: base-960h's) and its hidden
+    size, or no encoder and ``feature_dim`` per-frame features given from outside (log-mel)."""
+    if feature_dim is not None and encoder_config is not None:
+        raise InputError("give encoder_config (a wav2vec2 config) or feature_dim (no encoder), not both")
+    if feature_dim is not None:
+        return None, int(feature_dim)
+    encoder = build_audio_encoder(encoder_config)
+    return encoder, encoder.config.hidden_size
 
 
 def encoder_states(
@@ -92,14 +103,7 @@ class Audio2Mesh(ModelMixin, ConfigMixin):
         fps: float = 30.0,
     ):
         super().__init__()
-        if feature_dim is not None and encoder_config is not None:
-            raise InputError("give encoder_config (a wav2vec2 config) or feature_dim (no encoder), not both")
-        if feature_dim is None:
-            self.audio_encoder = build_audio_encoder(encoder_config)
-            in_dim = self.audio_encoder.config.hidden_size
-        else:
-            self.audio_encoder = None
-            in_dim = int(feature_dim)
+        self.audio_encoder, in_dim = audio_input(encoder_config, feature_dim)
         self.in_fn = nn.Linear(in_dim, latent_dim)  # the audio features' projection
         self.out_fn = nn.Linear(latent_dim, 3 * num_vertices)  # -> xyz offsets of every vertex
         nn.init.zeros_(self.out_fn.weight)  # an untrained model leaves the reference face as it is

@@ -48,7 +48,7 @@ from einops import repeat
 from torch import nn
 
 from .audio import SAMPLE_RATE
-from .audio2mesh import build_audio_encoder, encoder_states
+from .audio2mesh import audio_input, encoder_states
 from .errors import InputError
 from .motion import sinusoidal_position_encoding
 
@@ -148,14 +148,7 @@ class Audio2Pose(ModelMixin, ConfigMixin):
         fps: float = 30.0,
     ):
         super().__init__()
-        if feature_dim is not None and encoder_config is not None:
-            raise InputError("give encoder_config (a wav2vec2 config) or feature_dim (no encoder), not both")
-        if feature_dim is None:
-            self.audio_encoder = build_audio_encoder(encoder_config)
-            in_dim = self.audio_encoder.config.hidden_size
-        else:
-            self.audio_encoder = None
-            in_dim = int(feature_dim)
+        self.audio_encoder, in_dim = audio_input(encoder_config, feature_dim)
         self.pose_map = nn.Linear(pose_dim, latent_dim)  # a pose -> a decoder token
         self.in_fn = nn.Linear(in_dim, latent_dim)  # audio features -> the decoder's memory
         self.PPE = _SinusoidalPE(latent_dim, max_len)  # noqa: N815 (the reference's key name)
