@@ -4,6 +4,7 @@ shapes on the toy face, and talking clips with their audio."""
 import hashlib
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -109,6 +110,25 @@ def test_voice_and_sentence_splits_are_disjoint_and_fixed():
     assert S.SENTENCES.index(a.text) in S.SENTENCE_SPLIT["heldout"]
     train = {toy.sample_speech(s).voice.name for s in range(12)}
     assert train <= set(S.VOICE_SPLIT["train"]) and len(train) > 2
+
+
+def test_generated_training_sentences_avoid_the_held_out_words():
+    heldout_words = {
+        w.lower() for i in S.SENTENCE_SPLIT["heldout"] for w in re.findall(r"[A-Za-z]+", S.SENTENCES[i])
+    }
+    assert len(set(S.WORDS)) == len(S.WORDS) > 400 and not set(S.WORDS) & heldout_words
+    texts = [S.compose_sentence(np.random.default_rng(s)) for s in range(200)]
+    for text in texts:
+        words = text[:-1].lower().split()
+        assert (
+            text.endswith(".") and text[0].isupper() and 4 <= len(words) <= 9 and set(words) <= set(S.WORDS)
+        )
+    assert len(set(texts)) == 200  # no two alike
+    # the training split: mostly generated sentences, the rest written ones; the held-out split never changes
+    train = [S.choose_speech(s)[0] for s in range(400)]
+    written = sum(t in S.SENTENCES for t in train) / len(train)
+    assert abs(written - (1 - S.GENERATED_SHARE)) < 0.07
+    assert {S.SENTENCES.index(t) for t in train if t in S.SENTENCES} <= set(S.SENTENCE_SPLIT["train"])
 
 
 def test_bad_voices_and_texts_are_refused():

@@ -12,7 +12,9 @@ sample: the ground truth a recorded talking-head dataset never has.
 
 Speakers vary by voice (eSpeak's English accents and voice variants), rate (words per minute) and pitch
 (0-100). :data:`VOICE_SPLIT` and :data:`SENTENCE_SPLIT` fix which voices and sentences are for training and
-which are held out; :func:`sample_speech` draws a (sentence, speaker) pair of a split from a seed.
+which are held out; :func:`sample_speech` draws a (sentence, speaker) pair of a split from a seed, and most of
+the training split's sentences are generated from :data:`WORDS` (:func:`compose_sentence`), so that a model
+trained on them cannot get by on remembering a few sentences.
 """
 
 from __future__ import annotations
@@ -104,6 +106,43 @@ SENTENCE_SPLIT: dict[str, tuple[int, ...]] = {
     "train": tuple(range(0, 32)),
     "heldout": tuple(range(32, 40)),
 }
+
+# Words for generated training sentences (:func:`compose_sentence`), written for this project: nouns, verbs,
+# adjectives and adverbs with every English phoneme. None of them is a word of a held-out sentence (a test
+# checks), so a held-out sentence's words are new to a model trained on generated ones, apart from the short
+# function words ("the", "a", ...) that the written training sentences share with it.
+_WORD_LIST = """
+apple arm autumn baker basket beach bell berry blanket blow board bottle bread breeze brick bridge
+brush bucket butter button cabbage cake candle cap car card careful carpet castle chair chalk cheese
+cherry chest chicken chin chocolate circle city cloud coat coffee coin cold comb cook copper corner
+cotton cousin cow cream crowd crown cushion dance daughter desk dinner dish doctor dog dollar door
+dragon dream dress drum duck dust eagle early earth egg elbow engine evening eye face feather field
+finger fire flag floor flour foot forest fork fox friend frog fruit garden gate giraffe girl glass
+glove goat gold grape grass guitar hammer hand happy hat heart honey horse house hungry ice island
+jacket jam jelly journey joy juice jump kettle key king kitchen kite knee knife ladder lake lamp
+laugh lazy lemon letter light lion lip lock lunch machine magic mango marble milk mirror monkey
+month mountain mouth mud nail needle nest net nose number nut orange oven owner paint palace pan
+pancake parrot party pencil pepper pillow pink pocket pond potato prince pudding pumpkin puzzle
+queen quick rabbit radio rain rainbow river road robot rock roof rope rose round ruler salt sand
+school scissors seed shadow shape sheet shell ship shirt shoulder silver sister sky snake snow soap
+sock sofa spoon spring square star station stone storm street string sugar summer sweet table tail
+teacher thick thin thumb thunder ticket tiger toast toe tomato tongue tooth towel tower town toy
+train treasure truck turtle uncle valley vase violin voice wagon water wave weather wheel winter
+wolf wood wool worm young zebra zero zipper zoo eat draw push pull carry catch climb cough count
+cover cry dig drink drive drop enjoy explain fix fold follow gather grow hide hold hurry join keep
+kick kiss knock learn lift listen look mix nod pour pray reach read remember ride roll rub run rush
+search shake share shout show sing sit skip sleep slide smell sneeze speak splash squeeze stand
+stare start stir swim swing talk taste teach tear thank throw touch trust turn visit walk wash watch
+wish wonder write yawn big bright brave broken busy calm cheap clean clever cool curly dark deep dry
+easy empty fair fast fat fresh full gentle glad good great green grey heavy hot huge large late
+little long loud lovely lucky new noisy odd pale plain pretty proud purple quiet ready rich rough
+sad safe sharp shiny short shy silly slow small smooth soft sour strange strong sunny tall thirsty
+tidy tiny ugly warm wet white wide wild always almost because before behind below beside between
+both during each every maybe never often over quite seldom since soon then there these those through
+today tomorrow under until very while with without yesterday
+"""
+WORDS: tuple[str, ...] = tuple(_WORD_LIST.split())
+GENERATED_SHARE = 0.75  # the share of training-split draws that speak a generated sentence
 
 
 @dataclass(frozen=True)
@@ -345,11 +384,29 @@ def sample_voice(rng: np.random.Generator, split: str = "train") -> Voice:
     )
 
 
-def sample_speech(seed: int, split: str = "train") -> Speech:
-    """The (sentence, speaker) pair of ``split`` that ``seed`` picks, spoken: both from the split's lists."""
+def compose_sentence(rng: np.random.Generator, num_words: tuple[int, int] = (4, 9)) -> str:
+    """A generated training sentence: ``num_words`` (inclusive range) words drawn from :data:`WORDS`,
+    capitalised, with a full stop. Nonsense as English, but spoken as words, so that a model trained on many
+    of them hears phonemes rather than remembering 32 sentences."""
+    n = int(rng.integers(num_words[0], num_words[1] + 1))
+    text = " ".join(WORDS[int(i)] for i in rng.integers(len(WORDS), size=n))
+    return text[0].upper() + text[1:] + "."
+
+
+def choose_speech(seed: int, split: str = "train") -> tuple[str, Voice]:
+    """The (sentence, speaker) pair of ``split`` that ``seed`` picks, before it is spoken. The speaker is one
+    of the split's voices; the sentence is one of the split's written :data:`SENTENCES`, or, for a share
+    :data:`GENERATED_SHARE` of the training split's seeds, a generated one (:func:`compose_sentence`)."""
     if split not in SENTENCE_SPLIT:
         raise InputError(f"split must be one of {tuple(SENTENCE_SPLIT)}, got {split!r}")
     rng = np.random.default_rng([int(seed), 25])
     sentences = SENTENCE_SPLIT[split]
     text = SENTENCES[sentences[int(rng.integers(len(sentences)))]]
-    return synthesize(text, sample_voice(rng, split))
+    if split == "train" and rng.random() < GENERATED_SHARE:
+        text = compose_sentence(rng)
+    return text, sample_voice(rng, split)
+
+
+def sample_speech(seed: int, split: str = "train") -> Speech:
+    """The utterance of ``split`` that ``seed`` picks (:func:`choose_speech`), spoken."""
+    return synthesize(*choose_speech(seed, split))
