@@ -326,6 +326,37 @@ class Pose2VideoPipeline(DiffusionPipeline, Pose2VideoLoraLoaderMixin):
         )
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor)
 
+    # --- speed switches -----------------------------------------------------------------------------
+    COMPILABLE = ("denoising_unet", "reference_unet", "pose_guider", "vae.decoder", "vae.encoder")
+
+    def enable_compile(self, modules=("denoising_unet", "vae.decoder"), **compile_kwargs) -> None:
+        """``torch.compile`` the named networks in place (``nn.Module.compile``: inductor by default, C++ and
+        OpenMP on the CPU, Triton on CUDA). The first call of each shape pays the compilation (46.6 s for TINY
+        on one core here; minutes at larger sizes), so this is a switch, never a default: measured speed-ups,
+        first-call times and output differences are in ``results/bench_pose2video_means.json``
+        (``benchmarks/bench_pose2video.py --means``). ``compile_kwargs`` go to ``torch.compile`` (``mode``,
+        ``backend``, ``dynamic``...). :meth:`disable_compile` undoes it."""
+        for name in self._compilable(modules):
+            self._module_at(name).compile(**compile_kwargs)
+
+    def disable_compile(self, modules=COMPILABLE) -> None:
+        """Back to eager for the named networks (what :meth:`enable_compile` did is dropped)."""
+        for name in self._compilable(modules):
+            self._module_at(name)._compiled_call_impl = None
+
+    def _compilable(self, modules) -> tuple[str, ...]:
+        modules = (modules,) if isinstance(modules, str) else tuple(modules)
+        unknown = [m for m in modules if m not in self.COMPILABLE]
+        if unknown:
+            raise InputError(f"cannot compile {unknown}: the compilable networks are {list(self.COMPILABLE)}")
+        return modules
+
+    def _module_at(self, name: str) -> torch.nn.Module:
+        module = self
+        for part in name.split("."):
+            module = getattr(module, part)
+        return module
+
     # --- inputs -------------------------------------------------------------------------------------
     @staticmethod
     def _as_pil(image, what: str) -> PIL.Image.Image:
