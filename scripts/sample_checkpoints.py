@@ -55,10 +55,10 @@ def the_case():
     return E, E.Case(full.reference, full.poses[PICK], full.truth[PICK], full.landmarks[PICK])
 
 
-def legacy_animator(folder: Path, image_encoder: Path) -> Pose2VideoPipeline:
+def legacy_animator(folder: Path, image_encoder: Path, vae: Path) -> Pose2VideoPipeline:
     """A toy-animator folder from git history, written before it became a pipeline folder: the three
     networks' subfolders only (the UNets' config.json already diffusers configs, the guider's arguments under
-    "kwargs"), with the toy VAE and the DDIM scheduler it was sampled with."""
+    "kwargs"), with the VAE it was trained on (``vae``) and the DDIM scheduler it was sampled with."""
     for name in ("reference_unet", "denoising_unet", "pose_guider"):
         for file in ("config.json", "diffusion_pytorch_model.safetensors"):
             if not (folder / name / file).is_file():
@@ -68,7 +68,7 @@ def legacy_animator(folder: Path, image_encoder: Path) -> Pose2VideoPipeline:
     load_into(guider, load_checkpoint(folder / "pose_guider" / "diffusion_pytorch_model.safetensors"))
     own = folder / "image_encoder"  # an early folder without one borrows the frozen encoder
     pipe = Pose2VideoPipeline(
-        vae=load_vae(TOY_ANIMATOR_DIR / "vae"),  # the VAE the toy animator was trained with (v1)
+        vae=load_vae(vae),  # the VAE these networks were trained on (v1 for every legacy folder)
         image_encoder=load_image_encoder(own if own.is_dir() else image_encoder),
         reference_unet=ReferenceUNet.from_pretrained(folder / "reference_unet"),
         denoising_unet=VideoUNet.from_pretrained(folder / "denoising_unet"),
@@ -81,12 +81,12 @@ def legacy_animator(folder: Path, image_encoder: Path) -> Pose2VideoPipeline:
     return pipe
 
 
-def sample(folder: Path, image_encoder: Path, E, case) -> np.ndarray:
+def sample(folder: Path, image_encoder: Path, vae: Path, E, case) -> np.ndarray:
     """The case animated by the weights in ``folder`` -> (len(PICK), H, W, 3) uint8."""
     if (folder / "model_index.json").is_file():
         pipe = load_animator(folder)
     else:
-        pipe = legacy_animator(folder, image_encoder)
+        pipe = legacy_animator(folder, image_encoder, vae)
     pipe.set_progress_bar_config(disable=True)
     return E.generate(pipe, case, **SETTINGS)
 
@@ -106,6 +106,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=Path,
         default=TOY_ANIMATOR_DIR / "image_encoder",
         help="for folders without image_encoder/ (default: the committed animator's)",
+    )
+    p.add_argument(
+        "--vae",
+        type=Path,
+        default=TOY_ANIMATOR_DIR / "vae",
+        help="for folders without vae/: the VAE they were trained on (default: the committed animator's; "
+        "folders from before the animator's retrain on the v2 VAE need the v1 VAE of their commit's history)",
     )
     args = p.parse_args(argv)
     args.runs = []
@@ -128,7 +135,7 @@ def main(argv=None) -> int:
     frames = []
     for label, folder in args.runs:
         try:
-            frames.append(sample(folder, args.image_encoder, E, case))
+            frames.append(sample(folder, args.image_encoder, args.vae, E, case))
         except (OSError, ValueError) as err:
             print(f"sample_checkpoints: error: {label}: {err}", file=sys.stderr)
             return 2

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import anim_lab
-from anim_lab.toy import TOY_ANIMATOR_DIR, load_animator
+from anim_lab.plain import randomize
+from anim_lab.toy import load_animator
 from anim_lab.vae import load_vae
 from anim_lab.weights import realign
 
@@ -26,6 +27,11 @@ def test_samples_equal_direct_generations_and_early_folders_borrow_the_encoder(
     out = tmp_path / "samples.npz"
     argv = ["--weights", f"early={early}", "--weights", f"full={tiny_animator_weights}", "--out", str(out)]
     argv += ["--image-encoder", str(tiny_animator_weights / "image_encoder")]
+    v1 = tmp_path / "v1_vae"  # the VAE the early networks were trained on, another random one
+    other = realign(load_vae(tiny_animator_weights / "vae"))
+    randomize(other, seed=5)
+    other.save_pretrained(v1)
+    argv += ["--vae", str(v1)]
     assert S.main(argv) == 0
     data = np.load(out)
     assert list(data["labels"]) == ["early", "full"]
@@ -35,12 +41,15 @@ def test_samples_equal_direct_generations_and_early_folders_borrow_the_encoder(
     direct = E.generate(pipe, case, steps=8, cfg=3.5, seed=42)  # chapter 10's settings, by hand
     assert data["frames"].shape == (2, *direct.shape) and data["frames"].dtype == np.uint8
     assert np.array_equal(data["frames"][1], direct)
-    # the early folder: the same networks, the encoder lent, and the VAE the toy animator was trained with
-    # (v1, kept in the committed animator's folder; the package's toy VAE is v2 now)
-    pipe.vae = realign(load_vae(TOY_ANIMATOR_DIR / "vae")).eval()
+    # the early folder: the same networks, the encoder lent, and the VAE given by --vae
+    pipe.vae = realign(load_vae(v1)).eval()
     assert np.array_equal(data["frames"][0], E.generate(pipe, case, steps=8, cfg=3.5, seed=42))
     assert json.loads(str(data["settings"]))["frames"] == [0, 7, 15, 23]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["early", "samples.npz"]  # no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "early",
+        "samples.npz",
+        "v1_vae",
+    ]  # no temporary file left
 
 
 @pytest.mark.parametrize(
