@@ -681,6 +681,13 @@ def add_audio2video(subparsers) -> None:
         help="the animator: 'toy' (the embedded toy animator) or a pipeline folder (as for `animate`)",
     )
     p.add_argument(
+        "--layout",
+        default="auto",
+        choices=LAYOUTS,
+        help="how the --weights folder is organised (as for `animate`); auto: anim_lab if it has "
+        "model_index.json, else animate_anyone",
+    )
+    p.add_argument(
         "--audio2mesh",
         default=str(TOY_AUDIO2MESH_DIR),
         metavar="DIR",
@@ -827,7 +834,7 @@ def audio2video(args: argparse.Namespace) -> Path:
     _check_fps(args.fps)
     _check_cfg(args.cfg)
     device = _check_device(args.device, "fp32")
-    folder, layout = _check_weights(args.weights, "auto")
+    folder, layout = _check_weights(args.weights, args.layout)
     mesh_folder = _check_audio2mesh_folder(args.audio2mesh)
     fps = args.fps or _audio2mesh_fps(mesh_folder)
     template = _pose_template(args.pose_template, fps) if args.pose == "template" else None
@@ -849,6 +856,10 @@ def audio2video(args: argparse.Namespace) -> Path:
         )
     image = _open_image(args.ref, "--ref")
     _check_frame_size(*image.shape[:2], f"--ref {Path(args.ref).name}")
+    try:
+        found = a2v.reference_face(image)  # mediapipe, at the image's own size
+    except landmarks.NoFaceError as err:
+        raise CliError(f"--ref {args.ref}: {err}; the reference must show one face, front-facing") from None
 
     # 3. the models
     pipe = _load_pipeline(folder, layout, torch.float32)
@@ -857,10 +868,7 @@ def audio2video(args: argparse.Namespace) -> Path:
     except (OSError, ValueError, json.JSONDecodeError) as err:
         raise CliError(f"--audio2mesh {mesh_folder}: not a loadable Audio2Mesh folder ({err})") from None
     side = pipe.denoising_unet.unet_kwargs.get("sample_size", 64) * pipe.vae_scale_factor
-    try:
-        reference = a2v.reference_face(image, size=(side, side))  # detects at the image's own size
-    except landmarks.NoFaceError as err:
-        raise CliError(f"--ref {args.ref}: {err}; the reference must show one face, front-facing") from None
+    reference = a2v.reference_face(image, xyz=found.xyz, size=(side, side))  # scaled to the video's size
     if image.shape[:2] != (side, side):
         _notice(f"the reference is {image.shape[1]}x{image.shape[0]}: generated at {side}x{side}")
 

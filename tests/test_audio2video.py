@@ -112,6 +112,23 @@ def test_the_canonical_frame_is_checked(talking):
     assert offsets_468.shape == (mesh.num_frames, 478, 3) and not offsets_468[:, 468:].any()
 
 
+def plain_pose_loop(reference, offsets, poses, size=128):
+    """The landmarks of the reference's canonical mesh + offsets, posed frame by frame with ``poses`` (T, 6)
+    relative to the first, added to the reference's pose, projected orthographically: written as a loop."""
+    fit = retarget.fit_head_pose(reference)
+    canonical = fit.to_canonical(reference)
+    pivot = retarget.HEAD_PIVOT
+    first = poses[0]
+    out = []
+    for x_offset, pose in zip(offsets, poses, strict=True):
+        rot = rotation_matrix(*(fit.euler + pose[:3] - first[:3]))
+        scale = fit.scale * pose[5] / first[5]
+        shift = np.array([(pose[3] - first[3]) * size, -(pose[4] - first[4]) * size, 0.0])
+        points = scale * (canonical + x_offset - pivot) @ rot.T + fit.point(pivot[None])[0] + shift
+        out.append(points[:, :2] * np.array([1.0, -1.0]))  # face frame -> image pixels
+    return np.stack(out)
+
+
 # --- (f) the template head pose against a plain loop --------------------------------------------------------
 def test_template_pose_matches_a_plain_loop(talking):
     mesh, _, reference = talking
@@ -129,20 +146,12 @@ def test_template_pose_matches_a_plain_loop(talking):
         pose="template",
         template=template,
     )
-    fit = retarget.fit_head_pose(reference)
-    canonical = fit.to_canonical(reference)
-    pivot = retarget.HEAD_PIVOT
     cycle = 2 * len(template) - 2  # forward, then backward without the two ends
+    tiled = []
     for i in range(mesh.num_frames):
         k = i % cycle
-        pose = template[k if k < len(template) else cycle - k]
-        rot = rotation_matrix(*(fit.euler + pose[:3] - template[0, :3]))
-        scale = fit.scale * pose[5] / template[0, 5]
-        shift = np.array([(pose[3] - template[0, 3]) * 128, -(pose[4] - template[0, 4]) * 128, 0.0])
-        x = canonical + out.offsets[i]
-        points = scale * (x - pivot) @ rot.T + fit.point(pivot[None])[0] + shift  # face frame
-        expected = points[:, :2] * np.array([1.0, -1.0])  # the orthographic camera
-        np.testing.assert_allclose(out.landmarks[i], expected, atol=1e-3)
+        tiled.append(template[k if k < len(template) else cycle - k])
+    np.testing.assert_allclose(out.landmarks, plain_pose_loop(reference, out.offsets, tiled), atol=1e-3)
     # a template that does not move holds the reference's pose
     held = a2v.audio_to_poses(
         None,
@@ -157,6 +166,37 @@ def test_template_pose_matches_a_plain_loop(talking):
         None, mesh.audio, reference_xyz=reference, size=(128, 128), offsets=mesh.offsets
     )
     np.testing.assert_allclose(held.landmarks, ref_pose.landmarks, atol=1e-4)
+
+
+def test_audio2pose_head_motion_matches_a_plain_loop(talking):
+    from test_audio2mesh import POSE as POSE_CONFIG
+
+    from anim_lab.audio2pose import Audio2Pose, audio_pose_sequence
+
+    mesh, _, reference = talking
+    model = randomize(Audio2Pose(**POSE_CONFIG, fps=25.0), 3)
+    with torch.no_grad():  # the 6th pose entry is a size factor: keep it near 1 (positive)
+        model.pose_map_r.weight[5].mul_(0.01)
+        model.pose_map_r.bias[5] = 1.0
+        model.pose_map_r.weight[:3].mul_(30.0)  # angles of several degrees
+        model.pose_map_r.weight[3:5].mul_(0.1)  # shifts of a few percent of the frame
+    audio = mesh.audio[:8000]  # 0.5 s: 13 frames at 25 fps
+    out = a2v.audio_to_poses(
+        None,
+        audio,
+        reference_xyz=reference,
+        size=(128, 128),
+        offsets=mesh.offsets[:13],
+        neutral=mesh.neutral,
+        pose="audio2pose",
+        audio2pose=model,
+        fps=25.0,
+        id_seed=2,
+    )
+    values = torch.from_numpy(A.normalize(audio))[None]  # (1, N)
+    poses = audio_pose_sequence(model, values, 13, 2, fps=25.0)  # (13, 6): chunks, halved angles, smoothed
+    assert (poses[:, 5] > 0).all() and np.ptp(poses[:, :3], axis=0).max() > 0.01  # the head moves
+    np.testing.assert_allclose(out.landmarks, plain_pose_loop(reference, out.offsets, poses), atol=1e-3)
 
 
 # --- (b) Audio2Mesh's input, and the frame count end to end -------------------------------------------------
@@ -340,6 +380,15 @@ def test_bad_arguments_are_refused(models, tmp_path, capsys):
     argv[argv.index("--ref") + 1] = str(tmp_path / "nobody.png")
     refused(argv, capsys, "no such image file", tmp_path)
     refused(base_args(models, wav, "--audio", str(wav)), capsys, r"must end in \.mp4", tmp_path)
+
+
+def test_a_reference_without_a_face_is_refused_before_the_models_load(models, tmp_path, capsys, monkeypatch):
+    wav = write_wav(tmp_path / "speech.wav", speech_like(0.3))
+    PIL.Image.fromarray(np.full((128, 128, 3), 128, np.uint8)).save(tmp_path / "grey.png")
+    argv = base_args(models, tmp_path / "out.mp4", "--audio", str(wav))
+    argv[argv.index("--ref") + 1] = str(tmp_path / "grey.png")
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *a: pytest.fail("the models were loaded"))
+    refused(argv, capsys, "no face found", tmp_path)
 
 
 def test_an_existing_file_it_did_not_write_is_kept(models, tmp_path, capsys):
