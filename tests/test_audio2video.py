@@ -241,6 +241,19 @@ def test_frame_count_is_ceil_of_seconds_times_fps(models, seconds, fps):
     assert np.ptp(out.landmarks[:, 14, 1]) > 0  # Audio2Mesh moved the lower lip
 
 
+def test_audio_of_any_layout_and_rate_is_read_as_16_khz_mono(talking):
+    mesh, _, reference = talking
+    kw = dict(reference_xyz=reference, size=(128, 128), neutral=mesh.neutral, fps=25.0)
+    mono = speech_like(0.4)
+    stereo_8k = np.stack([mono[::2], mono[::2]], 1)  # (N/2, 2) at 8 kHz
+    out = a2v.audio_to_poses(None, stereo_8k, sample_rate=8000, offsets=mesh.offsets[:10], **kw)
+    np.testing.assert_allclose(out.audio, A.resample(mono[::2], 8000), atol=1e-6)
+    assert len(out.landmarks) == 10 == A.frame_count(len(out.audio), 25.0)
+    for bad, match in ((np.zeros(16000), "silent"), (mono[:500], "shorter than one frame"), ([], "empty")):
+        with pytest.raises(InputError, match=match):
+            a2v.audio_to_poses(None, bad, offsets=mesh.offsets[:10], **kw)
+
+
 def test_landmarks_override_draws_them_as_they_are(talking):
     mesh, truth, _ = talking
     out = a2v.audio_to_poses(None, mesh.audio, landmarks=truth[..., :2], size=(128, 128))
@@ -437,3 +450,18 @@ def test_mouth_opening_of_exact_landmarks(E, talking):
     width = np.linalg.norm(truth[:, 33] - truth[:, 263], axis=-1)
     np.testing.assert_allclose(opening, gap / width, rtol=1e-6)
     assert np.corrcoef(opening, mesh.visemes[:, 0])[0, 1] > 0.5  # follows the jaw
+
+
+def test_eval_lipsync_runs_and_writes_its_table(E, models, tiny_animator_weights, tmp_path, capsys):
+    """The whole evaluation on tiny random models (2 cases, a fifth of a second each): every row, finite
+    where it must be (the ground truth's mouth is found and follows itself), and the JSON written."""
+    out = tmp_path / "lipsync.json"
+    argv = ["--audio2mesh", str(models / "audio2mesh"), "--weights", str(tiny_animator_weights)]
+    argv += ["--cases", "2", "--steps", "1", "--max-seconds", "0.4", "--json", str(out)]
+    assert E.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert all(row in printed for row in E.ROWS)
+    record = __import__("json").loads(out.read_text())
+    assert set(record["rows"]) == set(E.ROWS) and "environment" in record
+    assert record["rows"]["ground truth"]["detect"] == 1.0 and record["rows"]["ground truth"]["r"] > 0.5
+    assert E.main([*argv[:-2], "--cases", "1"]) == 2  # the shuffled baseline needs two clips

@@ -372,6 +372,7 @@ def audio_to_poses(
     audio,
     ref_image=None,
     *,
+    sample_rate: int = A.SAMPLE_RATE,
     fps: float | None = None,
     size: tuple[int, int] | None = None,
     reference_xyz=None,
@@ -392,7 +393,8 @@ def audio_to_poses(
 
     Args:
         audio2mesh: an :class:`~anim_lab.audio2mesh.Audio2Mesh` (None only with ``offsets`` or ``landmarks``).
-        audio: a path, or ``(N,)`` float samples at 16 kHz (other layouts: :func:`as_audio` first).
+        audio: a path, or samples ``(N,)`` / ``(N, C)`` at ``sample_rate`` (:func:`as_audio`: mixed to mono,
+            resampled to 16 kHz, checked).
         ref_image: ``(H, W, 3)`` uint8 RGB portrait; or ``reference_xyz`` ``(478, 3)`` with ``size``.
         fps: frame rate; default the Audio2Mesh's ``config.fps`` (or :data:`DEFAULT_FPS`).
         size: (height, width) of the pose images; default the reference image's size.
@@ -407,7 +409,7 @@ def audio_to_poses(
     if fps is None:
         fps = float(getattr(getattr(audio2mesh, "config", None), "fps", DEFAULT_FPS) or DEFAULT_FPS)
     fps = _check_fps(fps)
-    samples = as_audio(audio)  # (N,) 16 kHz, checked
+    samples = as_audio(audio, sample_rate)  # (N,) 16 kHz, checked
     num_frames = A.frame_count(len(samples), fps)
     if len(samples) < A.SAMPLE_RATE / fps:
         raise InputError(
