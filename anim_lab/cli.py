@@ -663,7 +663,8 @@ def add_audio2video(subparsers) -> None:
         "eSpeak NG voice): Audio2Mesh turns the speech into face-mesh motion, added to the reference's own "
         "face; the meshes are drawn as pose images and animated by the animator. The mp4 has "
         "ceil(seconds x fps) frames and the speech as its audio track. Audio is read as 16-kHz mono: "
-        "several channels are mixed to mono (their mean) and other sample rates resampled, each with a note.",
+        "several channels are mixed to mono (their mean) and other sample rates resampled, each with a note. "
+        "An existing OUT is replaced only when audio2video wrote it (its mp4 comment says so).",
     )
     p.add_argument("--ref", required=True, metavar="IMG", help="the reference portrait (png/jpg); one face")
     p.add_argument("--audio", metavar="WAV", help="the speech (wav, flac, ogg, mp3)")
