@@ -239,6 +239,17 @@ def test_frame_count_is_ceil_of_seconds_times_fps(models, seconds, fps):
     assert out.frames.shape == out.pose_images.shape == (frames, SIZE, SIZE, 3)
     assert out.frames.dtype == np.uint8 and out.landmarks.shape == (frames, 478, 2)
     assert np.ptp(out.landmarks[:, 14, 1]) > 0  # Audio2Mesh moved the lower lip
+    # (e) the frames are the pipeline's own on these pose images, in its context windows
+    direct = pipe(
+        image,
+        list(out.pose_images),
+        num_inference_steps=1,
+        context_frames=4,
+        context_overlap=1,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).frames[0]
+    np.testing.assert_array_equal(out.frames, (direct * 255).round().astype(np.uint8))
 
 
 def test_audio_of_any_layout_and_rate_is_read_as_16_khz_mono(talking):
