@@ -4,6 +4,7 @@
     anim-lab video2video --ref face.png --driving talk.mp4 --out pose.mp4     the driving motion retargeted
     anim-lab animate --ref face.png --driving talk.mp4 --weights DIR --out out.mp4
     anim-lab demo [--out-dir out/demo]            the toy animator on a held-out toy identity (offline)
+    anim-lab audio2video --ref face.png --audio speech.wav --out talk.mp4   the portrait speaks (AniPortrait)
     anim-lab video2video --ref face.png --driving talk.mp4 --out poses.mp4   retargeted pose video
 
 Each subcommand is one ``add_*`` function (its arguments) and one function that runs it. Errors the user can
@@ -45,6 +46,7 @@ __all__ = [
     "video2pose",
     "video2video",
     "demo",
+    "audio2video",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -645,6 +647,280 @@ def demo(args: argparse.Namespace) -> Path:
     return out
 
 
+# --- audio2video -------------------------------------------------------------------------------------------
+TOY_AUDIO2MESH_DIR = Path(__file__).resolve().parent / "assets" / "toy_audio2mesh"
+AUDIO2VIDEO_TAG = (
+    "anim-lab audio2video"  # the mp4 comment that marks a file audio2video wrote (and may replace)
+)
+AUDIO2MESH_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+
+
+def add_audio2video(subparsers) -> None:
+    p = subparsers.add_parser(
+        "audio2video",
+        help="make a portrait speak a recording (AniPortrait's Audio2Video: audio -> mesh -> pose -> video)",
+        description="Animate the face in --ref speaking --audio (or --text, spoken first by the toy world's "
+        "eSpeak NG voice): Audio2Mesh turns the speech into face-mesh motion, added to the reference's own "
+        "face; the meshes are drawn as pose images and animated by the animator. The mp4 has "
+        "ceil(seconds x fps) frames and the speech as its audio track. Audio is read as 16-kHz mono: "
+        "several channels are mixed to mono (their mean) and other sample rates resampled, each with a note. "
+        "An existing OUT is replaced only when audio2video wrote it (its mp4 comment says so).",
+    )
+    p.add_argument("--ref", required=True, metavar="IMG", help="the reference portrait (png/jpg); one face")
+    p.add_argument("--audio", metavar="WAV", help="the speech (wav, flac, ogg, mp3)")
+    p.add_argument("--text", help="a sentence to speak instead of --audio (the toy world's eSpeak NG voice)")
+    p.add_argument("--voice", default="en-us+m3", help="eSpeak NG voice for --text (default en-us+m3)")
+    p.add_argument("--rate", type=int, default=160, help="words per minute for --text (default 160)")
+    p.add_argument("--pitch", type=int, default=50, help="voice pitch 0-100 for --text (default 50)")
+    p.add_argument(
+        "--out", required=True, metavar="OUT.mp4", help="the video to write (.mp4, with the audio)"
+    )
+    p.add_argument(
+        "--weights",
+        default="toy",
+        metavar="toy|DIR",
+        help="the animator: 'toy' (the embedded toy animator) or a pipeline folder (as for `animate`)",
+    )
+    p.add_argument(
+        "--layout",
+        default="auto",
+        choices=LAYOUTS,
+        help="how the --weights folder is organised (as for `animate`); auto: anim_lab if it has "
+        "model_index.json, else animate_anyone",
+    )
+    p.add_argument(
+        "--audio2mesh",
+        default=str(TOY_AUDIO2MESH_DIR),
+        metavar="DIR",
+        help="an Audio2Mesh folder (Audio2Mesh.save_pretrained; scripts/train_audio2mesh.py writes one); "
+        "default anim_lab/assets/toy_audio2mesh",
+    )
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (default 1: the toy animator's)")
+    p.add_argument("--seed", type=int, default=42, help="random seed: the same seed gives the same video")
+    p.add_argument("--fps", type=float, help="frame rate (default: the Audio2Mesh's, 25 for the toy world)")
+    p.add_argument(
+        "--pose",
+        choices=("reference", "template"),
+        default="reference",
+        help="head pose: hold the reference's (default) or a template's motion mirrored and tiled",
+    )
+    p.add_argument(
+        "--pose-template",
+        metavar="NPY",
+        help="for --pose template: a (T, 6) .npy of yaw, pitch, roll (degrees), tx, ty (fractions of the "
+        "frame), scale; default: 2 s of the toy world's head motion",
+    )
+    p.add_argument("--context-frames", type=int, default=24, help="frames per window (default 24)")
+    p.add_argument("--context-overlap", type=int, default=4, help="frames shared by windows (default 4)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=audio2video)
+
+
+def _written_by_audio2video(path: Path) -> bool:
+    """Whether ``path`` is an mp4 that audio2video wrote (its comment tag says so)."""
+    try:
+        text = video.probe(path)
+    except OSError:
+        return False
+    return AUDIO2VIDEO_TAG in text
+
+
+def _check_audio2mesh_folder(folder: str) -> Path:
+    path = Path(folder)
+    missing = [name for name in AUDIO2MESH_FILES if not (path / name).is_file()]
+    if not path.is_dir() or missing:
+        what = "does not exist" if not path.is_dir() else f"lacks {', '.join(missing)}"
+        raise CliError(
+            f"--audio2mesh {path} {what}: audio2video needs an Audio2Mesh folder (config.json + "
+            "diffusion_pytorch_model.safetensors). Train one with scripts/train_audio2mesh.py --out "
+            f"{TOY_AUDIO2MESH_DIR if path == TOY_AUDIO2MESH_DIR else path} (see its docstring), or pass "
+            "--audio2mesh DIR"
+        )
+    return path
+
+
+def _audio2mesh_fps(folder: Path) -> float:
+    import json
+
+    try:
+        fps = json.loads((folder / "config.json").read_text()).get("fps", 25.0)
+    except (OSError, ValueError) as err:
+        raise CliError(f"--audio2mesh {folder}: config.json is not readable JSON ({err})") from None
+    return float(fps or 25.0)
+
+
+def _read_speech(path: str) -> np.ndarray:
+    """--audio as (N,) float32 16-kHz mono, checked; a note when it is mixed down or resampled."""
+    import soundfile
+
+    from . import audio as A
+
+    path = Path(path)
+    if not path.is_file():
+        raise CliError(f"--audio {path}: no such audio file")
+    if path.stat().st_size == 0:
+        raise CliError(f"--audio {path} is empty (0 bytes): give a recording of speech")
+    try:
+        info = soundfile.info(str(path))
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as err:
+        raise CliError(f"--audio {path} is not a readable audio file ({str(err)[:200]})") from None
+    if info.channels > 1:
+        _notice(f"--audio {path.name} has {info.channels} channels: mixed to mono (their mean)")
+    if info.samplerate != A.SAMPLE_RATE:
+        _notice(f"--audio {path.name} is sampled at {info.samplerate} Hz: resampled to 16 kHz")
+    try:
+        return A.load_audio(path)
+    except InputError as err:
+        raise CliError(f"--audio {err}") from None
+
+
+def _pose_template(path: str | None, fps: float) -> np.ndarray:
+    if path is None:  # the toy world's head motion, 2 s: its pose_temp.npy
+        from .toy import sample_motion
+
+        poses, _ = sample_motion(int(round(2 * fps)), fps, seed=0)
+        return np.stack([p.as_array() for p in poses])  # (T, 6)
+    try:
+        template = np.load(path, allow_pickle=False)  # never a pickle
+    except (OSError, ValueError) as err:
+        raise CliError(f"--pose-template {path}: not a readable .npy array ({err})") from None
+    if template.ndim != 2 or template.shape[1] != 6 or len(template) < 1 or not np.isfinite(template).all():
+        raise CliError(
+            f"--pose-template {path}: must be a finite (T, 6) array (yaw, pitch, roll, tx, ty, scale), got "
+            f"shape {template.shape}"
+        )
+    if (template[:, 5] <= 0).any():
+        raise CliError(f"--pose-template {path}: the scale column (the 6th) must be positive")
+    return template
+
+
+def audio2video(args: argparse.Namespace) -> Path:
+    """``anim-lab audio2video``: every argument, the inputs and the destination checked before any work;
+    the video written to a temporary file, tagged, and renamed at the end."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    from . import audio as A
+    from .audio2mesh import Audio2Mesh
+    from .pipelines import audio2video as a2v
+
+    # 1. the arguments and the destination
+    if args.text is not None and args.audio is not None:
+        raise CliError(
+            "give --audio or --text, not both (--text is spoken by the toy voice instead of a file)"
+        )
+    if args.text is None and args.audio is None:
+        raise CliError("give the speech: --audio FILE, or --text 'a sentence' to synthesise it")
+    out = _check_output(args.out, (".mp4",), inputs={"--ref": args.ref, "--audio": args.audio})
+    if out.exists() and not _written_by_audio2video(out):
+        raise CliError(
+            f"--out {out} exists and was not written by anim-lab audio2video; it is left as it is: choose "
+            "another name (or move that file away yourself)"
+        )
+    if args.steps < 1:
+        raise CliError(f"--steps must be at least 1, got {args.steps}")
+    if args.context_frames < 1 or not 0 <= args.context_overlap < args.context_frames:
+        raise CliError(
+            f"--context-frames must be >= 1 and --context-overlap in [0, context frames), got "
+            f"{args.context_frames} and {args.context_overlap}"
+        )
+    if args.pose_template is not None and args.pose != "template":
+        raise CliError("--pose-template is for --pose template")
+    _check_seed(args.seed)
+    _check_fps(args.fps)
+    _check_cfg(args.cfg)
+    device = _check_device(args.device, "fp32")
+    folder, layout = _check_weights(args.weights, args.layout)
+    mesh_folder = _check_audio2mesh_folder(args.audio2mesh)
+    fps = args.fps or _audio2mesh_fps(mesh_folder)
+    template = _pose_template(args.pose_template, fps) if args.pose == "template" else None
+
+    # 2. the speech and the reference
+    if args.text is not None:
+        from .toy import Voice, synthesize
+
+        try:
+            speech = synthesize(args.text, Voice(args.voice, args.rate, args.pitch)).audio_16k()
+        except InputError as err:
+            raise CliError(f"--text: {err}") from None
+    else:
+        speech = _read_speech(args.audio)
+    if len(speech) < A.SAMPLE_RATE / fps:
+        raise CliError(
+            f"--audio is {1000 * len(speech) / A.SAMPLE_RATE:.0f} ms long, shorter than one video frame "
+            f"({1000 / fps:.0f} ms at {fps:g} fps): give a longer recording"
+        )
+    image = _open_image(args.ref, "--ref")
+    _check_frame_size(*image.shape[:2], f"--ref {Path(args.ref).name}")
+    try:
+        found = a2v.reference_face(image)  # mediapipe, at the image's own size
+    except landmarks.NoFaceError as err:
+        raise CliError(f"--ref {args.ref}: {err}; the reference must show one face, front-facing") from None
+
+    # 3. the models
+    pipe = _load_pipeline(folder, layout, torch.float32)
+    try:
+        mesh_model = Audio2Mesh.from_pretrained(mesh_folder).eval()
+    except (OSError, ValueError, json.JSONDecodeError) as err:
+        raise CliError(f"--audio2mesh {mesh_folder}: not a loadable Audio2Mesh folder ({err})") from None
+    side = pipe.denoising_unet.unet_kwargs.get("sample_size", 64) * pipe.vae_scale_factor
+    reference = a2v.reference_face(image, xyz=found.xyz, size=(side, side))  # scaled to the video's size
+    if image.shape[:2] != (side, side):
+        _notice(f"the reference is {image.shape[1]}x{image.shape[0]}: generated at {side}x{side}")
+
+    # 4. the video
+    pipe.to(device)
+    mesh_model.to(device)
+    result = a2v.audio_to_video(
+        pipe,
+        mesh_model,
+        image,
+        speech,
+        fps=fps,
+        size=(side, side),
+        reference_xyz=reference.xyz,
+        pose=args.pose,
+        template=template,
+        num_inference_steps=args.steps,
+        guidance_scale=args.cfg,
+        generator=torch.Generator("cpu").manual_seed(args.seed),
+        context_frames=args.context_frames,
+        context_overlap=args.context_overlap,
+        progress=not args.no_progress,
+    )
+
+    # 5. written beside the target, tagged, renamed into place: a failure leaves nothing at --out
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.stem}.audio2video-", dir=out.parent))
+    try:
+        wav = A.write_audio(tmp / "speech.wav", speech)
+        save_video(result.frames, tmp / "video.mp4", fps=fps, audio_from=wav)
+        tagged = tmp / "tagged.mp4"
+        cmd = [video.ffmpeg_exe(), "-y", "-loglevel", "error", "-i", str(tmp / "video.mp4"), "-map", "0"]
+        cmd += ["-c", "copy", "-metadata", f"comment={AUDIO2VIDEO_TAG}", "-movflags", "+faststart"]
+        done = subprocess.run([*cmd, str(tagged)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"ffmpeg could not tag {out.name}: {done.stderr[-300:]}")
+        os.chmod(tagged, 0o666 & ~_umask())
+        os.replace(tagged, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _notice(
+        f"wrote {len(result.frames)} frames ({len(speech) / A.SAMPLE_RATE:.2f} s at {fps:g} fps) to {out}"
+    )
+    return out
+
+
+def _umask() -> int:
+    from .files import current_umask
+
+    return current_umask()
+
+
 # --- entry point --------------------------------------------------------------------------------------------
 class Terminated(BaseException):
     """SIGTERM arrived: raised like Ctrl-C's KeyboardInterrupt, so every temporary file is removed on the way
@@ -669,6 +945,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_video2video(subparsers)
     add_animate(subparsers)
     add_demo(subparsers)
+    add_audio2video(subparsers)
     return parser
 
 

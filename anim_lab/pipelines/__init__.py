@@ -1,5 +1,6 @@
 """Pipelines: each one file, its denoising loop written out."""
 
+from . import audio2video
 from .pose2video import NonFiniteError, Pose2VideoPipeline, Pose2VideoPipelineOutput
 
-__all__ = ["NonFiniteError", "Pose2VideoPipeline", "Pose2VideoPipelineOutput"]
+__all__ = ["NonFiniteError", "Pose2VideoPipeline", "Pose2VideoPipelineOutput", "audio2video"]
