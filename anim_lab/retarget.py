@@ -191,6 +191,18 @@ def fit_head_pose(xyz, template: np.ndarray | None = None) -> PoseFit:
     return PoseFit(rotation=rot, translation=trans, scale=scale, rms=rms)
 
 
+def to_fit_frame(neutral, offsets) -> tuple[np.ndarray, np.ndarray]:
+    """A pose-free face mesh and its offsets, ``(V, 3)`` and ``(F, V, 3)`` in that face's own frame, expressed
+    in the frame :func:`fit_head_pose` gives a canonical mesh (the template's: the face's own place, size and
+    tilt divided out): ``(X - t) @ R / s`` and ``d @ R / s`` with ``(s, R, t) = umeyama(template, neutral)``
+    over the 468 mesh points. Audio2Mesh's offsets are added there at inference (to
+    :meth:`PoseFit.to_canonical` of the reference), so its training targets are given in it too."""
+    nm = _check_points(neutral, "neutral mesh")  # (V, 3)
+    scale, rot, trans = umeyama(template_landmarks()[: L.NUM_MESH_POINTS], nm[: L.NUM_MESH_POINTS])
+    # row-wise R^T (x - t) / s for points, R^T d / s for offsets
+    return (nm - trans) @ rot / scale, np.asarray(offsets, np.float64) @ rot / scale
+
+
 # ------------------------------------------------------------------------------------------------------------
 # 2. The neutral frame
 # ------------------------------------------------------------------------------------------------------------

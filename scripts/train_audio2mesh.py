@@ -6,7 +6,9 @@
 - Data (``anim_lab.toy.TalkingMeshDataset``): ``--n-utterances`` training utterances (training sentences and
   voices, training identities) and ``--eval-utterances`` of each evaluation split: ``train`` (new utterances
   of the training sentences and voices) and ``heldout`` (held-out sentences *and* voices, test identities).
-  Targets: the offsets from each identity's neutral face of what speech moves (jaw and lips), at ``--fps``.
+  Targets: the offsets from each identity's neutral face of what speech moves (jaw and lips), at ``--fps``,
+  in the frame the Audio2Video pipeline adds them in (``anim_lab.retarget.to_fit_frame``: the face's own
+  size and tilt divided out, the frame ``fit_head_pose`` gives the reference's canonical mesh).
 - Features: ``--features wav2vec2 --wav2vec2 FOLDER`` (a wav2vec2 folder: the tiny one of
   ``scripts/train_tiny_wav2vec2.py``, or wav2vec2-base-960h) runs the AniPortrait way: the CNN features
   interpolated to the frame rate, then the transformer and the two linear layers. The CNN is frozen (as in
@@ -44,6 +46,7 @@ from anim_lab import audio as A
 from anim_lab import files, metrics, toy
 from anim_lab.audio2mesh import Audio2Mesh, encoder_states
 from anim_lab.errors import InputError
+from anim_lab.retarget import to_fit_frame
 from anim_lab.toy.talking_mesh import mean_offsets, shuffled
 from anim_lab.weights import TRANSFORMERS_WEIGHTS, resolve_pretrained
 
@@ -135,11 +138,13 @@ def make_set(split: str, length: int, fps: float, seed: int, encoder, freeze: bo
     out = []
     for i in range(length):
         item = data[i]
+        # targets in the frame the pipeline adds them in (anim_lab.retarget.to_fit_frame)
+        neutral, offsets = to_fit_frame(item.neutral, item.offsets)  # (478, 3), (F, 478, 3)
         out.append(
             dict(
                 feats=features_of(item, encoder, freeze),
-                offsets=torch.from_numpy(item.offsets).to(dtype),  # (F, 478, 3)
-                neutral=torch.from_numpy(item.neutral),
+                offsets=torch.from_numpy(offsets).to(dtype),  # (F, 478, 3)
+                neutral=torch.from_numpy(neutral).float(),
             )
         )
     return out

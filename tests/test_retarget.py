@@ -68,6 +68,19 @@ def test_umeyama_recovers_a_similarity():
     assert np.linalg.det(r_mirror) == pytest.approx(1.0)
 
 
+def test_to_fit_frame_divides_out_the_faces_own_similarity():
+    """A face that is the template scaled, turned and moved (with offsets moving in its own frame) comes back
+    as the template, its offsets turned back and shrunk by the same similarity, written out here."""
+    rng = np.random.default_rng(3)
+    template = R.template_landmarks()
+    rot, scale, trans = _random_rotation(rng), 1.07, np.array([0.1, -0.2, 0.05])
+    neutral = scale * template @ rot.T + trans  # (478, 3) the face in its own frame
+    offsets = rng.normal(scale=0.01, size=(4, 478, 3))  # (F, 478, 3)
+    canonical, moved = R.to_fit_frame(neutral, offsets)
+    np.testing.assert_allclose(canonical, template, atol=1e-9)
+    np.testing.assert_allclose(moved, np.einsum("ij,fvi->fvj", rot, offsets) / scale, atol=1e-12)
+
+
 def test_euler_angles_invert_the_renderers_rotation():
     rng = np.random.default_rng(1)
     for _ in range(20):

@@ -228,9 +228,7 @@ def offsets_to_canonical(
             "metric face); give offset_scale, template units per offset unit"
         )
     if neutral is not None:
-        nm = np.asarray(neutral, np.float64)[: L.NUM_MESH_POINTS]  # (468, 3)
-        s_b, r_b, _ = RT.umeyama(RT.template_landmarks()[: L.NUM_MESH_POINTS], nm)
-        d = d @ r_b / s_b  # row-wise B⁻¹'s linear part: R_Bᵀ d / s_B
+        d = RT.to_fit_frame(neutral, d)[1]  # the face's own size and tilt divided out
     if d.shape[1] == L.NUM_MESH_POINTS:  # (F, 468, 3) -> (F, 478, 3): the irises keep their place
         d = np.concatenate([d, np.zeros((len(d), 478 - L.NUM_MESH_POINTS, 3))], axis=1)
     return d
