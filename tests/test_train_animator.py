@@ -404,15 +404,17 @@ def test_motion_from_is_named_when_wrong(T, files, runs, tmp_path, capsys):
 def test_the_cache_is_rebuilt_for_another_vae(T, tmp_path):
     """Latents of one VAE are meaningless to a model of another: a cache records the VAE's digest, and a
     cache built with another VAE is rebuilt, not reused."""
-    from anim_lab.toy import TOY_ANIMATOR_DIR
-    from anim_lab.vae import TOY_VAE_DIR
+    from anim_lab.plain import randomize
+    from anim_lab.vae import TOY_VAE_DIR, load_vae
 
+    other = tmp_path / "other_vae"  # another VAE of the same shape: the toy VAE's weights redrawn
+    randomize(load_vae(TOY_VAE_DIR), seed=1).save_pretrained(other)
     path = tmp_path / "cache.safetensors"
     args = dict(num_items=1, num_frames=2, fps=2.0, seed=0)
-    old = T.build_cache(path, **args, vae_dir=TOY_ANIMATOR_DIR / "vae")  # v1, the committed animator's
-    again = T.load_cache(path, **args, vae_dir=TOY_ANIMATOR_DIR / "vae")
+    old = T.build_cache(path, **args, vae_dir=other)
+    again = T.load_cache(path, **args, vae_dir=other)
     assert torch.equal(again["latents"], old["latents"])  # reused
-    new = T.load_cache(path, **args, vae_dir=TOY_VAE_DIR)  # v2: rebuilt
+    new = T.load_cache(path, **args, vae_dir=TOY_VAE_DIR)  # another VAE: rebuilt
     assert new["meta"]["vae_sha256"] != old["meta"]["vae_sha256"]
     assert not torch.allclose(new["latents"], old["latents"])
 
