@@ -48,7 +48,6 @@ import anim_lab
 from anim_lab import configs, metrics, toy, viz
 from anim_lab import vae as V
 from anim_lab.inspect import format_table
-from anim_lab.toy import TOY_ANIMATOR_DIR
 
 torch.manual_seed(0)
 torch.set_num_threads(1)
@@ -368,7 +367,7 @@ plt.show()
 # %% [markdown]
 # ## 6. Why a pixel loss blurs, and the second toy VAE
 #
-# The first toy VAE (v1, which the toy animator was trained with and still decodes with) learned with MSE +
+# The first toy VAE (v1, which the first toy animator was trained with and decoded with) learned with MSE +
 # 0.1·L1 + 1e-6·KL. Its held-out PSNR was 29.8 dB, yet its faces were pale and soft: teeth, irises and the
 # hair's edge went missing. PSNR did not see it, because **a squared error rewards blur**. Where the 16 × 16
 # latent cannot say exactly where an edge lies, the decoder's best answer under MSE is the *average* of the
@@ -399,7 +398,7 @@ print("expected MSE of a sharp edge at one of the positions:", f"{min(mse(e) for
 # side on this chapter's six held-out frames:
 
 # %%
-vae_v1 = V.load_vae(TOY_ANIMATOR_DIR / "vae")  # v1: the copy the toy animator travels with
+vae_v1 = V.load_vae(anim_lab.REPO_DIR / "history" / "toy_vae_v1")  # v1, kept beside the package
 with torch.no_grad():
     recon_v1 = V.decode(vae_v1, V.encode(vae_v1, images)).clamp(-1, 1)
 rows = []
@@ -447,7 +446,8 @@ print(
 #   pattern of dots, the usual artefact of an adversarial decoder (detail that is plausible, not exact). The
 #   sharpness ratio counts any fine detail, so it cannot tell the two apart; the eyes and teeth it restores
 #   are real, the dots are not.
-# - The toy animator is still v1's: its UNets learned v1's latents, and a VAE swap would need it retrained.
+# - A VAE cannot be swapped under a trained animator: its UNets learned one VAE's latents. The toy animator
+#   was retrained on v2's (chapter 10; its `COMMANDS.md`), and decodes with v2.
 #
 # **What v2 cost.** The training script logs every evaluation (EMA weights) in `train_log.json` beside the
 # weights:

@@ -4,16 +4,21 @@ Only the final weights live in the working tree; earlier ones live in git histor
 ``anim_lab/assets/toy_animator``). This script animates the same held-out case with each weights folder it is
 given and stores the frames, so chapter 10 can show the model at each checkpoint without the weights:
 
-    for c in ef21d3b 342b989 6a18eff ecdcfe2; do
+    for c in ef21d3b 3e4c971; do
         mkdir -p runs/history/$c && git archive $c anim_lab/assets/toy_animator | tar -x -C runs/history/$c
     done
     PYTHONPATH=$PWD .venv/bin/python scripts/sample_checkpoints.py \\
-        --weights "stage 1, step 2700=runs/history/ef21d3b/anim_lab/assets/toy_animator" \\
-        --weights "stage 1, step 3800=runs/history/342b989/anim_lab/assets/toy_animator" \\
-        --weights "stage 2 after stage 1 step 7000=runs/history/6a18eff/anim_lab/assets/toy_animator" \\
-        --weights "stage 2 after stage 1 step 13000=runs/history/ecdcfe2/anim_lab/assets/toy_animator" \\
+        --weights "v1, stage 1 step 2700=runs/history/ef21d3b/anim_lab/assets/toy_animator" \\
+        --weights "v1, final=runs/history/3e4c971/anim_lab/assets/toy_animator" \\
+        --weights "v2, stage 1 step 2600=runs/animator_v2/snap_ema_2600" \\
+        --weights "v2, stage 1 step 8000=runs/animator_v2/s1_ema_8000" \\
         --weights "final=anim_lab/assets/toy_animator" \\
+        --vae history/toy_vae_v1 --image-encoder anim_lab/assets/toy_animator/image_encoder \\
         --out anim_lab/assets/toy_animator/samples_along_training.npz
+
+(v1: the first version, trained on the toy VAE v1's latents, decoding with it; ef21d3b's folder is a legacy
+one, given v1's VAE and the image encoder. v2: the retrain on the VAE v2's latents, its EMA weights at two
+stage-1 checkpoints; the runs were under ``/work/runs`` then, as the file's ``command`` records.)
 
 The case and settings are chapter 10's: ``eval_animator.make_cases(1, 24)[0]``, frames 0 / 7 / 15 / 23, 8 DDIM
 steps, guidance 3.5, seed 42. A folder without ``image_encoder/`` (written before the weights carried their
