@@ -424,18 +424,31 @@ def _odd_kernel(kernel_64: int, size: int) -> int:
     return k if k % 2 else k + 1  # 51 and 31 at 64 pixels
 
 
+_SMALL_GAUSSIAN = {
+    3: (0.25, 0.5, 0.25),
+    5: (0.0625, 0.25, 0.375, 0.25, 0.0625),
+    7: (0.03125, 0.109375, 0.21875, 0.28125, 0.21875, 0.109375, 0.03125),
+}
+
+
 def gaussian_blur(image: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:
-    """(H, W) -> (H, W): OpenCV's ``GaussianBlur(image, (kx, ky), 0)``: sigma from the kernel size
-    (0.3*((k-1)/2 - 1) + 0.8), a separable normalised kernel, borders reflected without repeating the edge
-    pixel (``BORDER_REFLECT_101``, torch's ``reflect``)."""
+    """(H, W) -> (H, W): OpenCV's ``GaussianBlur(image, (kx, ky), 0)`` (kx along the width): sigma from the
+    kernel size (0.3*((k-1)/2 - 1) + 0.8; OpenCV 4's fixed kernels for k = 3, 5, 7 -- OpenCV 5 also
+    tabulates 9), a separable normalised kernel, borders reflected without repeating the edge pixel
+    (``BORDER_REFLECT_101``, torch's ``reflect``)."""
     kx, ky = kernel_size
     out = image[None, None]  # (1, 1, H, W)
     for k, dim in ((kx, -1), (ky, -2)):
+        if k % 2 == 0 or k < 1:
+            raise InputError(f"Gaussian kernel sizes must be odd and positive; got {kernel_size}")
         if k == 1:
             continue
-        sigma = 0.3 * ((k - 1) * 0.5 - 1) + 0.8
-        t = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
-        w = torch.exp(-(t**2) / (2 * sigma**2))
+        if k in _SMALL_GAUSSIAN:  # OpenCV's fixed kernels for k <= 7 (getGaussianKernel, sigma <= 0)
+            w = torch.tensor(_SMALL_GAUSSIAN[k], dtype=torch.float64)
+        else:
+            sigma = 0.3 * ((k - 1) * 0.5 - 1) + 0.8
+            t = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
+            w = torch.exp(-(t**2) / (2 * sigma**2))
         w = (w / w.sum()).to(image.dtype)
         pad = k // 2
         if dim == -1:
