@@ -564,3 +564,62 @@ def test_full_size_hallo_has_net_pth_keys_shapes_and_parameter_counts():
         assert (n_have, p_have) == (n_ref, p_ref), (prefix, part)
         digits = 2 if millions < 2 else 1
         assert n_ref == keys and round(p_ref / 1e6, digits) == millions, (prefix, part, p_ref)
+
+
+# --- 7. motion frames through the ReferenceNet's bank ----------------------------------------------------
+def test_motion_frames_from_the_reference_bank_and_the_token_quirk():
+    """The bank written on [ref, m1, m2] per video splits into what writing each image alone with its tokens
+    gives; faithful tokens encode the CFG videos' motion frames with the other video's tokens."""
+    from anim_lab.reference import reference_attention
+
+    torch.manual_seed(0)
+    ref_unet = randomize(ReferenceUNet(TINY.unet), seed=4).double()
+    den_unet = randomize(VideoUNet(TINY.unet, MOTION_TINY, audio_kwargs=AUDIO_TINY), seed=5).double()
+    g = torch.Generator().manual_seed(6)
+    images = torch.randn(2, 3, 4, 8, 8, generator=g, dtype=torch.float64)  # 2 videos (CFG) x [r, m1, m2]
+    tokens = torch.randn(2, 2, 32, generator=g, dtype=torch.float64)  # [uncond ; cond]
+
+    def entries_alone(bank, latent, token):  # one image, its own tokens
+        bank.write(latent[None], 0, token[None])
+        return dict(bank.entries)
+
+    with reference_attention(ref_unet, den_unet, do_classifier_free_guidance=True) as bank:
+        alone = {(v, s): entries_alone(bank, images[v, s], tokens[v]) for v in range(2) for s in range(3)}
+        other = {(v, s): entries_alone(bank, images[v, s], tokens[1 - v]) for v in range(2) for s in range(3)}
+        for faithful in (False, True):
+            bank.write(
+                rearrange(images, "v s c h w -> (v s) c h w"), 0, reference_unet_tokens(tokens, 3, faithful)
+            )
+            reference, motion = split_motion_bank(bank.entries, 3)
+            for name in bank.names:
+                for v in range(2):
+                    torch.testing.assert_close(reference[name][v], alone[(v, 0)][name][0], **TOL)  # both ways
+                    for s in (1, 2):
+                        # faithful: row v*3+s gets tokens[row % 2]: video 0's m1 the cond tokens, video
+                        # 1's m1 the uncond ones; the references (rows 0 and 3) get their own either way
+                        row = v * 3 + s
+                        quirk = faithful and row % 2 != v
+                        want = (other if quirk else alone)[(v, s)][name][0]
+                        torch.testing.assert_close(motion[name][v, s - 1], want, **TOL)
+        # the denoising UNet reads the references and takes the motion frames
+        bank.load(reference)
+        masks = {
+            r: [torch.rand(s, s, dtype=torch.float64) for s in (8, 4, 2, 1)] for r in ("full", "face", "lip")
+        }
+        sample = torch.randn(2, 4, 3, 8, 8, dtype=torch.float64)
+        audio = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+        with torch.no_grad():
+            out = den_unet(
+                sample, 9, tokens, audio_tokens=audio, audio_masks=masks, motion_frame_features=motion
+            )
+    assert out.shape == sample.shape and torch.isfinite(out).all()
+
+
+def test_audio_unet_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = randomize(VideoUNet(TINY.unet, MOTION_TINY, audio_kwargs=AUDIO_TINY), seed=7)
+    model.save_pretrained(tmp_path / "unet")
+    again = VideoUNet.from_pretrained(tmp_path / "unet")
+    assert again.has_audio_modules and again.audio_kwargs == AUDIO_TINY
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
