@@ -23,6 +23,11 @@ The UNet side lives in ``anim_lab.unet`` (``VideoUNet(..., audio_kwargs=AUDIO_MO
 ``motion_frame_features``). Key names follow ``net.pth`` so it loads strictly
 (``anim_lab.weights.load_official_hallo``).
 
+How the audio modules hook into the UNet: they are modules of the UNet (``down_blocks.k.audio_modules.j``
+etc., the names of ``net.pth``), called by ``VideoUNet``'s explicit walk between the spatial transformer and
+the motion module; their attentions are diffusers ``Attention`` modules with processors (listed in
+``attn_processors``, replaceable by name). No forward is patched; without ``audio_kwargs`` they do not exist.
+
 ``faithful=True`` (everywhere: False by default) reproduces two deviations of the reference code:
 - the token-repeat quirk (``reference_unet_tokens``): the ReferenceNet's cross-attention tokens are tiled
   (``tokens.repeat(S, 1, 1)``) over the [reference, motion frames] images instead of repeated per video, so
@@ -30,7 +35,15 @@ The UNet side lives in ``anim_lab.unet`` (``VideoUNet(..., audio_kwargs=AUDIO_MO
 - in ``VideoUNet.forward(..., faithful=True)``: the motion modules of the blocks without spatial attention
   (down block 3, up block 0) are skipped. Hallo's inference enables gradient checkpointing and keeps the
   model in training mode (``scripts/inference.py``); the checkpointed branch of ``DownBlock3D`` /
-  ``UpBlock3D`` runs the resnets only (hallo#99, hallo#140).
+  ``UpBlock3D`` runs the resnets only (hallo#99, hallo#140). The same branch is what makes its cross-attention
+  blocks use the motion frames and ``motion_scale`` at all (the other branch drops both), so the default here
+  is that branch with every motion module run. The ReferenceNet's checkpointed 2D blocks compute the same
+  as their plain branch.
+
+Other differences, not switchable: Hallo assumes square latents (``int(sz ** 0.5)`` in the audio block,
+``d1=hidden_states.size(-1)`` for the motion frames) and crashes otherwise; here any H x W works (equal
+for squares). Hallo's fallback of 4 zero motion frames when the bank is empty (dead code at inference,
+hallo#99) is not reproduced: without ``motion_frame_features`` the motion modules see the clip only.
 """
 
 from __future__ import annotations
