@@ -427,7 +427,9 @@ def region_box(landmarks, ids, expand_ratio: float, height: int, width: int) -> 
     lo, hi = np.round(pts.min(0)), np.round(pts.max(0))
     x0, x1, y0, y1 = expand_region([lo[0], hi[0], lo[1], hi[1]], width, height, expand_ratio)
     box = torch.zeros(height, width)
-    box[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = 1.0  # numpy-style slice, as Hallo fills it
+    # Hallo fills mask[y0:y1, x0:x1]; a box larger than the image (start < 0 after the shift) is clipped
+    # here, where numpy's negative start would wrap around
+    box[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = 1.0
     return box
 
 
