@@ -621,5 +621,5 @@ def test_audio_unet_save_and_load_round_trip(tmp_path):
     model.save_pretrained(tmp_path / "unet")
     again = VideoUNet.from_pretrained(tmp_path / "unet")
     assert again.has_audio_modules and again.audio_kwargs == AUDIO_TINY
-    for k, v in model.state_dict().items():
-        assert torch.equal(again.state_dict()[k], v), k
+    loaded = again.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
