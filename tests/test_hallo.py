@@ -527,6 +527,13 @@ def test_load_official_hallo_tiny_checkpoint_strictly(tmp_path):
     loaded = net.state_dict()
     assert all(torch.equal(loaded[n], written[n]) for n in NET_KEYS)
     assert not net.training
+    # the face locator alone, from the same file (load_official_pose_guider with a prefix)
+    from anim_lab.weights import load_official_pose_guider
+
+    locator = load_official_pose_guider(
+        tmp_path / "net.pth", prefix="face_locator.", **k["face_locator_kwargs"]
+    )
+    assert all(torch.equal(v, written[f"face_locator.{n}"]) for n, v in locator.state_dict().items())
 
     dropped = dict(written)
     del dropped["denoising_unet.mid_block.audio_modules.0.transformer_blocks.0.attn2_2.to_k.weight"]
