@@ -56,7 +56,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import InputError
-from .unet import MOTION_KEY, ReferenceUNet, VideoUNet
+from .unet import AUDIO_KEY, MOTION_KEY, ReferenceUNet, VideoUNet
 
 __all__ = [
     "FUSION_BLOCKS",
@@ -71,12 +71,17 @@ __all__ = [
 FUSION_BLOCKS = ("full", "midup")
 
 
+def _in_extra_module(name: str) -> bool:
+    """A motion module's temporal attention or a Hallo audio module's self-attention: not a reader/writer."""
+    return MOTION_KEY in name or AUDIO_KEY in name
+
+
 def self_attention_names(unet: nn.Module, fusion_blocks="full") -> dict[str, int]:
     """The spatial self-attentions (``...transformer_blocks.k.attn1``) of a UNet -> their width C, in module
     order. ``fusion_blocks="full"``: all of them (what AnimateAnyone trains and runs); ``"midup"``: those of
     ``mid_block`` and ``up_blocks`` only; a collection of ``attn1`` module names: those (an experiment, e.g.
     reference-only's ``attn_weight`` dial in chapter 05). Motion modules' temporal attentions are never
-    included."""
+    included, nor the self-attentions of Hallo's audio modules (``...audio_modules.i...attn1``)."""
     chosen = None
     if not isinstance(fusion_blocks, str):
         chosen = set(fusion_blocks)
@@ -89,7 +94,7 @@ def self_attention_names(unet: nn.Module, fusion_blocks="full") -> dict[str, int
         )
     names = {}
     for name, module in unet.named_modules():
-        if not (isinstance(module, Attention) and name.endswith(".attn1")) or MOTION_KEY in name:
+        if not (isinstance(module, Attention) and name.endswith(".attn1")) or _in_extra_module(name):
             continue
         if fusion_blocks == "midup" and not name.startswith(("mid_block.", "up_blocks.")):
             continue

@@ -22,7 +22,12 @@ UNet3D:
     head:          GroupNorm (per frame) -> SiLU -> conv_out     (B*F, 4, H, W) -> (B, 4, F, H, W)
 
 ``VideoUNet`` is the denoising UNet (with or without motion modules; the pose guider's features are added
-after ``conv_in``, or, for AniPortrait's multi-scale guider, also after every down block).
+after ``conv_in``, or, for AniPortrait's multi-scale guider, also after every down block). With
+``audio_kwargs`` it is Hallo's denoising UNet: an ``audio_modules`` list (``anim_lab.hallo.AudioModule``)
+in every block with cross-attention, run after each spatial transformer and before its motion module, on
+per-frame audio tokens masked by face regions; the motion modules may also see motion frames prepended
+along time (``motion_frame_features``). Without ``audio_kwargs`` nothing of this exists: same keys, same
+walk.
 ``ReferenceUNet`` is the 2D UNet without ``conv_norm_out``/``conv_out``, as in the reference code: it only
 runs so that its transformer blocks' self-attention inputs can be read (``anim_lab.reference``). Both UNets
 expose their attention processors by module name (``attn_processors`` / ``set_attn_processor``). Both build
@@ -32,6 +37,7 @@ on the ``meta`` device at SD15 size (``with torch.device("meta"): VideoUNet(SD15
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from diffusers import ModelMixin, UNet2DConditionModel
@@ -44,15 +50,61 @@ from torch import nn
 from .errors import InputError
 from .motion import MotionModule, motion_module_kwargs
 
-__all__ = ["build_unet2d", "VideoUNet", "ReferenceUNet", "MOTION_KEY"]
+__all__ = ["build_unet2d", "VideoUNet", "ReferenceUNet", "MOTION_KEY", "AUDIO_KEY"]
 
 MOTION_KEY = "motion_modules"  # every motion-module key contains this (how motion_module.pth was saved)
+AUDIO_KEY = "audio_modules"  # every key of Hallo's audio modules contains this (as in net.pth)
 
 
 def build_unet2d(unet_kwargs: dict) -> UNet2DConditionModel:
     """diffusers' 2D UNet from plain kwargs (``configs.SD15.unet``); config.json's ``_`` entries dropped."""
     kwargs = {k: v for k, v in unet_kwargs.items() if not k.startswith("_")}
     return UNet2DConditionModel.from_config(kwargs)
+
+
+@dataclass
+class _HalloInputs:
+    """What Hallo's audio modules and motion frames need during one denoising-UNet call (built and checked
+    by ``VideoUNet._hallo_inputs``).
+
+    tokens (N*F, T, D): each frame's audio tokens; masks[level]: (full, face, lip), each (N*F, h*w, 1);
+    motion_scale: the three regions' weights; motion_frame_features: {attn1 name: (N, n, h*w, C)} or None;
+    faithful: skip the motion modules of blocks without attention, as Hallo's inference does."""
+
+    tokens: torch.Tensor
+    masks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    motion_scale: tuple[float, float, float]
+    motion_frame_features: dict[str, torch.Tensor] | None
+    faithful: bool
+    videos: int
+
+    def masks_at(self, level: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        height, width = x.shape[-2:]
+        if level >= len(self.masks) or self.masks[level][0].shape[1] != height * width:
+            have = [m[0].shape[1] for m in self.masks]
+            raise InputError(
+                f"audio_masks: level {level} works on {height}x{width} = {height * width} positions, but the "
+                f"masks have {have} positions per level; make them for this latent size "
+                "(anim_lab.hallo.face_region_masks with the image's height and width)"
+            )
+        return self.masks[level]
+
+    def motion_frames_at(self, attention_name: str, x: torch.Tensor) -> torch.Tensor:
+        """The motion frames before the motion module after ``attention_name``: (N, n, C, h, w)."""
+        key = f"{attention_name}.transformer_blocks.0.attn1"
+        if key not in self.motion_frame_features:
+            raise InputError(
+                f"motion_frame_features has no entry {key!r}: give one per spatial attn1 "
+                "(anim_lab.hallo.split_motion_bank of a bank written with the motion frames)"
+            )
+        feats = self.motion_frame_features[key]  # (N, n, h*w, C)
+        _, channels, height, width = x.shape
+        if feats.ndim != 4 or feats.shape[0] != self.videos or feats.shape[2:] != (height * width, channels):
+            raise InputError(
+                f"motion_frame_features[{key!r}] must be ({self.videos}, n, {height * width}, {channels}); "
+                f"got {tuple(feats.shape)}"
+            )
+        return rearrange(feats, "b n (h w) c -> b n c h w", h=height).to(x.dtype)
 
 
 class _UNetBody(ModelMixin, ConfigMixin, PeftAdapterMixin):
@@ -63,7 +115,13 @@ class _UNetBody(ModelMixin, ConfigMixin, PeftAdapterMixin):
     diffusers' own UNets. (The official ``.pth`` checkpoints load with
     ``anim_lab.weights.load_official_video_unet`` / ``load_official_reference_unet``.)"""
 
-    def __init__(self, unet: UNet2DConditionModel, unet_kwargs: dict, motion_kwargs: dict | None = None):
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        unet_kwargs: dict,
+        motion_kwargs: dict | None = None,
+        audio_kwargs: dict | None = None,
+    ):
         super().__init__()
         unsupported = [
             n
@@ -77,6 +135,7 @@ class _UNetBody(ModelMixin, ConfigMixin, PeftAdapterMixin):
             )
         self.unet_kwargs = dict(unet_kwargs)
         self.motion_kwargs = dict(motion_kwargs) if motion_kwargs else None
+        self.audio_kwargs = dict(audio_kwargs) if audio_kwargs else None
         # The 2D UNet's children, adopted under the same names so the state-dict keys are diffusers' keys.
         self.conv_in = unet.conv_in
         self.time_proj = unet.time_proj  # sinusoidal timestep features, no parameters
@@ -86,6 +145,8 @@ class _UNetBody(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.up_blocks = unet.up_blocks
         if motion_kwargs:
             self._add_motion_modules(motion_kwargs)
+        if audio_kwargs:
+            self._add_audio_modules(audio_kwargs)
 
     # --- motion modules ----------------------------------------------------------------------------
     def _add_motion_modules(self, motion: dict) -> None:
@@ -112,6 +173,38 @@ class _UNetBody(ModelMixin, ConfigMixin, PeftAdapterMixin):
     @property
     def has_motion_modules(self) -> bool:
         return self.motion_kwargs is not None
+
+    # --- audio modules (Hallo) ---------------------------------------------------------------------
+    def _add_audio_modules(self, audio: dict) -> None:
+        """An ``audio_modules`` list beside ``attentions`` in every block that has them (Hallo's 16 places for
+        SD1.5), sized as Hallo sizes them (``anim_lab.hallo.audio_module_places``)."""
+        from .hallo import AudioModule, audio_module_places
+
+        unknown = set(audio) - {"audio_attention_dim", "zero_initialize"}
+        if unknown or "audio_attention_dim" not in audio:
+            raise InputError(
+                f"audio_kwargs takes audio_attention_dim (the audio tokens' width) and zero_initialize; got "
+                f"{sorted(audio)} (e.g. anim_lab.hallo.AUDIO_MODULES_SD15)"
+            )
+        for name, specs in audio_module_places(self).items():
+            block = self.get_submodule(name)
+            block.audio_modules = nn.ModuleList(
+                [
+                    AudioModule(
+                        channels,
+                        inner,
+                        heads,
+                        audio["audio_attention_dim"],
+                        groups,
+                        audio.get("zero_initialize", True),
+                    )
+                    for channels, inner, heads, groups in specs
+                ]
+            )
+
+    @property
+    def has_audio_modules(self) -> bool:
+        return self.audio_kwargs is not None
 
     def motion_modules(self) -> list[tuple[str, MotionModule]]:
         """(name, module) of every motion module, in state-dict order."""
@@ -177,13 +270,41 @@ class _UNetBody(ModelMixin, ConfigMixin, PeftAdapterMixin):
         cross_attention_kwargs: dict | None = None,
         down_block_additional_features: Sequence[torch.Tensor] | None = None,
         use_motion_modules: bool = True,
+        hallo: _HalloInputs | None = None,
     ) -> torch.Tensor:
         """Down, mid and up blocks on per-frame features h (B*F, C0, H, W) -> (B*F, C0, H, W).
 
         ``down_block_additional_features``: one tensor per down block, (B*F, C_k, h_k, w_k), added to the main
         path after down block k (after its downsampler), as AniPortrait adds its pose features fea[k+1]; the
         skips already taken are left unchanged. Checked by the caller (``_pose_features``).
+        ``hallo``: the audio modules' inputs and the motion frames (Hallo's UNet); ``level`` counts the
+        downsamplings so far, the index of the face-region masks at the current resolution.
         """
+        level = 0
+
+        def audio_step(block, i: int, x: torch.Tensor) -> torch.Tensor:
+            modules = getattr(block, AUDIO_KEY, None)
+            if modules is None or hallo is None:
+                return x
+            return modules[i](x, hallo.tokens, hallo.masks_at(level, x), hallo.motion_scale)
+
+        def motion_step(motion, i: int, x: torch.Tensor, attention_name: str | None) -> torch.Tensor:
+            if hallo is None or hallo.motion_frame_features is None or attention_name is None:
+                return motion[i](x, num_frames)  # attention across the clip's frames
+            # Hallo: the motion frames' attn1 inputs go in front of the clip along time, then are sliced off
+            extra = hallo.motion_frames_at(attention_name, x)  # (B, n, C, h, w)
+            n = extra.shape[1]
+            clip = rearrange(x, "(b f) c h w -> b f c h w", f=num_frames)
+            both = torch.cat([extra, clip], dim=1)  # (B, n + F, C, h, w)
+            out = motion[i](rearrange(both, "b f c h w -> (b f) c h w"), n + num_frames)
+            out = rearrange(out, "(b f) c h w -> b f c h w", f=n + num_frames)[:, n:]  # the clip's F frames
+            return rearrange(out, "b f c h w -> (b f) c h w")
+
+        def motion_of(block, attentions):
+            motion = getattr(block, "motion_modules", None) if use_motion_modules else None
+            if motion is not None and attentions is None and hallo is not None and hallo.faithful:
+                return None  # Hallo's checkpointed DownBlock3D / UpBlock3D run their resnets only
+            return motion
 
         def transformer(attn, x):
             return attn(
@@ -196,43 +317,50 @@ class _UNetBody(ModelMixin, ConfigMixin, PeftAdapterMixin):
         skips = [h]  # every down-path output, consumed last-in-first-out by the up path
         for k, block in enumerate(self.down_blocks):
             attentions = getattr(block, "attentions", None)
-            motion = getattr(block, "motion_modules", None) if use_motion_modules else None
+            motion = motion_of(block, attentions)
             for i, resnet in enumerate(block.resnets):
                 h = resnet(h, temb)  # (B*F, C_in, h, w) -> (B*F, C, h, w)
                 if attentions is not None:
                     h = transformer(attentions[i], h)  # spatial self-attn, cross-attn to CLIP tokens, FF
+                h = audio_step(block, i, h)  # Hallo: masked cross-attention to the audio tokens
                 if motion is not None:
-                    h = motion[i](h, num_frames)  # attention across frames
+                    name = f"down_blocks.{k}.attentions.{i}" if attentions is not None else None
+                    h = motion_step(motion, i, h, name)  # attention across frames
                 skips.append(h)
             if block.downsamplers is not None:
                 for down in block.downsamplers:
                     h = down(h)  # (B*F, C, h, w) -> (B*F, C, h/2, w/2)
                 skips.append(h)
+                level += 1
             if down_block_additional_features is not None:
                 h = h + down_block_additional_features[k]  # main path only: the skips above keep h without it
 
         mid = self.mid_block
-        motion = getattr(mid, "motion_modules", None) if use_motion_modules else None
+        motion = motion_of(mid, mid.attentions)
         h = mid.resnets[0](h, temb)
         for i, (attn, resnet) in enumerate(zip(mid.attentions, mid.resnets[1:], strict=True)):
             h = transformer(attn, h)
+            h = audio_step(mid, i, h)
             if motion is not None:
-                h = motion[i](h, num_frames)
+                h = motion_step(motion, i, h, f"mid_block.attentions.{i}")
             h = resnet(h, temb)
 
-        for block in self.up_blocks:
+        for k, block in enumerate(self.up_blocks):
             attentions = getattr(block, "attentions", None)
-            motion = getattr(block, "motion_modules", None) if use_motion_modules else None
+            motion = motion_of(block, attentions)
             for i, resnet in enumerate(block.resnets):
                 h = torch.cat([h, skips.pop()], dim=1)  # (B*F, C + C_skip, h, w): skips are concatenated
                 h = resnet(h, temb)  # -> (B*F, C, h, w)
                 if attentions is not None:
                     h = transformer(attentions[i], h)
+                h = audio_step(block, i, h)
                 if motion is not None:
-                    h = motion[i](h, num_frames)
+                    name = f"up_blocks.{k}.attentions.{i}" if attentions is not None else None
+                    h = motion_step(motion, i, h, name)
             if block.upsamplers is not None:
                 for up in block.upsamplers:
                     h = up(h, skips[-1].shape[-2:])  # (B*F, C, h, w) -> the size of the next skip (2h, 2w)
+                level -= 1
         return h
 
 
@@ -240,14 +368,17 @@ class VideoUNet(_UNetBody):
     """The denoising UNet: SD1.5's 2D UNet per frame, with motion modules when ``motion_kwargs`` is given.
 
     ``VideoUNet(configs.SD15.unet, MOTION_SD15)``; ``motion_kwargs=None`` gives the stage-1 (image) denoiser.
+    ``audio_kwargs`` (``anim_lab.hallo.AUDIO_MODULES_SD15``) adds Hallo's audio modules.
     forward(sample (B, 4, F, H, W), timestep, encoder_hidden_states (B, N, D) or (B*F, N, D),
             pose_cond_fea (B, C0, F, H, W) or None) -> (B, 4, F, H, W).
     """
 
     @register_to_config
-    def __init__(self, unet_kwargs: dict, motion_kwargs: dict | None = None):
+    def __init__(
+        self, unet_kwargs: dict, motion_kwargs: dict | None = None, audio_kwargs: dict | None = None
+    ):
         unet = build_unet2d(unet_kwargs)
-        super().__init__(unet, unet_kwargs, motion_kwargs)
+        super().__init__(unet, unet_kwargs, motion_kwargs, audio_kwargs)
         self.conv_norm_out = unet.conv_norm_out  # GroupNorm, per frame here (use_inflated_groupnorm)
         self.conv_act = unet.conv_act
         self.conv_out = unet.conv_out
@@ -260,6 +391,11 @@ class VideoUNet(_UNetBody):
         pose_cond_fea: torch.Tensor | Sequence[torch.Tensor] | None = None,
         cross_attention_kwargs: dict | None = None,
         use_motion_modules: bool = True,
+        audio_tokens: torch.Tensor | None = None,
+        audio_masks=None,
+        motion_scale: Sequence[float] | None = None,
+        motion_frame_features: dict[str, torch.Tensor] | None = None,
+        faithful: bool = False,
     ) -> torch.Tensor:
         """sample (B, 4, F, H, W), timestep, encoder_hidden_states (B, N, D) / (B*F, N, D) -> (B, 4, F, H, W).
 
@@ -269,6 +405,15 @@ class VideoUNet(_UNetBody):
         ``pose_feature_shapes``). ``cross_attention_kwargs`` go to every spatial attention, as in diffusers.
         ``use_motion_modules=False`` skips the motion modules: the stage-1 image denoiser, frame by frame (an
         ablation; the 2D weights are the same).
+
+        Hallo (a UNet built with ``audio_kwargs``; see ``anim_lab.hallo``):
+        ``audio_tokens`` (B, F, T, D): each frame's audio tokens (``AudioProjModel``; zeros for the
+        unconditional videos). ``audio_masks``: ``FaceRegionMasks`` or ``{"full"|"face"|"lip": [per level]}``,
+        level l at 1/2**l of the latent, each (h_l, w_l) (shared), (B, h_l, w_l) or (B, F, h_l, w_l).
+        ``motion_scale``: the (full, face, lip) weights, default (1, 1, 1). ``motion_frame_features``:
+        {attn1 name: (B, n, h*w, C)} (``hallo.split_motion_bank``), prepended along time before the motion
+        module after that transformer. ``faithful=True``: skip the motion modules of blocks without spatial
+        attention, as Hallo's inference does.
         """
         if sample.ndim != 5:
             raise InputError(
@@ -291,6 +436,9 @@ class VideoUNet(_UNetBody):
         if n_rows != batch * num_frames:
             encoder_hidden_states = repeat(encoder_hidden_states, "b n d -> (b f) n d", f=num_frames)
 
+        hallo = self._hallo_inputs(
+            batch, num_frames, audio_tokens, audio_masks, motion_scale, motion_frame_features, faithful, h
+        )
         pose_in, pose_after_down = self._pose_features(pose_cond_fea, batch, num_frames, height, width)
         h = self.conv_in(h)  # (B*F, 4, H, W) -> (B*F, C0, H, W)
         if pose_in is not None:
@@ -304,10 +452,89 @@ class VideoUNet(_UNetBody):
             cross_attention_kwargs,
             pose_after_down,
             use_motion_modules,
+            hallo,
         )  # (B*F, C0, H, W)
 
         h = self.conv_out(self.conv_act(self.conv_norm_out(h)))  # (B*F, C0, H, W) -> (B*F, 4, H, W)
         return rearrange(h, "(b f) c h w -> b c f h w", f=num_frames)  # -> (B, 4, F, H, W)
+
+    # --- Hallo's inputs ----------------------------------------------------------------------------
+    def _hallo_inputs(
+        self,
+        batch: int,
+        num_frames: int,
+        audio_tokens: torch.Tensor | None,
+        audio_masks,
+        motion_scale: Sequence[float] | None,
+        motion_frame_features: dict[str, torch.Tensor] | None,
+        faithful: bool,
+        like: torch.Tensor,
+    ) -> _HalloInputs | None:
+        """Check and lay out the audio inputs per frame; None for a UNet without audio modules."""
+        given = [
+            n
+            for n, v in (
+                ("audio_tokens", audio_tokens),
+                ("audio_masks", audio_masks),
+                ("motion_scale", motion_scale),
+                ("motion_frame_features", motion_frame_features),
+            )
+            if v is not None
+        ] + (["faithful"] if faithful else [])
+        if not self.has_audio_modules:
+            if given:
+                raise InputError(
+                    f"{given} are Hallo's inputs, for a VideoUNet built with audio_kwargs (audio modules); "
+                    "this one has none"
+                )
+            return None
+        if audio_tokens is None or audio_masks is None:
+            raise InputError(
+                "this VideoUNet has audio modules: give audio_tokens (B, F, T, D) and audio_masks "
+                "(anim_lab.hallo.face_region_masks); zeros for unconditional audio"
+            )
+        width = self.audio_kwargs["audio_attention_dim"]
+        if (
+            audio_tokens.ndim != 4
+            or audio_tokens.shape[:2] != (batch, num_frames)
+            or audio_tokens.shape[3] != width
+        ):
+            raise InputError(
+                f"audio_tokens must be (B={batch}, F={num_frames}, T, {width}); "
+                f"got {tuple(audio_tokens.shape)}"
+            )
+        tokens = rearrange(audio_tokens, "b f t d -> (b f) t d").to(like.dtype)  # (B*F, T, D)
+        regions = ("full", "face", "lip")
+        per_region = {r: getattr(audio_masks, r, None) for r in regions}
+        if isinstance(audio_masks, dict):
+            per_region = {r: audio_masks.get(r) for r in regions}
+        if any(v is None for v in per_region.values()) or len({len(v) for v in per_region.values()}) != 1:
+            raise InputError(
+                "audio_masks must give 'full', 'face' and 'lip', each a list with one map per level "
+                "(anim_lab.hallo.FaceRegionMasks)"
+            )
+
+        def per_frame(m) -> torch.Tensor:
+            m = torch.as_tensor(m, device=like.device, dtype=like.dtype)
+            if m.ndim == 2:  # (h, w): one map for every video and frame
+                m = m.expand(batch, num_frames, *m.shape)
+            elif m.ndim == 3:  # (B, h, w): one per video
+                m = m[:, None].expand(-1, num_frames, -1, -1)
+            if m.ndim != 4 or m.shape[:2] != (batch, num_frames):
+                raise InputError(
+                    f"each mask must be (h, w), (B={batch}, h, w) or (B, F={num_frames}, h, w); "
+                    f"got {tuple(m.shape)}"
+                )
+            return rearrange(m, "b f h w -> (b f) (h w) 1")  # (B*F, h*w, 1)
+
+        masks = [
+            tuple(per_frame(per_region[r][level]) for r in regions)
+            for level in range(len(per_region["full"]))
+        ]
+        scale = (1.0, 1.0, 1.0) if motion_scale is None else tuple(float(s) for s in motion_scale)
+        if len(scale) != 3:
+            raise InputError(f"motion_scale takes 3 weights (full, face, lip); got {motion_scale}")
+        return _HalloInputs(tokens, masks, scale, motion_frame_features, faithful, batch)
 
     # --- pose features -----------------------------------------------------------------------------
     def pose_feature_shapes(

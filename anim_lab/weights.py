@@ -58,6 +58,7 @@ __all__ = [
     "motion_keys_from_diffusers",
     "OFFICIAL_LAYOUTS",
     "load_official_video_unet",
+    "load_official_hallo",
     "load_official_reference_unet",
     "load_official_pose_guider",
     "load_official_pose_guider_multiscale",
@@ -794,3 +795,42 @@ def load_official_audio2pose(path: str | Path, *, device: str | torch.device = "
     mask = alibi_mask(model.config.num_heads, model.config.max_len).to(device)
     model.register_buffer("biased_mask", mask, persistent=False)  # built on meta: computed here
     return model.eval()
+
+
+def load_official_hallo(
+    path: str | Path,
+    *,
+    unet_kwargs: dict | None = None,
+    motion_kwargs: dict | None = None,
+    audio_kwargs: dict | None = None,
+    face_locator_kwargs: dict | None = None,
+    image_proj_kwargs: dict | None = None,
+    audio_proj_kwargs: dict | None = None,
+    device: str | torch.device = "cpu",
+):
+    """Hallo's ``net.pth`` as a :class:`~anim_lab.hallo.HalloNet`, strictly by key (as Hallo's
+    ``inference.py`` asserts: no key missing, none unexpected), read with ``torch.load(weights_only=True)``.
+
+    The file is one state dict of ``Net(reference_unet, denoising_unet, face_locator, imageproj, audioproj)``:
+    2656 keys; ``reference_unet.`` (682, a :class:`~anim_lab.unet.ReferenceUNet`), ``denoising_unet.``
+    (1946: a :class:`~anim_lab.unet.VideoUNet` with motion modules, 588 keys, and audio modules, 672 keys),
+    ``face_locator.`` (16, a :class:`~anim_lab.pose_guider.PoseGuider`), ``imageproj.`` (4), ``audioproj.``
+    (8). The kwargs default to the released sizes (SD1.5, ``MOTION_SD15``, ``AUDIO_MODULES_SD15``,
+    ``FACE_LOCATOR_SD15``, ``IMAGE_PROJ_SD15``, ``AUDIO_PROJ_SD15``)."""
+    from .configs import SD15
+    from .hallo import AUDIO_MODULES_SD15, AUDIO_PROJ_SD15, IMAGE_PROJ_SD15, HalloNet
+    from .motion import MOTION_SD15
+
+    path = Path(path)
+    state_dict = load_checkpoint(path, device=device)
+    with torch.device("meta"):  # every tensor comes from the file
+        net = HalloNet(
+            unet_kwargs or SD15.get("unet"),
+            motion_kwargs or MOTION_SD15,
+            audio_kwargs or AUDIO_MODULES_SD15,
+            face_locator_kwargs,
+            image_proj_kwargs or IMAGE_PROJ_SD15,
+            audio_proj_kwargs or AUDIO_PROJ_SD15,
+        )
+    load_into(net, state_dict, assign=True, what=f"{path.name} (Hallo net.pth)")
+    return net.eval()
