@@ -50,7 +50,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -61,6 +60,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import InputError
+from .pose_guider import SILHOUETTE_IDS, face_region_bbox
 
 __all__ = [
     "AUDIO_MODULES_SD15",
@@ -75,7 +75,6 @@ __all__ = [
     "AudioModule",
     "audio_module_places",
     "FaceRegionMasks",
-    "expand_region",
     "region_box",
     "gaussian_blur",
     "face_region_masks",
@@ -96,10 +95,6 @@ IMAGE_PROJ_SD15 = dict(cross_attention_dim=768, clip_embeddings_dim=512, clip_ex
 REGIONS = ("full", "face", "lip")  # attn2_0 / attn2_1 / attn2_2, zero_conv_full / _face / _lip
 
 # mediapipe face-mesh ids Hallo takes its boxes from (hallo/utils/util.py).
-SILHOUETTE_IDS = (
-    10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
-    152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109,
-)  # fmt: skip
 LIP_IDS = (61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291, 146, 91, 181, 84, 17, 314, 405, 321, 375)
 
 
@@ -395,41 +390,14 @@ class FaceRegionMasks:
         return len(self.full)
 
 
-def expand_region(region, image_w: int, image_h: int, expand_ratio: float = 1.0) -> tuple[int, int, int, int]:
-    """Hallo's ``expand_region``: the box (min_x, max_x, min_y, max_y) scaled by ``expand_ratio`` about its
-    centre (Python's floor division on the centre and half sides, as Hallo writes it), shifted back inside
-    the image where it crosses an edge, coordinates rounded."""
-    min_x, max_x, min_y, max_y = region
-    mid_x, mid_y = (max_x + min_x) // 2, (max_y + min_y) // 2
-    side_x, side_y = (max_x - min_x) * expand_ratio, (max_y - min_y) * expand_ratio
-    min_x, max_x = mid_x - side_x // 2, mid_x + side_x // 2
-    min_y, max_y = mid_y - side_y // 2, mid_y + side_y // 2
-    if min_x < 0:
-        max_x, min_x = max_x - min_x, 0
-    if max_x > image_w:
-        min_x, max_x = min_x - (max_x - image_w), image_w
-    if min_y < 0:
-        max_y, min_y = max_y - min_y, 0
-    if max_y > image_h:
-        min_y, max_y = min_y - (max_y - image_h), image_h
-    return round(min_x), round(max_x), round(min_y), round(max_y)
-
-
 def region_box(landmarks, ids, expand_ratio: float, height: int, width: int) -> torch.Tensor:
     """(H, W) float32: 1 inside the bounding box of ``landmarks[ids]`` expanded by ``expand_ratio`` (Hallo's
     ``get_lip_mask`` / ``get_face_mask``), 0 outside. ``landmarks``: (>= 468, 2) pixel (x, y) with integer
     values at pixel centres (``FaceLandmarks.pixels``, ``toy.render``); Hallo's are ``x * width`` of
     mediapipe's normalised coordinates, i.e. pixel edges, so 0.5 is added first."""
-    xy = np.asarray(landmarks, dtype=np.float64)
-    if xy.ndim != 2 or xy.shape[0] < 468 or xy.shape[1] < 2:
-        raise InputError(f"landmarks must be (468 or 478, 2) pixel coordinates; got shape {xy.shape}")
-    pts = xy[list(ids), :2] + 0.5  # pixel centres -> Hallo's x * width
-    lo, hi = np.round(pts.min(0)), np.round(pts.max(0))
-    x0, x1, y0, y1 = expand_region([lo[0], hi[0], lo[1], hi[1]], width, height, expand_ratio)
+    x0, x1, y0, y1 = face_region_bbox(landmarks, height, width, expand_ratio, ids=ids)
     box = torch.zeros(height, width)
-    # Hallo fills mask[y0:y1, x0:x1]; a box larger than the image (start < 0 after the shift) is clipped
-    # here, where numpy's negative start would wrap around
-    box[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = 1.0
+    box[y0:y1, x0:x1] = 1.0  # the box is shifted inside the image and clamped at 0 (no wrap-around)
     return box
 
 

@@ -341,7 +341,7 @@ class PoseGuiderMultiScale(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
 # --- Hallo's face locator input -------------------------------------------------------------------
 FACE_EXPAND_RATIO = 1.2  # Hallo's face_expand_ratio (configs/inference/default.yaml)
-_SILHOUETTE = FACE_OVAL[:-1]  # Hallo's silhouette_ids: the 36 points of the face oval
+SILHOUETTE_IDS = FACE_OVAL[:-1]  # Hallo's silhouette_ids: the 36 points of the face oval
 
 
 def _expand(lo: float, hi: float, ratio: float, size: int) -> tuple[int, int]:
@@ -358,10 +358,11 @@ def _expand(lo: float, hi: float, ratio: float, size: int) -> tuple[int, int]:
 
 
 def face_region_bbox(
-    landmarks, height: int, width: int, expand_ratio: float = FACE_EXPAND_RATIO
+    landmarks, height: int, width: int, expand_ratio: float = FACE_EXPAND_RATIO, ids=SILHOUETTE_IDS
 ) -> tuple[int, int, int, int]:
     """Hallo's face box ``(x0, x1, y0, y1)`` (pixel slices ``[y0:y1, x0:x1]``): the bounding box of the
-    face-oval landmarks, rounded, grown ``expand_ratio`` times about its centre and shifted into the image.
+    face-oval landmarks (or of the landmarks ``ids``: Hallo's lip box, ``anim_lab.hallo``), rounded, grown
+    ``expand_ratio`` times about its centre and shifted into the image (Hallo's ``expand_region``).
 
     ``landmarks``: a :class:`~anim_lab.landmarks.FaceLandmarks` or (478, 2) pixel coordinates with integer
     values at pixel centres (anim_lab's convention; Hallo's ``x * width`` is 0.5 more).
@@ -373,7 +374,7 @@ def face_region_bbox(
         raise InputError(f"landmarks must be (478, 2) face-mesh pixel coordinates, got shape {xy.shape}")
     if expand_ratio <= 0:
         raise InputError(f"expand_ratio must be positive, got {expand_ratio}")
-    oval = xy[list(_SILHOUETTE), :2] + 0.5  # (36, 2) pixel centres -> Hallo's x * width coordinates
+    oval = xy[list(ids), :2] + 0.5  # (36, 2) pixel centres -> Hallo's x * width coordinates
     lo, hi = np.round(oval.min(0)), np.round(oval.max(0))  # (2,) each, x then y
     x0, x1 = _expand(lo[0], hi[0], expand_ratio, width)
     y0, y1 = _expand(lo[1], hi[1], expand_ratio, height)
