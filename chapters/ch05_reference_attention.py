@@ -667,17 +667,17 @@ print(
 # - The copy-the-reference row is the yardstick: the right identity in the wrong pose, what a still image
 #   scores against the ground truth.
 # - The identity metric hardly discriminates here: every row, the copy baseline included, scores 1.00 top-1
-#   but the t = 500 one (0.94, a few frames) (8 identities that differ in their colours are told apart even
-#   in a blurred frame in the wrong pose). The other columns do.
+#   but the one without reference attention (0.75: the frames of the case whose face loses its colour)
+#   (8 identities that differ in their colours are told apart even in the wrong pose). The other columns do.
 # - Without reference attention the reference still reaches the denoiser through its CLIP token in every
 #   `attn2`. Whole-frame PSNR and SSIM drop, and so does the face PSNR; the face colour error shows where:
 #   in the second case the face loses its colour (see the picture below), in the first it keeps it. Two
 #   cases show that the bank carries colour and detail, not how often the CLIP token alone would do.
 # - Writing the bank from the noised reference at t = 500 (one noise draw) moves each column by the printed
-#   amount: PSNR, SSIM and face PSNR by a tenth or less, the face colour by a few levels, far less than the
-#   gaps between the other rows (over 20 levels without the bank), although the bank entries themselves
-#   change a lot (below). So this experiment does not show that the t = 0 choice matters much for this toy
-#   model.
+#   amount: PSNR by a few tenths of a dB, SSIM and face PSNR by a tenth or less, the face colour by under a
+#   level, far less than the gaps between the other rows (over 20 levels without the bank), although the
+#   bank entries themselves change a lot (below). So this experiment does not show that the t = 0 choice
+#   matters much for this toy model.
 
 # %%
 picks = [(0, 0), (0, 7), (1, 0), (1, 7)]  # (case, frame)
@@ -724,8 +724,8 @@ for n in (readers[0], readers[len(readers) // 2], readers[-1]):
 
 # %% [markdown]
 # - The noised latent (second picture) is what the ReferenceNet gets at t = 500: much of the face is gone.
-#   The printed relative changes: the first writer's entry, one resnet from the input, changes by about three
-#   quarters of its norm, the middle and the last by a little under half; the deeper entries change less.
+#   The printed relative changes: the first writer's entry, one resnet from the input, changes by about four
+#   fifths of its norm, the middle and the last by about three fifths.
 # - AnimateAnyone writes the bank at t = 0 from the clean latent: the reference is an image to copy from, not
 #   a sample to denoise, so nothing is gained by noising it. The table above shows how much this toy model's
 #   output moves when the bank is written from t = 500 instead.

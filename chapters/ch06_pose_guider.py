@@ -620,8 +620,8 @@ print(format_table(rows, ["variant (2 cases x 8 frames)", "detect", "pose px", "
 
 # %% [markdown]
 # - The pose reaches the denoiser only through this one 32-channel map added after `conv_in`. With zeros in
-#   its place mediapipe finds a face in only 3 of the 16 frames (detect 0.19), and there its landmarks are
-#   more than twice as far off as the still baseline's: the denoiser paints a narrow, smeared head (pictures
+#   its place mediapipe finds a face in only 2 of the 16 frames (detect 0.12), and there its landmarks are
+#   nearly twice as far off as the still baseline's: the denoiser paints a narrow, smeared head (pictures
 #   below), and the PSNR falls below the still baseline's. The baseline row gives the landmark error of a face
 #   that does not move at all.
 

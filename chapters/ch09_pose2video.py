@@ -524,9 +524,9 @@ print("overlap 0 and overlap 4 give the same video (to 1 grey level):", bool(dif
 # - **With motion modules** (stage 2), a frame's prediction depends on the other frames of its window, so a
 #   frame at a seam is predicted from different neighbourhoods on its two sides. Overlap 0 switches windows
 #   abruptly; overlap 4 averages four frames of the two windows. The rows then differ, and the columns say
-#   at which seams and by how much: here overlap 0 leaves a small extra jump at its own seams (0.014
-#   against 0.013 over all frames, at the edge of the printed precision), and overlap 4 none. At 4 steps the
-#   effect is slight; `COMMANDS.md` beside the weights has the 10-step seam errors of the evaluation.
+#   at which seams and by how much: here overlap 0 leaves a small extra jump at its own seams (0.013
+#   against 0.012 over all frames, at the edge of the printed precision), and overlap 4 none. At 4 steps the
+#   effect is slight; `results/eval_animator.json` has the 10-step seam errors of the evaluation.
 #
 # ## 5. The result
 #

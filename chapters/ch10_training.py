@@ -21,7 +21,8 @@
 #   script, its loss written out from the formulas and checked against `train_step_loss`, the min-SNR weight
 #   curve, the gradient's reach into the ReferenceNet's frozen last block, the start of stage 2 as an exact
 #   copy of stage 1, the training curves of every run in the weights' history, samples from the network at
-#   step 0, at four earlier checkpoints and at the end, and the one-process vs two-process gradient
+#   step 0, at four earlier checkpoints of two versions and at the end, and the one-process vs two-process
+#   gradient
 # - **Library modules and scripts**: `scripts/train_animator.py` (`Animator`, `init_stage1`, `build_cache`,
 #   `step_batch`, `train_step_loss`, `diffusion_loss`, `training_scheduler`, `lr_factor`),
 #   `scripts/eval_animator.py` (`make_cases`, `generate`), `scripts/sample_checkpoints.py`, `anim_lab.toy`
@@ -195,8 +196,7 @@ with (
     tempfile.TemporaryDirectory() as tmp,
     mock.patch.object(T, "tqdm", functools.partial(T.tqdm, disable=True)),
 ):
-    # encoded with the VAE the committed animator was trained with (v1, in its folder; the package's toy VAE
-    # is v2 now, and the animator is not yet retrained on it)
+    # encoded with the VAE the committed animator was trained with (the toy VAE v2, a copy in its folder)
     cache = T.build_cache(
         Path(tmp) / "cache.safetensors",
         num_items=2,
@@ -530,10 +530,10 @@ print(
 # of a clip exactly as the image model does, and stage 2 can only improve from there. Checked on a 2-frame
 # clip with the committed 2D weights:
 #
-# (The first stage-2 run behind the committed weights started this way. The two later ones did not: each
+# (The first stage-2 run behind the committed weights started this way. The three later ones did not: each
 # followed a further stage-1 run and warm-started its motion modules from the stage 2 before it with
 # `--motion-from`, so it began from those modules, trained on older 2D weights, rather than from the image
-# model; `COMMANDS.md`.)
+# model; v2's stage 2 took them from v1's; `COMMANDS.md`.)
 
 # %%
 stage1_net = animator_from_weights(1) if has_motion else trained  # the image model
@@ -552,8 +552,10 @@ print("stage-2 start == stage-1 network, frame by frame:", torch.equal(out1, out
 # Each weights folder written by the script has a `train_log.json`: the run's arguments, data, scheduler, and
 # its log (`steps`, `loss` — the mean of the last 10 steps —, `lr`, `seconds`). A run started from earlier
 # weights (`--init-from`: a stage-1 continuation, or stage 2) keeps their log under `"earlier"`, so the file
-# is a chain back to the first run (a `--motion-from` source is only named in the run's arguments). Walked to
-# any depth, oldest first:
+# is a chain back to the first run (a `--motion-from` source is only named in the run's arguments). The chain
+# holds two versions: v1, seven runs from scratch on the first toy VAE's latents, and v2, the same two stages
+# again on the sharper VAE v2's latents (chapter 02), started from v1's weights and keeping an EMA of them.
+# Walked to any depth, oldest first:
 
 # %%
 train_log = json.loads((WEIGHTS_DIR / "train_log.json").read_text())
@@ -581,7 +583,8 @@ def on_one_axis(runs):
 
 runs = runs_of(train_log)
 axis = on_one_axis(runs)
-labels = [f"stage {r['stage']}: steps {r['args'].get('start_step', 0)}-{r['step']}" for r in runs]
+version = lambda r: "v2" if r.get("ema_decay") else "v1"  # noqa: E731  v2's runs kept an EMA, v1's did not
+labels = [f"{version(r)} stage {r['stage']}: steps {r['args'].get('start_step', 0)}-{r['step']}" for r in runs]
 print(len(runs), "run(s):", labels)
 
 # %%
@@ -605,6 +608,11 @@ save(fig, "ch10_training_curves")
 plt.show()
 
 # %% [markdown]
+# Where v2 begins the loss jumps up: the same networks now meet another VAE's latents, whose scale and
+# detail differ; it comes back down within v2's first stage, which starts from v1's weights and not from
+# scratch (from scratch, over the same first 270 steps and draws, its mean loss was about five times higher;
+# `COMMANDS.md`).
+#
 # The learning rate follows `lr_factor`: a linear warm-up from the run's start step, then a cosine from 1
 # down to `--min-lr-ratio` at `--max-steps` (constant when the ratio is 1):
 #
@@ -661,10 +669,13 @@ print(f"in all: {total_steps} steps, {total_seconds / 60:.1f} minutes of trainin
 # Only the final weights sit in the working tree; the earlier ones are in git history (each commit of
 # `anim_lab/assets/toy_animator`). `scripts/sample_checkpoints.py` animated one held-out identity with a
 # held-out driving clip (`eval_animator.make_cases`, 4 frames spread over the clip, 8 DDIM steps, CFG 3.5)
-# with the weights of four earlier commits and the final ones, and stored the frames
-# (`samples_along_training.npz` beside the weights; its docstring has the exact commands). Here: the network
-# at step 0, rebuilt exactly (seed 0, `init_stage1`, as section 6's check confirms), the stored checkpoints,
-# and the committed weights run live, which must reproduce the stored final row (to float rounding):
+# with the weights of four earlier checkpoints and the final ones, and stored the frames
+# (`samples_along_training.npz` beside the weights; its docstring has the exact commands). Two versions:
+# v1, trained from scratch on the first toy VAE's latents and decoding with it (chapter 02), and v2, started
+# from v1's weights and trained again on the sharper VAE v2's latents, with an EMA of the weights. Here: the
+# network at step 0, rebuilt exactly (seed 0, `init_stage1`, as section 6's check confirms), the stored
+# checkpoints, and the committed weights run live, which must reproduce the stored final row (to float
+# rounding):
 
 # %%
 at_init.eval().requires_grad_(False)
@@ -713,9 +724,10 @@ plt.show()
 # At step 0 the pose guider adds nothing (zero conv) and the UNets are random: the output is coloured noise
 # shaped by the VAE decoder. Along the checkpoints the picture sharpens from a rough face in roughly the right
 # place towards the held-out identity in the driving pose, and the PSNR rises with training, against the
-# baseline of copying the reference, until the last two rows: there this one case moves by a few tenths of a
-# dB, less than it varies between cases (the evaluation over 8 and 32 held-out cases is in `COMMANDS.md`
-# beside the weights, and it improved with the last runs).
+# baseline of copying the reference. Between v1's final row and v2's the change is the VAE: v1's faces are as
+# soft as its decoder (teeth, irises and the hair's edge gone), v2's keep them. From there on this one case
+# moves by a few tenths of a dB, less than it varies between cases (the evaluation over 32 held-out cases
+# is `results/eval_animator.json`; `COMMANDS.md` beside the weights has the commands).
 #
 # ## 9. One process or many: accelerate, and batches from (seed, step)
 #
