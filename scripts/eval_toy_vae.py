@@ -1,7 +1,8 @@
 """Score toy VAEs side by side on held-out renders: what the issue "Sharper toy autoencoders" asks of them.
 
     .venv/bin/python scripts/eval_toy_vae.py                                  # the package's toy VAE
-    .venv/bin/python scripts/eval_toy_vae.py --vae v1=<folder> --vae v2=<folder> --json results/toy_vae.json
+    .venv/bin/python scripts/eval_toy_vae.py --vae v1=history/toy_vae_v1 --vae v2=anim_lab/assets/toy_vae \\
+        --json results/toy_vae.json
 
 The held-out set is the one ``scripts/train_toy_vae.py`` evaluates on while it trains: 64 identities of the
 test split at 128 px, one random pose and expression each (``render_stills("test", 64, seed=10000)``, the

@@ -149,6 +149,28 @@ def save(model: Wav2Vec2ForCTC, out: Path, log: dict) -> None:
             shutil.rmtree(tmp)
 
 
+def initial_model(path: Path, config: dict | None = None) -> tuple[Wav2Vec2ForCTC, dict | None]:
+    """The weights a run starts from, and their log: a folder this script wrote (``config.json`` +
+    ``model.safetensors`` + ``train_log.json``), or the resumable state of an unfinished run
+    (``<out>.state.safetensors``: its model at the last evaluation, and its log so far; ``config`` as the run
+    had it). The vocabulary must be this script's."""
+    if path.name.endswith(".state.safetensors"):
+        if not path.is_file():
+            raise FileNotFoundError(f"--init-from {path}: no such training state")
+        state = files.load_state(path)  # safetensors + JSON: reading it runs no code
+        cfg = dict(TINY_W2V, **(config or {}), vocab_size=len(VOCAB), pad_token_id=0)
+        model = Wav2Vec2ForCTC(Wav2Vec2Config(**cfg))
+        model.load_state_dict(state["model"])
+        return model, state["log"]
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--init-from {path}: not a folder written by this script (no config.json)")
+    vocab = json.loads((path / "vocab.json").read_text()) if (path / "vocab.json").is_file() else None
+    if vocab != {s: i for i, s in enumerate(VOCAB)}:
+        raise ValueError(f"--init-from {path}: its vocab.json is not this script's phoneme vocabulary")
+    log = path / "train_log.json"
+    return Wav2Vec2ForCTC.from_pretrained(path), json.loads(log.read_text()) if log.is_file() else None
+
+
 def train(
     out: Path,
     max_steps: int,
@@ -162,10 +184,13 @@ def train(
     config: dict | None = None,
     threads: int = 1,
     stop_after: int | None = None,
+    init_from: Path | None = None,
 ) -> dict:
     """Train, evaluate, save; returns the log. ``stop_after``: leave after that many steps with the state
-    written, as an interrupted run would (tests of resuming)."""
+    written, as an interrupted run would (tests of resuming). ``init_from``: start from these weights (see
+    :func:`initial_model`); the run's log keeps theirs under ``"earlier"``."""
     files.check_output_folder(out, OWN_FILES, what="output folder")
+    start = None if init_from is None else initial_model(Path(init_from), config)  # refused before any work
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     data = make_set("train", range(10_000 + seed * n_utterances, 10_000 + (seed + 1) * n_utterances))
@@ -174,7 +199,7 @@ def train(
         "heldout": make_set("heldout", range(eval_utterances)),  # held-out voices and sentences
     }
     cfg = dict(TINY_W2V, **(config or {}), vocab_size=len(VOCAB), pad_token_id=0)
-    model = Wav2Vec2ForCTC(Wav2Vec2Config(**cfg)).train()
+    model = (Wav2Vec2ForCTC(Wav2Vec2Config(**cfg)) if start is None else start[0]).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     log = dict(
         seed=seed,
@@ -188,6 +213,8 @@ def train(
         losses=[],
         evals=[],
     )
+    if start is not None:
+        log.update(init_from=str(init_from), earlier=start[1])
     step = 0
     state_path = out.parent / f"{out.name}.state.safetensors"
     if state_path.exists():
@@ -240,6 +267,12 @@ def main(argv=None):
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-utterances", type=int, default=60)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        help="start from these weights: a folder this script wrote, or an unfinished run's "
+        ".state.safetensors",
+    )
     a = p.parse_args(argv)
     log = train(
         a.out,
@@ -252,6 +285,7 @@ def main(argv=None):
         eval_every=a.eval_every,
         eval_utterances=a.eval_utterances,
         threads=a.threads,
+        init_from=a.init_from,
     )
     print(json.dumps(log["evals"][-1]))
     return log

@@ -8,7 +8,7 @@ import torch
 
 import anim_lab
 from anim_lab import audio as A
-from anim_lab import toy
+from anim_lab import files, toy
 
 T = anim_lab.load_script("train_tiny_wav2vec2")
 MICRO = dict(
@@ -72,3 +72,26 @@ def test_a_foreign_output_folder_is_refused_before_training(tmp_path):
     (tmp_path / "out" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="notes.txt"):
         T.train(tmp_path / "out", **RUN)
+
+
+def test_a_run_starts_from_a_finished_folder_or_an_unfinished_state(tmp_path):
+    first = T.train(tmp_path / "first", **RUN)
+    T.train(tmp_path / "cut", **RUN, stop_after=2)  # leaves cut.state.safetensors
+    state = tmp_path / "cut.state.safetensors"
+    model, earlier = T.initial_model(state, MICRO)
+    for key, value in files.load_state(state)["model"].items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+    assert len(earlier["losses"]) == 2
+    model, earlier = T.initial_model(tmp_path / "first", MICRO)
+    for key, value in A.load_wav2vec2(tmp_path / "first")[0].state_dict().items():
+        torch.testing.assert_close(model.wav2vec2.state_dict()[key], value, rtol=0, atol=0)
+    assert earlier["losses"] == first["losses"]
+    log = T.train(tmp_path / "next", **RUN, init_from=state)
+    assert log["init_from"] == str(state) and len(log["earlier"]["losses"]) == 2
+    assert log["losses"][0] != first["losses"][0]  # it started from the state's weights, not fresh ones
+    (tmp_path / "first" / "vocab.json").write_text(json.dumps({"a": 0}))
+    with pytest.raises(ValueError, match="not this script's phoneme vocabulary"):
+        T.train(tmp_path / "other", **RUN, init_from=tmp_path / "first")
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(FileNotFoundError, match="no such training state"):
+        T.initial_model(tmp_path / "gone.state.safetensors")
