@@ -272,7 +272,8 @@ def means(name: str, frames: int, steps: int, context: tuple[int, int], repeats:
             eager, t_eager = out, best
         diff = (out.float() - eager).abs().max().item()
         # the one-off cost (the first call's extra time, compilation for compile) over the time saved per
-        # call: how many such videos a process must make before the means pays; None when it saves nothing
+        # call: how many such videos a process must make before the means pays; None when it saves nothing,
+        # <= 0 when the first call was no slower than the rest (no one-off cost: it pays at once)
         saving = t_eager - best
         break_even = (first - best) / saving if saving > 0 else None
         rows[label] = dict(
@@ -283,7 +284,10 @@ def means(name: str, frames: int, steps: int, context: tuple[int, int], repeats:
             max_abs_difference=diff,
             break_even_videos=break_even,
         )
-        pays = "never pays" if break_even is None else f"pays after {break_even:6.1f} videos"
+        if break_even is None:
+            pays = "never pays"
+        else:
+            pays = "pays at once" if break_even <= 0 else f"pays after {break_even:6.1f} videos"
         print(
             f"{name:6s} {label:38s} {best:7.2f} s  x{t_eager / best:5.2f} vs eager  "
             f"x{t_plain / best:5.2f} vs plain  first call {first:6.1f} s  max |diff| {diff:.1e}  {pays}",
