@@ -332,7 +332,7 @@ class HalloPipeline(DiffusionPipeline):
             return detect_landmarks(np.asarray(ref_image), name="the reference image").pixels
         except NoFaceError as err:
             raise NoFaceError(
-                f"{err}; Hallo needs the face's landmarks for its masks: give a portrait with a visible face, "
+                f"{err}; Hallo needs the face landmarks for its masks: give a portrait with a visible face, "
                 "or "
                 "its landmarks (landmarks=, (478, 2) pixels)"
             ) from None
@@ -400,7 +400,7 @@ class HalloPipeline(DiffusionPipeline):
             height, width, num_inference_steps, guidance_scale, clip_length, n_motion_frames, fps,
             motion_scale, output_type, decode_chunk_size, generator,
         )  # fmt: skip
-        audio = A.load_audio(Path(audio)) if isinstance(audio, (str, os.PathLike)) else A.prepare_audio(audio)
+        audio = A.load_audio(Path(audio)) if isinstance(audio, (str, os.PathLike)) else A.prepare_audio(audio, A.SAMPLE_RATE)
         self.check_components()
         points = scale_landmarks(
             self.reference_landmarks(ref_image, landmarks),
