@@ -96,8 +96,8 @@ T = anim_lab.load_script("train_animator")  # the loss, the noise scheduler, the
 TrainError = T.TrainError
 ROOT = Path(__file__).resolve().parents[1]
 LOG = logging.getLogger("train_hallo")
-OWN = ("train.log", "hallo/*", "checkpoint/*")  # what this script writes under --out
 FOLDER_FILES = (*SAVED_FILES, "train_log.json", "state.safetensors", "state.json")
+OWN = ("train.log", *(f"{d}/{f}" for d in ("hallo", "checkpoint") for f in FOLDER_FILES))  # under --out
 TRAINED = ("audio_modules", "audio_proj", "image_proj", "face_locator")
 
 
@@ -277,14 +277,27 @@ def build_cache(path: Path, args, animator: Pose2VideoPipeline, wav2vec2, extrac
         "meta": cache_meta(args),
     }
     files.save_state(cache, path)
-    return cache
+    return aligned(files.load_state(path))  # what a later run reads: the same bits and memory layout
+
+
+def aligned(obj):
+    """Fresh copies of every tensor in a loaded state: tensors read at a file's byte offsets can take other
+    vectorised code paths on the CPU (sums move by ~1e-7), so a resumed run would drift from an uninterrupted
+    one."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: aligned(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(aligned(v) for v in obj)
+    return obj
 
 
 def load_cache(path: Path, args, animator, wav2vec2, extractor) -> dict:
     meta = cache_meta(args)
     if path.with_suffix(".safetensors").is_file():
         try:
-            cache = files.load_state(path)
+            cache = aligned(files.load_state(path))
         except ValueError as err:
             raise TrainError(f"--cache: {err}") from None
         if cache["meta"] == meta:
@@ -512,7 +525,7 @@ def train(args: argparse.Namespace) -> dict:
     ckpt = out / "checkpoint"
     if (ckpt / "state.safetensors").is_file():
         try:
-            state = files.load_state(ckpt / "state.safetensors")
+            state = aligned(files.load_state(ckpt / "state.safetensors"))
         except ValueError as err:
             raise TrainError(f"cannot resume from {ckpt}: {err}") from None
         if state["config"] != config or ("ema" in state) != (ema is not None):
