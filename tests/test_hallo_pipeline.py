@@ -182,8 +182,9 @@ def test_pipeline_equals_plain_hallo_loop(face, dtype):
         output_type="pt",
     )  # fmt: skip
     assert out.num_frames == 8 and out.frames.shape == (1, 8, 3, SIZE, SIZE)
-    torch.testing.assert_close(out.latents, want_latents, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out.frames[0].to(dtype), want_frames, atol=1e-5, rtol=1e-5)
+    # float64 latents: the same numbers to rounding; the frames come out as float32 (as Pose2Video's)
+    torch.testing.assert_close(out.latents, want_latents, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(out.frames[0].to(dtype), want_frames, atol=1e-6, rtol=0)
     # the second segment really reads the first one's frames: other motion frames change it
     other = pipe(
         image, audio, landmarks=lmk, num_inference_steps=2, guidance_scale=3.5, clip_length=5,
