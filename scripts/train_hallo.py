@@ -441,7 +441,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="Hallo stage 2: 4")
     p.add_argument("--clip-frames", type=int, default=14, help="frames per clip (Hallo: 14 + 2 motion)")
     p.add_argument("--n-motion-frames", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-3, help="as train_animator (Hallo fine-tunes at 1e-5)")
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--min-lr-ratio", type=float, default=1.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)

@@ -144,6 +144,7 @@ def test_loss_falls_on_a_tiny_overfit_case(T, inputs):
         return float(np.mean(losses))
 
     before, after = mean_loss(initial), mean_loss(trained)
+    print(f"overfit: mean loss {before:.4f} -> {after:.4f}")
     assert np.isfinite(before) and after < 0.8 * before, (before, after)
 
 

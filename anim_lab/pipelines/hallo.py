@@ -400,7 +400,11 @@ class HalloPipeline(DiffusionPipeline):
             height, width, num_inference_steps, guidance_scale, clip_length, n_motion_frames, fps,
             motion_scale, output_type, decode_chunk_size, generator,
         )  # fmt: skip
-        audio = A.load_audio(Path(audio)) if isinstance(audio, (str, os.PathLike)) else A.prepare_audio(audio, A.SAMPLE_RATE)
+        audio = (
+            A.load_audio(Path(audio))
+            if isinstance(audio, (str, os.PathLike))
+            else A.prepare_audio(audio, A.SAMPLE_RATE)
+        )
         self.check_components()
         points = scale_landmarks(
             self.reference_landmarks(ref_image, landmarks),
