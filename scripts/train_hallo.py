@@ -1,8 +1,11 @@
 """Train the toy Hallo: Hallo's second stage on top of the toy animator, on speaking toy clips.
 
-    PYTHONPATH=$PWD .venv/bin/python scripts/train_hallo.py --wav2vec2 runs/tiny_wav2vec2 \\
-        --out runs/toy_hallo --max-steps 3000 --threads 1
+    PYTHONPATH=$PWD nohup .venv/bin/python scripts/train_hallo.py --wav2vec2 runs/tiny_wav2vec2 \\
+        --out runs/toy_hallo --num-items 96 --max-steps 2000 --ema-decay 0.999 --threads 1 \\
+        --no-progress > runs/toy_hallo.out 2>&1 &
     # run it again with the same --out: it resumes from --out/checkpoint
+    # measured: about 11 s a step at these sizes (batch 4, 14 + 2 frames, 128 px, the toy animator, a
+    # wav2vec2 of train_tiny_wav2vec2's size) on one thread of a machine busy with other jobs
 
 Writes ``--out/hallo/`` (a :class:`~anim_lab.pipelines.HalloPipeline` folder: the animator's VAE, image
 encoder, ReferenceNet and denoising UNet with the trained audio modules, the face locator, the image and

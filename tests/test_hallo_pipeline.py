@@ -347,3 +347,47 @@ def test_save_load_round_trip_gives_identical_frames(pipe, face, tmp_path):
     with pytest.raises(Exception, match="notes.txt|not"):
         pipe.save_pretrained(tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
+# --- faithful and audio files -------------------------------------------------------------------------------
+def test_faithful_is_passed_through(pipe, face):
+    """faithful=True: the ReferenceNet's tokens tiled over [ref, m1, m2] ([u, c, u, c, u, c]) and the UNet
+    told to skip the motion modules of blocks without attention; default: each video's own tokens."""
+    image, lmk = face
+    seen = {"ref": [], "den": []}
+    hooks = [
+        pipe.reference_unet.register_forward_pre_hook(
+            lambda m, a, k: seen["ref"].append(a[2] if len(a) > 2 else k["encoder_hidden_states"]),
+            with_kwargs=True,
+        ),
+        pipe.denoising_unet.register_forward_pre_hook(
+            lambda m, a, k: seen["den"].append(k["faithful"]), with_kwargs=True
+        ),
+    ]
+    try:
+        outs = {
+            f: pipe(image, speech(0.1), landmarks=lmk, num_inference_steps=1, clip_length=3, faithful=f,
+                    output_type="latent").latents
+            for f in (False, True)
+        }  # fmt: skip
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen["den"] == [False, True]
+    plain, tiled = seen["ref"]
+    assert plain.shape[0] == tiled.shape[0] == 6
+    u, c = plain[0], plain[3]
+    assert not torch.equal(u, c)
+    assert all(torch.equal(plain[i], u if i < 3 else c) for i in range(6))
+    assert all(torch.equal(tiled[i], u if i % 2 == 0 else c) for i in range(6))
+    assert not torch.equal(outs[False], outs[True])
+
+
+def test_audio_file_equals_the_array(pipe, face, tmp_path):
+    image, lmk = face
+    audio = speech(0.2)
+    path = A.write_audio(tmp_path / "speech.wav", audio)
+    kw = dict(landmarks=lmk, num_inference_steps=1, clip_length=3, output_type="latent")
+    from_file = pipe(image, path, generator=torch.Generator().manual_seed(0), **kw).latents
+    array = pipe(image, A.load_audio(path), generator=torch.Generator().manual_seed(0), **kw).latents
+    assert torch.equal(from_file, array) and from_file.shape[2] == 5
