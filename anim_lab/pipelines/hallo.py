@@ -48,9 +48,7 @@ Stand-ins and differences from the reference (the computation is otherwise the s
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,13 +62,11 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from einops import rearrange, repeat
-from safetensors import safe_open
 from transformers import CLIPVisionModelWithProjection, Wav2Vec2Model
 
 from .. import audio as A
 from ..clip import ClipPreprocess
 from ..errors import InputError
-from ..files import OutputError, check_output_folder, publish_folder, staging_folder
 from ..guidance import DDIM_ETA, cfg_batch, cfg_combine, do_classifier_free_guidance, set_timesteps
 from ..hallo import (
     AudioProjModel,
@@ -86,15 +82,8 @@ from ..reference import reference_attention
 from ..unet import ReferenceUNet, VideoUNet
 from ..vae import decode_video
 from ..vae import encode as vae_encode
-from ..weights import (
-    KeyMismatchError,
-    check_keys,
-    check_weight_file,
-    expected_shapes,
-    realign,
-    weight_files_in,
-)
-from .pose2video import _no_library_progress_bars, _read_json, check_finite
+from .pose2video import check_finite
+from .saved import SavedPipelineMixin, saved_files
 
 __all__ = [
     "HalloPipeline",
@@ -107,24 +96,20 @@ __all__ = [
 ]
 
 HALLO_FPS = A.HALLO_FPS  # 25
-_MODEL_INDEX = "model_index.json"
-_WEIGHTS = "diffusion_pytorch_model.safetensors"
 _OWN = ("reference_unet", "denoising_unet", "face_locator", "image_proj", "audio_proj")
-COMPONENTS = ("vae", "image_encoder", *_OWN, "audio_encoder", "scheduler")
-SAVED_FILES = (
-    _MODEL_INDEX,
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
-    "image_encoder/config.json",
-    "image_encoder/model.safetensors",
-    "image_encoder/preprocessor_config.json",
-    "audio_encoder/config.json",
-    "audio_encoder/model.safetensors",
-    "scheduler/scheduler_config.json",
-    *(f"{name}/{f}" for name in _OWN for f in ("config.json", _WEIGHTS)),
+SAVED_FILES = saved_files(
+    (
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "image_encoder/config.json",
+        "image_encoder/model.safetensors",
+        "image_encoder/preprocessor_config.json",
+        "audio_encoder/config.json",
+        "audio_encoder/model.safetensors",
+        "scheduler/scheduler_config.json",
+    ),
+    _OWN,
 )
-_OWN_CLASSES = {c.__name__: c for c in (ReferenceUNet, VideoUNet, PoseGuider, ImageProjModel, AudioProjModel)}
-_CONFIG_FILES = {"scheduler": "scheduler_config.json"}
 
 
 @dataclass
@@ -180,7 +165,7 @@ def _dtype_of(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-class HalloPipeline(DiffusionPipeline):
+class HalloPipeline(SavedPipelineMixin, DiffusionPipeline):
     """Reference image + speech -> talking video, with Hallo's audio modules, face-region masks, face locator,
     identity tokens and motion frames on top of AnimateAnyone's ReferenceNet and motion modules (module
     docstring: the order of the loop and what differs from the reference).
@@ -196,6 +181,16 @@ class HalloPipeline(DiffusionPipeline):
         "image_encoder->image_proj->audio_encoder->audio_proj->face_locator->reference_unet->"
         "denoising_unet->vae"
     )
+    # saved folders (anim_lab.pipelines.saved: save_pretrained / from_pretrained check before they act)
+    SAVED_FILES = SAVED_FILES
+    LIBRARY_COMPONENTS = ("vae", "image_encoder", "audio_encoder", "scheduler")
+    OWN_COMPONENTS = {
+        "reference_unet": (ReferenceUNet,),
+        "denoising_unet": (VideoUNet,),
+        "face_locator": (PoseGuider,),
+        "image_proj": (ImageProjModel,),
+        "audio_proj": (AudioProjModel,),
+    }
 
     def __init__(
         self,
@@ -522,109 +517,3 @@ class HalloPipeline(DiffusionPipeline):
         if not return_dict:
             return (frames,)
         return HalloPipelineOutput(frames=frames, latents=latents, num_frames=num_frames)
-
-    # --- folders --------------------------------------------------------------------------------------
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        *,
-        force: bool = False,
-        safe_serialization: bool = True,
-        **kwargs,
-    ) -> None:
-        """A standard diffusers folder (model_index.json + one subfolder per component, safetensors only),
-        built in a temporary sibling and moved into place. A folder holding anything but an earlier save of
-        this pipeline is refused; ``force=True`` replaces only the files this method writes (as
-        :meth:`Pose2VideoPipeline.save_pretrained`)."""
-        if kwargs:
-            raise InputError(
-                f"save_pretrained does not take {', '.join(sorted(kwargs))}; its options are force= and "
-                "safe_serialization=True"
-            )
-        if not safe_serialization:
-            raise InputError("save_pretrained writes safetensors only (a pickle could run code when loaded)")
-        target = Path(save_directory)
-        index = target / _MODEL_INDEX
-        if index.is_file():
-            try:
-                saved = json.loads(index.read_text()).get("_class_name")
-            except (json.JSONDecodeError, AttributeError):
-                saved = None
-            if saved != type(self).__name__:
-                raise OutputError(
-                    f"{target} holds another pipeline ({index} names {saved!r}); choose a new folder"
-                )
-        check_output_folder(target, SAVED_FILES, force=force, what="folder", force_hint="force=True")
-        tmp = staging_folder(target)
-        try:
-            with _no_library_progress_bars():
-                super().save_pretrained(tmp, safe_serialization=True)
-            publish_folder(tmp, target, SAVED_FILES, force=force)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        torch_dtype: torch.dtype = torch.float32,
-        **kwargs,
-    ) -> HalloPipeline:
-        """Load a folder written by :meth:`save_pretrained` (checked first: the pipeline's name, the
-        components' libraries, every config, and the keys and shapes of the anim_lab components' weights)."""
-        folder = Path(pretrained_model_name_or_path)
-        if folder.exists():
-            _check_saved_folder(cls, folder)
-        with _no_library_progress_bars():
-            pipe = super().from_pretrained(pretrained_model_name_or_path, dtype=torch_dtype, **kwargs)
-        for module in pipe.components.values():
-            if isinstance(module, torch.nn.Module):
-                realign(module).eval()  # aligned copies: the loaded pipeline computes bit for bit the same
-        return pipe
-
-
-def _check_saved_folder(cls, folder: Path) -> None:
-    if not (folder / _MODEL_INDEX).is_file():
-        raise FileNotFoundError(f"{folder} is not a saved pipeline (no {_MODEL_INDEX})")
-    index = _read_json(folder / _MODEL_INDEX)
-    if index.get("_class_name") != cls.__name__:
-        raise InputError(
-            f"{folder / _MODEL_INDEX} names the pipeline {index.get('_class_name')!r}, not {cls.__name__}"
-        )
-    for name in COMPONENTS:
-        entry = index.get(name)
-        library = entry[0] if isinstance(entry, list) and len(entry) == 2 else ""
-        if not (library in ("diffusers", "transformers") or library.startswith("anim_lab.")):
-            raise InputError(
-                f"{folder / _MODEL_INDEX}: the component {name!r} is {entry!r}; a HalloPipeline folder names "
-                "[library, class] pairs from diffusers, transformers or anim_lab only"
-            )
-    missing = [
-        f"{n}/{_CONFIG_FILES.get(n, 'config.json')}"
-        for n in COMPONENTS
-        if not (folder / n / _CONFIG_FILES.get(n, "config.json")).is_file()
-    ]
-    if missing:
-        raise FileNotFoundError(f"{folder} is an incomplete saved pipeline: missing {', '.join(missing)}")
-    for name in ("vae", "image_encoder", "audio_encoder"):
-        found = weight_files_in(folder / name)
-        if not found:
-            raise FileNotFoundError(f"{folder / name} holds no weights; save the pipeline again")
-        for path in found:
-            check_weight_file(path)
-    for name in _OWN:
-        model_cls = _OWN_CLASSES.get(index[name][1])
-        if model_cls is None:
-            raise InputError(f"{folder / _MODEL_INDEX}: unknown anim_lab class {index[name][1]!r} for {name}")
-        weights = folder / name / _WEIGHTS
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} is missing; save the pipeline again or restore the file")
-        check_weight_file(weights)
-        with torch.device("meta"):
-            model = model_cls.from_config(_read_json(folder / name / "config.json"))
-        with safe_open(str(weights), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-        report = check_keys(expected_shapes(model), shapes)
-        if not report.ok:
-            raise KeyMismatchError(report, f"{name}/{_WEIGHTS} (against {name}/config.json)")

@@ -45,12 +45,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
-import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -61,13 +57,11 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from einops import rearrange
-from safetensors import safe_open
 from transformers import CLIPVisionModelWithProjection
 
 from ..clip import ClipPreprocess, image_embeds_to_tokens
 from ..context import batch_windows, context_windows, gather_windows, predict_in_windows
 from ..errors import AnimLabError, InputError
-from ..files import OutputError, check_output_folder, publish_folder, staging_folder
 from ..guidance import (
     DDIM_ETA,
     cfg_batch,
@@ -82,15 +76,7 @@ from ..reference import reference_attention
 from ..unet import ReferenceUNet, VideoUNet
 from ..vae import decode_video
 from ..vae import encode as vae_encode
-from ..weights import (
-    WEIGHT_NAMES,
-    KeyMismatchError,
-    check_keys,
-    check_weight_file,
-    expected_shapes,
-    realign,
-    weight_files_in,
-)
+from .saved import SavedPipelineMixin, saved_files
 
 __all__ = [
     "Pose2VideoPipeline",
@@ -100,22 +86,17 @@ __all__ = [
     "SAVED_FILES",
 ]
 
-_MODEL_INDEX = "model_index.json"
-_WEIGHTS = "diffusion_pytorch_model.safetensors"
 # every file save_pretrained may write (the vae / image encoder / scheduler as their libraries save them)
-SAVED_FILES = (
-    _MODEL_INDEX,
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
-    "image_encoder/config.json",
-    "image_encoder/model.safetensors",
-    "image_encoder/preprocessor_config.json",
-    "scheduler/scheduler_config.json",
-    *(
-        f"{name}/{f}"
-        for name in ("reference_unet", "denoising_unet", "pose_guider")
-        for f in ("config.json", _WEIGHTS)
+SAVED_FILES = saved_files(
+    (
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "image_encoder/config.json",
+        "image_encoder/model.safetensors",
+        "image_encoder/preprocessor_config.json",
+        "scheduler/scheduler_config.json",
     ),
+    ("reference_unet", "denoising_unet", "pose_guider"),
 )
 
 
@@ -155,19 +136,6 @@ def encode_reference(
     return clip_tokens, ref_latents.to(dtype)
 
 
-def _read_json(path: Path) -> dict:
-    """A JSON object from ``path``; a malformed file raises ValueError naming it and the place."""
-    try:
-        value = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(
-            f"{path} is not valid JSON ({err}); restore the file or save the folder again"
-        ) from None
-    if not isinstance(value, dict):
-        raise InputError(f"{path} must hold a JSON object, got {type(value).__name__}")
-    return value
-
-
 def _image_size(image) -> tuple[int, int]:
     """(height, width) of a PIL image or an (H, W, ...) array."""
     if isinstance(image, PIL.Image.Image):
@@ -199,94 +167,12 @@ def check_finite(tensor: torch.Tensor, where: str, components: dict) -> None:
     )
 
 
-# --- saved folders ------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _no_library_progress_bars():
-    """diffusers' "Loading pipeline components" and transformers' "Writing model shards" bars, off for a
-    moment (a small model loads in a blink; the bars would only add stderr lines), then as they were."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    states = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
-    for lib, _ in states:
-        lib.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for lib, was_enabled in states:
-            if was_enabled:
-                lib.enable_progress_bar()
-
-
-_OWN_COMPONENTS = {c.__name__: c for c in (ReferenceUNet, VideoUNet, PoseGuider, PoseGuiderMultiScale)}
-_CONFIG_FILES = {"scheduler": "scheduler_config.json"}  # the others: config.json
-
-
-def _check_saved_folder(cls, folder: Path) -> None:
-    """Everything :meth:`Pose2VideoPipeline.from_pretrained` checks before diffusers reads a local folder."""
-    if not (folder / _MODEL_INDEX).is_file():
-        raise FileNotFoundError(
-            f"{folder} is not a saved pipeline (no {_MODEL_INDEX}); for the official AnimateAnyone / "
-            "AniPortrait weight folders use anim_lab.weights.load_official_pipeline(folder, layout=...)"
-        )
-    index = _read_json(folder / _MODEL_INDEX)
-    if index.get("_class_name") != cls.__name__:
-        raise InputError(
-            f"{folder / _MODEL_INDEX} names the pipeline {index.get('_class_name')!r}, not "
-            f"{cls.__name__}; this folder holds another pipeline"
-        )
-    components = ("vae", "image_encoder", "reference_unet", "denoising_unet", "pose_guider", "scheduler")
-    for name in components:
-        entry = index.get(name)
-        library = entry[0] if isinstance(entry, list) and len(entry) == 2 else ""
-        if not (library in ("diffusers", "transformers") or library.startswith("anim_lab.")):
-            raise InputError(
-                f"{folder / _MODEL_INDEX}: the component {name!r} is {entry!r}; a Pose2VideoPipeline folder "
-                "names [library, class] pairs from diffusers, transformers or anim_lab only"
-            )
-    missing = [
-        f"{name}/{_CONFIG_FILES.get(name, 'config.json')}"
-        for name in components
-        if not (folder / name / _CONFIG_FILES.get(name, "config.json")).is_file()
-    ]
-    if missing:
-        raise FileNotFoundError(
-            f"{folder} is an incomplete saved pipeline: missing {', '.join(missing)}; save it again with "
-            "Pose2VideoPipeline.save_pretrained, or restore those subfolders"
-        )
-    configs = {n: _read_json(folder / n / _CONFIG_FILES.get(n, "config.json")) for n in components}
-    for name in ("vae", "image_encoder"):  # a truncated file or a planted pickle is named before diffusers
-        found = weight_files_in(folder / name)
-        if not found:
-            raise FileNotFoundError(
-                f"{folder / name} holds no weights (expected {' or '.join(WEIGHT_NAMES)}); save the pipeline "
-                "again or restore the file"
-            )
-        for path in found:
-            check_weight_file(path)
-    for name in ("reference_unet", "denoising_unet", "pose_guider"):
-        model_cls = _OWN_COMPONENTS.get(index[name][1])
-        if model_cls is None:
-            raise InputError(f"{folder / _MODEL_INDEX}: unknown anim_lab class {index[name][1]!r} for {name}")
-        weights = folder / name / _WEIGHTS
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} is missing; save the pipeline again or restore the file")
-        check_weight_file(weights)  # a truncated file is named
-        with torch.device("meta"):
-            model = model_cls.from_config(configs[name])
-        with safe_open(str(weights), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (the header)
-        report = check_keys(expected_shapes(model), shapes)
-        if not report.ok:
-            raise KeyMismatchError(report, f"{name}/{_WEIGHTS} (against {name}/config.json)")
-
-
 # --- the pipeline -------------------------------------------------------------------------------------------
 def _dtype_of(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-class Pose2VideoPipeline(DiffusionPipeline, Pose2VideoLoraLoaderMixin):
+class Pose2VideoPipeline(SavedPipelineMixin, DiffusionPipeline, Pose2VideoLoraLoaderMixin):
     """Reference image + pose images -> video, with AnimateAnyone's ReferenceNet, PoseGuider and motion
     modules (see the module docstring for the order of the loop and what differs from the reference).
 
@@ -299,6 +185,18 @@ class Pose2VideoPipeline(DiffusionPipeline, Pose2VideoLoraLoaderMixin):
     """
 
     model_cpu_offload_seq = "image_encoder->reference_unet->pose_guider->denoising_unet->vae"
+    # saved folders (anim_lab.pipelines.saved: save_pretrained / from_pretrained check before they act)
+    SAVED_FILES = SAVED_FILES
+    LIBRARY_COMPONENTS = ("vae", "image_encoder", "scheduler")
+    OWN_COMPONENTS = {
+        "reference_unet": (ReferenceUNet,),
+        "denoising_unet": (VideoUNet,),
+        "pose_guider": (PoseGuider, PoseGuiderMultiScale),
+    }
+    NOT_SAVED_HINT = (
+        "; for the official AnimateAnyone / AniPortrait weight folders use "
+        "anim_lab.weights.load_official_pipeline(folder, layout=...)"
+    )
 
     def __init__(
         self,
@@ -685,75 +583,3 @@ class Pose2VideoPipeline(DiffusionPipeline, Pose2VideoLoraLoaderMixin):
         if not return_dict:
             return (frames,)
         return Pose2VideoPipelineOutput(frames=frames, latents=latents)
-
-    # --- anim_lab's own folder layout ---------------------------------------------------------------
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        *,
-        force: bool = False,
-        safe_serialization: bool = True,
-        **kwargs,
-    ) -> None:
-        """Write the pipeline as a standard diffusers folder (``model_index.json``, one subfolder per
-        component, each saved by its own ``save_pretrained``; safetensors only), with the umask's permissions.
-
-        Built in a temporary sibling folder and moved into place, so a failure leaves nothing half-written.
-        An existing folder is replaced only when it holds nothing but what this method writes (an earlier
-        save); a folder with anything else (notes, samples, another pipeline's model_index.json) is refused,
-        naming what is there, and ``force=True`` replaces only the files this method writes."""
-        if kwargs:  # diffusers' other keywords would change which files are written: refused, by name
-            raise InputError(
-                f"save_pretrained does not take {', '.join(sorted(kwargs))}: it writes the whole pipeline, "
-                "unsharded safetensors with no variant, to a local folder; its options are force= and "
-                "safe_serialization=True"
-            )
-        if not safe_serialization:
-            raise InputError("save_pretrained writes safetensors only (a pickle could run code when loaded)")
-        target = Path(save_directory)
-        index = target / _MODEL_INDEX
-        if index.is_file():  # even with force: that file is not ours to replace
-            try:
-                saved = json.loads(index.read_text()).get("_class_name")
-            except (json.JSONDecodeError, AttributeError):
-                saved = None
-            if saved != type(self).__name__:
-                raise OutputError(
-                    f"{target} holds another pipeline ({index} names {saved!r}); choose a new or empty folder"
-                )
-        check_output_folder(target, SAVED_FILES, force=force, what="folder", force_hint="force=True")
-        tmp = staging_folder(target)
-        try:
-            with _no_library_progress_bars():
-                super().save_pretrained(tmp, safe_serialization=True)
-            publish_folder(tmp, target, SAVED_FILES, force=force)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        torch_dtype: torch.dtype = torch.float32,
-        **kwargs,
-    ) -> Pose2VideoPipeline:
-        """Load a pipeline folder (written by :meth:`save_pretrained`) or a hub id, through diffusers' own
-        ``DiffusionPipeline.from_pretrained``.
-
-        A local folder is checked first, so that a mistake is named rather than half-loaded: its
-        ``model_index.json`` must name this pipeline and only diffusers, transformers or anim_lab classes;
-        every subfolder must be there with valid JSON; and the keys and shapes of each anim_lab component's
-        weights must fit its config exactly (a :class:`KeyMismatchError` lists what is missing, unexpected or
-        of another shape). ``kwargs`` go to diffusers."""
-        folder = Path(pretrained_model_name_or_path)
-        if folder.exists():
-            _check_saved_folder(cls, folder)
-        with _no_library_progress_bars():
-            pipe = super().from_pretrained(pretrained_model_name_or_path, dtype=torch_dtype, **kwargs)
-        for module in pipe.components.values():
-            if isinstance(module, torch.nn.Module):
-                # tensors read at the file's byte offsets would move CPU sums by ~1e-6; aligned copies make
-                # the loaded pipeline compute bit for bit what the saved one did
-                realign(module).eval()
-        return pipe
