@@ -252,6 +252,9 @@ def means(name: str, frames: int, steps: int, context: tuple[int, int], repeats:
     for label, (setup, extra, autocast) in MEANS.items():
         if only and label not in only and eager is not None:
             continue
+        # each row compiles afresh: without a reset, dynamo keeps the earlier rows' graphs and guards for the
+        # same forward and, past its recompile limit (8), silently runs it eagerly
+        torch._dynamo.reset()
         pipe = build(name)
         if setup is not None:
             setup(pipe)
@@ -472,6 +475,7 @@ def main() -> None:
         action="store_true",
         help="only the table of means (channels_last, compile, decode chunking, bf16) at every size",
     )
+    parser.add_argument("--sizes", help="with --means: a comma list of TINY, MID, MID256 (default all)")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results here (e.g. results/bench_pose2video.json)")
     args = parser.parse_args()
@@ -493,7 +497,9 @@ def main() -> None:
         return
     if args.means:
         plan = {"TINY": (24, 3), "MID": (16, 2), "MID256": (16, 2)}
-        sizes = ["TINY"] if args.quick else list(plan)
+        sizes = ["TINY"] if args.quick else (args.sizes.split(",") if args.sizes else list(plan))
+        if set(sizes) - set(plan):
+            parser.error(f"--sizes takes a comma list of {', '.join(plan)}, got {args.sizes!r}")
         result = {"means": {n: means(n, *plan[n], context=(8, 2)) for n in sizes}}
         if args.json:
             command = " ".join(["benchmarks/bench_pose2video.py", *sys.argv[1:]])
