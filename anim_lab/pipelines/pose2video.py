@@ -39,6 +39,11 @@ What differs from the reference, and why (the output is the same to float roundi
 - AniPortrait's inference feeds its guider uint8 pose arrays through ``2x - 1`` without ``/ 255``: a
   [-1, 509] tensor, against the [-1, 1] it was trained on. The pipeline gives both guiders [0, 1] poses (see
   ``anim_lab.pose_guider``); ``faithful=True`` with the multi-scale guider feeds it the [-1, 509] tensor.
+
+Speed switches (none is a default: none helps at every size; ``benchmarks/bench_pose2video.py --means``):
+:meth:`Pose2VideoPipeline.enable_compile` (torch.compile, the same output within 1e-5, a first call that
+compiles for minutes), and bf16 autocast around the call (``torch.autocast("cpu", dtype=torch.bfloat16)``:
+other numbers, faster only where convolutions are wide).
 """
 
 from __future__ import annotations
