@@ -40,6 +40,8 @@ SILENCE_PEAK = 1e-4  # a signal whose peak is below this (-80 dBFS) is silent
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 ANIPORTRAIT_FPS, HALLO_FPS = 30, 25
 WAV2VEC2_BASE_960H = "facebook/wav2vec2-base-960h"
+# the tiny wav2vec2 trained here on the toy world's speech (scripts/train_tiny_wav2vec2.py; its COMMANDS.md)
+TOY_WAV2VEC2_DIR = Path(__file__).resolve().parent / "assets" / "toy_wav2vec2"
 # facebook/wav2vec2-base-960h's config.json (what differs from Wav2Vec2Config's defaults) and its
 # preprocessor_config.json: enough to build it at full size on the meta device
 WAV2VEC2_BASE_960H_CONFIG = {
