@@ -584,7 +584,9 @@ def on_one_axis(runs):
 runs = runs_of(train_log)
 axis = on_one_axis(runs)
 version = lambda r: "v2" if r.get("ema_decay") else "v1"  # noqa: E731  v2's runs kept an EMA, v1's did not
-labels = [f"{version(r)} stage {r['stage']}: steps {r['args'].get('start_step', 0)}-{r['step']}" for r in runs]
+labels = [
+    f"{version(r)} stage {r['stage']}: steps {r['args'].get('start_step', 0)}-{r['step']}" for r in runs
+]
 print(len(runs), "run(s):", labels)
 
 # %%
