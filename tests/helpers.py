@@ -9,6 +9,18 @@ from pathlib import Path
 
 import numpy as np
 
+# a micro wav2vec2 (transformers Wav2Vec2Config keywords): the audio encoder of the Hallo tests
+MICRO_W2V = dict(
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=24,
+    conv_dim=(8,) * 7,
+    num_conv_pos_embeddings=8,
+    num_conv_pos_embedding_groups=2,
+    vocab_size=12,
+)
+
 
 def tone(path: str | Path, seconds: float = 2.0, rate: int = 16000, frequency: float = 440.0) -> Path:
     """Write a mono 16-bit WAV of a sine (amplitude 0.3 of full scale) to ``path`` and return ``path``: an

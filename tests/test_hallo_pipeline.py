@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 from diffusers.image_processor import VaeImageProcessor
+from helpers import MICRO_W2V
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from anim_lab import audio as A
@@ -29,16 +30,6 @@ from anim_lab.vae import build_vae
 
 torch.set_num_threads(1)
 SIZE = 64
-MICRO_W2V = dict(
-    hidden_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=24,
-    conv_dim=(8,) * 7,
-    num_conv_pos_embeddings=8,
-    num_conv_pos_embedding_groups=2,
-    vocab_size=12,
-)
 AUDIO_DIM = 8  # the audio tokens' width (audio_attention_dim)
 
 

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import MICRO_W2V
 from safetensors.torch import load_file
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
@@ -16,16 +17,6 @@ from anim_lab.pipelines import HalloPipeline, Pose2VideoPipeline
 from anim_lab.unet import AUDIO_KEY
 
 torch.set_num_threads(1)
-MICRO_W2V = dict(
-    hidden_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=24,
-    conv_dim=(8,) * 7,
-    num_conv_pos_embeddings=8,
-    num_conv_pos_embedding_groups=2,
-    vocab_size=12,
-)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
